@@ -1,0 +1,45 @@
+"""Rotary position embedding (RoPE), with positions that restart per packed document."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions 0.. restarting at every document boundary: [S] int64."""
+    pos = torch.arange(seq_len, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].long()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return pos - torch.repeat_interleave(starts, lengths, output_size=seq_len)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotate-half RoPE (Llama convention) on the last dimension of [B, S, heads, D]."""
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RoPE dimension must be even, got {dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions: [S] or [B, S] -> cos, sin broadcastable to [B, S, 1, D]."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 2:
+            emb = emb[None]
+        return emb.cos()[:, :, None, :].to(dtype), emb.sin()[:, :, None, :].to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        cos, sin = self.cos_sin(positions, x.dtype)
+        return self.apply(x, cos, sin)

@@ -1,0 +1,118 @@
+"""Public NSA functions: input checks, packed documents, and the choice of backend."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..config import NSAConfig
+from . import reference
+from .blocks import compressed_cu_seqlens
+from .validation import check_cu_seqlens, check_inputs
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def _kernels():
+    """The Triton kernels, imported on demand (triton is optional)."""
+    try:
+        from nsa_dist import kernels  # noqa: WPS433 (lazy optional import)
+    except ImportError as err:  # triton missing, or the package installed without kernels/
+        raise RuntimeError(
+            "backend='triton' needs the nsa_dist.kernels package and triton "
+            f"(pip install -e '.[gpu]'): {err}") from err
+    return kernels
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto' picks Triton on CUDA (when importable, not fp64), the reference elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the "
+                               "CPU interpreter)")
+        return backend
+    if device.type == "cuda" and dtype != torch.float64:
+        try:
+            _kernels()
+            return "triton"
+        except RuntimeError:
+            return "reference"
+    return "reference"
+
+
+def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+
+
+def _documents(cu_seqlens: torch.Tensor, config: NSAConfig):
+    """(token slice, compressed-token slice) of each document."""
+    c = cu_seqlens.tolist()
+    cc = compressed_cu_seqlens(cu_seqlens, config).tolist()
+    return [(slice(c[i], c[i + 1]), slice(cc[i], cc[i + 1])) for i in range(len(c) - 1)]
+
+
+def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
+                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                  reduce_importance=None, backend: str = "reference") -> torch.Tensor:
+    """Selected blocks per query and KV head (SPEC: selection branch).
+
+    q: [B, S, HQ, Dk]; k_cmp: [B, Nc, H, Dk] (compressed keys). Block indices count from
+    each document's start when ``cu_seqlens`` is given.
+    reduce_importance: optional callable on the float64 group importance [B, T, H, Ns] of a
+    query tile, applied before top-n (parallel layouts sum partial groups across ranks here).
+    Returns LongTensor [B, S, H, n]: ascending, -1 padded, the same for every query head of
+    a group.
+    """
+    if q.dim() != 4 or k_cmp.dim() != 4:
+        raise ValueError(f"q must be [B, S, HQ, Dk] and k_cmp [B, Nc, H, Dk], got {tuple(q.shape)} "
+                         f"and {tuple(k_cmp.shape)}")
+    if q.shape[2] % k_cmp.shape[2] != 0:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k_cmp.shape[2]})")
+    if q.shape[3] != k_cmp.shape[3]:
+        raise ValueError(f"q and k_cmp head dims differ: {q.shape[3]} vs {k_cmp.shape[3]}")
+    sc = _scale(q, scale)
+    if resolve_backend(backend, q.device, q.dtype) == "triton" and reduce_importance is None:
+        return _kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens)
+    if cu_seqlens is None:
+        return reference.select_blocks_dense(q, k_cmp, config, sc, reduce_importance)
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+    parts = [reference.select_blocks_dense(q[:, ts], k_cmp[:, cs], config, sc, reduce_importance)
+             for ts, cs in _documents(cu_seqlens, config)]
+    return torch.cat(parts, dim=1)
+
+
+def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
+                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                  backend: str = "auto", block_indices: Optional[torch.Tensor] = None,
+                  reduce_importance=None) -> torch.Tensor:
+    """The NSA function: gated sum of compressed, selected and sliding-window attention.
+
+    q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, Dk/Dv] (already compressed; packed per
+    document with ``cu_seqlens``); k_sel/v_sel, k_win/v_win: [B, S, H, Dk/Dv];
+    gates: [B, S, HQ, 3] (cmp, sel, win), already activated. scale defaults to Dk**-0.5.
+    cu_seqlens: [N+1] int32/int64 document boundaries (B = 1); nothing crosses them.
+    block_indices: optional precomputed selection [B, S, H, n] (from ``select_blocks``).
+    Returns [B, S, HQ, Dv] in q's dtype. Differentiable in every floating input.
+    """
+    chosen = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"),
+                             q.dtype if isinstance(q, torch.Tensor) else torch.float32)
+    check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config, cu_seqlens,
+                 block_indices, check_finite=(chosen == "reference"))
+    sc = _scale(q, scale)
+    if chosen == "triton":
+        if reduce_importance is not None and block_indices is None:
+            block_indices = select_blocks(q, k_cmp, config, sc, cu_seqlens, reduce_importance)
+        return _kernels().nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config,
+                                        sc, cu_seqlens, block_indices)
+    args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
+    if cu_seqlens is None:
+        return reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance)
+    outs = []
+    for ts, cs in _documents(cu_seqlens, config):
+        doc = [t[:, cs] if i in (1, 2) else t[:, ts] for i, t in enumerate(args)]
+        idx = None if block_indices is None else block_indices[:, ts]
+        outs.append(reference.nsa_attention_dense(*doc, config, sc, idx, reduce_importance))
+    return torch.cat(outs, dim=1)

@@ -1,0 +1,45 @@
+"""Compression of keys/values into block tokens (SPEC: compression branch)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..config import NSAConfig
+from .blocks import num_compressed
+from .validation import check_cu_seqlens
+
+# phi maps blocks [B, Nc, H, l, D] to tokens [B, Nc, H, D].
+Phi = Callable[[torch.Tensor], torch.Tensor]
+
+
+def compress(k: torch.Tensor, config: NSAConfig, phi: Optional[Phi] = None,
+             cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Compress ``k`` (keys or values) into ``Nc`` block tokens.
+
+    k: [B, S, H, D] (RoPE already applied to keys). Token i summarises positions
+    [i*d, i*d + l). ``phi`` defaults to mean pooling; a callable gets blocks
+    [B, Nc, H, l, D] and returns [B, Nc, H, D].
+    With ``cu_seqlens`` (B = 1) each document is compressed on its own and the tokens are
+    concatenated in document order (offsets: ``compressed_cu_seqlens``).
+    Returns [B, Nc, H, D].
+    """
+    if k.dim() != 4:
+        raise ValueError(f"compress: k must be [B, S, H, D], got shape {tuple(k.shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1])
+        bounds = cu_seqlens.tolist()
+        parts = [compress(k[:, s0:s1], config, phi) for s0, s1 in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=1) if parts else k[:, :0]
+    B, S, H, D = k.shape
+    Nc = num_compressed(S, config)
+    if Nc == 0:
+        return k.new_zeros(B, 0, H, D)
+    l, d = config.cmp_block, config.cmp_stride
+    blocks = k[:, : (Nc - 1) * d + l].unfold(1, l, d)  # [B, Nc, H, D, l]
+    if phi is None:
+        return blocks.mean(dim=-1)
+    out = phi(blocks.transpose(-1, -2))  # phi sees [B, Nc, H, l, D]
+    if out.shape != (B, Nc, H, D):
+        raise ValueError(f"compress: phi returned {tuple(out.shape)}, expected {(B, Nc, H, D)}")
+    return out

@@ -1,0 +1,88 @@
+"""Input checks shared by every NSA backend: clear errors instead of wrong numbers."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import NSAConfig
+from .blocks import compressed_cu_seqlens, num_compressed
+
+_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
+    """cu_seqlens: [N+1] int32/int64, 0 first, non-decreasing, seq_len last, batch 1."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got batch {batch}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the sequence length {seq_len}, got {c[0]}..{c[-1]}")
+    if any(b < a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def _check_tensor(name: str, t: torch.Tensor, dim: int = 4) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (fp64/fp32/bf16/fp16), got {t.dtype}")
+
+
+def check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
+                 cu_seqlens: Optional[torch.Tensor], block_indices: Optional[torch.Tensor],
+                 check_finite: bool) -> None:
+    """Validate shapes, dtypes, devices and values of ``nsa_attention``'s inputs."""
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    named = dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp, k_sel=k_sel, v_sel=v_sel, k_win=k_win,
+                 v_win=v_win, gates=gates)
+    for name, t in named.items():
+        _check_tensor(name, t)
+    B, S, HQ, Dk = q.shape
+    H = k_sel.shape[2]
+    Dv = v_sel.shape[3]
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of KV heads ({H})")
+    for name in ("k_sel", "k_win"):
+        if named[name].shape != (B, S, H, Dk):
+            raise ValueError(f"{name} must be [B, S, H, Dk] = {(B, S, H, Dk)}, got {tuple(named[name].shape)}")
+    for name in ("v_sel", "v_win"):
+        if named[name].shape != (B, S, H, Dv):
+            raise ValueError(f"{name} must be [B, S, H, Dv] = {(B, S, H, Dv)}, got {tuple(named[name].shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, S)
+        Nc = int(compressed_cu_seqlens(cu_seqlens, config)[-1])
+    else:
+        Nc = num_compressed(S, config)
+    if k_cmp.shape != (B, Nc, H, Dk):
+        raise ValueError(f"k_cmp must be [B, Nc, H, Dk] = {(B, Nc, H, Dk)} (Nc compressed tokens for "
+                         f"S={S}, l={config.cmp_block}, d={config.cmp_stride}), got {tuple(k_cmp.shape)}")
+    if v_cmp.shape != (B, Nc, H, Dv):
+        raise ValueError(f"v_cmp must be [B, Nc, H, Dv] = {(B, Nc, H, Dv)}, got {tuple(v_cmp.shape)}")
+    if gates.shape != (B, S, HQ, 3):
+        raise ValueError(f"gates must be [B, S, HQ, 3] = {(B, S, HQ, 3)}, got {tuple(gates.shape)}")
+    dtypes = {t.dtype for t in named.values()}
+    if len(dtypes) != 1:
+        raise TypeError(f"all inputs must share one dtype, got {sorted(str(d) for d in dtypes)}")
+    devices = {t.device for t in named.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+    if block_indices is not None:
+        if block_indices.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
+        if block_indices.dim() != 4 or block_indices.shape[:3] != (B, S, H):
+            raise ValueError(f"block_indices must be [B, S, H, n] with (B, S, H) = {(B, S, H)}, "
+                             f"got {tuple(block_indices.shape)}")
+    if check_finite:
+        for name, t in named.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf values")
