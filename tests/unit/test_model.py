@@ -1,0 +1,97 @@
+"""The decoder LM: training signal, FLOP counting, dense baseline, errors."""
+import pytest
+import torch
+
+from nsa_dist import ModelConfig, NSAConfig
+from nsa_dist.models import NSADecoderLM, attended_keys_per_query
+
+TINY = ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   intermediate_size=128, max_seq_len=128,
+                   nsa=NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16, phi="mlp"))
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = NSADecoderLM(TINY, backend="reference")
+    x = torch.randint(0, 97, (2, 64))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss = model(x, labels=y).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_stats_per_layer_and_ignore_index():
+    model = NSADecoderLM(TINY, backend="reference")
+    x = torch.randint(0, 97, (1, 40))
+    labels = torch.full_like(x, -100)
+    labels[0, 5] = 3
+    out = model(x, labels=labels, return_stats=True)
+    assert len(out.stats) == 2 and out.logits.shape == (1, 40, 97)
+    expect = torch.nn.functional.cross_entropy(out.logits[0, 5:6].float(), torch.tensor([3]))
+    assert torch.isclose(out.loss, expect)
+
+
+def test_tied_and_untied_embeddings():
+    tied = NSADecoderLM(TINY)
+    assert tied.lm_head.weight is tied.embed.weight
+    untied = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "tie_embeddings": False}))
+    assert untied.num_parameters() == tied.num_parameters() + 97 * 64
+
+
+def test_zero_init_layers_survive_model_init():
+    model = NSADecoderLM(TINY)
+    attn = model.layers[0].attn
+    assert attn.gate.fc2.weight.abs().sum() == 0 and attn.phi_k.fc2.weight.abs().sum() == 0
+    assert attn.q_proj.weight.std() > 0.01
+
+
+def test_flops_count_nsa_sparse_and_dense():
+    cfg = ModelConfig(num_layers=1, hidden_size=256, num_heads=4, num_kv_heads=1, head_dim=64,
+                      nsa=NSAConfig(window=512))
+    keys = attended_keys_per_query(65536, cfg)
+    # Long sequences: sel saturates near n*l' (the current block is partial), win at 512, cmp grows ~ S / (2d).
+    assert 960 < keys["sel"] <= 1024 and 510 < keys["win"] <= 512 and 2000 < keys["cmp"] < 2100
+    dense = ModelConfig(**{**cfg.to_dict(), "attention": "dense"})
+    assert attended_keys_per_query(65536, dense)["dense"] == pytest.approx(32768.5)
+    nsa_model, dense_model = NSADecoderLM(cfg), NSADecoderLM(dense)
+    assert nsa_model.flops_per_token(65536) < dense_model.flops_per_token(65536)
+    assert nsa_model.flops_per_token(64) > 6 * dense_model.matmul_parameters()
+
+
+def test_dense_attention_variant_trains_and_respects_documents():
+    cfg = ModelConfig(**{**TINY.to_dict(), "attention": "dense"})
+    model = NSADecoderLM(cfg)
+    x = torch.randint(0, 97, (1, 30))
+    cu = torch.tensor([0, 12, 30], dtype=torch.int32)
+    packed = model(x, cu_seqlens=cu).logits
+    second = model(x[:, 12:]).logits
+    assert torch.allclose(packed[:, 12:], second, atol=1e-5)
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    a = NSADecoderLM(TINY, backend="reference")
+    b = NSADecoderLM(TINY, backend="reference")
+    b.load_state_dict(a.state_dict())
+    b.gradient_checkpointing = True
+    x = torch.randint(0, 97, (1, 48))
+    for m in (a, b):
+        m(x, labels=x).loss.backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
+
+
+def test_bad_model_inputs():
+    model = NSADecoderLM(TINY)
+    with pytest.raises(ValueError, match=r"input_ids must be \[B, S\]"):
+        model(torch.randint(0, 97, (40,)))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.rand(1, 40))
+    with pytest.raises(ValueError, match="labels shape"):
+        model(torch.randint(0, 97, (1, 40)), labels=torch.zeros(1, 39, dtype=torch.long))
