@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from ..config import NSAConfig
 from .blocks import compressed_ends, num_sel_blocks, overlap_weights
 
-# Elements of the largest per-tile intermediate; 2**24 fp32 values = 64 MiB.
-_TILE_BUDGET = 1 << 24
+# Elements of the largest per-tile intermediate: 2**24 fp32 values = 64 MiB on the CPU;
+# GPUs have the memory for larger tiles and need them to amortise kernel launches.
+_TILE_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 27}
 
 ImportanceReducer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,14 +31,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def tile_size(S: int, B: int, HQ: int, H: int, Dk: int, Dv: int, config: NSAConfig) -> int:
+def tile_size(S: int, B: int, HQ: int, H: int, Dk: int, Dv: int, config: NSAConfig,
+              device: torch.device = torch.device("cpu")) -> int:
     """Queries per tile so that the largest intermediate stays under the budget."""
     sel_keys = config.num_selected * config.sel_block
     per_query = max(B * H * sel_keys * (Dk + Dv),  # gathered selected K/V
                     B * HQ * sel_keys,  # selected scores
                     B * HQ * (S // config.cmp_stride + 1) * 2,  # compressed scores + p_slc
                     B * HQ * (config.window + 1))  # window scores (band)
-    return int(max(16, min(S, _TILE_BUDGET // max(per_query, 1))))
+    budget = _TILE_BUDGET.get(device.type, _TILE_BUDGET["cpu"])
+    return int(max(16, min(S, budget // max(per_query, 1))))
 
 
 # ----------------------------------------------------------------------------- compressed branch
@@ -189,7 +192,7 @@ def select_blocks_dense(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
     B, S, HQ, Dk = q.shape
     cdt = compute_dtype(q.dtype)
     qc, kc = q.to(cdt), k_cmp.to(cdt)
-    T = tile_size(S, B, HQ, k_cmp.shape[2], Dk, Dk, config)
+    T = tile_size(S, B, HQ, k_cmp.shape[2], Dk, Dk, config, q.device)
     out = []
     for t0 in range(0, S, T):
         t_pos = torch.arange(t0, min(S, t0 + T), device=q.device)
@@ -208,7 +211,7 @@ def nsa_attention_dense(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, conf
     cdt = compute_dtype(q.dtype)
     q_c, g_c = q.to(cdt), gates.to(cdt)
     kv = [t.to(cdt) for t in (k_cmp, v_cmp, k_sel, v_sel, k_win, v_win)]
-    T = tile_size(S, B, HQ, H, Dk, Dv, config)
+    T = tile_size(S, B, HQ, H, Dk, Dv, config, q.device)
     use_ckpt = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))
     outs = []
