@@ -21,12 +21,15 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"RoPE dimension must be even, got {dim}")
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # Frequencies are recomputed per call (dim/2 numbers) rather than kept as a buffer,
+        # so meta-device construction and foreign loaders never leave them uninitialised.
+        self.dim, self.theta = dim, theta
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """positions: [S] or [B, S] -> cos, sin broadcastable to [B, S, 1, D]."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim
+        inv_freq = (1.0 / self.theta ** exponent).to(torch.float32)
+        freqs = positions.to(torch.float32)[..., None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         if emb.dim() == 2:
             emb = emb[None]

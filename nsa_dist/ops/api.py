@@ -1,6 +1,7 @@
 """Public NSA functions: input checks, packed documents, and the choice of backend."""
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Optional
 
@@ -17,7 +18,8 @@ BACKENDS = ("auto", "reference", "triton")
 def _kernels():
     """The Triton kernels, imported on demand (triton is optional)."""
     try:
-        from nsa_dist import kernels  # noqa: WPS433 (lazy optional import)
+        # By name, so that copies of this module bundled elsewhere (to-hf export) need no nsa_dist.
+        kernels = importlib.import_module("nsa_dist.kernels")
     except ImportError as err:  # triton missing, or the package installed without kernels/
         raise RuntimeError(
             "backend='triton' needs the nsa_dist.kernels package and triton "
