@@ -99,8 +99,9 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     block_indices: optional precomputed selection [B, S, H, n] (from ``select_blocks``).
     Returns [B, S, HQ, Dv] in q's dtype. Differentiable in every floating input.
     """
-    chosen = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"),
-                             q.dtype if isinstance(q, torch.Tensor) else torch.float32)
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    chosen = resolve_backend(backend, q.device, q.dtype)
     check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config, cu_seqlens,
                  block_indices, check_finite=(chosen == "reference"))
     sc = _scale(q, scale)
