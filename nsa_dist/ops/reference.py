@@ -119,17 +119,27 @@ def select_tile(q_t: torch.Tensor, k_cmp: torch.Tensor, t_pos: torch.Tensor, S: 
         return top_n_blocks(imp, t_pos, config)
 
 
+# Below this ratio of sequence length to selected keys per query, masking the whole causal
+# prefix is cheaper than gathering blocks (one matrix product instead of a large copy).
+DENSE_SELECTION_RATIO = 4
+
+
 def selected_attention(q_t: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tensor,
                        idx: torch.Tensor, t_pos: torch.Tensor, config: NSAConfig,
-                       scale: float) -> torch.Tensor:
+                       scale: float, dense_ratio: Optional[float] = None) -> torch.Tensor:
     """o_sel over the union of selected blocks, clamped to <= t.
 
     q_t: [B, T, HQ, Dk]; k_sel/v_sel: [B, S, H, D]; idx: [B, T, H, n]. Returns [B, T, H, G, Dv].
+    Two equivalent layouts: short sequences mask the causal prefix by block membership;
+    long ones gather only the selected blocks (memory and work ~ n*l' per query).
     """
     B, T, HQ, Dk = q_t.shape
     S, H, Dv = k_sel.shape[1], k_sel.shape[2], v_sel.shape[3]
     ls, n = config.sel_block, idx.shape[-1]
     Ns = num_sel_blocks(S, config)
+    ratio = DENSE_SELECTION_RATIO if dense_ratio is None else dense_ratio
+    if S <= ratio * n * ls:
+        return _selected_attention_masked(q_t, k_sel, v_sel, idx, t_pos, ls, Ns, scale)
     pad = Ns * ls - S
     # [B, S, H, D] -> [B, H, Ns, l', D] so that a block index picks one contiguous block.
     kb = torch.nn.functional.pad(k_sel, (0, 0, 0, 0, 0, pad)).view(B, Ns, ls, H, Dk).permute(0, 3, 1, 2, 4)
@@ -149,6 +159,23 @@ def selected_attention(q_t: torch.Tensor, k_sel: torch.Tensor, v_sel: torch.Tens
     p = torch.softmax(s, dim=-1) * valid.to(s.dtype)
     o = torch.matmul(p, vg)  # [B, H, T, G, Dv]
     return o.permute(0, 2, 1, 3, 4)
+
+
+def _selected_attention_masked(q_t, k_sel, v_sel, idx, t_pos, ls: int, Ns: int, scale: float):
+    """selected_attention over keys 0..max(t) with a block-membership mask."""
+    B, T, HQ, Dk = q_t.shape
+    H = k_sel.shape[2]
+    L = int(t_pos[-1]) + 1  # keys this tile can see
+    member = torch.zeros(B, T, H, Ns + 1, dtype=torch.bool, device=q_t.device)
+    member.scatter_(-1, torch.where(idx >= 0, idx, Ns), True)  # -1 padding lands in a spare slot
+    k_pos = torch.arange(L, device=q_t.device)
+    valid = member[..., k_pos // ls] & (k_pos[None, :] <= t_pos[:, None])[None, :, None]  # [B, T, H, L]
+    qg = q_t.reshape(B, T, H, HQ // H, Dk)
+    s = torch.einsum("bthgd,blhd->bhgtl", qg, k_sel[:, :L]) * scale
+    valid = valid.permute(0, 2, 1, 3)[:, :, None]  # [B, H, 1, T, L]
+    s = s.masked_fill(~valid, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1) * valid.to(s.dtype)
+    return torch.einsum("bhgtl,blhd->bthgd", p, v_sel[:, :L])
 
 
 # ----------------------------------------------------------------------------- sliding window

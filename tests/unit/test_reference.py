@@ -18,9 +18,17 @@ CONFIGS = {
 SHAPES = {"G2": (2, 4, 2, 8, 8), "G1_dv": (1, 2, 2, 8, 6), "G3": (1, 3, 1, 4, 4)}  # B, HQ, H, Dk, Dv
 
 
+@pytest.fixture(params=["masked", "gathered"])
+def selection_layout(request, monkeypatch):
+    """Run a test with each of the reference's two selected-attention layouts."""
+    from nsa_dist.ops import reference
+    monkeypatch.setattr(reference, "DENSE_SELECTION_RATIO", 1e9 if request.param == "masked" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
 @pytest.mark.parametrize("name", CONFIGS, ids=list(CONFIGS))
-def test_matches_naive_oracle(name, shape):
+def test_matches_naive_oracle(name, shape, selection_layout):
     cfg = CONFIGS[name]
     B, HQ, H, Dk, Dv = SHAPES[shape]
     x = random_nsa_inputs(cfg, B=B, S=37, HQ=HQ, H=H, Dk=Dk, Dv=Dv, dtype=torch.float64, seed=1)
@@ -125,7 +133,7 @@ def test_queries_without_compressed_tokens_get_zero_not_nan():
     assert out[:, 15:].abs().max() > 0
 
 
-def test_packed_documents_equal_separate_runs():
+def test_packed_documents_equal_separate_runs(selection_layout):
     cfg = CONFIGS["paper_ratios"]
     cu = torch.tensor([0, 21, 21, 64, 90], dtype=torch.int32)  # includes an empty document
     x = random_nsa_inputs(cfg, S=90, HQ=4, H=2, dtype=torch.float64, seed=13, cu_seqlens=cu)
@@ -153,7 +161,7 @@ def test_block_indices_argument_is_used():
                               nsa_attention(*args(x), cfg)[:, 40:])
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(selection_layout):
     cfg = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=4, num_selected=3, window=3)
     x = random_nsa_inputs(cfg, S=14, HQ=2, H=1, Dk=4, Dv=3, dtype=torch.float64, seed=19,
                           requires_grad=True)
