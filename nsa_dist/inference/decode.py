@@ -1,0 +1,299 @@
+"""Prefill and one-step decode for NSAAttention and NSADecoderLM, from per-branch caches.
+
+Prefill runs the layer's own forward computation over a right-padded prompt and fills a
+``LayerCache``; a decode step projects one new token per sequence with the layer's weights,
+appends it to the caches and computes the three branches for that query only, with the
+selection rules of the full forward pass (the reference's importance and top-n functions).
+Prefill + N decode steps equal one full forward pass (tests/unit/test_inference.py).
+
+Sequences in a batch may have different lengths: every sequence starts at position 0
+(right padding), and each decode step writes sequence b at its own position lengths[b].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..modules.attention import NSAAttention
+from ..ops.blocks import num_sel_blocks
+from ..ops.reference import compute_dtype, top_n_blocks
+from .cache import LayerCache, _nc
+from .counters import DecodeReads
+
+_BRANCHES = ("sel", "win", "cmp")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _branch_kv(layer: NSAAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Raw per-branch K/V, RoPE on keys: {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D]."""
+    B, S, _ = x.shape
+    out, done = {}, {}
+    for branch in _BRANCHES:
+        name = "shared" if layer.config.shared_kv else branch
+        if name not in done:  # shared K/V is projected once
+            k = layer.k_proj[name](x).view(B, S, -1, layer.head_dim)
+            v = layer.v_proj[name](x).view(B, S, -1, layer.v_head_dim)
+            done[name] = (layer.rope.apply(k, cos, sin), v)
+        key = "raw" if branch == "cmp" else branch
+        out[f"k_{key}"], out[f"v_{key}"] = done[name]
+    return out
+
+
+def _check_layer(layer) -> None:
+    if not isinstance(layer, NSAAttention):
+        raise TypeError(f"expected an NSAAttention layer, got {type(layer).__name__} "
+                        "(the decode path covers NSA layers; dense models are not supported)")
+
+
+def _masked_softmax(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to ``valid``; rows with nothing valid give 0."""
+    s = s.masked_fill(~valid, torch.finfo(s.dtype).min)
+    return torch.softmax(s, dim=-1) * valid.to(s.dtype)
+
+
+# ----------------------------------------------------------------------------- layer level
+@torch.no_grad()
+def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                  max_len: Optional[int] = None):
+    """Full forward over a right-padded prompt, filling a new cache.
+
+    x: [B, P, hidden]; lengths: [B] valid tokens per sequence (default: all P);
+    max_len: cache capacity in tokens (default P).
+    Returns (y [B, P, hidden] (rows >= lengths[b] are padding), LayerCache, indices [B, P, H, n]).
+    Inference only: runs without autograd, like every function of this module that
+    touches a cache.
+    """
+    _check_layer(layer)
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, P, hidden], got shape {tuple(x.shape)}")
+    B, P, _ = x.shape
+    lengths = torch.full((B,), P, dtype=torch.long, device=x.device) if lengths is None else lengths
+    positions = torch.arange(P, device=x.device)
+    p = layer.project(x, positions)
+    o, idx = layer.attend(p)
+    y = layer.o_proj(o.reshape(B, P, -1))
+    cache = LayerCache.empty(layer.config, B, max_len or P, layer.num_kv_heads, layer.head_dim,
+                             layer.v_head_dim, x.device, x.dtype)
+    kv = {k: p[k] for k in ("k_sel", "v_sel", "k_win", "v_win", "k_cmp", "v_cmp")}
+    if layer.config.shared_kv:
+        kv["k_raw"], kv["v_raw"] = p["k_sel"], p["v_sel"]
+    else:  # project() returns the compression branch's K/V compressed only
+        cos, sin = layer.rope.cos_sin(positions, x.dtype)
+        k = layer.k_proj["cmp"](x).view(B, P, -1, layer.head_dim)
+        kv["k_raw"] = layer.rope.apply(k, cos, sin)
+        kv["v_raw"] = layer.v_proj["cmp"](x).view(B, P, -1, layer.v_head_dim)
+    cache.fill(kv, lengths)
+    return y, cache, idx
+
+
+@torch.no_grad()
+def decode_layer(layer: NSAAttention, x: torch.Tensor, cache: LayerCache):
+    """One decode step: x [B, 1, hidden] (or [B, hidden]) is the token at position lengths[b].
+
+    Appends its K/V to ``cache`` (emitting compressed tokens when due) and attends with the
+    three branches. Returns (y [B, 1, hidden], indices [B, H, n], DecodeReads).
+    """
+    _check_layer(layer)
+    if x.dim() == 2:
+        x = x[:, None]
+    if x.dim() != 3 or x.shape[1] != 1:
+        raise ValueError(f"decode_layer takes one token per sequence, x [B, 1, hidden]; got {tuple(x.shape)}")
+    if x.shape[0] != cache.batch:
+        raise ValueError(f"x has batch {x.shape[0]} but the cache holds {cache.batch} sequences")
+    cache.check_layer(layer.config, layer.num_kv_heads, layer.head_dim, layer.v_head_dim)
+    B = x.shape[0]
+    pos = cache.lengths.to(x.device)
+    cos, sin = layer.rope.cos_sin(pos[:, None], x.dtype)  # [B, 1, 1, Dk]
+    q = layer.rope.apply(layer.q_proj(x).view(B, 1, -1, layer.head_dim), cos, sin)[:, 0]
+    kv = {k: v[:, 0] for k, v in _branch_kv(layer, x, cos, sin).items()}
+    cache.append(kv, layer.phi_k, layer.phi_v)
+    gates = layer.gate(x)[:, 0]  # [B, HQ, 3]
+    o, idx, reads = attend_step(q, gates, cache)
+    y = layer.o_proj(o.reshape(B, 1, -1).to(x.dtype))
+    return y, idx, reads
+
+
+def select_step(q: torch.Tensor, cache: LayerCache, scale: Optional[float] = None):
+    """Compressed attention probabilities and the selection for the newest query.
+
+    q: [B, HQ, Dk] at positions t = lengths - 1. Returns (p_cmp [B, H, G, N] in the compute
+    dtype, indices [B, H, n]); N = max Nc over the batch.
+    """
+    cfg = cache.config
+    B, HQ, Dk = q.shape
+    H = cache.num_kv_heads
+    cdt = compute_dtype(q.dtype)
+    sc = Dk ** -0.5 if scale is None else scale
+    S = cache.lengths.to(q.device)
+    nc = _nc(S, cfg)
+    N = int(nc.max())
+    qg = q.to(cdt).reshape(B, H, HQ // H, Dk)
+    kc = cache.k_cmp[:, :N].to(cdt)
+    s = torch.einsum("bhgd,bnhd->bhgn", qg, kc) * sc
+    visible = torch.arange(N, device=q.device)[None, :] < nc[:, None]  # [B, N]
+    p = _masked_softmax(s, visible[:, None, None, :])
+    imp = block_importance(p, num_sel_blocks(int(S.max()), cfg), cfg)  # [B, H, Ns]
+    # Batch plays the reference's query-tile axis (each sequence has its own position).
+    idx = top_n_blocks(imp[None], S - 1, cfg)[0]  # [B, H, n]
+    return p, idx
+
+
+def block_importance(p: torch.Tensor, Ns: int, config) -> torch.Tensor:
+    """Eq. 9 then Eq. 10 for one query per sequence, in O(Nc) instead of O(Nc * Ns).
+
+    p: [B, H, G, N] compressed probabilities -> [B, H, Ns] float64. Compressed token i
+    starts at i*d, so block j overlaps exactly the tokens j*r - lead .. j*r + r - 1
+    (r = l'/d, lead = (l-d)/d) with the same overlap pattern for every j: a strided window
+    sum with fixed integer weights. Same values as ``p @ overlap_weights`` (the reference),
+    summed per head in float64 and then over the group.
+    """
+    l, d, ls = config.cmp_block, config.cmp_stride, config.sel_block
+    r, lead = ls // d, (l - d) // d
+    N = p.shape[-1]
+    pp = torch.nn.functional.pad(p.to(torch.float64), (lead, Ns * r - N))
+    windows = pp.unfold(-1, lead + r, r)  # [B, H, G, Ns, lead + r]
+    start = (torch.arange(lead + r, device=p.device) - lead) * d  # token start - block start
+    overlap = (torch.clamp(start + l, max=ls) - torch.clamp(start, min=0)).clamp(min=0) // d
+    return (windows * overlap.to(torch.float64)).sum(-1).sum(2)
+
+
+def attend_step(q: torch.Tensor, gates: torch.Tensor, cache: LayerCache, scale: Optional[float] = None):
+    """The NSA function for one query per sequence over the caches (token already appended).
+
+    q: [B, HQ, Dk] (RoPE'd), gates: [B, HQ, 3]. Returns (o [B, HQ, Dv] in the compute dtype,
+    indices [B, H, n], DecodeReads with what the masks let through).
+    """
+    cfg = cache.config
+    B, HQ, Dk = q.shape
+    H, Dv = cache.num_kv_heads, cache.v_sel.shape[3]
+    G = HQ // H
+    cdt = compute_dtype(q.dtype)
+    sc = Dk ** -0.5 if scale is None else scale
+    S = cache.lengths.to(q.device)
+    t = S - 1
+    qg = q.to(cdt).reshape(B, H, G, Dk)
+    dev = q.device
+
+    # compressed branch
+    p_cmp, idx = select_step(q, cache, sc)
+    N = p_cmp.shape[-1]
+    o_cmp = torch.einsum("bhgn,bnhd->bhgd", p_cmp, cache.v_cmp[:, :N].to(cdt))
+
+    # selected blocks, gathered from the selection cache as contiguous blocks
+    ls, n = cfg.sel_block, idx.shape[-1]
+    cap = cache.k_sel.shape[1]
+    kb = cache.k_sel.view(B, cap // ls, ls, H, Dk)
+    vb = cache.v_sel.view(B, cap // ls, ls, H, Dv)
+    safe = idx.clamp(min=0)  # [B, H, n]
+    bi = torch.arange(B, device=dev)[:, None, None]
+    hi = torch.arange(H, device=dev)[None, :, None]
+    kg = kb[bi, safe, :, hi].reshape(B, H, n * ls, Dk).to(cdt)
+    vg = vb[bi, safe, :, hi].reshape(B, H, n * ls, Dv).to(cdt)
+    kpos = safe[..., None] * ls + torch.arange(ls, device=dev)  # [B, H, n, l']
+    valid = ((idx >= 0)[..., None] & (kpos <= t[:, None, None, None])).reshape(B, H, n * ls)
+    s = torch.einsum("bhgd,bhkd->bhgk", qg, kg) * sc
+    o_sel = torch.einsum("bhgk,bhkd->bhgd", _masked_softmax(s, valid[:, :, None, :]), vg)
+    sel_reads = valid.sum(-1)  # [B, H]
+
+    # sliding window over the ring (slot order does not matter to a softmax)
+    w = cfg.window
+    if w:
+        filled = torch.arange(w, device=dev)[None, :] < S[:, None]  # [B, w]
+        s = torch.einsum("bhgd,bwhd->bhgw", qg, cache.k_win.to(cdt)) * sc
+        o_win = torch.einsum("bhgw,bwhd->bhgd", _masked_softmax(s, filled[:, None, None, :]),
+                             cache.v_win.to(cdt))
+        win_reads = filled.sum(-1)
+    else:
+        o_win = qg.new_zeros(B, H, G, Dv)
+        win_reads = torch.zeros_like(S)
+
+    g = gates.to(cdt).reshape(B, H, G, 3, 1)
+    o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_sel + g[..., 2, :] * o_win
+    cmp_reads = _nc(S, cfg)  # [B]: every visible compressed token
+    reads = torch.stack([cmp_reads[:, None].expand(B, H), sel_reads,
+                         win_reads[:, None].expand(B, H)], dim=-1).long()
+    return o.reshape(B, HQ, Dv), idx, DecodeReads(reads)
+
+
+# ----------------------------------------------------------------------------- model level
+@dataclass
+class ModelCache:
+    """One LayerCache per decoder layer; lengths [B] tokens cached per sequence."""
+
+    layers: list[LayerCache]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.layers[0].lengths
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+
+@dataclass
+class StepStats:
+    """Reads of one decode step: one DecodeReads per layer."""
+
+    layers: list[DecodeReads]
+
+    def per_branch(self) -> dict[str, float]:
+        """Mean reads per branch over layers, sequences and heads."""
+        per = [r.per_branch() for r in self.layers]
+        return {k: sum(p[k] for p in per) / len(per) for k in per[0]}
+
+
+def _check_model(model) -> None:
+    if getattr(model.config, "attention", "nsa") != "nsa":
+        raise ValueError("the decode path supports attention='nsa' models only, got "
+                         f"attention={model.config.attention!r}")
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+            max_len: Optional[int] = None):
+    """Run a right-padded prompt through the model, filling every layer's cache.
+
+    input_ids: [B, P]; lengths: [B] (default P each); max_len: cache capacity, default
+    ``model.config.max_seq_len``. Returns (logits [B, P, V], ModelCache).
+    """
+    _check_model(model)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    max_len = max_len or model.config.max_seq_len
+    if input_ids.shape[1] > max_len:
+        raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds max_len={max_len} "
+                         "(model.config.max_seq_len); shorten it or raise max_len")
+    h = model.embed(input_ids)
+    caches = []
+    for block in model.layers:
+        a, cache, _ = prefill_layer(block.attn, block.attn_norm(h), lengths, max_len)
+        h = h + a
+        h = h + block.mlp(block.mlp_norm(h))
+        caches.append(cache)
+    return model.lm_head(model.norm(h)), ModelCache(caches)
+
+
+@torch.no_grad()
+def decode_step(model, cache: ModelCache, tokens: torch.Tensor):
+    """Feed one token per sequence (at position lengths[b]). tokens: [B] or [B, 1].
+
+    Returns (logits [B, V], StepStats).
+    """
+    _check_model(model)
+    if not isinstance(cache, ModelCache):
+        raise TypeError(f"cache must be a ModelCache from prefill(), got {type(cache).__name__}")
+    if len(cache.layers) != len(model.layers):
+        raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(model.layers)}; "
+                         "it was built for another model")
+    tokens = tokens.reshape(-1, 1)
+    h = model.embed(tokens)
+    reads = []
+    for block, layer_cache in zip(model.layers, cache.layers):
+        a, _, r = decode_layer(block.attn, block.attn_norm(h), layer_cache)
+        h = h + a
+        h = h + block.mlp(block.mlp_norm(h))
+        reads.append(r)
+    return model.lm_head(model.norm(h))[:, 0], StepStats(reads)

@@ -1,0 +1,113 @@
+"""generate(): batched sampling (greedy, temperature, top-p) with a stop token.
+
+Prompts of different lengths are right-padded: every sequence starts at position 0 and
+sequence b decodes at its own position (``lengths[b]``), so no position offsets are needed
+and the block geometry of NSA is the same as in training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .decode import StepStats, decode_step, prefill
+
+
+@dataclass
+class GenerateOutput:
+    """tokens: the new tokens of each sequence (stop token included when produced);
+    finished: [B] bool, whether each stopped on the stop token;
+    step_stats: one StepStats per decode step (the reads of each layer and branch)."""
+
+    tokens: list[list[int]]
+    finished: torch.Tensor
+    step_stats: list[StepStats] = field(default_factory=list)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row of logits [B, V] -> LongTensor [B].
+
+    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), restricted to
+    the smallest set of most likely tokens whose probability reaches top_p (at least one).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _pad(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(prompts, torch.Tensor):
+        raise TypeError("internal: tensors are handled by the caller")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (e.g. the BOS token)")
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    return ids, lengths
+
+
+@torch.no_grad()
+def generate(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
+             lengths: Optional[torch.Tensor] = None, temperature: float = 0.0, top_p: float = 1.0,
+             stop_token: Optional[int] = None, pad_id: int = 0,
+             generator: Optional[torch.Generator] = None, max_len: Optional[int] = None) -> GenerateOutput:
+    """Sample up to ``max_new_tokens`` tokens after each prompt.
+
+    prompts: a list of token-id lists (right-padded here), or a right-padded LongTensor
+    [B, P] with ``lengths`` [B]. A sequence stops after producing ``stop_token``; the others
+    go on (finished sequences keep stepping, their tokens are dropped). max_len: cache
+    capacity, default model.config.max_seq_len; longest prompt + max_new_tokens - 1 must fit.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    device = next(model.parameters()).device
+    if isinstance(prompts, torch.Tensor):
+        ids = prompts.to(device)
+        if ids.dim() != 2:
+            raise ValueError(f"prompt tensor must be [B, P], got shape {tuple(ids.shape)}")
+        lengths = (torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=device)
+                   if lengths is None else lengths.to(device, torch.long))
+    else:
+        ids, lengths = _pad(prompts, pad_id, device)
+    max_len = max_len or model.config.max_seq_len
+    need = int(lengths.max()) + max_new_tokens - 1
+    if need > max_len:
+        raise ValueError(f"longest prompt ({int(lengths.max())}) + max_new_tokens ({max_new_tokens}) - 1 "
+                         f"= {need} exceeds max_len={max_len}; lower max_new_tokens or raise max_len")
+    was_training = model.training
+    model.eval()
+    try:
+        logits, cache = prefill(model, ids, lengths, max_len)
+        last = logits[torch.arange(ids.shape[0], device=device), lengths - 1]  # [B, V]
+        B = ids.shape[0]
+        out: list[list[int]] = [[] for _ in range(B)]
+        finished = torch.zeros(B, dtype=torch.bool)
+        stats = []
+        for step in range(max_new_tokens):
+            nxt = sample_next(last, temperature, top_p, generator)
+            for b, tok in enumerate(nxt.tolist()):
+                if not finished[b]:
+                    out[b].append(tok)
+                    if stop_token is not None and tok == stop_token:
+                        finished[b] = True
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            last, st = decode_step(model, cache, nxt)
+            stats.append(st)
+        return GenerateOutput(out, finished, stats)
+    finally:
+        model.train(was_training)
