@@ -6,7 +6,8 @@ OPTIONAL = ("deepspeed", "triton", "tensorboard", "sentencepiece", "transformers
 
 
 def test_import_loads_no_optional_dependency():
-    code = ("import sys, nsa_dist, nsa_dist.ops, nsa_dist.modules, nsa_dist.models, nsa_dist.convert; "
+    code = ("import sys, nsa_dist, nsa_dist.ops, nsa_dist.modules, nsa_dist.models, nsa_dist.convert, "
+            "nsa_dist.inference, nsa_dist.data; "
             "nsa_dist.NSADecoderLM; "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({OPTIONAL!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
