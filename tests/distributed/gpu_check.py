@@ -1,0 +1,150 @@
+"""The distributed checks on GPUs over NCCL, and per-layout timings (not part of CI).
+
+    python tests/distributed/gpu_check.py --gpus 4 [--seq 16384]
+
+1. Every layout of test_parallel_layouts.py that fits on the GPUs, with CUDA tensors and
+   NCCL instead of gloo (fp32, reference NSA backend): same assertions as the CPU tests.
+2. Timings at a mid-size model (bf16): forward + backward per step of each layout, the
+   bytes CommStats recorded, and the time of those collectives replayed alone.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import dist_workers as W  # noqa: E402
+from dist_harness import run_world  # noqa: E402
+from nsa_dist import ModelConfig, NSAConfig  # noqa: E402
+from nsa_dist.parallel import CommStats, ParallelState, parallelize  # noqa: E402
+
+LAYOUTS = [
+    ("tp2", 2, dict(tp=2)),
+    ("tp2_megatron_sp", 2, dict(tp=2, megatron_sp=True)),
+    ("ulysses2", 2, dict(sp=2)),
+    ("tp4_h2", 4, dict(tp=4, num_heads=4, num_kv_heads=2)),
+    ("ulysses4_h2", 4, dict(sp=4, num_heads=4, num_kv_heads=2)),
+    ("tp2_x_ulysses2", 4, dict(tp=2, sp=2, num_heads=8, num_kv_heads=2)),
+    ("tp4_h2_importance", 4, dict(tp=4, num_heads=4, num_kv_heads=2, selection_comm="importance")),
+    ("tp4_h1_packed", 4, dict(tp=4, num_heads=4, num_kv_heads=1, packed=True)),
+]
+
+
+def _replay(rows: list[dict], group_of, steps: int) -> float:
+    """Seconds per step spent in the recorded collectives, replayed alone."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    ops = []
+    for r in rows:
+        calls = max(1, r["calls"] // steps)
+        n = r["payload_bytes"] // max(r["calls"], 1) // 2  # bf16 elements per call
+        g, p = group_of(r)
+        if g is None or p == 1 or n == 0:
+            continue
+        n = max(p, n - n % p)
+        ops.append((r["op"], n, g, p, calls))
+
+    def run():
+        for op, n, g, p, calls in ops:
+            for _ in range(calls):
+                x = torch.empty(n, dtype=torch.bfloat16, device=dev)
+                if op == "all_reduce":
+                    dist.all_reduce(x, group=g)
+                elif op == "all_gather":
+                    dist.all_gather_into_tensor(x, x[: n // p].clone(), group=g)
+                elif op == "reduce_scatter":
+                    dist.reduce_scatter_tensor(x[: n // p].clone(), x, group=g)
+                else:
+                    dist.all_to_all_single(torch.empty_like(x), x, group=g)
+    run()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 3
+
+
+def timing_worker(rank, world, tp=1, sp=1, megatron_sp=False, S=16384, steps=3):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = ModelConfig(vocab_size=32000, hidden_size=2048, num_layers=2, num_heads=32, num_kv_heads=4,
+                      head_dim=64, intermediate_size=5632, max_seq_len=S, nsa=NSAConfig(phi="mlp"))
+    state = ParallelState(world, rank, tp=tp, sp=sp)
+    torch.manual_seed(0)
+    model = W.NSADecoderLM(cfg, backend="reference").to(dev, torch.bfloat16)
+    stats = CommStats()
+    pm = parallelize(model, state, megatron_sp=megatron_sp, comm_stats=stats)
+    del model
+    ids = torch.randint(0, cfg.vocab_size, (1, S), device=dev)
+
+    def step():
+        loss = pm(ids, ids).loss
+        loss.backward()
+        return loss
+
+    step()
+    torch.cuda.synchronize()
+    stats.reset()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t) / steps
+    rows = stats.rows()
+
+    def group_of(r):
+        tag = r["tag"]
+        if "ulysses" in tag:
+            return state.sp_group, state.sp
+        if "importance" in tag or "selection_q" in tag:
+            _, g = state.kv_share_group(cfg.num_kv_heads)
+            return g, (state.head_parallel // cfg.num_kv_heads)
+        if "kv_replica" in tag:
+            _, g = state.tp_kv_share_group(cfg.num_kv_heads)
+            return g, state.tp // cfg.num_kv_heads
+        if tag.startswith("lm_head") and r["op"] == "all_reduce" and r["phase"] == "fwd" and state.sp > 1:
+            return state.sp_group, state.sp
+        return state.tp_group, state.tp
+
+    comm_s = _replay(rows, group_of, steps)
+    return {"step_ms": step_s * 1e3, "wire_MiB_per_step": stats.total() / steps / 2**20,
+            "comm_replay_ms": comm_s * 1e3, "max_mem_GiB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    print(f"{args.gpus} GPUs: {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
+    if not args.skip_check:
+        for name, world, kw in LAYOUTS:
+            if world > args.gpus:
+                continue
+            t = time.time()
+            res = run_world(W.layout_worker, world, start_method="spawn", dist_backend="nccl",
+                            device="cuda", **kw)
+            r = res[0]
+            print(f"check {name:<22} OK  loss_err {r['loss_err']:.1e} layer_out_err {r['layer_out_err']:.1e} "
+                  f"layer_grad_err {r['layer_grad_err']:.1e} model_grad_err {r['model_grad_err']:.1e} "
+                  f"({time.time() - t:.1f} s)", flush=True)
+    g = args.gpus
+    for name, kw in [(f"TP={g}", dict(tp=g)), (f"TP={g}+SP", dict(tp=g, megatron_sp=True)),
+                     (f"Ulysses={g}", dict(sp=g)), (f"TP=2xUlysses={g // 2}", dict(tp=2, sp=g // 2))]:
+        res = run_world(timing_worker, g, start_method="spawn", dist_backend="nccl", S=args.seq, **kw)
+        r = res[0]
+        print(f"time  {name:<18} S={args.seq}: step {r['step_ms']:.1f} ms, wire {r['wire_MiB_per_step']:.1f} "
+              f"MiB/rank/step, collectives replayed alone {r['comm_replay_ms']:.2f} ms, "
+              f"peak {r['max_mem_GiB']:.1f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
