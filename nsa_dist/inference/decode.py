@@ -35,7 +35,7 @@ def _branch_kv(layer: NSAAttention, x: torch.Tensor, cos: torch.Tensor, sin: tor
         if name not in done:  # shared K/V is projected once
             k = layer.k_proj[name](x).view(B, S, -1, layer.head_dim)
             v = layer.v_proj[name](x).view(B, S, -1, layer.v_head_dim)
-            done[name] = (layer.rope.apply(k, cos, sin), v)
+            done[name] = (layer.rope.rotate(k, cos, sin), v)
         key = "raw" if branch == "cmp" else branch
         out[f"k_{key}"], out[f"v_{key}"] = done[name]
     return out
@@ -82,7 +82,7 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
     else:  # project() returns the compression branch's K/V compressed only
         cos, sin = layer.rope.cos_sin(positions, x.dtype)
         k = layer.k_proj["cmp"](x).view(B, P, -1, layer.head_dim)
-        kv["k_raw"] = layer.rope.apply(k, cos, sin)
+        kv["k_raw"] = layer.rope.rotate(k, cos, sin)
         kv["v_raw"] = layer.v_proj["cmp"](x).view(B, P, -1, layer.v_head_dim)
     cache.fill(kv, lengths)
     return y, cache, idx
@@ -106,7 +106,7 @@ def decode_layer(layer: NSAAttention, x: torch.Tensor, cache: LayerCache):
     B = x.shape[0]
     pos = cache.lengths.to(x.device)
     cos, sin = layer.rope.cos_sin(pos[:, None], x.dtype)  # [B, 1, 1, Dk]
-    q = layer.rope.apply(layer.q_proj(x).view(B, 1, -1, layer.head_dim), cos, sin)[:, 0]
+    q = layer.rope.rotate(layer.q_proj(x).view(B, 1, -1, layer.head_dim), cos, sin)[:, 0]
     kv = {k: v[:, 0] for k, v in _branch_kv(layer, x, cos, sin).items()}
     cache.append(kv, layer.phi_k, layer.phi_v)
     gates = layer.gate(x)[:, 0]  # [B, HQ, 3]

@@ -48,6 +48,26 @@ def tokens_read(indices: torch.Tensor, positions: torch.Tensor, config: NSAConfi
     return torch.stack([cmp.mean(), sel.mean(), win.mean()])
 
 
+def prepare_branches(rope: RotaryEmbedding, config: NSAConfig, q: torch.Tensor,
+                     kv: dict[str, tuple[torch.Tensor, torch.Tensor]], gates: torch.Tensor,
+                     positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                     phi_k=None, phi_v=None) -> dict[str, torch.Tensor]:
+    """RoPE and compression on projected heads (shared by the layer and its parallel forms).
+
+    q: [B, S, HQ, Dk]; kv: branch -> (k [B, S, H, Dk], v [B, S, H, Dv]); gates [B, S, HQ, 3].
+    RoPE goes on q and every branch's keys; the cmp branch is then compressed with phi.
+    """
+    cos, sin = rope.cos_sin(positions, q.dtype)
+    out = {"q": rope.rotate(q, cos, sin), "gates": gates}
+    for branch, (k, v) in kv.items():
+        k = rope.rotate(k, cos, sin)
+        if branch == "cmp":
+            k = ops.compress(k, config, phi_k, cu_seqlens)
+            v = ops.compress(v, config, phi_v, cu_seqlens)
+        out[f"k_{branch}"], out[f"v_{branch}"] = k, v
+    return out
+
+
 class NSAAttention(nn.Module):
     """Native Sparse Attention layer (SPEC.md).
 
@@ -98,17 +118,10 @@ class NSAAttention(nn.Module):
         [B, Nc, H, D], k_sel/v_sel/k_win/v_win [B, S, H, D], gates [B, S, HQ, 3].
         """
         B, S, _ = x.shape
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
-        out = {"q": self.rope.apply(self.q_proj(x).view(B, S, -1, self.head_dim), cos, sin)}
-        for branch in BRANCHES:
-            k, v = self._kv(x, branch)
-            k = self.rope.apply(k, cos, sin)
-            if branch == "cmp":
-                k = ops.compress(k, self.config, self.phi_k, cu_seqlens)
-                v = ops.compress(v, self.config, self.phi_v, cu_seqlens)
-            out[f"k_{branch}"], out[f"v_{branch}"] = k, v
-        out["gates"] = self.gate(x)
-        return out
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)
+        kv = {b: self._kv(x, b) for b in BRANCHES}
+        return prepare_branches(self.rope, self.config, q, kv, self.gate(x), positions, cu_seqlens,
+                                self.phi_k, self.phi_v)
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None,
                reduce_importance: Optional[Callable] = None):

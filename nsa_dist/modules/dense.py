@@ -36,8 +36,8 @@ class DenseAttention(nn.Module):
             position_ids = (position_ids_from_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None
                             else torch.arange(S, device=x.device))
         cos, sin = self.rope.cos_sin(position_ids, x.dtype)
-        q = self.rope.apply(self.q_proj(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
-        k = self.rope.apply(self.k_proj(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
+        q = self.rope.rotate(self.q_proj(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
+        k = self.rope.rotate(self.k_proj(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, S, -1, self.v_head_dim).transpose(1, 2)
         bounds = [0, S] if cu_seqlens is None else cu_seqlens.tolist()
         outs = [torch.nn.functional.scaled_dot_product_attention(

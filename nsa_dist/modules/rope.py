@@ -36,7 +36,9 @@ class RotaryEmbedding(torch.nn.Module):
         return emb.cos()[:, :, None, :].to(dtype), emb.sin()[:, :, None, :].to(dtype)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, S, heads, D] by cos/sin from ``cos_sin`` (not named apply: that is
+        nn.Module.apply, which DeepSpeed calls on every submodule)."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -45,4 +47,4 @@ class RotaryEmbedding(torch.nn.Module):
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         cos, sin = self.cos_sin(positions, x.dtype)
-        return self.apply(x, cos, sin)
+        return self.rotate(x, cos, sin)

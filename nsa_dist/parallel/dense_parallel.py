@@ -68,8 +68,8 @@ class ParallelDenseAttention(nn.Module):
         S = q.shape[1]
         positions = ParallelNSAAttention._positions(S, x.device, cu_seqlens, position_ids)
         cos, sin = self.rope.cos_sin(positions, q.dtype)
-        q = self.rope.apply(q, cos, sin).transpose(1, 2)
-        k = self.rope.apply(k, cos, sin).transpose(1, 2)
+        q = self.rope.rotate(q, cos, sin).transpose(1, 2)
+        k = self.rope.rotate(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         bounds = [0, S] if cu_seqlens is None else cu_seqlens.tolist()
         outs = [nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import ops
-from ..modules.attention import BRANCHES, AttentionStats, NSAAttention, tokens_read
+from ..modules.attention import BRANCHES, AttentionStats, NSAAttention, prepare_branches, tokens_read
 from ..modules.rope import position_ids_from_cu_seqlens
 from . import collectives as C
 from .comm_stats import Meter
@@ -190,16 +190,8 @@ class ParallelNSAAttention(nn.Module):
         kv = {b: (self._to_heads(k, L.kv_repeat), self._to_heads(v, L.kv_repeat)) for b, (k, v) in kv.items()}
         S = q.shape[1]
         positions = self._positions(S, x.device, cu_seqlens, position_ids)
-        cos, sin = self.rope.cos_sin(positions, q.dtype)
-        q = self.rope.apply(q, cos, sin)
-        p = {"q": q, "gates": gates}
-        phis = {"k": phi_k, "v": phi_v}
-        for branch, (k, v) in kv.items():
-            k = self.rope.apply(k, cos, sin)
-            if branch == "cmp":
-                k = ops.compress(k, cfg, phis["k"], cu_seqlens)
-                v = ops.compress(v, cfg, phis["v"], cu_seqlens)
-            p[f"k_{branch}"], p[f"v_{branch}"] = k, v
+        p = prepare_branches(self.rope, cfg, q, kv, gates, positions, cu_seqlens, phi_k, phi_v)
+        q = p["q"]
         idx = self._select(q, p["k_cmp"], cu_seqlens)
         o = ops.nsa_attention(q, p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
                               p["v_win"], gates, cfg, cu_seqlens=cu_seqlens, backend=self.backend,
