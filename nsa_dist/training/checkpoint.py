@@ -1,0 +1,283 @@
+"""Checkpoints: DeepSpeed's own files plus our metadata, committed by an atomic marker.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000050/            DeepSpeed files (model, ZeRO shards) of step 50
+        rng_rank00000.pt      python/numpy/torch RNG states of each rank
+        nsa_meta.json         configs, tokenizer path + sha256, data position, file sizes
+    latest                    the tag of the newest complete checkpoint
+
+A save writes the DeepSpeed files and RNG states, then ``nsa_meta.json`` (its presence makes
+the folder complete; it lists every file with its size), then ``latest``. Each of the last
+two is written to a temporary name and renamed, so a save interrupted at any point leaves
+``latest`` naming the previous complete checkpoint. Loading checks the sizes, so a truncated
+file is a clear error rather than a crash deep inside ``torch.load``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+META_FILE = "nsa_meta.json"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def rng_state() -> dict:
+    """Every RNG the training loop may draw from (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+# ----------------------------------------------------------------------------- finding
+
+def is_complete(tag_dir: str) -> bool:
+    return os.path.isfile(os.path.join(tag_dir, META_FILE))
+
+
+def read_meta(tag_dir: str) -> dict:
+    """The metadata of a checkpoint folder; FileNotFoundError/ValueError when unusable."""
+    path = os.path.join(tag_dir, META_FILE)
+    if not os.path.isdir(tag_dir):
+        raise FileNotFoundError(f"checkpoint folder not found: {tag_dir}")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {tag_dir} is incomplete (no {META_FILE}): its save was "
+                         f"interrupted; resume from an earlier one or use --resume auto")
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint metadata {path} is corrupt ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected "
+                         f"{FORMAT_VERSION}")
+    return meta
+
+
+def verify_checkpoint(tag_dir: str) -> dict:
+    """Metadata of ``tag_dir`` after checking every listed file exists with its size."""
+    meta = read_meta(tag_dir)
+    for name, size in meta["files"].items():
+        path = os.path.join(tag_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {tag_dir} is missing {name}; it cannot be "
+                                    f"loaded (resume from an earlier checkpoint)")
+        have = os.path.getsize(path)
+        if have != size:
+            raise ValueError(f"checkpoint {tag_dir} is truncated or damaged: {name} has {have} "
+                             f"bytes, the save wrote {size}; resume from an earlier checkpoint")
+    return meta
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Tag folders under ``root`` (complete or not), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    tags = [t for t in os.listdir(root) if _TAG_RE.match(t) and os.path.isdir(os.path.join(root, t))]
+    return [os.path.join(root, t) for t in sorted(tags, key=lambda t: int(_TAG_RE.match(t).group(1)))]
+
+
+def find_resume_checkpoint(resume: Optional[str], root: str,
+                           warn: Callable[[str], None] = print) -> Optional[str]:
+    """The checkpoint folder to resume from, or None to start fresh.
+
+    resume: None/"" or "none" (fresh start), "auto" (the checkpoint ``latest`` names under
+    ``root``, else the newest complete one, else None), or a path: a checkpoint folder or a
+    checkpoints root holding ``latest`` (a bad path is FileNotFoundError/ValueError).
+    """
+    if not resume or resume == "none":
+        return None
+    if resume == "auto":
+        marker = os.path.join(root, LATEST_FILE)
+        if os.path.isfile(marker):
+            with open(marker) as fh:
+                tag = fh.read().strip()
+            candidate = os.path.join(root, tag)
+            try:
+                verify_checkpoint(candidate)
+                return candidate
+            except (FileNotFoundError, ValueError) as err:
+                warn(f"[checkpoint] 'latest' names an unusable checkpoint ({err}); "
+                     f"looking for an older complete one")
+        for candidate in reversed(list_checkpoints(root)):
+            try:
+                verify_checkpoint(candidate)
+                return candidate
+            except (FileNotFoundError, ValueError):
+                continue
+        return None
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint (give a checkpoint "
+                                f"folder, a checkpoints folder with '{LATEST_FILE}', or 'auto')")
+    if os.path.isdir(resume) and not is_complete(resume):
+        marker = os.path.join(resume, LATEST_FILE)
+        if os.path.isfile(marker):
+            with open(marker) as fh:
+                resume = os.path.join(resume, fh.read().strip())
+    verify_checkpoint(resume)
+    return resume
+
+
+# ----------------------------------------------------------------------------- saving
+
+class CheckpointManager:
+    """Saves and loads checkpoints of one run; every rank calls save/load (collective).
+
+    engine: a DeepSpeed engine (``save_checkpoint(dir, tag=, save_latest=)``,
+    ``load_checkpoint(dir, tag=, ...)``); barrier: a callable synchronising all ranks.
+    """
+
+    def __init__(self, root: str, rank: int, world_size: int, barrier: Callable[[], None],
+                 keep: int = 0):
+        self.root, self.rank, self.world_size = root, rank, world_size
+        self.barrier, self.keep = barrier, keep
+
+    def save(self, engine, step: int, meta: dict) -> str:
+        """Write checkpoint ``step`` and return its folder. ``meta`` (JSON-able) is stored
+        with the file sizes; the ``latest`` marker moves only when everything is written."""
+        tag = tag_for_step(step)
+        tag_dir = os.path.join(self.root, tag)
+        if is_complete(tag_dir):  # already saved (e.g. resumed at the last step): keep it
+            return tag_dir
+        if self.rank == 0:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.isdir(tag_dir):  # a leftover of an interrupted save of this step
+                shutil.rmtree(tag_dir)
+        self.barrier()
+        engine.save_checkpoint(self.root, tag=tag, save_latest=False)
+        os.makedirs(tag_dir, exist_ok=True)
+        _atomic_torch_save(rng_state(), os.path.join(tag_dir, rng_file(self.rank)))
+        self.barrier()
+        if self.rank == 0:
+            files = {}
+            for dirpath, _, names in os.walk(tag_dir):
+                for name in names:
+                    if name == META_FILE or name.startswith(".tmp_"):
+                        continue
+                    full = os.path.join(dirpath, name)
+                    files[os.path.relpath(full, tag_dir)] = os.path.getsize(full)
+            record = dict(meta, format_version=FORMAT_VERSION, tag=tag, step=step,
+                          world_size=self.world_size, files=dict(sorted(files.items())))
+            _atomic_write_text(os.path.join(tag_dir, META_FILE), json.dumps(record, indent=2) + "\n")
+            _atomic_write_text(os.path.join(self.root, LATEST_FILE), tag + "\n")
+            self._prune(keep_tag=tag)
+        self.barrier()
+        return tag_dir
+
+    def _prune(self, keep_tag: str) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints, and incomplete leftovers
+        older than the newest complete one."""
+        if self.keep <= 0:
+            return
+        tags = list_checkpoints(self.root)
+        complete = [t for t in tags if is_complete(t)]
+        keep = set(complete[-self.keep:]) | {os.path.join(self.root, keep_tag)}
+        for t in tags:
+            if t not in keep and (is_complete(t) or t < complete[-1]):
+                shutil.rmtree(t, ignore_errors=True)
+
+    def load(self, engine, tag_dir: str) -> dict:
+        """Load ``tag_dir`` into ``engine`` and restore this rank's RNG states; returns the
+        metadata. The caller checks it against the current configs first
+        (``check_compatible``)."""
+        meta = verify_checkpoint(tag_dir)
+        root, tag = os.path.split(os.path.normpath(tag_dir))
+        load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False,
+                                              load_module_strict=True)
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        rng_path = os.path.join(tag_dir, rng_file(self.rank))
+        if os.path.isfile(rng_path):
+            set_rng_state(torch.load(rng_path, weights_only=False))
+        return meta
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp_{os.getpid()}_{name}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
+                     data_prefix: str, seq_len: int, dp_world_size: int) -> list[str]:
+    """Raise ValueError when resuming ``meta`` would not continue the same run; return
+    warnings for harmless differences."""
+    problems, warnings = [], []
+    if meta.get("model_config") != model_cfg:
+        diff = sorted(k for k in set(model_cfg) | set(meta.get("model_config", {}))
+                      if model_cfg.get(k) != meta.get("model_config", {}).get(k))
+        problems.append(f"the model config differs in {diff}")
+    if tokenizer_sha and meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
+        problems.append(f"the tokenizer differs (sha256 {meta.get('tokenizer_sha256', '')[:12]} "
+                        f"in the checkpoint, {tokenizer_sha[:12]} now)")
+    if meta.get("seq_len") != seq_len:
+        problems.append(f"seq_len differs ({meta.get('seq_len')} in the checkpoint, {seq_len} now)")
+    if meta.get("world_size") != dp_world_size:
+        problems.append(f"the data-parallel size differs ({meta.get('world_size')} in the "
+                        f"checkpoint, {dp_world_size} now); ZeRO shards are per rank")
+    if os.path.abspath(meta.get("data_prefix", data_prefix)) != os.path.abspath(data_prefix):
+        warnings.append(f"data_prefix changed: {meta.get('data_prefix')} -> {data_prefix}")
+    if problems:
+        raise ValueError(f"cannot resume from {meta.get('tag')}: " + "; ".join(problems))
+    return warnings

@@ -1,0 +1,67 @@
+"""``nsa-pretrain``: NSA pretraining on DeepSpeed (run under torchrun / deepspeed / srun).
+
+    nsa-pretrain --config configs/train/tiny_cpu.yaml [--resume auto] [key=value ...]
+
+``key=value`` arguments override fields of the train YAML (e.g. ``train_steps=20``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nsa-pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="YAML", help="train config (configs/train/*.yaml)")
+    p.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                   help="auto: the latest complete checkpoint of output_dir (fresh start if none); "
+                        "PATH: a checkpoint folder or a checkpoints folder with 'latest'")
+    p.add_argument("--log-all-ranks", action="store_true", help="every rank prints, not only rank 0")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override train config fields")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .config import TrainConfig
+
+        cfg = TrainConfig.from_yaml(args.config).apply_overrides(args.overrides)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        from .trainer import Trainer
+
+        trainer = Trainer(cfg, resume=args.resume, log_all_ranks=args.log_all_ranks)
+        try:
+            summary = trainer.train()
+        finally:
+            trainer.close()
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"nsa-pretrain: error: {err}", file=sys.stderr)
+        return 2
+    if trainer.rank == 0:
+        print(f"[done] steps {summary['steps']}: loss {summary['loss_first']:.4f} -> "
+              f"{summary['loss_last']:.4f}, valid loss {summary['eval_loss']:.4f}, "
+              f"{summary['tokens_per_s_per_rank']:,.0f} tokens/s per rank; "
+              f"checkpoint {summary['checkpoint']}")
+    _shutdown()
+    return 0
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

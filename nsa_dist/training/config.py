@@ -1,0 +1,125 @@
+"""TrainConfig: everything one pretraining run needs besides the model and DeepSpeed JSON.
+
+Loaded from YAML with strict keys (a typo is a ValueError naming the key and its closest
+valid spelling) and validated at construction. Relative paths in a YAML file are taken
+relative to the working directory the trainer is started from (the repository root for
+the shipped configs), so the same file works from the launchers and from tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import ConfigBase, _positive_int, _require
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Global batch = micro_batch_size * grad_accum_steps * data-parallel ranks (samples of
+    ``seq_len`` tokens). Steps count optimizer steps."""
+
+    # What to train on.
+    model: str = "configs/model/tiny.yaml"  # ModelConfig YAML
+    deepspeed: str = "configs/deepspeed/zero2.json"  # DeepSpeed JSON ("auto" fields filled from here)
+    data_prefix: str = "data_cache/stdlib"  # PackedDataset prefix (tools/preprocess_data.py output)
+    tokenizer: str = "data_cache/tokenizer"  # dir or .model; recorded (path + hash) in every checkpoint
+    output_dir: str = "runs/tiny"  # checkpoints/ and tensorboard/ go below it
+
+    # Batch and length.
+    seq_len: int = 256
+    micro_batch_size: int = 2
+    grad_accum_steps: int = 1
+    train_steps: int = 100
+    max_minutes: float = 0.0  # > 0: stop (and save) after this many minutes of training
+
+    # Optimizer (torch AdamW as DeepSpeed client optimizer) and schedule.
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    decay_steps: int = 0  # cosine decay length after warm-up; 0 means train_steps - warmup_steps
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    # Numerics and memory.
+    precision: str = "auto"  # auto: bf16 on a CUDA device with bf16 support, fp32 otherwise
+    activation_checkpointing: bool = False
+    attention_backend: str = "auto"  # "auto", "reference" or "triton" (see nsa_dist.ops)
+    seed: int = 1234
+
+    # Evaluation, checkpoints, logging.
+    eval_every: int = 50  # steps; 0 evaluates only at the end
+    eval_batches: int = 8  # micro-batches per rank per evaluation
+    save_every: int = 50  # steps; 0 saves only at the end
+    keep_checkpoints: int = 3  # newest complete checkpoints kept; 0 keeps all
+    log_every: int = 5  # steps between scalar logs and progress lines
+    image_every: int = 50  # steps between selected-block images; 0 turns them off
+    image_layer: int = 0  # layer whose selected blocks are drawn (KV head 0)
+    tensorboard: bool = True
+    peak_tflops: float = 0.0  # device peak for MFU where the table has none (CPU); 0: MFU n/a
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads "1e-3" (no dot) as a string: accept it for the float fields.
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "grad_clip", "max_minutes",
+                     "peak_tflops"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise ValueError(f"{name}={value!r}: must be a number") from None
+            _require(isinstance(getattr(self, name), (int, float))
+                     and not isinstance(getattr(self, name), bool), name, "must be a number", value)
+        _positive_int(self, "seq_len", "micro_batch_size", "grad_accum_steps", "train_steps",
+                      "log_every")
+        for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "save_every",
+                     "keep_checkpoints", "image_every", "image_layer", "seed"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                     "must be an integer >= 0", value)
+        for name in ("model", "deepspeed", "data_prefix", "tokenizer", "output_dir"):
+            _require(isinstance(getattr(self, name), str) and getattr(self, name), name,
+                     "must be a non-empty path string", getattr(self, name))
+        _require(self.lr > 0, "lr", "must be > 0", self.lr)
+        _require(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr, "min_lr",
+                 f"must be in [0, lr={self.lr}]", self.min_lr)
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _require(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
+                 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)",
+                 self.betas)
+        _require(self.adam_eps > 0, "adam_eps", "must be > 0", self.adam_eps)
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)", self.grad_clip)
+        _require(self.max_minutes >= 0, "max_minutes", "must be >= 0", self.max_minutes)
+        _require(self.peak_tflops >= 0, "peak_tflops", "must be >= 0", self.peak_tflops)
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}", self.precision)
+        _require(self.attention_backend in ("auto", "reference", "triton"), "attention_backend",
+                 "must be 'auto', 'reference' or 'triton'", self.attention_backend)
+        for name in ("activation_checkpointing", "tensorboard"):
+            _require(isinstance(getattr(self, name), bool), name, "must be true or false",
+                     getattr(self, name))
+        self.betas = [float(b) for b in self.betas]
+
+    def global_batch(self, dp_world_size: int) -> int:
+        """Samples per optimizer step over all data-parallel ranks."""
+        return self.micro_batch_size * self.grad_accum_steps * dp_world_size
+
+    def resolved_precision(self, device_type: str, bf16_supported: bool) -> str:
+        """'auto' becomes bf16 on CUDA with bf16 support and fp32 elsewhere (CPU)."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+
+    def apply_overrides(self, overrides: Optional[list[str]]) -> "TrainConfig":
+        """A new config with ``key=value`` overrides (values parsed as YAML scalars)."""
+        import yaml
+
+        data = self.to_dict()
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like key=value (e.g. train_steps=20)")
+            key, value = item.split("=", 1)
+            data[key.strip()] = yaml.safe_load(value)
+        return TrainConfig.from_dict(data, where="override")
