@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ConfigBase, _positive_int, _require
+from ..parallel.state import ParallelConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -60,6 +61,9 @@ class TrainConfig(ConfigBase):
     image_layer: int = 0  # layer whose selected blocks are drawn (KV head 0)
     tensorboard: bool = True
     peak_tflops: float = 0.0  # device peak for MFU where the table has none (CPU); 0: MFU n/a
+
+    # Layout: tensor / Ulysses sequence parallel sizes; data parallel is the rest of the world.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads "1e-3" (no dot) as a string: accept it for the float fields.
@@ -121,5 +125,11 @@ class TrainConfig(ConfigBase):
             if "=" not in item:
                 raise ValueError(f"override {item!r} must look like key=value (e.g. train_steps=20)")
             key, value = item.split("=", 1)
-            data[key.strip()] = yaml.safe_load(value)
+            *parents, leaf = key.strip().split(".")  # parallel.tp=2 sets a nested field
+            node = data
+            for name in parents:
+                if not isinstance(node.get(name), dict):
+                    raise ValueError(f"override {item!r}: {name!r} is not a section of the train config")
+                node = node[name]
+            node[leaf] = yaml.safe_load(value)
         return TrainConfig.from_dict(data, where="override")

@@ -105,11 +105,6 @@ class Trainer:
         self.device = self._pick_device()
         init_distributed(self.deepspeed, self.device.type)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.parallel_state = parallel_state
-        if parallel_state is not None:  # TP/SP: only the DP coordinate chooses the data
-            self.dp_rank, self.dp_world = parallel_state.dp_rank, parallel_state.dp
-        else:
-            self.dp_rank, self.dp_world = self.rank, self.world_size
         self.progress = Progress(cfg.train_steps, self.rank, log_all_ranks)
         self._limit_cpu_threads()
         _seed_everything(cfg.seed)
@@ -118,6 +113,16 @@ class Trainer:
         if cfg.seq_len > self.model_cfg.max_seq_len:
             raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
                              f"{self.model_cfg.max_seq_len} ({cfg.model})")
+        pc = cfg.parallel
+        if parallel_state is None and (pc.tp > 1 or pc.sp > 1):
+            pc.check_model(self.model_cfg, self.world_size, cfg.seq_len)
+            parallel_state = pc.build_state(self.world_size, self.rank)
+        self.parallel_state = parallel_state
+        self.comm_stats = None
+        if parallel_state is not None:  # TP/SP: only the DP coordinate chooses the data
+            self.dp_rank, self.dp_world = parallel_state.dp_rank, parallel_state.dp
+        else:
+            self.dp_rank, self.dp_world = self.rank, self.world_size
         self._load_data()
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         resume_path = self._find_resume(resume)
@@ -175,10 +180,25 @@ class Trainer:
         # FLOPs need the full weight shapes: count before ZeRO-3 partitions them.
         self.flops_per_token = model.flops_per_token(self.cfg.seq_len)
         self.num_parameters = model.num_parameters()
-        # Place for the parallel helper: parallelise (TP/SP) here, before DeepSpeed wraps it.
+        ps = self.parallel_state
+        if ps is not None and ps.head_parallel > 1:
+            # Every rank built the same full model from the seed; each keeps its slice.
+            from ..parallel import CommStats, parallelize
+            self.comm_stats = CommStats()
+            pc = self.cfg.parallel
+            model = parallelize(model, ps, megatron_sp=pc.megatron_sp, comm_stats=self.comm_stats,
+                                selection_comm=pc.selection_comm)
         if zero_stage(self.ds_config) == 3:
             self._zero3_leaf_attention(model)
         return model
+
+    def _plain_grad_norm(self, model: torch.nn.Module) -> float:
+        """Global gradient norm without ZeRO's help (ZeRO-0); TP shards counted once each."""
+        ps = self.parallel_state
+        if ps is not None and ps.head_parallel > 1:
+            from ..parallel import grad_norm
+            return float(grad_norm(model, ps))
+        return _grad_norm(model)
 
     def _zero3_leaf_attention(self, model: torch.nn.Module) -> None:
         """ZeRO-3 gathers a module's weights at each call, and every rank must make the same
@@ -188,8 +208,9 @@ class Trainer:
         from deepspeed.utils import set_z3_leaf_modules
 
         from ..modules import NSAAttention
+        from ..parallel import ParallelNSAAttention
 
-        set_z3_leaf_modules(model, [NSAAttention], raise_if_not_found=False)
+        set_z3_leaf_modules(model, [NSAAttention, ParallelNSAAttention], raise_if_not_found=False)
 
     def _build_engine(self, model: torch.nn.Module):
         cfg = self.cfg
@@ -315,7 +336,9 @@ class Trainer:
         loader = iter(build_dataloader(self.train_ds, cfg.micro_batch_size, self.dp_rank,
                                        self.dp_world, consumed_samples=self.consumed_samples))
         peak = device_peak_tflops(self.device, self.precision, cfg.peak_tflops)
-        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len  # per rank
+        # Tokens per GPU: the ranks of one TP x Ulysses group share the same samples.
+        head_parallel = self.parallel_state.head_parallel if self.parallel_state is not None else 1
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len / head_parallel
         self.progress.print(
             f"[train] {self.num_parameters / 1e6:.2f}M parameters, {self.world_size} rank(s) on "
             f"{self.device.type}, ZeRO-{zero_stage(self.ds_config)}, {self.precision}, global batch "
@@ -341,7 +364,7 @@ class Trainer:
                 engine.backward(out.loss)
                 if micro == cfg.grad_accum_steps - 1 and zero_stage(self.ds_config) == 0:
                     # ZeRO-0 reports no norm; its gradients are plain, averaged, unclipped here.
-                    fallback_norm = _grad_norm(engine.module)
+                    fallback_norm = self._plain_grad_norm(engine.module)
                 engine.step()
                 losses.append(out.loss.detach())
                 if out.stats:
@@ -377,10 +400,14 @@ class Trainer:
                     self.tb.scalars({f"mem/{k}": v for k, v in memory_gb(self.device).items()}, self.step)
                     if stats and log_now:
                         self.tb.attention_stats(stats, self.step)
+                    if self.comm_stats is not None:  # bytes per layer and collective since the last log
+                        self.tb.scalars(self.comm_stats.scalars(), self.step)
                     self.tb.flush()
                 mfu = f" MFU {rate.mfu:.2%}" if rate.mfu is not None else ""
                 self.progress.update(self.step, loss, rate.tokens_per_s, f" lr {lr:.2e}{mfu}")
                 window_start, window_steps = time.perf_counter(), 0
+                if self.comm_stats is not None:
+                    self.comm_stats.reset()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.train_steps:
                 self._log_eval()
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.train_steps:

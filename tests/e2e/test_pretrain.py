@@ -157,3 +157,19 @@ def test_torchrun_launcher_resumes_zero3(tiny_data, tmp_path):
     check(run_launcher("torchrun.sh", cfg, launcher_args=("--nproc", "2")))
     check(run_launcher("torchrun.sh", cfg, "--resume", "auto", "train_steps=6", launcher_args=("--nproc", "2")))
     assert [s for s, _ in summary(cfg)["loss_curve"]] == [5, 6]
+
+
+def test_tensor_parallel_run_follows_single_rank(tiny_data, tmp_path):
+    """parallel.tp=2 through the launcher (2 ranks, DP=1) trains the same model as one rank."""
+    one = train_yaml(tiny_data, tmp_path / "one", deepspeed=str(Path(__file__).parents[2] / "configs/deepspeed/zero1.json"))
+    check(run_pretrain(one))
+    tp = train_yaml(tiny_data, tmp_path / "tp", parallel={"tp": 2},
+                    deepspeed=str(Path(__file__).parents[2] / "configs/deepspeed/zero1.json"))
+    proc = run_launcher("deepspeed.sh", tp, launcher_args=("--nproc", "2", "--master-port", str(free_port())))
+    check(proc)
+    a, b = summary(one), summary(tp)
+    assert b["ranks"] == 2 and [s for s, _ in a["loss_curve"]] == [s for s, _ in b["loss_curve"]]
+    for (_, la), (_, lb) in zip(a["loss_curve"], b["loss_curve"]):
+        assert abs(la - lb) < 1e-3, (a["loss_curve"], b["loss_curve"])
+    scalars, _, _ = event_tags(b["tensorboard"])
+    assert any(t.startswith("comm/") for t in scalars), sorted(scalars)
