@@ -1,0 +1,66 @@
+"""Triton kernels of Native Sparse Attention (installed as ``nsa_dist.kernels``).
+
+Public functions (same semantics as ``nsa_dist.ops`` with backend="reference", SPEC.md):
+``nsa_attention`` (forward and backward for q, all K/V and the gates) and ``select_blocks``.
+They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("nsa_dist.kernels needs triton (pip install 'triton>=3.0')") from err
+
+from .nsa import NSAFunction, make_geometry, pack, packed_select
+
+__all__ = ["nsa_attention", "select_blocks"]
+
+
+def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
+    return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
+
+
+def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg, scale: Optional[float] = None,
+                  cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Selected blocks per position and KV head, computed on the GPU.
+
+    q: [B, S, HQ, Dk]; k_cmp: [B, Nc, H, Dk] (per document, concatenated, with cu_seqlens).
+    Returns LongTensor [B, S, H, n], ascending, -1 padded (block indices from each document's
+    start). Importance accumulates in fp32, so exact near-ties may break differently from the
+    float64 reference.
+    """
+    B, S = q.shape[:2]
+    with torch.no_grad():
+        geo = make_geometry(q, k_cmp, k_cmp, cfg, cu_seqlens)
+        idx = packed_select(pack(q), pack(k_cmp), geo, cfg, _scale(q, scale))
+    return idx.view(B, S, geo.H, cfg.num_selected)
+
+
+def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
+                  scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                  block_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gated NSA output [B, S, HQ, Dv] (differentiable in q, every K/V and the gates).
+
+    q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, D] (already compressed); k_sel, v_sel, k_win,
+    v_win: [B, S, H, D]; gates: [B, S, HQ, 3] (cmp, sel, win), already activated.
+    block_indices: optional [B, S, H, n] selection (computed here when None; never differentiated).
+    Inputs are expected validated by ``nsa_dist.ops.nsa_attention``.
+    """
+    B, S, HQ, _ = q.shape
+    sc = _scale(q, scale)
+    geo = make_geometry(q, k_cmp, v_sel, cfg, cu_seqlens)
+    qp, kc, vc = pack(q), pack(k_cmp), pack(v_cmp)
+    pre = None
+    if block_indices is None:
+        with torch.no_grad():  # the compressed branch's forward also feeds the selection
+            idx, pre = packed_select(qp.detach(), kc.detach(), geo, cfg, sc, v_cmp=vc.detach())
+    else:
+        idx = block_indices.reshape(B * S, geo.H, -1)
+    idx = idx.to(torch.int32).contiguous()
+    o = NSAFunction.apply(qp, kc, vc, pack(k_sel), pack(v_sel), pack(k_win), pack(v_win),
+                          pack(gates), idx, geo, cfg, sc, pre)
+    return o.view(B, S, HQ, -1)

@@ -1,0 +1,235 @@
+"""NSA forward and backward from the Triton kernels: launch geometry, gates, autograd.
+
+Inputs are brought to the packed layout (batch 1, documents concatenated; a batch of B
+sequences is B documents of S tokens), the three branches run with their own kernels, and the
+gates combine them. Backward: dg_b = <do, o_b>, the branch's do is g_b * do, and its softmax
+correction term is delta_b = g_b * dg_b; dq of the three branches adds into one fp32 buffer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Optional
+
+import torch
+import triton
+
+from . import tiles as tl_tiles
+from .gates import combine, combine_backward
+from .range_attn import LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
+from .selected_attn import _sel_bwd_dkdv, _sel_bwd_dq, _sel_fwd
+from .selection import select_from_lse
+
+ROWS = 64  # rows (position x head) per program of the range kernels
+KEYS = 64  # keys per step of the range kernels
+SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
+SEG_ROWS = 1024  # rows per work item of the selected dK/dV kernel
+# (num_warps, num_stages) per kernel, from the sweep in tools/bench_kernels.py (docs/kernel_notes.md)
+DEFAULT_LAUNCH = MappingProxyType({
+    "range_fwd": (4, 3), "range_dq": (4, 2), "range_dkdv": (4, 2),
+    "sel_fwd": (4, 3), "sel_dq": (4, 3), "sel_dkdv": (4, 3),
+})
+
+
+def _lk(geo, name: str) -> dict:
+    w, st = geo.launch.get(name, DEFAULT_LAUNCH[name])
+    return {"num_warps": w, "num_stages": st}
+
+
+@dataclass
+class Geometry:
+    """Per-call launch geometry: group size, tile sizes and tile tables."""
+    layout: tl_tiles.Layout
+    HQ: int
+    H: int
+    DK: int
+    DV: int
+    cache: dict = field(default_factory=dict)
+    launch: dict = field(default_factory=dict)  # overrides of DEFAULT_LAUNCH (tuning sweeps)  # tile tables of this call, built once
+
+    def qtiles(self, size: int) -> torch.Tensor:
+        if ("q", size) not in self.cache:
+            self.cache[("q", size)] = self.layout.query_tiles(size)
+        return self.cache[("q", size)]
+
+    def ctiles(self, size: int) -> torch.Tensor:
+        if ("c", size) not in self.cache:
+            self.cache[("c", size)] = self.layout.cmp_key_tiles(size)
+        return self.cache[("c", size)]
+
+    @property
+    def G(self) -> int:
+        return self.HQ // self.H
+
+    def range_bt(self) -> int:
+        return max(1, self.launch.get("range_rows", ROWS) // self.G)
+
+    def range_block_m(self) -> int:
+        return max(16, triton.next_power_of_2(self.range_bt() * self.G))
+
+    def sel_bt(self) -> int:
+        return max(1, self.launch.get("sel_rows", SEL_ROWS) // self.G)
+
+    def sel_block_m(self) -> int:
+        return max(16, triton.next_power_of_2(self.sel_bt() * self.G))
+
+    def bdk(self) -> int:
+        return max(16, triton.next_power_of_2(self.DK))
+
+    def bdv(self) -> int:
+        return max(16, triton.next_power_of_2(self.DV))
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False):
+    T = q.shape[0]
+    o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device) if not lse_only else q
+    lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
+    qt = geo.qtiles(geo.range_bt())
+    if qt.shape[0]:
+        _range_fwd[(qt.shape[0], geo.H)](
+            q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
+            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, BT=geo.range_bt(),
+            BLOCK_M=geo.range_block_m(), BLOCK_N=KEYS, BDK=geo.bdk(), BDV=geo.bdv(), LSE_ONLY=lse_only,
+            **_lk(geo, "range_fwd"))
+    return (None if lse_only else o), lse
+
+
+def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, scale2, scale):
+    qt = geo.qtiles(geo.range_bt())
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if qt.shape[0] == 0:
+        return dk.zero_(), dv.zero_()
+    common = dict(G=geo.G, MODE=mode, L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
+                  BDK=geo.bdk(), BDV=geo.bdv())
+    _range_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, scale2, scale, geo.HQ,
+                                        geo.DK, geo.DV, BT=geo.range_bt(), BLOCK_N=KEYS,
+                                        BLOCK_M=geo.range_block_m(), **common,
+                                        **_lk(geo, "range_dq"))
+    kb = geo.launch.get("dkdv_keys", KEYS)
+    kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
+    if kt.shape[0]:
+        _range_bwd_dkdv[(kt.shape[0], geo.H)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
+                                              geo.HQ, geo.DK, geo.DV, BLOCK_M=ROWS, BLOCK_N=kb, **common,
+                                              **_lk(geo, "range_dkdv"))
+    else:
+        dk.zero_(), dv.zero_()
+    return dk, dv
+
+
+def _sel_prep(idx, geo: Geometry):
+    qt = geo.qtiles(geo.sel_bt())
+    union, cnt = tl_tiles.selection_union(idx, qt, geo.sel_bt())
+    return qt, union, cnt
+
+
+def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
+    T = q.shape[0]
+    o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
+    qt, union, cnt = _sel_prep(idx, geo)
+    if qt.shape[0]:
+        n = idx.shape[-1]
+        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
+                                       geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block,
+                                       BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
+                                       BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
+                                       BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_fwd"))
+    return o, lse
+
+
+def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale):
+    qt, union, cnt = _sel_prep(idx, geo)
+    n = idx.shape[-1]
+    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if qt.shape[0] == 0:
+        return dk32.to(k.dtype), dv32.to(v.dtype)
+    _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
+                                      geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
+                                      LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
+                                      BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
+                                      BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
+    seg = max(1, SEG_ROWS // geo.G)
+    items, qlist = tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, seg)
+    if items.shape[0]:
+        _sel_bwd_dkdv[(items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, items, qlist, scale2, scale,
+                                         geo.HQ, geo.DK, geo.DV, G=geo.G, LS=cfg.sel_block,
+                                         BLOCK_M=_pow2(min(ROWS, seg * geo.G)),
+                                         BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv(),
+                                         **_lk(geo, "sel_dkdv"))
+    return dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+class NSAFunction(torch.autograd.Function):
+    """Packed NSA: tensors [T, heads, D]; idx [T, H, n] int32 local block indices."""
+
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx, geo, cfg, scale, pre=None):
+        scale2 = scale * LOG2E
+        # pre: (o_cmp, lse_cmp) already computed for the selection, or None
+        o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
+        o_s, lse_s = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+        o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
+        o = combine(o_c, o_s, o_w, gates)
+        ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
+                              o_c, lse_c, o_s, lse_s, o_w, lse_w)
+        ctx.geo, ctx.cfg, ctx.scale = geo, cfg, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
+         o_c, lse_c, o_s, lse_s, o_w, lse_w) = ctx.saved_tensors
+        geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
+        scale2 = scale * LOG2E
+        dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
+        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dkc, dvc = _range_backward(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], dq32, geo, cfg, scale2, scale)
+        dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2, scale)
+        if cfg.window > 0:
+            dkw, dvw = _range_backward(1, q, k_win, v_win, dos[2], lse_w, delta[2], dq32, geo, cfg, scale2,
+                                       scale)
+        else:
+            dkw, dvw = torch.zeros_like(k_win), torch.zeros_like(v_win)
+        return (dq32.to(q.dtype), dkc, dvc, dks, dvs, dkw, dvw, dg.to(gates.dtype),
+                None, None, None, None, None)
+
+
+def packed_select(q, k_cmp, geo: Geometry, cfg, scale: float, v_cmp=None):
+    """Top-n blocks for packed q [T, HQ, Dk], k_cmp [Nc, H, Dk]: LongTensor [T, H, n].
+
+    With ``v_cmp`` the compressed branch's full forward runs (its output is needed anyway)
+    and (idx, (o_cmp, lse_cmp)) is returned, else idx alone from a log-sum-exp-only pass.
+    """
+    s2 = scale * LOG2E
+    if v_cmp is None:
+        _, lse = _range_forward(0, q, k_cmp, k_cmp, geo, cfg, s2, lse_only=True)
+        return select_from_lse(q, k_cmp, lse, geo.layout, cfg, s2)
+    o_c, lse = _range_forward(0, q, k_cmp, v_cmp, geo, cfg, s2)
+    return select_from_lse(q, k_cmp, lse, geo.layout, cfg, s2), (o_c, lse)
+
+
+def pack(t: torch.Tensor) -> torch.Tensor:
+    """[B, S, heads, D] -> contiguous [B*S, heads, D]."""
+    return t.reshape(-1, t.shape[2], t.shape[3]).contiguous()
+
+
+def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg,
+                  cu_seqlens: Optional[torch.Tensor]) -> Geometry:
+    """Packed geometry of a call (B sequences of S tokens become B documents)."""
+    from nsa_dist.ops import compressed_cu_seqlens
+
+    B, S, HQ, DK = q.shape
+    dev = q.device
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * S
+        ccu = torch.arange(B + 1, device=dev, dtype=torch.int64) * k_cmp.shape[1]
+    else:
+        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+        ccu = compressed_cu_seqlens(cu_seqlens, cfg).to(dev)
+    return Geometry(tl_tiles.make_layout(cu, ccu), HQ, k_cmp.shape[2], DK, v_sel.shape[3])

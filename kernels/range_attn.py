@@ -1,0 +1,199 @@
+"""Compressed-branch and sliding-window attention (Triton), forward and backward.
+
+Both branches attend to a contiguous key range per query, so one kernel family serves both
+(``MODE`` 0: compressed tokens, visible iff i*d + l - 1 <= t; ``MODE`` 1: the window
+t-w+1..t). A program's rows are (position, query head) pairs of one KV head: BT positions x
+G heads, so every GQA group size fills the matrix units and each K/V tile is loaded once for
+the whole group. Softmax runs in base 2 with the scale folded in; the saved log-sum-exp is
+base 2 as well (+inf for rows that see no key, which makes their probabilities exactly 0).
+All token offsets are int64 (tile tables are int64), so 1M tokens x heads x dims is safe.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _nvis(tloc, L: tl.constexpr, DS: tl.constexpr):
+    """Compressed tokens visible at local position tloc: i*DS + L - 1 <= tloc."""
+    return tl.where(tloc >= L - 1, (tloc - (L - 1)) // DS + 1, 0)
+
+
+@triton.jit
+def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
+               G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
+               W: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    H = HQ // G
+    t0 = tl.load(TILES + tile * 5)
+    t1 = tl.load(TILES + tile * 5 + 1)
+    ds0 = tl.load(TILES + tile * 5 + 2)
+    cs0 = tl.load(TILES + tile * 5 + 4)
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // G
+    head = h * G + r % G
+    row_ok = (r < BT * G) & (t < t1)
+    tloc = t - ds0
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    q = tl.load(Q + (t * HQ + head)[:, None] * DK + dk[None, :],
+                mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    if MODE == 0:
+        lo = t0 * 0
+        hi = _nvis(t1 - 1 - ds0, L, DS)
+        kbase = cs0
+        row_hi = _nvis(tloc, L, DS)
+    else:
+        lo = tl.maximum(t0 - ds0 - W + 1, 0)
+        hi = t1 - ds0
+        kbase = ds0
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BDV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        c = n0 + tl.arange(0, BLOCK_N)
+        kr = (kbase + c) * H + h
+        k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
+                    other=0.0)
+        s = tl.dot(q, k) * scale2
+        if MODE == 0:
+            ok = c[None, :] < row_hi[:, None]
+        else:
+            ok = (c[None, :] <= tloc[:, None]) & (c[None, :] > tloc[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if not LSE_ONLY:
+            v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=(c < hi)[:, None] & (dv < DV)[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + t * HQ + head, lse, mask=row_ok)
+    if not LSE_ONLY:
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(O + (t * HQ + head)[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _range_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, scale2, scale, HQ, DK, DV,
+                  G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
+                  W: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr):
+    """dq += scale * sum_keys ds k, added into the fp32 buffer DQ (one writer per row)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    H = HQ // G
+    t0 = tl.load(TILES + tile * 5)
+    t1 = tl.load(TILES + tile * 5 + 1)
+    ds0 = tl.load(TILES + tile * 5 + 2)
+    cs0 = tl.load(TILES + tile * 5 + 4)
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // G
+    head = h * G + r % G
+    row_ok = (r < BT * G) & (t < t1)
+    tloc = t - ds0
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    rq = t * HQ + head
+    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+    if MODE == 0:
+        lo = t0 * 0
+        hi = _nvis(t1 - 1 - ds0, L, DS)
+        kbase = cs0
+        row_hi = _nvis(tloc, L, DS)
+    else:
+        lo = tl.maximum(t0 - ds0 - W + 1, 0)
+        hi = t1 - ds0
+        kbase = ds0
+    dq = tl.zeros([BLOCK_M, BDK], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        c = n0 + tl.arange(0, BLOCK_N)
+        kr = (kbase + c) * H + h
+        k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=(c < hi)[:, None] & (dk < DK)[None, :],
+                    other=0.0)
+        v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale2
+        if MODE == 0:
+            ok = c[None, :] < row_hi[:, None]
+        else:
+            ok = (c[None, :] <= tloc[:, None]) & (c[None, :] > tloc[:, None] - W)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    ptr = DQ + rq[:, None] * DK + dk[None, :]
+    msk = row_ok[:, None] & (dk < DK)[None, :]
+    tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + dq * scale, mask=msk)
+
+
+@triton.jit
+def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV,
+                    G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
+                    W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BDK: tl.constexpr, BDV: tl.constexpr):
+    """One program per key tile: stream the rows (position, head) that can see it."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    H = HQ // G
+    a0 = tl.load(TILES + tile * 5)
+    a1 = tl.load(TILES + tile * 5 + 1)
+    ds0 = tl.load(TILES + tile * 5 + 2)
+    de0 = tl.load(TILES + tile * 5 + 3)
+    cs0 = tl.load(TILES + tile * 5 + 4)
+    c = a0 + tl.arange(0, BLOCK_N)
+    key_ok = c < a1
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kr = c * H + h
+    k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    doc_len = de0 - ds0
+    if MODE == 0:
+        cloc = c - cs0
+        q_lo = (a0 - cs0) * DS + L - 1
+        q_hi = doc_len
+    else:
+        cloc = c - ds0
+        q_lo = a0 - ds0
+        q_hi = tl.minimum(doc_len, a1 - ds0 - 1 + W)
+    acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
+    for r0 in range(q_lo * G, q_hi * G, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = r < q_hi * G
+        tloc = r // G
+        rq = (ds0 + tloc) * HQ + h * G + r % G
+        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q)) * scale2  # [BLOCK_N, BLOCK_M]
+        if MODE == 0:
+            ok = cloc[:, None] * DS + (L - 1) <= tloc[None, :]
+        else:
+            ok = (cloc[:, None] <= tloc[None, :]) & (cloc[:, None] > tloc[None, :] - W)
+        ok = ok & key_ok[:, None] & row_ok[None, :]
+        pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
+        acc_v += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        acc_k += tl.dot(dst.to(q.dtype), q)
+    tl.store(DKo + kr[:, None] * DK + dk[None, :], (acc_k * scale).to(DKo.dtype.element_ty),
+             mask=key_ok[:, None] & (dk < DK)[None, :])
+    tl.store(DVo + kr[:, None] * DV + dv[None, :], acc_v.to(DVo.dtype.element_ty),
+             mask=key_ok[:, None] & (dv < DV)[None, :])

@@ -1,0 +1,160 @@
+"""Selected-block attention (Triton), forward and backward, any GQA group size.
+
+Forward and dq: a program takes BT positions x G query heads of one KV head (at least 16
+rows, so the matrix units are used even for G = 1, 2, 4, 8) and walks the *union* of the
+blocks its positions chose (``tiles.selection_union``); a row only counts the keys of blocks
+its own position chose, clamped to <= t. With G >= 16 a tile is one position and the union is
+its own list (the paper's group-centric kernel).
+dK/dV: the selection is inverted on the host (``tiles.inverted_selection``): one program per
+(KV head, block, segment of the queries that chose it) gathers those queries' rows, so no
+program scans queries that did not choose its block. Segments add into fp32 buffers.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sel_rows(TILES, tile, h, HQ, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
+    t0 = tl.load(TILES + tile * 5)
+    t1 = tl.load(TILES + tile * 5 + 1)
+    ds0 = tl.load(TILES + tile * 5 + 2)
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // G
+    row_ok = (r < BT * G) & (t < t1)
+    rq = t * HQ + h * G + r % G
+    return t, t1, ds0, row_ok, rq
+
+
+@triton.jit
+def _sel_fwd(Q, K, V, O, LSE, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL, UMAX,
+             G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    H = HQ // G
+    t, t1, ds0, row_ok, rq = _sel_rows(TILES, tile, h, HQ, G, BT, BLOCK_M)
+    tloc = t - ds0
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    jn = tl.arange(0, NPAD)
+    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    sel = tl.load(IDX + (t * H + h)[:, None] * NSEL + jn[None, :],
+                  mask=row_ok[:, None] & (jn < NSEL)[None, :], other=-1)
+    cnt = tl.load(UCNT + tile * H + h)
+    jb = tl.arange(0, BLOCK_N)
+    tmax = t1 - 1 - ds0
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BDV], tl.float32)
+    for u in range(cnt):
+        b = tl.load(UNION + (tile * H + h) * UMAX + u)
+        chosen = tl.sum((sel == b).to(tl.int32), 1) > 0
+        pos = b.to(tl.int64) * LS + jb
+        key_ok = (jb < LS) & (pos <= tmax)
+        kr = (ds0 + pos) * H + h
+        k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
+        v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        s = tl.dot(q, k) * scale2
+        ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + rq, lse, mask=row_ok)
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(O + rq[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, IDX, UNION, UCNT, scale2, scale, HQ, DK, DV,
+                NSEL, UMAX, G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPAD: tl.constexpr,
+                BDK: tl.constexpr, BDV: tl.constexpr):
+    tile = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    H = HQ // G
+    t, t1, ds0, row_ok, rq = _sel_rows(TILES, tile, h, HQ, G, BT, BLOCK_M)
+    tloc = t - ds0
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    jn = tl.arange(0, NPAD)
+    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+    sel = tl.load(IDX + (t * H + h)[:, None] * NSEL + jn[None, :],
+                  mask=row_ok[:, None] & (jn < NSEL)[None, :], other=-1)
+    cnt = tl.load(UCNT + tile * H + h)
+    jb = tl.arange(0, BLOCK_N)
+    tmax = t1 - 1 - ds0
+    dq = tl.zeros([BLOCK_M, BDK], tl.float32)
+    for u in range(cnt):
+        b = tl.load(UNION + (tile * H + h) * UMAX + u)
+        chosen = tl.sum((sel == b).to(tl.int32), 1) > 0
+        pos = b.to(tl.int64) * LS + jb
+        key_ok = (jb < LS) & (pos <= tmax)
+        kr = (ds0 + pos) * H + h
+        k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale2
+        ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    ptr = DQ + rq[:, None] * DK + dk[None, :]
+    msk = row_ok[:, None] & (dk < DK)[None, :]
+    tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + dq * scale, mask=msk)
+
+
+@triton.jit
+def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
+                  G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr):
+    """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
+    item = tl.program_id(0).to(tl.int64)
+    H = HQ // G
+    h = tl.load(ITEMS + item * 5)
+    k0 = tl.load(ITEMS + item * 5 + 1)
+    k1 = tl.load(ITEMS + item * 5 + 2)
+    off = tl.load(ITEMS + item * 5 + 3)
+    n = tl.load(ITEMS + item * 5 + 4)
+    jb = tl.arange(0, BLOCK_N)
+    kpos = k0 + jb
+    key_ok = (jb < LS) & (kpos < k1)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kr = kpos * H + h
+    k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
+    for r0 in range(0, n * G, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = r < n * G
+        t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
+        rq = t * HQ + h * G + r % G
+        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q)) * scale2
+        ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
+        pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
+        acc_v += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        acc_k += tl.dot(dst.to(q.dtype), q)
+    tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
+                  mask=key_ok[:, None] & (dk < DK)[None, :])
+    tl.atomic_add(DV32 + kr[:, None] * DV + dv[None, :], acc_v,
+                  mask=key_ok[:, None] & (dv < DV)[None, :])

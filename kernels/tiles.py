@@ -1,0 +1,128 @@
+"""Host-side bookkeeping for the NSA kernels: tile tables, selection unions, the inverted selection.
+
+Every kernel works on the packed layout (batch 1, documents concatenated; a plain batch of B
+sequences is B documents). A *tile table* is an int64 tensor [num_tiles, 5] with columns
+(a0, a1, doc_start, doc_end, c_start): the tile covers indices a0..a1-1 (tokens, or compressed
+tokens for the compressed keys' table) of one document whose tokens are doc_start..doc_end-1 and
+whose compressed tokens start at c_start. Tiles never cross a document boundary, so a kernel
+program sees one document and needs no per-row document lookups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+COLS = 5
+
+
+def tile_table(starts: torch.Tensor, ends: torch.Tensor, doc_start: torch.Tensor,
+               doc_end: torch.Tensor, c_start: torch.Tensor, size: int) -> torch.Tensor:
+    """Split each range [starts[i], ends[i]) into tiles of ``size``: LongTensor [num_tiles, 5]."""
+    lens = (ends - starts).clamp(min=0)
+    ntiles = (lens + size - 1) // size
+    total = int(ntiles.sum())
+    if total == 0:
+        return torch.zeros(0, COLS, dtype=torch.int64, device=starts.device)
+    doc = torch.repeat_interleave(torch.arange(len(lens), device=starts.device), ntiles)
+    first = torch.cumsum(ntiles, 0) - ntiles
+    k = torch.arange(total, device=starts.device) - first[doc]
+    a0 = starts[doc] + k * size
+    a1 = torch.minimum(a0 + size, ends[doc])
+    return torch.stack([a0, a1, doc_start[doc], doc_end[doc], c_start[doc]], dim=1).contiguous()
+
+
+@dataclass
+class Layout:
+    """Document geometry of one packed call (all int64 tensors on the inputs' device).
+
+    cu: [N+1] token offsets; ccu: [N+1] compressed-token offsets; tok_doc_start /
+    tok_doc_end: [T] the start / end of each token's document.
+    """
+    cu: torch.Tensor
+    ccu: torch.Tensor
+    tok_doc_start: torch.Tensor
+    tok_doc_end: torch.Tensor
+
+    @property
+    def total(self) -> int:
+        return int(self.tok_doc_start.numel())
+
+    def query_tiles(self, size: int) -> torch.Tensor:
+        """Tiles of ``size`` query positions within documents."""
+        s, e = self.cu[:-1], self.cu[1:]
+        return tile_table(s, e, s, e, self.ccu[:-1], size)
+
+    def cmp_key_tiles(self, size: int) -> torch.Tensor:
+        """Tiles of ``size`` compressed tokens within documents (a0/a1 index compressed tokens)."""
+        s, e = self.cu[:-1], self.cu[1:]
+        return tile_table(self.ccu[:-1], self.ccu[1:], s, e, self.ccu[:-1], size)
+
+
+def make_layout(cu_seqlens: torch.Tensor, ccu: torch.Tensor) -> Layout:
+    """Layout from token offsets ``cu_seqlens`` and compressed offsets ``ccu`` ([N+1] each)."""
+    cu = cu_seqlens.to(torch.int64)
+    ccu = ccu.to(device=cu.device, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    tok_start = torch.repeat_interleave(cu[:-1], lens)
+    tok_end = torch.repeat_interleave(cu[1:], lens)
+    return Layout(cu, ccu, tok_start, tok_end)
+
+
+def selection_union(idx: torch.Tensor, tiles: torch.Tensor, span: int):
+    """Union of the blocks chosen by the positions of each query tile.
+
+    idx: [T, H, n] local block indices (-1 padded); tiles: query tile table of ``span``
+    positions. Returns (union int32 [num_tiles, H, span*n] ascending then -1, count int32
+    [num_tiles, H]). With span 1 the union is the position's own list.
+    """
+    T, H, n = idx.shape
+    if span == 1:
+        return idx.to(torch.int32).contiguous(), (idx >= 0).sum(-1).to(torch.int32).contiguous()
+    nt = tiles.shape[0]
+    pos = tiles[:, 0:1] + torch.arange(span, device=idx.device)[None, :]
+    inside = pos < tiles[:, 1:2]
+    u = idx[pos.clamp(max=max(T - 1, 0))]  # [nt, span, H, n]
+    big = torch.iinfo(torch.int32).max
+    u = torch.where(inside[:, :, None, None] & (u >= 0), u, big).to(torch.int32)
+    u = u.permute(0, 2, 1, 3).reshape(nt, H, span * n)
+    u = torch.sort(u, dim=-1).values
+    dup = torch.zeros_like(u, dtype=torch.bool)
+    dup[..., 1:] = u[..., 1:] == u[..., :-1]
+    u = torch.sort(torch.where(dup, big, u), dim=-1).values
+    cnt = (u != big).sum(-1).to(torch.int32)
+    u = torch.where(u == big, -1, u)
+    return u.contiguous(), cnt.contiguous()
+
+
+def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int):
+    """Which queries chose each KV block: the work list of the selected dK/dV kernel.
+
+    idx: [T, H, n] local block indices (-1 padded). Each (KV head, block) list of queries
+    (ascending positions) is cut into segments of at most ``seg`` positions.
+    Returns (items int64 [num_items, 5] = (head, key_start, key_end, list_offset, list_len),
+    queries int64 [num_pairs]): global positions, grouped by (head, block).
+    """
+    T, H, n = idx.shape
+    dev = idx.device
+    valid = idx >= 0
+    t = torch.arange(T, device=dev, dtype=torch.int64)[:, None, None].expand(T, H, n)
+    h = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None].expand(T, H, n)
+    start = layout.tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
+    key = (h * T + start)[valid]
+    tv = t[valid]
+    if key.numel() == 0:
+        return torch.zeros(0, 5, dtype=torch.int64, device=dev), tv
+    key, order = torch.sort(key, stable=True)  # flattening is position-major: stable keeps t ascending
+    tv = tv[order].contiguous()
+    uniq, counts = torch.unique_consecutive(key, return_counts=True)
+    offs = torch.cumsum(counts, 0) - counts
+    nseg = (counts + seg - 1) // seg
+    pair = torch.repeat_interleave(torch.arange(len(uniq), device=dev), nseg)
+    k = torch.arange(int(nseg.sum()), device=dev) - (torch.cumsum(nseg, 0) - nseg)[pair]
+    off = offs[pair] + k * seg
+    length = torch.minimum(counts[pair] - k * seg, torch.full_like(off, seg))
+    head = uniq[pair] // T
+    kstart = uniq[pair] % T
+    kend = torch.minimum(kstart + sel_block, layout.tok_doc_end[kstart])
+    return torch.stack([head, kstart, kend, off, length], dim=1).contiguous(), tv

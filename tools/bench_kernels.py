@@ -1,0 +1,322 @@
+"""GPU correctness check and benchmark of the Triton NSA kernels (issue 5).
+
+Usage (on a CUDA machine, from the repository root):
+    python tools/bench_kernels.py --check --bench --out results/
+--check: bf16 kernels against the fp32 PyTorch reference (relative RMS error of the output
+and every gradient; selection agreement), several group sizes, packed sequences.
+--bench: medians of triton.testing.do_bench for the issue's shapes (a) paper, (b) FLA's,
+(c) small groups, forward and forward+backward, against dense causal SDPA (flash backend,
+enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, writes CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _import_kernels():
+    """nsa_dist.kernels, also from a plain checkout (kernels/ maps to it only once installed)."""
+    sys.path.insert(0, ROOT)
+    try:
+        import nsa_dist.kernels as kernels
+        return kernels
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "nsa_dist.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(ROOT, "kernels")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["nsa_dist.kernels"] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def make_inputs(cfg, S, HQ, H, D, dtype, seed=0, cu_seqlens=None, shared_kv=False):
+    from nsa_dist.ops import compress
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)
+    q = r(1, S, HQ, D)
+    k, v = r(1, S, H, D), r(1, S, H, D)
+    if shared_kv:
+        ks, vs, kw, vw, kr, vr = k, v, k, v, k, v
+    else:
+        ks, vs, kw, vw, kr, vr = r(1, S, H, D), r(1, S, H, D), r(1, S, H, D), r(1, S, H, D), k, v
+    x = dict(q=q, k_cmp=compress(kr, cfg, cu_seqlens=cu_seqlens), v_cmp=compress(vr, cfg, cu_seqlens=cu_seqlens),
+             k_sel=ks, v_sel=vs, k_win=kw, v_win=vw,
+             gates=torch.rand(1, S, HQ, 3, generator=g, device="cuda"))
+    return {n: t.to(dtype).contiguous() for n, t in x.items()}
+
+
+ORDER = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+
+
+def check_case(name, cfg, S, HQ, H, D, cu_seqlens=None, rows=None):
+    """bf16 kernel vs fp32 reference on the same (bf16-rounded) inputs; selection agreement."""
+    from nsa_dist.ops import nsa_attention, select_blocks
+
+    x = make_inputs(cfg, S, HQ, H, D, torch.bfloat16, cu_seqlens=cu_seqlens)
+    x32 = {n: t.float().requires_grad_(True) for n, t in x.items()}
+    xb = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    idx_ref = select_blocks(x32["q"].detach(), x32["k_cmp"].detach(), cfg, cu_seqlens=cu_seqlens,
+                            backend="reference")
+    idx_tri = select_blocks(xb["q"].detach().float(), xb["k_cmp"].detach().float(), cfg,
+                            cu_seqlens=cu_seqlens, backend="triton")
+    idx_bf = select_blocks(xb["q"].detach(), xb["k_cmp"].detach(), cfg, cu_seqlens=cu_seqlens,
+                           backend="triton")
+    sel_mis = float((idx_ref != idx_tri).any(-1).float().mean())
+    sel_mis_bf = float((idx_ref != idx_bf).any(-1).float().mean())
+    o_ref = nsa_attention(*(x32[n] for n in ORDER), cfg, cu_seqlens=cu_seqlens, backend="reference",
+                          block_indices=idx_ref)
+    o = nsa_attention(*(xb[n] for n in ORDER), cfg, cu_seqlens=cu_seqlens, backend="triton",
+                      block_indices=idx_ref)
+    do = torch.randn_like(o_ref)
+    o_ref.backward(do)
+    o.backward(do.to(o.dtype))
+    errs = {"o": rel_rms(o, o_ref)}
+    for n in ORDER:
+        ga, gb = xb[n].grad, x32[n].grad
+        if ga is None or gb is None:  # a branch that is off (w = 0) has no gradient in one path
+            ga = torch.zeros_like(x32[n]) if ga is None else ga
+            gb = torch.zeros_like(x32[n]) if gb is None else gb
+        errs["d" + n] = rel_rms(ga, gb) if gb.abs().max() > 0 else float(ga.abs().max())
+    worst = max(errs.values())
+    rows.append(dict(case=name, S=S, HQ=HQ, H=H, D=D, worst_rel_rms=f"{worst:.2e}",
+                     sel_mismatch_fp32=f"{sel_mis:.2e}", sel_mismatch_bf16=f"{sel_mis_bf:.2e}",
+                     detail=" ".join(f"{k}={v:.1e}" for k, v in errs.items())))
+    print(f"[check] {name}: worst rel RMS {worst:.2e} (bar 5e-3) sel mismatch fp32 {sel_mis:.2e} "
+          f"bf16 {sel_mis_bf:.2e} | {rows[-1]['detail']}", flush=True)
+    return worst <= 5e-3
+
+
+def run_checks(out_dir):
+    from nsa_dist import NSAConfig
+
+    cfg = NSAConfig()
+    rows, ok = [], True
+    for G in (1, 2, 4, 8, 16):
+        ok &= check_case(f"paper-G{G}", cfg, 4096, 2 * G, 2, 128, rows=rows)
+    ok &= check_case("G3-D64", cfg, 2048, 6, 2, 64, rows=rows)
+    fla_cfg = NSAConfig(cmp_block=64, cmp_stride=64, sel_block=64, num_selected=16, window=0)
+    ok &= check_case("fla-cfg-G16", fla_cfg, 4096, 16, 1, 128, rows=rows)
+    cu = torch.tensor([0, 1000, 1003, 3000, 4096], dtype=torch.int32, device="cuda")
+    ok &= check_case("packed-G4", cfg, 4096, 8, 2, 128, cu_seqlens=cu, rows=rows)
+    ok &= check_case("long-G16", cfg, 65536, 16, 1, 128, rows=rows)
+    _write_csv(os.path.join(out_dir, "kernel_check.csv"), rows)
+    print(f"[check] all within 5e-3: {ok}")
+    return ok
+
+
+def _write_csv(path, rows):
+    if not rows:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _bench(fn, grad_inputs=None):
+    import triton
+
+    def step():
+        if grad_inputs is not None:
+            for t in grad_inputs:
+                t.grad = None
+        fn()
+    return triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
+
+
+SHAPES = {
+    # name: (HQ, H, D, l, d, l', n, w, shared K/V)
+    "a_paper": (64, 4, 128, 32, 16, 64, 16, 512, False),
+    "b_fla": (64, 4, 128, 64, 64, 64, 16, 0, True),
+    "c_small_g": (32, 8, 128, 32, 16, 64, 16, 512, False),
+}
+
+
+def bench_shape(name, S, rows, kernels):
+    from nsa_dist import NSAConfig
+    from nsa_dist.ops import compress
+
+    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
+    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
+    x = make_inputs(cfg, S, HQ, H, D, torch.bfloat16, shared_kv=shared)
+    leaves = {k: v.requires_grad_(True) for k, v in x.items()}
+    do = torch.randn(1, S, HQ, D, device="cuda", dtype=torch.bfloat16)
+    res = {}
+
+    if shared:  # one K/V for every branch; compression (mean pooling) inside the timed call, as FLA
+        kk, vv = torch.randn_like(x["k_sel"]).requires_grad_(True), torch.randn_like(x["v_sel"]).requires_grad_(True)
+        qq, gg = leaves["q"], leaves["gates"]
+
+        def nsa():
+            kc, vc = compress(kk, cfg), compress(vv, cfg)
+            return kernels.nsa_attention(qq, kc, vc, kk, vv, kk, vv, gg, cfg)
+        grads = [qq, kk, vv, gg]
+    else:
+        def nsa():
+            return kernels.nsa_attention(*(leaves[k] for k in ORDER), cfg)
+        grads = list(leaves.values())
+    with torch.no_grad():
+        res["nsa_select_ms"] = _bench(lambda: kernels.select_blocks(x["q"], x["k_cmp"], cfg))
+        idx = kernels.select_blocks(x["q"], x["k_cmp"], cfg)
+        res["nsa_fwd_given_idx_ms"] = _bench(lambda: kernels.nsa_attention(
+            *(x[k] for k in ORDER), cfg, block_indices=idx))
+        res["nsa_fwd_ms"] = _bench(nsa)
+    res["nsa_fwdbwd_ms"] = _bench(lambda: nsa().backward(do), grads)
+    res["nsa_bwd_ms"] = res["nsa_fwdbwd_ms"] - res["nsa_fwd_ms"]
+
+    if name == "b_fla":
+        try:
+            from fla.ops.nsa import parallel_nsa
+        except Exception as err:  # noqa: BLE001 - report and go on
+            print(f"[bench] FLA unavailable: {err}")
+        else:
+            gc_, gs_ = leaves["gates"][..., 0].detach().contiguous().requires_grad_(True), \
+                leaves["gates"][..., 1].detach().contiguous().requires_grad_(True)
+
+            def fla():
+                return parallel_nsa(qq, kk, vv, gc_, gs_, None, block_counts=n, block_size=ls, window_size=0)
+            with torch.no_grad():
+                res["base_fwd_ms"] = _bench(fla)
+            res["base_fwdbwd_ms"] = _bench(lambda: fla().backward(do), [qq, kk, vv, gc_, gs_])
+            res["base_bwd_ms"] = res["base_fwdbwd_ms"] - res["base_fwd_ms"]
+            res["baseline"] = "fla.parallel_nsa"
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qd = x["q"].transpose(1, 2).detach().requires_grad_(True)
+        kd = x["k_sel"].transpose(1, 2).detach().requires_grad_(True)
+        vd = x["v_sel"].transpose(1, 2).detach().requires_grad_(True)
+        dod = do.transpose(1, 2)
+
+        def dense():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True,
+                                                                        enable_gqa=True)
+        with torch.no_grad():
+            res["base_fwd_ms"] = _bench(dense)
+        res["base_fwdbwd_ms"] = _bench(lambda: dense().backward(dod), [qd, kd, vd])
+        res["base_bwd_ms"] = res["base_fwdbwd_ms"] - res["base_fwd_ms"]
+        res["baseline"] = "sdpa_flash_causal"
+    row = dict(shape=name, S=S, HQ=HQ, H=H, D=D, **{k: (f"{v:.3f}" if isinstance(v, float) else v)
+                                                    for k, v in res.items()})
+    if "base_fwd_ms" in res:
+        row["speedup_fwd"] = f"{res['base_fwd_ms'] / res['nsa_fwd_ms']:.2f}"
+        row["speedup_bwd"] = f"{res['base_bwd_ms'] / res['nsa_bwd_ms']:.2f}"
+    # attended keys per query (causal mean, NSA as computed): for (c) vs (a) per-key comparison
+    keys = (S / 2) / d + n * ls + min(w, S)
+    row["nsa_fwd_ns_per_query_key_head"] = f"{res['nsa_fwd_ms'] * 1e6 / (S * HQ * keys):.4f}"
+    rows.append(row)
+    print("[bench] " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    del x, leaves
+    torch.cuda.empty_cache()
+
+
+def profile_shape(name, S, kernels):
+    """Per-kernel CUDA time of one forward+backward (torch.profiler), top entries printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nsa_dist import NSAConfig
+
+    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
+    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
+    x = {k: v.requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
+    do = torch.randn(1, S, HQ, D, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
+        torch.cuda.synchronize()
+    print(f"[profile] {name} S={S}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+
+def sweep_shape(name, S, kernels):
+    """Forward+backward time with one launch setting changed at a time (tuning table)."""
+    import triton
+
+    from nsa_dist import NSAConfig
+    from nsa_dist.kernels.nsa import NSAFunction, make_geometry, pack
+
+    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
+    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
+    x = {k: pack(v).requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
+    do = torch.randn(S, HQ, D, device="cuda", dtype=torch.bfloat16)
+    sc = D ** -0.5
+    idx = kernels.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg)[0].to(torch.int32)
+    options = [("base", None), ("dkdv_keys", 128), ("dkdv_keys", 32), ("range_dkdv", (8, 2)),
+               ("sel_rows", 32)]
+    for key, val in options:
+        geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
+        if val is not None:
+            geo.launch[key] = val
+
+        def step():
+            for t in x.values():
+                t.grad = None
+            NSAFunction.apply(*(x[k] for k in ORDER), idx, geo, cfg, sc).backward(do)
+        try:
+            ms = triton.testing.do_bench(step, warmup=20, rep=100, return_mode="median")
+            print(f"[sweep] {name} S={S} {key}={val}: fwd+bwd {ms:.2f} ms", flush=True)
+        except Exception as err:  # noqa: BLE001 - a setting that does not compile
+            print(f"[sweep] {name} S={S} {key}={val}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="correctness against the reference")
+    ap.add_argument("--bench", action="store_true", help="timings")
+    ap.add_argument("--sizes", default="8192,16384,32768,65536")
+    ap.add_argument("--shapes", default="a_paper,b_fla,c_small_g")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times at the largest size")
+    ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
+    ap.add_argument("--out", default=".", help="folder for the CSV files")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA device")
+    os.makedirs(a.out, exist_ok=True)
+    kernels = _import_kernels()
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
+          f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    if a.check:
+        run_checks(a.out)
+    if a.sweep:
+        for name in a.shapes.split(","):
+            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+    if a.profile:
+        for name in a.shapes.split(","):
+            profile_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+    if a.bench:
+        rows = []
+        for name in a.shapes.split(","):
+            for S in (int(s) for s in a.sizes.split(",")):
+                try:
+                    bench_shape(name, S, rows, kernels)
+                except Exception as err:  # noqa: BLE001 - keep the other sizes
+                    print(f"[bench] {name} S={S} failed: {type(err).__name__}: {err}", flush=True)
+        _write_csv(os.path.join(a.out, "kernel_bench.csv"), rows)
+        cols = ["shape", "S", "nsa_fwd_ms", "nsa_bwd_ms", "base_fwd_ms", "base_bwd_ms", "speedup_fwd",
+                "speedup_bwd", "nsa_select_ms", "nsa_fwd_given_idx_ms", "nsa_fwd_ns_per_query_key_head"]
+        print(" | ".join(cols))
+        for r in rows:
+            print(" | ".join(str(r.get(c, "")) for c in cols))
+
+
+if __name__ == "__main__":
+    main()
