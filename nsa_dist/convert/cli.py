@@ -30,6 +30,12 @@ def cmd_to_hf(a) -> None:
     print(f"wrote {a.output}: load it with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)")
 
 
+def cmd_consolidate(a) -> None:
+    from .consolidate import consolidate
+    src = consolidate(a.input, a.output, DTYPES[a.dtype] if a.dtype else None, a.force)
+    print(f"consolidated {src} -> {a.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nsa-convert", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -40,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
         sp.add_argument("--force", action="store_true", help="replace an existing output directory")
 
+    sp = sub.add_parser("consolidate", help="training checkpoint (any TP/SP/DP layout, ZeRO 0-2) -> "
+                                           "model.safetensors + config.json")
+    sp.add_argument("input", help="run directory, its checkpoints/ folder or one step folder")
+    sp.add_argument("output")
+    sp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as trained")
+    sp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    sp.set_defaults(fn=cmd_consolidate)
     sp = sub.add_parser("from-hf", help="dense Llama-style HF directory -> consolidated NSA checkpoint")
     common(sp)
     sp.add_argument("--nsa-config", help="YAML with NSAConfig fields (default: the paper's)")

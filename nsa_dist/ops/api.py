@@ -15,16 +15,42 @@ from .validation import check_cu_seqlens, check_inputs
 BACKENDS = ("auto", "reference", "triton")
 
 
-def _kernels():
+def load_kernels():
     """The Triton kernels, imported on demand (triton is optional)."""
     try:
         # By name, so that copies of this module bundled elsewhere (to-hf export) need no nsa_dist.
-        kernels = importlib.import_module("nsa_dist.kernels")
+        try:
+            kernels = importlib.import_module("nsa_dist.kernels")
+        except ModuleNotFoundError as missing:
+            if missing.name != "nsa_dist.kernels":
+                raise
+            kernels = _kernels_from_checkout(missing)
     except ImportError as err:  # triton missing, or the package installed without kernels/
         raise RuntimeError(
             "backend='triton' needs the nsa_dist.kernels package and triton "
             f"(pip install -e '.[gpu]'): {err}") from err
     return kernels
+
+
+def _kernels_from_checkout(missing: ImportError):
+    """kernels/ beside the package (a source checkout not installed): register it as
+    nsa_dist.kernels, which is where setup.py installs it."""
+    import importlib.util
+    import sys
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
+    init = os.path.join(root, "__init__.py")
+    if not os.path.isfile(init):
+        raise missing
+    spec = importlib.util.spec_from_file_location("nsa_dist.kernels", init, submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nsa_dist.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop("nsa_dist.kernels", None)
+        raise
+    return module
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -38,7 +64,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return backend
     if device.type == "cuda" and dtype != torch.float64:
         try:
-            _kernels()
+            load_kernels()
             return "triton"
         except RuntimeError:
             return "reference"
@@ -77,7 +103,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
         raise ValueError(f"q and k_cmp head dims differ: {q.shape[3]} vs {k_cmp.shape[3]}")
     sc = _scale(q, scale)
     if resolve_backend(backend, q.device, q.dtype) == "triton" and reduce_importance is None:
-        return _kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens)
+        return load_kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens)
     if cu_seqlens is None:
         return reference.select_blocks_dense(q, k_cmp, config, sc, reduce_importance)
     check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
@@ -108,7 +134,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     if chosen == "triton":
         if reduce_importance is not None and block_indices is None:
             block_indices = select_blocks(q, k_cmp, config, sc, cu_seqlens, reduce_importance)
-        return _kernels().nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config,
+        return load_kernels().nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config,
                                         sc, cu_seqlens, block_indices)
     args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     if cu_seqlens is None:

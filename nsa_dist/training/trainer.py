@@ -181,6 +181,7 @@ class Trainer:
         self.flops_per_token = model.flops_per_token(self.cfg.seq_len)
         self.num_parameters = model.num_parameters()
         ps = self.parallel_state
+        self.param_layout = None
         if ps is not None and ps.head_parallel > 1:
             # Every rank built the same full model from the seed; each keeps its slice.
             from ..parallel import CommStats, parallelize
@@ -188,6 +189,11 @@ class Trainer:
             pc = self.cfg.parallel
             model = parallelize(model, ps, megatron_sp=pc.megatron_sp, comm_stats=self.comm_stats,
                                 selection_comm=pc.selection_comm)
+            # Which slice of which full parameter each TP rank holds, for nsa-convert consolidate.
+            from ..convert.consolidate import local_layout
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, (ps.tp_rank, local_layout(model)))
+            self.param_layout = [dict(gathered)[r] for r in range(ps.tp)]
         if zero_stage(self.ds_config) == 3:
             self._zero3_leaf_attention(model)
         return model
@@ -271,6 +277,7 @@ class Trainer:
                 "tokenizer_sha256": self.tokenizer_sha, "data_prefix": self.cfg.data_prefix,
                 "seq_len": self.cfg.seq_len, "consumed_samples": self.consumed_samples,
                 "tokens_seen": self.consumed_samples * self.cfg.seq_len,
+                "param_layout": self.param_layout,
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
     def save(self) -> str:

@@ -1,0 +1,136 @@
+"""``consolidate``: a training checkpoint of ours (any TP x Ulysses x DP layout) -> one
+``model.safetensors`` + ``config.json`` at the single-device model's names and shapes.
+
+Tensor-parallel shards are put back together from the ``param_layout`` the trainer records
+in ``nsa_meta.json`` (for each TP rank: local name -> full name and the slice it holds).
+Model weights are read from DeepSpeed's ``mp_rank_XX_model_states.pt`` with
+``torch.load(weights_only=True)``; they are the run's working weights (fp32 on CPU runs,
+bf16 on bf16 GPU runs, where fp32 masters live in the ZeRO optimizer shards).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+from .io import atomic_output_dir, save_consolidated
+
+
+def local_layout(model: torch.nn.Module) -> dict[str, list]:
+    """This rank's parameters: local name -> [full name, dim, start, stop] (dim None: whole)."""
+    full = model.full_names() if hasattr(model, "full_names") else {}
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        shard = getattr(p, "nsa_shard", None)
+        out[name] = [full.get(name, name)] + (list(shard) if shard else [None, None, None])
+    return out
+
+
+def assemble(rank_states: list[dict[str, torch.Tensor]], layouts: Optional[list[dict[str, list]]],
+             cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full state dict from the TP ranks' state dicts (in TP-rank order) and their layouts."""
+    if layouts is None:
+        if len(rank_states) != 1:
+            raise ValueError(f"{len(rank_states)} model-parallel files but no param_layout in the metadata")
+        state = dict(rank_states[0])
+    else:
+        if len(layouts) != len(rank_states):
+            raise ValueError(f"param_layout lists {len(layouts)} TP ranks but {len(rank_states)} "
+                             "model-parallel files exist")
+        pieces: dict[str, list] = {}
+        for st, layout in zip(rank_states, layouts):
+            for local, (full, dim, start, stop) in layout.items():
+                if local not in st:
+                    raise ValueError(f"model-parallel file lacks {local} (expected from param_layout)")
+                pieces.setdefault(full, []).append((st[local], dim, start, stop))
+        state = {}
+        for full, parts in pieces.items():
+            if parts[0][1] is None:  # replicated (K/V replicas under tp > H included)
+                state[full] = parts[0][0]
+                continue
+            dim = parts[0][1]
+            size = max(stop for _, _, _, stop in parts)
+            t0 = parts[0][0]
+            out = t0.new_zeros(t0.shape[:dim] + (size,) + t0.shape[dim + 1:])
+            covered = torch.zeros(size, dtype=torch.bool)
+            for t, _, start, stop in parts:
+                out.narrow(dim, start, stop - start).copy_(t)
+                covered[start:stop] = True
+            if not bool(covered.all()):
+                raise ValueError(f"{full}: the TP shards do not cover every row/column")
+            state[full] = out
+    _check_against_model(state, cfg)
+    return state
+
+
+def _check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    from ..models import NSADecoderLM
+
+    with torch.device("meta"):
+        ref = NSADecoderLM(cfg, backend="reference").state_dict()
+    if cfg.tie_embeddings:
+        ref.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing, extra = sorted(ref.keys() - state.keys()), sorted(state.keys() - ref.keys())
+    if missing or extra:
+        raise ValueError(f"checkpoint does not match the model config: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for name, t in ref.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)}, config says {tuple(t.shape)}")
+
+
+def _tag_dir(path: str) -> str:
+    from ..training.checkpoint import LATEST_FILE, META_FILE
+
+    for root in (path, os.path.join(path, "checkpoints")):
+        if os.path.isfile(os.path.join(root, META_FILE)):
+            return root
+        latest = os.path.join(root, LATEST_FILE)
+        if os.path.isfile(latest):
+            return os.path.join(root, open(latest).read().strip())
+    raise FileNotFoundError(f"{path}: no nsa_dist checkpoint (no nsa_meta.json, no 'latest' marker)")
+
+
+def consolidate(path: str, out: str, dtype: Optional[torch.dtype] = None, force: bool = False) -> str:
+    """Write the consolidated checkpoint of ``path`` (a step folder, a checkpoints root or a run
+    directory) to ``out``. Returns the step folder that was read."""
+    from ..training.checkpoint import verify_checkpoint
+
+    tag_dir = _tag_dir(path)
+    meta = verify_checkpoint(tag_dir)  # every file present with its recorded size
+    cfg = ModelConfig.from_dict(meta["model_config"], where=f"{tag_dir}/nsa_meta.json")
+    stage = int(meta.get("deepspeed_config", {}).get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        raise ValueError(f"{tag_dir} is a ZeRO-3 checkpoint: its weights live only in the optimizer "
+                         "shards, which consolidate does not read yet; use a ZeRO 0-2 checkpoint")
+    layouts = meta.get("param_layout")
+    files = sorted(f for f in os.listdir(tag_dir) if f.startswith("mp_rank_") and f.endswith("_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir} has no mp_rank_XX_model_states.pt")
+    states = []
+    for f in files:
+        try:
+            blob = torch.load(os.path.join(tag_dir, f), map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or foreign pickles
+            raise ValueError(f"cannot read {os.path.join(tag_dir, f)}: {err}") from err
+        states.append(blob["module"])
+    state = assemble(states, layouts, cfg)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    with atomic_output_dir(out, force) as tmp:
+        save_consolidated(state, cfg, tmp, {"source_checkpoint": os.path.abspath(tag_dir),
+                                            "step": meta.get("step")})
+        tok = meta.get("tokenizer_path")
+        if tok and os.path.exists(tok):
+            src = os.path.dirname(tok) if os.path.isfile(tok) else tok
+            for f in os.listdir(src):
+                if f.startswith("tokenizer"):
+                    shutil.copy2(os.path.join(src, f), tmp)
+    return tag_dir
