@@ -54,6 +54,21 @@ class DecoderBlock(nn.Module):
         return h + self.mlp(self.mlp_norm(h)), stats
 
 
+def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, return_stats: bool):
+    """The decoder stack of ``model`` (its ``layers``, with activation checkpointing when
+    ``model.gradient_checkpointing`` and training). Returns (h, per-layer stats list)."""
+    all_stats = []
+    ckpt = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
+    for layer in model.layers:
+        if ckpt:
+            h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, use_reentrant=False)
+        else:
+            h, stats = layer(h, cu_seqlens, position_ids, return_stats)
+        if stats is not None:
+            all_stats.append(stats)
+    return h, all_stats
+
+
 class NSADecoderLM(nn.Module):
     """input_ids [B, S] -> LMOutput. Labels are already aligned: labels[:, t] is the
     target of position t (the data pipeline shifts them), -100 where ignored."""
@@ -94,15 +109,7 @@ class NSADecoderLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        h = self.embed(input_ids)
-        all_stats = []
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, use_reentrant=False)
-            else:
-                h, stats = layer(h, cu_seqlens, position_ids, return_stats)
-            if stats is not None:
-                all_stats.append(stats)
+        h, all_stats = run_layers(self, self.embed(input_ids), cu_seqlens, position_ids, return_stats)
         logits = self.lm_head(self.norm(h))
         loss = None
         if labels is not None:

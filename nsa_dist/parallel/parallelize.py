@@ -19,9 +19,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ..models.decoder import DecoderBlock, LMOutput, NSADecoderLM
+from ..models.decoder import DecoderBlock, LMOutput, NSADecoderLM, run_layers
 from ..models.flops import training_flops_per_token
 from ..modules.attention import NSAAttention
 from ..modules.dense import DenseAttention
@@ -174,15 +173,8 @@ class ParallelDecoderLM(nn.Module):
                              f"{tuple(input_ids.shape)}")
         st = self.state
         check_seq_len(input_ids.shape[1], st.tp, st.sp, self.megatron_sp)
-        h = self.embed(self._shard(input_ids))
-        all_stats = []
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, use_reentrant=False)
-            else:
-                h, stats = layer(h, cu_seqlens, position_ids, return_stats)
-            if stats is not None:
-                all_stats.append(stats)
+        h, all_stats = run_layers(self, self.embed(self._shard(input_ids)), cu_seqlens, position_ids,
+                                  return_stats)
         w = self.norm.weight
         if self.megatron_sp and w is not None:
             w = C.reduce_grad(w, st.tp_group, self._head_meter)

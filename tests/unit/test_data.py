@@ -1,5 +1,4 @@
 """Corpus discovery, token shards, preprocessing, PackedDataset and the resumable loader."""
-import importlib.util
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import torch
 
 pytest.importorskip("sentencepiece")
 
+from toolbox import load_tool  # noqa: E402
 from nsa_dist.data import (IGNORE_INDEX, PackedDataset, TokenShard, Tokenizer,  # noqa: E402
                            build_dataloader, discover_files, iter_documents, token_dtype)
 from nsa_dist.data.shards import (TokenShardWriter, meta_path, preprocess_corpus,  # noqa: E402
@@ -20,11 +20,6 @@ QUIET = dict(log=lambda m: None)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _docs(prefix, split):
@@ -168,14 +163,14 @@ def test_empty_corpus_errors(tokenizer_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="valid split got none.*valid-fraction 0"):
         preprocess_corpus([str(tmp_path / "one")], tokenizer_dir, tmp_path / "p", **QUIET)
     assert not list(tmp_path.glob("p_*"))  # nothing half-written left behind
-    tool = _load_tool("preprocess_data")
+    tool = load_tool("preprocess_data")
     assert tool.main(["--input", str(tmp_path / "none"), "--tokenizer", str(tokenizer_dir),
                       "--output-prefix", str(tmp_path / "p")]) == 2
     assert "empty corpus" in capsys.readouterr().err
 
 
 def test_cli_writes_then_reuses(corpus_dir, tokenizer_dir, tmp_path, capsys):
-    tool = _load_tool("preprocess_data")
+    tool = load_tool("preprocess_data")
     args = ["--input", str(corpus_dir), "--tokenizer", str(tokenizer_dir),
             "--output-prefix", str(tmp_path / "c"), "--valid-fraction", "0.2"]
     assert tool.main(args) == 0 and "written" in capsys.readouterr().out

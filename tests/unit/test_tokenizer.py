@@ -1,5 +1,4 @@
 """Tokenizer training (deterministic, cached), special ids, round trips, errors."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,17 +6,13 @@ import pytest
 
 pytest.importorskip("sentencepiece")
 
+from toolbox import load_tool  # noqa: E402
 from nsa_dist.data.tokenizer import META_FILE, MODEL_FILE, Tokenizer, sample_lines, train_tokenizer
 
 QUIET = dict(log=lambda m: None)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_training_is_deterministic(corpus_dir, tokenizer_dir, tmp_path):
@@ -83,7 +78,7 @@ def test_cache_reuse_and_invalidation(corpus_dir, tmp_path):
 
 
 def test_cli_trains_then_reuses(corpus_dir, tmp_path, capsys):
-    tool = _load_tool("train_tokenizer")
+    tool = load_tool("train_tokenizer")
     args = ["--input", str(corpus_dir), "--vocab-size", "320", "--output", str(tmp_path / "t")]
     assert tool.main(args) == 0
     assert "trained" in capsys.readouterr().out
@@ -110,7 +105,7 @@ def test_bad_input_errors(corpus_dir, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="train_tokenizer"):
         Tokenizer.load(tmp_path / "a")
     assert not (tmp_path / "a" / MODEL_FILE).exists()
-    assert _load_tool("train_tokenizer").main(
+    assert load_tool("train_tokenizer").main(
         ["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "a")]) == 2
     assert "empty corpus" in capsys.readouterr().err
 
