@@ -7,6 +7,7 @@ correction term is delta_b = g_b * dg_b; dq of the three branches adds into one 
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Optional
@@ -24,6 +25,7 @@ ROWS = 64  # rows (position x head) per program of the range kernels
 KEYS = 64  # keys per step of the range kernels
 SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
 SEG_ROWS = 1024  # rows per work item of the selected dK/dV kernel
+QCHUNK = 4096  # query positions per program of the compressed dK/dV kernel
 # (num_warps, num_stages) per kernel, from the sweep in tools/bench_kernels.py (docs/kernel_notes.md)
 DEFAULT_LAUNCH = MappingProxyType({
     "range_fwd": (4, 3), "range_dq": (4, 2), "range_dkdv": (4, 2),
@@ -44,8 +46,8 @@ class Geometry:
     H: int
     DK: int
     DV: int
-    cache: dict = field(default_factory=dict)
-    launch: dict = field(default_factory=dict)  # overrides of DEFAULT_LAUNCH (tuning sweeps)  # tile tables of this call, built once
+    cache: dict = field(default_factory=dict)  # tile tables of this packing, built once
+    launch: dict = field(default_factory=dict)  # overrides of DEFAULT_LAUNCH (tuning sweeps)
 
     def qtiles(self, size: int) -> torch.Tensor:
         if ("q", size) not in self.cache:
@@ -100,10 +102,16 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False):
 
 def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, scale2, scale):
     qt = geo.qtiles(geo.range_bt())
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    # Compressed keys: split each tile's queries into chunks (fp32 atomic sums) so the grid
+    # is wide enough for the few KV heads a TP / Ulysses rank holds. Window keys see at most
+    # BLOCK_N + w queries: one chunk, plain stores.
+    qchunk = geo.launch.get("dkdv_qchunk", QCHUNK) if mode == 0 else 1 << 62
+    nchunk = -(-geo.layout.total // qchunk) if mode == 0 else 1
+    atomic = nchunk > 1
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else torch.empty_like(v)
     if qt.shape[0] == 0:
-        return dk.zero_(), dv.zero_()
+        return dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     common = dict(G=geo.G, MODE=mode, L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
                   BDK=geo.bdk(), BDV=geo.bdv())
     _range_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, scale2, scale, geo.HQ,
@@ -113,12 +121,13 @@ def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, sca
     kb = geo.launch.get("dkdv_keys", KEYS)
     kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
     if kt.shape[0]:
-        _range_bwd_dkdv[(kt.shape[0], geo.H)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
-                                              geo.HQ, geo.DK, geo.DV, BLOCK_M=ROWS, BLOCK_N=kb, **common,
-                                              **_lk(geo, "range_dkdv"))
+        _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
+                                                      geo.HQ, geo.DK, geo.DV, min(qchunk, 1 << 62),
+                                                      BLOCK_M=ROWS, BLOCK_N=kb, ATOMIC=atomic, **common,
+                                                      **_lk(geo, "range_dkdv"))
     else:
         dk.zero_(), dv.zero_()
-    return dk, dv
+    return dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _sel_prep(idx, geo: Geometry):
@@ -219,17 +228,37 @@ def pack(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[2], t.shape[3]).contiguous()
 
 
+_GEOMETRIES: "OrderedDict[tuple, tuple]" = OrderedDict()  # (layout, tile-table cache) per packing
+_GEOMETRY_SLOTS = 8
+
+
 def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg,
                   cu_seqlens: Optional[torch.Tensor]) -> Geometry:
-    """Packed geometry of a call (B sequences of S tokens become B documents)."""
+    """Packed geometry of a call (B sequences of S tokens become B documents).
+
+    The document layout and its tile tables depend only on the packing, which repeats in
+    every layer and step: they are built once (their sizes need the host, i.e. GPU syncs)
+    and reused, so a call with a known packing launches its kernels without waiting.
+    """
     from nsa_dist.ops import compressed_cu_seqlens
 
     B, S, HQ, DK = q.shape
     dev = q.device
-    if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * S
-        ccu = torch.arange(B + 1, device=dev, dtype=torch.int64) * k_cmp.shape[1]
+    cu_key = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
+    key = (str(dev), B, S, k_cmp.shape[1], cfg.cmp_block, cfg.cmp_stride, cu_key)
+    hit = _GEOMETRIES.get(key)
+    if hit is None:
+        if cu_seqlens is None:
+            cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * S
+            ccu = torch.arange(B + 1, device=dev, dtype=torch.int64) * k_cmp.shape[1]
+        else:
+            cu = cu_seqlens.to(device=dev, dtype=torch.int64)
+            ccu = compressed_cu_seqlens(cu_seqlens, cfg).to(dev)
+        hit = (tl_tiles.make_layout(cu, ccu), {})
+        _GEOMETRIES[key] = hit
+        while len(_GEOMETRIES) > _GEOMETRY_SLOTS:
+            _GEOMETRIES.popitem(last=False)
     else:
-        cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-        ccu = compressed_cu_seqlens(cu_seqlens, cfg).to(dev)
-    return Geometry(tl_tiles.make_layout(cu, ccu), HQ, k_cmp.shape[2], DK, v_sel.shape[3])
+        _GEOMETRIES.move_to_end(key)
+    layout, cache = hit
+    return Geometry(layout, HQ, k_cmp.shape[2], DK, v_sel.shape[3], cache=cache)

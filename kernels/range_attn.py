@@ -141,13 +141,17 @@ def _range_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, scale2, scale, HQ, DK, DV,
 
 
 @triton.jit
-def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV,
+def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV, QCHUNK,
                     G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                     W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BDK: tl.constexpr, BDV: tl.constexpr):
-    """One program per key tile: stream the rows (position, head) that can see it."""
+                    BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr):
+    """One program per (key tile, chunk of QCHUNK query positions): stream the rows (position,
+    head) of the chunk that can see the tile. A compressed key is seen by every later query,
+    so without chunks the first tiles' programs stream the whole document while the grid is
+    only Nc/BLOCK_N x H wide; with chunks (ATOMIC) the partial sums add into fp32 DKo/DVo."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
+    chunk = tl.program_id(2)
     H = HQ // G
     a0 = tl.load(TILES + tile * 5)
     a1 = tl.load(TILES + tile * 5 + 1)
@@ -170,6 +174,8 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         cloc = c - ds0
         q_lo = a0 - ds0
         q_hi = tl.minimum(doc_len, a1 - ds0 - 1 + W)
+    q_lo = tl.maximum(q_lo, chunk * QCHUNK)
+    q_hi = tl.minimum(q_hi, (chunk + 1) * QCHUNK)
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
     for r0 in range(q_lo * G, q_hi * G, BLOCK_M):
@@ -193,7 +199,14 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
         acc_k += tl.dot(dst.to(q.dtype), q)
-    tl.store(DKo + kr[:, None] * DK + dk[None, :], (acc_k * scale).to(DKo.dtype.element_ty),
-             mask=key_ok[:, None] & (dk < DK)[None, :])
-    tl.store(DVo + kr[:, None] * DV + dv[None, :], acc_v.to(DVo.dtype.element_ty),
-             mask=key_ok[:, None] & (dv < DV)[None, :])
+    if ATOMIC:
+        if q_hi > q_lo:  # chunks before the tile's first query add nothing
+            tl.atomic_add(DKo + kr[:, None] * DK + dk[None, :], acc_k * scale,
+                          mask=key_ok[:, None] & (dk < DK)[None, :], sem="relaxed")
+            tl.atomic_add(DVo + kr[:, None] * DV + dv[None, :], acc_v,
+                          mask=key_ok[:, None] & (dv < DV)[None, :], sem="relaxed")
+    else:
+        tl.store(DKo + kr[:, None] * DK + dk[None, :], (acc_k * scale).to(DKo.dtype.element_ty),
+                 mask=key_ok[:, None] & (dk < DK)[None, :])
+        tl.store(DVo + kr[:, None] * DV + dv[None, :], acc_v.to(DVo.dtype.element_ty),
+                 mask=key_ok[:, None] & (dv < DV)[None, :])

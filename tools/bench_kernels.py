@@ -261,7 +261,8 @@ def sweep_shape(name, S, kernels):
     sc = D ** -0.5
     idx = kernels.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg)[0].to(torch.int32)
     options = [("base", None), ("dkdv_keys", 128), ("dkdv_keys", 32), ("range_dkdv", (8, 2)),
-               ("sel_rows", 32)]
+               ("sel_rows", 4), ("sel_rows", 8), ("sel_rows", 32), ("dkdv_qchunk", 2048),
+               ("dkdv_qchunk", 8192), ("dkdv_qchunk", 1 << 30)]
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
         if val is not None:

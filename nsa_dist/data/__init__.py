@@ -10,7 +10,7 @@ _NAMES = {
     "discover_files": "corpus", "iter_documents": "corpus", "stdlib_dir": "corpus",
     "TokenShard": "shards", "TokenShardWriter": "shards", "token_dtype": "shards",
     "preprocess_corpus": "shards",
-    "PackedDataset": "packed", "IGNORE_INDEX": "packed",
+    "PackedDataset": "packed", "IGNORE_INDEX": "packed", "MockDataset": "mock",
     "build_dataloader": "loader", "ResumableLoader": "loader",
 }
 

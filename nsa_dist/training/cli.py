@@ -47,8 +47,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"nsa-pretrain: error: {err}", file=sys.stderr)
         return 2
     if trainer.rank == 0:
+        ev = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
         print(f"[done] steps {summary['steps']}: loss {summary['loss_first']:.4f} -> "
-              f"{summary['loss_last']:.4f}, valid loss {summary['eval_loss']:.4f}, "
+              f"{summary['loss_last']:.4f}, valid loss {ev}, "
               f"{summary['tokens_per_s_per_rank']:,.0f} tokens/s per rank; "
               f"checkpoint {summary['checkpoint']}")
     _shutdown()

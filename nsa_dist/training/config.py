@@ -25,6 +25,7 @@ class TrainConfig(ConfigBase):
     model: str = "configs/model/tiny.yaml"  # ModelConfig YAML
     deepspeed: str = "configs/deepspeed/zero2.json"  # DeepSpeed JSON ("auto" fields filled from here)
     data_prefix: str = "data_cache/stdlib"  # PackedDataset prefix (tools/preprocess_data.py output)
+    mock_data: bool = False  # random tokens, one document per sample (throughput runs; no data or tokenizer read)
     tokenizer: str = "data_cache/tokenizer"  # dir or .model; recorded (path + hash) in every checkpoint
     output_dir: str = "runs/tiny"  # checkpoints/ and tensorboard/ go below it
 
@@ -53,8 +54,9 @@ class TrainConfig(ConfigBase):
 
     # Evaluation, checkpoints, logging.
     eval_every: int = 50  # steps; 0 evaluates only at the end
-    eval_batches: int = 8  # micro-batches per rank per evaluation
+    eval_batches: int = 8  # micro-batches per rank per evaluation; 0 turns evaluation off
     save_every: int = 50  # steps; 0 saves only at the end
+    save_checkpoints: bool = True  # false: never write a checkpoint (benchmarks)
     keep_checkpoints: int = 3  # newest complete checkpoints kept; 0 keeps all
     log_every: int = 5  # steps between scalar logs and progress lines
     image_every: int = 50  # steps between selected-block images; 0 turns them off
@@ -101,7 +103,7 @@ class TrainConfig(ConfigBase):
         _require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}", self.precision)
         _require(self.attention_backend in ("auto", "reference", "triton"), "attention_backend",
                  "must be 'auto', 'reference' or 'triton'", self.attention_backend)
-        for name in ("activation_checkpointing", "tensorboard"):
+        for name in ("activation_checkpointing", "tensorboard", "mock_data", "save_checkpoints"):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false",
                      getattr(self, name))
         self.betas = [float(b) for b in self.betas]

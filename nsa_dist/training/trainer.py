@@ -45,8 +45,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(deepspeed, device_type: str) -> None:
-    """Join the launcher's process group, or make a world of one without a launcher."""
+def init_distributed(deepspeed, device_type: str, timeout_minutes: Optional[float] = None) -> None:
+    """Join the launcher's process group, or make a world of one without a launcher.
+    ``timeout_minutes``: how long a collective may wait for a lost rank (DeepSpeed's default)."""
     if dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -56,7 +57,16 @@ def init_distributed(deepspeed, device_type: str) -> None:
                            ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    extra = {}
+    if timeout_minutes:
+        from datetime import timedelta
+        extra["timeout"] = timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
+
+
+def _no_context():
+    import contextlib
+    return contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:
@@ -160,9 +170,17 @@ class Trainer:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
 
     def _load_data(self) -> None:
+        cfg = self.cfg
+        if cfg.mock_data:
+            from ..data import MockDataset
+
+            self.tokenizer_path, self.tokenizer_sha = None, None
+            V = self.model_cfg.vocab_size
+            self.train_ds = MockDataset(V, cfg.seq_len, seed=cfg.seed, split="train")
+            self.valid_ds = MockDataset(V, cfg.seq_len, seed=cfg.seed, split="valid")
+            return
         from ..data import PackedDataset, Tokenizer
 
-        cfg = self.cfg
         tok = Tokenizer.load(cfg.tokenizer)
         if tok.vocab_size > self.model_cfg.vocab_size:
             raise ValueError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} tokens but the model "
@@ -175,7 +193,9 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         from ..models import NSADecoderLM
 
-        model = NSADecoderLM(self.model_cfg, backend=self.cfg.attention_backend)
+        # On a GPU the weights are made there: initialising a 1B model on the host is slow.
+        with torch.device(self.device) if self.device.type == "cuda" else _no_context():
+            model = NSADecoderLM(self.model_cfg, backend=self.cfg.attention_backend)
         model.gradient_checkpointing = self.cfg.activation_checkpointing
         # FLOPs need the full weight shapes: count before ZeRO-3 partitions them.
         self.flops_per_token = model.flops_per_token(self.cfg.seq_len)
@@ -296,7 +316,12 @@ class Trainer:
         return t.tolist()
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if batch["cu_seqlens"].numel() == 2 and batch["input_ids"].shape[0] == 1:
+            # One document: nothing to keep apart, and without offsets (host values) the
+            # attention launches its kernels without waiting for the GPU.
+            out["cu_seqlens"] = None
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -392,7 +417,8 @@ class Trainer:
                 self.tb.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm},
                                 self.step)
             if self.tb and stats and image_now and cfg.image_layer < len(stats):
-                self.tb.blocks_image(_longest_document(stats[cfg.image_layer].selected_blocks, stats_cu),
+                sel = stats[cfg.image_layer].selected_blocks
+                self.tb.blocks_image(sel if stats_cu is None else _longest_document(sel, stats_cu),
                                      self.model_cfg.nsa.sel_block, cfg.image_layer, self.step)
             if log_now or self.step == cfg.train_steps:
                 rate = step_rate(tokens_per_step * window_steps, time.perf_counter() - window_start,
@@ -415,19 +441,26 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
                 if self.comm_stats is not None:
                     self.comm_stats.reset()
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.train_steps:
+            if (cfg.eval_batches and cfg.eval_every and self.step % cfg.eval_every == 0
+                    and self.step < cfg.train_steps):
                 self._log_eval()
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.train_steps:
+            if (cfg.save_checkpoints and cfg.save_every and self.step % cfg.save_every == 0
+                    and self.step < cfg.train_steps):
                 self.save()
             if self._should_stop_for_time(start):
                 self.progress.print(f"[train] max_minutes={cfg.max_minutes} reached at step {self.step}")
                 break
         train_time = time.perf_counter() - start
         self.progress.close()
-        eval_loss = self._log_eval()
-        ckpt = self.save() if self.last_saved != self.step else os.path.join(
-            self.ckpt_root, f"step_{self.step:08d}")
-        return self._summary(train_time, steady_tokens, steady_time, eval_loss, ckpt, peak)
+        eval_loss = self._log_eval() if cfg.eval_batches else None
+        if not cfg.save_checkpoints:
+            ckpt = None
+        elif self.last_saved != self.step:
+            ckpt = self.save()
+        else:
+            ckpt = os.path.join(self.ckpt_root, f"step_{self.step:08d}")
+        return self._summary(train_time, steady_tokens, steady_time, eval_loss, ckpt, peak,
+                             steady_steps=max(0, self.step - first_step - 1))
 
     def _log_eval(self) -> float:
         loss = self.evaluate()
@@ -439,9 +472,11 @@ class Trainer:
                             f"(ppl {math.exp(min(loss, 50)):.1f})")
         return loss
 
-    def _summary(self, train_time, steady_tokens, steady_time, eval_loss, ckpt, peak) -> dict:
+    def _summary(self, train_time, steady_tokens, steady_time, eval_loss, ckpt, peak,
+                 steady_steps: int = 0) -> dict:
         h = self.history
         tps = steady_tokens / steady_time if steady_time > 0 else (h.tokens_per_s[-1] if h.tokens_per_s else 0.0)
+        ps = self.parallel_state
         summary = {
             "steps": self.step, "ranks": self.world_size, "device": self.device.type,
             "zero_stage": zero_stage(self.ds_config), "precision": self.precision,
@@ -453,10 +488,20 @@ class Trainer:
             "tflops_per_rank": tps * self.flops_per_token / 1e12,
             "mfu": (tps * self.flops_per_token / 1e12 / peak) if peak else None,
             "train_seconds": train_time, "tokens_seen": self.consumed_samples * self.cfg.seq_len,
-            "checkpoint": os.path.abspath(ckpt),
+            # Steady state: every step after the first (which pays compilation and warm-up).
+            "seconds_per_step": steady_time / steady_steps if steady_steps else None,
+            "flops_per_token": self.flops_per_token, "num_parameters": self.num_parameters,
+            "attention": self.model_cfg.attention, "seq_len": self.cfg.seq_len,
+            "micro_batch_size": self.cfg.micro_batch_size,
+            "layout": {"tp": ps.tp if ps else 1, "sp": ps.sp if ps else 1,
+                       "dp": self.dp_world},
+            "peak_memory_gb": next(iter(memory_gb(self.device).values())) if self.device.type == "cpu"
+            else memory_gb(self.device)["max_allocated_gb"],
+            "checkpoint": os.path.abspath(ckpt) if ckpt else None,
             "tensorboard": os.path.abspath(os.path.join(self.cfg.output_dir, "tensorboard")),
         }
         if self.rank == 0:
+            os.makedirs(self.cfg.output_dir, exist_ok=True)  # no checkpoint or TB may have made it
             path = os.path.join(self.cfg.output_dir, "summary.json")
             tmp = path + ".tmp"
             with open(tmp, "w") as fh:

@@ -59,3 +59,10 @@ def test_packed_documents_bf16():
     errs, mismatch = _case(4, S=4096, cu=[0, 1000, 1003, 3000, 4096])
     assert max(errs.values()) <= 5e-3, errs
     assert mismatch <= 1e-2
+
+
+def test_long_sequence_bf16():
+    """16k tokens: the compressed dK/dV runs in query chunks with fp32 atomic sums."""
+    errs, mismatch = _case(4, S=16384, H=2)
+    assert max(errs.values()) <= 5e-3, errs
+    assert mismatch <= 1e-2

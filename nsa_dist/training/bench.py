@@ -1,0 +1,270 @@
+"""Training throughput over a grid of (context, layout, attention), in one launch.
+
+    launch/deepspeed.sh --entry nsa_dist.training.bench configs/train/bench_1b.yaml \\
+        --seq-len 8192,32768 --layouts dp,tp2,tp4,sp4,tp2sp2 --attention nsa,dense \\
+        --out runs/bench/throughput.csv [key=value train-config overrides]
+
+Every grid point is a real ``Trainer`` run (model, DeepSpeed engine, loader, optimizer
+steps) with the train YAML plus: ``seq_len``, ``parallel.tp/sp``, ``micro_batch_size`` and a
+model YAML derived from the config's with ``attention`` (and ``max_seq_len`` when the context
+is longer) replaced. Dense and NSA therefore share the projections, MLPs, loss, optimizer and
+layout code; only the attention differs. Throughput is the trainer's steady-state figure
+(all steps after the first). Rank 0 appends one CSV row per point as soon as it is measured,
+so a later failure loses nothing already done.
+
+Layouts: ``dp`` (all ranks data parallel), ``tpN``, ``spN`` (Ulysses), ``tpNspM``; the data
+parallel size is what remains of the world. A ``:mbK`` suffix sets the micro-batch (e.g.
+``tp4:mb4`` for TP weak scaling: per-GPU work equal to one GPU at micro-batch 1).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+FIELDS = ["attention", "seq_len", "layout", "tp", "sp", "dp", "micro_batch_size", "gpus", "status",
+          "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "seconds_per_step", "peak_memory_gb",
+          "activation_checkpointing", "steps", "device", "date"]
+_LAYOUT = re.compile(r"^(?:dp|(?:tp(\d+))?(?:sp(\d+))?)(?::mb(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    tp: int
+    sp: int
+    micro_batch: Optional[int]  # None: the train config's
+
+
+def parse_layout(spec: str) -> Layout:
+    """``dp`` | ``tp2`` | ``sp4`` | ``tp2sp2``, optionally ``:mb4``."""
+    m = _LAYOUT.match(spec.strip())
+    if not m or spec.strip() in ("", ":"):
+        raise ValueError(f"layout {spec!r}: expected dp, tpN, spN or tpNspM, optionally with :mbK "
+                         f"(e.g. tp2sp2, tp4:mb4)")
+    tp, sp, mb = (int(g) if g else None for g in m.groups())
+    if 0 in (tp, sp, mb):
+        raise ValueError(f"layout {spec!r}: sizes must be >= 1")
+    return Layout(spec.strip(), tp or 1, sp or 1, mb)
+
+
+def _csv_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(float(v)) if "k" not in v else int(v.rstrip("k")) * 1024
+                  for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r}: expected comma-separated integers (8192 or 8k)") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"--{what} {text!r}: expected positive integers")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nsa-bench-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, metavar="YAML", help="train config (mock_data recommended)")
+    p.add_argument("--seq-len", default="8192", help="contexts, e.g. 8k,32k,65536")
+    p.add_argument("--layouts", default="dp", help="comma-separated: dp, tpN, spN, tpNspM[:mbK]")
+    p.add_argument("--attention", default="nsa,dense", help="nsa, dense or both")
+    p.add_argument("--out", required=True, help="CSV to append rows to (created with a header)")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="start no new grid point after this many minutes (0: no limit)")
+    p.add_argument("--stop-on-oom", action="store_true",
+                   help="after an out-of-memory point, skip longer contexts of the same layout/attention")
+    p.add_argument("--timeout-minutes", type=float, default=10.0,
+                   help="collective timeout: a rank lost to an error ends the job after this long")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides")
+    return p
+
+
+def _derived_model_yaml(base_path: str, attention: str, seq_len: int, out_dir: str) -> str:
+    """The base model YAML with ``attention`` and (if needed) ``max_seq_len`` replaced."""
+    from ..config import ModelConfig
+
+    cfg = ModelConfig.from_yaml(base_path).to_dict()
+    cfg["attention"] = attention
+    cfg["max_seq_len"] = max(int(cfg["max_seq_len"]), seq_len)
+    ModelConfig.from_dict(cfg, where=base_path)  # validate before anyone reads it
+    name = f"{os.path.splitext(os.path.basename(base_path))[0]}_{attention}_{cfg['max_seq_len']}.yaml"
+    os.makedirs(os.path.join(out_dir, "models"), exist_ok=True)
+    path = os.path.join(out_dir, "models", name)
+    import yaml
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg, fh, sort_keys=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _is_oom(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _append_row(path: str, row: dict) -> None:
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in FIELDS})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def run_grid(args) -> list[dict]:
+    import torch
+    import torch.distributed as dist
+
+    from ..config import ModelConfig
+    from .config import TrainConfig
+    from .trainer import Trainer, _import_deepspeed, init_distributed
+
+    base = TrainConfig.from_yaml(args.config).apply_overrides(args.overrides)
+    seqs = _csv_ints(args.seq_len, "seq-len")
+    layouts = [parse_layout(s) for s in args.layouts.split(",") if s.strip()]
+    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    for a in attentions:
+        if a not in ("nsa", "dense"):
+            raise ValueError(f"--attention {a!r}: must be nsa or dense")
+    deepspeed = _import_deepspeed()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        # A lost rank (e.g. out of memory inside a collective) fails the job in minutes, not 30.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        init_distributed(deepspeed, "cuda" if cuda else "cpu", timeout_minutes=args.timeout_minutes)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    dist.barrier()
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    start, rows, states, oom_after = time.perf_counter(), [], {}, {}
+    for lay in layouts:  # layout outermost: each process-group layout is set up once
+        for S in seqs:
+            for attention in attentions:
+                if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+                    if rank == 0:
+                        print(f"[bench] --max-minutes {args.max_minutes} reached; stopping", flush=True)
+                    return rows
+                row = {"attention": attention, "seq_len": S, "layout": lay.name, "tp": lay.tp,
+                       "sp": lay.sp, "dp": world // (lay.tp * lay.sp) if world % (lay.tp * lay.sp) == 0 else "",
+                       "gpus": world, "device": device_name, "date": time.strftime("%Y-%m-%d"),
+                       "activation_checkpointing": base.activation_checkpointing}
+                if oom_after.get((lay, attention), S + 1) < S:
+                    row["status"] = f"skipped (out of memory at {oom_after[(lay, attention)]})"
+                    rows.append(row)
+                    if rank == 0:
+                        _append_row(args.out, row)
+                    continue
+                row.update(_run_point(base, args, lay, attention, S, out_dir, states, Trainer,
+                                      ModelConfig, world, rank))
+                if row["status"] == "oom":
+                    oom_after[(lay, attention)] = S if args.stop_on_oom else S + 10**12
+                rows.append(row)
+                if rank == 0:
+                    _append_row(args.out, row)
+                    print(f"[bench] {attention:<5} S={S:<7} {lay.name:<10} {row['status']:<8} "
+                          f"{_fmt(row.get('tokens_per_s_per_gpu'), ',.0f')} tok/s/GPU  "
+                          f"{_fmt(row.get('tflops_per_gpu'), '.1f')} TFLOP/s  "
+                          f"{_fmt(row.get('peak_memory_gb'), '.1f')} GB", flush=True)
+    return rows
+
+
+def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, states: dict,
+               Trainer, ModelConfig, world: int, rank: int) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    mb = lay.micro_batch or base.micro_batch_size
+    model_yaml = None
+    if rank == 0:
+        model_yaml = _derived_model_yaml(base.model, attention, S, out_dir)
+    holder = [model_yaml]
+    dist.broadcast_object_list(holder, src=0)
+    cfg = base.apply_overrides([f"seq_len={S}", f"parallel.tp={lay.tp}", f"parallel.sp={lay.sp}",
+                                f"micro_batch_size={mb}", f"model={holder[0]}",
+                                f"output_dir={os.path.join(out_dir, 'runs', f'{attention}_{S}_{lay.name}'.replace(':', '_'))}"])
+    try:
+        cfg.parallel.check_model(ModelConfig.from_yaml(cfg.model), world, S)
+    except ValueError as err:
+        return {"status": f"invalid: {err}"}
+    ps = None
+    if lay.tp * lay.sp > 1:  # process groups are made once per layout and reused
+        if (lay.tp, lay.sp) not in states:
+            states[(lay.tp, lay.sp)] = cfg.parallel.build_state(world, rank)
+        ps = states[(lay.tp, lay.sp)]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer, status, summary = None, "ok", {}
+    # DeepSpeed keeps the last engine's mpu in a module global and would take its data-parallel
+    # group for a later engine built without one.
+    from deepspeed.utils import groups as ds_groups
+    ds_groups.mpu = None
+    try:
+        trainer = Trainer(cfg, parallel_state=ps)
+        summary = trainer.train()
+    except Exception as err:  # noqa: BLE001 - recorded in the row, the grid goes on
+        if not _is_oom(err):
+            raise
+        status = "oom"
+        print(f"[bench] rank {rank}: out of memory at {attention} S={S} {lay.name}: "
+              f"{str(err).splitlines()[0][:300]}", flush=True)
+    finally:
+        if trainer is not None:
+            trainer.close()
+            engine = getattr(trainer, "engine", None)
+            if engine is not None and hasattr(engine, "destroy"):
+                engine.destroy()
+        del trainer
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    # Every rank's peak memory; the row keeps the largest.
+    peak = torch.tensor([float(summary.get("peak_memory_gb") or 0.0), float(status == "oom")],
+                        device="cuda" if cuda else "cpu", dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if peak[1] > 0:
+        return {"status": "oom", "micro_batch_size": mb}
+    return {"status": "ok", "micro_batch_size": mb, "tp": summary["layout"]["tp"],
+            "sp": summary["layout"]["sp"], "dp": summary["layout"]["dp"],
+            "tokens_per_s_per_gpu": summary["tokens_per_s_per_rank"],
+            "tflops_per_gpu": summary["tflops_per_rank"], "mfu": summary["mfu"],
+            "seconds_per_step": summary["seconds_per_step"], "peak_memory_gb": float(peak[0]),
+            "steps": summary["steps"]}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_grid(args)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"nsa-bench-train: error: {err}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
