@@ -11,15 +11,17 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from ..modules import AttentionStats, DenseAttention, NSAAttention
 from .flops import training_flops_per_token
+from .loss import chunked_loss_sum
 
 
 @dataclass
 class LMOutput:
-    """loss: scalar (mean over labels != -100) or None; logits: [B, S, V];
-    stats: one AttentionStats per layer when asked for (NSA layers), else None."""
+    """loss: scalar (mean over labels != -100) or None; logits: [B, S, V], or None when the
+    loss was computed in chunks (``model.loss_chunk``); stats: one AttentionStats per layer
+    when asked for (NSA layers), else None."""
 
     loss: Optional[torch.Tensor]
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     stats: Optional[list[AttentionStats]] = None
 
 
@@ -77,6 +79,7 @@ class NSADecoderLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.gradient_checkpointing = False
+        self.loss_chunk = 0  # > 0: loss over this many positions at a time, no full logits
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -110,6 +113,15 @@ class NSADecoderLM(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
         h, all_stats = run_layers(self, self.embed(input_ids), cu_seqlens, position_ids, return_stats)
+        if labels is not None and self.loss_chunk > 0:
+            lab = labels.flatten().long()
+
+            def token_losses(hc, lc):
+                return nn.functional.cross_entropy(self.lm_head(hc).float(), lc, ignore_index=-100,
+                                                   reduction="none")
+            total = chunked_loss_sum(self.norm(h).flatten(0, 1), lab, self.loss_chunk, token_losses)
+            loss = total / (lab != -100).sum()
+            return LMOutput(loss, None, all_stats if return_stats else None)
         logits = self.lm_head(self.norm(h))
         loss = None
         if labels is not None:

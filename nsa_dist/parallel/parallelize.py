@@ -26,6 +26,7 @@ from ..modules.attention import NSAAttention
 from ..modules.dense import DenseAttention
 from . import collectives as C
 from .comm_stats import CommStats, Meter
+from ..models.loss import chunked_loss_sum
 from .cross_entropy import vocab_parallel_cross_entropy
 from .dense_parallel import ParallelDenseAttention
 from .layers import SEQ_DIM, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard_param
@@ -111,6 +112,7 @@ class ParallelDecoderLM(nn.Module):
         self.config, self.state, self.megatron_sp = cfg, state, megatron_sp
         self.comm_stats = comm_stats
         self.gradient_checkpointing = model.gradient_checkpointing
+        self.loss_chunk = getattr(model, "loss_chunk", 0)
         root = comm_stats.meter("") if comm_stats is not None else None
         tp, r, g = state.tp, state.tp_rank, state.tp_group
         mode = "reduce_scatter_seq" if megatron_sp else "reduce"
@@ -184,6 +186,16 @@ class ParallelDecoderLM(nn.Module):
         else:
             h = C.copy_to_region(h, st.tp_group, self._head_meter)
         head_w = self.embed.weight if self.tied else self.lm_head.weight
+        if labels is not None and self.loss_chunk > 0:  # no full logits (see models/loss.py)
+            lab = self._shard(labels).reshape(-1)
+
+            def token_losses(hc, lc):
+                return vocab_parallel_cross_entropy(nn.functional.linear(hc, head_w), lc,
+                                                    self.embed.vocab_start, st.tp_group, self._head_meter)
+            tok_sum = chunked_loss_sum(h.reshape(-1, h.shape[-1]), lab, self.loss_chunk, token_losses)
+            total = C.reduce_from_region(tok_sum, st.sp_group, self._head_meter)
+            count = C.all_reduce_((lab != -100).sum().to(tok_sum.dtype), st.sp_group)
+            return LMOutput(total / count, None, all_stats if return_stats else None)
         logits = nn.functional.linear(h, head_w)  # [B, S_local, V/tp]
         loss = None
         if labels is not None:

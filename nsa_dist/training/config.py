@@ -49,6 +49,7 @@ class TrainConfig(ConfigBase):
     # Numerics and memory.
     precision: str = "auto"  # auto: bf16 on a CUDA device with bf16 support, fp32 otherwise
     activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 0  # > 0: the loss this many positions at a time (no full-vocab logits)
     attention_backend: str = "auto"  # "auto", "reference" or "triton" (see nsa_dist.ops)
     seed: int = 1234
 
@@ -82,6 +83,7 @@ class TrainConfig(ConfigBase):
         _positive_int(self, "seq_len", "micro_batch_size", "grad_accum_steps", "train_steps",
                       "log_every")
         for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "save_every",
+                     "loss_chunk_tokens",
                      "keep_checkpoints", "image_every", "image_layer", "seed"):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,

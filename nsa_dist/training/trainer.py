@@ -197,6 +197,7 @@ class Trainer:
         with torch.device(self.device) if self.device.type == "cuda" else _no_context():
             model = NSADecoderLM(self.model_cfg, backend=self.cfg.attention_backend)
         model.gradient_checkpointing = self.cfg.activation_checkpointing
+        model.loss_chunk = self.cfg.loss_chunk_tokens
         # FLOPs need the full weight shapes: count before ZeRO-3 partitions them.
         self.flops_per_token = model.flops_per_token(self.cfg.seq_len)
         self.num_parameters = model.num_parameters()

@@ -201,3 +201,28 @@ def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64) -> d
     torch.testing.assert_close(float(loss), ref_losses[state.dp_rank], rtol=1e-5, atol=1e-6)
     sync_grads(pm, state)
     return {"grad_err": _assert_grads(gather_full(pm, state, "grad"), full, "dp")}
+
+
+def chunked_loss_worker(rank: int, world: int, tp: int = 1, sp: int = 1, chunk: int = 24, S: int = 64) -> dict:
+    """The parallel LM with the loss in chunks of ``chunk`` positions (no full logits) against
+    one device's unchunked loss: loss and every gradient."""
+    state = ParallelState(world, rank, tp=tp, sp=sp)
+    model = build_model(tiny_config(num_heads=4, num_kv_heads=2, tie=False))
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, model.config.vocab_size, (2, S), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    labels[0, 7] = -100
+    out = model(ids, labels)
+    out.loss.backward()
+    full = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk = chunk
+    pm = parallelize(model, state)
+    pout = pm(ids, labels)
+    assert pout.logits is None
+    torch.testing.assert_close(pout.loss, out.loss, **TOL)
+    pout.loss.backward()
+    sync_grads(pm, state)
+    return {"loss_err": abs(float(pout.loss) - float(out.loss)),
+            "grad_err": _assert_grads(gather_full(pm, state, "grad"), full, "chunked loss")}

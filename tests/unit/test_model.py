@@ -95,3 +95,34 @@ def test_bad_model_inputs():
         model(torch.rand(1, 40))
     with pytest.raises(ValueError, match="labels shape"):
         model(torch.randint(0, 97, (1, 40)), labels=torch.zeros(1, 39, dtype=torch.long))
+
+
+def test_chunked_loss_equals_full_loss_and_gradients():
+    """model.loss_chunk: the loss a few positions at a time (checkpointed) gives the same loss
+    and gradients as full logits, with -100 labels and a chunk that does not divide B*S."""
+    from nsa_dist import ModelConfig, NSAConfig
+    from nsa_dist.models import NSADecoderLM
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=64, max_seq_len=128, tie_embeddings=False,
+                      nsa=NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=3, window=16))
+    torch.manual_seed(0)
+    model = NSADecoderLM(cfg, backend="reference").double()
+    ids = torch.randint(0, 97, (2, 40))
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    labels[1, :5] = -100
+    full = model(ids, labels)
+    full.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk = 13
+    out = model(ids, labels)
+    assert out.logits is None
+    # the loss is float32 in both paths (logits.float()); only the summation order differs
+    torch.testing.assert_close(out.loss.double(), full.loss.double(), rtol=1e-6, atol=0)
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-8, msg=n)
+    with torch.no_grad():  # evaluation: no checkpointing, same number
+        torch.testing.assert_close(model(ids, labels).loss.double(), full.loss.double(), rtol=1e-6, atol=0)
