@@ -32,8 +32,17 @@ def cmd_to_hf(a) -> None:
 
 def cmd_consolidate(a) -> None:
     from .consolidate import consolidate
-    src = consolidate(a.input, a.output, DTYPES[a.dtype] if a.dtype else None, a.force)
+    src = consolidate(a.input, a.output, DTYPES[a.dtype] if a.dtype else None, a.force,
+                      master=a.master_weights, quiet=a.quiet)
     print(f"consolidated {src} -> {a.output}")
+
+
+def cmd_reshard(a) -> None:
+    from .reshard import reshard
+    tag = reshard(a.input, a.output, reset_optimizer=a.reset_optimizer, tp=a.tp, sp=a.sp,
+                  world_size=a.world_size, force=a.force, quiet=a.quiet)
+    what = "weights only, optimizer RESET" if a.reset_optimizer else "weights and Adam state"
+    print(f"resharded -> {tag} ({what}); resume on any layout: nsa-pretrain --config ... --resume {a.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
         sp.add_argument("--force", action="store_true", help="replace an existing output directory")
 
-    sp = sub.add_parser("consolidate", help="training checkpoint (any TP/SP/DP layout, ZeRO 0-2) -> "
+    sp = sub.add_parser("consolidate", help="training checkpoint (any TP/SP/DP layout, ZeRO 0-3) -> "
                                            "model.safetensors + config.json")
     sp.add_argument("input", help="run directory, its checkpoints/ folder or one step folder")
     sp.add_argument("output")
     sp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as trained")
+    sp.add_argument("--master-weights", action="store_true",
+                    help="ZeRO 1-2: the fp32 master copies from the optimizer shards (ZeRO-3 always)")
     sp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines")
     sp.set_defaults(fn=cmd_consolidate)
+    sp = sub.add_parser("reshard", help="training checkpoint (any layout, ZeRO 1-3) or consolidated model -> "
+                                       "a layout-free checkpoint that --resume loads on any TP/SP/DP layout")
+    sp.add_argument("input", help="run directory, checkpoints folder, step folder or consolidated directory")
+    sp.add_argument("output", help="new checkpoints folder (pass it to nsa-pretrain --resume)")
+    sp.add_argument("--reset-optimizer", action="store_true",
+                    help="drop Adam's state (required where the source has none: ZeRO-0, consolidated)")
+    sp.add_argument("--tp", type=int, default=1, help="target tensor-parallel size to check the model against")
+    sp.add_argument("--sp", type=int, default=1, help="target Ulysses size to check the model against")
+    sp.add_argument("--world-size", type=int, default=None, help="target world size (default tp x sp)")
+    sp.add_argument("--force", action="store_true", help="replace an existing output directory")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines")
+    sp.set_defaults(fn=cmd_reshard)
     sp = sub.add_parser("from-hf", help="dense Llama-style HF directory -> consolidated NSA checkpoint")
     common(sp)
     sp.add_argument("--nsa-config", help="YAML with NSAConfig fields (default: the paper's)")

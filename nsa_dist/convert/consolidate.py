@@ -3,14 +3,16 @@
 
 Tensor-parallel shards are put back together from the ``param_layout`` the trainer records
 in ``nsa_meta.json`` (for each TP rank: local name -> full name and the slice it holds).
-Model weights are read from DeepSpeed's ``mp_rank_XX_model_states.pt`` with
-``torch.load(weights_only=True)``; they are the run's working weights (fp32 on CPU runs,
-bf16 on bf16 GPU runs, where fp32 masters live in the ZeRO optimizer shards).
+ZeRO 0-2 weights are read from DeepSpeed's ``mp_rank_XX_model_states.pt``: the run's working
+weights (fp32 on CPU runs, bf16 on bf16 GPU runs), or with ``master`` the fp32 copies in the
+ZeRO shards; ZeRO-3 weights (and, for ``reshard``, Adam's moments) come from the shards
+(``zero_state.py``). Every file is read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -98,30 +100,81 @@ def _tag_dir(path: str) -> str:
     raise FileNotFoundError(f"{path}: no nsa_dist checkpoint (no nsa_meta.json, no 'latest' marker)")
 
 
-def consolidate(path: str, out: str, dtype: Optional[torch.dtype] = None, force: bool = False) -> str:
-    """Write the consolidated checkpoint of ``path`` (a step folder, a checkpoints root or a run
-    directory) to ``out``. Returns the step folder that was read."""
+def _progress(quiet: bool):
+    """A stderr line per file when stderr is a terminal (large checkpoints), else nothing."""
+    import sys
+    if quiet or not sys.stderr.isatty():
+        return None
+    return lambda msg: print(f"[nsa-convert] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class FullCheckpoint:
+    """A training checkpoint at single-device names and shapes."""
+    cfg: ModelConfig
+    meta: dict
+    params: dict[str, torch.Tensor]
+    exp_avg: Optional[dict[str, torch.Tensor]] = None  # Adam moments (fp32), when read
+    exp_avg_sq: Optional[dict[str, torch.Tensor]] = None
+    adam_step: Optional[int] = None
+    tag_dir: str = ""
+
+
+def read_checkpoint(path: str, master: bool = False, optimizer: bool = False,
+                    progress=None) -> FullCheckpoint:
+    """Read a training checkpoint of any TP x Ulysses x DP layout and ZeRO stage.
+
+    path: a step folder, a checkpoints root or a run directory. Weights: the module's
+    working weights for ZeRO 0-2 (bf16 on bf16 GPU runs) unless ``master`` (the fp32 copies in
+    the ZeRO shards, stages 1-2); always the fp32 shards for ZeRO-3. ``optimizer``: also
+    Adam's moments and step (ZeRO 1-3).
+    """
     from ..training.checkpoint import verify_checkpoint
+    from .zero_state import load_ds_file, read_tp_rank
 
     tag_dir = _tag_dir(path)
     meta = verify_checkpoint(tag_dir)  # every file present with its recorded size
     cfg = ModelConfig.from_dict(meta["model_config"], where=f"{tag_dir}/nsa_meta.json")
     stage = int(meta.get("deepspeed_config", {}).get("zero_optimization", {}).get("stage", 0))
-    if stage == 3:
-        raise ValueError(f"{tag_dir} is a ZeRO-3 checkpoint: its weights live only in the optimizer "
-                         "shards, which consolidate does not read yet; use a ZeRO 0-2 checkpoint")
     layouts = meta.get("param_layout")
-    files = sorted(f for f in os.listdir(tag_dir) if f.startswith("mp_rank_") and f.endswith("_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{tag_dir} has no mp_rank_XX_model_states.pt")
-    states = []
-    for f in files:
-        try:
-            blob = torch.load(os.path.join(tag_dir, f), map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated or foreign pickles
-            raise ValueError(f"cannot read {os.path.join(tag_dir, f)}: {err}") from err
-        states.append(blob["module"])
-    state = assemble(states, layouts, cfg)
+    tp = len(layouts) if layouts else 1
+    if optimizer and stage == 0:
+        raise ValueError(f"{tag_dir} is a ZeRO-0 checkpoint: its optimizer state is not in a form "
+                         "reshard reads; pass --reset-optimizer to start Adam afresh")
+    out = FullCheckpoint(cfg, meta, {}, tag_dir=tag_dir)
+    shard_weights = stage == 3 or (master and stage > 0)  # ZeRO-0 has no shards: module weights
+    if shard_weights or optimizer:
+        ranks = [read_tp_rank(tag_dir, t, stage, optimizer=optimizer, progress=progress) for t in range(tp)]
+        if shard_weights:
+            out.params = assemble([r.params for r in ranks], layouts, cfg)
+        if optimizer:
+            out.exp_avg = assemble([r.exp_avg for r in ranks], layouts, cfg)
+            out.exp_avg_sq = assemble([r.exp_avg_sq for r in ranks], layouts, cfg)
+            out.adam_step = ranks[0].step
+    if not out.params:
+        files = sorted(f for f in os.listdir(tag_dir) if f.startswith("mp_rank_") and f.endswith("_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{tag_dir} has no mp_rank_XX_model_states.pt")
+        if len(files) != tp:
+            raise ValueError(f"{tag_dir}: param_layout lists {tp} TP ranks but {len(files)} model files exist")
+        states = []
+        for i, f in enumerate(files):
+            if progress:
+                progress(f"reading {f} ({i + 1}/{len(files)})")
+            states.append(load_ds_file(os.path.join(tag_dir, f))["module"])
+        out.params = assemble(states, layouts, cfg)
+    return out
+
+
+def consolidate(path: str, out: str, dtype: Optional[torch.dtype] = None, force: bool = False,
+                master: bool = False, quiet: bool = False) -> str:
+    """Write the consolidated checkpoint of ``path`` (a step folder, a checkpoints root or a run
+    directory) to ``out``. Returns the step folder that was read."""
+    if os.path.exists(out) and not force:  # before reading gigabytes
+        raise FileExistsError(f"output {os.path.abspath(out)} already exists; pass --force to replace it")
+    ck = read_checkpoint(path, master=master, progress=_progress(quiet))
+    tag_dir = _tag_dir(path)
+    meta, cfg, state = ck.meta, ck.cfg, ck.params
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     with atomic_output_dir(out, force) as tmp:

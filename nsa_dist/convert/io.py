@@ -32,6 +32,12 @@ def atomic_output_dir(path: str, force: bool = False) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=parent)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, dirs, files in os.walk(tmp):  # mkdtemp's 0700 would hide the output from others
+            os.chmod(root, 0o777 & ~umask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~umask)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old", dir=parent)
             os.replace(path, os.path.join(old, "x"))

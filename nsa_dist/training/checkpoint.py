@@ -271,11 +271,12 @@ def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
     if tokenizer_sha and meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
         problems.append(f"the tokenizer differs (sha256 {meta.get('tokenizer_sha256', '')[:12]} "
                         f"in the checkpoint, {tokenizer_sha[:12]} now)")
-    if meta.get("seq_len") != seq_len:
+    if meta.get("seq_len") not in (None, seq_len):  # None: a consolidated model resharded
         problems.append(f"seq_len differs ({meta.get('seq_len')} in the checkpoint, {seq_len} now)")
-    if meta.get("world_size") != dp_world_size:
+    if meta.get("layout") != "full" and meta.get("world_size") != dp_world_size:
         problems.append(f"the data-parallel size differs ({meta.get('world_size')} in the "
-                        f"checkpoint, {dp_world_size} now); ZeRO shards are per rank")
+                        f"checkpoint, {dp_world_size} now); ZeRO shards are per rank: "
+                        f"convert it with 'nsa-convert reshard' to resume on another layout")
     if os.path.abspath(meta.get("data_prefix", data_prefix)) != os.path.abspath(data_prefix):
         warnings.append(f"data_prefix changed: {meta.get('data_prefix')} -> {data_prefix}")
     if problems:

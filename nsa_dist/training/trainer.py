@@ -135,12 +135,18 @@ class Trainer:
             self.dp_rank, self.dp_world = self.rank, self.world_size
         self._load_data()
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        self._full_resume = None  # a layout-free (resharded) checkpoint to load
         resume_path = self._find_resume(resume)
         self.precision = cfg.resolved_precision(
             self.device.type, self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         ds_path = cfg.deepspeed
         self.ds_config = resolve_ds_config(load_ds_json(ds_path), cfg, self.dp_world, self.precision,
                                            path=ds_path)
+        if zero_stage(self.ds_config) == 3 and parallel_state is not None and parallel_state.head_parallel > 1:
+            # The parallel layers call their (partitioned) weights functionally, outside the
+            # module hooks through which ZeRO-3 gathers them; TP already shards the weights.
+            raise ValueError(f"ZeRO-3 ({ds_path}) with tp*sp = {parallel_state.head_parallel} is not "
+                             "supported: use ZeRO 1-2 with tensor / sequence parallelism")
         model = self._build_model()
         self.engine = self._build_engine(model)
         self.schedule = schedule_from_config(cfg)
@@ -215,9 +221,96 @@ class Trainer:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, (ps.tp_rank, local_layout(model)))
             self.param_layout = [dict(gathered)[r] for r in range(ps.tp)]
+        if self._full_resume:
+            self._load_full_weights(model, self._full_resume)
         if zero_stage(self.ds_config) == 3:
             self._zero3_leaf_attention(model)
         return model
+
+    # ------------------------------------------------------------------ layout-free resume
+    def _local_slices(self, model: torch.nn.Module, full: dict) -> list:
+        """(local parameter, its slice of the full tensor in ``full``) for every parameter."""
+        from ..convert.consolidate import local_layout
+
+        params = dict(model.named_parameters())
+        out = []
+        for local, (name, dim, start, stop) in local_layout(model).items():
+            if name not in full and name == "lm_head.weight" and self.model_cfg.tie_embeddings:
+                name = "embed.weight"
+            if name not in full:
+                raise ValueError(f"{self._full_resume}: no tensor for parameter {name}")
+            t = full[name]
+            if dim is not None:
+                t = t.narrow(dim, start, stop - start)
+            p = params[local]
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions: the full local shape
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{self._full_resume}: {name} gives {tuple(t.shape)} for this layout, "
+                                 f"the model holds {shape}")
+            out.append((p, t))
+        return out
+
+    def _load_full_weights(self, model: torch.nn.Module, path: str) -> None:
+        """Weights of a resharded checkpoint, cut for this rank, before DeepSpeed copies them
+        (its fp32 masters and ZeRO partitions then start from them)."""
+        from ..convert.reshard import load_full
+
+        weights, _, _ = load_full(path)
+        with torch.no_grad():
+            for p, t in self._local_slices(model, weights):
+                p.copy_(t)
+
+    def _load_full_optimizer(self, path: str) -> dict:
+        """Adam's moments and step of a resharded checkpoint into this layout's optimizer (through
+        DeepSpeed's fragment API for ZeRO 1-3 and bf16, directly for a plain torch optimizer)."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        from ..convert.reshard import load_full
+
+        meta = read_meta(path)
+        self.step = self.last_saved = int(meta["step"])
+        self.consumed_samples = int(meta["consumed_samples"])
+        _, avg, avg_sq = load_full(path)
+        if avg is None or meta.get("optimizer") == "reset":
+            self.progress.print(f"[resume] {path}: weights only; the optimizer state was RESET by "
+                                f"'nsa-convert reshard --reset-optimizer' (Adam starts afresh)")
+            return meta
+        module = self.engine.module
+        zero_opt = self.engine.optimizer
+        base = getattr(zero_opt, "optimizer", zero_opt)
+        adam_step = float(meta.get("adam_step") or self.step)
+        if base is not zero_opt:
+            # ZeRO keeps Adam's state lazily (made at the first step): make it now, zero, on the
+            # optimizer's own flat fp32 partitions, so the fragment API has something to fill.
+            # ZeRO-3 puts its flat partitions into the param groups only during a step.
+            flats = getattr(zero_opt, "fp32_partitioned_groups_flat", None)
+            fused = any(bool(g.get("fused")) for g in base.param_groups)
+            for flat_list in ([flats] if flats is not None else [g["params"] for g in base.param_groups]):
+                for flat in flat_list:
+                    st = base.state.setdefault(flat, {})
+                    st.setdefault("step", torch.tensor(adam_step, dtype=torch.float32,
+                                                       device=flat.device if fused else "cpu"))
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key not in st:
+                            st[key] = torch.zeros_like(flat)
+            if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
+                zero_opt._lazy_init_hp_params_optimizer_state()
+        for (p, m1), (_, m2) in zip(self._local_slices(module, avg), self._local_slices(module, avg_sq)):
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                safe_set_full_optimizer_state(p, m1.to(p.device), "exp_avg")
+                safe_set_full_optimizer_state(p, m2.to(p.device), "exp_avg_sq")
+            else:  # no ZeRO, fp32: the torch optimizer holds the parameters themselves
+                base.state[p] = {"step": torch.tensor(adam_step), "exp_avg": m1.to(p).clone(),
+                                 "exp_avg_sq": m2.to(p).clone()}
+        for st in base.state.values():
+            if "step" in st:
+                st["step"] = torch.full_like(st["step"], adam_step) if torch.is_tensor(st["step"]) else adam_step
+        self.engine.global_steps = self.step
+        self.progress.print(f"[resume] {path}: weights and Adam state cut for this layout "
+                            f"(tp={self.parallel_state.tp if self.parallel_state else 1}, "
+                            f"sp={self.parallel_state.sp if self.parallel_state else 1}, dp={self.dp_world}); "
+                            f"RNG states start from the seed")
+        return meta
 
     def _plain_grad_norm(self, model: torch.nn.Module) -> float:
         """Global gradient norm without ZeRO's help (ZeRO-0); TP shards counted once each."""
@@ -275,16 +368,29 @@ class Trainer:
         for w in check_compatible(meta, self.model_cfg.to_dict(), self.tokenizer_sha,
                                   self.cfg.data_prefix, self.cfg.seq_len, self.world_size):
             self.progress.print(f"[resume] warning: {w}")
-        if int(meta["consumed_samples"]) != int(meta["step"]) * self.cfg.global_batch(self.dp_world):
-            raise ValueError(f"checkpoint {path}: consumed_samples={meta['consumed_samples']} is not "
-                             f"step {meta['step']} x global batch {self.cfg.global_batch(self.dp_world)}; "
-                             f"keep micro_batch_size and grad_accum_steps when resuming")
+        consumed, per_round = int(meta["consumed_samples"]), self.cfg.micro_batch_size * self.dp_world
+        if meta.get("layout") == "full":  # nsa-convert reshard output: any layout
+            if consumed % per_round:
+                raise ValueError(f"checkpoint {path}: consumed_samples={consumed} is not a multiple of "
+                                 f"micro_batch_size x data-parallel size = {per_round}; choose sizes that "
+                                 f"divide it to continue the same sample order")
+            self._full_resume = path
+        else:
+            tc = meta.get("train_config") or {}
+            for key in ("micro_batch_size", "grad_accum_steps"):
+                if key in tc and tc[key] != getattr(self.cfg, key):
+                    raise ValueError(f"checkpoint {path}: {key}={tc[key]}, this run {getattr(self.cfg, key)}; "
+                                     f"keep micro_batch_size and grad_accum_steps when resuming (or "
+                                     f"convert it with 'nsa-convert reshard')")
         return path
 
     def _load_resume(self, path: Optional[str]) -> None:
         if path is None:
             return
-        meta = self.ckpt.load(self.engine, path)
+        if self._full_resume:
+            meta = self._load_full_optimizer(path)
+        else:
+            meta = self.ckpt.load(self.engine, path)
         self.step = self.last_saved = int(meta["step"])
         self.consumed_samples = int(meta["consumed_samples"])
         self.progress.print(f"[resume] loaded {path} (step {self.step}, "
