@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check, free_port, run_launcher, summary, train_yaml
+from conftest import check, run_launcher, summary, train_yaml
 from nsa_dist.convert.cli import main as convert
 from nsa_dist.convert.io import load_consolidated
 from nsa_dist.convert.reshard import load_full
