@@ -228,87 +228,27 @@ class Trainer:
         return model
 
     # ------------------------------------------------------------------ layout-free resume
-    def _local_slices(self, model: torch.nn.Module, full: dict) -> list:
-        """(local parameter, its slice of the full tensor in ``full``) for every parameter."""
-        from ..convert.consolidate import local_layout
-
-        params = dict(model.named_parameters())
-        out = []
-        for local, (name, dim, start, stop) in local_layout(model).items():
-            if name not in full and name == "lm_head.weight" and self.model_cfg.tie_embeddings:
-                name = "embed.weight"
-            if name not in full:
-                raise ValueError(f"{self._full_resume}: no tensor for parameter {name}")
-            t = full[name]
-            if dim is not None:
-                t = t.narrow(dim, start, stop - start)
-            p = params[local]
-            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions: the full local shape
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{self._full_resume}: {name} gives {tuple(t.shape)} for this layout, "
-                                 f"the model holds {shape}")
-            out.append((p, t))
-        return out
-
     def _load_full_weights(self, model: torch.nn.Module, path: str) -> None:
-        """Weights of a resharded checkpoint, cut for this rank, before DeepSpeed copies them
-        (its fp32 masters and ZeRO partitions then start from them)."""
-        from ..convert.reshard import load_full
-
-        weights, _, _ = load_full(path)
-        with torch.no_grad():
-            for p, t in self._local_slices(model, weights):
-                p.copy_(t)
+        from .full_resume import load_weights
+        load_weights(model, path, self.model_cfg.tie_embeddings)
 
     def _load_full_optimizer(self, path: str) -> dict:
-        """Adam's moments and step of a resharded checkpoint into this layout's optimizer (through
-        DeepSpeed's fragment API for ZeRO 1-3 and bf16, directly for a plain torch optimizer)."""
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        from ..convert.reshard import load_full
+        """Step, data position and Adam state of a resharded checkpoint (weights are already in)."""
+        from .full_resume import load_optimizer
 
         meta = read_meta(path)
         self.step = self.last_saved = int(meta["step"])
         self.consumed_samples = int(meta["consumed_samples"])
-        _, avg, avg_sq = load_full(path)
-        if avg is None or meta.get("optimizer") == "reset":
+        adam_step = float(meta.get("adam_step") or self.step)
+        if meta.get("optimizer") == "reset" or not load_optimizer(
+                self.engine, path, adam_step, self.model_cfg.tie_embeddings):
             self.progress.print(f"[resume] {path}: weights only; the optimizer state was RESET by "
                                 f"'nsa-convert reshard --reset-optimizer' (Adam starts afresh)")
             return meta
-        module = self.engine.module
-        zero_opt = self.engine.optimizer
-        base = getattr(zero_opt, "optimizer", zero_opt)
-        adam_step = float(meta.get("adam_step") or self.step)
-        if base is not zero_opt:
-            # ZeRO keeps Adam's state lazily (made at the first step): make it now, zero, on the
-            # optimizer's own flat fp32 partitions, so the fragment API has something to fill.
-            # ZeRO-3 puts its flat partitions into the param groups only during a step.
-            flats = getattr(zero_opt, "fp32_partitioned_groups_flat", None)
-            fused = any(bool(g.get("fused")) for g in base.param_groups)
-            for flat_list in ([flats] if flats is not None else [g["params"] for g in base.param_groups]):
-                for flat in flat_list:
-                    st = base.state.setdefault(flat, {})
-                    st.setdefault("step", torch.tensor(adam_step, dtype=torch.float32,
-                                                       device=flat.device if fused else "cpu"))
-                    for key in ("exp_avg", "exp_avg_sq"):
-                        if key not in st:
-                            st[key] = torch.zeros_like(flat)
-            if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):
-                zero_opt._lazy_init_hp_params_optimizer_state()
-        for (p, m1), (_, m2) in zip(self._local_slices(module, avg), self._local_slices(module, avg_sq)):
-            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
-                safe_set_full_optimizer_state(p, m1.to(p.device), "exp_avg")
-                safe_set_full_optimizer_state(p, m2.to(p.device), "exp_avg_sq")
-            else:  # no ZeRO, fp32: the torch optimizer holds the parameters themselves
-                base.state[p] = {"step": torch.tensor(adam_step), "exp_avg": m1.to(p).clone(),
-                                 "exp_avg_sq": m2.to(p).clone()}
-        for st in base.state.values():
-            if "step" in st:
-                st["step"] = torch.full_like(st["step"], adam_step) if torch.is_tensor(st["step"]) else adam_step
         self.engine.global_steps = self.step
+        ps = self.parallel_state
         self.progress.print(f"[resume] {path}: weights and Adam state cut for this layout "
-                            f"(tp={self.parallel_state.tp if self.parallel_state else 1}, "
-                            f"sp={self.parallel_state.sp if self.parallel_state else 1}, dp={self.dp_world}); "
+                            f"(tp={ps.tp if ps else 1}, sp={ps.sp if ps else 1}, dp={self.dp_world}); "
                             f"RNG states start from the seed")
         return meta
 
