@@ -10,7 +10,7 @@ Output (a checkpoints root, so ``--resume OUT`` finds it through ``latest``)::
                                               "optimizer": "adam" | "reset", file sizes
 
 Adam's moments are elementwise per parameter, so they are cut for the new layout exactly like
-the weights; the trainer does that on resume (``Trainer._load_full``). Where the source has no
+the weights; the trainer does that on resume (``nsa_dist.training.full_resume``). Where the source has no
 usable optimizer state (a consolidated model, a ZeRO-0 run), ``reset_optimizer=True`` must be
 asked for, and the written metadata and the resuming trainer both say so.
 """
