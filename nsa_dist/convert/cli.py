@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -17,15 +18,19 @@ def _nsa_config(path: str | None) -> NSAConfig:
 
 def cmd_from_hf(a) -> None:
     from .from_hf import from_hf
-    report = from_hf(a.input, a.output, _nsa_config(a.nsa_config), DTYPES[a.dtype], a.force)
+    report = from_hf(a.input, a.output, _nsa_config(a.nsa_config), DTYPES[a.dtype], a.force, quiet=a.quiet)
     print(report.summary())
     print(f"wrote {a.output}")
 
 
 def cmd_to_hf(a) -> None:
+    from .consolidate import check_against_model
     from .io import load_consolidated
     from .to_hf import to_hf
-    cfg, state = load_consolidated(a.input)
+    if os.path.exists(a.output) and not a.force:  # before reading the weights
+        raise FileExistsError(f"output {os.path.abspath(a.output)} already exists; pass --force to replace it")
+    cfg, state = load_consolidated(a.input, quiet=a.quiet)
+    check_against_model(state, cfg)
     to_hf(state, cfg, a.output, DTYPES[a.dtype], a.force, a.tokenizer)
     print(f"wrote {a.output}: load it with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)")
 
@@ -33,14 +38,16 @@ def cmd_to_hf(a) -> None:
 def cmd_consolidate(a) -> None:
     from .consolidate import consolidate
     src = consolidate(a.input, a.output, DTYPES[a.dtype] if a.dtype else None, a.force,
-                      master=a.master_weights, quiet=a.quiet)
-    print(f"consolidated {src} -> {a.output}")
+                      master=a.master_weights, quiet=a.quiet, optimizer=a.optimizer)
+    extra = " (with Adam's moments and the data position)" if a.optimizer else ""
+    print(f"consolidated {src} -> {a.output}{extra}")
 
 
 def cmd_reshard(a) -> None:
     from .reshard import reshard
     tag = reshard(a.input, a.output, reset_optimizer=a.reset_optimizer, tp=a.tp, sp=a.sp,
-                  world_size=a.world_size, force=a.force, quiet=a.quiet)
+                  world_size=a.world_size, force=a.force, quiet=a.quiet,
+                  allow_batch_change=a.allow_batch_change)
     what = "weights only, optimizer RESET" if a.reset_optimizer else "weights and Adam state"
     print(f"resharded -> {tag} ({what}); resume on any layout: nsa-pretrain --config ... --resume {a.output}")
 
@@ -54,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("output")
         sp.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
         sp.add_argument("--force", action="store_true", help="replace an existing output directory")
+        sp.add_argument("--quiet", action="store_true", help="no progress display")
 
     sp = sub.add_parser("consolidate", help="training checkpoint (any TP/SP/DP layout, ZeRO 0-3) -> "
                                            "model.safetensors + config.json")
@@ -62,20 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as trained")
     sp.add_argument("--master-weights", action="store_true",
                     help="ZeRO 1-2: the fp32 master copies from the optimizer shards (ZeRO-3 always)")
+    sp.add_argument("--optimizer", action="store_true",
+                    help="also write Adam's moments (optimizer.safetensors) and the data position, for reshard "
+                         "(ZeRO 1-3; implies --master-weights)")
     sp.add_argument("--force", action="store_true", help="replace an existing output directory")
-    sp.add_argument("--quiet", action="store_true", help="no progress lines")
+    sp.add_argument("--quiet", action="store_true", help="no progress display (also off when stderr is not a terminal)")
     sp.set_defaults(fn=cmd_consolidate)
     sp = sub.add_parser("reshard", help="training checkpoint (any layout, ZeRO 1-3) or consolidated model -> "
                                        "a layout-free checkpoint that --resume loads on any TP/SP/DP layout")
     sp.add_argument("input", help="run directory, checkpoints folder, step folder or consolidated directory")
     sp.add_argument("output", help="new checkpoints folder (pass it to nsa-pretrain --resume)")
     sp.add_argument("--reset-optimizer", action="store_true",
-                    help="drop Adam's state (required where the source has none: ZeRO-0, consolidated)")
+                    help="drop Adam's state (required where the source has none: ZeRO-0, consolidated "
+                         "without --optimizer); recorded in the checkpoint and announced on resume")
+    sp.add_argument("--allow-batch-change", action="store_true",
+                    help="let the resumed run use another global batch than the source run (steps, data "
+                         "position and LR schedule continue; each step then takes the new batch)")
     sp.add_argument("--tp", type=int, default=1, help="target tensor-parallel size to check the model against")
     sp.add_argument("--sp", type=int, default=1, help="target Ulysses size to check the model against")
     sp.add_argument("--world-size", type=int, default=None, help="target world size (default tp x sp)")
     sp.add_argument("--force", action="store_true", help="replace an existing output directory")
-    sp.add_argument("--quiet", action="store_true", help="no progress lines")
+    sp.add_argument("--quiet", action="store_true", help="no progress display (also off when stderr is not a terminal)")
     sp.set_defaults(fn=cmd_reshard)
     sp = sub.add_parser("from-hf", help="dense Llama-style HF directory -> consolidated NSA checkpoint")
     common(sp)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from .io import atomic_output_dir, save_consolidated
+from .io import OPTIMIZER, atomic_output_dir, note, progress, save_consolidated, save_moments
 
 
 def local_layout(model: torch.nn.Module) -> dict[str, list]:
@@ -67,11 +67,13 @@ def assemble(rank_states: list[dict[str, torch.Tensor]], layouts: Optional[list[
             if not bool(covered.all()):
                 raise ValueError(f"{full}: the TP shards do not cover every row/column")
             state[full] = out
-    _check_against_model(state, cfg)
+    check_against_model(state, cfg)
     return state
 
 
-def _check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """ValueError naming the first tensor whose name, shape or dtype the config does not
+    expect; with tied embeddings ``lm_head.weight`` is removed from ``state``."""
     from ..models import NSADecoderLM
 
     with torch.device("meta"):
@@ -86,6 +88,8 @@ def _check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> No
     for name, t in ref.items():
         if tuple(state[name].shape) != tuple(t.shape):
             raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)}, config says {tuple(t.shape)}")
+        if state[name].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}: dtype {state[name].dtype}, expected fp32, bf16 or fp16")
 
 
 def _tag_dir(path: str) -> str:
@@ -100,12 +104,28 @@ def _tag_dir(path: str) -> str:
     raise FileNotFoundError(f"{path}: no nsa_dist checkpoint (no nsa_meta.json, no 'latest' marker)")
 
 
-def _progress(quiet: bool):
-    """A stderr line per file when stderr is a terminal (large checkpoints), else nothing."""
-    import sys
-    if quiet or not sys.stderr.isatty():
+def global_batch(meta: dict) -> Optional[int]:
+    """Samples per optimizer step of the run that wrote ``meta`` (None when it does not say):
+    micro_batch_size x grad_accum_steps x data-parallel size (world / (tp x sp))."""
+    if meta.get("global_batch"):
+        return int(meta["global_batch"])
+    tc, world = meta.get("train_config") or {}, meta.get("world_size")
+    if not world or "micro_batch_size" not in tc:
         return None
-    return lambda msg: print(f"[nsa-convert] {msg}", file=sys.stderr, flush=True)
+    par = tc.get("parallel") or {}
+    return tc["micro_batch_size"] * tc.get("grad_accum_steps", 1) * (world // (par.get("tp", 1) * par.get("sp", 1)))
+
+
+# What of a training checkpoint's metadata travels with its consolidated weights.
+_TRAINING_KEYS = ("step", "consumed_samples", "seq_len", "train_config", "tokenizer_path", "tokenizer_sha256",
+                  "data_prefix", "versions")
+
+
+def training_state(meta: dict, adam_step: Optional[int]) -> dict:
+    """The run's position to carry on: step, samples consumed, Adam's step, global batch..."""
+    out = {k: meta[k] for k in _TRAINING_KEYS if k in meta}
+    out.update(adam_step=adam_step, global_batch=global_batch(meta))
+    return out
 
 
 @dataclass
@@ -121,13 +141,13 @@ class FullCheckpoint:
 
 
 def read_checkpoint(path: str, master: bool = False, optimizer: bool = False,
-                    progress=None) -> FullCheckpoint:
+                    quiet: bool = True) -> FullCheckpoint:
     """Read a training checkpoint of any TP x Ulysses x DP layout and ZeRO stage.
 
     path: a step folder, a checkpoints root or a run directory. Weights: the module's
     working weights for ZeRO 0-2 (bf16 on bf16 GPU runs) unless ``master`` (the fp32 copies in
     the ZeRO shards, stages 1-2); always the fp32 shards for ZeRO-3. ``optimizer``: also
-    Adam's moments and step (ZeRO 1-3).
+    Adam's moments and step (ZeRO 1-3). ``quiet=False``: progress on a terminal.
     """
     from ..training.checkpoint import verify_checkpoint
     from .zero_state import load_ds_file, read_tp_rank
@@ -140,11 +160,11 @@ def read_checkpoint(path: str, master: bool = False, optimizer: bool = False,
     tp = len(layouts) if layouts else 1
     if optimizer and stage == 0:
         raise ValueError(f"{tag_dir} is a ZeRO-0 checkpoint: its optimizer state is not in a form "
-                         "reshard reads; pass --reset-optimizer to start Adam afresh")
+                         "nsa-convert reads; pass --reset-optimizer to start Adam afresh")
     out = FullCheckpoint(cfg, meta, {}, tag_dir=tag_dir)
     shard_weights = stage == 3 or (master and stage > 0)  # ZeRO-0 has no shards: module weights
     if shard_weights or optimizer:
-        ranks = [read_tp_rank(tag_dir, t, stage, optimizer=optimizer, progress=progress) for t in range(tp)]
+        ranks = [read_tp_rank(tag_dir, t, stage, optimizer=optimizer, quiet=quiet) for t in range(tp)]
         if shard_weights:
             out.params = assemble([r.params for r in ranks], layouts, cfg)
         if optimizer:
@@ -157,33 +177,37 @@ def read_checkpoint(path: str, master: bool = False, optimizer: bool = False,
             raise FileNotFoundError(f"{tag_dir} has no mp_rank_XX_model_states.pt")
         if len(files) != tp:
             raise ValueError(f"{tag_dir}: param_layout lists {tp} TP ranks but {len(files)} model files exist")
-        states = []
-        for i, f in enumerate(files):
-            if progress:
-                progress(f"reading {f} ({i + 1}/{len(files)})")
-            states.append(load_ds_file(os.path.join(tag_dir, f))["module"])
+        states = [load_ds_file(os.path.join(tag_dir, f))["module"]
+                  for f in progress(files, "reading model files", quiet)]
         out.params = assemble(states, layouts, cfg)
     return out
 
 
 def consolidate(path: str, out: str, dtype: Optional[torch.dtype] = None, force: bool = False,
-                master: bool = False, quiet: bool = False) -> str:
+                master: bool = False, quiet: bool = True, optimizer: bool = False) -> str:
     """Write the consolidated checkpoint of ``path`` (a step folder, a checkpoints root or a run
-    directory) to ``out``. Returns the step folder that was read."""
+    directory) to ``out``; with ``optimizer`` also Adam's moments and the run's position (for
+    ``reshard``). Returns the step folder that was read."""
     if os.path.exists(out) and not force:  # before reading gigabytes
         raise FileExistsError(f"output {os.path.abspath(out)} already exists; pass --force to replace it")
-    ck = read_checkpoint(path, master=master, progress=_progress(quiet))
-    tag_dir = _tag_dir(path)
+    # With the moments, the fp32 masters they belong to (not a bf16 run's rounded working copy).
+    ck = read_checkpoint(path, master=master or optimizer, optimizer=optimizer, quiet=quiet)
     meta, cfg, state = ck.meta, ck.cfg, ck.params
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
+    extra = {"source_checkpoint": os.path.abspath(ck.tag_dir), "step": meta.get("step")}
+    if optimizer:
+        extra["training_state"] = training_state(meta, ck.adam_step)
     with atomic_output_dir(out, force) as tmp:
-        save_consolidated(state, cfg, tmp, {"source_checkpoint": os.path.abspath(tag_dir),
-                                            "step": meta.get("step")})
+        note(f"writing {out}", quiet)
+        save_consolidated(state, cfg, tmp, extra)
+        if optimizer:
+            save_moments(ck.exp_avg, ck.exp_avg_sq, [k for k in ck.exp_avg if k in state],
+                         os.path.join(tmp, OPTIMIZER))
         tok = meta.get("tokenizer_path")
         if tok and os.path.exists(tok):
             src = os.path.dirname(tok) if os.path.isfile(tok) else tok
             for f in os.listdir(src):
                 if f.startswith("tokenizer"):
                     shutil.copy2(os.path.join(src, f), tmp)
-    return tag_dir
+    return ck.tag_dir

@@ -82,10 +82,10 @@ def _mapping(cfg: ModelConfig) -> dict[str, list[str]]:
 
 
 def import_hf(src: str, nsa: NSAConfig, dtype: torch.dtype = torch.float32,
-              seed: int = 0) -> tuple[ModelConfig, NSADecoderLM, ImportReport]:
+              seed: int = 0, quiet: bool = True) -> tuple[ModelConfig, NSADecoderLM, ImportReport]:
     """Build an NSA model from the dense HF checkpoint in directory ``src``."""
     cfg = model_config_from_hf(_hf_config(src), nsa)
-    hf_state = load_safetensors_dir(src)
+    hf_state = load_safetensors_dir(src, quiet=quiet)
     torch.manual_seed(seed)
     model = NSADecoderLM(cfg)
     ours = model.state_dict()
@@ -95,6 +95,8 @@ def import_hf(src: str, nsa: NSAConfig, dtype: torch.dtype = torch.float32,
         if hf_name not in hf_state:
             raise ValueError(f"{src}: tensor {hf_name} is missing from the checkpoint")
         t = hf_state[hf_name]
+        if not t.is_floating_point():
+            raise ValueError(f"{src}: tensor {hf_name} has dtype {t.dtype}, expected a floating-point type")
         for name in targets:
             if tuple(t.shape) != tuple(ours[name].shape):
                 raise ValueError(f"{hf_name} has shape {tuple(t.shape)} but {name} needs {tuple(ours[name].shape)}")
@@ -111,9 +113,11 @@ def import_hf(src: str, nsa: NSAConfig, dtype: torch.dtype = torch.float32,
 
 
 def from_hf(src: str, out: str, nsa: NSAConfig, dtype: torch.dtype = torch.float32,
-            force: bool = False) -> ImportReport:
+            force: bool = False, quiet: bool = True) -> ImportReport:
     """The ``from-hf`` subcommand: write a consolidated NSA checkpoint to ``out``."""
-    cfg, model, report = import_hf(src, nsa, dtype)
+    if os.path.exists(out) and not force:  # before reading the weights
+        raise FileExistsError(f"output {os.path.abspath(out)} already exists; pass --force to replace it")
+    cfg, model, report = import_hf(src, nsa, dtype, quiet=quiet)
     with atomic_output_dir(out, force) as tmp:
         save_consolidated(model.state_dict(), cfg, tmp, {"imported_from": os.path.abspath(src)})
         with open(os.path.join(tmp, "import_report.txt"), "w") as fh:

@@ -5,8 +5,10 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
-from typing import Iterator
+import time
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -14,6 +16,37 @@ from ..config import ModelConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+OPTIMIZER = "optimizer.safetensors"  # Adam moments at full shapes: exp_avg.<name>, exp_avg_sq.<name>
+
+
+def progress(items: Iterable, desc: str, quiet: bool = False, total: Optional[int] = None) -> Iterable:
+    """``items`` with a progress display on stderr: a tqdm bar when tqdm is installed, else a
+    line every 2 s. The plain iterable when ``quiet`` or when stderr is not a terminal (logs)."""
+    if quiet or not sys.stderr.isatty():
+        return items
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _progress_lines(items, desc, total)
+    return tqdm(items, desc=f"[nsa-convert] {desc}", total=total, file=sys.stderr, leave=False)
+
+
+def _progress_lines(items: Iterable, desc: str, total: Optional[int]) -> Iterator:
+    last = 0.0
+    for i, item in enumerate(items):
+        if time.monotonic() - last > 2.0:
+            last = time.monotonic()
+            print(f"[nsa-convert] {desc}: {i}/{total if total is not None else '?'}", file=sys.stderr, flush=True)
+        yield item
+    print(f"[nsa-convert] {desc}: done", file=sys.stderr, flush=True)
+
+
+def note(msg: str, quiet: bool = False) -> None:
+    """One status line on stderr (a terminal only, like ``progress``): e.g. before a long write."""
+    if not quiet and sys.stderr.isatty():
+        print(f"[nsa-convert] {msg}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -50,20 +83,25 @@ def atomic_output_dir(path: str, force: bool = False) -> Iterator[str]:
             shutil.rmtree(tmp)
 
 
-def load_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of the ``*.safetensors`` files in ``path`` (sharded or not)."""
+def load_safetensors_file(path: str) -> dict[str, torch.Tensor]:
+    """One safetensors file; ValueError naming it when truncated or not safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path} (truncated or not safetensors?): {err}") from err
+
+
+def load_safetensors_dir(path: str, skip: tuple[str, ...] = (), quiet: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of the ``*.safetensors`` files in ``path`` (sharded or not), but ``skip``."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f not in skip)
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {path}")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            part = load_file(os.path.join(path, name))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read {os.path.join(path, name)} (truncated or not safetensors?): {err}") from err
+    for name in progress(files, f"reading {os.path.basename(os.path.abspath(path))}", quiet):
+        part = load_safetensors_file(os.path.join(path, name))
         dup = state.keys() & part.keys()
         if dup:
             raise ValueError(f"tensor {sorted(dup)[0]} appears in more than one file of {path}")
@@ -88,13 +126,44 @@ def save_consolidated(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir:
         json.dump({"nsa_dist_model": cfg.to_dict(), **(extra or {})}, fh, indent=2)
 
 
-def load_consolidated(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a directory written by ``save_consolidated``."""
+def read_config_json(path: str) -> dict:
+    """The ``config.json`` of a consolidated directory (ours: it has ``nsa_dist_model``)."""
     cfg_path = os.path.join(path, CONFIG)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path} has no {CONFIG}: not a consolidated nsa_dist checkpoint")
-    with open(cfg_path) as fh:
-        meta = json.load(fh)
+    try:
+        with open(cfg_path) as fh:
+            meta = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON (truncated?): {err}") from None
     if "nsa_dist_model" not in meta:
         raise ValueError(f"{cfg_path} is not an nsa_dist config (no 'nsa_dist_model' key)")
-    return ModelConfig.from_dict(meta["nsa_dist_model"], where=cfg_path), load_safetensors_dir(path)
+    return meta
+
+
+def load_consolidated(path: str, quiet: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a directory written by ``save_consolidated`` (the weights; not the optimizer file)."""
+    meta = read_config_json(path)
+    cfg = ModelConfig.from_dict(meta["nsa_dist_model"], where=os.path.join(path, CONFIG))
+    return cfg, load_safetensors_dir(path, skip=(OPTIMIZER,), quiet=quiet)
+
+
+def save_moments(exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor], names: Iterable[str],
+                 path: str) -> None:
+    """Adam's moments of the parameters ``names`` (full shapes, fp32) into one safetensors file."""
+    from safetensors.torch import save_file
+
+    names = list(names)
+    save_file({**{f"exp_avg.{k}": exp_avg[k].detach().float().contiguous() for k in names},
+               **{f"exp_avg_sq.{k}": exp_avg_sq[k].detach().float().contiguous() for k in names}},
+              path, metadata={"producer": "nsa_dist"})
+
+
+def load_moments(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(exp_avg, exp_avg_sq) by parameter name from a file written by ``save_moments``."""
+    state = load_safetensors_file(path)
+    avg = {k[len("exp_avg."):]: v for k, v in state.items() if k.startswith("exp_avg.")}
+    avg_sq = {k[len("exp_avg_sq."):]: v for k, v in state.items() if k.startswith("exp_avg_sq.")}
+    if set(avg) != set(avg_sq) or len(avg) + len(avg_sq) != len(state):
+        raise ValueError(f"{path}: not an Adam moments file (expected exp_avg.<name> and exp_avg_sq.<name> pairs)")
+    return avg, avg_sq

@@ -1,18 +1,25 @@
 """``reshard``: a checkpoint of any layout -> a layout-free checkpoint that ``nsa-pretrain
 --resume`` loads under any TP / Ulysses / DP layout and ZeRO stage.
 
-Output (a checkpoints root, so ``--resume OUT`` finds it through ``latest``)::
+Source: a training checkpoint of ours (any TP x Ulysses x DP layout, ZeRO 1-3; its fp32 master
+weights and Adam's moments are read from the ZeRO shards), or a consolidated directory (with
+``optimizer.safetensors`` and ``training_state`` when written by ``consolidate --optimizer``).
+
+Output (a checkpoints root, so ``--resume OUT`` finds it through ``latest``; written as
+``<output_dir>/checkpoints`` it is what ``--resume auto`` picks up)::
 
     OUT/latest                       -> step_XXXXXXXX
-    OUT/step_XXXXXXXX/model.safetensors       fp32 weights at single-device names
+    OUT/step_XXXXXXXX/model.safetensors       fp32 weights at single-device names and shapes
     OUT/step_XXXXXXXX/optimizer.safetensors   exp_avg.<name>, exp_avg_sq.<name> (fp32), unless reset
-    OUT/step_XXXXXXXX/nsa_meta.json           configs, data position, "layout": "full",
+    OUT/step_XXXXXXXX/nsa_meta.json           configs, data position, global batch, "layout": "full",
                                               "optimizer": "adam" | "reset", file sizes
 
 Adam's moments are elementwise per parameter, so they are cut for the new layout exactly like
-the weights; the trainer does that on resume (``nsa_dist.training.full_resume``). Where the source has no
-usable optimizer state (a consolidated model, a ZeRO-0 run), ``reset_optimizer=True`` must be
-asked for, and the written metadata and the resuming trainer both say so.
+the weights; the trainer does that on resume (``nsa_dist.training.full_resume``). Where the source
+has no usable optimizer state (a consolidated model without it, a ZeRO-0 run),
+``reset_optimizer=True`` must be asked for, and the written metadata and the resuming trainer
+both say so. The step, samples consumed and so the LR schedule continue; a resume whose global
+batch differs from the source run's is refused unless ``allow_batch_change``.
 """
 from __future__ import annotations
 
@@ -23,18 +30,32 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from .io import CONFIG, atomic_output_dir, load_consolidated
+from .consolidate import _tag_dir, check_against_model, global_batch, read_checkpoint
+from .io import (CONFIG, OPTIMIZER, WEIGHTS, atomic_output_dir, load_consolidated, load_moments,
+                 load_safetensors_file, note, read_config_json, save_moments)
 
-MODEL_FILE = "model.safetensors"
-OPTIM_FILE = "optimizer.safetensors"
+MODEL_FILE, OPTIM_FILE = WEIGHTS, OPTIMIZER
 
 
 def _is_consolidated(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG)) and not os.path.isfile(os.path.join(path, "nsa_meta.json"))
 
 
-def check_target_layout(cfg: ModelConfig, tp: int, sp: int, world_size: Optional[int],
-                        seq_len: Optional[int]) -> None:
+def _config_and_seq_len(src: str) -> tuple[ModelConfig, Optional[int]]:
+    """The model config and training length of ``src`` from its metadata alone."""
+    if _is_consolidated(src):
+        info = read_config_json(src)
+        return (ModelConfig.from_dict(info["nsa_dist_model"], where=os.path.join(src, CONFIG)),
+                (info.get("training_state") or {}).get("seq_len"))
+    from ..training.checkpoint import read_meta
+
+    tag_dir = _tag_dir(src)
+    meta = read_meta(tag_dir)
+    return ModelConfig.from_dict(meta["model_config"], where=f"{tag_dir}/nsa_meta.json"), meta.get("seq_len")
+
+
+def check_target_layout(cfg: ModelConfig, seq_len: Optional[int], tp: int, sp: int,
+                        world_size: Optional[int]) -> None:
     """ValueError naming the problem when the model cannot be split as asked."""
     from ..parallel.state import ParallelConfig
 
@@ -42,56 +63,84 @@ def check_target_layout(cfg: ModelConfig, tp: int, sp: int, world_size: Optional
     ParallelConfig(tp=tp, sp=sp).check_model(cfg, world, seq_len)
 
 
-def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: int = 1,
-            world_size: Optional[int] = None, force: bool = False, quiet: bool = False) -> str:
-    """Write the layout-free checkpoint of ``src`` to ``out``; returns its step folder."""
-    from safetensors.torch import save_file
+def _check_moments(params: dict, avg: dict, avg_sq: dict, where: str) -> None:
+    """Adam's moments must cover every parameter at its shape, in fp32."""
+    for moments, what in ((avg, "exp_avg"), (avg_sq, "exp_avg_sq")):
+        missing, extra = sorted(params.keys() - moments.keys()), sorted(moments.keys() - params.keys())
+        if missing or extra:
+            raise ValueError(f"{where}: {what} does not match the weights: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, t in params.items():
+            if tuple(moments[k].shape) != tuple(t.shape) or moments[k].dtype != torch.float32:
+                raise ValueError(f"{where}: {what}.{k} is {tuple(moments[k].shape)} {moments[k].dtype}, the weight "
+                                 f"is {tuple(t.shape)} (moments must be fp32)")
 
+
+def _read_consolidated(src: str, reset_optimizer: bool, quiet: bool):
+    """(cfg, params, moments or None, meta) of a consolidated directory."""
+    info = read_config_json(src)
+    ts = info.get("training_state")
+    has_moments = os.path.isfile(os.path.join(src, OPTIMIZER)) and ts is not None
+    if not has_moments and not reset_optimizer:
+        raise ValueError(f"{src} is a consolidated model without optimizer state (write it with "
+                         "'nsa-convert consolidate --optimizer' to keep Adam's moments); pass --reset-optimizer "
+                         "to start training from its weights with a fresh optimizer")
+    cfg, params = load_consolidated(src, quiet=quiet)
+    check_against_model(params, cfg)
+    # Without a recorded position (e.g. a from-hf import) training starts at step 0.
+    meta = dict(ts or {"step": 0, "consumed_samples": 0, "adam_step": None})
+    meta["model_config"] = cfg.to_dict()
+    moments = None
+    if has_moments and not reset_optimizer:
+        note(f"reading {OPTIMIZER}", quiet)
+        avg, avg_sq = load_moments(os.path.join(src, OPTIMIZER))
+        _check_moments(params, avg, avg_sq, os.path.join(src, OPTIMIZER))
+        moments = (avg, avg_sq, meta.get("adam_step"))
+    return cfg, params, moments, meta
+
+
+def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: int = 1,
+            world_size: Optional[int] = None, force: bool = False, quiet: bool = True,
+            allow_batch_change: bool = False) -> str:
+    """Write the layout-free checkpoint of ``src`` to ``out``; returns its step folder.
+
+    tp, sp, world_size: the target layout the model is checked against before anything is
+    written (the checkpoint itself loads on any layout the model splits over).
+    """
     from ..training.checkpoint import FORMAT_VERSION, LATEST_FILE, META_FILE, tag_for_step
-    from .consolidate import _progress, read_checkpoint
 
     if os.path.exists(out) and not force:
         raise FileExistsError(f"output {os.path.abspath(out)} already exists; pass --force to replace it")
+    check_target_layout(*_config_and_seq_len(src), tp=tp, sp=sp, world_size=world_size)  # before reading tensors
     if _is_consolidated(src):
-        if not reset_optimizer:
-            raise ValueError(f"{src} is a consolidated model without optimizer state or data position; "
-                             "pass --reset-optimizer to start training from its weights")
-        cfg, params = load_consolidated(src)
-        from .consolidate import _check_against_model
-        _check_against_model(params, cfg)
-        meta = {"model_config": cfg.to_dict(), "step": 0, "consumed_samples": 0,
-                "source": os.path.abspath(src)}
-        moments = None
+        cfg, params, moments, meta = _read_consolidated(src, reset_optimizer, quiet)
+        meta["source"] = os.path.abspath(src)
     else:
-        ck = read_checkpoint(src, master=True, optimizer=not reset_optimizer, progress=_progress(quiet))
+        ck = read_checkpoint(src, master=True, optimizer=not reset_optimizer, quiet=quiet)
         cfg, params, meta = ck.cfg, ck.params, dict(ck.meta)
+        meta["global_batch"] = global_batch(meta)
         meta["source"] = os.path.abspath(ck.tag_dir)
         moments = None if reset_optimizer else (ck.exp_avg, ck.exp_avg_sq, ck.adam_step)
-    seq_len = meta.get("seq_len")
-    check_target_layout(cfg, tp, sp, world_size, seq_len)
     step = int(meta.get("step", 0))
     tag = tag_for_step(step)
+    names = [n for n in params if not (cfg.tie_embeddings and n == "lm_head.weight")]  # tied: embed.weight
     with atomic_output_dir(out, force) as tmp:
+        from safetensors.torch import save_file
+
         tag_dir = os.path.join(tmp, tag)
         os.makedirs(tag_dir)
-        seen, weights = set(), {}
-        for name, t in params.items():
-            if cfg.tie_embeddings and name == "lm_head.weight":
-                continue  # the same tensor as embed.weight
-            weights[name] = t.detach().float().contiguous()
-            seen.add(name)
-        save_file(weights, os.path.join(tag_dir, MODEL_FILE), metadata={"producer": "nsa_dist reshard"})
+        note(f"writing {os.path.join(out, tag)}", quiet)
+        save_file({k: params[k].detach().float().contiguous() for k in names}, os.path.join(tag_dir, MODEL_FILE),
+                  metadata={"producer": "nsa_dist reshard"})
         if moments is not None:
-            avg, avg_sq, adam_step = moments
-            save_file({**{f"exp_avg.{k}": avg[k].float().contiguous() for k in seen},
-                       **{f"exp_avg_sq.{k}": avg_sq[k].float().contiguous() for k in seen}},
-                      os.path.join(tag_dir, OPTIM_FILE), metadata={"producer": "nsa_dist reshard"})
+            save_moments(moments[0], moments[1], names, os.path.join(tag_dir, OPTIM_FILE))
         files = {f: os.path.getsize(os.path.join(tag_dir, f)) for f in sorted(os.listdir(tag_dir))}
-        for key in ("param_layout", "world_size", "files", "format_version", "deepspeed_config"):
+        for key in ("param_layout", "world_size", "files", "format_version", "deepspeed_config", "tag"):
             meta.pop(key, None)
         meta.update(format_version=FORMAT_VERSION, tag=tag, step=step, layout="full",
                     optimizer="reset" if moments is None else "adam",
-                    adam_step=None if moments is None else moments[2], files=files)
+                    adam_step=None if moments is None else moments[2],
+                    allow_batch_change=bool(allow_batch_change),
+                    checked_layout={"tp": tp, "sp": sp, "world_size": world_size or tp * sp}, files=files)
         with open(os.path.join(tag_dir, META_FILE), "w") as fh:
             json.dump(meta, fh, indent=2)
         with open(os.path.join(tmp, LATEST_FILE), "w") as fh:
@@ -102,19 +151,8 @@ def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: 
 def load_full(tag_dir: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]],
                                      Optional[dict[str, torch.Tensor]]]:
     """(weights, exp_avg, exp_avg_sq) of a ``reshard`` output folder (moments None when reset)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    def read(name):
-        try:
-            return load_file(os.path.join(tag_dir, name))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read {os.path.join(tag_dir, name)}: {err}") from err
-
-    weights = read(MODEL_FILE)
+    weights = load_safetensors_file(os.path.join(tag_dir, MODEL_FILE))
     if not os.path.isfile(os.path.join(tag_dir, OPTIM_FILE)):
         return weights, None, None
-    opt = read(OPTIM_FILE)
-    avg = {k[len("exp_avg."):]: v for k, v in opt.items() if k.startswith("exp_avg.")}
-    avg_sq = {k[len("exp_avg_sq."):]: v for k, v in opt.items() if k.startswith("exp_avg_sq.")}
+    avg, avg_sq = load_moments(os.path.join(tag_dir, OPTIM_FILE))
     return weights, avg, avg_sq

@@ -22,9 +22,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from .io import progress
 
 _DS_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                "deepspeed.utils.tensor_fragment.fragment_address",
@@ -106,8 +108,9 @@ def _unflatten_z3(per_rank: list[torch.Tensor], shapes: dict, where: str) -> dic
 
 
 def read_tp_rank(tag_dir: str, tp_rank: int, stage: int, optimizer: bool = True,
-                 progress: Optional[Callable[[str], None]] = None) -> RankState:
-    """Reassemble TP rank ``tp_rank`` of a ZeRO ``stage`` (1-3) checkpoint folder."""
+                 quiet: bool = True) -> RankState:
+    """Reassemble TP rank ``tp_rank`` of a ZeRO ``stage`` (1-3) checkpoint folder: its fp32
+    weights (and Adam's moments) at TP-local names and shapes, from all DP ranks' shards."""
     where = f"{tag_dir} (TP rank {tp_rank})"
     optim_files = _dp_files(tag_dir, tp_rank, "optim_states")
     if not optim_files:
@@ -120,9 +123,7 @@ def read_tp_rank(tag_dir: str, tp_rank: int, stage: int, optimizer: bool = True,
     groups = model_sd["param_shapes"]  # list (one per param group) of name -> shape
     dp = len(optim_files)
     flats, avg, avg_sq, step = [], [], [], None
-    for i, f in enumerate(optim_files):
-        if progress:
-            progress(f"reading {os.path.basename(f)} ({i + 1}/{dp})")
+    for f in progress(optim_files, f"TP rank {tp_rank}: reading {dp} ZeRO shard file(s)", quiet):
         osd = load_ds_file(f)["optimizer_state_dict"]
         count = osd["partition_count"]
         count = max(count) if isinstance(count, list) else count

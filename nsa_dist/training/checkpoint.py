@@ -63,8 +63,11 @@ def file_sha256(path: str) -> str:
 # ----------------------------------------------------------------------------- RNG states
 
 def rng_state() -> dict:
-    """Every RNG the training loop may draw from (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG the training loop may draw from (python, numpy, torch CPU and CUDA). Only
+    tensors and plain Python values, so the file loads with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -73,7 +76,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else keys
+    np.random.set_state((name, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -81,6 +86,22 @@ def set_rng_state(state: dict) -> None:
 
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
+
+
+def load_rng_file(path: str) -> dict:
+    """An RNG file through ``torch.load(weights_only=True)``. Files of earlier versions hold
+    numpy's state array: numpy's own array-rebuilding classes are allowed for them, nothing else."""
+    import importlib
+
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    foreign = sorted(n for n in unsafe if n.split(".")[0] != "numpy")
+    if foreign:
+        raise ValueError(f"{path} holds objects of {foreign}: refusing to unpickle them")
+    allowed = [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in unsafe]
+    if allowed:  # the state array's dtype class, which the scan above does not list
+        allowed.append(type(np.dtype(np.uint32)))
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ----------------------------------------------------------------------------- finding
@@ -243,7 +264,7 @@ class CheckpointManager:
             raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}")
         rng_path = os.path.join(tag_dir, rng_file(self.rank))
         if os.path.isfile(rng_path):
-            set_rng_state(torch.load(rng_path, weights_only=False))
+            set_rng_state(load_rng_file(rng_path))
         return meta
 
 
@@ -260,9 +281,12 @@ def _atomic_torch_save(obj, path: str) -> None:
 
 
 def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
-                     data_prefix: str, seq_len: int, dp_world_size: int) -> list[str]:
+                     data_prefix: str, seq_len: int, dp_world_size: int,
+                     layout: Optional[tuple[int, int]] = None) -> list[str]:
     """Raise ValueError when resuming ``meta`` would not continue the same run; return
-    warnings for harmless differences."""
+    warnings for harmless differences. ``dp_world_size``: this run's world size (all ranks);
+    ``layout``: this run's (tp, sp), which a DeepSpeed checkpoint must share (its files are
+    per TP rank and per ZeRO rank; a layout-free ``reshard`` output loads on any)."""
     problems, warnings = [], []
     if meta.get("model_config") != model_cfg:
         diff = sorted(k for k in set(model_cfg) | set(meta.get("model_config", {}))
@@ -277,6 +301,12 @@ def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
         problems.append(f"the data-parallel size differs ({meta.get('world_size')} in the "
                         f"checkpoint, {dp_world_size} now); ZeRO shards are per rank: "
                         f"convert it with 'nsa-convert reshard' to resume on another layout")
+    par = (meta.get("train_config") or {}).get("parallel") or {}
+    then = (par.get("tp", 1), par.get("sp", 1))
+    if meta.get("layout") != "full" and layout is not None and tuple(layout) != then:
+        problems.append(f"the layout differs (tp={then[0]}, sp={then[1]} in the checkpoint, "
+                        f"tp={layout[0]}, sp={layout[1]} now); its files are per TP rank: convert "
+                        f"it with 'nsa-convert reshard' to resume on another layout")
     if os.path.abspath(meta.get("data_prefix", data_prefix)) != os.path.abspath(data_prefix):
         warnings.append(f"data_prefix changed: {meta.get('data_prefix')} -> {data_prefix}")
     if problems:

@@ -305,8 +305,10 @@ class Trainer:
                                  f"pass --resume auto to continue it, or choose a new output_dir")
             return None
         meta = read_meta(path)
+        ps = self.parallel_state
         for w in check_compatible(meta, self.model_cfg.to_dict(), self.tokenizer_sha,
-                                  self.cfg.data_prefix, self.cfg.seq_len, self.world_size):
+                                  self.cfg.data_prefix, self.cfg.seq_len, self.world_size,
+                                  layout=(ps.tp, ps.sp) if ps is not None else (1, 1)):
             self.progress.print(f"[resume] warning: {w}")
         consumed, per_round = int(meta["consumed_samples"]), self.cfg.micro_batch_size * self.dp_world
         if meta.get("layout") == "full":  # nsa-convert reshard output: any layout
@@ -314,6 +316,7 @@ class Trainer:
                 raise ValueError(f"checkpoint {path}: consumed_samples={consumed} is not a multiple of "
                                  f"micro_batch_size x data-parallel size = {per_round}; choose sizes that "
                                  f"divide it to continue the same sample order")
+            self._check_full_global_batch(path, meta)
             self._full_resume = path
         else:
             tc = meta.get("train_config") or {}
@@ -343,6 +346,7 @@ class Trainer:
                 "deepspeed_config": self.ds_config, "tokenizer_path": self.tokenizer_path,
                 "tokenizer_sha256": self.tokenizer_sha, "data_prefix": self.cfg.data_prefix,
                 "seq_len": self.cfg.seq_len, "consumed_samples": self.consumed_samples,
+                "global_batch": self.cfg.global_batch(self.dp_world),
                 "tokens_seen": self.consumed_samples * self.cfg.seq_len,
                 "param_layout": self.param_layout,
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
@@ -559,3 +563,19 @@ class Trainer:
     def close(self) -> None:
         if self.tb:
             self.tb.close()
+
+    def _check_full_global_batch(self, path: str, meta: dict) -> None:
+        """A resharded checkpoint continues its step, data position and LR schedule; another
+        global batch (new DP size) would change what a step means, so it must be asked for
+        when resharding (``nsa-convert reshard --allow-batch-change``)."""
+        then, now = meta.get("global_batch"), self.cfg.global_batch(self.dp_world)
+        if not then or then == now:
+            return
+        sizes = (f"micro_batch_size {self.cfg.micro_batch_size} x grad_accum_steps "
+                 f"{self.cfg.grad_accum_steps} x data-parallel size {self.dp_world}")
+        if not meta.get("allow_batch_change"):
+            raise ValueError(f"checkpoint {path} was trained with a global batch of {then} samples, this run "
+                             f"has {now} ({sizes}); choose sizes that keep {then}, or reshard with "
+                             f"'nsa-convert reshard --allow-batch-change' to continue with {now}")
+        self.progress.print(f"[resume] global batch {then} -> {now} samples ({sizes}), allowed by reshard "
+                            f"--allow-batch-change: step, data position and LR schedule continue")

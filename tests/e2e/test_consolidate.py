@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import check, free_port, run_launcher, run_pretrain, summary, train_yaml
