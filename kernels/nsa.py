@@ -122,7 +122,7 @@ def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, sca
     kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
     if kt.shape[0]:
         _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
-                                                      geo.HQ, geo.DK, geo.DV, min(qchunk, 1 << 62),
+                                                      geo.HQ, geo.DK, geo.DV, qchunk,
                                                       BLOCK_M=ROWS, BLOCK_N=kb, ATOMIC=atomic, **common,
                                                       **_lk(geo, "range_dkdv"))
     else:

@@ -34,8 +34,6 @@ from .consolidate import _tag_dir, check_against_model, global_batch, read_check
 from .io import (CONFIG, OPTIMIZER, WEIGHTS, atomic_output_dir, load_consolidated, load_moments,
                  load_safetensors_file, note, read_config_json, save_moments)
 
-MODEL_FILE, OPTIM_FILE = WEIGHTS, OPTIMIZER
-
 
 def _is_consolidated(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG)) and not os.path.isfile(os.path.join(path, "nsa_meta.json"))
@@ -129,10 +127,10 @@ def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: 
         tag_dir = os.path.join(tmp, tag)
         os.makedirs(tag_dir)
         note(f"writing {os.path.join(out, tag)}", quiet)
-        save_file({k: params[k].detach().float().contiguous() for k in names}, os.path.join(tag_dir, MODEL_FILE),
+        save_file({k: params[k].detach().float().contiguous() for k in names}, os.path.join(tag_dir, WEIGHTS),
                   metadata={"producer": "nsa_dist reshard"})
         if moments is not None:
-            save_moments(moments[0], moments[1], names, os.path.join(tag_dir, OPTIM_FILE))
+            save_moments(moments[0], moments[1], names, os.path.join(tag_dir, OPTIMIZER))
         files = {f: os.path.getsize(os.path.join(tag_dir, f)) for f in sorted(os.listdir(tag_dir))}
         for key in ("param_layout", "world_size", "files", "format_version", "deepspeed_config", "tag"):
             meta.pop(key, None)
@@ -151,8 +149,8 @@ def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: 
 def load_full(tag_dir: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]],
                                      Optional[dict[str, torch.Tensor]]]:
     """(weights, exp_avg, exp_avg_sq) of a ``reshard`` output folder (moments None when reset)."""
-    weights = load_safetensors_file(os.path.join(tag_dir, MODEL_FILE))
-    if not os.path.isfile(os.path.join(tag_dir, OPTIM_FILE)):
+    weights = load_safetensors_file(os.path.join(tag_dir, WEIGHTS))
+    if not os.path.isfile(os.path.join(tag_dir, OPTIMIZER)):
         return weights, None, None
-    avg, avg_sq = load_moments(os.path.join(tag_dir, OPTIM_FILE))
+    avg, avg_sq = load_moments(os.path.join(tag_dir, OPTIMIZER))
     return weights, avg, avg_sq

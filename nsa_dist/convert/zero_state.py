@@ -17,7 +17,6 @@ and a named tuple) listed in ``_DS_GLOBALS``; anything else in a file is refused
 from __future__ import annotations
 
 import glob
-import importlib
 import math
 import os
 import re
@@ -33,26 +32,12 @@ _DS_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                "deepspeed.runtime.zero.config.ZeroStageEnum")
 
 
-def _resolve(name: str):
-    module, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
 def load_ds_file(path: str) -> dict:
     """A DeepSpeed checkpoint file through ``weights_only=True`` (ValueError when unreadable or
-    when it holds classes outside the allow-list)."""
-    try:
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as err:  # truncated zip, not a torch file
-        raise ValueError(f"cannot read {path}: {err}") from err
-    foreign = sorted(unsafe - set(_DS_GLOBALS))
-    if foreign:
-        raise ValueError(f"{path} holds objects of {foreign}: refusing to unpickle them")
-    try:
-        with torch.serialization.safe_globals([_resolve(n) for n in sorted(unsafe)]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+    when it holds classes outside ``_DS_GLOBALS``)."""
+    from ..training.checkpoint import load_allowlisted
+
+    return load_allowlisted(path, lambda n: n in _DS_GLOBALS)
 
 
 @dataclass
@@ -138,7 +123,8 @@ def read_tp_rank(tag_dir: str, tp_rank: int, stage: int, optimizer: bool = True,
         if optimizer:
             keys = sorted(states)
             if not keys or any(k not in states[g] for g in keys for k in ("exp_avg", "exp_avg_sq")):
-                raise ValueError(f"{where}: the optimizer state has no Adam moments")
+                raise ValueError(f"{where}: the optimizer state has no Adam moments; pass "
+                                 "--reset-optimizer to reshard the weights alone")
             avg.append([states[g]["exp_avg"] for g in keys])
             avg_sq.append([states[g]["exp_avg_sq"] for g in keys])
             step = int(float(states[keys[0]]["step"]))

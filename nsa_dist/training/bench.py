@@ -166,7 +166,7 @@ def run_grid(args) -> list[dict]:
                        "sp": lay.sp, "dp": world // (lay.tp * lay.sp) if world % (lay.tp * lay.sp) == 0 else "",
                        "gpus": world, "device": device_name, "date": time.strftime("%Y-%m-%d"),
                        "activation_checkpointing": base.activation_checkpointing}
-                if oom_after.get((lay, attention), S + 1) < S:
+                if (lay, attention) in oom_after:
                     row["status"] = f"skipped (out of memory at {oom_after[(lay, attention)]})"
                     rows.append(row)
                     if rank == 0:
@@ -174,8 +174,8 @@ def run_grid(args) -> list[dict]:
                     continue
                 row.update(_run_point(base, args, lay, attention, S, out_dir, states, Trainer,
                                       ModelConfig, world, rank))
-                if row["status"] == "oom":
-                    oom_after[(lay, attention)] = S if args.stop_on_oom else S + 10**12
+                if row["status"] == "oom" and args.stop_on_oom:  # longer contexts come later
+                    oom_after[(lay, attention)] = S
                 rows.append(row)
                 if rank == 0:
                     _append_row(args.out, row)

@@ -88,20 +88,33 @@ def rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
 
 
-def load_rng_file(path: str) -> dict:
-    """An RNG file through ``torch.load(weights_only=True)``. Files of earlier versions hold
-    numpy's state array: numpy's own array-rebuilding classes are allowed for them, nothing else."""
+def load_allowlisted(path: str, allow: Callable[[str], bool], extra: tuple = ()):
+    """``torch.load(path, weights_only=True)`` admitting the non-tensor classes whose dotted
+    names ``allow`` accepts (plus the classes in ``extra``); ValueError naming the file when it
+    is unreadable or holds any other class."""
     import importlib
 
-    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    foreign = sorted(n for n in unsafe if n.split(".")[0] != "numpy")
+    try:
+        unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception as err:  # truncated zip, not a torch file
+        raise ValueError(f"cannot read {path} (truncated or not a torch file?): {err}") from err
+    foreign = [n for n in unsafe if not allow(n)]
     if foreign:
-        raise ValueError(f"{path} holds objects of {foreign}: refusing to unpickle them")
-    allowed = [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in unsafe]
-    if allowed:  # the state array's dtype class, which the scan above does not list
-        allowed.append(type(np.dtype(np.uint32)))
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"{path} holds objects of {foreign}: refusing to unpickle them "
+                         f"(not a checkpoint written by nsa_dist / DeepSpeed?)")
+    classes = [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in unsafe]
+    try:
+        with torch.serialization.safe_globals(classes + list(extra)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {path} (truncated or damaged?): {err}") from err
+
+
+def load_rng_file(path: str) -> dict:
+    """An RNG file. Files of earlier versions hold numpy's state array: numpy's own
+    array-rebuilding classes (and the uint32 dtype class, which the scan does not list) are
+    allowed for them, nothing else."""
+    return load_allowlisted(path, lambda n: n.split(".")[0] == "numpy", extra=(type(np.dtype(np.uint32)),))
 
 
 # ----------------------------------------------------------------------------- finding

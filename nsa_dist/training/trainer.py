@@ -9,6 +9,7 @@ to be parallelised by that helper before ``deepspeed.initialize`` (see ``_build_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,11 +63,6 @@ def init_distributed(deepspeed, device_type: str, timeout_minutes: Optional[floa
         from datetime import timedelta
         extra["timeout"] = timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
-
-
-def _no_context():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:
@@ -200,7 +196,7 @@ class Trainer:
         from ..models import NSADecoderLM
 
         # On a GPU the weights are made there: initialising a 1B model on the host is slow.
-        with torch.device(self.device) if self.device.type == "cuda" else _no_context():
+        with torch.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             model = NSADecoderLM(self.model_cfg, backend=self.cfg.attention_backend)
         model.gradient_checkpointing = self.cfg.activation_checkpointing
         model.loss_chunk = self.cfg.loss_chunk_tokens
@@ -233,19 +229,17 @@ class Trainer:
         load_weights(model, path, self.model_cfg.tie_embeddings)
 
     def _load_full_optimizer(self, path: str) -> dict:
-        """Step, data position and Adam state of a resharded checkpoint (weights are already in)."""
+        """Adam state of a resharded checkpoint (the weights are already in); returns its metadata."""
         from .full_resume import load_optimizer
 
         meta = read_meta(path)
-        self.step = self.last_saved = int(meta["step"])
-        self.consumed_samples = int(meta["consumed_samples"])
-        adam_step = float(meta.get("adam_step") or self.step)
+        adam_step = float(meta.get("adam_step") or meta["step"])
         if meta.get("optimizer") == "reset" or not load_optimizer(
                 self.engine, path, adam_step, self.model_cfg.tie_embeddings):
             self.progress.print(f"[resume] {path}: weights only; the optimizer state was RESET by "
                                 f"'nsa-convert reshard --reset-optimizer' (Adam starts afresh)")
             return meta
-        self.engine.global_steps = self.step
+        self.engine.global_steps = int(meta["step"])
         ps = self.parallel_state
         self.progress.print(f"[resume] {path}: weights and Adam state cut for this layout "
                             f"(tp={ps.tp if ps else 1}, sp={ps.sp if ps else 1}, dp={self.dp_world}); "
@@ -546,8 +540,7 @@ class Trainer:
             "micro_batch_size": self.cfg.micro_batch_size,
             "layout": {"tp": ps.tp if ps else 1, "sp": ps.sp if ps else 1,
                        "dp": self.dp_world},
-            "peak_memory_gb": next(iter(memory_gb(self.device).values())) if self.device.type == "cpu"
-            else memory_gb(self.device)["max_allocated_gb"],
+            "peak_memory_gb": max(memory_gb(self.device).values()),  # CUDA peak, or peak RSS on CPU
             "checkpoint": os.path.abspath(ckpt) if ckpt else None,
             "tensorboard": os.path.abspath(os.path.join(self.cfg.output_dir, "tensorboard")),
         }

@@ -152,20 +152,13 @@ def test_resume_on_tp1_with_resume_auto_continues_the_curve(tiny_data, tp2_run):
     print(f"TP=1 resume: max |loss - reference| {err:.2e}")
 
 
-def test_resume_on_tp4_continues_the_curve(tiny_data, tp2_run):
+@pytest.mark.parametrize("name,parallel,nproc", [("TP=4", {"tp": 4}, 4), ("Ulysses sp=2", {"sp": 2}, 2)])
+def test_resume_on_another_split_continues_the_curve(tiny_data, tp2_run, name, parallel, nproc):
     root, ref, _ = tp2_run
-    four = train_yaml(tiny_data, root / "four", deepspeed=ZERO2, parallel={"tp": 4}, **COMMON)
-    check(_launch(four, 4, "--resume", str(root / "direct")))
-    err = _assert_continues(_curve(four), _curve(ref), 1e-5)
-    print(f"TP=4 resume: max |loss - reference| {err:.2e}")
-
-
-def test_resume_on_ulysses2_continues_the_curve(tiny_data, tp2_run):
-    root, ref, _ = tp2_run
-    uly = train_yaml(tiny_data, root / "uly", deepspeed=ZERO2, parallel={"sp": 2}, **COMMON)
-    check(_launch(uly, 2, "--resume", str(root / "direct")))
-    err = _assert_continues(_curve(uly), _curve(ref), 1e-5)
-    print(f"Ulysses sp=2 resume: max |loss - reference| {err:.2e}")
+    cfg = train_yaml(tiny_data, root / name.split()[0].replace("=", ""), deepspeed=ZERO2, parallel=parallel, **COMMON)
+    check(_launch(cfg, nproc, "--resume", str(root / "direct")))
+    err = _assert_continues(_curve(cfg), _curve(ref), 1e-5)
+    print(f"{name} resume: max |loss - reference| {err:.2e}")
 
 
 def test_resume_on_zero3_continues_the_curve_and_reset_departs(tiny_data, tp2_run):
