@@ -18,18 +18,24 @@ import triton
 from . import tiles as tl_tiles
 from .gates import combine, combine_backward
 from .range_attn import LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
-from .selected_attn import _sel_bwd_dkdv, _sel_bwd_dq, _sel_fwd
+from .selected_attn import _sel_bwd_dkdv, _sel_bwd_dq, _sel_combine, _sel_fwd, _sel_fwd_split
 from .selection import select_from_lse
 
 ROWS = 64  # rows (position x head) per program of the range kernels
 KEYS = 64  # keys per step of the range kernels
 SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
-SEG_ROWS = 1024  # rows per work item of the selected dK/dV kernel
+SEG_ROWS = 1024  # rows per work item of the block-major selected kernels
+SEL_QUERY_MIN_G = 16  # group size from which the selected forward runs position-major
+# group sizes up to which the selected dq is fused into dK/dV with fp32 atomics: none by
+# default, the atomics cost more than the separate dq kernel at every G measured (1-8)
+SEL_FUSED_DQ_MAX_G = 0
+SPLIT_BYTES = 1 << 30  # bound of the block-major forward's per-slot buffer (positions chunked)
 QCHUNK = 4096  # query positions per program of the compressed dK/dV kernel
 # (num_warps, num_stages) per kernel, from the sweep in tools/bench_kernels.py (docs/kernel_notes.md)
 DEFAULT_LAUNCH = MappingProxyType({
     "range_fwd": (4, 3), "range_dq": (4, 2), "range_dkdv": (4, 2),
     "sel_fwd": (4, 3), "sel_dq": (4, 3), "sel_dkdv": (4, 3),
+    "sel_split": (4, 2), "sel_combine": (4, 1),
 })
 
 
@@ -68,6 +74,23 @@ class Geometry:
 
     def range_block_m(self) -> int:
         return max(16, triton.next_power_of_2(self.range_bt() * self.G))
+
+    def sel_block_major(self) -> bool:
+        """Selected forward block-major (small groups) or position-major (G >= 16)?
+
+        Position-major loads a block's keys once per position tile: with few heads per tile
+        the K/V traffic per FLOP is high. Block-major loads them once per segment of the
+        positions that chose the block, at the price of gathering queries and writing n
+        per-slot results that a second kernel merges. ``launch["sel_algo"]`` ("block" /
+        "query") overrides the choice (tuning sweeps).
+        """
+        algo = self.launch.get("sel_algo")
+        return self.G < SEL_QUERY_MIN_G if algo is None else algo == "block"
+
+    def sel_fused_dq(self) -> bool:
+        """Selected dq inside the dK/dV kernel (fp32 atomics) instead of its own kernel?"""
+        fused = self.launch.get("sel_fused_dq")
+        return self.G <= SEL_FUSED_DQ_MAX_G if fused is None else bool(fused)
 
     def sel_bt(self) -> int:
         return max(1, self.launch.get("sel_rows", SEL_ROWS) // self.G)
@@ -136,40 +159,82 @@ def _sel_prep(idx, geo: Geometry):
     return qt, union, cnt
 
 
+def _sel_seg(geo: Geometry) -> int:
+    return max(1, geo.launch.get("sel_seg_rows", SEG_ROWS) // geo.G)
+
+
+def _sel_work(idx, geo: Geometry, cfg, chunk=None):
+    """The inverted selection (``tiles.SelWork``) the block-major kernels walk."""
+    return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo), chunk)
+
+
+def _sel_block_args(geo: Geometry, cfg) -> dict:
+    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=_pow2(min(ROWS, _sel_seg(geo) * geo.G)),
+                BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv())
+
+
 def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
+    """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None)."""
     T = q.shape[0]
+    n = idx.shape[-1]
+    if geo.sel_block_major():
+        return _sel_forward_split(q, k, v, idx, geo, cfg, scale2)
     o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     qt, union, cnt = _sel_prep(idx, geo)
     if qt.shape[0]:
-        n = idx.shape[-1]
         _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
                                        geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block,
                                        BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
                                        BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
                                        BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_fwd"))
-    return o, lse
+    return o, lse, None
 
 
-def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale):
-    qt, union, cnt = _sel_prep(idx, geo)
+def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
+    """Block-major: per-slot results of each chunk of positions, then their merge."""
+    T = q.shape[0]
+    n = idx.shape[-1]
+    per_pos = geo.HQ * n * (geo.DV * q.element_size() + 4)
+    chunk = max(1, geo.launch.get("split_bytes", SPLIT_BYTES) // per_pos)
+    work = _sel_work(idx, geo, cfg, chunk)
+    rows = min(chunk, T) * geo.HQ
+    op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
+    lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
+    o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
+    block_r = 32
+    for c in range(len(work.bounds) - 1):
+        t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
+        i0, i1 = work.bounds[c], work.bounds[c + 1]
+        lp.fill_(float("-inf"))
+        if i1 > i0:
+            _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
+                                       geo.HQ, geo.DK, geo.DV, n, t0, **_sel_block_args(geo, cfg),
+                                       **_lk(geo, "sel_split"))
+        nr = (t1 - t0) * geo.HQ
+        _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
+                                                  NPAD=_pow2(n), BDV=geo.bdv(), **_lk(geo, "sel_combine"))
+    return o, lse, work
+
+
+def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None):
     n = idx.shape[-1]
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    if qt.shape[0] == 0:
-        return dk32.to(k.dtype), dv32.to(v.dtype)
-    _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
-                                      geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
-                                      LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
-                                      BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                      BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
-    seg = max(1, SEG_ROWS // geo.G)
-    items, qlist = tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, seg)
+    fuse_dq = geo.sel_fused_dq()
+    if not fuse_dq:
+        qt, union, cnt = _sel_prep(idx, geo)
+        if qt.shape[0]:
+            _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
+                                              geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
+                                              LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
+                                              BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
+                                              BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
+    items, qlist = (work if work is not None else _sel_work(idx, geo, cfg))[:2]
     if items.shape[0]:
-        _sel_bwd_dkdv[(items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, items, qlist, scale2, scale,
-                                         geo.HQ, geo.DK, geo.DV, G=geo.G, LS=cfg.sel_block,
-                                         BLOCK_M=_pow2(min(ROWS, seg * geo.G)),
-                                         BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv(),
+        _sel_bwd_dkdv[(items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, dq32, items, qlist, scale2, scale,
+                                         geo.HQ, geo.DK, geo.DV, FUSE_DQ=fuse_dq, **_sel_block_args(geo, cfg),
                                          **_lk(geo, "sel_dkdv"))
     return dk32.to(k.dtype), dv32.to(v.dtype)
 
@@ -182,12 +247,12 @@ class NSAFunction(torch.autograd.Function):
         scale2 = scale * LOG2E
         # pre: (o_cmp, lse_cmp) already computed for the selection, or None
         o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
-        o_s, lse_s = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+        o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
         o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
         o = combine(o_c, o_s, o_w, gates)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
                               o_c, lse_c, o_s, lse_s, o_w, lse_w)
-        ctx.geo, ctx.cfg, ctx.scale = geo, cfg, scale
+        ctx.geo, ctx.cfg, ctx.scale, ctx.sel_work = geo, cfg, scale, work
         return o
 
     @staticmethod
@@ -199,7 +264,8 @@ class NSAFunction(torch.autograd.Function):
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkc, dvc = _range_backward(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], dq32, geo, cfg, scale2, scale)
-        dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2, scale)
+        dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2, scale,
+                                 ctx.sel_work)
         if cfg.window > 0:
             dkw, dvw = _range_backward(1, q, k_win, v_win, dos[2], lse_w, delta[2], dq32, geo, cfg, scale2,
                                        scale)

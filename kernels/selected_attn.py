@@ -8,6 +8,13 @@ its own list (the paper's group-centric kernel).
 dK/dV: the selection is inverted on the host (``tiles.inverted_selection``): one program per
 (KV head, block, segment of the queries that chose it) gathers those queries' rows, so no
 program scans queries that did not choose its block. Segments add into fp32 buffers.
+
+Block-major forward (small groups, where a position tile's union wastes the matrix units
+and re-reads K/V): the same work items; each row's attention over one block goes, normalised,
+into its own slot with its log-sum-exp (split-K, as flash-decoding does), and a second kernel
+merges a row's n slots. No atomics; the slot buffer is bounded by running the positions in
+chunks. The dq of this layout can be fused into the dK/dV kernel (``FUSE_DQ``): dS is at hand
+there, so dq += dS K is one more product and an fp32 atomic add.
 """
 from __future__ import annotations
 
@@ -116,10 +123,82 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, IDX, UNION, UCNT, scale2, sc
 
 
 @triton.jit
-def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
+def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, t_base,
+                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr):
+    """One program per (KV head, block, segment of choosing queries): each row's attention over
+    this one block, normalised, into its slot: OP[row - t_base*HQ, slot] and its log2-sum-exp2
+    LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
+    item = tl.program_id(0).to(tl.int64)
+    H = HQ // G
+    h = tl.load(ITEMS + item * 5)
+    k0 = tl.load(ITEMS + item * 5 + 1)
+    k1 = tl.load(ITEMS + item * 5 + 2)
+    off = tl.load(ITEMS + item * 5 + 3)
+    n = tl.load(ITEMS + item * 5 + 4)
+    jb = tl.arange(0, BLOCK_N)
+    kpos = k0 + jb
+    key_ok = (jb < LS) & (kpos < k1)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kr = kpos * H + h
+    k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
+    v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    for r0 in range(0, n * G, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = r < n * G
+        t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
+        rq = t * HQ + h * G + r % G
+        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        s = tl.dot(q, k) * scale2
+        s = tl.where(row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
+        m = tl.max(s, 1)
+        ms = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.exp2(s - ms[:, None])
+        l = tl.sum(p, 1)  # >= 1 where any key is visible
+        acc = tl.dot(p.to(v.dtype), v) / tl.maximum(l, 1.0)[:, None]
+        slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
+        ps = (rq - t_base * HQ) * NSEL + slot
+        tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok)
+        tl.store(OP + ps[:, None] * DV + dv[None, :], acc.to(OP.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _sel_combine(OP, LP, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl.constexpr,
+                 BDV: tl.constexpr):
+    """Merge each row's per-slot results: lse = log2-sum-exp2 of LP, o = sum_j 2^(LP_j - lse) OP_j.
+    Rows whose slots all stayed -inf (nothing visible) get lse = +inf and o = 0."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < rows
+    jn = tl.arange(0, NPAD)
+    dv = tl.arange(0, BDV)
+    lp = tl.load(LP + r[:, None] * NSEL + jn[None, :], mask=row_ok[:, None] & (jn < NSEL)[None, :],
+                 other=float("-inf"))
+    m = tl.max(lp, 1)
+    seen = m > float("-inf")
+    ms = tl.where(seen, m, 0.0)
+    w = tl.exp2(lp - ms[:, None])
+    l = tl.sum(w, 1)
+    lse = tl.where(seen, ms + tl.log2(tl.maximum(l, 1.0)), float("inf"))
+    w = w / tl.maximum(l, 1.0)[:, None]
+    acc = tl.zeros([BLOCK_R, BDV], tl.float32)
+    for j in range(NSEL):
+        wj = tl.sum(tl.where(jn[None, :] == j, w, 0.0), 1)
+        ok = row_ok & (wj > 0)  # unwritten slots hold garbage: never read them
+        oj = tl.load(OP + (r * NSEL + j)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
+                     other=0.0)
+        acc += wj[:, None] * oj.to(tl.float32)
+    tl.store(LSE + r, lse, mask=row_ok)
+    tl.store(O + r[:, None] * DV + dv[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, DQ32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr):
-    """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
+                  BDK: tl.constexpr, BDV: tl.constexpr, FUSE_DQ: tl.constexpr):
+    """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV
+    (and, with FUSE_DQ, this block's share of dq into DQ32)."""
     item = tl.program_id(0).to(tl.int64)
     H = HQ // G
     h = tl.load(ITEMS + item * 5)
@@ -154,6 +233,9 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
         acc_k += tl.dot(dst.to(q.dtype), q)
+        if FUSE_DQ:
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * scale
+            tl.atomic_add(DQ32 + rq[:, None] * DK + dk[None, :], dq, mask=row_ok[:, None] & (dk < DK)[None, :])
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     tl.atomic_add(DV32 + kr[:, None] * DV + dv[None, :], acc_v,

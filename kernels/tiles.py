@@ -10,6 +10,7 @@ program sees one document and needs no per-row document lookups.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -95,26 +96,49 @@ def selection_union(idx: torch.Tensor, tiles: torch.Tensor, span: int):
     return u.contiguous(), cnt.contiguous()
 
 
-def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int):
-    """Which queries chose each KV block: the work list of the selected dK/dV kernel.
+class SelWork(NamedTuple):
+    """The inverted selection: the work list of the block-major selected kernels.
 
-    idx: [T, H, n] local block indices (-1 padded). Each (KV head, block) list of queries
-    (ascending positions) is cut into segments of at most ``seg`` positions.
-    Returns (items int64 [num_items, 5] = (head, key_start, key_end, list_offset, list_len),
-    queries int64 [num_pairs]): global positions, grouped by (head, block).
+    items: int64 [num_items, 5] = (head, key_start, key_end, list_offset, list_len);
+    queries: int64 [num_pairs] global positions and slots: int32 [num_pairs] where each choice
+    sits in its position's sorted list, grouped by (chunk, head, block), ascending positions;
+    bounds: the items of position chunk c are items[bounds[c]:bounds[c + 1]] (a list);
+    chunk: positions per chunk.
+    """
+    items: torch.Tensor
+    queries: torch.Tensor
+    slots: torch.Tensor
+    bounds: list
+    chunk: int
+
+
+def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int,
+                       chunk: Optional[int] = None) -> SelWork:
+    """Which queries chose each KV block, per chunk of ``chunk`` positions (default: one chunk).
+
+    idx: [T, H, n] local block indices (-1 padded). Each (chunk, KV head, block) list of
+    queries is cut into segments of at most ``seg`` positions.
     """
     T, H, n = idx.shape
     dev = idx.device
+    chunk = max(1, T if chunk is None else min(chunk, T))
+    nchunks = -(-T // chunk) if T else 0
+    # a block listed twice counts once, and one past its document's end not at all; sorting a
+    # row keeps its slots distinct, which is all the forward's per-slot results need
+    idx = torch.sort(idx, dim=-1).values
     valid = idx >= 0
+    valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
     t = torch.arange(T, device=dev, dtype=torch.int64)[:, None, None].expand(T, H, n)
     h = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None].expand(T, H, n)
+    slot = torch.arange(n, device=dev, dtype=torch.int32)[None, None, :].expand(T, H, n)
     start = layout.tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
-    key = (h * T + start)[valid]
-    tv = t[valid]
+    valid &= start < layout.tok_doc_end[:, None, None]
+    key = (((t // chunk) * H + h) * T + start)[valid]
+    tv, sv = t[valid], slot[valid]
     if key.numel() == 0:
-        return torch.zeros(0, 5, dtype=torch.int64, device=dev), tv
+        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), tv, sv, [0] * (nchunks + 1), chunk)
     key, order = torch.sort(key, stable=True)  # flattening is position-major: stable keeps t ascending
-    tv = tv[order].contiguous()
+    tv, sv = tv[order].contiguous(), sv[order].contiguous()
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
     offs = torch.cumsum(counts, 0) - counts
     nseg = (counts + seg - 1) // seg
@@ -122,7 +146,10 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     k = torch.arange(int(nseg.sum()), device=dev) - (torch.cumsum(nseg, 0) - nseg)[pair]
     off = offs[pair] + k * seg
     length = torch.minimum(counts[pair] - k * seg, torch.full_like(off, seg))
-    head = uniq[pair] // T
-    kstart = uniq[pair] % T
+    u = uniq[pair]
+    head = (u // T) % H
+    kstart = u % T
     kend = torch.minimum(kstart + sel_block, layout.tok_doc_end[kstart])
-    return torch.stack([head, kstart, kend, off, length], dim=1).contiguous(), tv
+    items = torch.stack([head, kstart, kend, off, length], dim=1).contiguous()
+    bounds = torch.searchsorted(u // (H * T), torch.arange(nchunks + 1, device=dev)).tolist()
+    return SelWork(items, tv, sv, bounds, chunk)

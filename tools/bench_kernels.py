@@ -146,6 +146,25 @@ SHAPES = {
     "a_paper": (64, 4, 128, 32, 16, 64, 16, 512, False),
     "b_fla": (64, 4, 128, 64, 64, 64, 16, 0, True),
     "c_small_g": (32, 8, 128, 32, 16, 64, 16, 512, False),
+    # group-size sweep of the selected kernels (not in the default table)
+    "g1": (8, 8, 128, 32, 16, 64, 16, 512, False),
+    "g2": (16, 8, 128, 32, 16, 64, 16, 512, False),
+    "g8": (64, 8, 128, 32, 16, 64, 16, 512, False),
+}
+
+# launch settings the sweep tries, one at a time (geo.launch keys of kernels/nsa.py)
+SWEEP = {
+    "sel_algo": ["block", "query"],
+    "sel_fused_dq": [True, False],
+    "sel_seg_rows": [256, 4096],
+    "split_bytes": [1 << 28, 1 << 32],
+    "sel_split": [(4, 3), (8, 2)],
+    "sel_combine": [(8, 1)],
+    "sel_dkdv": [(4, 2), (8, 2)],
+    "sel_rows": [8, 32],
+    "dkdv_keys": [32, 128],
+    "range_dkdv": [(8, 2)],
+    "dkdv_qchunk": [2048, 8192, 1 << 30],
 }
 
 
@@ -247,8 +266,8 @@ def profile_shape(name, S, kernels):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
-def sweep_shape(name, S, kernels):
-    """Forward+backward time with one launch setting changed at a time (tuning table)."""
+def sweep_shape(name, S, kernels, keys):
+    """Forward and forward+backward time with one launch setting changed at a time."""
     import triton
 
     from nsa_dist import NSAConfig
@@ -260,21 +279,25 @@ def sweep_shape(name, S, kernels):
     do = torch.randn(S, HQ, D, device="cuda", dtype=torch.bfloat16)
     sc = D ** -0.5
     idx = kernels.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg)[0].to(torch.int32)
-    options = [("base", None), ("dkdv_keys", 128), ("dkdv_keys", 32), ("range_dkdv", (8, 2)),
-               ("sel_rows", 4), ("sel_rows", 8), ("sel_rows", 32), ("dkdv_qchunk", 2048),
-               ("dkdv_qchunk", 8192), ("dkdv_qchunk", 1 << 30)]
+    options = [("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
         if val is not None:
             geo.launch[key] = val
+
+        def fwd():
+            with torch.no_grad():
+                NSAFunction.apply(*(x[k] for k in ORDER), idx, geo, cfg, sc)
 
         def step():
             for t in x.values():
                 t.grad = None
             NSAFunction.apply(*(x[k] for k in ORDER), idx, geo, cfg, sc).backward(do)
         try:
-            ms = triton.testing.do_bench(step, warmup=20, rep=100, return_mode="median")
-            print(f"[sweep] {name} S={S} {key}={val}: fwd+bwd {ms:.2f} ms", flush=True)
+            f = triton.testing.do_bench(fwd, warmup=10, rep=50, return_mode="median")
+            ms = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+            print(f"[sweep] {name} S={S} {key}={val}: fwd {f:.2f} ms, fwd+bwd {ms:.2f} ms "
+                  f"(selection given)", flush=True)
         except Exception as err:  # noqa: BLE001 - a setting that does not compile
             print(f"[sweep] {name} S={S} {key}={val}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
 
@@ -287,6 +310,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="a_paper,b_fla,c_small_g")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the largest size")
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
+    ap.add_argument("--sweep-keys", default=",".join(SWEEP), help="which launch settings to sweep")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -299,7 +323,7 @@ def main(argv=None):
         run_checks(a.out)
     if a.sweep:
         for name in a.shapes.split(","):
-            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.sweep_keys.split(","))
     if a.profile:
         for name in a.shapes.split(","):
             profile_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)

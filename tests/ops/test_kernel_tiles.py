@@ -47,14 +47,48 @@ def test_inverted_selection_lists_every_choice_once():
     T, H, n, ls, seg = 20, 2, 2, 4, 3
     idx = torch.randint(-1, 3, (T, H, n), generator=gen)
     lay = _layout(cu, [0, 1, 3])
-    items, qlist = tiles.inverted_selection(idx, lay, ls, seg)
+    items, qlist, slots, bounds, _ = tiles.inverted_selection(idx, lay, ls, seg)
+    assert bounds == [0, len(items)]
     seen = []
     for h, k0, k1, off, length in items.tolist():
         assert 0 < length <= seg and k1 - k0 <= ls
-        for t in qlist[off:off + length].tolist():
+        for t, j in zip(qlist[off:off + length].tolist(), slots[off:off + length].tolist()):
             doc_start = 0 if t < 9 else 9
             b = (k0 - doc_start) // ls
-            assert b in idx[t, h].tolist()
+            assert int(idx[t, h].sort().values[j]) == b  # the slot: this choice in t's sorted list
             seen.append((t, h, b))
-    want = [(t, h, int(b)) for t in range(T) for h in range(H) for b in idx[t, h] if b >= 0]
+    # a block listed twice is listed once
+    want = [(t, h, b) for t in range(T) for h in range(H) for b in sorted({int(x) for x in idx[t, h]}) if b >= 0]
     assert sorted(seen) == sorted(want)
+    assert any(len({int(x) for x in row}) < n for row in idx.view(-1, n))  # the case occurs here
+
+
+def test_inverted_selection_drops_blocks_past_the_document():
+    lay = _layout([0, 5, 13], [0, 1, 3])
+    idx = torch.tensor([[[0, 1, 2]]] * 13)  # block 2 starts past both documents' ends
+    items, qlist = tiles.inverted_selection(idx, lay, 4, 16)[:2]
+    spans = sorted((int(k0), int(k1)) for _, k0, k1, _, _ in items.tolist())
+    assert spans == [(0, 4), (4, 5), (5, 9), (9, 13)]  # document 0's block 1 is just position 4
+    assert len(qlist) == 13 * 2
+
+
+def test_inverted_selection_in_chunks_keeps_each_chunk_to_itself():
+    gen = torch.Generator().manual_seed(2)
+    T, H, n, ls = 23, 2, 3, 4
+    idx = torch.randint(-1, 5, (T, H, n), generator=gen)
+    lay = _layout([0, 10, T], [0, 2, 5])
+    whole = tiles.inverted_selection(idx, lay, ls, 100)
+    work = tiles.inverted_selection(idx, lay, ls, 100, chunk=7)
+    assert work.chunk == 7 and len(work.bounds) == 5 and work.bounds[0] == 0
+    assert work.bounds[-1] == len(work.items)
+    pairs = set()
+    for c in range(4):
+        for h, k0, k1, off, length in work.items[work.bounds[c]:work.bounds[c + 1]].tolist():
+            for t, j in zip(work.queries[off:off + length].tolist(), work.slots[off:off + length].tolist()):
+                assert 7 * c <= t < 7 * (c + 1)
+                pairs.add((t, h, k0, j))
+    want = set()
+    for h, k0, k1, off, length in whole.items.tolist():
+        for t, j in zip(whole.queries[off:off + length].tolist(), whole.slots[off:off + length].tolist()):
+            want.add((t, h, k0, j))
+    assert pairs == want and len(want) > 0

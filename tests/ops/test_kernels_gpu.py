@@ -66,3 +66,13 @@ def test_long_sequence_bf16():
     errs, mismatch = _case(4, S=16384, H=2)
     assert max(errs.values()) <= 5e-3, errs
     assert mismatch <= 1e-2
+
+
+@pytest.mark.parametrize("algo", ["block", "query"])
+@pytest.mark.parametrize("G", [4, 16])
+def test_both_selected_layouts_bf16(G, algo, monkeypatch):
+    """Block-major (default for G < 16) and position-major selected kernels, each forced."""
+    import nsa_dist.kernels.nsa as nsa
+    monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 10 ** 9 if algo == "block" else 1)
+    errs, _ = _case(G, S=8192, H=2)
+    assert max(errs.values()) <= 5e-3, errs
