@@ -26,9 +26,6 @@ KEYS = 64  # keys per step of the range kernels
 SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
 SEG_ROWS = 1024  # rows per work item of the block-major selected kernels
 SEL_QUERY_MIN_G = 16  # group size from which the selected forward runs position-major
-# group sizes up to which the selected dq is fused into dK/dV with fp32 atomics: none by
-# default, the atomics cost more than the separate dq kernel at every G measured (1-8)
-SEL_FUSED_DQ_MAX_G = 0
 SPLIT_BYTES = 1 << 30  # bound of the block-major forward's per-slot buffer (positions chunked)
 QCHUNK = 4096  # query positions per program of the compressed dK/dV kernel
 # (num_warps, num_stages) per kernel, from the sweep in tools/bench_kernels.py (docs/kernel_notes.md)
@@ -86,11 +83,6 @@ class Geometry:
         """
         algo = self.launch.get("sel_algo")
         return self.G < SEL_QUERY_MIN_G if algo is None else algo == "block"
-
-    def sel_fused_dq(self) -> bool:
-        """Selected dq inside the dK/dV kernel (fp32 atomics) instead of its own kernel?"""
-        fused = self.launch.get("sel_fused_dq")
-        return self.G <= SEL_FUSED_DQ_MAX_G if fused is None else bool(fused)
 
     def sel_bt(self) -> int:
         return max(1, self.launch.get("sel_rows", SEL_ROWS) // self.G)
@@ -222,19 +214,18 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
     n = idx.shape[-1]
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    fuse_dq = geo.sel_fused_dq()
-    if not fuse_dq:
-        qt, union, cnt = _sel_prep(idx, geo)
-        if qt.shape[0]:
-            _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
-                                              geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
-                                              LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
-                                              BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                              BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
+    qt, union, cnt = _sel_prep(idx, geo)
+    if qt.shape[0]:
+        _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
+                                          geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
+                                          LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
+                                          BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
+                                          BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
+    # the forward's work list when it made one (its chunks only split segments further)
     items, qlist = (work if work is not None else _sel_work(idx, geo, cfg))[:2]
     if items.shape[0]:
-        _sel_bwd_dkdv[(items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, dq32, items, qlist, scale2, scale,
-                                         geo.HQ, geo.DK, geo.DV, FUSE_DQ=fuse_dq, **_sel_block_args(geo, cfg),
+        _sel_bwd_dkdv[(items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, items, qlist, scale2, scale,
+                                         geo.HQ, geo.DK, geo.DV, **_sel_block_args(geo, cfg),
                                          **_lk(geo, "sel_dkdv"))
     return dk32.to(k.dtype), dv32.to(v.dtype)
 

@@ -13,8 +13,9 @@ Block-major forward (small groups, where a position tile's union wastes the matr
 and re-reads K/V): the same work items; each row's attention over one block goes, normalised,
 into its own slot with its log-sum-exp (split-K, as flash-decoding does), and a second kernel
 merges a row's n slots. No atomics; the slot buffer is bounded by running the positions in
-chunks. The dq of this layout can be fused into the dK/dV kernel (``FUSE_DQ``): dS is at hand
-there, so dq += dS K is one more product and an fp32 atomic add.
+chunks. The dq stays with the position-major kernel at every G: taking dS K from the dK/dV
+kernel, added with fp32 atomics or stored per slot and summed, measured slower (H100, G 1-8;
+docs/kernel_notes.md).
 """
 from __future__ import annotations
 
@@ -194,11 +195,10 @@ def _sel_combine(OP, LP, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl
 
 
 @triton.jit
-def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, DQ32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
+def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr, FUSE_DQ: tl.constexpr):
-    """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV
-    (and, with FUSE_DQ, this block's share of dq into DQ32)."""
+                  BDK: tl.constexpr, BDV: tl.constexpr):
+    """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
     item = tl.program_id(0).to(tl.int64)
     H = HQ // G
     h = tl.load(ITEMS + item * 5)
@@ -233,9 +233,6 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, DQ32, ITEMS, QLIST, scale
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
         acc_k += tl.dot(dst.to(q.dtype), q)
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * scale
-            tl.atomic_add(DQ32 + rq[:, None] * DK + dk[None, :], dq, mask=row_ok[:, None] & (dk < DK)[None, :])
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     tl.atomic_add(DV32 + kr[:, None] * DV + dv[None, :], acc_v,

@@ -155,7 +155,6 @@ SHAPES = {
 # launch settings the sweep tries, one at a time (geo.launch keys of kernels/nsa.py)
 SWEEP = {
     "sel_algo": ["block", "query"],
-    "sel_fused_dq": [True, False],
     "sel_seg_rows": [256, 4096],
     "split_bytes": [1 << 28, 1 << 32],
     "sel_split": [(4, 3), (8, 2)],

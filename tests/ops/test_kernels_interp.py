@@ -35,16 +35,15 @@ def _run(case, dtype=torch.float32):
     return kernels, cfg, cu_t, x
 
 
-@pytest.fixture(params=["block", "block-chunked-fused-dq", "query"])
+@pytest.fixture(params=["block", "block-chunked", "query"])
 def sel_algo(request, monkeypatch):
-    """The selected branch block-major (default for G < 16), block-major in chunks of
-    positions with dq fused into dK/dV, or position-major."""
+    """The selected forward block-major (default for G < 16), the same in chunks of positions,
+    or position-major."""
     kernels, _ = kernels_or_skip()
     import importlib
     nsa = importlib.import_module(kernels.__name__ + ".nsa")
     monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 1 if request.param == "query" else 10 ** 9)
-    if request.param == "block-chunked-fused-dq":
-        monkeypatch.setattr(nsa, "SEL_FUSED_DQ_MAX_G", 10 ** 9)
+    if request.param == "block-chunked":
         monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)  # 16-36 positions a chunk: 2-6 chunks per case
     return request.param
 
