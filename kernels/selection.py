@@ -20,6 +20,13 @@ from .range_attn import _nvis
 
 
 @triton.jit
+def _first_half_desc(x, PARTS: tl.constexpr):
+    """x [R, PARTS, C] -> x[:, 0, :] (Triton has no slicing: a masked sum over one entry)."""
+    part = tl.arange(0, PARTS)[None, :, None]
+    return tl.sum(tl.where(part == 0, x, 0), 1)
+
+
+@triton.jit
 def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
                  G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr,
                  NSEL: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr, BJP: tl.constexpr,
@@ -71,14 +78,13 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
         bits = tl.where(forced, 0x7F800000, bits)
         key = tl.where(cand, bits * 4294967296 + (2147483647 - j[None, :]), -1)
-        # merge: n times take the largest key of (running top, chunk); valid keys are distinct
-        new = tl.full([BLOCK_T, NP], -1, tl.int64)
-        for it in tl.static_range(NSEL):
-            m = tl.maximum(tl.max(top, 1), tl.max(key, 1))
-            new = tl.where(col[None, :] == it, m[:, None], new)
-            top = tl.where(top == m[:, None], -2, top)
-            key = tl.where(key == m[:, None], -2, key)
-        top = new
+        # merge: the NP largest of (running top, chunk) by one bitonic sort; valid keys are
+        # distinct, so this is exactly a stable sort's choice. BJP >= NP (launch).
+        if BJP > NP:  # the chunk's own NP largest first
+            key = _first_half_desc(tl.reshape(tl.sort(key, dim=1, descending=True), [BLOCK_T, BJP // NP, NP]),
+                                   BJP // NP)
+        both = tl.sort(tl.reshape(tl.join(top, key), [BLOCK_T, 2 * NP]), dim=1, descending=True)
+        top = _first_half_desc(tl.reshape(both, [BLOCK_T, 2, NP]), 2)
     blk = 2147483647 - (top & 0xFFFFFFFF)
     out = tl.where(top >= 0, blk, -1)
     tl.store(OUT + (t * H + h)[:, None] * NSEL + col[None, :], out,
@@ -104,9 +110,10 @@ def select_from_lse(q, k_cmp, lse, layout, cfg, scale2: float) -> torch.Tensor:
     BLOCK_T, BLOCK_N = 64, 64
     tiles = layout.query_tiles(BLOCK_T)
     BJ = block_chunk(l, d, ls, BLOCK_N)
+    NP = max(16, triton.next_power_of_2(n))
     _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=HQ // H, L=l, DS=d,
-                                      LS=ls, NSEL=n, NP=max(16, triton.next_power_of_2(n)), BJ=BJ,
-                                      BJP=max(16, triton.next_power_of_2(BJ)), BLOCK_T=BLOCK_T,
+                                      LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=max(NP, triton.next_power_of_2(BJ)),
+                                      BLOCK_T=BLOCK_T,
                                       BLOCK_N=BLOCK_N, BDK=max(16, triton.next_power_of_2(DK)))
     # the kernel emits blocks by importance; SPEC wants them ascending with -1 last
     big = torch.iinfo(torch.int64).max
