@@ -161,6 +161,7 @@ SWEEP = {
     "sel_combine": [(8, 1)],
     "sel_dkdv": [(4, 2), (8, 2)],
     "sel_rows": [8, 32],
+    "sel_dq": [(4, 2), (8, 2), (8, 3)],
     "dkdv_keys": [32, 128],
     "range_dkdv": [(8, 2)],
     "dkdv_qchunk": [2048, 8192, 1 << 30],
