@@ -82,6 +82,8 @@ class Geometry:
         "query") overrides the choice (tuning sweeps).
         """
         algo = self.launch.get("sel_algo")
+        if algo not in (None, "block", "query"):
+            raise ValueError(f"launch['sel_algo'] must be 'block' or 'query', got {algo!r}")
         return self.G < SEL_QUERY_MIN_G if algo is None else algo == "block"
 
     def sel_bt(self) -> int:

@@ -92,3 +92,15 @@ def test_inverted_selection_in_chunks_keeps_each_chunk_to_itself():
         for t, j in zip(whole.queries[off:off + length].tolist(), whole.slots[off:off + length].tolist()):
             want.add((t, h, k0, j))
     assert pairs == want and len(want) > 0
+
+
+def test_selected_layout_choice_by_group_size_and_override():
+    from nsa_dist.kernels.nsa import SEL_QUERY_MIN_G, Geometry
+
+    lay = _layout([0, 8], [0, 1])
+    small = Geometry(lay, HQ=4 * 2, H=2, DK=16, DV=16)
+    big = Geometry(lay, HQ=SEL_QUERY_MIN_G * 2, H=2, DK=16, DV=16)
+    assert small.sel_block_major() and not big.sel_block_major()
+    assert not Geometry(lay, 8, 2, 16, 16, launch={"sel_algo": "query"}).sel_block_major()
+    with pytest.raises(ValueError, match="sel_algo"):
+        Geometry(lay, 8, 2, 16, 16, launch={"sel_algo": "blocks"}).sel_block_major()
