@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/scaling.md, on one node of N GPUs (4 H200 there):
+# The runs behind docs/scaling.md, on one node of N GPUs (4 and 2 H200 there):
 #   tools/bench_scaling.sh OUT_DIR PHASE...
 # Phases:
 #   check    NCCL equivalence of every layout with one GPU (fp32 reference, bf16 Triton) and
@@ -21,7 +21,14 @@ mkdir -p "$OUT"
 N=${NGPU:-$(nvidia-smi -L | grep -c '^GPU')}
 PY=${PYTHON:-python3}
 CFG=configs/train/bench_1b.yaml
-LAYOUTS="dp,tp2,tp4,sp4,tp2sp2"
+# the layouts of docs/scaling.md for N GPUs (4: dp,tp2,tp4,sp4,tp2sp2; 2: dp,tp2,sp2); LAYOUTS overrides
+if [ -z "${LAYOUTS:-}" ]; then
+  case "$N" in
+    1) LAYOUTS="dp" ;;
+    2) LAYOUTS="dp,tp2,sp2" ;;
+    *) LAYOUTS="dp,tp2,tp$N,sp$N,tp2sp$((N / 2))" ;;
+  esac
+fi
 bench() {  # bench NPROC LIMIT_S ARGS...
   local n=$1 limit=$2; shift 2
   timeout --signal=KILL "$limit" launch/deepspeed.sh --nproc "$n" --master-port $((29500 + RANDOM % 1000)) \
@@ -44,7 +51,8 @@ for phase in "$@"; do
     grid128) bench "$N" 90 --seq-len 128k --layouts "sp$N" --attention nsa,dense train_steps=3 ;;
     weak) bench 1 75 --seq-len 8k,32k --layouts dp --attention nsa,dense
           bench "$N" 100 --seq-len 32k --layouts "tp$N:mb$N" --attention nsa,dense ;;
-    longest) bench "$N" 200 --seq-len 256k,512k,1024k --layouts "sp$N" --attention nsa --stop-on-oom train_steps=2
+    longest) bench "$N" 200 --seq-len 256k,512k,1024k --layouts "sp$N" --attention nsa --stop-on-oom train_steps=2 \
+             loss_chunk_tokens=16384
              bench "$N" 100 --seq-len 256k --layouts "sp$N" --attention dense train_steps=2 ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
