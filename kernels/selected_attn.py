@@ -1,8 +1,8 @@
 """Selected-block attention (Triton), forward and backward, any GQA group size.
 
-Forward and dq: a program takes BT positions x G query heads of one KV head (at least 16
-rows, so the matrix units are used even for G = 1, 2, 4, 8) and walks the *union* of the
-blocks its positions chose (``tiles.selection_union``); a row only counts the keys of blocks
+Position-major forward (G >= 16) and dq (every G): a program takes BT positions x G query
+heads of one KV head (at least 16 rows, so the matrix units are used even for G = 1, 2, 4,
+8) and walks the *union* of the blocks its positions chose (``tiles.selection_union``); a row only counts the keys of blocks
 its own position chose, clamped to <= t. With G >= 16 a tile is one position and the union is
 its own list (the paper's group-centric kernel).
 dK/dV: the selection is inverted on the host (``tiles.inverted_selection``): one program per

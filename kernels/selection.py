@@ -20,8 +20,9 @@ from .range_attn import _nvis
 
 
 @triton.jit
-def _first_half_desc(x, PARTS: tl.constexpr):
-    """x [R, PARTS, C] -> x[:, 0, :] (Triton has no slicing: a masked sum over one entry)."""
+def _first_part(x, PARTS: tl.constexpr):
+    """x [R, PARTS, C] -> x[:, 0, :]: the first C of each row of a sorted [R, PARTS * C]
+    (Triton has no slicing: a masked sum over one entry)."""
     part = tl.arange(0, PARTS)[None, :, None]
     return tl.sum(tl.where(part == 0, x, 0), 1)
 
@@ -81,10 +82,10 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         # merge: the NP largest of (running top, chunk) by one bitonic sort; valid keys are
         # distinct, so this is exactly a stable sort's choice. BJP >= NP (launch).
         if BJP > NP:  # the chunk's own NP largest first
-            key = _first_half_desc(tl.reshape(tl.sort(key, dim=1, descending=True), [BLOCK_T, BJP // NP, NP]),
+            key = _first_part(tl.reshape(tl.sort(key, dim=1, descending=True), [BLOCK_T, BJP // NP, NP]),
                                    BJP // NP)
         both = tl.sort(tl.reshape(tl.join(top, key), [BLOCK_T, 2 * NP]), dim=1, descending=True)
-        top = _first_half_desc(tl.reshape(both, [BLOCK_T, 2, NP]), 2)
+        top = _first_part(tl.reshape(both, [BLOCK_T, 2, NP]), 2)
     blk = 2147483647 - (top & 0xFFFFFFFF)
     out = tl.where(top >= 0, blk, -1)
     tl.store(OUT + (t * H + h)[:, None] * NSEL + col[None, :], out,
