@@ -124,14 +124,10 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, IDX, UNION, UCNT, scale2, sc
 
 
 @triton.jit
-def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, t_base,
-                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BDK: tl.constexpr, BDV: tl.constexpr):
-    """One program per (KV head, block, segment of choosing queries): each row's attention over
-    this one block, normalised, into its slot: OP[row - t_base*HQ, slot] and its log2-sum-exp2
-    LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
-    item = tl.program_id(0).to(tl.int64)
-    H = HQ // G
+def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Work item ``item`` of the block-major kernels (``tiles.SelWork``): its KV head, the
+    offset and length of its position list, and the key positions / validity / K-V rows of
+    its block."""
     h = tl.load(ITEMS + item * 5)
     k0 = tl.load(ITEMS + item * 5 + 1)
     k1 = tl.load(ITEMS + item * 5 + 2)
@@ -140,9 +136,20 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
     jb = tl.arange(0, BLOCK_N)
     kpos = k0 + jb
     key_ok = (jb < LS) & (kpos < k1)
+    return h, off, n, kpos, key_ok, kpos * H + h
+
+
+@triton.jit
+def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, t_base,
+                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr):
+    """One program per (KV head, block, segment of choosing queries): each row's attention over
+    this one block, normalised, into its slot: OP[row - t_base*HQ, slot] and its log2-sum-exp2
+    LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
+    H = HQ // G
+    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kr = kpos * H + h
     k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
     v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
     for r0 in range(0, n * G, BLOCK_M):
@@ -199,19 +206,10 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
-    item = tl.program_id(0).to(tl.int64)
     H = HQ // G
-    h = tl.load(ITEMS + item * 5)
-    k0 = tl.load(ITEMS + item * 5 + 1)
-    k1 = tl.load(ITEMS + item * 5 + 2)
-    off = tl.load(ITEMS + item * 5 + 3)
-    n = tl.load(ITEMS + item * 5 + 4)
-    jb = tl.arange(0, BLOCK_N)
-    kpos = k0 + jb
-    key_ok = (jb < LS) & (kpos < k1)
+    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    kr = kpos * H + h
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
     v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
