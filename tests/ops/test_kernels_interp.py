@@ -43,9 +43,19 @@ def sel_algo(request, monkeypatch):
     import importlib
     nsa = importlib.import_module(kernels.__name__ + ".nsa")
     monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 1 if request.param == "query" else 10 ** 9)
+    chunks = []
     if request.param == "block-chunked":
         monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)  # 16-36 positions a chunk: 2-6 chunks per case
-    return request.param
+        work = nsa._sel_work
+
+        def counted(*a, **kw):
+            w = work(*a, **kw)
+            chunks.append(len(w.bounds) - 1)
+            return w
+        monkeypatch.setattr(nsa, "_sel_work", counted)
+    yield request.param
+    if request.param == "block-chunked":  # the chunked path really ran in several chunks
+        assert chunks and max(chunks) > 1, chunks
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
