@@ -277,9 +277,9 @@ def packed_select(q, k_cmp, geo: Geometry, cfg, scale: float, v_cmp=None):
     s2 = scale * LOG2E
     if v_cmp is None:
         _, lse = _range_forward(0, q, k_cmp, k_cmp, geo, cfg, s2, lse_only=True)
-        return select_from_lse(q, k_cmp, lse, geo.layout, cfg, s2)
+        return select_from_lse(q, k_cmp, lse, geo, cfg, s2)
     o_c, lse = _range_forward(0, q, k_cmp, v_cmp, geo, cfg, s2)
-    return select_from_lse(q, k_cmp, lse, geo.layout, cfg, s2), (o_c, lse)
+    return select_from_lse(q, k_cmp, lse, geo, cfg, s2), (o_c, lse)
 
 
 def pack(t: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,34 @@ def test_fp16_forward_and_grads_close_to_fp32_reference():
         assert max_rel(a, b) < 1e-2, f"d{name}: {max_rel(a, b):.2e}"
 
 
+@pytest.mark.parametrize("rows,keys,span,merge,G,l,d,ls,n", [
+    (16, 16, 1, True, 1, 8, 4, 16, 4),  # 16 positions a program, 3 blocks a merge
+    (16, 16, 2, False, 1, 8, 4, 16, 4),  # the same with the sort-only merge, 2 key tiles a merge
+    (16, 16, 1, True, 32, 16, 8, 32, 3),  # G = 32: one position a program, group sum by broadcast
+    (128, 16, 1, False, 3, 8, 4, 16, 5),  # G = 3 in 4 head slots
+    (16, 64, 1, True, 2, 4, 4, 4, 20),  # 64 blocks a merge (wider than the top-n), n > 16
+])
+def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, monkeypatch):
+    """The selection kernel in each of its program shapes and merges, over documents of several
+    chunks of blocks merged into the running top-n."""
+    kernels, _ = kernels_or_skip()
+    import importlib
+    sel = importlib.import_module(kernels.__name__ + ".selection")
+    if merge and not sel.HAS_BITONIC_MERGE:
+        pytest.skip("this Triton has no tl.topk / tl.bitonic_merge")
+    for name, val in (("SELECT_ROWS", rows), ("SELECT_KEYS", keys), ("SELECT_SPAN", span),
+                      ("HAS_BITONIC_MERGE", merge)):
+        monkeypatch.setattr(sel, name, val)
+    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=0)
+    cu = torch.tensor([0, 120, 127, 150], dtype=torch.int32)
+    x = random_nsa_inputs(cfg, S=150, HQ=G, H=1, Dk=16, seed=5, cu_seqlens=cu)
+    ref = select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu, backend="reference")
+    got = kernels.select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu)
+    assert torch.equal(ref, got)
+    nblocks = -(-120 // ls)
+    assert nblocks > (sel.block_chunk(l, d, ls, keys * span) if keys == 16 else n)  # merges / n binds
+
+
 def test_ties_go_to_the_lower_block():
     """q = 0 makes every visible compressed token equally likely: equal-overlap blocks tie."""
     kernels, _ = kernels_or_skip()
