@@ -24,15 +24,17 @@ from .range_attn import _nvis
 # Launch defaults from the H200 sweep (docs/kernel_notes.md); geo.launch keys override them:
 SELECT_ROWS = 128  # "select_rows": rows (positions x head slots) per program, >= 16 positions
 SELECT_KEYS = 64  # "select_keys": compressed tokens per matrix product
-SELECT_SPAN = 1  # "select_span": key tiles per top-n merge ("select": (num_warps, num_stages))
+SELECT_SPAN = 1  # "select_span": key tiles per top-n merge
 HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")  # "select_merge"
+# "select": (num_warps, num_stages); default 8 warps when a merge's chunk is wider than the top-n
 
 
 @triton.jit
-def _part(x, PARTS: tl.constexpr, WHICH: tl.constexpr):
-    """x [R, PARTS, C] -> x[:, WHICH, :] (Triton has no slicing: a masked sum over one entry)."""
+def _first_part(x, PARTS: tl.constexpr):
+    """x [R, PARTS, C] -> x[:, 0, :]: the first C of each row of a sorted [R, PARTS * C]
+    (Triton has no slicing: a masked sum over one entry)."""
     part = tl.arange(0, PARTS)[None, :, None]
-    return tl.sum(tl.where(part == WHICH, x, 0), 1)
+    return tl.sum(tl.where(part == 0, x, 0), 1)
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         else:
             key = tl.sort(key, dim=1, descending=True)
             if BJP > NP:
-                key = _part(tl.reshape(key, [BT, BJP // NP, NP]), BJP // NP, 0)
+                key = _first_part(tl.reshape(key, [BT, BJP // NP, NP]), BJP // NP)
             top = tl.sort(tl.maximum(top, key), dim=1)
     # the n largest keys (the last n of top), as SPEC orders them: blocks ascending, -1 last
     keep = (top >= 0) & (col >= NP - NSEL)[None, :]

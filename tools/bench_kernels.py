@@ -168,13 +168,8 @@ SWEEP = {
     "range_dq": [(4, 3), (8, 2)],
     "sel_fwd": [(4, 2), (8, 3)],
     "dkdv_qchunk": [2048, 8192, 1 << 30],
-    # the selection (kernels/selection.py): timed on its own as well
-    "select_rows": [256, 512],
-    "select_keys": [32, 128],
-    "select_span": [2, 4],
-    "select": [(4, 2), (8, 2), (8, 3)],
-    "select_merge": [False],
 }
+# (the selection's own launch grid: tools/bench_selection.py --sweep)
 
 
 def bench_shape(name, S, rows, kernels):
@@ -280,8 +275,7 @@ def sweep_shape(name, S, kernels, keys):
     import triton
 
     from nsa_dist import NSAConfig
-    from nsa_dist.kernels.nsa import LOG2E, NSAFunction, _range_forward, make_geometry, pack
-    from nsa_dist.kernels.selection import select_from_lse
+    from nsa_dist.kernels.nsa import NSAFunction, make_geometry, pack
 
     HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
     cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
@@ -289,29 +283,11 @@ def sweep_shape(name, S, kernels, keys):
     do = torch.randn(S, HQ, D, device="cuda", dtype=torch.bfloat16)
     sc = D ** -0.5
     idx = kernels.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg)[0].to(torch.int32)
-    geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
-    with torch.no_grad():
-        lse = _range_forward(0, x["q"], x["k_cmp"], x["k_cmp"], geo, cfg, sc * LOG2E, lse_only=True)[1]
     options = [("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
         if val is not None:
             geo.launch[key] = val
-        if key == "base" or key.startswith("select"):
-            try:
-                with torch.no_grad():
-                    got = select_from_lse(x["q"], x["k_cmp"], lse, geo, cfg, sc * LOG2E)
-                    ms = triton.testing.do_bench(lambda: select_from_lse(x["q"], x["k_cmp"], lse, geo, cfg,
-                                                                         sc * LOG2E),
-                                                 warmup=10, rep=50, return_mode="median")
-                same = bool(torch.equal(got.to(torch.int32), idx))
-                print(f"[sweep] {name} S={S} {key}={val}: selection {ms:.2f} ms (same choice: {same})",
-                      flush=True)
-            except Exception as err:  # noqa: BLE001 - a setting that does not compile
-                print(f"[sweep] {name} S={S} {key}={val}: selection failed {type(err).__name__}: "
-                      f"{str(err)[:100]}", flush=True)
-            if key != "base":
-                continue
 
         def fwd():
             with torch.no_grad():
