@@ -18,7 +18,8 @@ import triton
 from . import tiles as tl_tiles
 from .gates import combine, combine_backward
 from .range_attn import LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
-from .selected_attn import _sel_bwd_dkdv, _sel_bwd_dq, _sel_combine, _sel_fwd, _sel_fwd_split
+from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
+                            _sel_fwd, _sel_fwd_split)
 from .selection import select_from_lse
 
 ROWS = 64  # rows (position x head) per program of the range kernels
@@ -26,13 +27,15 @@ KEYS = 64  # keys per step of the range kernels
 SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
 SEG_ROWS = 1024  # rows per work item of the block-major selected kernels
 SEL_QUERY_MIN_G = 16  # group size from which the selected forward runs position-major
-SPLIT_BYTES = 1 << 30  # bound of the block-major forward's per-slot buffer (positions chunked)
+SEL_DQ_QUERY_MIN_G = 16  # the same for the selected dq
+DQ_PARTIAL = "auto"  # the block-major dq's per-slot results: "fp32", "fp16s" (scaled fp16) or "auto"
+SPLIT_BYTES = 1 << 30  # bound of the block-major per-slot buffers (forward o + lse, dq): positions chunked
 QCHUNK = 4096  # query positions per program of the compressed dK/dV kernel
 # (num_warps, num_stages) per kernel, from the sweep in tools/bench_kernels.py (docs/kernel_notes.md)
 DEFAULT_LAUNCH = MappingProxyType({
     "range_fwd": (4, 3), "range_dq": (4, 2), "range_dkdv": (4, 2),
     "sel_fwd": (4, 3), "sel_dq": (4, 3), "sel_dkdv": (4, 3),
-    "sel_split": (4, 2), "sel_combine": (4, 1),
+    "sel_split": (4, 2), "sel_combine": (4, 1), "sel_dq_split": (4, 2), "sel_dq_combine": (4, 1),
 })
 
 
@@ -85,6 +88,34 @@ class Geometry:
         if algo not in (None, "block", "query"):
             raise ValueError(f"launch['sel_algo'] must be 'block' or 'query', got {algo!r}")
         return self.G < SEL_QUERY_MIN_G if algo is None else algo == "block"
+
+    def sel_dq_block_major(self) -> bool:
+        """Selected dq block-major (per-slot dq of each block's queries, then a sum; no K/V
+        re-read per position) or position-major? ``launch["sel_dq_algo"]`` overrides."""
+        algo = self.launch.get("sel_dq_algo")
+        if algo not in (None, "block", "query"):
+            raise ValueError(f"launch['sel_dq_algo'] must be 'block' or 'query', got {algo!r}")
+        return self.G < SEL_DQ_QUERY_MIN_G if algo is None else algo == "block"
+
+    def dq_partial_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Per-slot dq of the block-major dq: fp16 with a power-of-two scale per (row, slot)
+        ("fp16s") or fp32. "auto" (``launch["sel_dq_partial"]``, default): fp16s for 16-bit
+        inputs, whose own rounding is 4-8x coarser, fp32 for fp32 inputs."""
+        name = self.launch.get("sel_dq_partial", DQ_PARTIAL)
+        if name not in ("auto", "fp32", "fp16s"):
+            raise ValueError(f"launch['sel_dq_partial'] must be 'auto', 'fp32' or 'fp16s', got {name!r}")
+        if name == "auto":
+            name = "fp16s" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+        return torch.float16 if name == "fp16s" else torch.float32
+
+    def split_chunk(self, n: int, dtype: torch.dtype) -> int:
+        """Positions per chunk of the block-major kernels, so that their per-slot buffers
+        (forward: o and lse; dq: dq) stay within ``launch["split_bytes"]``."""
+        per_pos = self.HQ * n * (self.DV * dtype.itemsize + 4)
+        if self.sel_dq_block_major():
+            pdt = self.dq_partial_dtype(dtype)
+            per_pos = max(per_pos, self.HQ * n * (self.DK * pdt.itemsize + (4 if pdt == torch.float16 else 0)))
+        return max(1, self.launch.get("split_bytes", SPLIT_BYTES) // per_pos)
 
     def sel_bt(self) -> int:
         return max(1, self.launch.get("sel_rows", SEL_ROWS) // self.G)
@@ -189,10 +220,8 @@ def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
     """Block-major: per-slot results of each chunk of positions, then their merge."""
     T = q.shape[0]
     n = idx.shape[-1]
-    per_pos = geo.HQ * n * (geo.DV * q.element_size() + 4)
-    chunk = max(1, geo.launch.get("split_bytes", SPLIT_BYTES) // per_pos)
-    work = _sel_work(idx, geo, cfg, chunk)
-    rows = min(chunk, T) * geo.HQ
+    work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
+    rows = min(work.chunk, T) * geo.HQ
     op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
     lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
     o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
@@ -212,23 +241,51 @@ def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
     return o, lse, work
 
 
+def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, scale2, scale):
+    """Block-major selected dq: per-slot dq of each chunk of positions, then their sum into dq32."""
+    T = q.shape[0]
+    pdt = geo.dq_partial_dtype(q.dtype)
+    scaled = pdt == torch.float16
+    rows = min(work.chunk, T) * geo.HQ * n
+    dqp = torch.empty(rows, geo.DK, dtype=pdt, device=q.device)
+    dqs = torch.empty(rows if scaled else 1, dtype=torch.float32, device=q.device)
+    block_r = 32
+    for c in range(len(work.bounds) - 1):
+        t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
+        i0, i1 = work.bounds[c], work.bounds[c + 1]
+        if i1 == i0:  # no position of this chunk chose a block: nothing to add
+            continue
+        _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
+                                      work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0, SCALED=scaled,
+                                      **_sel_block_args(geo, cfg), **_lk(geo, "sel_dq_split"))
+        nr = (t1 - t0) * geo.HQ
+        _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], nr, geo.HQ, n,
+                                                     geo.DK, G=geo.G, BLOCK_R=block_r, BDK=geo.bdk(),
+                                                     SCALED=scaled, **_lk(geo, "sel_dq_combine"))
+
+
 def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None):
     n = idx.shape[-1]
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    qt, union, cnt = _sel_prep(idx, geo)
-    if qt.shape[0]:
-        _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
-                                          geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
-                                          LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
-                                          BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                          BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
+    block_dq = geo.sel_dq_block_major()
+    if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
+        work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None)
+    if block_dq:
+        _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo, cfg, scale2, scale)
+    else:
+        qt, union, cnt = _sel_prep(idx, geo)
+        if qt.shape[0]:
+            _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
+                                              geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
+                                              LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
+                                              BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
+                                              BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
     # the forward's work list when it made one (its chunks only split segments further)
-    items, qlist = (work if work is not None else _sel_work(idx, geo, cfg))[:2]
-    if items.shape[0]:
-        _sel_bwd_dkdv[(items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, items, qlist, scale2, scale,
-                                         geo.HQ, geo.DK, geo.DV, **_sel_block_args(geo, cfg),
-                                         **_lk(geo, "sel_dkdv"))
+    if work.items.shape[0]:
+        _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
+                                              scale2, scale, geo.HQ, geo.DK, geo.DV,
+                                              **_sel_block_args(geo, cfg), **_lk(geo, "sel_dkdv"))
     return dk32.to(k.dtype), dv32.to(v.dtype)
 
 

@@ -1,6 +1,6 @@
 """Selected-block attention (Triton), forward and backward, any GQA group size.
 
-Position-major forward (G >= 16) and dq (every G): a program takes BT positions x G query
+Position-major forward and dq (G >= 16, or forced): a program takes BT positions x G query
 heads of one KV head (at least 16 rows, so the matrix units are used even for G = 1, 2, 4,
 8) and walks the *union* of the blocks its positions chose (``tiles.selection_union``); a row only counts the keys of blocks
 its own position chose, clamped to <= t. With G >= 16 a tile is one position and the union is
@@ -13,9 +13,11 @@ Block-major forward (small groups, where a position tile's union wastes the matr
 and re-reads K/V): the same work items; each row's attention over one block goes, normalised,
 into its own slot with its log-sum-exp (split-K, as flash-decoding does), and a second kernel
 merges a row's n slots. No atomics; the slot buffer is bounded by running the positions in
-chunks. The dq stays with the position-major kernel at every G: taking dS K from the dK/dV
-kernel, added with fp32 atomics or stored per slot and summed, measured slower (H100, G 1-8;
-docs/kernel_notes.md).
+chunks. Block-major dq (small groups) is the same pattern in a kernel of its own: each row's
+dS K over one block into its slot (fp16 with a per-slot power-of-two scale for 16-bit inputs),
+then a plain sum. Computing dS K inside the dK/dV kernel instead (fp32 atomics, or the same
+slots) measured slower on the H100 and the H200 (docs/kernel_notes.md): it holds a third
+[rows, D] accumulator next to dK and dV.
 """
 from __future__ import annotations
 
@@ -235,3 +237,70 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     tl.atomic_add(DV32 + kr[:, None] * DV + dv[None, :], acc_v,
                   mask=key_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
+                      NSEL, t_base, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr):
+    """Block-major dq: one program per (KV head, block, segment of choosing queries) writes each
+    row's dq over this one block, scale * dS K, into its slot DQP[row - t_base*HQ, slot].
+    dS uses the branch's final lse and delta, so a row's dq is the plain sum of its slots
+    (``_sel_dq_combine``). K/V are read once per segment, not once per position.
+    SCALED: DQP is fp16 holding dq / DQS[slot], DQS a per-(row, slot) power of two that puts
+    the row's largest |dq| near 2^14: half the bytes of fp32 with fp16's 11-bit precision
+    (bf16's 8 bits cost a visible part of the dq error budget)."""
+    H = HQ // G
+    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    vt = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
+    for r0 in range(0, n * G, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = r < n * G
+        t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
+        rq = t * HQ + h * G + r % G
+        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale2
+        ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, vt) - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k) * scale
+        slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
+        ps = (rq - t_base * HQ) * NSEL + slot
+        if SCALED:
+            amax = tl.max(tl.abs(dq), 1)
+            sc = tl.where(amax > 0, tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1.0e-30))) - 14.0), 1.0)
+            tl.store(DQS + ps, sc, mask=row_ok)
+            dq = dq / sc[:, None]
+        tl.store(DQP + ps[:, None] * DK + dk[None, :], dq.to(DQP.dtype.element_ty),
+                 mask=row_ok[:, None] & (dk < DK)[None, :])
+
+
+@triton.jit
+def _sel_dq_combine(DQP, DQS, VALID, DQ, rows, HQ, NSEL, DK, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BDK: tl.constexpr, SCALED: tl.constexpr):
+    """DQ[r] += sum of row r's written dq slots (VALID [positions, H, NSEL] marks them; the
+    others hold garbage and are never read), times their DQS scales when SCALED. r counts rows
+    (position x query head) of a chunk."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < rows
+    H = HQ // G
+    vrow = ((r // HQ) * H + (r % HQ) // G) * NSEL
+    dk = tl.arange(0, BDK)
+    msk = row_ok[:, None] & (dk < DK)[None, :]
+    acc = tl.zeros([BLOCK_R, BDK], tl.float32)
+    for j in range(NSEL):
+        ok = tl.load(VALID + vrow + j, mask=row_ok, other=0) != 0
+        part = tl.load(DQP + (r * NSEL + j)[:, None] * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :],
+                       other=0.0).to(tl.float32)
+        if SCALED:
+            part = part * tl.load(DQS + r * NSEL + j, mask=ok, other=0.0)[:, None]
+        acc += part
+    ptr = DQ + r[:, None] * DK + dk[None, :]
+    tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + acc, mask=msk)

@@ -103,13 +103,15 @@ class SelWork(NamedTuple):
     queries: int64 [num_pairs] global positions and slots: int32 [num_pairs] where each choice
     sits in its position's sorted list, grouped by (chunk, head, block), ascending positions;
     bounds: the items of position chunk c are items[bounds[c]:bounds[c + 1]] (a list);
-    chunk: positions per chunk.
+    chunk: positions per chunk; valid: uint8 [T, H, n], 1 where slot j of (position, head) is
+    listed (a per-slot result there is written; the other slots are never touched).
     """
     items: torch.Tensor
     queries: torch.Tensor
     slots: torch.Tensor
     bounds: list
     chunk: int
+    valid: torch.Tensor
 
 
 def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int,
@@ -135,8 +137,10 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     valid &= start < layout.tok_doc_end[:, None, None]
     key = (((t // chunk) * H + h) * T + start)[valid]
     tv, sv = t[valid], slot[valid]
+    valid8 = valid.to(torch.uint8).contiguous()
     if key.numel() == 0:
-        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), tv, sv, [0] * (nchunks + 1), chunk)
+        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), tv, sv, [0] * (nchunks + 1), chunk,
+                       valid8)
     key, order = torch.sort(key, stable=True)  # flattening is position-major: stable keeps t ascending
     tv, sv = tv[order].contiguous(), sv[order].contiguous()
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
@@ -152,4 +156,4 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     kend = torch.minimum(kstart + sel_block, layout.tok_doc_end[kstart])
     items = torch.stack([head, kstart, kend, off, length], dim=1).contiguous()
     bounds = torch.searchsorted(u // (H * T), torch.arange(nchunks + 1, device=dev)).tolist()
-    return SelWork(items, tv, sv, bounds, chunk)
+    return SelWork(items, tv, sv, bounds, chunk, valid8)

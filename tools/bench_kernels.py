@@ -114,6 +114,7 @@ def run_checks(out_dir):
     cu = torch.tensor([0, 1000, 1003, 3000, 4096], dtype=torch.int32, device="cuda")
     ok &= check_case("packed-G4", cfg, 4096, 8, 2, 128, cu_seqlens=cu, rows=rows)
     ok &= check_case("long-G16", cfg, 65536, 16, 1, 128, rows=rows)
+    ok &= check_case("long-G4", cfg, 65536, 4, 1, 128, rows=rows)  # the block-major selected dq at 64k
     _write_csv(os.path.join(out_dir, "kernel_check.csv"), rows)
     print(f"[check] all within 5e-3: {ok}")
     return ok
@@ -155,6 +156,12 @@ SHAPES = {
 # launch settings the sweep tries, one at a time (geo.launch keys of kernels/nsa.py)
 SWEEP = {
     "sel_algo": ["block", "query"],
+    "sel_dq_algo": ["block", "query"],
+    "sel_dq_partial": ["fp32", "fp16s"],
+    # the selected dq's layout and slot dtype together (a dict sets several keys)
+    "sel_dq_layout": [{"sel_dq_algo": "query"}, {"sel_dq_algo": "block", "sel_dq_partial": "fp32"},
+                      {"sel_dq_algo": "block", "sel_dq_partial": "fp16s"}],
+    "sel_dq_split": [(4, 3), (8, 2)],
     "sel_seg_rows": [256, 4096],
     "split_bytes": [1 << 28, 1 << 32],
     "sel_split": [(4, 3), (8, 2)],
@@ -286,7 +293,9 @@ def sweep_shape(name, S, kernels, keys):
     options = [("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
-        if val is not None:
+        if isinstance(val, dict):
+            geo.launch.update(val)
+        elif val is not None:
             geo.launch[key] = val
 
         def fwd():

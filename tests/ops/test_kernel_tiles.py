@@ -47,9 +47,9 @@ def test_inverted_selection_lists_every_choice_once():
     T, H, n, ls, seg = 20, 2, 2, 4, 3
     idx = torch.randint(-1, 3, (T, H, n), generator=gen)
     lay = _layout(cu, [0, 1, 3])
-    items, qlist, slots, bounds, _ = tiles.inverted_selection(idx, lay, ls, seg)
+    items, qlist, slots, bounds, _, valid = tiles.inverted_selection(idx, lay, ls, seg)
     assert bounds == [0, len(items)]
-    seen = []
+    seen, listed = [], torch.zeros(T, H, n, dtype=torch.uint8)
     for h, k0, k1, off, length in items.tolist():
         assert 0 < length <= seg and k1 - k0 <= ls
         for t, j in zip(qlist[off:off + length].tolist(), slots[off:off + length].tolist()):
@@ -57,9 +57,11 @@ def test_inverted_selection_lists_every_choice_once():
             b = (k0 - doc_start) // ls
             assert int(idx[t, h].sort().values[j]) == b  # the slot: this choice in t's sorted list
             seen.append((t, h, b))
+            listed[t, h, j] += 1
     # a block listed twice is listed once
     want = [(t, h, b) for t in range(T) for h in range(H) for b in sorted({int(x) for x in idx[t, h]}) if b >= 0]
     assert sorted(seen) == sorted(want)
+    assert torch.equal(valid, listed)  # valid marks exactly the listed slots, each listed once
     assert any(len({int(x) for x in row}) < n for row in idx.view(-1, n))  # the case occurs here
 
 
@@ -104,3 +106,26 @@ def test_selected_layout_choice_by_group_size_and_override():
     assert not Geometry(lay, 8, 2, 16, 16, launch={"sel_algo": "query"}).sel_block_major()
     with pytest.raises(ValueError, match="sel_algo"):
         Geometry(lay, 8, 2, 16, 16, launch={"sel_algo": "blocks"}).sel_block_major()
+
+
+def test_selected_dq_layout_and_partial_dtype_choices():
+    from nsa_dist.kernels.nsa import SEL_DQ_QUERY_MIN_G, SPLIT_BYTES, Geometry
+
+    lay = _layout([0, 8], [0, 1])
+    small = Geometry(lay, HQ=4 * 2, H=2, DK=16, DV=16)
+    big = Geometry(lay, HQ=SEL_DQ_QUERY_MIN_G * 2, H=2, DK=16, DV=16)
+    assert small.sel_dq_block_major() and not big.sel_dq_block_major()
+    assert Geometry(lay, 32, 2, 16, 16, launch={"sel_dq_algo": "block"}).sel_dq_block_major()
+    # per-slot dq: scaled fp16 for 16-bit inputs, fp32 for fp32 inputs, unless asked
+    assert small.dq_partial_dtype(torch.bfloat16) == torch.float16
+    assert small.dq_partial_dtype(torch.float32) == torch.float32
+    assert Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_partial": "fp32"}).dq_partial_dtype(torch.bfloat16) \
+        == torch.float32
+    # the chunk bounds the larger per-slot buffer: fp32 dq (16 * 4 B) over bf16 o + lse (16 * 2 + 4 B)
+    fp32 = Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_partial": "fp32"})
+    assert fp32.split_chunk(4, torch.bfloat16) == SPLIT_BYTES // (8 * 4 * 16 * 4)
+    assert small.split_chunk(4, torch.bfloat16) == SPLIT_BYTES // (8 * 4 * (16 * 2 + 4))
+    with pytest.raises(ValueError, match="sel_dq_algo"):
+        Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_algo": "fused"}).sel_dq_block_major()
+    with pytest.raises(ValueError, match="sel_dq_partial"):
+        Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_partial": "bf16"}).dq_partial_dtype(torch.bfloat16)

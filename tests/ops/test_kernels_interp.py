@@ -37,14 +37,15 @@ def _run(case, dtype=torch.float32):
 
 @pytest.fixture(params=["block", "block-chunked", "query"])
 def sel_algo(request, monkeypatch):
-    """The selected forward block-major (default for G < 16), the same in chunks of positions,
-    or position-major."""
+    """The selected forward and dq block-major (default for G < 16), the same in chunks of
+    positions, or position-major."""
     kernels, _ = kernels_or_skip()
     import importlib
     nsa = importlib.import_module(kernels.__name__ + ".nsa")
-    monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 1 if request.param == "query" else 10 ** 9)
+    for name in ("SEL_QUERY_MIN_G", "SEL_DQ_QUERY_MIN_G"):
+        monkeypatch.setattr(nsa, name, 1 if request.param == "query" else 10 ** 9)
     chunks = []
-    if request.param == "block-chunked":
+    if request.param.endswith("chunked"):
         monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)  # 16-36 positions a chunk: 2-6 chunks per case
         work = nsa._sel_work
 
@@ -54,7 +55,7 @@ def sel_algo(request, monkeypatch):
             return w
         monkeypatch.setattr(nsa, "_sel_work", counted)
     yield request.param
-    if request.param == "block-chunked":  # the chunked path really ran in several chunks
+    if request.param.endswith("chunked"):  # the chunked path really ran in several chunks
         assert chunks and max(chunks) > 1, chunks
 
 
@@ -107,6 +108,27 @@ def test_fp16_forward_and_grads_close_to_fp32_reference():
     g = torch.autograd.grad(o, args(x), do.half())
     for name, a, b in zip(NAMES, g, g_ref):
         assert max_rel(a, b) < 1e-2, f"d{name}: {max_rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize("mag", [1e-25, 1.0, 1e25])
+def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatch):
+    """The block-major dq's per-slot results as fp16 with a power-of-two scale per (row, slot):
+    fp16 precision whatever the gradient's magnitude (plain fp16 would flush 1e-25 to zero and
+    overflow at 1e25)."""
+    kernels, cfg, cu, x = _run("G2-packed")
+    import importlib
+    nsa = importlib.import_module(kernels.__name__ + ".nsa")
+    monkeypatch.setattr(nsa, "SEL_DQ_QUERY_MIN_G", 10 ** 9)
+    monkeypatch.setattr(nsa, "DQ_PARTIAL", "fp16s")
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+    do = torch.randn_like(o_ref) * mag
+    dq_ref, = torch.autograd.grad(o_ref, x["q"], do)
+    dq_tri, = torch.autograd.grad(o_tri, x["q"], do)
+    a, b = dq_tri.double(), dq_ref.double()
+    err = float((a - b).abs().max() / b.abs().max())  # relative at any scale (max_rel floors at 1e-6)
+    assert torch.isfinite(dq_tri).all() and float(dq_ref.abs().max()) > 0
+    assert 1e-5 < err < 1e-3, f"dq differs by {err:.2e}"  # fp16-sized, not fp32-exact (it ran)
 
 
 @pytest.mark.parametrize("rows,keys,span,merge,G,l,d,ls,n", [
