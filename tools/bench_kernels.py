@@ -309,8 +309,13 @@ def sweep_shape(name, S, kernels, keys):
         try:
             f = triton.testing.do_bench(fwd, warmup=10, rep=50, return_mode="median")
             ms = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
-            print(f"[sweep] {name} S={S} {key}={val}: fwd {f:.2f} ms, fwd+bwd {ms:.2f} ms "
-                  f"(selection given)", flush=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            print(f"[sweep] {name} S={S} {key}={val}: fwd {f:.2f} ms, fwd+bwd {ms:.2f} ms, bwd {ms - f:.2f} ms, "
+                  f"peak memory {peak:.2f} GiB (selection given)", flush=True)
         except Exception as err:  # noqa: BLE001 - a setting that does not compile
             print(f"[sweep] {name} S={S} {key}={val}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
 
