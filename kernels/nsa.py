@@ -100,7 +100,8 @@ class Geometry:
     def dq_partial_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Per-slot dq of the block-major dq: fp16 with a power-of-two scale per (row, slot)
         ("fp16s") or fp32. "auto" (``launch["sel_dq_partial"]``, default): fp16s for 16-bit
-        inputs, whose own rounding is 4-8x coarser, fp32 for fp32 inputs."""
+        inputs, whose own rounding is at least as coarse (fp16: the same 11 bits, bf16: 8),
+        fp32 for fp32 inputs."""
         name = self.launch.get("sel_dq_partial", DQ_PARTIAL)
         if name not in ("auto", "fp32", "fp16s"):
             raise ValueError(f"launch['sel_dq_partial'] must be 'auto', 'fp32' or 'fp16s', got {name!r}")
@@ -233,7 +234,7 @@ def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
         lp.fill_(float("-inf"))
         if i1 > i0:
             _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
-                                       geo.HQ, geo.DK, geo.DV, n, t0, **_sel_block_args(geo, cfg),
+                                       geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg),
                                        **_lk(geo, "sel_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
@@ -256,7 +257,7 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, sc
         if i1 == i0:  # no position of this chunk chose a block: nothing to add
             continue
         _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
-                                      work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0, SCALED=scaled,
+                                      work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
                                       **_sel_block_args(geo, cfg), **_lk(geo, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], nr, geo.HQ, n,

@@ -142,11 +142,11 @@ def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, t_base,
+def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
                    G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries): each row's attention over
-    this one block, normalised, into its slot: OP[row - t_base*HQ, slot] and its log2-sum-exp2
+    this one block, normalised, into its slot: OP[row - row0, slot] and its log2-sum-exp2
     LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
@@ -168,7 +168,7 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
         l = tl.sum(p, 1)  # >= 1 where any key is visible
         acc = tl.dot(p.to(v.dtype), v) / tl.maximum(l, 1.0)[:, None]
         slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
-        ps = (rq - t_base * HQ) * NSEL + slot
+        ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
         tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok)
         tl.store(OP + ps[:, None] * DV + dv[None, :], acc.to(OP.dtype.element_ty),
                  mask=row_ok[:, None] & (dv < DV)[None, :])
@@ -241,10 +241,10 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
 
 @triton.jit
 def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
-                      NSEL, t_base, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr):
     """Block-major dq: one program per (KV head, block, segment of choosing queries) writes each
-    row's dq over this one block, scale * dS K, into its slot DQP[row - t_base*HQ, slot].
+    row's dq over this one block, scale * dS K, into its slot DQP[row - row0, slot].
     dS uses the branch's final lse and delta, so a row's dq is the plain sum of its slots
     (``_sel_dq_combine``). K/V are read once per segment, not once per position.
     SCALED: DQP is fp16 holding dq / DQS[slot], DQS a per-(row, slot) power of two that puts
@@ -272,10 +272,12 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
         ds = p * (tl.dot(do, vt) - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k) * scale
         slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
-        ps = (rq - t_base * HQ) * NSEL + slot
+        ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
         if SCALED:
             amax = tl.max(tl.abs(dq), 1)
-            sc = tl.where(amax > 0, tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1.0e-30))) - 14.0), 1.0)
+            # scale 1 where the row is all zero or not finite (inf / nan then reach dq as they are)
+            fin = (amax > 0) & (amax < float("inf"))
+            sc = tl.where(fin, tl.exp2(tl.ceil(tl.log2(tl.where(fin, amax, 1.0))) - 14.0), 1.0)
             tl.store(DQS + ps, sc, mask=row_ok)
             dq = dq / sc[:, None]
         tl.store(DQP + ps[:, None] * DK + dk[None, :], dq.to(DQP.dtype.element_ty),

@@ -153,15 +153,15 @@ SHAPES = {
     "g8": (64, 8, 128, 32, 16, 64, 16, 512, False),
 }
 
-# launch settings the sweep tries, one at a time (geo.launch keys of kernels/nsa.py)
+# launch settings the sweep tries, one at a time (geo.launch keys of kernels/nsa.py, or a dict of them)
 SWEEP = {
     "sel_algo": ["block", "query"],
     "sel_dq_algo": ["block", "query"],
-    "sel_dq_partial": ["fp32", "fp16s"],
-    # the selected dq's layout and slot dtype together (a dict sets several keys)
+    # the selected dq's layout and slot dtype together (a dict sets several launch keys)
     "sel_dq_layout": [{"sel_dq_algo": "query"}, {"sel_dq_algo": "block", "sel_dq_partial": "fp32"},
                       {"sel_dq_algo": "block", "sel_dq_partial": "fp16s"}],
     "sel_dq_split": [(4, 3), (8, 2)],
+    "sel_dq_combine": [(8, 1)],
     "sel_seg_rows": [256, 4096],
     "split_bytes": [1 << 28, 1 << 32],
     "sel_split": [(4, 3), (8, 2)],

@@ -35,15 +35,17 @@ def _run(case, dtype=torch.float32):
     return kernels, cfg, cu_t, x
 
 
-@pytest.fixture(params=["block", "block-chunked", "query"])
+@pytest.fixture(params=["block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq"])
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
-    positions, or position-major."""
+    positions, position-major, or one of each."""
     kernels, _ = kernels_or_skip()
     import importlib
     nsa = importlib.import_module(kernels.__name__ + ".nsa")
-    for name in ("SEL_QUERY_MIN_G", "SEL_DQ_QUERY_MIN_G"):
-        monkeypatch.setattr(nsa, name, 1 if request.param == "query" else 10 ** 9)
+    fwd_query = request.param.startswith("query")
+    dq_query = request.param == "query" or request.param.endswith("query-dq")
+    monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 1 if fwd_query else 10 ** 9)
+    monkeypatch.setattr(nsa, "SEL_DQ_QUERY_MIN_G", 1 if dq_query else 10 ** 9)
     chunks = []
     if request.param.endswith("chunked"):
         monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)  # 16-36 positions a chunk: 2-6 chunks per case
@@ -114,12 +116,15 @@ def test_fp16_forward_and_grads_close_to_fp32_reference():
 def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatch):
     """The block-major dq's per-slot results as fp16 with a power-of-two scale per (row, slot):
     fp16 precision whatever the gradient's magnitude (plain fp16 would flush 1e-25 to zero and
-    overflow at 1e25)."""
+    overflow at 1e25), over several chunks of positions (the scales' offsets per chunk)."""
     kernels, cfg, cu, x = _run("G2-packed")
     import importlib
     nsa = importlib.import_module(kernels.__name__ + ".nsa")
     monkeypatch.setattr(nsa, "SEL_DQ_QUERY_MIN_G", 10 ** 9)
     monkeypatch.setattr(nsa, "DQ_PARTIAL", "fp16s")
+    monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)
+    chunks, work = [], nsa._sel_work
+    monkeypatch.setattr(nsa, "_sel_work", lambda *a, **kw: chunks.append(work(*a, **kw)) or chunks[-1])
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
     o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
     do = torch.randn_like(o_ref) * mag
@@ -129,6 +134,7 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatc
     err = float((a - b).abs().max() / b.abs().max())  # relative at any scale (max_rel floors at 1e-6)
     assert torch.isfinite(dq_tri).all() and float(dq_ref.abs().max()) > 0
     assert 1e-5 < err < 1e-3, f"dq differs by {err:.2e}"  # fp16-sized, not fp32-exact (it ran)
+    assert chunks and len(chunks[-1].bounds) - 1 > 1  # several chunks
 
 
 @pytest.mark.parametrize("rows,keys,span,merge,G,l,d,ls,n", [
