@@ -204,6 +204,22 @@ def _sel_combine(OP, LP, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl
 
 
 @triton.jit
+def _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV, dk, dv, G: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """Rows r0..r0+BLOCK_M-1 of a work item's n positions x G heads (block-major backward):
+    (r, row_ok, positions t, query rows rq, q, dO, lse, delta), gathered."""
+    r = r0 + tl.arange(0, BLOCK_M)
+    row_ok = r < n * G
+    t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
+    rq = t * HQ + h * G + r % G
+    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+    return r, row_ok, t, rq, q, do, lse, delta
+
+
+@triton.jit
 def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr):
@@ -217,15 +233,8 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
     for r0 in range(0, n * G, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        row_ok = r < n * G
-        t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
-        rq = t * HQ + h * G + r % G
-        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
-                     other=0.0)
-        lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+        r, row_ok, t, rq, q, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV,
+                                                            dk, dv, G, BLOCK_M)
         st = tl.dot(k, tl.trans(q)) * scale2
         ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
         pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
@@ -257,15 +266,8 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
     vt = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
     for r0 in range(0, n * G, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        row_ok = r < n * G
-        t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
-        rq = t * HQ + h * G + r % G
-        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
-                     other=0.0)
-        lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+        r, row_ok, t, rq, q, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV,
+                                                            dk, dv, G, BLOCK_M)
         s = tl.dot(q, tl.trans(k)) * scale2
         ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
