@@ -58,6 +58,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
     if block_indices is None:
         with torch.no_grad():  # the compressed branch's forward also feeds the selection
             idx, pre = packed_select(qp.detach(), kc.detach(), geo, cfg, sc, v_cmp=vc.detach())
+        geo.idx_sorted = True  # the kernel's rows: distinct blocks, ascending, -1 last
     else:
         idx = block_indices.reshape(B * S, geo.H, -1)
     idx = idx.to(torch.int32).contiguous()

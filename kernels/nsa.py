@@ -23,7 +23,8 @@ from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_
 from .selection import select_from_lse
 
 ROWS = 64  # rows (position x head) per program of the range kernels
-KEYS = 64  # keys per step of the range kernels
+KEYS = 64  # keys per step of the range kernels' backward
+FWD_KEYS = 32  # keys per step of the range forward (H200, 64k: (c) 24.4 -> 23.8 ms, (a) and (b) unchanged)
 SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
 SEG_ROWS = 1024  # rows per work item of the block-major selected kernels
 SEL_QUERY_MIN_G = 16  # group size from which the selected forward runs position-major
@@ -54,6 +55,9 @@ class Geometry:
     DV: int
     cache: dict = field(default_factory=dict)  # tile tables of this packing, built once
     launch: dict = field(default_factory=dict)  # overrides of DEFAULT_LAUNCH (tuning sweeps)
+    # the selection came from the selection kernel: each row's blocks distinct, ascending, -1
+    # last, so the inverted selection needs no per-row sort
+    idx_sorted: bool = False
 
     def qtiles(self, size: int) -> torch.Tensor:
         if ("q", size) not in self.cache:
@@ -69,11 +73,19 @@ class Geometry:
     def G(self) -> int:
         return self.HQ // self.H
 
-    def range_bt(self) -> int:
-        return max(1, self.launch.get("range_rows", ROWS) // self.G)
+    def range_bt(self, kernel: str) -> int:
+        """Positions per program of a range kernel ("fwd" or "dq"): ``launch["range_<kernel>_rows"]``,
+        else ``launch["range_rows"]``, else ROWS rows, divided by G."""
+        rows = self.launch.get(f"range_{kernel}_rows", self.launch.get("range_rows", ROWS))
+        return max(1, rows // self.G)
 
-    def range_block_m(self) -> int:
-        return max(16, triton.next_power_of_2(self.range_bt() * self.G))
+    def range_block_m(self, kernel: str) -> int:
+        return max(16, triton.next_power_of_2(self.range_bt(kernel) * self.G))
+
+    def range_keys(self, kernel: str) -> int:
+        """Keys per step of a range kernel ("fwd" or "dq"): ``launch["range_<kernel>_keys"]``, else
+        FWD_KEYS / KEYS."""
+        return self.launch.get(f"range_{kernel}_keys", FWD_KEYS if kernel == "fwd" else KEYS)
 
     def sel_block_major(self) -> bool:
         """Selected forward block-major (small groups) or position-major (G >= 16)?
@@ -139,18 +151,18 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False):
     T = q.shape[0]
     o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device) if not lse_only else q
     lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
-    qt = geo.qtiles(geo.range_bt())
+    qt = geo.qtiles(geo.range_bt("fwd"))
     if qt.shape[0]:
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
-            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, BT=geo.range_bt(),
-            BLOCK_M=geo.range_block_m(), BLOCK_N=KEYS, BDK=geo.bdk(), BDV=geo.bdv(), LSE_ONLY=lse_only,
-            **_lk(geo, "range_fwd"))
+            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, BT=geo.range_bt("fwd"),
+            BLOCK_M=geo.range_block_m("fwd"), BLOCK_N=geo.range_keys("fwd"), BDK=geo.bdk(), BDV=geo.bdv(),
+            LSE_ONLY=lse_only, **_lk(geo, "range_fwd"))
     return (None if lse_only else o), lse
 
 
 def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, scale2, scale):
-    qt = geo.qtiles(geo.range_bt())
+    qt = geo.qtiles(geo.range_bt("dq"))
     # Compressed keys: split each tile's queries into chunks (fp32 atomic sums) so the grid
     # is wide enough for the few KV heads a TP / Ulysses rank holds. Window keys see at most
     # BLOCK_N + w queries: one chunk, plain stores.
@@ -164,8 +176,8 @@ def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, sca
     common = dict(G=geo.G, MODE=mode, L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
                   BDK=geo.bdk(), BDV=geo.bdv())
     _range_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, scale2, scale, geo.HQ,
-                                        geo.DK, geo.DV, BT=geo.range_bt(), BLOCK_N=KEYS,
-                                        BLOCK_M=geo.range_block_m(), **common,
+                                        geo.DK, geo.DV, BT=geo.range_bt("dq"),
+                                        BLOCK_N=geo.range_keys("dq"), BLOCK_M=geo.range_block_m("dq"), **common,
                                         **_lk(geo, "range_dq"))
     kb = geo.launch.get("dkdv_keys", KEYS)
     kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
@@ -189,22 +201,64 @@ def _sel_seg(geo: Geometry) -> int:
     return max(1, geo.launch.get("sel_seg_rows", SEG_ROWS) // geo.G)
 
 
-def _sel_work(idx, geo: Geometry, cfg, chunk=None):
-    """The inverted selection (``tiles.SelWork``) the block-major kernels walk."""
-    return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo), chunk)
+_SIDE_STREAMS: dict = {}  # device index -> the stream the work lists are built on
 
 
-def _sel_block_args(geo: Geometry, cfg) -> dict:
-    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=_pow2(min(ROWS, _sel_seg(geo) * geo.G)),
+def ready_event(t: torch.Tensor):
+    """An event on the current stream marking that ``t`` (and all work queued before) is
+    ready, for ``_sel_work``; None off CUDA."""
+    if not t.is_cuda:
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(t.device))
+    return ev
+
+
+def _sel_work(idx, geo: Geometry, cfg, chunk=None, ready=None):
+    """The inverted selection (``tiles.SelWork``) the block-major kernels walk.
+
+    On CUDA it is built on a side stream that waits for ``ready`` (an event recorded when
+    idx was written; None: everything queued so far). Its host syncs then wait for that
+    stream only, so kernels the caller queued after ``ready`` keep the GPU busy while the
+    host builds the list (without this the GPU idled for each sync). The current stream
+    waits for the list before anything uses it.
+    """
+    def build():
+        return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo), chunk,
+                                           rows_sorted=geo.idx_sorted)
+    if not idx.is_cuda:
+        return build()
+    main = torch.cuda.current_stream(idx.device)
+    side = _SIDE_STREAMS.get(idx.device.index)
+    if side is None:
+        side = _SIDE_STREAMS[idx.device.index] = torch.cuda.Stream(device=idx.device)
+    if ready is None:
+        side.wait_stream(main)
+    else:
+        side.wait_event(ready)
+    idx.record_stream(side)
+    with torch.cuda.stream(side):
+        work = build()
+    main.wait_stream(side)
+    for t in (work.items, work.queries, work.slots, work.valid):  # made on side, used on main
+        t.record_stream(main)
+    return work
+
+
+def _sel_block_args(geo: Geometry, cfg, kernel: str) -> dict:
+    """Block-major kernel ``kernel``'s constants; its rows per step: ``launch["<kernel>_rows"]``
+    (sel_split, sel_dq_split, sel_dkdv), else ROWS, at most a segment."""
+    rows = geo.launch.get(f"{kernel}_rows", ROWS)
+    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=_pow2(min(rows, _sel_seg(geo) * geo.G)),
                 BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv())
 
 
-def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
+def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2, ready=None):
     """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None)."""
     T = q.shape[0]
     n = idx.shape[-1]
     if geo.sel_block_major():
-        return _sel_forward_split(q, k, v, idx, geo, cfg, scale2)
+        return _sel_forward_split(q, k, v, idx, geo, cfg, scale2, ready)
     o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     qt, union, cnt = _sel_prep(idx, geo)
@@ -217,11 +271,11 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
     return o, lse, None
 
 
-def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
+def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2, ready=None):
     """Block-major: per-slot results of each chunk of positions, then their merge."""
     T = q.shape[0]
     n = idx.shape[-1]
-    work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
+    work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype), ready)
     rows = min(work.chunk, T) * geo.HQ
     op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
     lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
@@ -234,7 +288,7 @@ def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
         lp.fill_(float("-inf"))
         if i1 > i0:
             _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
-                                       geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg),
+                                       geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"),
                                        **_lk(geo, "sel_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
@@ -258,20 +312,21 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, sc
             continue
         _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
                                       work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
-                                      **_sel_block_args(geo, cfg), **_lk(geo, "sel_dq_split"))
+                                      **_sel_block_args(geo, cfg, "sel_dq_split"), **_lk(geo, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], nr, geo.HQ, n,
                                                      geo.DK, G=geo.G, BLOCK_R=block_r, BDK=geo.bdk(),
                                                      SCALED=scaled, **_lk(geo, "sel_dq_combine"))
 
 
-def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None):
+def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None,
+                  ready=None):
     n = idx.shape[-1]
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     block_dq = geo.sel_dq_block_major()
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
-        work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None)
+        work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None, ready)
     if block_dq:
         _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo, cfg, scale2, scale)
     else:
@@ -286,7 +341,7 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
     if work.items.shape[0]:
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
-                                              **_sel_block_args(geo, cfg), **_lk(geo, "sel_dkdv"))
+                                              **_sel_block_args(geo, cfg, "sel_dkdv"), **_lk(geo, "sel_dkdv"))
     return dk32.to(k.dtype), dv32.to(v.dtype)
 
 
@@ -297,9 +352,11 @@ class NSAFunction(torch.autograd.Function):
     def forward(ctx, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx, geo, cfg, scale, pre=None):
         scale2 = scale * LOG2E
         # pre: (o_cmp, lse_cmp) already computed for the selection, or None
+        ready = ready_event(idx)
         o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
-        o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+        # the window first: its kernel runs while the host builds the selected branch's work list
         o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
+        o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2, ready)
         o = combine(o_c, o_s, o_w, gates)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
                               o_c, lse_c, o_s, lse_s, o_w, lse_w)
@@ -312,11 +369,12 @@ class NSAFunction(torch.autograd.Function):
          o_c, lse_c, o_s, lse_s, o_w, lse_w) = ctx.saved_tensors
         geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
         scale2 = scale * LOG2E
+        ready = ready_event(idx)  # the compressed branch's kernels run while the work list is built
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkc, dvc = _range_backward(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], dq32, geo, cfg, scale2, scale)
         dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2, scale,
-                                 ctx.sel_work)
+                                 ctx.sel_work, ready)
         if cfg.window > 0:
             dkw, dvw = _range_backward(1, q, k_win, v_win, dos[2], lse_w, delta[2], dq32, geo, cfg, scale2,
                                        scale)

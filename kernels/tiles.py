@@ -115,39 +115,63 @@ class SelWork(NamedTuple):
 
 
 def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int,
-                       chunk: Optional[int] = None) -> SelWork:
+                       chunk: Optional[int] = None, rows_sorted: bool = False) -> SelWork:
     """Which queries chose each KV block, per chunk of ``chunk`` positions (default: one chunk).
 
     idx: [T, H, n] local block indices (-1 padded). Each (chunk, KV head, block) list of
-    queries is cut into segments of at most ``seg`` positions.
+    queries is cut into segments of at most ``seg`` positions. ``rows_sorted``: every row of
+    idx already holds distinct blocks in ascending order, -1 last (the selection kernel's
+    output), so the per-row sort is skipped.
+
+    Two host syncs (the number of (chunk, head, block) lists, then the numbers of items and
+    listed choices and the chunk bounds): every other step runs on the device. Items, queries
+    and bounds are the same with or without ``rows_sorted``: the listed (position, head, slot)
+    triples sorted by (chunk, head, block start), stable, so positions ascend within a list.
+    Slot numbers and ``valid`` follow the row order used (the sort puts -1 first, the
+    kernel's rows have it last); the kernels only need them to agree with each other.
     """
     T, H, n = idx.shape
     dev = idx.device
     chunk = max(1, T if chunk is None else min(chunk, T))
     nchunks = -(-T // chunk) if T else 0
     # a block listed twice counts once, and one past its document's end not at all; sorting a
-    # row keeps its slots distinct, which is all the forward's per-slot results need
-    idx = torch.sort(idx, dim=-1).values
+    # row puts equal blocks side by side and keeps its slots distinct, which is all the
+    # per-slot results need
+    if not rows_sorted:
+        idx = torch.sort(idx, dim=-1).values
     valid = idx >= 0
     valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
-    t = torch.arange(T, device=dev, dtype=torch.int64)[:, None, None].expand(T, H, n)
-    h = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None].expand(T, H, n)
-    slot = torch.arange(n, device=dev, dtype=torch.int32)[None, None, :].expand(T, H, n)
+    t = torch.arange(T, device=dev, dtype=torch.int64)[:, None, None]
+    h = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None]
     start = layout.tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
     valid &= start < layout.tok_doc_end[:, None, None]
-    key = (((t // chunk) * H + h) * T + start)[valid]
-    tv, sv = t[valid], slot[valid]
     valid8 = valid.to(torch.uint8).contiguous()
+    # unlisted slots get the largest key, so they sort last, into a run of their own that
+    # yields no items (no masked selection: that would cost a sync per tensor)
+    big = nchunks * H * T
+    key = torch.where(valid, ((t // chunk) * H + h) * T + start, big).reshape(-1)
+    if big < 2 ** 31:  # half the radix passes
+        key = key.to(torch.int32)
     if key.numel() == 0:
-        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), tv, sv, [0] * (nchunks + 1), chunk,
-                       valid8)
+        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), key.to(torch.int64),
+                       key.to(torch.int32), [0] * (nchunks + 1), chunk, valid8)
     key, order = torch.sort(key, stable=True)  # flattening is position-major: stable keeps t ascending
-    tv, sv = tv[order].contiguous(), sv[order].contiguous()
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
+    uniq = uniq.to(torch.int64)
     offs = torch.cumsum(counts, 0) - counts
-    nseg = (counts + seg - 1) // seg
-    pair = torch.repeat_interleave(torch.arange(len(uniq), device=dev), nseg)
-    k = torch.arange(int(nseg.sum()), device=dev) - (torch.cumsum(nseg, 0) - nseg)[pair]
+    nseg = torch.where(uniq < big, (counts + seg - 1) // seg, 0)
+    ends = torch.cumsum(nseg, 0)
+    # items of chunk c start after those of the lists of earlier chunks
+    first = torch.searchsorted(uniq // (H * T), torch.arange(nchunks + 1, device=dev))
+    bounds = torch.where(first > 0, ends[(first - 1).clamp(min=0)], 0)
+    listed = torch.where(uniq < big, counts, 0).sum()
+    host = torch.cat([ends[-1:], listed[None], bounds]).tolist()
+    total, listed, bounds = host[0], host[1], host[2:]
+    order = order[:listed]  # the unlisted run is last
+    tv = order // (H * n)
+    sv = (order % n).to(torch.int32)
+    pair = torch.repeat_interleave(torch.arange(len(uniq), device=dev), nseg, output_size=total)
+    k = torch.arange(total, device=dev) - (ends - nseg)[pair]
     off = offs[pair] + k * seg
     length = torch.minimum(counts[pair] - k * seg, torch.full_like(off, seg))
     u = uniq[pair]
@@ -155,5 +179,4 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     kstart = u % T
     kend = torch.minimum(kstart + sel_block, layout.tok_doc_end[kstart])
     items = torch.stack([head, kstart, kend, off, length], dim=1).contiguous()
-    bounds = torch.searchsorted(u // (H * T), torch.arange(nchunks + 1, device=dev)).tolist()
     return SelWork(items, tv, sv, bounds, chunk, valid8)

@@ -175,6 +175,14 @@ SWEEP = {
     "range_dq": [(4, 3), (8, 2)],
     "sel_fwd": [(4, 2), (8, 3)],
     "dkdv_qchunk": [2048, 8192, 1 << 30],
+    # rows / keys per step of one kernel (the range forward and dq; each block-major kernel)
+    "range_fwd_rows": [32, 128, {"range_fwd_rows": 128, "range_fwd": (8, 3)}],
+    "range_fwd_keys": [32, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],
+    "range_dq_rows": [32, 128, {"range_dq_rows": 128, "range_dq": (8, 2)}],
+    "range_dq_keys": [32, 128],
+    "sel_split_rows": [32, 128, {"sel_split_rows": 128, "sel_split": (8, 2)}],
+    "sel_dq_split_rows": [32, 128, {"sel_dq_split_rows": 128, "sel_dq_split": (8, 2)}],
+    "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
 }
 # (the selection's own launch grid: tools/bench_selection.py --sweep)
 
@@ -271,9 +279,15 @@ def profile_shape(name, S, kernels):
         kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad():
+            kernels.nsa_attention(*(x[k] for k in ORDER), cfg)
+        torch.cuda.synchronize()
+    print(f"[profile] {name} S={S} forward (no grad)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
         torch.cuda.synchronize()
-    print(f"[profile] {name} S={S}")
+    print(f"[profile] {name} S={S} forward + backward")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
@@ -293,6 +307,7 @@ def sweep_shape(name, S, kernels, keys):
     options = [("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
+        geo.idx_sorted = True  # idx is the selection kernel's output, as inside nsa_attention
         if isinstance(val, dict):
             geo.launch.update(val)
         elif val is not None:

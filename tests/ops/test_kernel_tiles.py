@@ -71,7 +71,32 @@ def test_inverted_selection_drops_blocks_past_the_document():
     items, qlist = tiles.inverted_selection(idx, lay, 4, 16)[:2]
     spans = sorted((int(k0), int(k1)) for _, k0, k1, _, _ in items.tolist())
     assert spans == [(0, 4), (4, 5), (5, 9), (9, 13)]  # document 0's block 1 is just position 4
-    assert len(qlist) == 13 * 2
+    assert len(qlist) == 13 * 2 == sum(length for *_, length in items.tolist())  # two choices listed a position
+
+
+def test_inverted_selection_of_kernel_rows_skips_the_row_sort():
+    """Rows as the selection kernel writes them (distinct, ascending, -1 last): without the
+    per-row sort the same lists come out, and each slot still names its own block."""
+    gen = torch.Generator().manual_seed(3)
+    T, H, n, ls = 40, 3, 4, 4
+    rows = []
+    for _ in range(T * H):
+        blocks = sorted(torch.randperm(10, generator=gen)[:int(torch.randint(0, n + 1, (1,), generator=gen))].tolist())
+        rows.append(blocks + [-1] * (n - len(blocks)))
+    idx = torch.tensor(rows).view(T, H, n)
+    lay = _layout([0, 17, T], [0, 3, 8])
+    for chunk in (None, 9):
+        ref = tiles.inverted_selection(idx, lay, ls, 5, chunk)
+        work = tiles.inverted_selection(idx, lay, ls, 5, chunk, rows_sorted=True)
+        assert torch.equal(work.items, ref.items) and work.bounds == ref.bounds
+        listed = int(ref.items[:, 4].sum())
+        assert torch.equal(work.queries, ref.queries) and len(work.queries) == listed
+        assert int(work.valid.sum()) == int(ref.valid.sum()) == listed
+        for h, k0, k1, off, length in work.items.tolist():
+            for t, j in zip(work.queries[off:off + length].tolist(), work.slots[off:off + length].tolist()):
+                doc_start = 0 if t < 17 else 17
+                assert int(idx[t, h, j]) == (k0 - doc_start) // ls and work.valid[t, h, j] == 1
+    assert (idx == -1).any() and listed > 0
 
 
 def test_inverted_selection_in_chunks_keeps_each_chunk_to_itself():
