@@ -240,9 +240,15 @@ def _sel_work(idx, geo: Geometry, cfg, chunk=None, ready=None):
     with torch.cuda.stream(side):
         work = build()
     main.wait_stream(side)
-    for t in (work.items, work.queries, work.slots, work.valid):  # made on side, used on main
+    # Copy the list on the current stream, so that it lives in that stream's memory pool: freed
+    # side-stream memory is only reused by the side stream, and every layer keeps its list until
+    # its backward. The side stream's pool then holds one build's temporaries, not every layer's
+    # list. The originals are read by the copies: record_stream keeps them until those ran.
+    parts = (work.items, work.queries, work.slots, work.valid)
+    for t in parts:
         t.record_stream(main)
-    return work
+    items, queries, slots, valid = (t.clone() for t in parts)
+    return work._replace(items=items, queries=queries, slots=slots, valid=valid)
 
 
 def _sel_block_args(geo: Geometry, cfg, kernel: str) -> dict:
