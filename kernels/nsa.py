@@ -24,7 +24,7 @@ from .selection import select_from_lse
 
 ROWS = 64  # rows (position x head) per program of the range kernels
 KEYS = 64  # keys per step of the range kernels' backward
-FWD_KEYS = 32  # keys per step of the range forward (H200, 64k: (c) 24.4 -> 23.8 ms, (a) and (b) unchanged)
+FWD_KEYS = 32  # keys per step of the range forward (H200 sweep, docs/benchmarks.md: (c) 64k 24.4 -> 23.8 ms)
 SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
 SEG_ROWS = 1024  # rows per work item of the block-major selected kernels
 SEL_QUERY_MIN_G = 16  # group size from which the selected forward runs position-major
@@ -358,7 +358,7 @@ class NSAFunction(torch.autograd.Function):
     def forward(ctx, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx, geo, cfg, scale, pre=None):
         scale2 = scale * LOG2E
         # pre: (o_cmp, lse_cmp) already computed for the selection, or None
-        ready = ready_event(idx)
+        ready = ready_event(idx) if geo.sel_block_major() else None  # only a block-major forward builds a list
         o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
         # the window first: its kernel runs while the host builds the selected branch's work list
         o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
@@ -375,7 +375,8 @@ class NSAFunction(torch.autograd.Function):
          o_c, lse_c, o_s, lse_s, o_w, lse_w) = ctx.saved_tensors
         geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
         scale2 = scale * LOG2E
-        ready = ready_event(idx)  # the compressed branch's kernels run while the work list is built
+        # with no list from the forward, the compressed branch's kernels run while it is built
+        ready = ready_event(idx) if ctx.sel_work is None else None
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkc, dvc = _range_backward(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], dq32, geo, cfg, scale2, scale)

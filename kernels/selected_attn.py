@@ -3,8 +3,8 @@
 Position-major forward and dq (G >= 16, or forced): a program takes BT positions x G query
 heads of one KV head (at least 16 rows, so the matrix units are used even for G = 1, 2, 4,
 8) and walks the *union* of the blocks its positions chose (``tiles.selection_union``); a row
-only counts the keys of blocks its own position chose, clamped to <= t. With G >= 16 a tile is one position and the union is
-its own list (the paper's group-centric kernel).
+only counts the keys of blocks its own position chose, clamped to <= t. With G >= 16 a tile
+is one position and the union is its own list (the paper's group-centric kernel).
 dK/dV: the selection is inverted on the host (``tiles.inverted_selection``): one program per
 (KV head, block, segment of the queries that chose it) gathers those queries' rows, so no
 program scans queries that did not choose its block. Segments add into fp32 buffers.

@@ -153,19 +153,19 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     if big < 2 ** 31:  # half the radix passes
         key = key.to(torch.int32)
     if key.numel() == 0:
-        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), key.to(torch.int64),
-                       key.to(torch.int32), [0] * (nchunks + 1), chunk, valid8)
+        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
+                       torch.zeros(0, dtype=torch.int32, device=dev), [0] * (nchunks + 1), chunk, valid8)
     key, order = torch.sort(key, stable=True)  # flattening is position-major: stable keeps t ascending
     uniq, counts = torch.unique_consecutive(key, return_counts=True)
     uniq = uniq.to(torch.int64)
+    listed = torch.where(uniq < big, counts, 0)  # the sentinel run lists nothing
     offs = torch.cumsum(counts, 0) - counts
-    nseg = torch.where(uniq < big, (counts + seg - 1) // seg, 0)
+    nseg = (listed + seg - 1) // seg
     ends = torch.cumsum(nseg, 0)
     # items of chunk c start after those of the lists of earlier chunks
     first = torch.searchsorted(uniq // (H * T), torch.arange(nchunks + 1, device=dev))
     bounds = torch.where(first > 0, ends[(first - 1).clamp(min=0)], 0)
-    listed = torch.where(uniq < big, counts, 0).sum()
-    host = torch.cat([ends[-1:], listed[None], bounds]).tolist()
+    host = torch.cat([ends[-1:], listed.sum()[None], bounds]).tolist()
     total, listed, bounds = host[0], host[1], host[2:]
     order = order[:listed]  # the unlisted run is last
     tv = order // (H * n)
