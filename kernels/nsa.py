@@ -201,54 +201,11 @@ def _sel_seg(geo: Geometry) -> int:
     return max(1, geo.launch.get("sel_seg_rows", SEG_ROWS) // geo.G)
 
 
-_SIDE_STREAMS: dict = {}  # device index -> the stream the work lists are built on
-
-
-def ready_event(t: torch.Tensor):
-    """An event on the current stream marking that ``t`` (and all work queued before) is
-    ready, for ``_sel_work``; None off CUDA."""
-    if not t.is_cuda:
-        return None
-    ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream(t.device))
-    return ev
-
-
-def _sel_work(idx, geo: Geometry, cfg, chunk=None, ready=None):
-    """The inverted selection (``tiles.SelWork``) the block-major kernels walk.
-
-    On CUDA it is built on a side stream that waits for ``ready`` (an event recorded when
-    idx was written; None: everything queued so far). Its host syncs then wait for that
-    stream only, so kernels the caller queued after ``ready`` keep the GPU busy while the
-    host builds the list (without this the GPU idled for each sync). The current stream
-    waits for the list before anything uses it.
-    """
-    def build():
-        return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo), chunk,
-                                           rows_sorted=geo.idx_sorted)
-    if not idx.is_cuda:
-        return build()
-    main = torch.cuda.current_stream(idx.device)
-    side = _SIDE_STREAMS.get(idx.device.index)
-    if side is None:
-        side = _SIDE_STREAMS[idx.device.index] = torch.cuda.Stream(device=idx.device)
-    if ready is None:
-        side.wait_stream(main)
-    else:
-        side.wait_event(ready)
-    idx.record_stream(side)
-    with torch.cuda.stream(side):
-        work = build()
-    main.wait_stream(side)
-    # Copy the list on the current stream, so that it lives in that stream's memory pool: freed
-    # side-stream memory is only reused by the side stream, and every layer keeps its list until
-    # its backward. The side stream's pool then holds one build's temporaries, not every layer's
-    # list. The originals are read by the copies: record_stream keeps them until those ran.
-    parts = (work.items, work.queries, work.slots, work.valid)
-    for t in parts:
-        t.record_stream(main)
-    items, queries, slots, valid = (t.clone() for t in parts)
-    return work._replace(items=items, queries=queries, slots=slots, valid=valid)
+def _sel_work(idx, geo: Geometry, cfg, chunk=None):
+    """The inverted selection (``tiles.SelWork``) the block-major kernels walk. It needs no
+    host sync, so the host keeps queueing kernels while the GPU builds it."""
+    return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo), chunk,
+                                       rows_sorted=geo.idx_sorted)
 
 
 def _sel_block_args(geo: Geometry, cfg, kernel: str) -> dict:
@@ -259,12 +216,12 @@ def _sel_block_args(geo: Geometry, cfg, kernel: str) -> dict:
                 BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv())
 
 
-def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2, ready=None):
+def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
     """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None)."""
     T = q.shape[0]
     n = idx.shape[-1]
     if geo.sel_block_major():
-        return _sel_forward_split(q, k, v, idx, geo, cfg, scale2, ready)
+        return _sel_forward_split(q, k, v, idx, geo, cfg, scale2)
     o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     qt, union, cnt = _sel_prep(idx, geo)
@@ -277,11 +234,11 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2, ready=None):
     return o, lse, None
 
 
-def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2, ready=None):
+def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
     """Block-major: per-slot results of each chunk of positions, then their merge."""
     T = q.shape[0]
     n = idx.shape[-1]
-    work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype), ready)
+    work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
     rows = min(work.chunk, T) * geo.HQ
     op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
     lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
@@ -314,7 +271,7 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, sc
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]
-        if i1 == i0:  # no position of this chunk chose a block: nothing to add
+        if i1 == i0:  # a chunk with no item rows: nothing to add
             continue
         _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
                                       work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
@@ -325,14 +282,13 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, sc
                                                      SCALED=scaled, **_lk(geo, "sel_dq_combine"))
 
 
-def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None,
-                  ready=None):
+def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None):
     n = idx.shape[-1]
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     block_dq = geo.sel_dq_block_major()
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
-        work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None, ready)
+        work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None)
     if block_dq:
         _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo, cfg, scale2, scale)
     else:
@@ -358,11 +314,9 @@ class NSAFunction(torch.autograd.Function):
     def forward(ctx, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx, geo, cfg, scale, pre=None):
         scale2 = scale * LOG2E
         # pre: (o_cmp, lse_cmp) already computed for the selection, or None
-        ready = ready_event(idx) if geo.sel_block_major() else None  # only a block-major forward builds a list
         o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
-        # the window first: its kernel runs while the host builds the selected branch's work list
         o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
-        o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2, ready)
+        o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
         o = combine(o_c, o_s, o_w, gates)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
                               o_c, lse_c, o_s, lse_s, o_w, lse_w)
@@ -375,13 +329,11 @@ class NSAFunction(torch.autograd.Function):
          o_c, lse_c, o_s, lse_s, o_w, lse_w) = ctx.saved_tensors
         geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
         scale2 = scale * LOG2E
-        # with no list from the forward, the compressed branch's kernels run while it is built
-        ready = ready_event(idx) if ctx.sel_work is None else None
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkc, dvc = _range_backward(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], dq32, geo, cfg, scale2, scale)
         dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2, scale,
-                                 ctx.sel_work, ready)
+                                 ctx.sel_work)
         if cfg.window > 0:
             dkw, dvw = _range_backward(1, q, k_win, v_win, dos[2], lse_w, delta[2], dq32, geo, cfg, scale2,
                                        scale)

@@ -5,7 +5,7 @@ heads of one KV head (at least 16 rows, so the matrix units are used even for G 
 8) and walks the *union* of the blocks its positions chose (``tiles.selection_union``); a row
 only counts the keys of blocks its own position chose, clamped to <= t. With G >= 16 a tile
 is one position and the union is its own list (the paper's group-centric kernel).
-dK/dV: the selection is inverted on the host (``tiles.inverted_selection``): one program per
+dK/dV: the selection is inverted (``tiles.inverted_selection``, on the device): one program per
 (KV head, block, segment of the queries that chose it) gathers those queries' rows, so no
 program scans queries that did not choose its block. Segments add into fp32 buffers.
 

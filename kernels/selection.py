@@ -22,7 +22,7 @@ import triton.language as tl
 from .range_attn import _nvis
 
 # Launch defaults from the H200 sweep (docs/kernel_notes.md); geo.launch keys override them:
-SELECT_ROWS = 128  # "select_rows": rows (positions x head slots) per program, >= 16 positions
+SELECT_ROWS = 64  # "select_rows": rows (positions x head slots) per program, >= 16 positions
 SELECT_KEYS = 64  # "select_keys": compressed tokens per matrix product
 SELECT_SPAN = 1  # "select_span": key tiles per top-n merge
 HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")  # "select_merge"
@@ -38,11 +38,32 @@ def _first_part(x, PARTS: tl.constexpr):
 
 
 @triton.jit
+def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr, GP: tl.constexpr,
+                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Importance [BT, BJP] of blocks j from compressed tokens i0..min(i0+BLOCK_N, i_hi)-1."""
+    i = i0 + tl.arange(0, BLOCK_N)
+    kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
+                 mask=(i < i_hi)[None, :] & (dk < DK)[:, None], other=0.0)
+    lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
+    hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
+    w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, BJP]
+    s = tl.dot(q, kc) * scale2
+    vis = (i[None, :] < nv_r[:, None]) & (i < i_hi)[None, :]
+    p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+    psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
+    if BT >= 16:
+        imp = tl.dot(psum, w, input_precision="ieee")
+    else:  # too few positions for a matrix product
+        imp = tl.sum(psum[:, :, None] * w[None, :, :], 1)
+    return imp
+
+
+@triton.jit
 def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, L: tl.constexpr,
                  DS: tl.constexpr, LS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
                  BJ: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
-                 MERGE: tl.constexpr):
+                 MERGE: tl.constexpr, SPAN: tl.constexpr, FITS: tl.constexpr):
     """BT positions x one KV head: stream the blocks in chunks of BJ, keep a running top-n."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -76,21 +97,15 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         i_lo = tl.where(num >= 0, num // DS + 1, 0)
         i_hi = tl.minimum(nv_max, ((j0 + BJ) * LS - 1) // DS + 1)
         imp = tl.zeros([BT, BJP], tl.float32)
-        for i0 in range(i_lo, i_hi, BLOCK_N):
-            i = i0 + tl.arange(0, BLOCK_N)
-            kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
-                         mask=(i < i_hi)[None, :] & (dk < DK)[:, None], other=0.0)
-            lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
-            hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
-            w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, BJP]
-            s = tl.dot(q, kc) * scale2
-            vis = (i[None, :] < nv_r[:, None]) & (i < i_hi)[None, :]
-            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-            psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
-            if BT >= 16:
-                imp += tl.dot(psum, w, input_precision="ieee")
-            else:  # too few positions for a matrix product
-                imp += tl.sum(psum[:, :, None] * w[None, :, :], 1)
+        if FITS:  # SPAN tiles cover the chunk: no inner loop, so the pipeliner overlaps the
+            # next chunk's key loads with this chunk's work (an inner loop of one trip does not)
+            for sp in tl.static_range(SPAN):
+                imp += _importance(q, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
+                                   BT, GP, L, DS, LS, BJP, BLOCK_N)
+        else:  # one block overlaps more compressed tokens than SPAN tiles hold
+            for i0 in range(i_lo, i_hi, BLOCK_N):
+                imp += _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
+                                   BT, GP, L, DS, LS, BJP, BLOCK_N)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         cand = (j[None, :] <= cur[:, None]) & (jj < BJ)[None, :]
         bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
@@ -117,8 +132,14 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
 
 
 def block_chunk(l: int, d: int, ls: int, tokens: int) -> int:
-    """Blocks per top-n merge such that the compressed tokens overlapping them fit ``tokens``."""
+    """Blocks per top-n merge such that the compressed tokens overlapping them fit ``tokens``
+    (one block when even one needs more: ``chunk_fits`` is then False)."""
     return max(1, ((tokens - l // d + 1) * d) // ls)
+
+
+def chunk_fits(l: int, d: int, ls: int, tokens: int) -> bool:
+    """Do the compressed tokens overlapping ``block_chunk`` blocks always fit ``tokens``?"""
+    return ((tokens - l // d + 1) * d) // ls >= 1
 
 
 def _pow2_setting(launch: dict, name: str, default: int) -> int:
@@ -156,6 +177,7 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     merge = geo.launch.get("select_merge", HAS_BITONIC_MERGE)
     _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
                                       DS=d, LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=BJP, BLOCK_N=BLOCK_N,
-                                      BDK=max(16, triton.next_power_of_2(DK)), MERGE=merge,
+                                      BDK=max(16, triton.next_power_of_2(DK)), MERGE=merge, SPAN=span,
+                                      FITS=chunk_fits(l, d, ls, BLOCK_N * span),
                                       num_warps=warps, num_stages=stages)
     return out

@@ -1,4 +1,4 @@
-"""Host-side bookkeeping for the NSA kernels: tile tables, selection unions, the inverted selection.
+"""Bookkeeping of the NSA kernels in plain torch ops: tile tables, selection unions, the inverted selection.
 
 Every kernel works on the packed layout (batch 1, documents concatenated; a plain batch of B
 sequences is B documents). A *tile table* is an int64 tensor [num_tiles, 5] with columns
@@ -100,11 +100,13 @@ class SelWork(NamedTuple):
     """The inverted selection: the work list of the block-major selected kernels.
 
     items: int64 [num_items, 5] = (head, key_start, key_end, list_offset, list_len);
-    queries: int64 [num_pairs] global positions and slots: int32 [num_pairs] where each choice
-    sits in its position's sorted list, grouped by (chunk, head, block), ascending positions;
-    bounds: the items of position chunk c are items[bounds[c]:bounds[c + 1]] (a list);
-    chunk: positions per chunk; valid: uint8 [T, H, n], 1 where slot j of (position, head) is
-    listed (a per-slot result there is written; the other slots are never touched).
+    queries: int64 [T * H * n] global positions and slots: int32 [T * H * n] where each choice
+    sits in its position's sorted list, grouped by (chunk, head, block), ascending positions
+    (the unlisted ones last, never referenced); bounds: the items of position chunk c are
+    items[bounds[c]:bounds[c + 1]] (a host list of upper bounds: the rows past a chunk's last
+    item are padding, (0, 0, 0, 0, 0), an empty key range with no queries); chunk: positions
+    per chunk; valid: uint8 [T, H, n], 1 where slot j of (position, head) is listed (a
+    per-slot result there is written; the other slots are never touched).
     """
     items: torch.Tensor
     queries: torch.Tensor
@@ -112,6 +114,22 @@ class SelWork(NamedTuple):
     bounds: list
     chunk: int
     valid: torch.Tensor
+
+
+def item_bound(positions: int, H: int, n: int, sel_block: int, seg: int, T: int, ndocs: int) -> int:
+    """The most work items ``positions`` positions can make (host arithmetic, no sync).
+
+    A (head, block) list of c queries makes ceil(c / seg) <= 1 + (c - 1) // seg segments, so
+    the items are at most lists + listed // seg (``list_bound`` lists).
+    """
+    return list_bound(positions, H, n, sel_block, T, ndocs) + positions * H * n // seg
+
+
+def list_bound(positions: int, H: int, n: int, sel_block: int, T: int, ndocs: int) -> int:
+    """The most (head, block) lists ``positions`` positions can make: no more than their
+    ``positions * H * n`` choices, nor than ``H * (T // sel_block + ndocs)`` distinct (head,
+    block) pairs (a document of length L has ceil(L / sel_block) blocks)."""
+    return min(positions * H * n, H * (T // sel_block + ndocs))
 
 
 def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int,
@@ -123,17 +141,25 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     idx already holds distinct blocks in ascending order, -1 last (the selection kernel's
     output), so the per-row sort is skipped.
 
-    Two host syncs (the number of (chunk, head, block) lists, then the numbers of items and
-    listed choices and the chunk bounds): every other step runs on the device. Items, queries
-    and bounds are the same with or without ``rows_sorted``: the listed (position, head, slot)
-    triples sorted by (chunk, head, block start), stable, so positions ascend within a list.
-    Slot numbers and ``valid`` follow the row order used (the sort puts -1 first, the
-    kernel's rows have it last); the kernels only need them to agree with each other.
+    No host sync and no copy from the host: every shape comes from bounds known before the
+    data (``item_bound``, ``list_bound``), so the host keeps queueing kernels while the GPU
+    builds the list. The listed (position, head, slot) triples are sorted by (chunk, head,
+    block start), stable, so positions ascend within a list. The lists are then found by
+    binary search over the running count of list starts, and each padded item row by binary
+    search over the running count of segments, so only the sort and two scans touch every
+    choice. Items, queries and bounds are the same with or without ``rows_sorted``. Slot
+    numbers and ``valid`` follow the row order used (the sort puts -1 first, the kernel's
+    rows have it last); the kernels only need them to agree with each other.
     """
     T, H, n = idx.shape
     dev = idx.device
     chunk = max(1, T if chunk is None else min(chunk, T))
     nchunks = -(-T // chunk) if T else 0
+    ndocs = layout.cu.numel() - 1
+    last = T - (nchunks - 1) * chunk  # positions of the last chunk
+    per = item_bound(chunk, H, n, sel_block, seg, T, ndocs)  # item rows of each full chunk
+    bounds = [c * per for c in range(nchunks)] + [(nchunks - 1) * per + item_bound(last, H, n, sel_block, seg, T, ndocs)
+                                                 if nchunks else 0]
     # a block listed twice counts once, and one past its document's end not at all; sorting a
     # row puts equal blocks side by side and keeps its slots distinct, which is all the
     # per-slot results need
@@ -146,37 +172,40 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     start = layout.tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
     valid &= start < layout.tok_doc_end[:, None, None]
     valid8 = valid.to(torch.uint8).contiguous()
-    # unlisted slots get the largest key, so they sort last, into a run of their own that
-    # yields no items (no masked selection: that would cost a sync per tensor)
+    N = T * H * n
+    if N == 0:
+        return SelWork(torch.zeros(bounds[-1], 5, dtype=torch.int64, device=dev),
+                       torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int32, device=dev),
+                       bounds, chunk, valid8)
+    # unlisted slots get the largest key, so they sort last (no masked selection: that syncs)
     big = nchunks * H * T
     key = torch.where(valid, ((t // chunk) * H + h) * T + start, big).reshape(-1)
     if big < 2 ** 31:  # half the radix passes
         key = key.to(torch.int32)
-    if key.numel() == 0:
-        return SelWork(torch.zeros(0, 5, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
-                       torch.zeros(0, dtype=torch.int32, device=dev), [0] * (nchunks + 1), chunk, valid8)
     key, order = torch.sort(key, stable=True)  # flattening is position-major: stable keeps t ascending
-    uniq, counts = torch.unique_consecutive(key, return_counts=True)
-    uniq = uniq.to(torch.int64)
-    listed = torch.where(uniq < big, counts, 0)  # the sentinel run lists nothing
-    offs = torch.cumsum(counts, 0) - counts
-    nseg = (listed + seg - 1) // seg
-    ends = torch.cumsum(nseg, 0)
-    # items of chunk c start after those of the lists of earlier chunks
-    first = torch.searchsorted(uniq // (H * T), torch.arange(nchunks + 1, device=dev))
-    bounds = torch.where(first > 0, ends[(first - 1).clamp(min=0)], 0)
-    host = torch.cat([ends[-1:], listed.sum()[None], bounds]).tolist()
-    total, listed, bounds = host[0], host[1], host[2:]
-    order = order[:listed]  # the unlisted run is last
-    tv = order // (H * n)
-    sv = (order % n).to(torch.int32)
-    pair = torch.repeat_interleave(torch.arange(len(uniq), device=dev), nseg, output_size=total)
-    k = torch.arange(total, device=dev) - (ends - nseg)[pair]
-    off = offs[pair] + k * seg
-    length = torch.minimum(counts[pair] - k * seg, torch.full_like(off, seg))
-    u = uniq[pair]
-    head = (u // T) % H
+    new = torch.ones(N, dtype=torch.bool, device=dev)
+    new[1:] = key[1:] != key[:-1]
+    # lists (runs of one key): list r starts where the running count of starts reaches r + 1;
+    # past the last run the search gives N (then an empty list with the sentinel key)
+    nruns = (nchunks - 1) * list_bound(chunk, H, n, sel_block, T, ndocs) + list_bound(last, H, n, sel_block, T, ndocs) + 1
+    rs = torch.searchsorted(torch.cumsum(new, 0), torch.arange(1, nruns + 2, device=dev))
+    cnt = rs[1:] - rs[:-1]
+    rs = rs[:-1]
+    rkey = torch.where(rs < N, key[rs.clamp(max=N - 1)].to(torch.int64), big)  # ascending
+    nseg = torch.where(rkey < big, (cnt + seg - 1) // seg, 0)  # the sentinel run lists nothing
+    seg_end = torch.cumsum(nseg, 0)
+    # the items of chunk c: the segments of its lists, in padded rows bounds[c]..
+    run0 = torch.searchsorted(rkey, torch.arange(nchunks + 1, device=dev) * (H * T))
+    first = torch.cat([seg_end.new_zeros(1), seg_end])[run0]  # segments before chunk c
+    row = torch.arange(bounds[-1], device=dev)
+    c = torch.clamp(row // per, max=nchunks - 1)
+    g = first[c] + row - c * per  # the row's segment, if its chunk has that many
+    used = g < first[c + 1]
+    run = torch.searchsorted(seg_end, g, right=True).clamp(max=nruns - 1)
+    k = (g - (seg_end - nseg)[run]) * seg  # the segment's first query in its list
+    u = rkey[run]
     kstart = u % T
     kend = torch.minimum(kstart + sel_block, layout.tok_doc_end[kstart])
-    items = torch.stack([head, kstart, kend, off, length], dim=1).contiguous()
-    return SelWork(items, tv, sv, bounds, chunk, valid8)
+    items = torch.stack([(u // T) % H, kstart, kend, rs[run] + k, torch.clamp(cnt[run] - k, max=seg)], dim=1)
+    items = torch.where(used[:, None], items, 0).contiguous()
+    return SelWork(items, order // (H * n), (order % n).to(torch.int32), bounds, chunk, valid8)

@@ -7,6 +7,9 @@ and every gradient; selection agreement), several group sizes, packed sequences.
 --bench: medians of triton.testing.do_bench for the issue's shapes (a) paper, (b) FLA's,
 (c) small groups, forward and forward+backward, against dense causal SDPA (flash backend,
 enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, writes CSV.
+--profile: per-kernel CUDA time of one forward and of one forward+backward.
+--gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
+stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
 """
 from __future__ import annotations
 
@@ -335,6 +338,74 @@ def sweep_shape(name, S, kernels, keys):
             print(f"[sweep] {name} S={S} {key}={val}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
 
 
+def gpu_gaps(tag: str, fn, out_dir: str, top: int = 5):
+    """Busy and idle GPU time of one ``fn()`` call (after warm-up), from a profiler trace.
+
+    Busy is the union of kernel / memcpy / memset intervals on every stream; idle is the rest
+    of the span from the first start to the last end. Returns (span_ms, busy_ms, idle_ms).
+    """
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    path = os.path.join(out_dir, f"trace_{tag}.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    os.remove(path)  # tens of MB; the summary is what is kept
+    ks = sorted((e["ts"], e["ts"] + e["dur"], e["name"][:48]) for e in events
+                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not ks:
+        raise RuntimeError(f"{tag}: the trace holds no GPU activity")
+    busy, (s0, e0, last) = 0.0, ks[0]
+    gaps = []
+    for s, e, name in ks[1:]:
+        if s > e0:
+            busy += e0 - s0
+            gaps.append((s - e0, last, name))
+            s0, e0 = s, e
+        elif e > e0:
+            e0 = e
+        if e >= e0:
+            last = name
+    busy += e0 - s0
+    span = ks[-1][1] - ks[0][0]
+    print(f"[gaps] {tag}: span {span / 1e3:.2f} ms, GPU busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms, "
+          f"{len(ks)} kernels / copies", flush=True)
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        print(f"[gaps]   {g / 1e3:.3f} ms between {a} and {b}", flush=True)
+    return span / 1e3, busy / 1e3, (span - busy) / 1e3
+
+
+def gaps_shape(name, S, kernels, out_dir):
+    """GPU idle time of one forward (no grad) and one forward+backward of the whole NSA function."""
+    from nsa_dist import NSAConfig
+
+    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
+    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
+    x = {k: v.requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
+    do = torch.randn(1, S, HQ, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            kernels.nsa_attention(*(x[k] for k in ORDER), cfg)
+
+    def step():
+        for t in x.values():
+            t.grad = None
+        kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
+    gpu_gaps(f"{name}_S{S}_fwd", fwd, out_dir)
+    gpu_gaps(f"{name}_S{S}_fwdbwd", step, out_dir)
+    del x
+    torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="correctness against the reference")
@@ -342,6 +413,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="8192,16384,32768,65536")
     ap.add_argument("--shapes", default="a_paper,b_fla,c_small_g")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the largest size")
+    ap.add_argument("--gaps", action="store_true", help="GPU idle time in one call at the largest size")
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
     ap.add_argument("--sweep-keys", default=",".join(SWEEP), help="which launch settings to sweep")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
@@ -360,6 +432,9 @@ def main(argv=None):
     if a.profile:
         for name in a.shapes.split(","):
             profile_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+    if a.gaps:
+        for name in a.shapes.split(","):
+            gaps_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.out)
     if a.bench:
         rows = []
         for name in a.shapes.split(","):

@@ -48,9 +48,12 @@ def test_inverted_selection_lists_every_choice_once():
     idx = torch.randint(-1, 3, (T, H, n), generator=gen)
     lay = _layout(cu, [0, 1, 3])
     items, qlist, slots, bounds, _, valid = tiles.inverted_selection(idx, lay, ls, seg)
-    assert bounds == [0, len(items)]
+    assert bounds == [0, len(items)] == [0, tiles.item_bound(T, H, n, ls, seg, T, 2)]
     seen, listed = [], torch.zeros(T, H, n, dtype=torch.uint8)
-    for h, k0, k1, off, length in items.tolist():
+    real = items[items[:, 4] > 0]
+    assert (items[items[:, 4] == 0] == 0).all()  # padding: an empty key range, no queries
+    assert torch.equal(items[:len(real)], real)  # the items first, then the padding
+    for h, k0, k1, off, length in real.tolist():
         assert 0 < length <= seg and k1 - k0 <= ls
         for t, j in zip(qlist[off:off + length].tolist(), slots[off:off + length].tolist()):
             doc_start = 0 if t < 9 else 9
@@ -69,9 +72,9 @@ def test_inverted_selection_drops_blocks_past_the_document():
     lay = _layout([0, 5, 13], [0, 1, 3])
     idx = torch.tensor([[[0, 1, 2]]] * 13)  # block 2 starts past both documents' ends
     items, qlist = tiles.inverted_selection(idx, lay, 4, 16)[:2]
-    spans = sorted((int(k0), int(k1)) for _, k0, k1, _, _ in items.tolist())
+    spans = sorted((int(k0), int(k1)) for _, k0, k1, _, n in items.tolist() if n > 0)
     assert spans == [(0, 4), (4, 5), (5, 9), (9, 13)]  # document 0's block 1 is just position 4
-    assert len(qlist) == 13 * 2 == sum(length for *_, length in items.tolist())  # two choices listed a position
+    assert 13 * 2 == sum(length for *_, length in items.tolist())  # two choices listed a position
 
 
 def test_inverted_selection_of_kernel_rows_skips_the_row_sort():
@@ -90,7 +93,7 @@ def test_inverted_selection_of_kernel_rows_skips_the_row_sort():
         work = tiles.inverted_selection(idx, lay, ls, 5, chunk, rows_sorted=True)
         assert torch.equal(work.items, ref.items) and work.bounds == ref.bounds
         listed = int(ref.items[:, 4].sum())
-        assert torch.equal(work.queries, ref.queries) and len(work.queries) == listed
+        assert torch.equal(work.queries[:listed], ref.queries[:listed])
         assert int(work.valid.sum()) == int(ref.valid.sum()) == listed
         for h, k0, k1, off, length in work.items.tolist():
             for t, j in zip(work.queries[off:off + length].tolist(), work.slots[off:off + length].tolist()):
@@ -108,6 +111,8 @@ def test_inverted_selection_in_chunks_keeps_each_chunk_to_itself():
     work = tiles.inverted_selection(idx, lay, ls, 100, chunk=7)
     assert work.chunk == 7 and len(work.bounds) == 5 and work.bounds[0] == 0
     assert work.bounds[-1] == len(work.items)
+    assert all(work.bounds[c + 1] - work.bounds[c] == tiles.item_bound(min(7, T - 7 * c), H, n, ls, 100, T, 2)
+               for c in range(4))
     pairs = set()
     for c in range(4):
         for h, k0, k1, off, length in work.items[work.bounds[c]:work.bounds[c + 1]].tolist():
@@ -119,6 +124,30 @@ def test_inverted_selection_in_chunks_keeps_each_chunk_to_itself():
         for t, j in zip(whole.queries[off:off + length].tolist(), whole.slots[off:off + length].tolist()):
             want.add((t, h, k0, j))
     assert pairs == want and len(want) > 0
+
+
+def test_item_bound_holds_for_crowded_and_sparse_choices():
+    """The padded per-chunk item rows are never fewer than the items: every position choosing
+    the same few blocks (long lists, many segments), all distinct blocks (many short lists),
+    several documents, every chunking."""
+    gen = torch.Generator().manual_seed(4)
+    cu = [0, 13, 14, 40, 64]
+    lay = _layout(cu, [0, 3, 3, 9, 15])
+    T, H, n, ls = 64, 3, 5, 4
+    dense = torch.arange(n).repeat(T, H, 1)  # each position: blocks 0..4 of its document
+    sparse = torch.stack([torch.randperm(7, generator=gen)[:n] for _ in range(T * H)]).view(T, H, n)
+    for idx in (dense, sparse, torch.randint(-1, 8, (T, H, n), generator=gen)):
+        for seg in (1, 2, 5, 64):
+            for chunk in (None, 1, 5, 16):
+                work = tiles.inverted_selection(idx, lay, ls, seg, chunk)
+                count = work.items[:, 4] > 0
+                ch = work.chunk
+                for c in range(len(work.bounds) - 1):
+                    part = work.items[work.bounds[c]:work.bounds[c + 1]]
+                    for h, k0, k1, off, length in part[part[:, 4] > 0].tolist():
+                        assert all(ch * c <= t < ch * (c + 1) for t in work.queries[off:off + length].tolist())
+                # every listed choice is in exactly one item: no item was lost to the bound
+                assert int(work.items[count, 4].sum()) == int(work.valid.sum())
 
 
 def test_selected_layout_choice_by_group_size_and_override():
@@ -154,3 +183,24 @@ def test_selected_dq_layout_and_partial_dtype_choices():
         Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_algo": "fused"}).sel_dq_block_major()
     with pytest.raises(ValueError, match="sel_dq_partial"):
         Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_partial": "bf16"}).dq_partial_dtype(torch.bfloat16)
+
+
+def test_selection_chunks_fit_their_key_tiles():
+    """When ``chunk_fits`` says so, the compressed tokens overlapping a chunk of ``block_chunk``
+    blocks fit the tiles, so the selection kernel loads them without a loop (brute force over
+    valid (l, d, l') and every chunk start)."""
+    from nsa_dist.kernels.selection import block_chunk, chunk_fits
+    fits = 0
+    for d in (1, 2, 4, 8, 16):
+        for l in range(d, 65, d):
+            for ls in range(l, 129, d):
+                for tokens in (16, 32, 64, 128):
+                    if not chunk_fits(l, d, ls, tokens):
+                        continue
+                    fits += 1
+                    bj = block_chunk(l, d, ls, tokens)
+                    for j0 in range(0, 20 * bj, bj):
+                        lo = (j0 * ls - l) // d + 1 if j0 * ls >= l else 0  # the kernel's i_lo / i_hi
+                        hi = ((j0 + bj) * ls - 1) // d + 1
+                        assert hi - lo <= tokens, (l, d, ls, tokens, j0)
+    assert fits > 1000 and not chunk_fits(16, 2, 32, 16)

@@ -92,9 +92,8 @@ def test_both_selected_dq_layouts_bf16(G, algo, partial, monkeypatch):
 
 @pytest.mark.parametrize("G", [4, 16])
 def test_selection_inside_the_call_matches_the_given_selection(G):
-    """nsa_attention selecting on its own (the kernel's rows skip the work list's row sort; the
-    list is built on a side stream while the window / compressed kernels run) gives what the
-    same selection passed in as block_indices gives, forward and backward."""
+    """nsa_attention selecting on its own (the kernel's rows skip the work list's row sort)
+    gives what the same selection passed in as block_indices gives, forward and backward."""
     from nsa_dist import NSAConfig
     from nsa_dist.ops import compress, nsa_attention, select_blocks
 
@@ -118,3 +117,31 @@ def test_selection_inside_the_call_matches_the_given_selection(G):
     errs.update({"d" + k: _rel_rms(xa[k].grad, xb[k].grad) for k in NAMES})
     # the same sums in another order (slots, fp32 atomics): bf16 rounding flips at most
     assert max(errs.values()) <= 1e-3, errs
+
+
+@pytest.mark.parametrize("G", [4, 16])
+def test_forward_and_backward_queue_without_a_host_sync(G):
+    """Once the packing's tile tables exist, a forward and backward (selection, work list,
+    every kernel) never waits for the GPU: torch's sync debug mode turns any synchronising
+    call into an error."""
+    from nsa_dist import NSAConfig
+    from nsa_dist.ops import compress, nsa_attention
+
+    cfg = NSAConfig()
+    S, H, D = 4096, 2, 128
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    x = dict(q=r(2, S, G * H, D), k_cmp=compress(r(2, S, H, D), cfg), v_cmp=compress(r(2, S, H, D), cfg),
+             k_sel=r(2, S, H, D), v_sel=r(2, S, H, D), k_win=r(2, S, H, D), v_win=r(2, S, H, D),
+             gates=torch.rand(2, S, G * H, 3, generator=gen, device="cuda").bfloat16())
+    x = {k: v.requires_grad_(True) for k, v in x.items()}
+    do = torch.randn(2, S, G * H, D, generator=gen, device="cuda").bfloat16()
+    nsa_attention(*(x[k] for k in NAMES), cfg, backend="triton").backward(do)  # builds the tile tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o = nsa_attention(*(x[k] for k in NAMES), cfg, backend="triton")
+        o.backward(do)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(o).all() and all(torch.isfinite(x[k].grad).all() for k in NAMES)

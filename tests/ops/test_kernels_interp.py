@@ -143,6 +143,7 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatc
     (16, 16, 1, True, 32, 16, 8, 32, 3),  # G = 32: one position a program, group sum by broadcast
     (128, 16, 1, False, 3, 8, 4, 16, 5),  # G = 3 in 4 head slots
     (16, 64, 1, True, 2, 4, 4, 4, 20),  # 64 blocks a merge (wider than the top-n), n > 16
+    (16, 16, 1, True, 2, 16, 2, 32, 3),  # one block overlaps 23 compressed tokens: a key-tile loop
 ])
 def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, monkeypatch):
     """The selection kernel in each of its program shapes and merges, over documents of several
@@ -163,6 +164,8 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
     assert torch.equal(ref, got)
     nblocks = -(-120 // ls)
     assert nblocks > (sel.block_chunk(l, d, ls, keys * span) if keys == 16 else n)  # merges / n binds
+    # the last case takes the kernel's key-tile loop, the others load a chunk's tiles without one
+    assert sel.chunk_fits(l, d, ls, keys * span) == ((l, d, ls) != (16, 2, 32))
 
 
 def test_ties_go_to_the_lower_block():
