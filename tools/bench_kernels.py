@@ -338,12 +338,34 @@ def sweep_shape(name, S, kernels, keys):
             print(f"[sweep] {name} S={S} {key}={val}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
 
 
+def idle_gaps(intervals):
+    """Busy time and idle gaps of GPU activity.
+
+    intervals: (start, end, name) of every kernel / copy, on any stream, in any order.
+    Returns (span, busy, gaps): span from the first start to the last end, busy the length of
+    the union of the intervals, gaps [(length, name before, name after)] longest first.
+    """
+    ks = sorted(intervals)
+    if not ks:
+        raise ValueError("no GPU activity to measure")
+    busy, (s0, e0, last) = 0.0, ks[0]
+    gaps = []
+    for s, e, name in ks[1:]:
+        if s > e0:  # nothing ran between e0 and s
+            busy += e0 - s0
+            gaps.append((s - e0, last, name))
+            s0, e0 = s, e
+        elif e > e0:
+            e0 = e
+        if e >= e0:
+            last = name  # the interval that ends last so far
+    busy += e0 - s0
+    return ks[-1][1] - ks[0][0], busy, sorted(gaps, reverse=True)
+
+
 def gpu_gaps(tag: str, fn, out_dir: str, top: int = 5):
     """Busy and idle GPU time of one ``fn()`` call (after warm-up), from a profiler trace.
-
-    Busy is the union of kernel / memcpy / memset intervals on every stream; idle is the rest
-    of the span from the first start to the last end. Returns (span_ms, busy_ms, idle_ms).
-    """
+    Returns (span_ms, busy_ms, idle_ms); see ``idle_gaps``."""
     import json
 
     from torch.profiler import ProfilerActivity, profile
@@ -359,26 +381,12 @@ def gpu_gaps(tag: str, fn, out_dir: str, top: int = 5):
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     os.remove(path)  # tens of MB; the summary is what is kept
-    ks = sorted((e["ts"], e["ts"] + e["dur"], e["name"][:48]) for e in events
-                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
-    if not ks:
-        raise RuntimeError(f"{tag}: the trace holds no GPU activity")
-    busy, (s0, e0, last) = 0.0, ks[0]
-    gaps = []
-    for s, e, name in ks[1:]:
-        if s > e0:
-            busy += e0 - s0
-            gaps.append((s - e0, last, name))
-            s0, e0 = s, e
-        elif e > e0:
-            e0 = e
-        if e >= e0:
-            last = name
-    busy += e0 - s0
-    span = ks[-1][1] - ks[0][0]
+    ks = [(e["ts"], e["ts"] + e["dur"], e["name"][:48]) for e in events
+          if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    span, busy, gaps = idle_gaps(ks)
     print(f"[gaps] {tag}: span {span / 1e3:.2f} ms, GPU busy {busy / 1e3:.2f} ms, idle {(span - busy) / 1e3:.2f} ms, "
           f"{len(ks)} kernels / copies", flush=True)
-    for g, a, b in sorted(gaps, reverse=True)[:top]:
+    for g, a, b in gaps[:top]:
         print(f"[gaps]   {g / 1e3:.3f} ms between {a} and {b}", flush=True)
     return span / 1e3, busy / 1e3, (span - busy) / 1e3
 
