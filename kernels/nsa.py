@@ -249,10 +249,9 @@ def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]
         lp.fill_(float("-inf"))
-        if i1 > i0:
-            _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
-                                       geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"),
-                                       **_lk(geo, "sel_split"))
+        _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
+                                   geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"),
+                                   **_lk(geo, "sel_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
                                                   NPAD=_pow2(n), BDV=geo.bdv(), **_lk(geo, "sel_combine"))
@@ -270,9 +269,7 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, sc
     block_r = 32
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
-        i0, i1 = work.bounds[c], work.bounds[c + 1]
-        if i1 == i0:  # a chunk with no item rows: nothing to add
-            continue
+        i0, i1 = work.bounds[c], work.bounds[c + 1]  # every chunk has item rows (tiles.item_bound >= 1)
         _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
                                       work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
                                       **_sel_block_args(geo, cfg, "sel_dq_split"), **_lk(geo, "sel_dq_split"))

@@ -39,14 +39,14 @@ def _first_part(x, PARTS: tl.constexpr):
 
 @triton.jit
 def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr, GP: tl.constexpr,
-                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Importance [BT, BJP] of blocks j from compressed tokens i0..min(i0+BLOCK_N, i_hi)-1."""
+                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Importance [BT, len(j)] of blocks j from compressed tokens i0..min(i0+BLOCK_N, i_hi)-1."""
     i = i0 + tl.arange(0, BLOCK_N)
     kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
                  mask=(i < i_hi)[None, :] & (dk < DK)[:, None], other=0.0)
     lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
     hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
-    w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, BJP]
+    w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, len(j)]
     s = tl.dot(q, kc) * scale2
     vis = (i[None, :] < nv_r[:, None]) & (i < i_hi)[None, :]
     p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
@@ -101,11 +101,11 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
             # next chunk's key loads with this chunk's work (an inner loop of one trip does not)
             for sp in tl.static_range(SPAN):
                 imp += _importance(q, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BJP, BLOCK_N)
+                                   BT, GP, L, DS, LS, BLOCK_N)
         else:  # one block overlaps more compressed tokens than SPAN tiles hold
             for i0 in range(i_lo, i_hi, BLOCK_N):
                 imp += _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BJP, BLOCK_N)
+                                   BT, GP, L, DS, LS, BLOCK_N)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         cand = (j[None, :] <= cur[:, None]) & (jj < BJ)[None, :]
         bits = imp.to(tl.int32, bitcast=True).to(tl.int64)

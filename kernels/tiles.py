@@ -156,10 +156,10 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     chunk = max(1, T if chunk is None else min(chunk, T))
     nchunks = -(-T // chunk) if T else 0
     ndocs = layout.cu.numel() - 1
-    last = T - (nchunks - 1) * chunk  # positions of the last chunk
-    per = item_bound(chunk, H, n, sel_block, seg, T, ndocs)  # item rows of each full chunk
-    bounds = [c * per for c in range(nchunks)] + [(nchunks - 1) * per + item_bound(last, H, n, sel_block, seg, T, ndocs)
-                                                 if nchunks else 0]
+    sizes = [min(chunk, T - c * chunk) for c in range(nchunks)]  # positions per chunk
+    bounds = [0]
+    for p in sizes:
+        bounds.append(bounds[-1] + item_bound(p, H, n, sel_block, seg, T, ndocs))
     # a block listed twice counts once, and one past its document's end not at all; sorting a
     # row puts equal blocks side by side and keeps its slots distinct, which is all the
     # per-slot results need
@@ -187,7 +187,7 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     new[1:] = key[1:] != key[:-1]
     # lists (runs of one key): list r starts where the running count of starts reaches r + 1;
     # past the last run the search gives N (then an empty list with the sentinel key)
-    nruns = (nchunks - 1) * list_bound(chunk, H, n, sel_block, T, ndocs) + list_bound(last, H, n, sel_block, T, ndocs) + 1
+    nruns = sum(list_bound(p, H, n, sel_block, T, ndocs) for p in sizes) + 1
     rs = torch.searchsorted(torch.cumsum(new, 0), torch.arange(1, nruns + 2, device=dev))
     cnt = rs[1:] - rs[:-1]
     rs = rs[:-1]
@@ -197,6 +197,7 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     # the items of chunk c: the segments of its lists, in padded rows bounds[c]..
     run0 = torch.searchsorted(rkey, torch.arange(nchunks + 1, device=dev) * (H * T))
     first = torch.cat([seg_end.new_zeros(1), seg_end])[run0]  # segments before chunk c
+    per = bounds[1]  # item rows of every chunk but the last
     row = torch.arange(bounds[-1], device=dev)
     c = torch.clamp(row // per, max=nchunks - 1)
     g = first[c] + row - c * per  # the row's segment, if its chunk has that many

@@ -268,30 +268,41 @@ def bench_shape(name, S, rows, kernels):
     torch.cuda.empty_cache()
 
 
-def profile_shape(name, S, kernels):
-    """Per-kernel CUDA time of one forward+backward (torch.profiler), top entries printed."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _calls(name, S, kernels):
+    """(forward without grad, forward+backward) of the whole NSA function on the shape's inputs."""
     from nsa_dist import NSAConfig
 
     HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
     cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
     x = {k: v.requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
     do = torch.randn(1, S, HQ, D, device="cuda", dtype=torch.bfloat16)
-    for _ in range(2):
-        kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+    def fwd():
         with torch.no_grad():
             kernels.nsa_attention(*(x[k] for k in ORDER), cfg)
-        torch.cuda.synchronize()
-    print(f"[profile] {name} S={S} forward (no grad)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+    def step():
+        for t in x.values():
+            t.grad = None
         kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
-        torch.cuda.synchronize()
-    print(f"[profile] {name} S={S} forward + backward")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    return fwd, step
+
+
+def profile_shape(name, S, kernels):
+    """Per-kernel CUDA time of one forward and one forward+backward (torch.profiler), top entries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fwd, step = _calls(name, S, kernels)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    for tag, fn in (("forward (no grad)", fwd), ("forward + backward", step)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        print(f"[profile] {name} S={S} {tag}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    torch.cuda.empty_cache()
 
 
 def sweep_shape(name, S, kernels, keys):
@@ -363,10 +374,11 @@ def idle_gaps(intervals):
     return ks[-1][1] - ks[0][0], busy, sorted(gaps, reverse=True)
 
 
-def gpu_gaps(tag: str, fn, out_dir: str, top: int = 5):
+def gpu_gaps(tag: str, fn, top: int = 5):
     """Busy and idle GPU time of one ``fn()`` call (after warm-up), from a profiler trace.
     Returns (span_ms, busy_ms, idle_ms); see ``idle_gaps``."""
     import json
+    import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -376,11 +388,11 @@ def gpu_gaps(tag: str, fn, out_dir: str, top: int = 5):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    path = os.path.join(out_dir, f"trace_{tag}.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    os.remove(path)  # tens of MB; the summary is what is kept
+    with tempfile.TemporaryDirectory() as tmp:  # tens of MB; only the summary is kept
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
     ks = [(e["ts"], e["ts"] + e["dur"], e["name"][:48]) for e in events
           if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     span, busy, gaps = idle_gaps(ks)
@@ -391,26 +403,11 @@ def gpu_gaps(tag: str, fn, out_dir: str, top: int = 5):
     return span / 1e3, busy / 1e3, (span - busy) / 1e3
 
 
-def gaps_shape(name, S, kernels, out_dir):
+def gaps_shape(name, S, kernels):
     """GPU idle time of one forward (no grad) and one forward+backward of the whole NSA function."""
-    from nsa_dist import NSAConfig
-
-    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
-    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
-    x = {k: v.requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
-    do = torch.randn(1, S, HQ, D, device="cuda", dtype=torch.bfloat16)
-
-    def fwd():
-        with torch.no_grad():
-            kernels.nsa_attention(*(x[k] for k in ORDER), cfg)
-
-    def step():
-        for t in x.values():
-            t.grad = None
-        kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
-    gpu_gaps(f"{name}_S{S}_fwd", fwd, out_dir)
-    gpu_gaps(f"{name}_S{S}_fwdbwd", step, out_dir)
-    del x
+    fwd, step = _calls(name, S, kernels)
+    gpu_gaps(f"{name}_S{S}_fwd", fwd)
+    gpu_gaps(f"{name}_S{S}_fwdbwd", step)
     torch.cuda.empty_cache()
 
 
@@ -442,7 +439,7 @@ def main(argv=None):
             profile_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
     if a.gaps:
         for name in a.shapes.split(","):
-            gaps_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.out)
+            gaps_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
     if a.bench:
         rows = []
         for name in a.shapes.split(","):
