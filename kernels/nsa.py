@@ -368,24 +368,24 @@ def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg
     """Packed geometry of a call (B sequences of S tokens become B documents).
 
     The document layout and its tile tables depend only on the packing, which repeats in
-    every layer and step: they are built once (their sizes need the host, i.e. GPU syncs)
-    and reused, so a call with a known packing launches its kernels without waiting.
+    every layer and step: they are built once on the host and copied to the device without
+    blocking (``tiles.to_device``), then reused. ``cu_seqlens`` is read on the host, so a CPU
+    tensor (as ``nsa_dist.ops`` passes it) keeps the whole call free of GPU syncs.
     """
-    from nsa_dist.ops import compressed_cu_seqlens
+    from nsa_dist.ops.blocks import compressed_offsets
 
     B, S, HQ, DK = q.shape
     dev = q.device
-    cu_key = None if cu_seqlens is None else tuple(cu_seqlens.tolist())
-    key = (str(dev), B, S, k_cmp.shape[1], cfg.cmp_block, cfg.cmp_stride, cu_key)
+    if cu_seqlens is None:
+        bounds = [b * S for b in range(B + 1)]
+        cbounds = [b * k_cmp.shape[1] for b in range(B + 1)]
+    else:
+        bounds = cu_seqlens.tolist()
+        cbounds = compressed_offsets(bounds, cfg)
+    key = (str(dev), B, S, k_cmp.shape[1], cfg.cmp_block, cfg.cmp_stride, tuple(bounds))
     hit = _GEOMETRIES.get(key)
     if hit is None:
-        if cu_seqlens is None:
-            cu = torch.arange(B + 1, device=dev, dtype=torch.int64) * S
-            ccu = torch.arange(B + 1, device=dev, dtype=torch.int64) * k_cmp.shape[1]
-        else:
-            cu = cu_seqlens.to(device=dev, dtype=torch.int64)
-            ccu = compressed_cu_seqlens(cu_seqlens, cfg).to(dev)
-        hit = (tl_tiles.make_layout(cu, ccu), {})
+        hit = (tl_tiles.make_layout(bounds, cbounds, dev), {})
         _GEOMETRIES[key] = hit
         while len(_GEOMETRIES) > _GEOMETRY_SLOTS:
             _GEOMETRIES.popitem(last=False)

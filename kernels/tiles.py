@@ -33,12 +33,22 @@ def tile_table(starts: torch.Tensor, ends: torch.Tensor, doc_start: torch.Tensor
     return torch.stack([a0, a1, doc_start[doc], doc_end[doc], c_start[doc]], dim=1).contiguous()
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking the host: a CUDA copy goes through pinned
+    memory, non-blocking (a copy from pageable memory may wait for the stream's queued work)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class Layout:
-    """Document geometry of one packed call (all int64 tensors on the inputs' device).
+    """Document geometry of one packed call.
 
-    cu: [N+1] token offsets; ccu: [N+1] compressed-token offsets; tok_doc_start /
-    tok_doc_end: [T] the start / end of each token's document.
+    cu: [N+1] token offsets and ccu: [N+1] compressed-token offsets, int64 on the CPU (tile
+    tables are built from them on the host, with no GPU sync); tok_doc_start / tok_doc_end:
+    [T] int64 on the inputs' device, the start / end of each token's document.
     """
     cu: torch.Tensor
     ccu: torch.Tensor
@@ -49,24 +59,30 @@ class Layout:
     def total(self) -> int:
         return int(self.tok_doc_start.numel())
 
+    @property
+    def device(self) -> torch.device:
+        return self.tok_doc_start.device
+
     def query_tiles(self, size: int) -> torch.Tensor:
-        """Tiles of ``size`` query positions within documents."""
+        """Tiles of ``size`` query positions within documents (on the layout's device)."""
         s, e = self.cu[:-1], self.cu[1:]
-        return tile_table(s, e, s, e, self.ccu[:-1], size)
+        return to_device(tile_table(s, e, s, e, self.ccu[:-1], size), self.device)
 
     def cmp_key_tiles(self, size: int) -> torch.Tensor:
         """Tiles of ``size`` compressed tokens within documents (a0/a1 index compressed tokens)."""
         s, e = self.cu[:-1], self.cu[1:]
-        return tile_table(self.ccu[:-1], self.ccu[1:], s, e, self.ccu[:-1], size)
+        return to_device(tile_table(self.ccu[:-1], self.ccu[1:], s, e, self.ccu[:-1], size), self.device)
 
 
-def make_layout(cu_seqlens: torch.Tensor, ccu: torch.Tensor) -> Layout:
-    """Layout from token offsets ``cu_seqlens`` and compressed offsets ``ccu`` ([N+1] each)."""
-    cu = cu_seqlens.to(torch.int64)
-    ccu = ccu.to(device=cu.device, dtype=torch.int64)
+def make_layout(cu_seqlens, ccu, device=None) -> Layout:
+    """Layout from token offsets ``cu_seqlens`` and compressed offsets ``ccu`` ([N+1] each:
+    tensors or int lists), built on the host and moved to ``device`` (default: the CPU)."""
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
+    ccu = torch.as_tensor(ccu, dtype=torch.int64).cpu()
     lens = cu[1:] - cu[:-1]
-    tok_start = torch.repeat_interleave(cu[:-1], lens)
-    tok_end = torch.repeat_interleave(cu[1:], lens)
+    dev = torch.device("cpu") if device is None else device
+    tok_start = to_device(torch.repeat_interleave(cu[:-1], lens), dev)
+    tok_end = to_device(torch.repeat_interleave(cu[1:], lens), dev)
     return Layout(cu, ccu, tok_start, tok_end)
 
 

@@ -156,7 +156,7 @@ class NSAAttention(nn.Module):
         if position_ids is not None:
             return position_ids
         if cu_seqlens is not None:
-            return position_ids_from_cu_seqlens(cu_seqlens, S)
+            return position_ids_from_cu_seqlens(cu_seqlens, S, device)
         return torch.arange(S, device=device)
 
     def stats(self, gates: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor,

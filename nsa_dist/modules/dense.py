@@ -33,7 +33,7 @@ class DenseAttention(nn.Module):
                 position_ids: Optional[torch.Tensor] = None, return_stats: bool = False, **_):
         B, S, _ = x.shape
         if position_ids is None:
-            position_ids = (position_ids_from_cu_seqlens(cu_seqlens, S) if cu_seqlens is not None
+            position_ids = (position_ids_from_cu_seqlens(cu_seqlens, S, x.device) if cu_seqlens is not None
                             else torch.arange(S, device=x.device))
         cos, sin = self.rope.cos_sin(position_ids, x.dtype)
         q = self.rope.rotate(self.q_proj(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)

@@ -6,12 +6,21 @@ from typing import Optional
 import torch
 
 
-def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Positions 0.. restarting at every document boundary: [S] int64."""
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int,
+                                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """Positions 0.. restarting at every document boundary: [S] int64 on ``device``
+    (default: cu_seqlens' device). They are computed where cu_seqlens lives; a CPU one is
+    moved through pinned memory, so the host does not wait for the GPU."""
     pos = torch.arange(seq_len, device=cu_seqlens.device)
     starts = cu_seqlens[:-1].long()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return pos - torch.repeat_interleave(starts, lengths, output_size=seq_len)
+    out = pos - torch.repeat_interleave(starts, lengths, output_size=seq_len)
+    device = cu_seqlens.device if device is None else torch.device(device)
+    if out.device != device:
+        if out.device.type == "cpu" and device.type == "cuda":
+            return out.pin_memory().to(device, non_blocking=True)
+        return out.to(device)
+    return out
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -9,7 +9,7 @@ import torch
 
 from ..config import NSAConfig
 from . import reference
-from .blocks import compressed_cu_seqlens
+from .blocks import compressed_offsets, host_offsets
 from .validation import check_cu_seqlens, check_inputs
 
 BACKENDS = ("auto", "reference", "triton")
@@ -78,7 +78,7 @@ def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
 def _documents(cu_seqlens: torch.Tensor, config: NSAConfig):
     """(token slice, compressed-token slice) of each document."""
     c = cu_seqlens.tolist()
-    cc = compressed_cu_seqlens(cu_seqlens, config).tolist()
+    cc = compressed_offsets(c, config)
     return [(slice(c[i], c[i + 1]), slice(cc[i], cc[i + 1])) for i in range(len(c) - 1)]
 
 
@@ -102,11 +102,13 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
     if q.shape[3] != k_cmp.shape[3]:
         raise ValueError(f"q and k_cmp head dims differ: {q.shape[3]} vs {k_cmp.shape[3]}")
     sc = _scale(q, scale)
+    cu_seqlens = host_offsets(cu_seqlens)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
     if resolve_backend(backend, q.device, q.dtype) == "triton" and reduce_importance is None:
         return load_kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens)
     if cu_seqlens is None:
         return reference.select_blocks_dense(q, k_cmp, config, sc, reduce_importance)
-    check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
     parts = [reference.select_blocks_dense(q[:, ts], k_cmp[:, cs], config, sc, reduce_importance)
              for ts, cs in _documents(cu_seqlens, config)]
     return torch.cat(parts, dim=1)
@@ -121,13 +123,16 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, Dk/Dv] (already compressed; packed per
     document with ``cu_seqlens``); k_sel/v_sel, k_win/v_win: [B, S, H, Dk/Dv];
     gates: [B, S, HQ, 3] (cmp, sel, win), already activated. scale defaults to Dk**-0.5.
-    cu_seqlens: [N+1] int32/int64 document boundaries (B = 1); nothing crosses them.
+    cu_seqlens: [N+1] int32/int64 document boundaries (B = 1); nothing crosses them. Its
+    values are read on the host: a CPU tensor keeps the call free of GPU syncs, a CUDA one
+    costs one copy to the host per call.
     block_indices: optional precomputed selection [B, S, H, n] (from ``select_blocks``).
     Returns [B, S, HQ, Dv] in q's dtype. Differentiable in every floating input.
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     chosen = resolve_backend(backend, q.device, q.dtype)
+    cu_seqlens = host_offsets(cu_seqlens)
     check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config, cu_seqlens,
                  block_indices, check_finite=(chosen == "reference"))
     sc = _scale(q, scale)

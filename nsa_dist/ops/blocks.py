@@ -5,6 +5,8 @@ layouts and the inference caches, so that they cannot disagree on the block geom
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..config import NSAConfig
@@ -23,18 +25,33 @@ def num_sel_blocks(S: int, config: NSAConfig) -> int:
     return -(-S // config.sel_block)
 
 
+def compressed_offsets(bounds, config: NSAConfig) -> list[int]:
+    """Host form of ``compressed_cu_seqlens``: document offsets (ints) -> compressed offsets."""
+    out = [0]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out.append(out[-1] + num_compressed(int(b) - int(a), config))
+    return out
+
+
 def compressed_cu_seqlens(cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     """Offsets of each document's compressed tokens in a packed ``k_cmp``.
 
     cu_seqlens: [N+1] document boundaries (FlashAttention convention).
-    Returns [N+1] int64 boundaries into the concatenated compressed tokens.
+    Returns [N+1] int64 boundaries into the concatenated compressed tokens, on cu_seqlens'
+    device (its values are read on the host: keep cu_seqlens on the CPU to avoid a GPU sync).
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    counts = [num_compressed(int(n), config) for n in lengths]
-    out = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    if counts:
-        out[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+    out = torch.tensor(compressed_offsets(cu_seqlens.tolist(), config), dtype=torch.int64)
     return out.to(cu_seqlens.device)
+
+
+def host_offsets(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``cu_seqlens`` on the CPU, where its values are read (validation, per-document
+    slicing, the kernels' launch geometry). A CUDA tensor costs one device-to-host copy, a
+    sync, here, instead of one at every place that reads it; a CPU tensor is returned as it
+    is. Anything else is returned unchanged for the validation to name."""
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device.type != "cpu":
+        return cu_seqlens.cpu()
+    return cu_seqlens
 
 
 def compressed_ends(Nc: int, config: NSAConfig, device=None) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import NSAConfig
-from .blocks import num_compressed
+from .blocks import host_offsets, num_compressed
 from .validation import check_cu_seqlens
 
 # phi maps blocks [B, Nc, H, l, D] to tokens [B, Nc, H, D].
@@ -21,14 +21,14 @@ def compress(k: torch.Tensor, config: NSAConfig, phi: Optional[Phi] = None,
     [i*d, i*d + l). ``phi`` defaults to mean pooling; a callable gets blocks
     [B, Nc, H, l, D] and returns [B, Nc, H, D].
     With ``cu_seqlens`` (B = 1) each document is compressed on its own and the tokens are
-    concatenated in document order (offsets: ``compressed_cu_seqlens``).
+    concatenated in document order (offsets: ``compressed_cu_seqlens``); its values are
+    read on the host, so a CPU ``cu_seqlens`` needs no GPU sync.
     Returns [B, Nc, H, D].
     """
     if k.dim() != 4:
         raise ValueError(f"compress: k must be [B, S, H, D], got shape {tuple(k.shape)}")
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1])
-        bounds = cu_seqlens.tolist()
+        bounds = check_cu_seqlens(host_offsets(cu_seqlens), k.shape[0], k.shape[1])
         parts = [compress(k[:, s0:s1], config, phi) for s0, s1 in zip(bounds[:-1], bounds[1:])]
         return torch.cat(parts, dim=1) if parts else k[:, :0]
     B, S, H, D = k.shape

@@ -6,13 +6,14 @@ from typing import Optional
 import torch
 
 from ..config import NSAConfig
-from .blocks import compressed_cu_seqlens, num_compressed
+from .blocks import compressed_offsets, num_compressed
 
 _FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
-    """cu_seqlens: [N+1] int32/int64, 0 first, non-decreasing, seq_len last, batch 1."""
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[int]:
+    """cu_seqlens: [N+1] int32/int64, 0 first, non-decreasing, seq_len last, batch 1.
+    Returns its values (read on the host: a GPU sync when cu_seqlens is a CUDA tensor)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -26,6 +27,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None
         raise ValueError(f"cu_seqlens must start at 0 and end at the sequence length {seq_len}, got {c[0]}..{c[-1]}")
     if any(b < a for a, b in zip(c[:-1], c[1:])):
         raise ValueError("cu_seqlens must be non-decreasing")
+    return c
 
 
 def _check_tensor(name: str, t: torch.Tensor, dim: int = 4) -> None:
@@ -59,8 +61,7 @@ def check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSA
         if named[name].shape != (B, S, H, Dv):
             raise ValueError(f"{name} must be [B, S, H, Dv] = {(B, S, H, Dv)}, got {tuple(named[name].shape)}")
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, S)
-        Nc = int(compressed_cu_seqlens(cu_seqlens, config)[-1])
+        Nc = compressed_offsets(check_cu_seqlens(cu_seqlens, B, S), config)[-1]
     else:
         Nc = num_compressed(S, config)
     if k_cmp.shape != (B, Nc, H, Dk):

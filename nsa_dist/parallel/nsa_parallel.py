@@ -241,7 +241,7 @@ class ParallelNSAAttention(nn.Module):
                                  f"{tuple(position_ids.shape)}")
             return position_ids
         if cu_seqlens is not None:
-            return position_ids_from_cu_seqlens(cu_seqlens, S)
+            return position_ids_from_cu_seqlens(cu_seqlens, S, device)
         return torch.arange(S, device=device)
 
     def _stats(self, gates, idx, positions) -> AttentionStats:

@@ -361,11 +361,11 @@ class Trainer:
         return t.tolist()
 
     def _to_device(self, batch: dict) -> dict:
-        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        # cu_seqlens stays on the CPU: the attention reads its values on the host (validation,
+        # launch geometry), and a CUDA copy would make every layer wait for the GPU.
+        out = {k: (v if k == "cu_seqlens" else v.to(self.device, non_blocking=True)) for k, v in batch.items()}
         if batch["cu_seqlens"].numel() == 2 and batch["input_ids"].shape[0] == 1:
-            # One document: nothing to keep apart, and without offsets (host values) the
-            # attention launches its kernels without waiting for the GPU.
-            out["cu_seqlens"] = None
+            out["cu_seqlens"] = None  # one document: nothing to keep apart
         return out
 
     @torch.no_grad()

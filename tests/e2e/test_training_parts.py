@@ -160,3 +160,19 @@ def test_import_training_is_light():
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "False", out.stderr
     json.dumps({})
+
+
+def test_batches_keep_cu_seqlens_on_the_host():
+    """The attention reads the document offsets on the host: the trainer leaves them on the
+    CPU (a device copy would cost a GPU sync in every layer) and drops them for one document."""
+    from types import SimpleNamespace
+
+    from nsa_dist.training.trainer import Trainer
+
+    me = SimpleNamespace(device=torch.device("meta"))
+    ids = torch.zeros(1, 8, dtype=torch.int64)
+    packed = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32)}
+    out = Trainer._to_device(me, packed)
+    assert out["input_ids"].device.type == "meta" and out["cu_seqlens"] is packed["cu_seqlens"]
+    one = dict(packed, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    assert Trainer._to_device(me, one)["cu_seqlens"] is None

@@ -145,3 +145,31 @@ def test_forward_and_backward_queue_without_a_host_sync(G):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(o).all() and all(torch.isfinite(x[k].grad).all() for k in NAMES)
+
+
+@pytest.mark.parametrize("G", [4, 16])
+def test_packed_layer_queues_without_a_host_sync(G):
+    """Packed documents through the whole NSA layer (projections, RoPE, compression, selection,
+    every kernel, backward), with cu_seqlens on the CPU as the trainer passes it: no call
+    waits for the GPU once the packing's geometry exists. A CUDA cu_seqlens gives the same
+    output (its values are copied to the host once per call)."""
+    from nsa_dist import NSAConfig
+    from nsa_dist.modules import NSAAttention
+
+    torch.manual_seed(G)
+    H, D = 2, 64
+    layer = NSAAttention(G * H * D, G * H, H, D, config=NSAConfig(), backend="triton").cuda().bfloat16()
+    cu = torch.tensor([0, 1000, 1003, 4096], dtype=torch.int32)
+    x = torch.randn(1, 4096, G * H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x, cu_seqlens=cu)[0].float().square().mean().backward()  # builds the geometry
+    torch.cuda.synchronize()
+    x.grad = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x, cu_seqlens=cu)[0]
+        y.float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    y_cuda = layer(x, cu_seqlens=cu.cuda())[0]
+    assert torch.equal(y, y_cuda)

@@ -19,3 +19,17 @@ def test_idle_gaps_merge_overlapping_streams_and_name_the_neighbours():
 def test_idle_gaps_without_activity_is_an_error():
     with pytest.raises(ValueError, match="no GPU activity"):
         bench_kernels.idle_gaps([])
+
+
+def test_profile_attention_packs_equal_documents_and_counts_syncs():
+    import torch
+
+    import profile_attention
+
+    assert profile_attention._offsets(10, 3) == [0, 3, 6, 10]
+    assert profile_attention._offsets(8, 1) == [0, 8]
+    if not torch.cuda.is_available():  # sync debug mode needs CUDA; on the CPU nothing syncs
+        pytest.skip("needs CUDA")
+    x = torch.ones(4, device="cuda")
+    assert profile_attention._syncs(lambda: x.sum().item()) >= 1
+    assert profile_attention._syncs(lambda: x.sum()) == 0

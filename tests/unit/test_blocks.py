@@ -49,3 +49,18 @@ def test_compress_mean_and_packed():
     packed = compress(k[:1], cfg, cu_seqlens=cu)
     assert packed.shape[1] == int(compressed_cu_seqlens(cu, cfg)[-1]) == 0 + 2  # 3 tokens: none; 7 tokens: 2
     assert torch.equal(packed, compress(k[:1, 3:], cfg))
+
+
+def test_host_offsets_match_the_tensor_form():
+    """The host-side offsets (what validation and the kernels' geometry read, with no GPU
+    sync) agree with compressed_cu_seqlens, and check_cu_seqlens hands the values back."""
+    from nsa_dist.ops.blocks import compressed_offsets, host_offsets
+    from nsa_dist.ops.validation import check_cu_seqlens
+
+    cfg = NSAConfig()  # l=32, d=16
+    cu = torch.tensor([0, 31, 31, 32, 100, 4196], dtype=torch.int32)
+    assert host_offsets(cu) is cu and host_offsets(None) is None
+    assert check_cu_seqlens(cu, 1, 4196) == cu.tolist()
+    want = compressed_cu_seqlens(cu, cfg)
+    assert want.dtype == torch.int64 and compressed_offsets(cu.tolist(), cfg) == want.tolist()
+    assert want.tolist() == [0, 0, 0, 0, 3, 3 + num_compressed(4096, cfg)]  # lengths 31, 0, 1, 68, 4096

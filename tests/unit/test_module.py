@@ -73,6 +73,9 @@ def test_rope_positions_restart_per_document():
     from nsa_dist.modules import position_ids_from_cu_seqlens
     pos = position_ids_from_cu_seqlens(torch.tensor([0, 3, 3, 7], dtype=torch.int32), 7)
     assert pos.tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert pos.dtype == torch.int64 and pos.device.type == "cpu"
+    moved = position_ids_from_cu_seqlens(torch.tensor([0, 7]), 7, device=torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (7,)
 
 
 def test_bad_module_arguments():
