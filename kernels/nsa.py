@@ -369,7 +369,7 @@ def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg
 
     The document layout and its tile tables depend only on the packing, which repeats in
     every layer and step: they are built once on the host and copied to the device without
-    blocking (``tiles.to_device``), then reused. ``cu_seqlens`` is read on the host, so a CPU
+    blocking (``ops.blocks.to_device``), then reused. ``cu_seqlens`` is read on the host, so a CPU
     tensor (as ``nsa_dist.ops`` passes it) keeps the whole call free of GPU syncs.
     """
     from nsa_dist.ops.blocks import compressed_offsets

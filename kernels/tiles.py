@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from nsa_dist.ops.blocks import to_device
+
 COLS = 5
 
 
@@ -31,15 +33,6 @@ def tile_table(starts: torch.Tensor, ends: torch.Tensor, doc_start: torch.Tensor
     a0 = starts[doc] + k * size
     a1 = torch.minimum(a0 + size, ends[doc])
     return torch.stack([a0, a1, doc_start[doc], doc_end[doc], c_start[doc]], dim=1).contiguous()
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without blocking the host: a CUDA copy goes through pinned
-    memory, non-blocking (a copy from pageable memory may wait for the stream's queued work)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 @dataclass
@@ -80,9 +73,8 @@ def make_layout(cu_seqlens, ccu, device=None) -> Layout:
     cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
     ccu = torch.as_tensor(ccu, dtype=torch.int64).cpu()
     lens = cu[1:] - cu[:-1]
-    dev = torch.device("cpu") if device is None else device
-    tok_start = to_device(torch.repeat_interleave(cu[:-1], lens), dev)
-    tok_end = to_device(torch.repeat_interleave(cu[1:], lens), dev)
+    tok_start = to_device(torch.repeat_interleave(cu[:-1], lens), device or "cpu")
+    tok_end = to_device(torch.repeat_interleave(cu[1:], lens), device or "cpu")
     return Layout(cu, ccu, tok_start, tok_end)
 
 

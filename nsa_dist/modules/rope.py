@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ..ops.blocks import to_device
+
 
 def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int,
                                  device: Optional[torch.device] = None) -> torch.Tensor:
@@ -15,12 +17,7 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int,
     starts = cu_seqlens[:-1].long()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     out = pos - torch.repeat_interleave(starts, lengths, output_size=seq_len)
-    device = cu_seqlens.device if device is None else torch.device(device)
-    if out.device != device:
-        if out.device.type == "cpu" and device.type == "cuda":
-            return out.pin_memory().to(device, non_blocking=True)
-        return out.to(device)
-    return out
+    return out if device is None else to_device(out, device)
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -54,6 +54,16 @@ def host_offsets(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return cu_seqlens
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host-built bookkeeping (offsets, positions, tile tables) onto ``device`` without blocking
+    the host: a CUDA copy goes through pinned memory, non-blocking (a copy from pageable
+    memory may wait for the stream's queued work)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def compressed_ends(Nc: int, config: NSAConfig, device=None) -> torch.Tensor:
     """Last position summarised by each compressed token: i*d + l - 1, shape [Nc]."""
     return torch.arange(Nc, device=device) * config.cmp_stride + config.cmp_block - 1
