@@ -3,7 +3,8 @@
 Inputs are brought to the packed layout (batch 1, documents concatenated; a batch of B
 sequences is B documents of S tokens), the three branches run with their own kernels, and the
 gates combine them. Backward: dg_b = <do, o_b>, the branch's do is g_b * do, and its softmax
-correction term is delta_b = g_b * dg_b; dq of the three branches adds into one fp32 buffer.
+correction term is delta_b = g_b * dg_b. dq: one kernel stores the compressed and window
+branches' part into an fp32 buffer, the selected branch adds its own and writes q's dtype.
 """
 from __future__ import annotations
 
@@ -161,8 +162,25 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False):
     return (None if lse_only else o), lse
 
 
-def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, scale2, scale):
+def _range_dq(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta, geo: Geometry, cfg, scale2,
+              scale) -> torch.Tensor:
+    """dq of the compressed and window branches, fp32 [T, HQ, Dk], from one kernel that loads q
+    once and writes every row (the selected branch adds its part last)."""
+    dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     qt = geo.qtiles(geo.range_bt("dq"))
+    if qt.shape[0]:
+        win = cfg.window > 0
+        _range_bwd_dq[(qt.shape[0], geo.H)](
+            q, k_cmp, v_cmp, k_win if win else k_cmp, v_win if win else v_cmp, dos[0], dos[-1], lse_c, delta[0],
+            lse_w if win else lse_c, delta[2], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G,
+            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, HAS_WIN=win, BT=geo.range_bt("dq"),
+            BLOCK_M=geo.range_block_m("dq"), BLOCK_N=geo.range_keys("dq"), BDK=geo.bdk(), BDV=geo.bdv(),
+            **_lk(geo, "range_dq"))
+    return dq32
+
+
+def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale):
+    """dK, dV of the compressed (mode 0) or window (mode 1) branch, in k's / v's dtype."""
     # Compressed keys: split each tile's queries into chunks (fp32 atomic sums) so the grid
     # is wide enough for the few KV heads a TP / Ulysses rank holds. Window keys see at most
     # BLOCK_N + w queries: one chunk, plain stores.
@@ -171,23 +189,15 @@ def _range_backward(mode, q, k, v, do, lse, delta, dq32, geo: Geometry, cfg, sca
     atomic = nchunk > 1
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else torch.empty_like(v)
-    if qt.shape[0] == 0:
-        return dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
-    common = dict(G=geo.G, MODE=mode, L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
-                  BDK=geo.bdk(), BDV=geo.bdv())
-    _range_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, scale2, scale, geo.HQ,
-                                        geo.DK, geo.DV, BT=geo.range_bt("dq"),
-                                        BLOCK_N=geo.range_keys("dq"), BLOCK_M=geo.range_block_m("dq"), **common,
-                                        **_lk(geo, "range_dq"))
     kb = geo.launch.get("dkdv_keys", KEYS)
     kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
-    if kt.shape[0]:
-        _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
-                                                      geo.HQ, geo.DK, geo.DV, qchunk,
-                                                      BLOCK_M=ROWS, BLOCK_N=kb, ATOMIC=atomic, **common,
-                                                      **_lk(geo, "range_dkdv"))
-    else:
-        dk.zero_(), dv.zero_()
+    if kt.shape[0] == 0 or geo.layout.total == 0:
+        return dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
+    _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
+                                                  geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
+                                                  L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
+                                                  BLOCK_M=ROWS, BLOCK_N=kb, BDK=geo.bdk(), BDV=geo.bdv(),
+                                                  ATOMIC=atomic, **_lk(geo, "range_dkdv"))
     return dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -258,8 +268,9 @@ def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
     return o, lse, work
 
 
-def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, scale2, scale):
-    """Block-major selected dq: per-slot dq of each chunk of positions, then their sum into dq32."""
+def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg, scale2, scale):
+    """Block-major selected dq: per-slot dq of each chunk of positions, then their sum plus dq32
+    into dq (q's dtype)."""
     T = q.shape[0]
     pdt = geo.dq_partial_dtype(q.dtype)
     scaled = pdt == torch.float16
@@ -274,25 +285,27 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo: Geometry, cfg, sc
                                       work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
                                       **_sel_block_args(geo, cfg, "sel_dq_split"), **_lk(geo, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
-        _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], nr, geo.HQ, n,
-                                                     geo.DK, G=geo.G, BLOCK_R=block_r, BDK=geo.bdk(),
+        _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], dq[t0:t1], nr,
+                                                     geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=geo.bdk(),
                                                      SCALED=scaled, **_lk(geo, "sel_dq_combine"))
 
 
 def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None):
+    """(dq, dk, dv): dq = dq32 (the other branches) + the selected branch's, in q's dtype."""
     n = idx.shape[-1]
+    dq = torch.empty_like(q)
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     block_dq = geo.sel_dq_block_major()
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
         work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None)
     if block_dq:
-        _sel_dq_block(q, k, v, do, lse, delta, dq32, n, work, geo, cfg, scale2, scale)
+        _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo, cfg, scale2, scale)
     else:
         qt, union, cnt = _sel_prep(idx, geo)
         if qt.shape[0]:
-            _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, qt, idx, union, cnt, scale2, scale,
-                                              geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
+            _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt,
+                                              scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
                                               LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
                                               BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
                                               BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
@@ -301,7 +314,7 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
                                               **_sel_block_args(geo, cfg, "sel_dkdv"), **_lk(geo, "sel_dkdv"))
-    return dk32.to(k.dtype), dv32.to(v.dtype)
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
 class NSAFunction(torch.autograd.Function):
@@ -327,17 +340,17 @@ class NSAFunction(torch.autograd.Function):
         geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
         scale2 = scale * LOG2E
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
-        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dkc, dvc = _range_backward(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], dq32, geo, cfg, scale2, scale)
-        dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2, scale,
-                                 ctx.sel_work)
+        # dq: the compressed and window branches store it (fp32), the selected branch adds its
+        # part and writes q's dtype, so dq needs no zeroing and no conversion pass
+        dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta, geo, cfg, scale2, scale)
+        dkc, dvc = _range_dkdv(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], geo, cfg, scale2, scale)
         if cfg.window > 0:
-            dkw, dvw = _range_backward(1, q, k_win, v_win, dos[2], lse_w, delta[2], dq32, geo, cfg, scale2,
-                                       scale)
+            dkw, dvw = _range_dkdv(1, q, k_win, v_win, dos[2], lse_w, delta[2], geo, cfg, scale2, scale)
         else:
             dkw, dvw = torch.zeros_like(k_win), torch.zeros_like(v_win)
-        return (dq32.to(q.dtype), dkc, dvc, dks, dvs, dkw, dvw, dg.to(gates.dtype),
-                None, None, None, None, None)
+        dq, dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2,
+                                     scale, ctx.sel_work)
+        return (dq, dkc, dvc, dks, dvs, dkw, dvw, dg.to(gates.dtype), None, None, None, None, None)
 
 
 def packed_select(q, k_cmp, geo: Geometry, cfg, scale: float, v_cmp=None):

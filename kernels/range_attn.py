@@ -85,11 +85,35 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
 
 
 @triton.jit
-def _range_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, scale2, scale, HQ, DK, DV,
-                  G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
-                  W: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr):
-    """dq += scale * sum_keys ds k, added into the fp32 buffer DQ (one writer per row)."""
+def _range_dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
+                   MODE: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq (unscaled) plus one branch's sum over keys lo..hi of ds k, ds = p (do v - delta)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        c = n0 + tl.arange(0, BLOCK_N)
+        kr = (kbase + c) * H + h
+        k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=(c < hi)[:, None] & (dk < DK)[None, :],
+                    other=0.0)
+        v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale2
+        if MODE == 0:
+            ok = c[None, :] < row_hi[:, None]
+        else:
+            ok = (c[None, :] <= tloc[:, None]) & (c[None, :] > tloc[:, None] - W)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, v) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _range_bwd_dq(Q, KC, VC, KW, VW, DOC, DOW, LSE_C, DELTA_C, LSE_W, DELTA_W, DQ, TILES, scale2, scale,
+                  HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
+                  W: tl.constexpr, HAS_WIN: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """dq = scale * sum_keys ds k of the compressed and (HAS_WIN) window branches (their do:
+    DOC, DOW), stored into the fp32 buffer DQ: the first writer of every row, so DQ needs no
+    zeroing. One program loads q once and keeps one dq accumulator for both branches."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -106,38 +130,20 @@ def _range_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, scale2, scale, HQ, DK, DV,
     dv = tl.arange(0, BDV)
     rq = t * HQ + head
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
-    lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
-    if MODE == 0:
-        lo = t0 * 0
-        hi = _nvis(t1 - 1 - ds0, L, DS)
-        kbase = cs0
-        row_hi = _nvis(tloc, L, DS)
-    else:
-        lo = tl.maximum(t0 - ds0 - W + 1, 0)
-        hi = t1 - ds0
-        kbase = ds0
+    do_msk = row_ok[:, None] & (dv < DV)[None, :]
+    do = tl.load(DOC + rq[:, None] * DV + dv[None, :], mask=do_msk, other=0.0)
+    lse = tl.load(LSE_C + rq, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BDK], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        c = n0 + tl.arange(0, BLOCK_N)
-        kr = (kbase + c) * H + h
-        k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=(c < hi)[:, None] & (dk < DK)[None, :],
-                    other=0.0)
-        v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
-                    other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale2
-        if MODE == 0:
-            ok = c[None, :] < row_hi[:, None]
-        else:
-            ok = (c[None, :] <= tloc[:, None]) & (c[None, :] > tloc[:, None] - W)
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, v)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    ptr = DQ + rq[:, None] * DK + dk[None, :]
-    msk = row_ok[:, None] & (dk < DK)[None, :]
-    tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + dq * scale, mask=msk)
+    dq = _range_dq_keys(dq, q, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, t0 * 0,
+                        _nvis(t1 - 1 - ds0, L, DS), tloc, _nvis(tloc, L, DS), dk, dv, 0, W, BLOCK_N)
+    if HAS_WIN:
+        do = tl.load(DOW + rq[:, None] * DV + dv[None, :], mask=do_msk, other=0.0)
+        lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
+        dq = _range_dq_keys(dq, q, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0,
+                            tl.maximum(t0 - ds0 - W + 1, 0), t1 - ds0, tloc, tloc, dk, dv, 1, W, BLOCK_N)
+    tl.store(DQ + rq[:, None] * DK + dk[None, :], dq * scale, mask=row_ok[:, None] & (dk < DK)[None, :])
 
 
 @triton.jit

@@ -84,7 +84,7 @@ def _sel_fwd(Q, K, V, O, LSE, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL,
 
 
 @triton.jit
-def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, IDX, UNION, UCNT, scale2, scale, HQ, DK, DV,
+def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale2, scale, HQ, DK, DV,
                 NSEL, UMAX, G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPAD: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr):
@@ -120,9 +120,10 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, TILES, IDX, UNION, UCNT, scale2, sc
         dp = tl.dot(do, v)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    ptr = DQ + rq[:, None] * DK + dk[None, :]
+    # the last dq term: the other branches' sum (fp32 DQ) plus this one, stored in q's dtype
+    off = rq[:, None] * DK + dk[None, :]
     msk = row_ok[:, None] & (dk < DK)[None, :]
-    tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + dq * scale, mask=msk)
+    tl.store(DQO + off, (tl.load(DQ + off, mask=msk, other=0.0) + dq * scale).to(DQO.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -287,11 +288,11 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
 
 
 @triton.jit
-def _sel_dq_combine(DQP, DQS, VALID, DQ, rows, HQ, NSEL, DK, G: tl.constexpr, BLOCK_R: tl.constexpr,
+def _sel_dq_combine(DQP, DQS, VALID, DQ, DQO, rows, HQ, NSEL, DK, G: tl.constexpr, BLOCK_R: tl.constexpr,
                     BDK: tl.constexpr, SCALED: tl.constexpr):
-    """DQ[r] += sum of row r's written dq slots (VALID [positions, H, NSEL] marks them; the
-    others hold garbage and are never read), times their DQS scales when SCALED. r counts rows
-    (position x query head) of a chunk."""
+    """DQO[r] = DQ[r] (fp32, the other branches) + the sum of row r's written dq slots, in DQO's
+    dtype (VALID [positions, H, NSEL] marks the slots; the others hold garbage and are never
+    read), times their DQS scales when SCALED. r counts rows (position x query head) of a chunk."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = r < rows
     H = HQ // G
@@ -306,5 +307,5 @@ def _sel_dq_combine(DQP, DQS, VALID, DQ, rows, HQ, NSEL, DK, G: tl.constexpr, BL
         if SCALED:
             part = part * tl.load(DQS + r * NSEL + j, mask=ok, other=0.0)[:, None]
         acc += part
-    ptr = DQ + r[:, None] * DK + dk[None, :]
-    tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + acc, mask=msk)
+    off = r[:, None] * DK + dk[None, :]
+    tl.store(DQO + off, (tl.load(DQ + off, mask=msk, other=0.0) + acc).to(DQO.dtype.element_ty), mask=msk)

@@ -165,7 +165,7 @@ SWEEP = {
                       {"sel_dq_algo": "block", "sel_dq_partial": "fp16s"}],
     "sel_dq_split": [(4, 3), (8, 2)],
     "sel_dq_combine": [(8, 1)],
-    "sel_seg_rows": [256, 4096],
+    "sel_seg_rows": [256, 2048, 4096, 8192],
     "split_bytes": [1 << 28, 1 << 32],
     "sel_split": [(4, 3), (8, 2)],
     "sel_combine": [(8, 1)],
