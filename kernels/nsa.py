@@ -5,6 +5,9 @@ sequences is B documents of S tokens), the three branches run with their own ker
 gates combine them. Backward: dg_b = <do, o_b>, the branch's do is g_b * do, and its softmax
 correction term is delta_b = g_b * dg_b. dq: one kernel stores the compressed and window
 branches' part into an fp32 buffer, the selected branch adds its own and writes q's dtype.
+When the selection is the selection kernel's (``Geometry.forced_split``), the selected
+branch's forced blocks (0 and the two local ones) run in the range kernels with full tiles,
+and the sparse kernels take only the chosen rest.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import triton
 
 from . import tiles as tl_tiles
 from .gates import combine, combine_backward
-from .range_attn import LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
+from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
                             _sel_fwd, _sel_fwd_split)
 from .selection import select_from_lse
@@ -102,6 +105,13 @@ class Geometry:
             raise ValueError(f"launch['sel_algo'] must be 'block' or 'query', got {algo!r}")
         return self.G < SEL_QUERY_MIN_G if algo is None else algo == "block"
 
+    def forced_split(self) -> bool:
+        """Run the selected branch's forced blocks (0 and the two local ones) in the range
+        kernels, full tiles of positions that share them, and only the chosen blocks in the
+        sparse kernels? Needs the selection kernel's rows (``idx_sorted``: forced blocks
+        always present). ``launch["sel_forced"] = False`` turns it off (tuning sweeps)."""
+        return self.idx_sorted and bool(self.launch.get("sel_forced", True))
+
     def sel_dq_block_major(self) -> bool:
         """Selected dq block-major (per-slot dq of each block's queries, then a sum; no K/V
         re-read per position) or position-major? ``launch["sel_dq_algo"]`` overrides."""
@@ -156,26 +166,28 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False):
     if qt.shape[0]:
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
-            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, BT=geo.range_bt("fwd"),
+            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=geo.range_bt("fwd"),
             BLOCK_M=geo.range_block_m("fwd"), BLOCK_N=geo.range_keys("fwd"), BDK=geo.bdk(), BDV=geo.bdv(),
             LSE_ONLY=lse_only, **_lk(geo, "range_fwd"))
     return (None if lse_only else o), lse
 
 
-def _range_dq(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta, geo: Geometry, cfg, scale2,
-              scale) -> torch.Tensor:
-    """dq of the compressed and window branches, fp32 [T, HQ, Dk], from one kernel that loads q
-    once and writes every row (the selected branch adds its part last)."""
+def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo: Geometry,
+              cfg, scale2, scale) -> torch.Tensor:
+    """dq of the compressed and window branches and of the selected branch's forced blocks
+    (``forced_split``), fp32 [T, HQ, Dk], from one kernel that loads q once and writes every
+    row (the selected kernels add the rest last)."""
     dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     qt = geo.qtiles(geo.range_bt("dq"))
     if qt.shape[0]:
         win = cfg.window > 0
         _range_bwd_dq[(qt.shape[0], geo.H)](
-            q, k_cmp, v_cmp, k_win if win else k_cmp, v_win if win else v_cmp, dos[0], dos[-1], lse_c, delta[0],
-            lse_w if win else lse_c, delta[2], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G,
-            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, HAS_WIN=win, BT=geo.range_bt("dq"),
-            BLOCK_M=geo.range_block_m("dq"), BLOCK_N=geo.range_keys("dq"), BDK=geo.bdk(), BDV=geo.bdv(),
-            **_lk(geo, "range_dq"))
+            q, k_cmp, v_cmp, k_win if win else k_cmp, v_win if win else v_cmp, k_sel, v_sel,
+            dos[0], dos[2] if win else dos[0], dos[1], lse_c, delta[0], lse_w if win else lse_c, delta[2],
+            lse_s, delta[1], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
+            DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
+            BT=geo.range_bt("dq"), BLOCK_M=geo.range_block_m("dq"), BLOCK_N=geo.range_keys("dq"),
+            BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "range_dq"))
     return dq32
 
 
@@ -189,16 +201,46 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
     atomic = nchunk > 1
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else torch.empty_like(v)
-    kb = geo.launch.get("dkdv_keys", KEYS)
+    kb = kb_of(geo)
     kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
     if kt.shape[0] == 0 or geo.layout.total == 0:
         return dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
+    _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale)
+    return dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale):
+    """One ``_range_bwd_dkdv`` launch over key tiles kt and nchunk chunks of qchunk queries."""
     _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
                                                   geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
-                                                  BLOCK_M=ROWS, BLOCK_N=kb, BDK=geo.bdk(), BDV=geo.bdv(),
-                                                  ATOMIC=atomic, **_lk(geo, "range_dkdv"))
-    return dk.to(k.dtype), dv.to(v.dtype)
+                                                  LS=cfg.sel_block, BLOCK_M=ROWS, BLOCK_N=kb_of(geo),
+                                                  BDK=geo.bdk(), BDV=geo.bdv(), ATOMIC=atomic,
+                                                  **_lk(geo, "range_dkdv"))
+
+
+def kb_of(geo) -> int:
+    """Keys per program of the range dK/dV kernel."""
+    return geo.launch.get("dkdv_keys", KEYS)
+
+
+def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2, scale):
+    """The selected branch's dK/dV over its forced blocks, into fp32 dk32 / dv32, which this
+    initialises (every key row is stored once by the local-block pass) and the sparse kernel
+    then adds to. Block 0, which every later query sees, runs in chunks of queries."""
+    kt = geo.qtiles(kb_of(geo))
+    if kt.shape[0] == 0:
+        dk32.zero_(), dv32.zero_()
+        return
+    _launch_dkdv(_LOCAL.value, kt, 1, 1 << 62, False, q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
+    if ("b0", kb_of(geo)) not in geo.cache:
+        geo.cache[("b0", kb_of(geo))] = geo.layout.first_block_tiles(kb_of(geo), cfg.sel_block)
+    ft = geo.cache[("b0", kb_of(geo))]
+    qchunk = geo.launch.get("dkdv_qchunk", QCHUNK)
+    nchunk = -(-geo.layout.total // qchunk)
+    if ft.shape[0]:
+        _launch_dkdv(_FIRST.value, ft, nchunk, qchunk, True, q, k, v, do, lse, delta, dk32, dv32, geo, cfg,
+                     scale2, scale)
 
 
 def _sel_prep(idx, geo: Geometry):
@@ -215,7 +257,7 @@ def _sel_work(idx, geo: Geometry, cfg, chunk=None):
     """The inverted selection (``tiles.SelWork``) the block-major kernels walk. It needs no
     host sync, so the host keeps queueing kernels while the GPU builds it."""
     return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo), chunk,
-                                       rows_sorted=geo.idx_sorted)
+                                       rows_sorted=geo.idx_sorted, skip_forced=geo.forced_split())
 
 
 def _sel_block_args(geo: Geometry, cfg, kernel: str) -> dict:
@@ -230,22 +272,26 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
     """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None)."""
     T = q.shape[0]
     n = idx.shape[-1]
+    forced = geo.forced_split()
+    # the forced blocks' attention and lse, with full tiles (the sparse kernels continue it)
+    o_f, lse_f = _range_forward(2, q, k, v, geo, cfg, scale2) if forced else (q, q)  # MODE 2: forced blocks
     if geo.sel_block_major():
-        return _sel_forward_split(q, k, v, idx, geo, cfg, scale2)
+        return _sel_forward_split(q, k, v, idx, o_f, lse_f, geo, cfg, scale2)
     o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     qt, union, cnt = _sel_prep(idx, geo)
     if qt.shape[0]:
-        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
+        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o_f, lse_f, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
                                        geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block,
                                        BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
                                        BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                       BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_fwd"))
+                                       BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced, **_lk(geo, "sel_fwd"))
     return o, lse, None
 
 
-def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
-    """Block-major: per-slot results of each chunk of positions, then their merge."""
+def _sel_forward_split(q, k, v, idx, o_f, lse_f, geo: Geometry, cfg, scale2):
+    """Block-major: per-slot results of each chunk of positions, then their merge (with the
+    forced blocks' o_f, lse_f under ``forced_split``)."""
     T = q.shape[0]
     n = idx.shape[-1]
     work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
@@ -263,8 +309,11 @@ def _sel_forward_split(q, k, v, idx, geo: Geometry, cfg, scale2):
                                    geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"),
                                    **_lk(geo, "sel_split"))
         nr = (t1 - t0) * geo.HQ
-        _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
-                                                  NPAD=_pow2(n), BDV=geo.bdv(), **_lk(geo, "sel_combine"))
+        forced = geo.forced_split()
+        _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o_f[t0:t1] if forced else op, lse_f[t0:t1] if forced else lp,
+                                                  o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
+                                                  NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,
+                                                  **_lk(geo, "sel_combine"))
     return o, lse, work
 
 
@@ -294,8 +343,14 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
     """(dq, dk, dv): dq = dq32 (the other branches) + the selected branch's, in q's dtype."""
     n = idx.shape[-1]
     dq = torch.empty_like(q)
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    forced = geo.forced_split()
+    if forced:  # the forced blocks' part first: it initialises the buffers
+        dk32 = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+        dv32 = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+        _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
+    else:
+        dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     block_dq = geo.sel_dq_block_major()
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
         work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None)
@@ -308,7 +363,7 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
                                               scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
                                               LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
                                               BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                              BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "sel_dq"))
+                                              BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced, **_lk(geo, "sel_dq"))
     # the forward's work list when it made one (its chunks only split segments further)
     if work.items.shape[0]:
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
@@ -342,7 +397,8 @@ class NSAFunction(torch.autograd.Function):
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
         # dq: the compressed and window branches store it (fp32), the selected branch adds its
         # part and writes q's dtype, so dq needs no zeroing and no conversion pass
-        dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta, geo, cfg, scale2, scale)
+        dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo, cfg,
+                         scale2, scale)
         dkc, dvc = _range_dkdv(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], geo, cfg, scale2, scale)
         if cfg.window > 0:
             dkw, dvw = _range_dkdv(1, q, k_win, v_win, dos[2], lse_w, delta[2], geo, cfg, scale2, scale)

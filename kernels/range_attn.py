@@ -2,7 +2,11 @@
 
 Both branches attend to a contiguous key range per query, so one kernel family serves both
 (``MODE`` 0: compressed tokens, visible iff i*d + l - 1 <= t; ``MODE`` 1: the window
-t-w+1..t). A program's rows are (position, query head) pairs of one KV head: BT positions x
+t-w+1..t). The selected branch's forced blocks are such ranges too, the same for every
+query of a selection block, so they run here with full tiles (``MODE`` 2: block 0 and the
+local blocks floor(t/l') - 1 and floor(t/l'), as two key kinds: ``_LOCAL``, the keys
+l'*(floor(t/l') - 1)..t, and ``_FIRST``, block 0 for queries past the local blocks); the
+sparse kernels then skip them. A program's rows are (position, query head) pairs of one KV head: BT positions x
 G heads, so every GQA group size fills the matrix units and each K/V tile is loaded once for
 the whole group. Softmax runs in base 2 with the scale folded in; the saved log-sum-exp is
 base 2 as well (+inf for rows that see no key, which makes their probabilities exactly 0).
@@ -22,10 +26,71 @@ def _nvis(tloc, L: tl.constexpr, DS: tl.constexpr):
     return tl.where(tloc >= L - 1, (tloc - (L - 1)) // DS + 1, 0)
 
 
+_LOCAL = tl.constexpr(2)  # key kind: the local selection blocks of each query
+_FIRST = tl.constexpr(3)  # key kind: selection block 0, for the queries it is not local to
+
+
+@triton.jit
+def _visible(c, tloc, row_hi, KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr):
+    """[rows, keys] mask: key c (local index of its kind) visible to local position tloc."""
+    if KIND == 0:
+        ok = c[None, :] < row_hi[:, None]
+    elif KIND == 1:
+        ok = (c[None, :] <= tloc[:, None]) & (c[None, :] > tloc[:, None] - W)
+    elif KIND == 2:
+        ok = (c[None, :] <= tloc[:, None]) & (c[None, :] // LS >= tloc[:, None] // LS - 1)
+    else:
+        ok = (tloc[:, None] // LS >= 2) & (c[None, :] < LS)
+    return ok
+
+
+@triton.jit
+def _key_range(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, W: tl.constexpr,
+               LS: tl.constexpr):
+    """(lo, hi): the keys of kind KIND that rows of positions t0..t1-1 (document start ds0) see."""
+    if KIND == 0:
+        lo = t0 * 0
+        hi = _nvis(t1 - 1 - ds0, L, DS)
+    elif KIND == 1:
+        lo = tl.maximum(t0 - ds0 - W + 1, 0)
+        hi = t1 - ds0
+    elif KIND == 2:
+        lo = tl.maximum((t0 - ds0) // LS - 1, 0) * LS
+        hi = t1 - ds0
+    else:
+        lo = t0 * 0
+        hi = tl.where((t1 - 1 - ds0) // LS >= 2, LS, 0)
+    return lo, hi
+
+
+@triton.jit
+def _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
+              KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr,
+              LSE_ONLY: tl.constexpr):
+    """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        c = n0 + tl.arange(0, BLOCK_N)
+        kr = (kbase + c) * H + h
+        k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
+                    other=0.0)
+        s = tl.dot(q, k) * scale2
+        s = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if not LSE_ONLY:
+            v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=(c < hi)[:, None] & (dv < DV)[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.jit
 def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
                G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
-               W: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               W: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -43,38 +108,24 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
     dv = tl.arange(0, BDV)
     q = tl.load(Q + (t * HQ + head)[:, None] * DK + dk[None, :],
                 mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-    if MODE == 0:
-        lo = t0 * 0
-        hi = _nvis(t1 - 1 - ds0, L, DS)
-        kbase = cs0
-        row_hi = _nvis(tloc, L, DS)
-    else:
-        lo = tl.maximum(t0 - ds0 - W + 1, 0)
-        hi = t1 - ds0
-        kbase = ds0
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BDV], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        c = n0 + tl.arange(0, BLOCK_N)
-        kr = (kbase + c) * H + h
-        k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
-                    other=0.0)
-        s = tl.dot(q, k) * scale2
-        if MODE == 0:
-            ok = c[None, :] < row_hi[:, None]
-        else:
-            ok = (c[None, :] <= tloc[:, None]) & (c[None, :] > tloc[:, None] - W)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if not LSE_ONLY:
-            v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=(c < hi)[:, None] & (dv < DV)[None, :],
-                        other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if MODE == 0:
+        lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
+                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY)
+    elif MODE == 1:
+        lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY)
+    else:  # the forced selection blocks
+        lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY)
+        lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY)
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + t * HQ + head, lse, mask=row_ok)
@@ -85,8 +136,8 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
 
 
 @triton.jit
-def _range_dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
-                   MODE: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
+             KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq (unscaled) plus one branch's sum over keys lo..hi of ds k, ds = p (do v - delta)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
@@ -96,24 +147,22 @@ def _range_dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo,
         v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
                     other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale2
-        if MODE == 0:
-            ok = c[None, :] < row_hi[:, None]
-        else:
-            ok = (c[None, :] <= tloc[:, None]) & (c[None, :] > tloc[:, None] - W)
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, v) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     return dq
 
 
 @triton.jit
-def _range_bwd_dq(Q, KC, VC, KW, VW, DOC, DOW, LSE_C, DELTA_C, LSE_W, DELTA_W, DQ, TILES, scale2, scale,
-                  HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
-                  W: tl.constexpr, HAS_WIN: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
-    """dq = scale * sum_keys ds k of the compressed and (HAS_WIN) window branches (their do:
-    DOC, DOW), stored into the fp32 buffer DQ: the first writer of every row, so DQ needs no
-    zeroing. One program loads q once and keeps one dq accumulator for both branches."""
+def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_W, DELTA_W, LSE_S, DELTA_S,
+                  DQ, TILES, scale2, scale, HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
+                  W: tl.constexpr, LS: tl.constexpr, HAS_WIN: tl.constexpr, FORCED: tl.constexpr,
+                  BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
+                  BDV: tl.constexpr):
+    """dq = scale * sum_keys ds k of the compressed branch, the window (HAS_WIN) and the
+    selected branch's forced blocks (FORCED), each with its own do / lse / delta, stored into
+    the fp32 buffer DQ: the first writer of every row, so DQ needs no zeroing. One program
+    loads q once and keeps one dq accumulator for all of them."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -130,31 +179,46 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, DOC, DOW, LSE_C, DELTA_C, LSE_W, DELTA_W, D
     dv = tl.arange(0, BDV)
     rq = t * HQ + head
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    do_ptr = rq[:, None] * DV + dv[None, :]
     do_msk = row_ok[:, None] & (dv < DV)[None, :]
-    do = tl.load(DOC + rq[:, None] * DV + dv[None, :], mask=do_msk, other=0.0)
+    dq = tl.zeros([BLOCK_M, BDK], tl.float32)
+    do = tl.load(DOC + do_ptr, mask=do_msk, other=0.0)
     lse = tl.load(LSE_C + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BDK], tl.float32)
-    dq = _range_dq_keys(dq, q, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, t0 * 0,
-                        _nvis(t1 - 1 - ds0, L, DS), tloc, _nvis(tloc, L, DS), dk, dv, 0, W, BLOCK_N)
+    lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
+    dq = _dq_keys(dq, q, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, lo, hi, tloc, _nvis(tloc, L, DS),
+                  dk, dv, 0, W, LS, BLOCK_N)
     if HAS_WIN:
-        do = tl.load(DOW + rq[:, None] * DV + dv[None, :], mask=do_msk, other=0.0)
+        do = tl.load(DOW + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
-        dq = _range_dq_keys(dq, q, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0,
-                            tl.maximum(t0 - ds0 - W + 1, 0), t1 - ds0, tloc, tloc, dk, dv, 1, W, BLOCK_N)
+        lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
+        dq = _dq_keys(dq, q, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                      dk, dv, 1, W, LS, BLOCK_N)
+    if FORCED:
+        do = tl.load(DOS + do_ptr, mask=do_msk, other=0.0)
+        lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
+        lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
+        dq = _dq_keys(dq, q, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                      dk, dv, _FIRST, W, LS, BLOCK_N)
+        lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
+        dq = _dq_keys(dq, q, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                      dk, dv, _LOCAL, W, LS, BLOCK_N)
     tl.store(DQ + rq[:, None] * DK + dk[None, :], dq * scale, mask=row_ok[:, None] & (dk < DK)[None, :])
 
 
 @triton.jit
 def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV, QCHUNK,
                     G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
-                    W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    W: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr):
     """One program per (key tile, chunk of QCHUNK query positions): stream the rows (position,
     head) of the chunk that can see the tile. A compressed key is seen by every later query,
     so without chunks the first tiles' programs stream the whole document while the grid is
-    only Nc/BLOCK_N x H wide; with chunks (ATOMIC) the partial sums add into fp32 DKo/DVo."""
+    only Nc/BLOCK_N x H wide; with chunks (ATOMIC) the partial sums add into fp32 DKo/DVo.
+    MODE 0 compressed, 1 window, _LOCAL / _FIRST the selected branch's forced keys (tiles of
+    block 0 only for _FIRST, whose queries are those past the local blocks)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -176,10 +240,18 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         cloc = c - cs0
         q_lo = (a0 - cs0) * DS + L - 1
         q_hi = doc_len
-    else:
+    elif MODE == 1:
         cloc = c - ds0
         q_lo = a0 - ds0
         q_hi = tl.minimum(doc_len, a1 - ds0 - 1 + W)
+    elif MODE == 2:
+        cloc = c - ds0
+        q_lo = a0 - ds0
+        q_hi = tl.minimum(doc_len, ((a1 - ds0 - 1) // LS + 2) * LS)
+    else:
+        cloc = c - ds0
+        q_lo = a0 * 0 + 2 * LS
+        q_hi = doc_len
     q_lo = tl.maximum(q_lo, chunk * QCHUNK)
     q_hi = tl.minimum(q_hi, (chunk + 1) * QCHUNK)
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
@@ -197,8 +269,12 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         st = tl.dot(k, tl.trans(q)) * scale2  # [BLOCK_N, BLOCK_M]
         if MODE == 0:
             ok = cloc[:, None] * DS + (L - 1) <= tloc[None, :]
-        else:
+        elif MODE == 1:
             ok = (cloc[:, None] <= tloc[None, :]) & (cloc[:, None] > tloc[None, :] - W)
+        elif MODE == 2:
+            ok = (cloc[:, None] <= tloc[None, :]) & (cloc[:, None] // LS >= tloc[None, :] // LS - 1)
+        else:
+            ok = cloc[:, None] < LS
         ok = ok & key_ok[:, None] & row_ok[None, :]
         pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
         acc_v += tl.dot(pt.to(do.dtype), do)

@@ -18,6 +18,9 @@ dS K over one block into its slot (fp16 with a per-slot power-of-two scale for 1
 then a plain sum. Computing dS K inside the dK/dV kernel instead (fp32 atomics, or the same
 slots) measured slower on the H100 and the H200 (docs/kernel_notes.md): it holds a third
 [rows, D] accumulator next to dK and dV.
+FORCED (``nsa.Geometry.forced_split``): the forced blocks ran in the range kernels; the
+position-major kernels skip them (and start from their (o, lse)), the work list leaves them
+out, and the merge takes their (o, lse) as one more slot.
 """
 from __future__ import annotations
 
@@ -38,9 +41,24 @@ def _sel_rows(TILES, tile, h, HQ, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl
 
 
 @triton.jit
-def _sel_fwd(Q, K, V, O, LSE, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL, UMAX,
+def _union_range(cnt, t0, ds0, LS: tl.constexpr, BT: tl.constexpr, FORCED: tl.constexpr):
+    """Which entries of a tile's block union to walk. With FORCED (the range kernels ran the
+    forced blocks) and one position per tile, the union is that position's own ascending list,
+    whose forced blocks are its first entry (block 0) and its last min(cb, 2) (cb - 1, cb)."""
+    if FORCED and BT == 1:
+        cb = (t0 - ds0) // LS
+        return 1, cnt - tl.minimum(cb, 2)
+    else:
+        return 0, cnt
+
+
+@triton.jit
+def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL, UMAX,
              G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+             BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+             FORCED: tl.constexpr):
+    """Position-major forward. FORCED: the forced blocks' attention (OF, base-2 log-sum-exp LF,
+    from the range kernel) is the starting state, and those blocks are skipped."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G
@@ -55,12 +73,24 @@ def _sel_fwd(Q, K, V, O, LSE, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL,
     cnt = tl.load(UCNT + tile * H + h)
     jb = tl.arange(0, BLOCK_N)
     tmax = t1 - 1 - ds0
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BDV], tl.float32)
-    for u in range(cnt):
+    if FORCED:
+        # the state (m, l, acc) = (lse_f, 1, o_f) continues the forced blocks' softmax exactly
+        lf = tl.load(LF + rq, mask=row_ok, other=float("inf"))
+        seen = lf < float("inf")
+        m_i = tl.where(seen, lf, -1.0e30)
+        l_i = tl.where(seen, 1.0, 0.0)
+        acc = tl.load(OF + rq[:, None] * DV + dv[None, :], mask=(row_ok & seen)[:, None] & (dv < DV)[None, :],
+                      other=0.0).to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BDV], tl.float32)
+    u0, u1 = _union_range(cnt, tl.load(TILES + tile * 5), ds0, LS, BT, FORCED)
+    for u in range(u0, u1):
         b = tl.load(UNION + (tile * H + h) * UMAX + u)
         chosen = tl.sum((sel == b).to(tl.int32), 1) > 0
+        if FORCED:
+            chosen = chosen & (b != 0) & (b < tloc // LS - 1)
         pos = b.to(tl.int64) * LS + jb
         key_ok = (jb < LS) & (pos <= tmax)
         kr = (ds0 + pos) * H + h
@@ -87,7 +117,8 @@ def _sel_fwd(Q, K, V, O, LSE, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL,
 def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale2, scale, HQ, DK, DV,
                 NSEL, UMAX, G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPAD: tl.constexpr,
-                BDK: tl.constexpr, BDV: tl.constexpr):
+                BDK: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr):
+    """Position-major dq; FORCED: the forced blocks' part came from the range dq kernel."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G
@@ -106,9 +137,12 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
     jb = tl.arange(0, BLOCK_N)
     tmax = t1 - 1 - ds0
     dq = tl.zeros([BLOCK_M, BDK], tl.float32)
-    for u in range(cnt):
+    u0, u1 = _union_range(cnt, tl.load(TILES + tile * 5), ds0, LS, BT, FORCED)
+    for u in range(u0, u1):
         b = tl.load(UNION + (tile * H + h) * UMAX + u)
         chosen = tl.sum((sel == b).to(tl.int32), 1) > 0
+        if FORCED:
+            chosen = chosen & (b != 0) & (b < tloc // LS - 1)
         pos = b.to(tl.int64) * LS + jb
         key_ok = (jb < LS) & (pos <= tmax)
         kr = (ds0 + pos) * H + h
@@ -176,10 +210,11 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
 
 
 @triton.jit
-def _sel_combine(OP, LP, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl.constexpr,
-                 BDV: tl.constexpr):
-    """Merge each row's per-slot results: lse = log2-sum-exp2 of LP, o = sum_j 2^(LP_j - lse) OP_j.
-    Rows whose slots all stayed -inf (nothing visible) get lse = +inf and o = 0."""
+def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl.constexpr,
+                 BDV: tl.constexpr, FORCED: tl.constexpr):
+    """Merge each row's per-slot results: lse = log2-sum-exp2 of LP, o = sum_j 2^(LP_j - lse) OP_j,
+    with FORCED one more term, the forced blocks' (OF, LF: +inf where nothing was visible).
+    Rows that saw nothing get lse = +inf and o = 0."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = r < rows
     jn = tl.arange(0, NPAD)
@@ -187,13 +222,24 @@ def _sel_combine(OP, LP, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl
     lp = tl.load(LP + r[:, None] * NSEL + jn[None, :], mask=row_ok[:, None] & (jn < NSEL)[None, :],
                  other=float("-inf"))
     m = tl.max(lp, 1)
+    if FORCED:
+        lf = tl.load(LF + r, mask=row_ok, other=float("inf"))
+        lf = tl.where(lf < float("inf"), lf, float("-inf"))  # as a slot: -inf is empty
+        m = tl.maximum(m, lf)
     seen = m > float("-inf")
     ms = tl.where(seen, m, 0.0)
     w = tl.exp2(lp - ms[:, None])
     l = tl.sum(w, 1)
+    if FORCED:
+        wf = tl.exp2(lf - ms)
+        l += wf
     lse = tl.where(seen, ms + tl.log2(tl.maximum(l, 1.0)), float("inf"))
     w = w / tl.maximum(l, 1.0)[:, None]
     acc = tl.zeros([BLOCK_R, BDV], tl.float32)
+    if FORCED:
+        wf = wf / tl.maximum(l, 1.0)
+        acc += wf[:, None] * tl.load(OF + r[:, None] * DV + dv[None, :],
+                                     mask=(row_ok & (wf > 0))[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
     for j in range(NSEL):
         wj = tl.sum(tl.where(jn[None, :] == j, w, 0.0), 1)
         ok = row_ok & (wj > 0)  # unwritten slots hold garbage: never read them

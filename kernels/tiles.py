@@ -61,6 +61,11 @@ class Layout:
         s, e = self.cu[:-1], self.cu[1:]
         return to_device(tile_table(s, e, s, e, self.ccu[:-1], size), self.device)
 
+    def first_block_tiles(self, size: int, sel_block: int) -> torch.Tensor:
+        """Tiles of ``size`` positions covering each document's selection block 0."""
+        s, e = self.cu[:-1], self.cu[1:]
+        return to_device(tile_table(s, torch.minimum(s + sel_block, e), s, e, self.ccu[:-1], size), self.device)
+
     def cmp_key_tiles(self, size: int) -> torch.Tensor:
         """Tiles of ``size`` compressed tokens within documents (a0/a1 index compressed tokens)."""
         s, e = self.cu[:-1], self.cu[1:]
@@ -141,7 +146,8 @@ def list_bound(positions: int, H: int, n: int, sel_block: int, T: int, ndocs: in
 
 
 def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int,
-                       chunk: Optional[int] = None, rows_sorted: bool = False) -> SelWork:
+                       chunk: Optional[int] = None, rows_sorted: bool = False,
+                       skip_forced: bool = False) -> SelWork:
     """Which queries chose each KV block, per chunk of ``chunk`` positions (default: one chunk).
 
     idx: [T, H, n] local block indices (-1 padded). Each (chunk, KV head, block) list of
@@ -158,6 +164,8 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     choice. Items, queries and bounds are the same with or without ``rows_sorted``. Slot
     numbers and ``valid`` follow the row order used (the sort puts -1 first, the kernel's
     rows have it last); the kernels only need them to agree with each other.
+    ``skip_forced``: leave out each position's forced blocks (0, and the local blocks
+    floor(t/l') - 1 and floor(t/l'), t local to the document), which the range kernels run.
     """
     T, H, n = idx.shape
     dev = idx.device
@@ -179,6 +187,9 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     h = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None]
     start = layout.tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
     valid &= start < layout.tok_doc_end[:, None, None]
+    if skip_forced:
+        cb = ((t - layout.tok_doc_start[:, None, None]) // sel_block).to(idx.dtype)
+        valid &= (idx != 0) & (idx < cb - 1)
     valid8 = valid.to(torch.uint8).contiguous()
     N = T * H * n
     if N == 0:

@@ -17,6 +17,8 @@ def test_query_tiles_stay_inside_documents():
                           [13, 17, 5, 21, 1], [17, 21, 5, 21, 1]]
     c = lay.cmp_key_tiles(2)
     assert c.tolist() == [[0, 1, 0, 5, 0], [1, 3, 5, 21, 1], [3, 4, 5, 21, 1]]
+    f = lay.first_block_tiles(2, 3)  # each document's first 3 positions (its selection block 0)
+    assert f.tolist() == [[0, 2, 0, 5, 0], [2, 3, 0, 5, 0], [5, 7, 5, 21, 1], [7, 8, 5, 21, 1]]
 
 
 def test_offsets_beyond_int32_are_kept_exact():
@@ -75,6 +77,32 @@ def test_inverted_selection_drops_blocks_past_the_document():
     spans = sorted((int(k0), int(k1)) for _, k0, k1, _, n in items.tolist() if n > 0)
     assert spans == [(0, 4), (4, 5), (5, 9), (9, 13)]  # document 0's block 1 is just position 4
     assert 13 * 2 == sum(length for *_, length in items.tolist())  # two choices listed a position
+
+
+def test_inverted_selection_can_leave_out_the_forced_blocks():
+    """skip_forced lists exactly the choices that are neither block 0 nor a local block
+    (floor(t/l') - 1, floor(t/l'), t local to its document): the range kernels run those."""
+    gen = torch.Generator().manual_seed(3)
+    cu, ls = [0, 13, 40], 4
+    T, H, n = 40, 2, 5
+    idx = torch.randint(-1, 9, (T, H, n), generator=gen)
+    lay = _layout(cu, [0, 3, 9])
+    items, qlist, slots, _, _, valid = tiles.inverted_selection(idx, lay, ls, 3, skip_forced=True)
+    seen = set()
+    for h, k0, k1, off, length in items[items[:, 4] > 0].tolist():
+        for t in qlist[off:off + length].tolist():
+            ds = 0 if t < 13 else 13
+            seen.add((t, h, (k0 - ds) // ls))
+    want = set()
+    for t in range(T):
+        ds, de = (0, 13) if t < 13 else (13, 40)
+        cb = (t - ds) // ls
+        for h in range(H):
+            for b in {int(x) for x in idx[t, h]}:
+                if b > 0 and b < cb - 1 and ds + b * ls < de:
+                    want.add((t, h, b))
+    assert seen == want and len(want) > 20
+    assert int(valid.sum()) == len(want)  # no forced slot is marked written
 
 
 def test_inverted_selection_of_kernel_rows_skips_the_row_sort():

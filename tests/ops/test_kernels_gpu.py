@@ -20,7 +20,10 @@ def _rel_rms(a, b):
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
-def _case(G, S=4096, H=2, D=128, cu=None, window=512):
+def _case(G, S=4096, H=2, D=128, cu=None, window=512, inside=False):
+    """Errors of the bf16 kernels against the fp32 reference, and the selection mismatch.
+    inside: the kernels select on their own (the forced blocks then run in the range kernels)
+    and the reference uses that same bf16 selection; else both get the fp32 selection."""
     from nsa_dist import NSAConfig
     from nsa_dist.ops import compress, nsa_attention, select_blocks
 
@@ -38,8 +41,10 @@ def _case(G, S=4096, H=2, D=128, cu=None, window=512):
     idx = select_blocks(x32["q"].detach(), x32["k_cmp"].detach(), cfg, cu_seqlens=cu_t, backend="reference")
     idx_bf = select_blocks(xb["q"].detach(), xb["k_cmp"].detach(), cfg, cu_seqlens=cu_t, backend="triton")
     mismatch = float((idx != idx_bf).any(-1).float().mean())
-    o_ref = nsa_attention(*(x32[k] for k in NAMES), cfg, cu_seqlens=cu_t, backend="reference", block_indices=idx)
-    o = nsa_attention(*(xb[k] for k in NAMES), cfg, cu_seqlens=cu_t, backend="triton", block_indices=idx)
+    o_ref = nsa_attention(*(x32[k] for k in NAMES), cfg, cu_seqlens=cu_t, backend="reference",
+                          block_indices=idx_bf if inside else idx)
+    o = nsa_attention(*(xb[k] for k in NAMES), cfg, cu_seqlens=cu_t, backend="triton",
+                      block_indices=None if inside else idx)
     do = torch.randn_like(o_ref)
     o_ref.backward(do)
     o.backward(do.bfloat16())
@@ -48,15 +53,17 @@ def _case(G, S=4096, H=2, D=128, cu=None, window=512):
     return errs, mismatch
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["given-selection", "own-selection"])
 @pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
-def test_bf16_within_5e3_of_fp32_reference(G):
-    errs, mismatch = _case(G)
+def test_bf16_within_5e3_of_fp32_reference(G, inside):
+    errs, mismatch = _case(G, inside=inside)
     assert max(errs.values()) <= 5e-3, errs
     assert mismatch <= 1e-2, f"selection differs at {mismatch:.2%} of positions"
 
 
-def test_packed_documents_bf16():
-    errs, mismatch = _case(4, S=4096, cu=[0, 1000, 1003, 3000, 4096])
+@pytest.mark.parametrize("inside", [False, True], ids=["given-selection", "own-selection"])
+def test_packed_documents_bf16(inside):
+    errs, mismatch = _case(4, S=4096, cu=[0, 1000, 1003, 3000, 4096], inside=inside)
     assert max(errs.values()) <= 5e-3, errs
     assert mismatch <= 1e-2
 
@@ -68,13 +75,14 @@ def test_long_sequence_bf16():
     assert mismatch <= 1e-2
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["given-selection", "own-selection"])
 @pytest.mark.parametrize("algo", ["block", "query"])
 @pytest.mark.parametrize("G", [4, 16])
-def test_both_selected_layouts_bf16(G, algo, monkeypatch):
+def test_both_selected_layouts_bf16(G, algo, inside, monkeypatch):
     """Block-major (default for G < 16) and position-major selected kernels, each forced."""
     import nsa_dist.kernels.nsa as nsa
     monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 10 ** 9 if algo == "block" else 1)
-    errs, _ = _case(G, S=8192, H=2)
+    errs, _ = _case(G, S=8192, H=2, inside=inside)
     assert max(errs.values()) <= 5e-3, errs
 
 
@@ -92,8 +100,9 @@ def test_both_selected_dq_layouts_bf16(G, algo, partial, monkeypatch):
 
 @pytest.mark.parametrize("G", [4, 16])
 def test_selection_inside_the_call_matches_the_given_selection(G):
-    """nsa_attention selecting on its own (the kernel's rows skip the work list's row sort)
-    gives what the same selection passed in as block_indices gives, forward and backward."""
+    """nsa_attention selecting on its own (the kernel's rows skip the work list's row sort, and
+    the forced blocks run in the range kernels) gives what the same selection passed in as
+    block_indices gives (every block in the sparse kernels), forward and backward."""
     from nsa_dist import NSAConfig
     from nsa_dist.ops import compress, nsa_attention, select_blocks
 
@@ -115,8 +124,11 @@ def test_selection_inside_the_call_matches_the_given_selection(G):
     o_b.backward(do)
     errs = {"o": _rel_rms(o_a, o_b)}
     errs.update({"d" + k: _rel_rms(xa[k].grad, xb[k].grad) for k in NAMES})
-    # the same sums in another order (slots, fp32 atomics): bf16 rounding flips at most
-    assert max(errs.values()) <= 1e-3, errs
+    # the same sums in another order and grouping (the forced blocks as one bf16 partial
+    # instead of three slots, fp32 atomics): bf16 rounding differences only. Measured on an
+    # H200: o 1.5e-3, dq 1.2e-3 at G = 4; both paths stay within 5e-3 of the fp32 reference
+    # (test_bf16_within_5e3_of_fp32_reference, bench_kernels.py --check).
+    assert max(errs.values()) <= 2.5e-3, errs
 
 
 @pytest.mark.parametrize("G", [4, 16])
