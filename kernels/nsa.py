@@ -233,9 +233,9 @@ def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2
         dk32.zero_(), dv32.zero_()
         return
     _launch_dkdv(_LOCAL.value, kt, 1, 1 << 62, False, q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
-    if ("b0", kb_of(geo)) not in geo.cache:
-        geo.cache[("b0", kb_of(geo))] = geo.layout.first_block_tiles(kb_of(geo), cfg.sel_block)
-    ft = geo.cache[("b0", kb_of(geo))]
+    if ("b0", kb_of(geo), cfg.sel_block) not in geo.cache:
+        geo.cache[("b0", kb_of(geo), cfg.sel_block)] = geo.layout.first_block_tiles(kb_of(geo), cfg.sel_block)
+    ft = geo.cache[("b0", kb_of(geo), cfg.sel_block)]
     qchunk = geo.launch.get("dkdv_qchunk", QCHUNK)
     nchunk = -(-geo.layout.total // qchunk)
     if ft.shape[0]:

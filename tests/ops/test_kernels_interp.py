@@ -205,3 +205,22 @@ def test_group_of_16_matches_reference():
     do = torch.randn_like(o_ref)
     for name, a, b in zip(NAMES, torch.autograd.grad(o_tri, args(x), do), torch.autograd.grad(o_ref, args(x), do)):
         assert max_rel(a, b) < 1e-4, name
+
+
+def test_selection_block_change_on_the_same_packing_keeps_dkdv_right():
+    """The forced blocks' tile table depends on l': a call with a larger l' after a smaller one
+    on the same shapes must not reuse the first call's (cached) block-0 tiles."""
+    kernels_or_skip()
+    for ls in (16, 32):
+        cfg = NSAConfig(cmp_block=16, cmp_stride=16, sel_block=ls, num_selected=3, window=16)
+        x = random_nsa_inputs(cfg, B=1, S=160, HQ=2, H=1, Dk=16, Dv=16, dtype=torch.float32, seed=2,
+                              requires_grad=True)
+        do = torch.randn(1, 160, 2, 16, generator=torch.Generator().manual_seed(0))
+        grads = []
+        for backend in ("reference", "triton"):
+            for t in x.values():
+                t.grad = None
+            nsa_attention(*args(x), cfg, backend=backend).backward(do)
+            grads.append({k: x[k].grad.clone() for k in ("k_sel", "v_sel")})
+        for k in ("k_sel", "v_sel"):
+            assert max_rel(grads[1][k], grads[0][k]) < 1e-5, (ls, k)
