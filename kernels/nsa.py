@@ -68,6 +68,22 @@ class Geometry:
             self.cache[("q", size)] = self.layout.query_tiles(size)
         return self.cache[("q", size)]
 
+    def first_tiles(self, size: int, sel_block: int) -> torch.Tensor:
+        """Tiles of ``size`` positions over each document's selection block 0 (of ``sel_block``)."""
+        if ("b0", size, sel_block) not in self.cache:
+            self.cache[("b0", size, sel_block)] = self.layout.first_block_tiles(size, sel_block)
+        return self.cache[("b0", size, sel_block)]
+
+    def dkdv_keys(self) -> int:
+        """Keys per program of the range dK/dV kernel: ``launch["dkdv_keys"]``, else KEYS."""
+        return self.launch.get("dkdv_keys", KEYS)
+
+    def dkdv_chunks(self) -> tuple[int, int]:
+        """(positions per query chunk, chunks) of the range dK/dV kernel's keys that every later
+        query sees (compressed tokens, selection block 0)."""
+        qchunk = self.launch.get("dkdv_qchunk", QCHUNK)
+        return qchunk, -(-self.layout.total // qchunk)
+
     def ctiles(self, size: int) -> torch.Tensor:
         if ("c", size) not in self.cache:
             self.cache[("c", size)] = self.layout.cmp_key_tiles(size)
@@ -196,12 +212,11 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
     # Compressed keys: split each tile's queries into chunks (fp32 atomic sums) so the grid
     # is wide enough for the few KV heads a TP / Ulysses rank holds. Window keys see at most
     # BLOCK_N + w queries: one chunk, plain stores.
-    qchunk = geo.launch.get("dkdv_qchunk", QCHUNK) if mode == 0 else 1 << 62
-    nchunk = -(-geo.layout.total // qchunk) if mode == 0 else 1
+    qchunk, nchunk = geo.dkdv_chunks() if mode == 0 else (1 << 62, 1)
     atomic = nchunk > 1
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else torch.empty_like(v)
-    kb = kb_of(geo)
+    kb = geo.dkdv_keys()
     kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
     if kt.shape[0] == 0 or geo.layout.total == 0:
         return dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
@@ -214,30 +229,22 @@ def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, 
     _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
                                                   geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
-                                                  LS=cfg.sel_block, BLOCK_M=ROWS, BLOCK_N=kb_of(geo),
+                                                  LS=cfg.sel_block, BLOCK_M=ROWS, BLOCK_N=geo.dkdv_keys(),
                                                   BDK=geo.bdk(), BDV=geo.bdv(), ATOMIC=atomic,
                                                   **_lk(geo, "range_dkdv"))
-
-
-def kb_of(geo) -> int:
-    """Keys per program of the range dK/dV kernel."""
-    return geo.launch.get("dkdv_keys", KEYS)
 
 
 def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2, scale):
     """The selected branch's dK/dV over its forced blocks, into fp32 dk32 / dv32, which this
     initialises (every key row is stored once by the local-block pass) and the sparse kernel
     then adds to. Block 0, which every later query sees, runs in chunks of queries."""
-    kt = geo.qtiles(kb_of(geo))
+    kt = geo.qtiles(geo.dkdv_keys())
     if kt.shape[0] == 0:
         dk32.zero_(), dv32.zero_()
         return
     _launch_dkdv(_LOCAL.value, kt, 1, 1 << 62, False, q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
-    if ("b0", kb_of(geo), cfg.sel_block) not in geo.cache:
-        geo.cache[("b0", kb_of(geo), cfg.sel_block)] = geo.layout.first_block_tiles(kb_of(geo), cfg.sel_block)
-    ft = geo.cache[("b0", kb_of(geo), cfg.sel_block)]
-    qchunk = geo.launch.get("dkdv_qchunk", QCHUNK)
-    nchunk = -(-geo.layout.total // qchunk)
+    ft = geo.first_tiles(geo.dkdv_keys(), cfg.sel_block)
+    qchunk, nchunk = geo.dkdv_chunks()
     if ft.shape[0]:
         _launch_dkdv(_FIRST.value, ft, nchunk, qchunk, True, q, k, v, do, lse, delta, dk32, dv32, geo, cfg,
                      scale2, scale)

@@ -131,7 +131,7 @@ class NSAAttention(nn.Module):
                                 backend="reference" if self.backend == "reference" else "auto")
         o = ops.nsa_attention(p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
                               p["v_win"], p["gates"], self.config, cu_seqlens=cu_seqlens,
-                              backend=self.backend, block_indices=idx)
+                              backend=self.backend, block_indices=idx, canonical_indices=True)
         return o, idx
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,

@@ -117,7 +117,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
 def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   backend: str = "auto", block_indices: Optional[torch.Tensor] = None,
-                  reduce_importance=None) -> torch.Tensor:
+                  reduce_importance=None, canonical_indices: bool = False) -> torch.Tensor:
     """The NSA function: gated sum of compressed, selected and sliding-window attention.
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, Dk/Dv] (already compressed; packed per
@@ -127,6 +127,10 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     values are read on the host: a CPU tensor keeps the call free of GPU syncs, a CUDA one
     costs one copy to the host per call.
     block_indices: optional precomputed selection [B, S, H, n] (from ``select_blocks``).
+    canonical_indices: block_indices are ``select_blocks``'s output for these inputs (rows
+    ascending, distinct, -1 last, the forced blocks always present, as SPEC defines it). The
+    Triton kernels then skip the row sort and run the forced blocks with full tiles. Other
+    indices with this flag give wrong results.
     Returns [B, S, HQ, Dv] in q's dtype. Differentiable in every floating input.
     """
     if not isinstance(q, torch.Tensor):
@@ -135,12 +139,16 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     cu_seqlens = host_offsets(cu_seqlens)
     check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config, cu_seqlens,
                  block_indices, check_finite=(chosen == "reference"))
+    if canonical_indices and block_indices is None:
+        raise ValueError("canonical_indices=True describes block_indices, but none were given: pass the "
+                         "select_blocks output as block_indices, or drop the flag")
     sc = _scale(q, scale)
     if chosen == "triton":
         if reduce_importance is not None and block_indices is None:
             block_indices = select_blocks(q, k_cmp, config, sc, cu_seqlens, reduce_importance)
+            canonical_indices = True
         return load_kernels().nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config,
-                                        sc, cu_seqlens, block_indices)
+                                            sc, cu_seqlens, block_indices, canonical_indices)
     args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     if cu_seqlens is None:
         return reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance)

@@ -195,7 +195,7 @@ class ParallelNSAAttention(nn.Module):
         idx = self._select(q, p["k_cmp"], cu_seqlens)
         o = ops.nsa_attention(q, p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
                               p["v_win"], gates, cfg, cu_seqlens=cu_seqlens, backend=self.backend,
-                              block_indices=idx)
+                              block_indices=idx, canonical_indices=True)
         if self.state.sp > 1:
             o = C.all_to_all(o, 1, 2, self.sp_group, self._m("ulysses"))  # [B, S/sp, HQ/tp, Dv]
         y = nn.functional.linear(o.reshape(B, S_l, -1), self.o_proj)

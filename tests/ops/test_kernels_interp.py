@@ -194,6 +194,35 @@ def test_given_block_indices_are_used():
     assert float((o_a - o_b).detach().abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("case", ["G2-packed", "G3-Dv32"])
+def test_canonical_block_indices_take_the_forced_block_path(case, monkeypatch):
+    """select_blocks's output passed with canonical_indices (as the model does) runs the forced
+    blocks in the range kernels and matches the reference, forward and every gradient."""
+    kernels, _ = kernels_or_skip()
+    import importlib
+    nsa = importlib.import_module(kernels.__name__ + ".nsa")
+    forced = []
+    split = nsa.Geometry.forced_split
+    monkeypatch.setattr(nsa.Geometry, "forced_split", lambda self: forced.append(split(self)) or forced[-1])
+    _, cfg, cu, x = _run(case)
+    idx = select_blocks(x["q"].detach(), x["k_cmp"].detach(), cfg, cu_seqlens=cu, backend="triton")
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference", block_indices=idx)
+    do = torch.randn_like(o_ref)
+    grads_ref = torch.autograd.grad(o_ref, [x[k] for k in NAMES], do)
+    o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", block_indices=idx, canonical_indices=True)
+    grads = torch.autograd.grad(o, [x[k] for k in NAMES], do)
+    assert forced and all(forced)
+    assert max_rel(o, o_ref) < 1e-5
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert max_rel(g, g_ref) < 1e-4, name
+
+
+def test_canonical_indices_without_indices_is_refused():
+    _, cfg, _, x = _run("G1")
+    with pytest.raises(ValueError, match="canonical_indices=True describes block_indices"):
+        nsa_attention(*args(x), cfg, backend="reference", canonical_indices=True)
+
+
 @pytest.mark.slow
 def test_group_of_16_matches_reference():
     _, cfg, cu, x = _run("G1")
