@@ -31,11 +31,20 @@ KEYS = 64  # keys per step of the range kernels' backward
 FWD_KEYS = 32  # keys per step of the range forward (H200 sweep, docs/benchmarks.md: (c) 64k 24.4 -> 23.8 ms)
 SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
 SEG_ROWS = 1024  # rows per work item of the block-major selected kernels
+# the same for a list that only the selected dK/dV walks (position-major forward and dq, so
+# G >= 16): it sums in registers and pays its fp32 atomics once per item (H200 sweep at (a)
+# 64k, docs/kernel_notes.md: backward 93.7 -> 89.7 ms); where the forward or the block-major
+# dq walks the list too, their per-slot writes favour more, shorter items
+DKDV_SEG_ROWS = 8192
 SEL_QUERY_MIN_G = 16  # group size from which the selected forward runs position-major
 SEL_DQ_QUERY_MIN_G = 16  # the same for the selected dq
 DQ_PARTIAL = "auto"  # the block-major dq's per-slot results: "fp32", "fp16s" (scaled fp16) or "auto"
 SPLIT_BYTES = 1 << 30  # bound of the block-major per-slot buffers (forward o + lse, dq): positions chunked
 QCHUNK = 4096  # query positions per program of the compressed dK/dV kernel
+# programs wanted for block 0's dK/dV: its few key tiles (one per document) are split into
+# this many query chunks over the KV heads, or the launch leaves most SMs idle
+FIRST_PROGRAMS = 512
+FIRST_MIN_CHUNK = 256  # positions, at least, per chunk of block 0's dK/dV
 # (num_warps, num_stages) per kernel, from the sweep in tools/bench_kernels.py (docs/kernel_notes.md)
 DEFAULT_LAUNCH = MappingProxyType({
     "range_fwd": (4, 3), "range_dq": (4, 2), "range_dkdv": (4, 2),
@@ -83,6 +92,15 @@ class Geometry:
         query sees (compressed tokens, selection block 0)."""
         qchunk = self.launch.get("dkdv_qchunk", QCHUNK)
         return qchunk, -(-self.layout.total // qchunk)
+
+    def first_chunks(self, ntiles: int) -> tuple[int, int]:
+        """(positions per query chunk, chunks) of block 0's dK/dV over ``ntiles`` key tiles:
+        about ``launch["first_programs"]`` (else FIRST_PROGRAMS) programs over the KV heads,
+        at least FIRST_MIN_CHUNK positions a chunk (each chunk adds its sums atomically)."""
+        want = self.launch.get("first_programs", FIRST_PROGRAMS)
+        total = max(1, self.layout.total)
+        nchunk = max(1, min(-(-total // FIRST_MIN_CHUNK), -(-want // max(1, ntiles * self.H))))
+        return -(-total // nchunk), nchunk
 
     def ctiles(self, size: int) -> torch.Tensor:
         if ("c", size) not in self.cache:
@@ -174,10 +192,15 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False):
+def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, out=None):
+    """(o [T, HQ, Dv] or None with ``lse_only``, lse [T, HQ] base 2) of one key range kind,
+    into ``out`` = (o, lse) when given."""
     T = q.shape[0]
-    o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device) if not lse_only else q
-    lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
+    if out is not None:
+        o, lse = out
+    else:
+        o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device) if not lse_only else q
+        lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     qt = geo.qtiles(geo.range_bt("fwd"))
     if qt.shape[0]:
         _range_fwd[(qt.shape[0], geo.H)](
@@ -244,7 +267,7 @@ def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2
         return
     _launch_dkdv(_LOCAL.value, kt, 1, 1 << 62, False, q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
     ft = geo.first_tiles(geo.dkdv_keys(), cfg.sel_block)
-    qchunk, nchunk = geo.dkdv_chunks()
+    qchunk, nchunk = geo.first_chunks(ft.shape[0])
     if ft.shape[0]:
         _launch_dkdv(_FIRST.value, ft, nchunk, qchunk, True, q, k, v, do, lse, delta, dk32, dv32, geo, cfg,
                      scale2, scale)
@@ -256,22 +279,26 @@ def _sel_prep(idx, geo: Geometry):
     return qt, union, cnt
 
 
-def _sel_seg(geo: Geometry) -> int:
-    return max(1, geo.launch.get("sel_seg_rows", SEG_ROWS) // geo.G)
+def _sel_seg(geo: Geometry, dkdv_only: bool = False) -> int:
+    """Positions per work item: ``launch["sel_seg_rows"]`` (else SEG_ROWS) rows, or for a list
+    only the selected dK/dV walks ``launch["sel_dkdv_seg_rows"]`` (else DKDV_SEG_ROWS), over G."""
+    rows = (geo.launch.get("sel_dkdv_seg_rows", DKDV_SEG_ROWS) if dkdv_only
+            else geo.launch.get("sel_seg_rows", SEG_ROWS))
+    return max(1, rows // geo.G)
 
 
-def _sel_work(idx, geo: Geometry, cfg, chunk=None):
+def _sel_work(idx, geo: Geometry, cfg, chunk=None, dkdv_only=False):
     """The inverted selection (``tiles.SelWork``) the block-major kernels walk. It needs no
     host sync, so the host keeps queueing kernels while the GPU builds it."""
-    return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo), chunk,
+    return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo, dkdv_only), chunk,
                                        rows_sorted=geo.idx_sorted, skip_forced=geo.forced_split())
 
 
-def _sel_block_args(geo: Geometry, cfg, kernel: str) -> dict:
+def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) -> dict:
     """Block-major kernel ``kernel``'s constants; its rows per step: ``launch["<kernel>_rows"]``
     (sel_split, sel_dq_split, sel_dkdv), else ROWS, at most a segment."""
     rows = geo.launch.get(f"{kernel}_rows", ROWS)
-    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=_pow2(min(rows, _sel_seg(geo) * geo.G)),
+    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=_pow2(min(rows, _sel_seg(geo, dkdv_only) * geo.G)),
                 BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv())
 
 
@@ -280,15 +307,17 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
     T = q.shape[0]
     n = idx.shape[-1]
     forced = geo.forced_split()
-    # the forced blocks' attention and lse, with full tiles (the sparse kernels continue it)
-    o_f, lse_f = _range_forward(2, q, k, v, geo, cfg, scale2) if forced else (q, q)  # MODE 2: forced blocks
-    if geo.sel_block_major():
-        return _sel_forward_split(q, k, v, idx, o_f, lse_f, geo, cfg, scale2)
     o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
+    # the forced blocks' attention and lse (MODE 2), with full tiles, in the output buffers:
+    # the sparse kernels read each row's forced state before they write that row's result
+    if forced:
+        _range_forward(2, q, k, v, geo, cfg, scale2, out=(o, lse))
+    if geo.sel_block_major():
+        return _sel_forward_split(q, k, v, idx, o, lse, geo, cfg, scale2)
     qt, union, cnt = _sel_prep(idx, geo)
     if qt.shape[0]:
-        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o_f, lse_f, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
+        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
                                        geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block,
                                        BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
                                        BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
@@ -296,17 +325,16 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
     return o, lse, None
 
 
-def _sel_forward_split(q, k, v, idx, o_f, lse_f, geo: Geometry, cfg, scale2):
-    """Block-major: per-slot results of each chunk of positions, then their merge (with the
-    forced blocks' o_f, lse_f under ``forced_split``)."""
+def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
+    """Block-major: per-slot results of each chunk of positions, then their merge into (o, lse),
+    which under ``forced_split`` hold the forced blocks' (o, lse) on entry (the merge reads a
+    row's before it writes it)."""
     T = q.shape[0]
     n = idx.shape[-1]
     work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
     rows = min(work.chunk, T) * geo.HQ
     op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
     lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
-    o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
-    lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     block_r = 32
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
@@ -317,7 +345,7 @@ def _sel_forward_split(q, k, v, idx, o_f, lse_f, geo: Geometry, cfg, scale2):
                                    **_lk(geo, "sel_split"))
         nr = (t1 - t0) * geo.HQ
         forced = geo.forced_split()
-        _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o_f[t0:t1] if forced else op, lse_f[t0:t1] if forced else lp,
+        _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
                                                   NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,
                                                   **_lk(geo, "sel_combine"))
@@ -359,8 +387,9 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
         dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     block_dq = geo.sel_dq_block_major()
+    dkdv_only = work is None and not block_dq  # the list is the selected dK/dV's alone
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
-        work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None)
+        work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None, dkdv_only)
     if block_dq:
         _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo, cfg, scale2, scale)
     else:
@@ -375,7 +404,7 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
     if work.items.shape[0]:
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
-                                              **_sel_block_args(geo, cfg, "sel_dkdv"), **_lk(geo, "sel_dkdv"))
+                                              **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only), **_lk(geo, "sel_dkdv"))
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 

@@ -58,7 +58,8 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
              BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
              FORCED: tl.constexpr):
     """Position-major forward. FORCED: the forced blocks' attention (OF, base-2 log-sum-exp LF,
-    from the range kernel) is the starting state, and those blocks are skipped."""
+    from the range kernel; they may be O and LSE themselves, as a program reads its rows'
+    state before it writes them) is the starting state, and those blocks are skipped."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G

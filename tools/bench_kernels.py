@@ -10,6 +10,10 @@ enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, 
 --profile: per-kernel CUDA time of one forward and of one forward+backward.
 --gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
 stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
+--sweep: one launch setting changed at a time (selection given), --rounds times interleaved.
+--ab NAME=VALUE[,...]: the whole function (as --bench) with constants of nsa_dist.kernels.nsa
+set (e.g. DKDV_SEG_ROWS=1024) and then with the defaults, alternating for --rounds rounds in
+one process: A/B of a default, free of the spread between processes.
 """
 from __future__ import annotations
 
@@ -142,7 +146,19 @@ def _bench(fn, grad_inputs=None):
             for t in grad_inputs:
                 t.grad = None
         fn()
-    return triton.testing.do_bench(step, warmup=50, rep=200, return_mode="median")
+    # do_bench counts its warm-up and repeats in ms: at a fixed 50 / 200 ms, a 140 ms call ran
+    # once and was timed once. Sized from one timed call, every median has >= 10 samples
+    # after >= 3 warm-up calls, however long the call is.
+    step()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    step()
+    b.record()
+    torch.cuda.synchronize()
+    est = a.elapsed_time(b)
+    return triton.testing.do_bench(step, warmup=max(50.0, 3 * est), rep=max(200.0, 10 * est),
+                                   return_mode="median")
 
 
 SHAPES = {
@@ -165,7 +181,9 @@ SWEEP = {
                       {"sel_dq_algo": "block", "sel_dq_partial": "fp16s"}],
     "sel_dq_split": [(4, 3), (8, 2)],
     "sel_dq_combine": [(8, 1)],
-    "sel_seg_rows": [256, 2048, 4096, 8192],
+    "sel_seg_rows": [256, 2048, 4096, 8192, 16384, {"sel_seg_rows": 8192, "sel_dkdv": (8, 2)},
+                     {"sel_seg_rows": 8192, "sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
+    "sel_dkdv_seg_rows": [1024, 2048, 4096, 16384],
     "split_bytes": [1 << 28, 1 << 32],
     "sel_split": [(4, 3), (8, 2)],
     "sel_combine": [(8, 1)],
@@ -178,6 +196,7 @@ SWEEP = {
     "range_dq": [(4, 3), (8, 2)],
     "sel_fwd": [(4, 2), (8, 3)],
     "dkdv_qchunk": [2048, 8192, 1 << 30],
+    "first_programs": [128, 2048],
     # rows / keys per step of one kernel (the range forward and dq; each block-major kernel)
     "range_fwd_rows": [32, 128, {"range_fwd_rows": 128, "range_fwd": (8, 3)}],
     "range_fwd_keys": [32, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],
@@ -302,13 +321,19 @@ def profile_shape(name, S, kernels):
             torch.cuda.synchronize()
         print(f"[profile] {name} S={S} {tag}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        # one kernel serves several key kinds (range kernels: compressed, window, forced blocks):
+        # its launches one by one, in launch order
+        for kname in ("_range_fwd", "_range_bwd_dkdv"):
+            ms = [e.time_range.elapsed_us() / 1e3 for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.name == kname]
+            if ms:
+                print(f"[profile] {name} S={S} {tag}: {kname} launches (ms, in order): "
+                      + ", ".join(f"{m:.2f}" for m in ms), flush=True)
     torch.cuda.empty_cache()
 
 
-def sweep_shape(name, S, kernels, keys):
+def sweep_shape(name, S, kernels, keys, rounds=1):
     """Forward and forward+backward time with one launch setting changed at a time."""
-    import triton
-
     from nsa_dist import NSAConfig
     from nsa_dist.kernels.nsa import NSAFunction, make_geometry, pack
 
@@ -318,7 +343,7 @@ def sweep_shape(name, S, kernels, keys):
     do = torch.randn(S, HQ, D, device="cuda", dtype=torch.bfloat16)
     sc = D ** -0.5
     idx = kernels.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg)[0].to(torch.int32)
-    options = [("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]
+    options = ([("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]) * rounds
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
         geo.idx_sorted = True  # idx is the selection kernel's output, as inside nsa_attention
@@ -336,8 +361,8 @@ def sweep_shape(name, S, kernels, keys):
                 t.grad = None
             NSAFunction.apply(*(x[k] for k in ORDER), idx, geo, cfg, sc).backward(do)
         try:
-            f = triton.testing.do_bench(fwd, warmup=10, rep=50, return_mode="median")
-            ms = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+            f = _bench(fwd)
+            ms = _bench(step)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             step()
@@ -411,6 +436,35 @@ def gaps_shape(name, S, kernels):
     torch.cuda.empty_cache()
 
 
+def ab_shape(name, S, kernels, setting: str, rounds: int):
+    """The whole function with module constants of ``kernels.nsa`` set by ``setting``
+    ("NAME=VALUE,..."), then with the defaults, alternating for ``rounds`` rounds."""
+    import importlib
+
+    nsa = importlib.import_module(kernels.__name__ + ".nsa")
+    changed = {}
+    for part in setting.split(","):
+        key, _, val = part.partition("=")
+        if not hasattr(nsa, key) or not key.isupper():
+            raise SystemExit(f"--ab: {key!r} is not a constant of {nsa.__name__}")
+        changed[key] = type(getattr(nsa, key))(val)
+    defaults = {k: getattr(nsa, k) for k in changed}
+    rows = []
+    try:
+        for rnd in range(rounds):
+            for label, values in (("changed", changed), ("default", defaults)):
+                for k, v in values.items():
+                    setattr(nsa, k, v)
+                bench_shape(name, S, rows, kernels)
+                r = rows[-1]
+                print(f"[ab] {name} S={S} round {rnd} {label} {values}: fwd {r['nsa_fwd_ms']} ms, "
+                      f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
+                      flush=True)
+    finally:
+        for k, v in defaults.items():
+            setattr(nsa, k, v)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="correctness against the reference")
@@ -421,6 +475,8 @@ def main(argv=None):
     ap.add_argument("--gaps", action="store_true", help="GPU idle time in one call at the largest size")
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
     ap.add_argument("--sweep-keys", default=",".join(SWEEP), help="which launch settings to sweep")
+    ap.add_argument("--rounds", type=int, default=1, help="repeats of --sweep / --ab, interleaved")
+    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: constants of kernels.nsa against the defaults")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -433,7 +489,10 @@ def main(argv=None):
         run_checks(a.out)
     if a.sweep:
         for name in a.shapes.split(","):
-            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.sweep_keys.split(","))
+            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.sweep_keys.split(","), a.rounds)
+    if a.ab:
+        for name in a.shapes.split(","):
+            ab_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.ab, a.rounds)
     if a.profile:
         for name in a.shapes.split(","):
             profile_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)

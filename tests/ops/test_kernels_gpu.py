@@ -22,8 +22,10 @@ def _rel_rms(a, b):
 
 def _case(G, S=4096, H=2, D=128, cu=None, window=512, inside=False):
     """Errors of the bf16 kernels against the fp32 reference, and the selection mismatch.
-    inside: the kernels select on their own (the forced blocks then run in the range kernels)
-    and the reference uses that same bf16 selection; else both get the fp32 selection."""
+    inside: True, the kernels select on their own (the forced blocks then run in the range
+    kernels); "canonical", they get select_blocks's bf16 output with canonical_indices=True
+    (as the model's layers call them: the forced-block path too); either way the reference
+    uses that same bf16 selection. False: both get the fp32 selection."""
     from nsa_dist import NSAConfig
     from nsa_dist.ops import compress, nsa_attention, select_blocks
 
@@ -43,8 +45,9 @@ def _case(G, S=4096, H=2, D=128, cu=None, window=512, inside=False):
     mismatch = float((idx != idx_bf).any(-1).float().mean())
     o_ref = nsa_attention(*(x32[k] for k in NAMES), cfg, cu_seqlens=cu_t, backend="reference",
                           block_indices=idx_bf if inside else idx)
+    given = {True: None, "canonical": idx_bf, False: idx}[inside]
     o = nsa_attention(*(xb[k] for k in NAMES), cfg, cu_seqlens=cu_t, backend="triton",
-                      block_indices=None if inside else idx)
+                      block_indices=given, canonical_indices=inside == "canonical")
     do = torch.randn_like(o_ref)
     o_ref.backward(do)
     o.backward(do.bfloat16())
@@ -53,7 +56,7 @@ def _case(G, S=4096, H=2, D=128, cu=None, window=512, inside=False):
     return errs, mismatch
 
 
-@pytest.mark.parametrize("inside", [False, True], ids=["given-selection", "own-selection"])
+@pytest.mark.parametrize("inside", [False, True, "canonical"], ids=["given-selection", "own-selection", "canonical"])
 @pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
 def test_bf16_within_5e3_of_fp32_reference(G, inside):
     errs, mismatch = _case(G, inside=inside)
@@ -61,7 +64,7 @@ def test_bf16_within_5e3_of_fp32_reference(G, inside):
     assert mismatch <= 1e-2, f"selection differs at {mismatch:.2%} of positions"
 
 
-@pytest.mark.parametrize("inside", [False, True], ids=["given-selection", "own-selection"])
+@pytest.mark.parametrize("inside", [False, True, "canonical"], ids=["given-selection", "own-selection", "canonical"])
 def test_packed_documents_bf16(inside):
     errs, mismatch = _case(4, S=4096, cu=[0, 1000, 1003, 3000, 4096], inside=inside)
     assert max(errs.values()) <= 5e-3, errs

@@ -46,6 +46,8 @@ def sel_algo(request, monkeypatch):
     dq_query = request.param == "query" or request.param.endswith("query-dq")
     monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 1 if fwd_query else 10 ** 9)
     monkeypatch.setattr(nsa, "SEL_DQ_QUERY_MIN_G", 1 if dq_query else 10 ** 9)
+    if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
+        monkeypatch.setattr(nsa, "DKDV_SEG_ROWS", 4)
     chunks = []
     if request.param.endswith("chunked"):
         monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)  # 16-36 positions a chunk: 2-6 chunks per case
@@ -81,18 +83,25 @@ def test_forward_selection_and_grads_match_reference(case, sel_algo):
 
 
 @pytest.mark.parametrize("case", ["G2-batch2", "G2-packed"])
-def test_chunked_compressed_dkdv_matches_reference(case, monkeypatch):
-    """The compressed branch's dK/dV split over query chunks (fp32 atomic sums), as at long
-    context: chunks of 16 positions here, so every tile's queries span several chunks."""
+def test_chunked_compressed_and_first_block_dkdv_match_reference(case, monkeypatch):
+    """The dK/dV of keys every later query sees, split over query chunks (fp32 atomic sums),
+    as at long context: the compressed branch's in chunks of 16 positions, selection block
+    0's (the kernels select, so the forced blocks run in the range kernels) in chunks of 8."""
     kernels, cfg, cu, x = _run(case)
     import importlib
-    monkeypatch.setattr(importlib.import_module(kernels.__name__ + ".nsa"), "QCHUNK", 16)
+    nsa = importlib.import_module(kernels.__name__ + ".nsa")
+    monkeypatch.setattr(nsa, "QCHUNK", 16)
+    monkeypatch.setattr(nsa, "FIRST_MIN_CHUNK", 8)
+    chunks = []
+    first = nsa.Geometry.first_chunks
+    monkeypatch.setattr(nsa.Geometry, "first_chunks", lambda self, n: chunks.append(first(self, n)) or chunks[-1])
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
     o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
     do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, args(x)[1:3], do)
-    g_tri = torch.autograd.grad(o_tri, args(x)[1:3], do)
-    for name, a, b in zip(("k_cmp", "v_cmp"), g_tri, g_ref):
+    g_ref = torch.autograd.grad(o_ref, args(x)[1:5], do)
+    g_tri = torch.autograd.grad(o_tri, args(x)[1:5], do)
+    assert chunks and chunks[-1][1] > 1, chunks  # block 0's queries did span several chunks
+    for name, a, b in zip(("k_cmp", "v_cmp", "k_sel", "v_sel"), g_tri, g_ref):
         assert float(b.abs().max()) > 0
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 

@@ -33,3 +33,24 @@ def test_profile_attention_packs_equal_documents_and_counts_syncs():
     x = torch.ones(4, device="cuda")
     assert profile_attention._syncs(lambda: x.sum().item()) >= 1
     assert profile_attention._syncs(lambda: x.sum()) == 0
+
+
+def test_ab_alternates_a_kernel_constant_with_its_default_and_restores_it(monkeypatch):
+    """--ab sets a constant of kernels.nsa, then its default, each round, and puts it back;
+    a name that is not a constant there is refused by name."""
+    import importlib
+
+    kernels = bench_kernels._import_kernels()
+    nsa = importlib.import_module(kernels.__name__ + ".nsa")
+    default = nsa.DKDV_SEG_ROWS
+    seen = []
+
+    def fake_bench(name, S, rows, kernels):
+        seen.append(nsa.DKDV_SEG_ROWS)
+        rows.append({"nsa_fwd_ms": 1.0, "nsa_bwd_ms": 2.0})
+    monkeypatch.setattr(bench_kernels, "bench_shape", fake_bench)
+    bench_kernels.ab_shape("a_paper", 8, kernels, "DKDV_SEG_ROWS=96", rounds=2)
+    assert seen == [96, default, 96, default]
+    assert nsa.DKDV_SEG_ROWS == default
+    with pytest.raises(SystemExit, match="'NO_SUCH' is not a constant"):
+        bench_kernels.ab_shape("a_paper", 8, kernels, "NO_SUCH=1", rounds=1)
