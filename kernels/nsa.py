@@ -94,13 +94,19 @@ class Geometry:
         return qchunk, -(-self.layout.total // qchunk)
 
     def first_chunks(self, ntiles: int) -> tuple[int, int]:
-        """(positions per query chunk, chunks) of block 0's dK/dV over ``ntiles`` key tiles:
-        about ``launch["first_programs"]`` (else FIRST_PROGRAMS) programs over the KV heads,
-        at least FIRST_MIN_CHUNK positions a chunk (each chunk adds its sums atomically)."""
+        """(positions per query chunk, chunks) of block 0's dK/dV over ``ntiles`` key tiles
+        (of all documents): chunks of document-local positions sized so that about
+        ``launch["first_programs"]`` (else FIRST_PROGRAMS) programs have queries to stream,
+        at least FIRST_MIN_CHUNK positions each (each chunk adds its sums atomically); the
+        grid covers the longest document. Host arithmetic on the offsets: no GPU sync."""
         want = self.launch.get("first_programs", FIRST_PROGRAMS)
-        total = max(1, self.layout.total)
-        nchunk = max(1, min(-(-total // FIRST_MIN_CHUNK), -(-want // max(1, ntiles * self.H))))
-        return -(-total // nchunk), nchunk
+        lens = self.layout.cu[1:] - self.layout.cu[:-1]
+        if lens.numel() == 0 or self.layout.total == 0:
+            return 1, 1
+        # a document of length L makes ~L / qchunk working chunks per tile and KV head
+        work = self.layout.total * max(1, ntiles) * self.H  # positions x tiles per document x heads
+        qchunk = max(FIRST_MIN_CHUNK, -(-work // (lens.numel() * max(1, want))))
+        return qchunk, -(-int(lens.max()) // qchunk)
 
     def ctiles(self, size: int) -> torch.Tensor:
         if ("c", size) not in self.cache:

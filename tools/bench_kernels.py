@@ -12,12 +12,13 @@ enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, 
 stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
 --sweep: one launch setting changed at a time (selection given), --rounds times interleaved.
 --ab NAME=VALUE[,...]: the whole function (as --bench) with constants of nsa_dist.kernels.nsa
-set (e.g. DKDV_SEG_ROWS=1024) and then with the defaults, alternating for --rounds rounds in
-one process: A/B of a default, free of the spread between processes.
+set (e.g. DKDV_SEG_ROWS=1024) and with the defaults, A B then B A for --rounds rounds in one
+process: A/B of a default, free of the spread between processes.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import importlib.util
 import os
@@ -146,8 +147,9 @@ def _bench(fn, grad_inputs=None):
             for t in grad_inputs:
                 t.grad = None
         fn()
-    # do_bench counts its warm-up and repeats in ms: at a fixed 50 / 200 ms, a 140 ms call ran
-    # once and was timed once. Sized from one timed call, every median has >= 10 samples
+    # do_bench counts its warm-up and repeats in ms, divided by its own estimate (5 calls,
+    # which come out a little slower): at a fixed 50 / 200 ms a 140 ms call was timed once.
+    # Sized from one timed call, with room for that estimate, every median has >= 10 samples
     # after >= 3 warm-up calls, however long the call is.
     step()
     torch.cuda.synchronize()
@@ -157,7 +159,7 @@ def _bench(fn, grad_inputs=None):
     b.record()
     torch.cuda.synchronize()
     est = a.elapsed_time(b)
-    return triton.testing.do_bench(step, warmup=max(50.0, 3 * est), rep=max(200.0, 10 * est),
+    return triton.testing.do_bench(step, warmup=max(50.0, 4 * est), rep=max(200.0, 12 * est),
                                    return_mode="median")
 
 
@@ -181,9 +183,11 @@ SWEEP = {
                       {"sel_dq_algo": "block", "sel_dq_partial": "fp16s"}],
     "sel_dq_split": [(4, 3), (8, 2)],
     "sel_dq_combine": [(8, 1)],
-    "sel_seg_rows": [256, 2048, 4096, 8192, 16384, {"sel_seg_rows": 8192, "sel_dkdv": (8, 2)},
-                     {"sel_seg_rows": 8192, "sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
-    "sel_dkdv_seg_rows": [1024, 2048, 4096, 16384],
+    # segment lengths: of lists the block-major forward / dq walk too (G < 16), and of a list
+    # the selected dK/dV walks alone (G >= 16), with two of its launch variants
+    "sel_seg_rows": [256, 2048, 4096, 8192, 16384],
+    "sel_dkdv_seg_rows": [1024, 2048, 4096, 16384, {"sel_dkdv_seg_rows": 8192, "sel_dkdv": (8, 2)},
+                          {"sel_dkdv_seg_rows": 8192, "sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
     "split_bytes": [1 << 28, 1 << 32],
     "sel_split": [(4, 3), (8, 2)],
     "sel_combine": [(8, 1)],
@@ -447,12 +451,21 @@ def ab_shape(name, S, kernels, setting: str, rounds: int):
         key, _, val = part.partition("=")
         if not hasattr(nsa, key) or not key.isupper():
             raise SystemExit(f"--ab: {key!r} is not a constant of {nsa.__name__}")
-        changed[key] = type(getattr(nsa, key))(val)
+        try:
+            value = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            value = val
+        old = getattr(nsa, key)
+        if type(value) is not type(old) and not (isinstance(old, float) and type(value) is int):
+            raise SystemExit(f"--ab: {key} is a {type(old).__name__} ({old!r}); {val!r} is not")
+        changed[key] = value
     defaults = {k: getattr(nsa, k) for k in changed}
     rows = []
     try:
         for rnd in range(rounds):
-            for label, values in (("changed", changed), ("default", defaults)):
+            # A B, then B A: neither setting always runs first in a round
+            order = (("changed", changed), ("default", defaults))
+            for label, values in (order if rnd % 2 == 0 else order[::-1]):
                 for k, v in values.items():
                     setattr(nsa, k, v)
                 bench_shape(name, S, rows, kernels)

@@ -49,8 +49,11 @@ def test_ab_alternates_a_kernel_constant_with_its_default_and_restores_it(monkey
         seen.append(nsa.DKDV_SEG_ROWS)
         rows.append({"nsa_fwd_ms": 1.0, "nsa_bwd_ms": 2.0})
     monkeypatch.setattr(bench_kernels, "bench_shape", fake_bench)
-    bench_kernels.ab_shape("a_paper", 8, kernels, "DKDV_SEG_ROWS=96", rounds=2)
-    assert seen == [96, default, 96, default]
+    bench_kernels.ab_shape("a_paper", 8, kernels, "DKDV_SEG_ROWS=96", rounds=3)
+    assert seen == [96, default, default, 96, 96, default]  # A B, B A, A B
     assert nsa.DKDV_SEG_ROWS == default
     with pytest.raises(SystemExit, match="'NO_SUCH' is not a constant"):
         bench_kernels.ab_shape("a_paper", 8, kernels, "NO_SUCH=1", rounds=1)
+    with pytest.raises(SystemExit, match="DKDV_SEG_ROWS is a int"):
+        bench_kernels.ab_shape("a_paper", 8, kernels, "DKDV_SEG_ROWS=lots", rounds=1)
+    assert nsa.DKDV_SEG_ROWS == default
