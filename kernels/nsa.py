@@ -88,8 +88,8 @@ class Geometry:
         return self.launch.get("dkdv_keys", KEYS)
 
     def dkdv_chunks(self) -> tuple[int, int]:
-        """(positions per query chunk, chunks) of the range dK/dV kernel's keys that every later
-        query sees (compressed tokens, selection block 0)."""
+        """(positions per query chunk, chunks) of the compressed keys' dK/dV, whose keys every
+        later query sees (block 0 of the selection has its own: ``first_chunks``)."""
         qchunk = self.launch.get("dkdv_qchunk", QCHUNK)
         return qchunk, -(-self.layout.total // qchunk)
 
@@ -273,8 +273,8 @@ def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2
         return
     _launch_dkdv(_LOCAL.value, kt, 1, 1 << 62, False, q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
     ft = geo.first_tiles(geo.dkdv_keys(), cfg.sel_block)
-    qchunk, nchunk = geo.first_chunks(ft.shape[0])
     if ft.shape[0]:
+        qchunk, nchunk = geo.first_chunks(ft.shape[0])
         _launch_dkdv(_FIRST.value, ft, nchunk, qchunk, True, q, k, v, do, lse, delta, dk32, dv32, geo, cfg,
                      scale2, scale)
 
@@ -342,6 +342,7 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
     lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
     block_r = 32
+    forced = geo.forced_split()
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]
@@ -350,7 +351,6 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
                                    geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"),
                                    **_lk(geo, "sel_split"))
         nr = (t1 - t0) * geo.HQ
-        forced = geo.forced_split()
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
                                                   NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,

@@ -442,7 +442,7 @@ def gaps_shape(name, S, kernels):
 
 def ab_shape(name, S, kernels, setting: str, rounds: int):
     """The whole function with module constants of ``kernels.nsa`` set by ``setting``
-    ("NAME=VALUE,..."), then with the defaults, alternating for ``rounds`` rounds."""
+    ("NAME=VALUE,...") and with the defaults, A B then B A, for ``rounds`` rounds."""
     import importlib
 
     nsa = importlib.import_module(kernels.__name__ + ".nsa")
@@ -450,14 +450,16 @@ def ab_shape(name, S, kernels, setting: str, rounds: int):
     for part in setting.split(","):
         key, _, val = part.partition("=")
         if not hasattr(nsa, key) or not key.isupper():
-            raise SystemExit(f"--ab: {key!r} is not a constant of {nsa.__name__}")
+            raise SystemExit(f"--ab: {key!r} is not a constant of {nsa.__name__}: give one of its "
+                             f"UPPER_CASE settings, e.g. DKDV_SEG_ROWS=1024")
         try:
             value = ast.literal_eval(val)
         except (ValueError, SyntaxError):
             value = val
         old = getattr(nsa, key)
         if type(value) is not type(old) and not (isinstance(old, float) and type(value) is int):
-            raise SystemExit(f"--ab: {key} is a {type(old).__name__} ({old!r}); {val!r} is not")
+            raise SystemExit(f"--ab: {key} is a {type(old).__name__} (default {old!r}): give a value of "
+                             f"that type, not {val!r}")
         changed[key] = value
     defaults = {k: getattr(nsa, k) for k in changed}
     rows = []
