@@ -6,11 +6,13 @@ program's rows are (position, query head) pairs of one KV head, BT positions x G
 slots (GP = G rounded up to a power of two; the extra slots are masked), as in the range
 kernels: the queries are loaded once, every compressed-key tile feeds one BT*GP-row matrix
 product whatever the group size, and the group sum is a reduction over the head slots. p_cmp
-is recomputed from the compressed log-sum-exp for just the compressed tokens overlapping the
-current chunk of blocks and multiplied by the overlap weights built in registers, so no
-[S, Nc] probability matrix exists anywhere. Each (t, h, j) gets one int64 key: the float's
-bits above, ``2**31 - 1 - j`` below, forced blocks as +inf and non-candidates as -1. Keys
-are distinct, so a running top-n over the chunks picks exactly what a stable sort would:
+is recomputed from the compressed log-sum-exp for just the compressed tokens of the current
+chunk of blocks, so no [S, Nc] probability matrix exists anywhere. Where l'/d is a power of
+two a chunk is the tokens starting in whole blocks and the weights follow from each token's
+offset (``_importance_aligned``); otherwise it is the tokens overlapping its blocks, weighted
+by an overlap matrix built in registers (``_importance``). Each (t, h, j) gets one int64
+key: the float's bits above, ``2**31 - 1 - j`` below, forced blocks as +inf and
+non-candidates as -1. Keys are distinct, so a running top-n over the chunks picks exactly what a stable sort would:
 equal importance goes to the lower block index.
 """
 from __future__ import annotations
@@ -23,10 +25,14 @@ from .range_attn import _nvis
 
 # Launch defaults from the H200 sweep (docs/kernel_notes.md); geo.launch keys override them:
 SELECT_ROWS = 64  # "select_rows": rows (positions x head slots) per program, >= 16 positions
+SELECT_ROWS_ALIGNED = 128  # the same with chunks of whole blocks (G = 1-8 gain 2-9% from 64)
 SELECT_KEYS = 64  # "select_keys": compressed tokens per matrix product
 SELECT_SPAN = 1  # "select_span": key tiles per top-n merge
+SELECT_ALIGNED = True  # "select_aligned": chunks of whole blocks where (l, d, l') allow it
+# (``aligned_chunks``), else chunks of the tokens overlapping BJ blocks, Eq. 9 weights as a matrix
 HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")  # "select_merge"
-# "select": (num_warps, num_stages); default 8 warps when a merge's chunk is wider than the top-n
+# "select": (num_warps, num_stages); default 8 warps when a merge's chunk is wider than the top-n,
+# 3 stages with chunks of whole blocks and groups under 16 (at G = 16 3 stages lost 37%)
 
 
 @triton.jit
@@ -59,11 +65,49 @@ def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl
 
 
 @triton.jit
+def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
+                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr):
+    """Importance [BT, BJP] of blocks j0..j0+BJP-1 from the R*BJP compressed tokens starting in
+    them, where R = l'/d tokens start in each block and a token spans E = l/d <= R + 1 strides.
+
+    No weight matrix: a token starting m strides into block j weighs min(E, R - m) there and
+    max(0, m + E - R) in block j + 1 (Eq. 9), so each block's share is a reshape-sum, and the
+    spill moves one block right by an exact 0/1 product. ``carry`` [BT] is the previous
+    chunk's spill into block j0; returns (importance, this chunk's spill past its end)."""
+    BLOCK_N: tl.constexpr = BJP * R
+    i = j0 * R + tl.arange(0, BLOCK_N)
+    kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
+                 mask=(i < nv_max)[None, :] & (dk < DK)[:, None], other=0.0)
+    s = tl.dot(q, kc) * scale2
+    p = tl.where(i[None, :] < nv_r[:, None], tl.exp2(s - lse[:, None]), 0.0)
+    psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
+    jj = tl.arange(0, BJP)
+    if R == 1:  # l = l' = d: one token a block, weight 1. An exact product by the identity
+        # still pays: the merge ran 1.7x slower on the reduction's layout (H200, 2026-12-04)
+        if BT >= 16:
+            return tl.dot(psum, (jj[:, None] == jj[None, :]).to(tl.float32), input_precision="ieee"), carry
+        return psum, carry
+    m = tl.arange(0, BLOCK_N) % R
+    imp = tl.sum(tl.reshape(psum * tl.minimum(E, R - m).to(tl.float32)[None, :], [BT, BJP, R]), 2)
+    if E > 1:
+        spill = tl.sum(tl.reshape(psum * tl.maximum(m + E - R, 0).to(tl.float32)[None, :], [BT, BJP, R]), 2)
+        shift = (jj[:, None] + 1 == jj[None, :]).to(tl.float32)  # block b's spill -> block b + 1
+        if BT >= 16:
+            imp += tl.dot(spill, shift, input_precision="ieee")
+        else:  # too few positions for a matrix product
+            imp += tl.sum(spill[:, :, None] * shift[None, :, :], 1)
+        imp += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
+        carry = tl.sum(tl.where(jj[None, :] == BJP - 1, spill, 0.0), 1)
+    return imp, carry
+
+
+@triton.jit
 def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, L: tl.constexpr,
                  DS: tl.constexpr, LS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
                  BJ: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
-                 MERGE: tl.constexpr, SPAN: tl.constexpr, FITS: tl.constexpr):
+                 MERGE: tl.constexpr, SPAN: tl.constexpr, FITS: tl.constexpr,
+                 ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr):
     """BT positions x one KV head: stream the blocks in chunks of BJ, keep a running top-n."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -90,6 +134,7 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
     col = tl.arange(0, NP)
     top = tl.full([BT, NP], -1, tl.int64)  # ascending
     nv_max = _nvis(t1 - 1 - ds0, L, DS)
+    carry = tl.zeros([BT], tl.float32)  # aligned chunks: the spill into the next chunk's first block
     for j0 in range(0, (t1 - 1 - ds0) // LS + 1, BJ):
         j = j0 + jj
         # compressed tokens overlapping blocks j0..j0+BJ-1: i*DS + L > j0*LS and i*DS < (j0+BJ)*LS
@@ -97,7 +142,10 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         i_lo = tl.where(num >= 0, num // DS + 1, 0)
         i_hi = tl.minimum(nv_max, ((j0 + BJ) * LS - 1) // DS + 1)
         imp = tl.zeros([BT, BJP], tl.float32)
-        if FITS:  # SPAN tiles cover the chunk: no inner loop, so the pipeliner overlaps the
+        if ALIGNED:
+            imp, carry = _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2,
+                                             BT, GP, R, E, BJP)
+        elif FITS:  # SPAN tiles cover the chunk: no inner loop, so the pipeliner overlaps the
             # next chunk's key loads with this chunk's work (an inner loop of one trip does not)
             for sp in tl.static_range(SPAN):
                 imp += _importance(q, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
@@ -142,6 +190,16 @@ def chunk_fits(l: int, d: int, ls: int, tokens: int) -> bool:
     return ((tokens - l // d + 1) * d) // ls >= 1
 
 
+def aligned_chunks(l: int, d: int, ls: int, tokens: int, span: int, np_: int) -> bool:
+    """Can the selection take chunks of whole blocks (``_importance_aligned``)? d divides l'
+    and l, l'/d is a power of two, a token spans at most two blocks (l - d <= l'), and a
+    tile of ``tokens`` holds the tokens starting in at least ``np_`` blocks (span 1)."""
+    if ls % d or l % d or span != 1:
+        return False
+    r = ls // d
+    return r & (r - 1) == 0 and l - d <= ls and tokens % r == 0 and tokens // r >= np_
+
+
 def _pow2_setting(launch: dict, name: str, default: int) -> int:
     v = launch.get(name, default)
     if not isinstance(v, int) or v < 1 or v & (v - 1):
@@ -163,21 +221,26 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
         return out
     G = HQ // H
     GP = triton.next_power_of_2(G)
-    rows = _pow2_setting(geo.launch, "select_rows", SELECT_ROWS)
     BLOCK_N = max(16, _pow2_setting(geo.launch, "select_keys", SELECT_KEYS))
     span = _pow2_setting(geo.launch, "select_span", SELECT_SPAN)
+    NP = max(16, triton.next_power_of_2(n))
+    aligned = geo.launch.get("select_aligned", SELECT_ALIGNED) and aligned_chunks(l, d, ls, BLOCK_N, span, NP)
+    rows = _pow2_setting(geo.launch, "select_rows", SELECT_ROWS_ALIGNED if aligned else SELECT_ROWS)
     # >= 16 positions a program, so that the weight product is a matrix product, unless the
     # group alone fills the rows (G > 16: then the group sum is a broadcast)
     BT = max(rows // GP, 16 if GP <= 16 else 1)
     tiles = geo.qtiles(BT)
-    BJ = block_chunk(l, d, ls, BLOCK_N * span)
-    NP = max(16, triton.next_power_of_2(n))
-    BJP = max(NP, triton.next_power_of_2(BJ))
-    warps, stages = geo.launch.get("select", (8 if BJP > NP else 4, 2))
+    if aligned:  # chunks of whole blocks: the tokens starting in them
+        BJ = BJP = BLOCK_N // (ls // d)
+    else:
+        BJ = block_chunk(l, d, ls, BLOCK_N * span)
+        BJP = max(NP, triton.next_power_of_2(BJ))
+    warps, stages = geo.launch.get("select", (8 if BJP > NP else 4, 3 if aligned and GP < 16 else 2))
     merge = geo.launch.get("select_merge", HAS_BITONIC_MERGE)
     _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
                                       DS=d, LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=BJP, BLOCK_N=BLOCK_N,
                                       BDK=max(16, triton.next_power_of_2(DK)), MERGE=merge, SPAN=span,
-                                      FITS=chunk_fits(l, d, ls, BLOCK_N * span),
+                                      FITS=chunk_fits(l, d, ls, BLOCK_N * span), ALIGNED=aligned,
+                                      R=ls // d if aligned else 1, E=l // d if aligned else 1,
                                       num_warps=warps, num_stages=stages)
     return out

@@ -441,43 +441,51 @@ def gaps_shape(name, S, kernels):
 
 
 def ab_shape(name, S, kernels, setting: str, rounds: int):
-    """The whole function with module constants of ``kernels.nsa`` set by ``setting``
-    ("NAME=VALUE,...") and with the defaults, A B then B A, for ``rounds`` rounds."""
+    """The whole function with module constants of the kernels set by ``setting``
+    ("NAME=VALUE,..."; NAME is a constant of ``kernels.nsa`` or ``module.NAME`` of another
+    kernel module, e.g. ``selection.SELECT_ALIGNED``) and with the defaults, A B then B A,
+    for ``rounds`` rounds."""
     import importlib
 
-    nsa = importlib.import_module(kernels.__name__ + ".nsa")
     changed = {}
     for part in setting.split(","):
         key, _, val = part.partition("=")
-        if not hasattr(nsa, key) or not key.isupper():
-            raise SystemExit(f"--ab: {key!r} is not a constant of {nsa.__name__}: give one of its "
+        modname, _, const = key.rpartition(".")
+        try:
+            mod = importlib.import_module(f"{kernels.__name__}.{modname or 'nsa'}")
+        except ImportError:
+            raise SystemExit(f"--ab: {modname!r} is not a kernel module: give NAME (of nsa) or "
+                             f"module.NAME, e.g. selection.SELECT_ALIGNED=False") from None
+        if not hasattr(mod, const) or not const.isupper():
+            raise SystemExit(f"--ab: {const!r} is not a constant of {mod.__name__}: give one of its "
                              f"UPPER_CASE settings, e.g. DKDV_SEG_ROWS=1024")
         try:
             value = ast.literal_eval(val)
         except (ValueError, SyntaxError):
             value = val
-        old = getattr(nsa, key)
+        old = getattr(mod, const)
         if type(value) is not type(old) and not (isinstance(old, float) and type(value) is int):
-            raise SystemExit(f"--ab: {key} is a {type(old).__name__} (default {old!r}): give a value of "
+            raise SystemExit(f"--ab: {const} is a {type(old).__name__} (default {old!r}): give a value of "
                              f"that type, not {val!r}")
-        changed[key] = value
-    defaults = {k: getattr(nsa, k) for k in changed}
+        changed[(mod, const)] = value
+    defaults = {k: getattr(*k) for k in changed}
+    show = lambda values: {c: v for (_, c), v in values.items()}  # noqa: E731
     rows = []
     try:
         for rnd in range(rounds):
             # A B, then B A: neither setting always runs first in a round
             order = (("changed", changed), ("default", defaults))
             for label, values in (order if rnd % 2 == 0 else order[::-1]):
-                for k, v in values.items():
-                    setattr(nsa, k, v)
+                for (mod, const), v in values.items():
+                    setattr(mod, const, v)
                 bench_shape(name, S, rows, kernels)
                 r = rows[-1]
-                print(f"[ab] {name} S={S} round {rnd} {label} {values}: fwd {r['nsa_fwd_ms']} ms, "
+                print(f"[ab] {name} S={S} round {rnd} {label} {show(values)}: fwd {r['nsa_fwd_ms']} ms, "
                       f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
                       flush=True)
     finally:
-        for k, v in defaults.items():
-            setattr(nsa, k, v)
+        for (mod, const), v in defaults.items():
+            setattr(mod, const, v)
 
 
 def main(argv=None):
@@ -491,7 +499,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
     ap.add_argument("--sweep-keys", default=",".join(SWEEP), help="which launch settings to sweep")
     ap.add_argument("--rounds", type=int, default=1, help="repeats of --sweep / --ab, interleaved")
-    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: constants of kernels.nsa against the defaults")
+    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: constants of kernels.nsa (or module.NAME of "
+                    "another kernel module) against the defaults")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():

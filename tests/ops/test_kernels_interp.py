@@ -147,25 +147,40 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatc
     assert chunks and len(chunks[-1].bounds) - 1 > 1  # several chunks
 
 
-@pytest.mark.parametrize("rows,keys,span,merge,G,l,d,ls,n", [
-    (16, 16, 1, True, 1, 8, 4, 16, 4),  # 16 positions a program, 3 blocks a merge
-    (16, 16, 2, False, 1, 8, 4, 16, 4),  # the same with the sort-only merge, 2 key tiles a merge
-    (16, 16, 1, True, 32, 16, 8, 32, 3),  # G = 32: one position a program, group sum by broadcast
-    (128, 16, 1, False, 3, 8, 4, 16, 5),  # G = 3 in 4 head slots
-    (16, 64, 1, True, 2, 4, 4, 4, 20),  # 64 blocks a merge (wider than the top-n), n > 16
-    (16, 16, 1, True, 2, 16, 2, 32, 3),  # one block overlaps 23 compressed tokens: a key-tile loop
+@pytest.mark.parametrize("rows,keys,span,merge,G,l,d,ls,n,aligned", [
+    (16, 16, 1, True, 1, 8, 4, 16, 4, False),  # 16 positions a program, 3 blocks a merge
+    (16, 16, 2, False, 1, 8, 4, 16, 4, False),  # the same with the sort-only merge, 2 key tiles a merge
+    (16, 16, 1, True, 32, 16, 8, 32, 3, False),  # G = 32: one position a program
+    (128, 16, 1, False, 3, 8, 4, 16, 5, False),  # G = 3 in 4 head slots
+    (16, 64, 1, True, 2, 4, 4, 4, 20, "off"),  # 64 blocks a merge (wider than the top-n), n > 16
+    (16, 16, 1, True, 2, 16, 2, 32, 3, False),  # one block overlaps 23 compressed tokens: a key-tile loop
+    # chunks of whole blocks (l'/d a power of two), with E - 1 tokens spilling from the block
+    # before (E = l/d = 1-4), R = l'/d = 1-4, groups of 1-32, both merges, n wider than 16
+    (16, 32, 1, True, 1, 4, 2, 4, 4, True),
+    (64, 64, 1, False, 3, 3, 1, 4, 5, True),
+    (16, 32, 1, True, 32, 4, 2, 4, 3, True),
+    (16, 64, 1, True, 2, 4, 4, 4, 20, True),  # l = l' = d: one token a block (the identity product)
+    (16, 64, 1, True, 32, 4, 4, 4, 3, True),  # the same with one position a program (no product)
+    (32, 64, 1, True, 4, 4, 1, 4, 3, True),
+    (16, 32, 1, True, 2, 4, 2, 4, 4, "off"),  # the general chunking where whole blocks would do
 ])
-def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, monkeypatch):
-    """The selection kernel in each of its program shapes and merges, over documents of several
-    chunks of blocks merged into the running top-n."""
+def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, aligned, monkeypatch):
+    """The selection kernel in each of its program shapes, chunkings and merges, over documents
+    of several chunks of blocks merged into the running top-n ("off": chunks of whole blocks
+    turned off)."""
     kernels, _ = kernels_or_skip()
     import importlib
     sel = importlib.import_module(kernels.__name__ + ".selection")
     if merge and not sel.HAS_BITONIC_MERGE:
         pytest.skip("this Triton has no tl.topk / tl.bitonic_merge")
-    for name, val in (("SELECT_ROWS", rows), ("SELECT_KEYS", keys), ("SELECT_SPAN", span),
-                      ("HAS_BITONIC_MERGE", merge)):
+    for name, val in (("SELECT_ROWS", rows), ("SELECT_ROWS_ALIGNED", rows), ("SELECT_KEYS", keys),
+                      ("SELECT_SPAN", span), ("HAS_BITONIC_MERGE", merge)):
         monkeypatch.setattr(sel, name, val)
+    np_ = max(16, 1 << (n - 1).bit_length())
+    assert sel.aligned_chunks(l, d, ls, keys, span, np_) == (aligned is not False)  # the path it names
+    if aligned == "off":
+        monkeypatch.setattr(sel, "aligned_chunks", lambda *a: False)
+    aligned = aligned is True
     cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=0)
     cu = torch.tensor([0, 120, 127, 150], dtype=torch.int32)
     x = random_nsa_inputs(cfg, S=150, HQ=G, H=1, Dk=16, seed=5, cu_seqlens=cu)
@@ -173,9 +188,10 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
     got = kernels.select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu)
     assert torch.equal(ref, got)
     nblocks = -(-120 // ls)
-    assert nblocks > (sel.block_chunk(l, d, ls, keys * span) if keys == 16 else n)  # merges / n binds
-    # the last case takes the kernel's key-tile loop, the others load a chunk's tiles without one
-    assert sel.chunk_fits(l, d, ls, keys * span) == ((l, d, ls) != (16, 2, 32))
+    chunk = keys // (ls // d) if aligned else sel.block_chunk(l, d, ls, keys * span)
+    assert nblocks > min(chunk, n)  # several merges, or n binds
+    # one case takes the kernel's key-tile loop, the others load a chunk's tiles without one
+    assert aligned or sel.chunk_fits(l, d, ls, keys * span) == ((l, d, ls) != (16, 2, 32))
 
 
 def test_ties_go_to_the_lower_block():

@@ -57,3 +57,13 @@ def test_ab_alternates_a_kernel_constant_with_its_default_and_restores_it(monkey
     with pytest.raises(SystemExit, match="DKDV_SEG_ROWS is a int"):
         bench_kernels.ab_shape("a_paper", 8, kernels, "DKDV_SEG_ROWS=lots", rounds=1)
     assert nsa.DKDV_SEG_ROWS == default
+    # another kernel module's constant, by module.NAME
+    sel = importlib.import_module(kernels.__name__ + ".selection")
+    seen.clear()
+    monkeypatch.setattr(bench_kernels, "bench_shape",
+                        lambda name, S, rows, kernels: (seen.append(sel.SELECT_ALIGNED), rows.append({
+                            "nsa_fwd_ms": 1.0, "nsa_bwd_ms": 2.0})))
+    bench_kernels.ab_shape("a_paper", 8, kernels, "selection.SELECT_ALIGNED=False", rounds=2)
+    assert seen == [False, True, True, False] and sel.SELECT_ALIGNED is True
+    with pytest.raises(SystemExit, match="'no_such' is not a kernel module"):
+        bench_kernels.ab_shape("a_paper", 8, kernels, "no_such.X=1", rounds=1)
