@@ -7,12 +7,13 @@ slots (GP = G rounded up to a power of two; the extra slots are masked), as in t
 kernels: the queries are loaded once, every compressed-key tile feeds one BT*GP-row matrix
 product whatever the group size, and the group sum is a reduction over the head slots. p_cmp
 is recomputed from the compressed log-sum-exp for just the compressed tokens of the current
-chunk of blocks, so no [S, Nc] probability matrix exists anywhere. Where l'/d is a power of
-two a chunk is the tokens starting in whole blocks and the weights follow from each token's
-offset (``_importance_aligned``); otherwise it is the tokens overlapping its blocks, weighted
-by an overlap matrix built in registers (``_importance``). Each (t, h, j) gets one int64
-key: the float's bits above, ``2**31 - 1 - j`` below, forced blocks as +inf and
-non-candidates as -1. Keys are distinct, so a running top-n over the chunks picks exactly what a stable sort would:
+chunk of blocks, so no [S, Nc] probability matrix exists anywhere. Where l'/d is small
+(<= 4 at n <= 16) and G <= 16 a chunk is the tokens starting in whole blocks and the
+weights follow from each token's offset (``_importance_aligned``); otherwise it is the
+tokens overlapping its blocks, weighted by an overlap matrix built in registers
+(``_importance``). Each (t, h, j) gets one int64 key: the float's bits above,
+``2**31 - 1 - j`` below, forced blocks as +inf and non-candidates as -1. Keys are
+distinct, so a running top-n over the chunks picks exactly what a stable sort would:
 equal importance goes to the lower block index.
 """
 from __future__ import annotations
@@ -25,14 +26,15 @@ from .range_attn import _nvis
 
 # Launch defaults from the H200 sweep (docs/kernel_notes.md); geo.launch keys override them:
 SELECT_ROWS = 64  # "select_rows": rows (positions x head slots) per program, >= 16 positions
-SELECT_ROWS_ALIGNED = 128  # the same with chunks of whole blocks (G = 1-8 gain 2-9% from 64)
+SELECT_ROWS_ALIGNED = 128  # the same with chunks of whole blocks (with 3 stages, 0.5-9.5% faster
+# than 64 rows and 2 stages at G = 1-8)
 SELECT_KEYS = 64  # "select_keys": compressed tokens per matrix product
 SELECT_SPAN = 1  # "select_span": key tiles per top-n merge
 SELECT_ALIGNED = True  # "select_aligned": chunks of whole blocks where (l, d, l') allow it
 # (``aligned_chunks``), else chunks of the tokens overlapping BJ blocks, Eq. 9 weights as a matrix
 HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")  # "select_merge"
 # "select": (num_warps, num_stages); default 8 warps when a merge's chunk is wider than the top-n,
-# 3 stages with chunks of whole blocks and groups under 16 (at G = 16 3 stages lost 37%)
+# 3 stages with chunks of whole blocks and G <= 8 (at G = 16 3 stages lost 37%)
 
 
 @triton.jit
@@ -68,7 +70,8 @@ def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl
 def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
                         GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr):
     """Importance [BT, BJP] of blocks j0..j0+BJP-1 from the R*BJP compressed tokens starting in
-    them, where R = l'/d tokens start in each block and a token spans E = l/d <= R + 1 strides.
+    them, where R = l'/d tokens start in each block and a token spans E = l/d <= R strides;
+    BT >= 16 positions (the 0/1 products are matrix products).
 
     No weight matrix: a token starting m strides into block j weighs min(E, R - m) there and
     max(0, m + E - R) in block j + 1 (Eq. 9), so each block's share is a reshape-sum, and the
@@ -84,18 +87,13 @@ def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, 
     jj = tl.arange(0, BJP)
     if R == 1:  # l = l' = d: one token a block, weight 1. An exact product by the identity
         # still pays: the merge ran 1.7x slower on the reduction's layout (H200, 2026-12-04)
-        if BT >= 16:
-            return tl.dot(psum, (jj[:, None] == jj[None, :]).to(tl.float32), input_precision="ieee"), carry
-        return psum, carry
+        return tl.dot(psum, (jj[:, None] == jj[None, :]).to(tl.float32), input_precision="ieee"), carry
     m = tl.arange(0, BLOCK_N) % R
     imp = tl.sum(tl.reshape(psum * tl.minimum(E, R - m).to(tl.float32)[None, :], [BT, BJP, R]), 2)
     if E > 1:
         spill = tl.sum(tl.reshape(psum * tl.maximum(m + E - R, 0).to(tl.float32)[None, :], [BT, BJP, R]), 2)
         shift = (jj[:, None] + 1 == jj[None, :]).to(tl.float32)  # block b's spill -> block b + 1
-        if BT >= 16:
-            imp += tl.dot(spill, shift, input_precision="ieee")
-        else:  # too few positions for a matrix product
-            imp += tl.sum(spill[:, :, None] * shift[None, :, :], 1)
+        imp += tl.dot(spill, shift, input_precision="ieee")
         imp += tl.where(jj[None, :] == 0, carry[:, None], 0.0)
         carry = tl.sum(tl.where(jj[None, :] == BJP - 1, spill, 0.0), 1)
     return imp, carry
@@ -190,14 +188,17 @@ def chunk_fits(l: int, d: int, ls: int, tokens: int) -> bool:
     return ((tokens - l // d + 1) * d) // ls >= 1
 
 
-def aligned_chunks(l: int, d: int, ls: int, tokens: int, span: int, np_: int) -> bool:
-    """Can the selection take chunks of whole blocks (``_importance_aligned``)? d divides l'
-    and l, l'/d is a power of two, a token spans at most two blocks (l - d <= l'), and a
-    tile of ``tokens`` holds the tokens starting in at least ``np_`` blocks (span 1)."""
-    if ls % d or l % d or span != 1:
+def aligned_chunks(l: int, d: int, ls: int, tokens: int, span: int, np_: int, gp: int) -> bool:
+    """Can the selection take chunks of whole blocks (``_importance_aligned``)? d divides l
+    and l', l <= l' (a token reaches at most the next block; the config's rules), a tile of
+    ``tokens`` holds the tokens starting in whole blocks, at least ``np_`` of them (the
+    merge's width; with 64 keys and n <= 16 that is l'/d <= 4), one tile a merge, and at most
+    16 head slots, so that a program has >= 16 positions. G > 16 keeps the general chunks: at
+    l = l' = 2d Triton 3.6 failed to compile the whole-block path with fewer positions."""
+    if ls % d or l % d or l > ls or span != 1 or gp > 16:
         return False
     r = ls // d
-    return r & (r - 1) == 0 and l - d <= ls and tokens % r == 0 and tokens // r >= np_
+    return tokens % r == 0 and tokens // r >= np_
 
 
 def _pow2_setting(launch: dict, name: str, default: int) -> int:
@@ -224,7 +225,7 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     BLOCK_N = max(16, _pow2_setting(geo.launch, "select_keys", SELECT_KEYS))
     span = _pow2_setting(geo.launch, "select_span", SELECT_SPAN)
     NP = max(16, triton.next_power_of_2(n))
-    aligned = geo.launch.get("select_aligned", SELECT_ALIGNED) and aligned_chunks(l, d, ls, BLOCK_N, span, NP)
+    aligned = geo.launch.get("select_aligned", SELECT_ALIGNED) and aligned_chunks(l, d, ls, BLOCK_N, span, NP, GP)
     rows = _pow2_setting(geo.launch, "select_rows", SELECT_ROWS_ALIGNED if aligned else SELECT_ROWS)
     # >= 16 positions a program, so that the weight product is a matrix product, unless the
     # group alone fills the rows (G > 16: then the group sum is a broadcast)

@@ -25,7 +25,8 @@ def _installed_kernels_package_first():
     try:
         spec.loader.exec_module(mod)
     except Exception:  # noqa: BLE001 - a broken install: leave the name to the normal import
-        del sys.modules["kernels"]
+        for name in [n for n in sys.modules if n == "kernels" or n.startswith("kernels.")]:
+            del sys.modules[name]
 
 
 _installed_kernels_package_first()

@@ -451,9 +451,12 @@ def ab_shape(name, S, kernels, setting: str, rounds: int):
     for part in setting.split(","):
         key, _, val = part.partition("=")
         modname, _, const = key.rpartition(".")
+        full = f"{kernels.__name__}.{modname or 'nsa'}"
         try:
-            mod = importlib.import_module(f"{kernels.__name__}.{modname or 'nsa'}")
-        except ImportError:
+            mod = importlib.import_module(full)
+        except ModuleNotFoundError as err:
+            if err.name != full:  # the module exists but something it imports is missing
+                raise
             raise SystemExit(f"--ab: {modname!r} is not a kernel module: give NAME (of nsa) or "
                              f"module.NAME, e.g. selection.SELECT_ALIGNED=False") from None
         if not hasattr(mod, const) or not const.isupper():

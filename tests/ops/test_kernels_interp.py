@@ -154,15 +154,16 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatc
     (128, 16, 1, False, 3, 8, 4, 16, 5, False),  # G = 3 in 4 head slots
     (16, 64, 1, True, 2, 4, 4, 4, 20, "off"),  # 64 blocks a merge (wider than the top-n), n > 16
     (16, 16, 1, True, 2, 16, 2, 32, 3, False),  # one block overlaps 23 compressed tokens: a key-tile loop
-    # chunks of whole blocks (l'/d a power of two), with E - 1 tokens spilling from the block
-    # before (E = l/d = 1-4), R = l'/d = 1-4, groups of 1-32, both merges, n wider than 16
-    (16, 32, 1, True, 1, 4, 2, 4, 4, True),
-    (64, 64, 1, False, 3, 3, 1, 4, 5, True),
-    (16, 32, 1, True, 32, 4, 2, 4, 3, True),
+    # chunks of whole blocks: R = l'/d = 1-4 tokens start in a block, E = l/d = 1-4 strides a
+    # token, spilling into the next block when E > 1; groups of 1-16, both merges, n above 16,
+    # n well above the 3 forced blocks so that the importance decides
+    (16, 32, 1, True, 1, 4, 2, 4, 6, True),
+    (64, 64, 1, False, 3, 3, 1, 4, 7, True),
+    (16, 32, 1, True, 32, 4, 2, 4, 6, False),  # G = 32: the general chunks (< 16 positions a program)
     (16, 64, 1, True, 2, 4, 4, 4, 20, True),  # l = l' = d: one token a block (the identity product)
-    (16, 64, 1, True, 32, 4, 4, 4, 3, True),  # the same with one position a program (no product)
-    (32, 64, 1, True, 4, 4, 1, 4, 3, True),
-    (16, 32, 1, True, 2, 4, 2, 4, 4, "off"),  # the general chunking where whole blocks would do
+    (16, 64, 1, True, 16, 4, 4, 4, 6, True),
+    (32, 64, 1, True, 4, 4, 1, 4, 7, True),
+    (16, 32, 1, True, 2, 4, 2, 4, 6, "off"),  # the general chunking where whole blocks would do
 ])
 def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, aligned, monkeypatch):
     """The selection kernel in each of its program shapes, chunkings and merges, over documents
@@ -177,7 +178,8 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
                       ("SELECT_SPAN", span), ("HAS_BITONIC_MERGE", merge)):
         monkeypatch.setattr(sel, name, val)
     np_ = max(16, 1 << (n - 1).bit_length())
-    assert sel.aligned_chunks(l, d, ls, keys, span, np_) == (aligned is not False)  # the path it names
+    gp = 1 << (G - 1).bit_length()
+    assert sel.aligned_chunks(l, d, ls, keys, span, np_, gp) == (aligned is not False)  # the path it names
     if aligned == "off":
         monkeypatch.setattr(sel, "aligned_chunks", lambda *a: False)
     aligned = aligned is True

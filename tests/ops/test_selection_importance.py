@@ -1,0 +1,103 @@
+"""The selection's importance values themselves, not only the blocks they choose: the
+whole-block chunks of ``_importance_aligned`` (weights from each token's offset, the spill
+carried into the next chunk) against Eq. 9 / Eq. 10 in float64.
+
+A chosen-block comparison can pass with a wrong importance (few candidates, or only forced
+blocks); these values cannot."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from _interp import kernels_or_skip
+
+kernels, DEVICE = kernels_or_skip()
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from nsa_dist import NSAConfig  # noqa: E402
+from nsa_dist.ops.blocks import overlap_weights  # noqa: E402
+
+sel = importlib.import_module(kernels.__name__ + ".selection")
+_nvis = importlib.import_module(kernels.__name__ + ".range_attn")._nvis
+_importance_aligned = sel._importance_aligned
+
+
+@triton.jit
+def _importance_kernel(Q, KC, LSE, OUT, scale2, HQ, DK, T, NB, G: tl.constexpr, GP: tl.constexpr,
+                       BT: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, R: tl.constexpr,
+                       E: tl.constexpr, BJP: tl.constexpr, BDK: tl.constexpr):
+    """One document from position 0: the selection kernel's loop over chunks, storing each
+    chunk's importance [BT, BJP] instead of merging it."""
+    t0 = tl.program_id(0) * BT
+    h = tl.program_id(1)
+    H = HQ // G
+    t1 = tl.minimum(t0 + BT, T)
+    r = tl.arange(0, BT * GP)
+    tr = t0 + r // GP
+    g = r % GP
+    rok = (g < G) & (tr < t1)
+    rq = tr * HQ + h * G + g
+    dk = tl.arange(0, BDK)
+    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=rok[:, None] & (dk < DK)[None, :], other=0.0)
+    lse = tl.load(LSE + rq, mask=rok, other=float("inf"))
+    nv_r = tl.where(rok, _nvis(tr, L, DS), 0)
+    t = t0 + tl.arange(0, BT)
+    nv_max = _nvis(t1 - 1, L, DS)
+    carry = tl.zeros([BT], tl.float32)
+    for j0 in range(0, (t1 - 1) // LS + 1, BJP):
+        imp, carry = _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, 0, h, H, DK, dk, scale2,
+                                         BT, GP, R, E, BJP)
+        j = j0 + tl.arange(0, BJP)
+        tl.store(OUT + (t * H + h)[:, None] * NB + j[None, :], imp, mask=(t < t1)[:, None] & (j < NB)[None, :])
+
+
+def _eq9_eq10(q, kc, cfg, G, scale):
+    """float64 importance [T, H, NB] and the base-2 log-sum-exp [T, HQ] the kernel takes."""
+    T, HQ, _ = q.shape
+    Nc, H, _ = kc.shape
+    l, d, ls = cfg.cmp_block, cfg.cmp_stride, cfg.sel_block
+    NB = -(-T // ls)
+    s = torch.einsum("thd,nhd->thn", q.double(), kc.double().repeat_interleave(G, 1)) * scale
+    vis = (torch.arange(Nc)[None, :] * d + l - 1) <= torch.arange(T)[:, None]  # token i complete by t
+    s = s.masked_fill(~vis[:, None, :], -math.inf)
+    lse = torch.logsumexp(s, -1)
+    p = torch.nan_to_num(torch.exp(s - lse[..., None]))  # rows that see no token: 0
+    imp = (p @ overlap_weights(Nc, NB, cfg)).view(T, H, G, NB).sum(2)
+    lse2 = torch.where(torch.isfinite(lse), lse / math.log(2), torch.zeros((), dtype=lse.dtype))
+    return imp, lse2.float()
+
+
+@pytest.mark.parametrize("l,d,ls,keys", [
+    (1, 1, 1, 16),  # R = 1: one token a block
+    (2, 1, 2, 32),  # R = E = 2
+    (4, 2, 4, 32),
+    (1, 1, 4, 64),  # R = 4, E = 1-4
+    (2, 1, 4, 64),
+    (3, 1, 4, 64),
+    (4, 1, 4, 64),
+    (32, 16, 64, 64),  # the paper's (l, d, l')
+])
+@pytest.mark.parametrize("G", [1, 3])
+def test_whole_block_importance_equals_eq9_eq10(l, d, ls, keys, G):
+    R, E = ls // d, l // d
+    BJP, BT, H, DK = keys // R, 16, 2, 16
+    assert sel.aligned_chunks(l, d, ls, keys, 1, min(BJP, 16), triton.next_power_of_2(G))
+    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=3, window=0)
+    T = 2 * BJP * ls + l + 1  # three chunks, the last cut short: the carry crosses two
+    Nc = (T - l) // d + 1
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(T, G * H, DK, generator=gen)
+    kc = torch.randn(Nc, H, DK, generator=gen)
+    scale = DK ** -0.5
+    want, lse2 = _eq9_eq10(q, kc, cfg, G, scale)
+    NB = want.shape[-1]
+    out = torch.full((T, H, NB), -1.0, device=DEVICE)
+    _importance_kernel[(triton.cdiv(T, BT), H)](
+        q.to(DEVICE), kc.to(DEVICE), lse2.to(DEVICE), out, scale / math.log(2), G * H, DK, T, NB,
+        G=G, GP=triton.next_power_of_2(G), BT=BT, L=l, DS=d, LS=ls, R=R, E=E, BJP=BJP, BDK=DK)
+    cand = torch.arange(NB)[None, :] <= (torch.arange(T) // ls)[:, None]  # blocks up to the current
+    got = out.cpu()
+    for h in range(H):
+        torch.testing.assert_close(got[:, h][cand], want[:, h][cand].float(), rtol=2e-5, atol=2e-6)
