@@ -100,6 +100,23 @@ def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, 
 
 
 @triton.jit
+def _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+                L: tl.constexpr, DS: tl.constexpr, BDK: tl.constexpr):
+    """A program's rows (position, head slot) of positions t0..t1-1 (document from ds0), KV head
+    h: queries [BT*GP, BDK], base-2 log-sum-exps and visible compressed tokens [BT*GP], and the
+    head-dim range; masked rows get no tokens."""
+    r = tl.arange(0, BT * GP)
+    tr = t0 + r // GP
+    g = r % GP
+    rok = (g < G) & (tr < t1)
+    rq = tr * HQ + h * G + g
+    dk = tl.arange(0, BDK)
+    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=rok[:, None] & (dk < DK)[None, :], other=0.0)
+    lse = tl.load(LSE + rq, mask=rok, other=float("inf"))
+    return q, lse, tl.where(rok, _nvis(tr - ds0, L, DS), 0), dk
+
+
+@triton.jit
 def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, L: tl.constexpr,
                  DS: tl.constexpr, LS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
@@ -114,16 +131,7 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
     t1 = tl.load(TILES + tile * 5 + 1)
     ds0 = tl.load(TILES + tile * 5 + 2)
     cs0 = tl.load(TILES + tile * 5 + 4)
-    # rows (position, head slot): the queries and log-sum-exps, loaded once
-    r = tl.arange(0, BT * GP)
-    tr = t0 + r // GP
-    g = r % GP
-    rok = (g < G) & (tr < t1)
-    rq = tr * HQ + h * G + g
-    dk = tl.arange(0, BDK)
-    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=rok[:, None] & (dk < DK)[None, :], other=0.0)
-    lse = tl.load(LSE + rq, mask=rok, other=float("inf"))
-    nv_r = tl.where(rok, _nvis(tr - ds0, L, DS), 0)
+    q, lse, nv_r, dk = _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G, GP, BT, L, DS, BDK)
     # positions
     t = t0 + tl.arange(0, BT)
     row_ok = t < t1

@@ -21,28 +21,20 @@ from nsa_dist.ops.blocks import overlap_weights  # noqa: E402
 
 sel = importlib.import_module(kernels.__name__ + ".selection")
 _nvis = importlib.import_module(kernels.__name__ + ".range_attn")._nvis
-_importance_aligned = sel._importance_aligned
+_importance_aligned, _query_rows = sel._importance_aligned, sel._query_rows
 
 
 @triton.jit
 def _importance_kernel(Q, KC, LSE, OUT, scale2, HQ, DK, T, NB, G: tl.constexpr, GP: tl.constexpr,
                        BT: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, R: tl.constexpr,
                        E: tl.constexpr, BJP: tl.constexpr, BDK: tl.constexpr):
-    """One document from position 0: the selection kernel's loop over chunks, storing each
-    chunk's importance [BT, BJP] instead of merging it."""
+    """One document from position 0: the selection kernel's rows and loop over chunks, storing
+    each chunk's importance [BT, BJP] instead of merging it."""
     t0 = tl.program_id(0) * BT
     h = tl.program_id(1)
     H = HQ // G
     t1 = tl.minimum(t0 + BT, T)
-    r = tl.arange(0, BT * GP)
-    tr = t0 + r // GP
-    g = r % GP
-    rok = (g < G) & (tr < t1)
-    rq = tr * HQ + h * G + g
-    dk = tl.arange(0, BDK)
-    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=rok[:, None] & (dk < DK)[None, :], other=0.0)
-    lse = tl.load(LSE + rq, mask=rok, other=float("inf"))
-    nv_r = tl.where(rok, _nvis(tr, L, DS), 0)
+    q, lse, nv_r, dk = _query_rows(Q, LSE, t0, t1, 0, h, HQ, DK, G, GP, BT, L, DS, BDK)
     t = t0 + tl.arange(0, BT)
     nv_max = _nvis(t1 - 1, L, DS)
     carry = tl.zeros([BT], tl.float32)
@@ -83,7 +75,7 @@ def _eq9_eq10(q, kc, cfg, G, scale):
 def test_whole_block_importance_equals_eq9_eq10(l, d, ls, keys, G):
     R, E = ls // d, l // d
     BJP, BT, H, DK = keys // R, 16, 2, 16
-    assert sel.aligned_chunks(l, d, ls, keys, 1, min(BJP, 16), triton.next_power_of_2(G))
+    assert sel.aligned_chunks(l, d, ls, keys, 1, 16, triton.next_power_of_2(G))  # the kernel takes this path
     cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=3, window=0)
     T = 2 * BJP * ls + l + 1  # three chunks, the last cut short: the carry crosses two
     Nc = (T - l) // d + 1
