@@ -68,7 +68,7 @@ def bench_one(S: int, args, device, dtype) -> dict:
     start_len = torch.full((B,), S - 1, dtype=torch.long, device=device)
 
     def nsa_step():
-        cache.lengths = start_len
+        cache.set_lengths(start_len)
         cache.append(new, None, None)
         return attend_step(q, gates, cache)
 

@@ -89,7 +89,7 @@ def run_needle(S: int, depth: float, config: NSAConfig, head_dim: int = 64, seed
     cache = LayerCache.empty(config, 1, S, 1, head_dim, head_dim, device, q.dtype)
     nc = num_compressed(S, config)
     cache.k_cmp[:, :nc] = k_cmp
-    cache.lengths = torch.tensor([S], device=device)
+    cache.set_lengths(torch.tensor([S], device=device))
     _, dec = select_step(q[:, 0], cache, scale)
     with torch.no_grad():
         imp = group_importance(compressed_probs(q, k_cmp, t, config, scale), num_sel_blocks(S, config),
