@@ -314,21 +314,28 @@ def test_generate_cli_loads_pt_and_safetensors(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
-def test_bench_decode_cli_small(tmp_path, capsys):
+def test_bench_decode_cli_small(tmp_path, capsys, monkeypatch):
     import csv
+    import sys
 
     tool = _tool("bench_decode")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # an optional package that is missing
     out = tmp_path / "bench.csv"
-    assert tool.main(["--seq-lens", "256,1024", "--device", "cpu", "--heads", "4", "--kv-heads", "2",
-                      "--head-dim", "16", "--window", "128", "--num-selected", "4", "--iters", "2",
-                      "--warmup", "1", "--csv", str(out)]) == 0
+    assert tool.main(["--batches", "1,2", "--contexts", "256,1024", "--device", "cpu", "--heads", "4",
+                      "--kv-heads", "2", "--head-dim", "16", "--window", "128", "--num-selected", "4",
+                      "--iters", "2", "--warmup", "1", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
-    assert [int(r["seq_len"]) for r in rows] == [256, 1024]
+    assert list(rows[0]) == tool.FIELDS
+    got = {(int(r["batch"]), int(r["context"]), r["method"]) for r in rows}
+    assert got == {(B, S, m) for B in (1, 2) for S in (256, 1024) for m in ("nsa_pytorch", "dense_sdpa")}
     cfg = NSAConfig(window=128, num_selected=4)
     for r in rows:
-        S = int(r["seq_len"])
-        assert int(r["nsa_reads"]) == seed_reads(S, cfg) and int(r["dense_reads"]) == S
-    assert "| seq_len |" in capsys.readouterr().out
+        S = int(r["context"])
+        assert r["status"] == "ok" and float(r["ms_per_step"]) > 0
+        assert int(r["reads_per_head"]) == (seed_reads(S, cfg) if r["method"].startswith("nsa") else S)
+        assert float(r["tokens_per_s"]) == pytest.approx(int(r["batch"]) * 1e3 / float(r["ms_per_step"]), rel=1e-2)
+    text = capsys.readouterr().out
+    assert "flash-attn unavailable" in text and "| batch | context |" in text
 
 
 def test_generate_cli_with_a_tokenizer(tmp_path, tokenizer_dir, capsys):
