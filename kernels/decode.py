@@ -45,7 +45,8 @@ class DecodeLaunch:
     block_n: compressed tokens per tile of the split pass; block_k: selected/window keys per
     tile; target_programs: programs the two split passes aim for (a few per SM); max_splits:
     most splits of the compressed cache per (sequence, KV head) (the combine loads them all
-    at once); select_chunk: blocks per top-n merge; num_warps: warps of the split kernels.
+    at once); select_chunk: blocks per top-n merge; num_warps: warps of the split kernels;
+    topk_merge: merge the running top-n with tl.topk / tl.bitonic_merge when available.
     """
 
     block_n: int = 64
@@ -54,6 +55,7 @@ class DecodeLaunch:
     max_splits: int = 64
     select_chunk: int = 256
     num_warps: int = 4
+    topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "max_splits", "select_chunk", "num_warps"):
@@ -416,7 +418,7 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     BJ = max(NP, launch.select_chunk)
     idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
     _select[(B * H,)](mpc, lpc, imp, lengths, idx, H, nsb, nsplit, G=G, GC=_p2(G), NSP=_p2(nsplit), LS=ls,
-                      BPS=bps, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE, num_warps=4)
+                      BPS=bps, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge, num_warps=4)
 
     # selected blocks and window
     block_k = min(launch.block_k, max(16, _p2(ls)))

@@ -59,8 +59,9 @@ def test_decode_attend_equals_pytorch_path(dk, case, dtype):
     q = torch.randn(len(lengths), H * G, Dk, generator=gen).to(device, dtype)
     gates = torch.rand(len(lengths), H * G, 3, generator=gen).to(device, dtype)
     o_ref, idx_ref, reads_ref = attend_step(q, gates, cache)
-    # few programs (long splits, several tiles and merges each) and many (short splits)
-    for launch in (kernels.DecodeLaunch(target_programs=4, select_chunk=16),
+    # few programs (long splits, several tiles and merges each; the sort-based merge in odd
+    # cases) and many (short splits)
+    for launch in (kernels.DecodeLaunch(target_programs=4, select_chunk=16, topk_merge=case % 2 == 0),
                    kernels.DecodeLaunch(target_programs=400, block_n=16, block_k=16)):
         o, idx = attend_step_kernels(kernels, q, gates, cache, launch=launch)
         assert torch.equal(idx, idx_ref), f"{launch}: selection differs"
@@ -117,3 +118,16 @@ def test_kernel_decode_without_reads_and_bad_backend(dk):
     assert reads is None and idx.shape == (1, 2, 4) and y.shape == (1, 1, 32)
     with pytest.raises(ValueError, match="backend must be one of"):
         decode_layer(m, x[:, 3], cache, backend="cuda")
+
+
+def test_needle_through_generate_on_the_kernels(dk):
+    """The generate() needle (``needle_model``) with its decode steps on the kernels."""
+    from nsa_dist.inference.needle import QUERY, run_generate_needle
+
+    _, device = dk
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, num_selected=4, window=128)
+    found = run_generate_needle(1024, 0.35, cfg, device=device, new_tokens=3, backend="triton", cuda_graphs=False)
+    assert found.tokens == [QUERY] * 3, found
+    missed = run_generate_needle(1024, 0.35, cfg, device=device, new_tokens=3, backend="triton",
+                                 cuda_graphs=False, with_needle=False)
+    assert QUERY not in missed.tokens
