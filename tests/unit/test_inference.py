@@ -349,3 +349,90 @@ def test_generate_cli_with_a_tokenizer(tmp_path, tokenizer_dir, capsys):
     assert capsys.readouterr().out.startswith("def main(")
     with pytest.raises(SystemExit, match="needs --tokenizer"):
         tool.main(["--config", str(tmp_path / "m.yaml"), "--random-weights", "--prompt", "x"])
+
+
+# ----------------------------------------------------------------------------- bad input leaves the caches alone
+def _snapshot(caches):
+    """Every tensor of the caches (cloned) and the host-side counts."""
+    caches = caches if isinstance(caches, list) else [caches]
+    return [({k: v.clone() for k, v in vars(c).items() if isinstance(v, torch.Tensor)}, c.host_max)
+            for c in caches]
+
+
+def _unchanged(caches, snap):
+    caches = caches if isinstance(caches, list) else [caches]
+    for c, (tensors, host) in zip(caches, snap):
+        assert c.host_max == host
+        for k, v in tensors.items():
+            assert torch.equal(getattr(c, k), v), f"{k} was written"
+
+
+def test_prompt_longer_than_the_cache_writes_nothing():
+    m = _layer()
+    _, cache, _ = prefill_layer(m, torch.randn(2, 5, 32), max_len=12)
+    snap = _snapshot(cache)
+    kv = {k: torch.randn(2, 13, 2, 8) for k in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")}
+    kv["k_cmp"], kv["v_cmp"] = torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8)
+    with pytest.raises(ValueError, match="exceeds the cache's max_len=12"):
+        cache.fill(kv, torch.tensor([13, 4]))
+    _unchanged(cache, snap)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        prefill(_tiny_model(), torch.ones(1, 49, dtype=torch.long))
+
+
+def test_empty_prompt_in_a_batch_writes_nothing():
+    m = _layer()
+    _, cache, _ = prefill_layer(m, torch.randn(2, 5, 32), max_len=12)
+    snap = _snapshot(cache)
+    kv = {k: torch.randn(2, 4, 2, 8) for k in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")}
+    kv["k_cmp"], kv["v_cmp"] = torch.randn(2, 0, 2, 8), torch.randn(2, 0, 2, 8)
+    with pytest.raises(ValueError, match="every length must be in"):
+        cache.fill(kv, torch.tensor([4, 0]))
+    _unchanged(cache, snap)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(_tiny_model(), [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="every length must be in"):
+        generate(_tiny_model(), torch.ones(2, 3, dtype=torch.long), 3, lengths=torch.tensor([3, 0]))
+
+
+def test_dtype_and_device_mismatch_write_nothing():
+    m = _layer()
+    _, cache, _ = prefill_layer(m, torch.randn(2, 5, 32), max_len=12)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="dtype torch.float64 but the cache torch.float32"):
+        decode_layer(m.double(), torch.randn(2, 1, 32, dtype=torch.float64), cache)
+    m.float()
+    with pytest.raises(ValueError, match="is on meta but the cache on cpu"):
+        decode_layer(m, torch.randn(2, 1, 32, device="meta"), cache)
+    _unchanged(cache, snap)
+    # model level: every layer is checked before the first one writes
+    model = _tiny_model()
+    with torch.no_grad():
+        _, mc = prefill(model, torch.ones(2, 4, dtype=torch.long))
+    snap = _snapshot(mc.layers)
+    with pytest.raises(ValueError, match="hidden state has dtype torch.bfloat16"):
+        decode_step(model.to(torch.bfloat16), mc, torch.tensor([1, 2]))
+    model.float()
+    with pytest.raises(ValueError, match="tokens are on meta"):
+        decode_step(model, mc, torch.ones(2, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="integer token ids"):
+        decode_step(model, mc, torch.ones(2))
+    mixed = ModelCache([mc.layers[0], prefill(_tiny_model(window=4), torch.ones(2, 4, dtype=torch.long))[1].layers[1]])
+    with pytest.raises(ValueError, match="built for NSAConfig"):
+        decode_step(model, mixed, torch.tensor([1, 2]))
+    _unchanged(mc.layers, snap)
+
+
+def test_full_cache_writes_nothing_and_counters_can_be_off():
+    m = _layer()
+    x = torch.randn(1, 6, 32)
+    _, cache, _ = prefill_layer(m, x[:, :4], max_len=5)
+    y, idx, reads = decode_layer(m, x[:, 4], cache, count_reads=False)
+    assert reads is None and idx.shape == (1, 2, 3)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="max_len=5"):
+        decode_layer(m, x[:, 5], cache)
+    _unchanged(cache, snap)
+    model = _tiny_model()
+    out = generate(model, [[1, 2, 3]], 5, count_reads=False)
+    assert out.step_stats == [] and out.tokens == generate(model, [[1, 2, 3]], 5).tokens
