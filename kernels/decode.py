@@ -45,7 +45,9 @@ class DecodeLaunch:
     block_n: compressed tokens per tile of the split pass; block_k: selected/window keys per
     tile; target_programs: programs the two split passes aim for (a few per SM); max_splits:
     most splits of the compressed cache per (sequence, KV head) (the combine loads them all
-    at once); select_chunk: blocks per top-n merge; num_warps: warps of the split kernels;
+    at once); select_chunk: most blocks per top-n merge (one merge covers every block up to
+    128k tokens at l' = 64: one wide top-k has fewer dependent stages than a chain of merges);
+    num_warps: warps of the split kernels;
     topk_merge: merge the running top-n with tl.topk / tl.bitonic_merge when available.
     """
 
@@ -53,7 +55,7 @@ class DecodeLaunch:
     block_k: int = 64
     target_programs: int = 528
     max_splits: int = 64
-    select_chunk: int = 256
+    select_chunk: int = 2048
     num_warps: int = 4
     topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
 
@@ -415,10 +417,12 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
 
     # importance and top-n
     NP = max(16, _p2(n))
-    BJ = max(NP, launch.select_chunk)
+    GC = _p2(G)
+    BJ = max(NP, min(launch.select_chunk, _p2(nsb), max(1, 8192 // GC)))  # [GC, BJ] loads stay in registers
     idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
-    _select[(B * H,)](mpc, lpc, imp, lengths, idx, H, nsb, nsplit, G=G, GC=_p2(G), NSP=_p2(nsplit), LS=ls,
-                      BPS=bps, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge, num_warps=4)
+    _select[(B * H,)](mpc, lpc, imp, lengths, idx, H, nsb, nsplit, G=G, GC=GC, NSP=_p2(nsplit), LS=ls,
+                      BPS=bps, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
+                      num_warps=8 if BJ >= 1024 else 4)
 
     # selected blocks and window
     block_k = min(launch.block_k, max(16, _p2(ls)))
