@@ -72,7 +72,7 @@ class DecodeLaunch:
 
 DEFAULT_LAUNCH = DecodeLaunch()
 HAS_TOPK_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # jit functions read globals only as constexpr
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -172,7 +172,7 @@ def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, scale2, H, NCAP, NSB, NSPLIT, DK
     """Program (b*H + h, split s): compressed attention over the tokens starting in blocks
     s*BPS .. (s+1)*BPS - 1 and the Eq. 9 importance of those blocks per query head."""
     bh = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)  # loop bounds and offsets in one integer type
     b = bh // H
     h = bh % H
     S = tl.load(LEN + b)

@@ -54,6 +54,22 @@ def _masked_softmax(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.softmax(s, dim=-1) * valid.to(s.dtype)
 
 
+def _check_prompt(B: int, P: int, lengths: Optional[torch.Tensor], max_len: int, device) -> torch.Tensor:
+    """lengths [B] on ``device`` (default P each), or a ValueError before any work: lengths
+    outside [1, P] (an empty prompt), a prompt longer than the cache."""
+    if P > max_len:
+        raise ValueError(f"prompt of {P} tokens exceeds max_len={max_len} (the cache capacity, "
+                         "model.config.max_seq_len by default); shorten it or raise max_len")
+    if lengths is None:
+        return torch.full((B,), P, dtype=torch.long, device=device)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape [{B}], got {tuple(lengths.shape)}")
+    if int(lengths.min()) < 1 or int(lengths.max()) > P:
+        raise ValueError(f"every length must be in [1, {P}] (the padded prompt length; an empty prompt "
+                         f"needs at least one token, e.g. BOS), got {lengths.tolist()}")
+    return lengths.to(device, torch.long)
+
+
 # ----------------------------------------------------------------------------- layer level
 @torch.no_grad()
 def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.Tensor] = None,
@@ -70,7 +86,7 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
     if x.dim() != 3:
         raise ValueError(f"x must be [B, P, hidden], got shape {tuple(x.shape)}")
     B, P, _ = x.shape
-    lengths = torch.full((B,), P, dtype=torch.long, device=x.device) if lengths is None else lengths
+    lengths = _check_prompt(B, P, lengths, max_len or P, x.device)
     positions = torch.arange(P, device=x.device)
     p = layer.project(x, positions)
     o, idx = layer.attend(p)
@@ -284,19 +300,20 @@ def _check_model(model) -> None:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-            max_len: Optional[int] = None):
+            max_len: Optional[int] = None, all_logits: bool = True):
     """Run a right-padded prompt through the model, filling every layer's cache.
 
-    input_ids: [B, P]; lengths: [B] (default P each); max_len: cache capacity, default
-    ``model.config.max_seq_len``. Returns (logits [B, P, V], ModelCache).
+    Each layer runs its own forward over the whole prompt (the training kernels on CUDA),
+    no per-token loop. input_ids: [B, P]; lengths: [B] (default P each); max_len: cache
+    capacity, default ``model.config.max_seq_len``. Returns (logits [B, P, V], or [B, V] at
+    each sequence's last prompt token when ``all_logits`` is False, ModelCache).
     """
     _check_model(model)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    B, P = input_ids.shape
+    lengths = _check_prompt(B, P, lengths, max_len or model.config.max_seq_len, input_ids.device)
     max_len = max_len or model.config.max_seq_len
-    if input_ids.shape[1] > max_len:
-        raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds max_len={max_len} "
-                         "(model.config.max_seq_len); shorten it or raise max_len")
     h = model.embed(input_ids)
     caches = []
     for block in model.layers:
@@ -304,7 +321,10 @@ def prefill(model, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = No
         h = h + a
         h = h + block.mlp(block.mlp_norm(h))
         caches.append(cache)
-    return model.lm_head(model.norm(h)), ModelCache(caches)
+    h = model.norm(h)
+    if not all_logits:  # the head at the last prompt token only (V x P logits at 64k+ are large)
+        h = h[torch.arange(B, device=h.device), lengths - 1]
+    return model.lm_head(h), ModelCache(caches)
 
 
 def check_model_step(model, cache: ModelCache, tokens: torch.Tensor) -> torch.Tensor:

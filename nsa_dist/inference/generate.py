@@ -129,9 +129,8 @@ def generate(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_n
     was_training = model.training
     model.eval()
     try:
-        logits, cache = prefill(model, ids, lengths, max_len)
+        last, cache = prefill(model, ids, lengths, max_len, all_logits=False)  # [B, V]
         B = ids.shape[0]
-        last = logits[torch.arange(B, device=device), lengths - 1]  # [B, V]
         step = _stepper(model, cache, backend, cuda_graphs, count_reads) if max_new_tokens > 1 else None
         new = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
