@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report(depths, run_one, columns: str) -> int:
+    """One markdown row per depth from run_one(i, depth) -> (ok, cells); exit status."""
+    print("| depth | " + " | ".join(columns.split(",")) + " |")
+    print("|---|" + "---|" * len(columns.split(",")))
+    failed = 0
+    for i, depth in enumerate(depths):
+        ok, cells = run_one(i, depth)
+        failed += not ok
+        print(f"| {depth:g} | " + " | ".join(cells) + " |")
+    print(f"# {len(depths) - failed}/{len(depths)} depths found")
+    return 1 if failed else 0
+
+
 def run_generate(args, cfg, depths) -> int:
     import torch
 
@@ -52,17 +65,12 @@ def run_generate(args, cfg, depths) -> int:
 
     print(f"# needle through generate(): seq_len {args.seq_len}, {args.new_tokens} new tokens, device "
           f"{args.device}, {args.dtype}, backend {args.backend}")
-    print("| depth | block | tokens | found | seconds |")
-    print("|---|---|---|---|---|")
-    failed = 0
-    for i, depth in enumerate(depths):
+
+    def one(i, depth):
         r = run_generate_needle(args.seq_len, depth, cfg, args.device, getattr(torch, args.dtype), args.new_tokens,
                                 with_needle=args.strength != 0, backend=args.backend, seed=args.seed + i)
-        failed += not r.ok
-        print(f"| {depth:g} | {r.block} | {','.join(map(str, r.tokens))} | {'yes' if r.ok else 'NO'} | "
-              f"{r.seconds:.2f} |")
-    print(f"# {len(depths) - failed}/{len(depths)} depths found")
-    return 1 if failed else 0
+        return r.ok, [str(r.block), ",".join(map(str, r.tokens)), "yes" if r.ok else "NO", f"{r.seconds:.2f}"]
+    return _report(depths, one, "block,tokens,found,seconds")
 
 
 def main(argv=None) -> int:
@@ -82,16 +90,12 @@ def main(argv=None) -> int:
         return run_generate(args, cfg, depths)
     print(f"# needle: seq_len {args.seq_len}, l={cfg.cmp_block} d={cfg.cmp_stride} l'={cfg.sel_block} "
           f"n={cfg.num_selected}, head_dim {args.head_dim}, device {args.device}")
-    print("| depth | block | reference | decode | rank | seconds |")
-    print("|---|---|---|---|---|---|")
-    failed = 0
-    for i, depth in enumerate(depths):
+
+    def one(i, depth):
         r = run_needle(args.seq_len, depth, cfg, args.head_dim, args.seed + i, args.device, args.strength)
-        failed += not r.ok
-        print(f"| {depth:g} | {r.block} | {'picked' if r.picked_reference else 'MISSED'} | "
-              f"{'picked' if r.picked_decode else 'MISSED'} | {r.rank} | {r.seconds:.2f} |")
-    print(f"# {len(depths) - failed}/{len(depths)} depths found")
-    return 1 if failed else 0
+        return r.ok, [str(r.block), "picked" if r.picked_reference else "MISSED",
+                      "picked" if r.picked_decode else "MISSED", str(r.rank), f"{r.seconds:.2f}"]
+    return _report(depths, one, "block,reference,decode,rank,seconds")
 
 
 if __name__ == "__main__":

@@ -367,28 +367,28 @@ def _unchanged(caches, snap):
             assert torch.equal(getattr(c, k), v), f"{k} was written"
 
 
-def test_prompt_longer_than_the_cache_writes_nothing():
-    m = _layer()
-    _, cache, _ = prefill_layer(m, torch.randn(2, 5, 32), max_len=12)
+def _refused_fill(P: int, lengths: list, match: str) -> None:
+    """A fill of a P-token prompt with ``lengths`` into a 12-token cache: ValueError, no write."""
+    _, cache, _ = prefill_layer(_layer(), torch.randn(2, 5, 32), max_len=12)
     snap = _snapshot(cache)
-    kv = {k: torch.randn(2, 13, 2, 8) for k in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")}
-    kv["k_cmp"], kv["v_cmp"] = torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8)
-    with pytest.raises(ValueError, match="exceeds the cache's max_len=12"):
-        cache.fill(kv, torch.tensor([13, 4]))
+    kv = {k: torch.randn(2, P, 2, 8) for k in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")}
+    nc = num_compressed(P, cache.config)
+    kv["k_cmp"], kv["v_cmp"] = torch.randn(2, nc, 2, 8), torch.randn(2, nc, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        cache.fill(kv, torch.tensor(lengths))
     _unchanged(cache, snap)
+
+
+def test_prompt_longer_than_the_cache_writes_nothing():
+    _refused_fill(13, [13, 4], "exceeds the cache's max_len=12")
     with pytest.raises(ValueError, match="exceeds max_len"):
         prefill(_tiny_model(), torch.ones(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds max_len=8"):
+        prefill_layer(_layer(), torch.randn(1, 9, 32), max_len=8)
 
 
 def test_empty_prompt_in_a_batch_writes_nothing():
-    m = _layer()
-    _, cache, _ = prefill_layer(m, torch.randn(2, 5, 32), max_len=12)
-    snap = _snapshot(cache)
-    kv = {k: torch.randn(2, 4, 2, 8) for k in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")}
-    kv["k_cmp"], kv["v_cmp"] = torch.randn(2, 0, 2, 8), torch.randn(2, 0, 2, 8)
-    with pytest.raises(ValueError, match="every length must be in"):
-        cache.fill(kv, torch.tensor([4, 0]))
-    _unchanged(cache, snap)
+    _refused_fill(4, [4, 0], "every length must be in")
     with pytest.raises(ValueError, match="at least one token"):
         generate(_tiny_model(), [[1, 2], []], 3)
     with pytest.raises(ValueError, match="every length must be in"):
