@@ -42,8 +42,13 @@ def _branch_kv(layer: NSAAttention, x: torch.Tensor, cos: torch.Tensor, sin: tor
     return out
 
 
+# What the decode path uses of a layer: NSAAttention's interface, so that a copy of the class
+# (the to-hf export bundles the model code into its own module) decodes as well.
+_LAYER_API = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "rope", "phi_k", "phi_v", "project", "attend")
+
+
 def _check_layer(layer) -> None:
-    if not isinstance(layer, NSAAttention):
+    if not isinstance(layer, NSAAttention) and not all(hasattr(layer, a) for a in _LAYER_API):
         raise TypeError(f"expected an NSAAttention layer, got {type(layer).__name__} "
                         "(the decode path covers NSA layers; dense models are not supported)")
 

@@ -436,3 +436,23 @@ def test_full_cache_writes_nothing_and_counters_can_be_off():
     model = _tiny_model()
     out = generate(model, [[1, 2, 3]], 5, count_reads=False)
     assert out.step_stats == [] and out.tokens == generate(model, [[1, 2, 3]], 5).tokens
+
+
+def test_generate_decodes_the_to_hf_bundled_model(tmp_path):
+    """The to-hf export bundles its own copy of the model classes; the decode path takes
+    them (the NSAAttention interface, not the class), so the export's generate() can call
+    nsa_dist.inference.generate on ``hf.model`` when nsa_dist is installed."""
+    transformers = pytest.importorskip("transformers")
+    import os
+
+    from nsa_dist.convert.cli import main as convert
+    from nsa_dist.convert.io import save_consolidated
+
+    model = _tiny_model()
+    os.makedirs(tmp_path / "ckpt")
+    save_consolidated(model.state_dict(), model.config, str(tmp_path / "ckpt"))
+    assert convert(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    assert type(hf.model.layers[0].attn) is not NSAAttention  # the bundled copy
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+    assert generate(hf.model, prompts, 20).tokens == generate(model, prompts, 20).tokens
