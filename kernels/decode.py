@@ -340,6 +340,12 @@ def _p2(x: int) -> int:
     return triton.next_power_of_2(max(1, int(x)))
 
 
+def _stages(keys: int, bdk: int, bdv: int, t: torch.Tensor) -> int:
+    """Pipeline stages of a split kernel: 3, or 2 where a stage's K and V tiles pass 48 KiB
+    (fp32 at head_dim 128 and up), so that the stages fit a Hopper SM's shared memory."""
+    return 2 if keys * (bdk + bdv) * t.element_size() > 48 * 1024 else 3
+
+
 def append_token(new: dict, k_sel, v_sel, k_win, v_win, k_raw, v_raw, k_cmp, v_cmp, lengths: torch.Tensor,
                  cfg, mean_pool: bool) -> None:
     """Write one token per sequence at position lengths[b] (lengths are not advanced here).
@@ -413,7 +419,7 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     _cmp_split[(B * H, nsplit)](q, kc, vc, lengths, mpc, lpc, opc, imp, scale2, H, max(ncap, 1), nsb, nsplit,
                                 DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV, L=l, DS=d, LS=ls, R=ls // d,
                                 LEAD=l // d - 1, BPS=bps, BLOCK_N=launch.block_n, PREC=prec,
-                                num_warps=launch.num_warps)
+                                num_warps=launch.num_warps, num_stages=_stages(launch.block_n, BDK, BDV, kc))
 
     # importance and top-n
     NP = max(16, _p2(n))
@@ -436,7 +442,7 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     _attend_split[(B * H, npart)](q, k_sel, v_sel, kw, vw, idx, lengths, mpa, lpa, opa, scale2, H, cap,
                                   w, n, ps, npart, DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV,
                                   LS=ls, BLOCK_K=block_k, KT=-(-ls // block_k), UPP=upp, PREC=prec,
-                                  num_warps=launch.num_warps)
+                                  num_warps=launch.num_warps, num_stages=_stages(block_k, BDK, BDV, k_sel))
 
     o = torch.empty(B, HQ, DV, **f32)
     _combine[(B * HQ,)](mpc, lpc, opc, mpa, lpa, opa, gates.contiguous(), o, HQ, nsplit, ps, npart, DV, G=G,
