@@ -21,7 +21,7 @@ from .io import atomic_output_dir
 # Bundled in dependency order (paths relative to the nsa_dist package).
 CORE_MODULES = (
     "config.py", "ops/blocks.py", "ops/validation.py", "ops/compress.py", "ops/reference.py",
-    "ops/api.py", "modules/rope.py", "modules/compression.py", "modules/gate.py",
+    "ops/api.py", "modules/comm.py", "modules/rope.py", "modules/compression.py", "modules/gate.py",
     "modules/attention.py", "modules/dense.py", "models/flops.py", "models/decoder.py",
 )
 # Package-relative module names used as namespaces in the sources.

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import NSAConfig
 from .. import ops
+from .comm import AttentionComm, bound
 from .compression import MLPCompressor
 from .gate import GateMLP
-from .rope import RotaryEmbedding, position_ids_from_cu_seqlens
+from .rope import RotaryEmbedding, token_positions
 
 BRANCHES = ("cmp", "sel", "win")
 
@@ -48,32 +50,14 @@ def tokens_read(indices: torch.Tensor, positions: torch.Tensor, config: NSAConfi
     return torch.stack([cmp.mean(), sel.mean(), win.mean()])
 
 
-def prepare_branches(rope: RotaryEmbedding, config: NSAConfig, q: torch.Tensor,
-                     kv: dict[str, tuple[torch.Tensor, torch.Tensor]], gates: torch.Tensor,
-                     positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
-                     phi_k=None, phi_v=None) -> dict[str, torch.Tensor]:
-    """RoPE and compression on projected heads (shared by the layer and its parallel forms).
-
-    q: [B, S, HQ, Dk]; kv: branch -> (k [B, S, H, Dk], v [B, S, H, Dv]); gates [B, S, HQ, 3].
-    RoPE goes on q and every branch's keys; the cmp branch is then compressed with phi.
-    """
-    cos, sin = rope.cos_sin(positions, q.dtype)
-    out = {"q": rope.rotate(q, cos, sin), "gates": gates}
-    for branch, (k, v) in kv.items():
-        k = rope.rotate(k, cos, sin)
-        if branch == "cmp":
-            k = ops.compress(k, config, phi_k, cu_seqlens)
-            v = ops.compress(v, config, phi_v, cu_seqlens)
-        out[f"k_{branch}"], out[f"v_{branch}"] = k, v
-    return out
-
-
 class NSAAttention(nn.Module):
     """Native Sparse Attention layer (SPEC.md).
 
     x: [B, S, hidden] -> [B, S, hidden]. Each branch has its own K/V projection unless
     ``config.shared_kv``; RoPE goes on q, k_sel, k_win and on k_cmp before compression.
     ``backend`` picks the NSA function's implementation ("auto", "reference", "triton").
+    The forward reads heads off its projections (``view(B, S, -1, head_dim)``), so a plan
+    may shard them in place; ``self.comm`` holds the plan's hooks (modules/comm.py).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -102,13 +86,46 @@ class NSAAttention(nn.Module):
         self.gate = GateMLP(hidden_size, num_heads, config.gate_hidden)
         self.o_proj = nn.Linear(num_heads * dv, hidden_size, bias=False)
         self.rope = RotaryEmbedding(dk, rope_theta)
+        self.comm = AttentionComm()  # a parallel plan replaces it (modules/comm.py)
 
-    def _kv(self, x: torch.Tensor, branch: str):
-        name = "shared" if self.config.shared_kv else branch
-        B, S, _ = x.shape
-        k = self.k_proj[name](x).view(B, S, -1, self.head_dim)
-        v = self.v_proj[name](x).view(B, S, -1, self.v_head_dim)
-        return k, v
+    def _heads(self, x: torch.Tensor):
+        """x [B, S_l, hidden] (a region's input) -> (q [B, S, HQ', Dk], branch -> (k, v)
+        [B, S, H', D], gates [B, S, HQ', 3], (phi_k, phi_v)): the heads this rank attends
+        with over the whole sequence, before RoPE. One projection per distinct K/V weight."""
+        c = self.comm
+        B, S_l, _ = x.shape
+        dk, dv = self.head_dim, self.v_head_dim
+        names = list(self.k_proj)
+        kvw = c.kv_weights(*(self.k_proj[n].weight for n in names), *(self.v_proj[n].weight for n in names))
+        phi_params = [] if self.phi_k is None else [*self.phi_k.parameters(), *self.phi_v.parameters()]
+        w1, b1, *phi_params = c.shared(self.gate.fc1.weight, self.gate.fc1.bias, *phi_params)
+        phis = (None, None)
+        if self.phi_k is not None:  # phi is used for every head: its parameters are shared
+            n = len(phi_params) // 2
+            phis = (bound(self.phi_k, phi_params[:n]), bound(self.phi_v, phi_params[n:]))
+        q = F.linear(x, self.q_proj.weight).view(B, S_l, -1, dk)
+        kv = {n: (F.linear(x, kvw[i]).view(B, S_l, -1, dk), F.linear(x, kvw[len(names) + i]).view(B, S_l, -1, dv))
+              for i, n in enumerate(names)}
+        gates = self.gate.gates(F.linear(x, w1, b1))
+        q, gates = c.to_heads(q), c.to_heads(gates)
+        kv = {n: (c.to_heads(k, kv=True), c.to_heads(v, kv=True)) for n, (k, v) in kv.items()}
+        kv = {b: kv["shared" if self.config.shared_kv else b] for b in BRANCHES}
+        return q, kv, gates, phis
+
+    def _branches(self, q, kv, gates, phis, positions, cu_seqlens) -> dict[str, torch.Tensor]:
+        """RoPE on q and every branch's keys, then the cmp branch compressed with phi."""
+        cos, sin = self.rope.cos_sin(positions, q.dtype)
+        out = {"q": self.rope.rotate(q, cos, sin), "gates": gates}
+        rotated = {}
+        for branch, (k, v) in kv.items():
+            if id(k) not in rotated:  # shared_kv: one rotation for every branch
+                rotated[id(k)] = self.rope.rotate(k, cos, sin)
+            k = rotated[id(k)]
+            if branch == "cmp":
+                k = ops.compress(k, self.config, phis[0], cu_seqlens)
+                v = ops.compress(v, self.config, phis[1], cu_seqlens)
+            out[f"k_{branch}"], out[f"v_{branch}"] = k, v
+        return out
 
     def project(self, x: torch.Tensor, positions: torch.Tensor,
                 cu_seqlens: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -117,18 +134,15 @@ class NSAAttention(nn.Module):
         x: [B, S, hidden]; positions: [S] or [B, S]. Returns q [B, S, HQ, Dk], k_cmp/v_cmp
         [B, Nc, H, D], k_sel/v_sel/k_win/v_win [B, S, H, D], gates [B, S, HQ, 3].
         """
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, -1, self.head_dim)
-        kv = {b: self._kv(x, b) for b in BRANCHES}
-        return prepare_branches(self.rope, self.config, q, kv, self.gate(x), positions, cu_seqlens,
-                                self.phi_k, self.phi_v)
+        return self._branches(*self._heads(x), positions, cu_seqlens)
 
-    def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None,
-               reduce_importance: Optional[Callable] = None):
+    def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
         """Selection then the NSA function. Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
-        idx = ops.select_blocks(p["q"], p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
-                                reduce_importance=reduce_importance,
-                                backend="reference" if self.backend == "reference" else "auto")
+        def select(q, reduce_importance):
+            return ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
+                                     reduce_importance=reduce_importance,
+                                     backend="reference" if self.backend == "reference" else "auto")
+        idx = self.comm.select(p["q"], select)
         o = ops.nsa_attention(p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
                               p["v_win"], p["gates"], self.config, cu_seqlens=cu_seqlens,
                               backend=self.backend, block_indices=idx, canonical_indices=True)
@@ -136,28 +150,27 @@ class NSAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, return_stats: bool = False,
-                stats_head: int = 0):
-        """x: [B, S, hidden] -> (y [B, S, hidden], AttentionStats or None).
+                stats_head: int = 0, return_indices: bool = False):
+        """x: [B, S_in, hidden] -> (y [B, S_in, hidden], extra).
 
-        cu_seqlens: packed documents (B = 1); positions then restart per document.
+        cu_seqlens / position_ids describe the whole sequence (packed documents: B = 1,
+        positions restart per document). S_in is S on one device; under a plan, this rank's
+        sequence shard (see ``self.comm``). extra: AttentionStats of the heads this rank
+        attends with if ``return_stats``, the selection [B, S, H', n] if ``return_indices``,
+        else None.
         """
         if x.dim() != 3:
             raise ValueError(f"NSAAttention expects x of shape [B, S, hidden], got {tuple(x.shape)}")
-        B, S, _ = x.shape
-        positions = self._positions(S, x.device, cu_seqlens, position_ids)
-        p = self.project(x, positions, cu_seqlens)
+        x = self.comm.enter(x)
+        B, S_l, _ = x.shape
+        q, kv, gates, phis = self._heads(x)
+        positions = token_positions(q.shape[1], x.device, cu_seqlens, position_ids)
+        p = self._branches(q, kv, gates, phis, positions, cu_seqlens)
         o, idx = self.attend(p, cu_seqlens)
-        y = self.o_proj(o.reshape(B, S, -1))
-        stats = self.stats(p["gates"], idx, positions, stats_head) if return_stats else None
-        return y, stats
-
-    @staticmethod
-    def _positions(S, device, cu_seqlens, position_ids):
-        if position_ids is not None:
-            return position_ids
-        if cu_seqlens is not None:
-            return position_ids_from_cu_seqlens(cu_seqlens, S, device)
-        return torch.arange(S, device=device)
+        y = self.comm.exit(self.o_proj(self.comm.from_heads(o).reshape(B, S_l, -1)))
+        if return_stats:
+            return y, self.stats(p["gates"], idx, positions, stats_head)
+        return y, (idx if return_indices else None)
 
     def stats(self, gates: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor,
               stats_head: int = 0) -> AttentionStats:

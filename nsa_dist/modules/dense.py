@@ -6,14 +6,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .rope import RotaryEmbedding, position_ids_from_cu_seqlens
+from .comm import AttentionComm, bound
+from .rope import RotaryEmbedding, token_positions
 
 
 class DenseAttention(nn.Module):
     """Causal GQA attention through PyTorch SDPA (flash backend on CUDA when it applies).
 
     x: [B, S, hidden] -> (y [B, S, hidden], None). Packed documents (cu_seqlens, B = 1)
-    are attended one by one so that nothing crosses a boundary.
+    are attended one by one so that nothing crosses a boundary. ``self.comm`` holds a
+    parallel plan's hooks, as in NSAAttention.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -28,20 +30,25 @@ class DenseAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.v_head_dim, hidden_size, bias=False)
         self.rope = RotaryEmbedding(head_dim, rope_theta)
+        self.comm = AttentionComm()
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, return_stats: bool = False, **_):
-        B, S, _ = x.shape
-        if position_ids is None:
-            position_ids = (position_ids_from_cu_seqlens(cu_seqlens, S, x.device) if cu_seqlens is not None
-                            else torch.arange(S, device=x.device))
-        cos, sin = self.rope.cos_sin(position_ids, x.dtype)
-        q = self.rope.rotate(self.q_proj(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
-        k = self.rope.rotate(self.k_proj(x).view(B, S, -1, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, -1, self.v_head_dim).transpose(1, 2)
+        c = self.comm
+        x = c.enter(x)
+        B, S_l, _ = x.shape
+        wk, wv = c.kv_weights(self.k_proj.weight, self.v_proj.weight)
+        q = c.to_heads(self.q_proj(x).view(B, S_l, -1, self.head_dim))
+        k = c.to_heads(bound(self.k_proj, [wk])(x).view(B, S_l, -1, self.head_dim), kv=True)
+        v = c.to_heads(bound(self.v_proj, [wv])(x).view(B, S_l, -1, self.v_head_dim), kv=True)
+        S = q.shape[1]
+        cos, sin = self.rope.cos_sin(token_positions(S, x.device, cu_seqlens, position_ids), x.dtype)
+        q = self.rope.rotate(q, cos, sin).transpose(1, 2)
+        k = self.rope.rotate(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
         bounds = [0, S] if cu_seqlens is None else cu_seqlens.tolist()
         outs = [torch.nn.functional.scaled_dot_product_attention(
                     q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        o = torch.cat(outs, dim=2).transpose(1, 2).reshape(B, S, -1)
-        return self.o_proj(o), None
+        o = c.from_heads(torch.cat(outs, dim=2).transpose(1, 2))  # [B, S_l, heads, Dv]
+        return c.exit(self.o_proj(o.reshape(B, S_l, -1))), None

@@ -262,9 +262,8 @@ class Trainer:
         from deepspeed.utils import set_z3_leaf_modules
 
         from ..modules import NSAAttention
-        from ..parallel import ParallelNSAAttention
 
-        set_z3_leaf_modules(model, [NSAAttention, ParallelNSAAttention], raise_if_not_found=False)
+        set_z3_leaf_modules(model, [NSAAttention], raise_if_not_found=False)
 
     def _build_engine(self, model: torch.nn.Module):
         cfg = self.cfg

@@ -7,11 +7,14 @@ every model gradient.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig
 from nsa_dist.models import NSADecoderLM
 from nsa_dist.modules.attention import NSAAttention
+from nsa_dist.modules.rope import token_positions
 from nsa_dist.parallel import (CommStats, ParallelNSAAttention, ParallelState, gather_full,
                                grad_norm, parallelize, sync_grads)
 from nsa_dist.parallel import collectives as C
@@ -69,13 +72,13 @@ def layer_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     cu = torch.tensor([0, 20, S], dtype=torch.int32, device=dev) if packed else None
     x = torch.randn(B, S, cfg.hidden_size, generator=g).to(dev)
     w_out = torch.randn(B, S, cfg.hidden_size, generator=g).to(dev)
-    pattn = ParallelNSAAttention(attn, state, megatron_sp, selection_comm=selection_comm)
+    pattn = ParallelNSAAttention(copy.deepcopy(attn), state, megatron_sp, selection_comm=selection_comm)
 
     x_full = x.clone().requires_grad_()
     y_full, _ = attn(x_full, cu_seqlens=cu)
     (y_full * w_out).sum().backward()
     with torch.no_grad():
-        pos = NSAAttention._positions(S, x.device, cu, None)
+        pos = token_positions(S, x.device, cu, None)
         _, idx_full = attn.attend(attn.project(x, pos, cu), cu)
     full_grads = {n: p.grad for n, p in attn.named_parameters()}
 
@@ -92,7 +95,7 @@ def layer_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     for n, p in attn.named_parameters():
         assert torch.equal(params[n], p.detach()), f"parameter {n} differs from the full model"
 
-    L = pattn.layout
+    L = pattn.comm.layout
     want = idx_full[:, :, L.kv_global_start:L.kv_global_start + L.kv_local]
     assert idx.shape == want.shape, (idx.shape, want.shape)
     assert torch.equal(idx, want), "selected blocks differ from one device"
@@ -131,7 +134,7 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     torch.testing.assert_close(grad_norm(pm, state), full_norm, rtol=1e-5, atol=1e-6)
     # Layer-0 selection of KV head 0, on the ranks that attend it.
     for layer, (ps_, fs) in enumerate(zip(pout.stats or [], out.stats or [])):
-        if pm.layers[layer].attn.layout.kv_global_start == 0:
+        if pm.layers[layer].attn.comm.layout.kv_global_start == 0:
             assert torch.equal(ps_.selected_blocks, fs.selected_blocks), f"layer {layer} selection differs"
     return {"loss": pout.loss.item(), "loss_full": out.loss.item(),
             "loss_err": abs(pout.loss.item() - out.loss.item()), "model_grad_err": err,
@@ -157,7 +160,7 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     state = ParallelState(world, rank, tp=tp)
     cfg = tiny_config(tie=False)
     ref = build_model(cfg)
-    pm = parallelize(ref, state)
+    pm = parallelize(copy.deepcopy(ref), state)  # in place: keep ref whole
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.01)
     opt_par = torch.optim.AdamW(pm.parameters(), lr=3e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(3)
