@@ -24,17 +24,8 @@ import triton.language as tl
 
 from .range_attn import _nvis
 
-# Launch defaults from the H200 sweep (docs/kernel_notes.md); geo.launch keys override them:
-SELECT_ROWS = 64  # "select_rows": rows (positions x head slots) per program, >= 16 positions
-SELECT_ROWS_ALIGNED = 128  # the same with chunks of whole blocks (with 3 stages, 0.5-9.5% faster
-# than 64 rows and 2 stages at G = 1-8)
-SELECT_KEYS = 64  # "select_keys": compressed tokens per matrix product
-SELECT_SPAN = 1  # "select_span": key tiles per top-n merge
-SELECT_ALIGNED = True  # "select_aligned": chunks of whole blocks where (l, d, l') allow it
-# (``aligned_chunks``), else chunks of the tokens overlapping BJ blocks, Eq. 9 weights as a matrix
-HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")  # "select_merge"
-# "select": (num_warps, num_stages); default 8 warps when a merge's chunk is wider than the top-n,
-# 3 stages with chunks of whole blocks and G <= 8 (at G = 16 3 stages lost 37%)
+# tl.topk / tl.bitonic_merge (newer Triton): the top-n merge in log2(NP) stages
+HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")
 
 
 @triton.jit
@@ -86,7 +77,7 @@ def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, 
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
     jj = tl.arange(0, BJP)
     if R == 1:  # l = l' = d: one token a block, weight 1. An exact product by the identity
-        # still pays: the merge ran 1.7x slower on the reduction's layout (H200, 2026-12-04)
+        # still pays: the merge ran slower on the reduction's layout (docs/kernel_notes.md)
         return tl.dot(psum, (jj[:, None] == jj[None, :]).to(tl.float32), input_precision="ieee"), carry
     m = tl.arange(0, BLOCK_N) % R
     imp = tl.sum(tl.reshape(psum * tl.minimum(E, R - m).to(tl.float32)[None, :], [BT, BJP, R]), 2)
@@ -209,18 +200,11 @@ def aligned_chunks(l: int, d: int, ls: int, tokens: int, span: int, np_: int, gp
     return tokens % r == 0 and tokens // r >= np_
 
 
-def _pow2_setting(launch: dict, name: str, default: int) -> int:
-    v = launch.get(name, default)
-    if not isinstance(v, int) or v < 1 or v & (v - 1):
-        raise ValueError(f"launch[{name!r}] must be a positive power of two, got {v!r}")
-    return v
-
-
 def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     """Top-n blocks from the compressed log-sum-exp (base 2, [T, HQ]).
 
     q: [T, HQ, Dk] packed; k_cmp: [Nc_total, H, Dk]; geo: the call's ``nsa.Geometry`` (query
-    tiles, launch overrides ``select_*``). Returns LongTensor [T, H, n], ascending, -1 padded.
+    tiles, its ``launch.select_*`` settings). Returns LongTensor [T, H, n], ascending, -1 padded.
     """
     T, HQ, DK = q.shape
     H = k_cmp.shape[1]
@@ -230,11 +214,12 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
         return out
     G = HQ // H
     GP = triton.next_power_of_2(G)
-    BLOCK_N = max(16, _pow2_setting(geo.launch, "select_keys", SELECT_KEYS))
-    span = _pow2_setting(geo.launch, "select_span", SELECT_SPAN)
+    launch = geo.launch
+    BLOCK_N = max(16, launch.select_keys)
+    span = launch.select_span
     NP = max(16, triton.next_power_of_2(n))
-    aligned = geo.launch.get("select_aligned", SELECT_ALIGNED) and aligned_chunks(l, d, ls, BLOCK_N, span, NP, GP)
-    rows = _pow2_setting(geo.launch, "select_rows", SELECT_ROWS_ALIGNED if aligned else SELECT_ROWS)
+    aligned = launch.select_aligned and aligned_chunks(l, d, ls, BLOCK_N, span, NP, GP)
+    rows = launch.select_rows_aligned if aligned else launch.select_rows
     # >= 16 positions a program, so that the weight product is a matrix product, unless the
     # group alone fills the rows (G > 16: then the group sum is a broadcast)
     BT = max(rows // GP, 16 if GP <= 16 else 1)
@@ -244,8 +229,10 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     else:
         BJ = block_chunk(l, d, ls, BLOCK_N * span)
         BJP = max(NP, triton.next_power_of_2(BJ))
-    warps, stages = geo.launch.get("select", (8 if BJP > NP else 4, 3 if aligned and GP < 16 else 2))
-    merge = geo.launch.get("select_merge", HAS_BITONIC_MERGE)
+    # default: 8 warps when a merge's chunk is wider than the top-n; 3 stages with chunks of
+    # whole blocks below G = 16 (docs/kernel_notes.md, "Launch configuration")
+    warps, stages = launch.select or (8 if BJP > NP else 4, 3 if aligned and GP < 16 else 2)
+    merge = HAS_BITONIC_MERGE if launch.select_merge is None else launch.select_merge
     _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
                                       DS=d, LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=BJP, BLOCK_N=BLOCK_N,
                                       BDK=max(16, triton.next_power_of_2(DK)), MERGE=merge, SPAN=span,

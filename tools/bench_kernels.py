@@ -11,9 +11,10 @@ enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, 
 --gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
 stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
 --sweep: one launch setting changed at a time (selection given), --rounds times interleaved.
---ab NAME=VALUE[,...]: the whole function (as --bench) with constants of nsa_dist.kernels.nsa
-set (e.g. DKDV_SEG_ROWS=1024) and with the defaults, A B then B A for --rounds rounds in one
-process: A/B of a default, free of the spread between processes.
+--ab NAME=VALUE[,...]: the whole function (as --bench) with these LaunchConfig settings
+(kernels/launch.py, e.g. sel_dkdv_seg_rows=1024,range_fwd=(8,3)) and with the defaults, A B
+then B A for --rounds rounds in one process: A/B of a default, free of the spread between
+processes.
 """
 from __future__ import annotations
 
@@ -174,7 +175,7 @@ SHAPES = {
     "g8": (64, 8, 128, 32, 16, 64, 16, 512, False),
 }
 
-# launch settings the sweep tries, one at a time (geo.launch keys of kernels/nsa.py, or a dict of them)
+# launch settings the sweep tries, one at a time (LaunchConfig fields, or a dict of them)
 SWEEP = {
     "sel_algo": ["block", "query"],
     "sel_dq_algo": ["block", "query"],
@@ -203,7 +204,7 @@ SWEEP = {
     "first_programs": [128, 2048],
     # rows / keys per step of one kernel (the range forward and dq; each block-major kernel)
     "range_fwd_rows": [32, 128, {"range_fwd_rows": 128, "range_fwd": (8, 3)}],
-    "range_fwd_keys": [32, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],
+    "range_fwd_keys": [16, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],
     "range_dq_rows": [32, 128, {"range_dq_rows": 128, "range_dq": (8, 2)}],
     "range_dq_keys": [32, 128],
     "sel_split_rows": [32, 128, {"sel_split_rows": 128, "sel_split": (8, 2)}],
@@ -211,6 +212,11 @@ SWEEP = {
     "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
 }
 # (the selection's own launch grid: tools/bench_selection.py --sweep)
+
+
+def sweep_settings(key, val) -> dict:
+    """The LaunchConfig settings of one SWEEP option (``val`` None: the defaults)."""
+    return {} if val is None else dict(val) if isinstance(val, dict) else {key: val}
 
 
 def bench_shape(name, S, rows, kernels):
@@ -351,10 +357,7 @@ def sweep_shape(name, S, kernels, keys, rounds=1):
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
         geo.idx_sorted = True  # idx is the selection kernel's output, as inside nsa_attention
-        if isinstance(val, dict):
-            geo.launch.update(val)
-        elif val is not None:
-            geo.launch[key] = val
+        geo.launch = launch_config(sweep_settings(key, val))
 
         def fwd():
             with torch.no_grad():
@@ -440,55 +443,49 @@ def gaps_shape(name, S, kernels):
     torch.cuda.empty_cache()
 
 
-def ab_shape(name, S, kernels, setting: str, rounds: int):
-    """The whole function with module constants of the kernels set by ``setting``
-    ("NAME=VALUE,..."; NAME is a constant of ``kernels.nsa`` or ``module.NAME`` of another
-    kernel module, e.g. ``selection.SELECT_ALIGNED``) and with the defaults, A B then B A,
-    for ``rounds`` rounds."""
-    import importlib
-
-    changed = {}
-    for part in setting.split(","):
-        key, _, val = part.partition("=")
-        modname, _, const = key.rpartition(".")
-        full = f"{kernels.__name__}.{modname or 'nsa'}"
-        try:
-            mod = importlib.import_module(full)
-        except ModuleNotFoundError as err:
-            if err.name != full:  # the module exists but something it imports is missing
-                raise
-            raise SystemExit(f"--ab: {modname!r} is not a kernel module: give NAME (of nsa) or "
-                             f"module.NAME, e.g. selection.SELECT_ALIGNED=False") from None
-        if not hasattr(mod, const) or not const.isupper():
-            raise SystemExit(f"--ab: {const!r} is not a constant of {mod.__name__}: give one of its "
-                             f"UPPER_CASE settings, e.g. DKDV_SEG_ROWS=1024")
-        try:
-            value = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            value = val
-        old = getattr(mod, const)
-        if type(value) is not type(old) and not (isinstance(old, float) and type(value) is int):
-            raise SystemExit(f"--ab: {const} is a {type(old).__name__} (default {old!r}): give a value of "
-                             f"that type, not {val!r}")
-        changed[(mod, const)] = value
-    defaults = {k: getattr(*k) for k in changed}
-    show = lambda values: {c: v for (_, c), v in values.items()}  # noqa: E731
-    rows = []
+def parse_settings(text: str) -> dict:
+    """"NAME=VALUE,..." -> {NAME: VALUE}: Python literals (``range_fwd=(8, 3)``), a bare word as
+    a string (``sel_algo=block``)."""
     try:
-        for rnd in range(rounds):
-            # A B, then B A: neither setting always runs first in a round
-            order = (("changed", changed), ("default", defaults))
-            for label, values in (order if rnd % 2 == 0 else order[::-1]):
-                for (mod, const), v in values.items():
-                    setattr(mod, const, v)
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        call = None
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        raise SystemExit(f"--ab / --sweep settings are NAME=VALUE[,NAME=VALUE...], got {text!r}")
+    out = {}
+    for kw in call.keywords:
+        out[kw.arg] = kw.value.id if isinstance(kw.value, ast.Name) else ast.literal_eval(kw.value)
+    return out
+
+
+def launch_config(settings: dict):
+    """A LaunchConfig with ``settings`` over the defaults; a bad name or value ends the tool
+    with LaunchConfig's message (it names the valid settings)."""
+    from nsa_dist.kernels.launch import LaunchConfig
+
+    try:
+        return LaunchConfig(**settings)
+    except ValueError as err:
+        raise SystemExit(f"launch settings {settings}: {err}") from None
+
+
+def ab_shape(name, S, kernels, setting: str, rounds: int):
+    """The whole function (as --bench) with the launch settings ``setting`` ("NAME=VALUE,...",
+    LaunchConfig fields) and with the defaults, A B then B A, for ``rounds`` rounds."""
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+
+    changed = launch_config(parse_settings(setting))
+    rows = []
+    for rnd in range(rounds):
+        # A B, then B A: neither setting always runs first in a round
+        order = (("changed", changed), ("default", LaunchConfig()))
+        for label, launch in (order if rnd % 2 == 0 else order[::-1]):
+            with use_launch(launch):
                 bench_shape(name, S, rows, kernels)
-                r = rows[-1]
-                print(f"[ab] {name} S={S} round {rnd} {label} {show(values)}: fwd {r['nsa_fwd_ms']} ms, "
-                      f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
-                      flush=True)
-    finally:
-        for (mod, const), v in defaults.items():
-            setattr(mod, const, v)
+            r = rows[-1]
+            print(f"[ab] {name} S={S} round {rnd} {label} {changed.changed()}: fwd {r['nsa_fwd_ms']} ms, "
+                  f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
+                  flush=True)
 
 
 def main(argv=None):
@@ -502,8 +499,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
     ap.add_argument("--sweep-keys", default=",".join(SWEEP), help="which launch settings to sweep")
     ap.add_argument("--rounds", type=int, default=1, help="repeats of --sweep / --ab, interleaved")
-    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: constants of kernels.nsa (or module.NAME of "
-                    "another kernel module) against the defaults")
+    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: LaunchConfig settings (kernels/launch.py) "
+                    "against the defaults")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -515,6 +512,9 @@ def main(argv=None):
     if a.check:
         run_checks(a.out)
     if a.sweep:
+        unknown = sorted(set(a.sweep_keys.split(",")) - set(SWEEP))
+        if unknown:
+            raise SystemExit(f"--sweep-keys: {unknown} not in the sweep table; choose from {', '.join(SWEEP)}")
         for name in a.shapes.split(","):
             sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.sweep_keys.split(","), a.rounds)
     if a.ab:

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 
-# the sort-only merge and spans > 1 lost in every earlier sweep (docs/kernel_notes.md)
+# LaunchConfig settings, every combination; the sort-only merge and spans > 1 lost in every
+# earlier sweep (docs/kernel_notes.md)
 GRID = {"select_aligned": (True, False), "select_rows": (64, 128), "select": ((4, 2), (8, 2), (4, 3))}
 
 
@@ -85,7 +86,7 @@ def main(argv=None):
                     best = (row["new_ms"], "defaults")
                     for vals in itertools.product(*GRID.values()):
                         g2 = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
-                        g2.launch.update(dict(zip(GRID, vals)))
+                        g2.launch = bk.launch_config(dict(zip(GRID, vals)))
                         tag = " ".join(f"{k}={v}" for k, v in zip(GRID, vals))
                         try:
                             f = lambda: selection.select_from_lse(q, kc, lse, g2, cfg, sc)  # noqa: E731
