@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
-import importlib.util
 import os
 import sys
 import time
@@ -29,22 +28,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _import_kernels():
-    """nsa_dist.kernels, also from a plain checkout (kernels/ maps to it only once installed)."""
-    sys.path.insert(0, ROOT)
-    try:
-        import nsa_dist.kernels as kernels
-        return kernels
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "nsa_dist.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["nsa_dist.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+sys.path.insert(0, ROOT)  # nsa_dist from this checkout when it is not installed
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -506,7 +490,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA device")
     os.makedirs(a.out, exist_ok=True)
-    kernels = _import_kernels()
+    from nsa_dist.kernels import api as kernels
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     if a.check:

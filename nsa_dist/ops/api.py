@@ -1,7 +1,6 @@
 """Public NSA functions: input checks, packed documents, and the choice of backend."""
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional
 
@@ -16,41 +15,16 @@ BACKENDS = ("auto", "reference", "triton")
 
 
 def load_kernels():
-    """The Triton kernels, imported on demand (triton is optional)."""
+    """The Triton kernels' public functions (``nsa_dist.kernels.api``), imported on demand:
+    triton is optional. Imported by absolute name, so that the copy of this module bundled in a
+    Hugging Face export uses an installed nsa_dist when there is one."""
     try:
-        # By name, so that copies of this module bundled elsewhere (to-hf export) need no nsa_dist.
-        try:
-            kernels = importlib.import_module("nsa_dist.kernels")
-        except ModuleNotFoundError as missing:
-            if missing.name != "nsa_dist.kernels":
-                raise
-            kernels = _kernels_from_checkout(missing)
-    except ImportError as err:  # triton missing, or the package installed without kernels/
+        from nsa_dist.kernels import api
+    except ImportError as err:  # triton missing, or nsa_dist installed without its kernels
         raise RuntimeError(
             "backend='triton' needs the nsa_dist.kernels package and triton "
             f"(pip install -e '.[gpu]'): {err}") from err
-    return kernels
-
-
-def _kernels_from_checkout(missing: ImportError):
-    """kernels/ beside the package (a source checkout not installed): register it as
-    nsa_dist.kernels, which is where setup.py installs it."""
-    import importlib.util
-    import sys
-
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
-    init = os.path.join(root, "__init__.py")
-    if not os.path.isfile(init):
-        raise missing
-    spec = importlib.util.spec_from_file_location("nsa_dist.kernels", init, submodule_search_locations=[root])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nsa_dist.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop("nsa_dist.kernels", None)
-        raise
-    return module
+    return api
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:

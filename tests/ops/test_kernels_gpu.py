@@ -81,23 +81,22 @@ def test_long_sequence_bf16():
 @pytest.mark.parametrize("inside", [False, True], ids=["given-selection", "own-selection"])
 @pytest.mark.parametrize("algo", ["block", "query"])
 @pytest.mark.parametrize("G", [4, 16])
-def test_both_selected_layouts_bf16(G, algo, inside, monkeypatch):
+def test_both_selected_layouts_bf16(G, algo, inside):
     """Block-major (default for G < 16) and position-major selected kernels, each forced."""
-    import nsa_dist.kernels.nsa as nsa
-    monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 10 ** 9 if algo == "block" else 1)
-    errs, _ = _case(G, S=8192, H=2, inside=inside)
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    with use_launch(LaunchConfig(sel_algo=algo)):
+        errs, _ = _case(G, S=8192, H=2, inside=inside)
     assert max(errs.values()) <= 5e-3, errs
 
 
 @pytest.mark.parametrize("algo,partial", [("block", "fp32"), ("block", "fp16s"), ("query", "auto")])
 @pytest.mark.parametrize("G", [4, 16])
-def test_both_selected_dq_layouts_bf16(G, algo, partial, monkeypatch):
+def test_both_selected_dq_layouts_bf16(G, algo, partial):
     """Block-major selected dq (per-slot dq in fp32 or scaled fp16, then summed) and
     position-major, each forced; dq is what they change."""
-    import nsa_dist.kernels.nsa as nsa
-    monkeypatch.setattr(nsa, "SEL_DQ_QUERY_MIN_G", 10 ** 9 if algo != "query" else 1)
-    monkeypatch.setattr(nsa, "DQ_PARTIAL", partial)
-    errs, _ = _case(G, S=8192, H=2)
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    with use_launch(LaunchConfig(sel_dq_algo=algo, sel_dq_partial=partial)):
+        errs, _ = _case(G, S=8192, H=2)
     assert errs["dq"] <= 5e-3 and max(errs.values()) <= 5e-3, errs
 
 

@@ -1,8 +1,9 @@
-"""Triton kernels of Native Sparse Attention (installed as ``nsa_dist.kernels``).
+"""Public functions of the Triton kernels (``nsa_dist.kernels.api``; the folder has no
+``__init__``: see ``nsa_dist/kernels/__init__.py``).
 
-Public functions (same semantics as ``nsa_dist.ops`` with backend="reference", SPEC.md):
-``nsa_attention`` (forward and backward for q, all K/V and the gates) and ``select_blocks``.
-They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+Same semantics as ``nsa_dist.ops`` with backend="reference" (SPEC.md): ``nsa_attention``
+(forward and backward for q, all K/V and the gates) and ``select_blocks``. They run on CUDA
+tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
