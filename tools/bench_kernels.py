@@ -7,6 +7,8 @@ and every gradient; selection agreement), several group sizes, packed sequences.
 --bench: medians of triton.testing.do_bench for the issue's shapes (a) paper, (b) FLA's,
 (c) small groups, forward and forward+backward, against dense causal SDPA (flash backend,
 enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, writes CSV.
+The NSA call timed (--bench, --profile, --gaps) is ``layer_call``: the model layer's one
+call, ops.nsa_attention(..., return_indices=True), selection inside.
 --profile: per-kernel CUDA time of one forward and of one forward+backward.
 --gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
 stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
@@ -203,8 +205,17 @@ def sweep_settings(key, val) -> dict:
     return {} if val is None else dict(val) if isinstance(val, dict) else {key: val}
 
 
-def bench_shape(name, S, rows, kernels):
-    from nsa_dist import NSAConfig
+def layer_call(x: dict, cfg, cu_seqlens=None):
+    """The model's attention layer's call: one op that selects (from the compressed branch's
+    forward) and attends, returning (o, indices). --bench, --profile and --gaps time this;
+    tests/ops/test_fused_call.py fails if the layer's call differs from it."""
+    from nsa_dist import ops
+
+    return ops.nsa_attention(*(x[k] for k in ORDER), cfg, cu_seqlens=cu_seqlens, return_indices=True)
+
+
+def bench_shape(name, S, rows):
+    from nsa_dist import NSAConfig, ops
     from nsa_dist.ops import compress
 
     HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
@@ -220,17 +231,18 @@ def bench_shape(name, S, rows, kernels):
 
         def nsa():
             kc, vc = compress(kk, cfg), compress(vv, cfg)
-            return kernels.nsa_attention(qq, kc, vc, kk, vv, kk, vv, gg, cfg)
+            return layer_call(dict(q=qq, k_cmp=kc, v_cmp=vc, k_sel=kk, v_sel=vv, k_win=kk, v_win=vv, gates=gg),
+                              cfg)[0]
         grads = [qq, kk, vv, gg]
     else:
         def nsa():
-            return kernels.nsa_attention(*(leaves[k] for k in ORDER), cfg)
+            return layer_call(leaves, cfg)[0]
         grads = list(leaves.values())
     with torch.no_grad():
-        res["nsa_select_ms"] = _bench(lambda: kernels.select_blocks(x["q"], x["k_cmp"], cfg))
-        idx = kernels.select_blocks(x["q"], x["k_cmp"], cfg)
-        res["nsa_fwd_given_idx_ms"] = _bench(lambda: kernels.nsa_attention(
-            *(x[k] for k in ORDER), cfg, block_indices=idx))
+        res["nsa_select_ms"] = _bench(lambda: ops.select_blocks(x["q"], x["k_cmp"], cfg))
+        idx = ops.select_blocks(x["q"], x["k_cmp"], cfg)
+        res["nsa_fwd_given_idx_ms"] = _bench(lambda: ops.nsa_attention(
+            *(x[k] for k in ORDER), cfg, block_indices=idx, canonical_indices=True))
         res["nsa_fwd_ms"] = _bench(nsa)
     res["nsa_fwdbwd_ms"] = _bench(lambda: nsa().backward(do), grads)
     res["nsa_bwd_ms"] = res["nsa_fwdbwd_ms"] - res["nsa_fwd_ms"]
@@ -281,7 +293,7 @@ def bench_shape(name, S, rows, kernels):
     torch.cuda.empty_cache()
 
 
-def _calls(name, S, kernels):
+def _calls(name, S):
     """(forward without grad, forward+backward) of the whole NSA function on the shape's inputs."""
     from nsa_dist import NSAConfig
 
@@ -292,20 +304,20 @@ def _calls(name, S, kernels):
 
     def fwd():
         with torch.no_grad():
-            kernels.nsa_attention(*(x[k] for k in ORDER), cfg)
+            layer_call(x, cfg)
 
     def step():
         for t in x.values():
             t.grad = None
-        kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
+        layer_call(x, cfg)[0].backward(do)
     return fwd, step
 
 
-def profile_shape(name, S, kernels):
+def profile_shape(name, S):
     """Per-kernel CUDA time of one forward and one forward+backward (torch.profiler), top entries."""
     from torch.profiler import ProfilerActivity, profile
 
-    fwd, step = _calls(name, S, kernels)
+    fwd, step = _calls(name, S)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -326,9 +338,9 @@ def profile_shape(name, S, kernels):
     torch.cuda.empty_cache()
 
 
-def sweep_shape(name, S, kernels, keys, rounds=1):
+def sweep_shape(name, S, keys, rounds=1):
     """Forward and forward+backward time with one launch setting changed at a time."""
-    from nsa_dist import NSAConfig
+    from nsa_dist import NSAConfig, ops
     from nsa_dist.kernels.nsa import NSAFunction, make_geometry, pack
 
     HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
@@ -336,7 +348,8 @@ def sweep_shape(name, S, kernels, keys, rounds=1):
     x = {k: pack(v).requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
     do = torch.randn(S, HQ, D, device="cuda", dtype=torch.bfloat16)
     sc = D ** -0.5
-    idx = kernels.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg)[0].to(torch.int32)
+    idx = ops.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg, backend="triton")[0]
+    idx = idx.to(torch.int32)
     options = ([("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]) * rounds
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
@@ -419,9 +432,9 @@ def gpu_gaps(tag: str, fn, top: int = 5):
     return span / 1e3, busy / 1e3, (span - busy) / 1e3
 
 
-def gaps_shape(name, S, kernels):
+def gaps_shape(name, S):
     """GPU idle time of one forward (no grad) and one forward+backward of the whole NSA function."""
-    fwd, step = _calls(name, S, kernels)
+    fwd, step = _calls(name, S)
     gpu_gaps(f"{name}_S{S}_fwd", fwd)
     gpu_gaps(f"{name}_S{S}_fwdbwd", step)
     torch.cuda.empty_cache()
@@ -453,7 +466,7 @@ def launch_config(settings: dict):
         raise SystemExit(f"launch settings {settings}: {err}") from None
 
 
-def ab_shape(name, S, kernels, setting: str, rounds: int):
+def ab_shape(name, S, setting: str, rounds: int):
     """The whole function (as --bench) with the launch settings ``setting`` ("NAME=VALUE,...",
     LaunchConfig fields) and with the defaults, A B then B A, for ``rounds`` rounds."""
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
@@ -465,7 +478,7 @@ def ab_shape(name, S, kernels, setting: str, rounds: int):
         order = (("changed", changed), ("default", LaunchConfig()))
         for label, launch in (order if rnd % 2 == 0 else order[::-1]):
             with use_launch(launch):
-                bench_shape(name, S, rows, kernels)
+                bench_shape(name, S, rows)
             r = rows[-1]
             print(f"[ab] {name} S={S} round {rnd} {label} {changed.changed()}: fwd {r['nsa_fwd_ms']} ms, "
                   f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
@@ -490,7 +503,6 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA device")
     os.makedirs(a.out, exist_ok=True)
-    from nsa_dist.kernels import api as kernels
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     if a.check:
@@ -500,22 +512,22 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"--sweep-keys: {unknown} not in the sweep table; choose from {', '.join(SWEEP)}")
         for name in a.shapes.split(","):
-            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.sweep_keys.split(","), a.rounds)
+            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), a.sweep_keys.split(","), a.rounds)
     if a.ab:
         for name in a.shapes.split(","):
-            ab_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.ab, a.rounds)
+            ab_shape(name, max(int(s) for s in a.sizes.split(",")), a.ab, a.rounds)
     if a.profile:
         for name in a.shapes.split(","):
-            profile_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+            profile_shape(name, max(int(s) for s in a.sizes.split(",")))
     if a.gaps:
         for name in a.shapes.split(","):
-            gaps_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+            gaps_shape(name, max(int(s) for s in a.sizes.split(",")))
     if a.bench:
         rows = []
         for name in a.shapes.split(","):
             for S in (int(s) for s in a.sizes.split(",")):
                 try:
-                    bench_shape(name, S, rows, kernels)
+                    bench_shape(name, S, rows)
                 except Exception as err:  # noqa: BLE001 - keep the other sizes
                     print(f"[bench] {name} S={S} failed: {type(err).__name__}: {err}", flush=True)
         _write_csv(os.path.join(a.out, "kernel_bench.csv"), rows)

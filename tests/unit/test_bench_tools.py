@@ -44,21 +44,21 @@ def test_ab_alternates_a_launch_config_with_the_defaults(monkeypatch):
 
     seen = []
 
-    def fake_bench(name, S, rows, kernels):
+    def fake_bench(name, S, rows):
         seen.append(current_launch())
         rows.append({"nsa_fwd_ms": 1.0, "nsa_bwd_ms": 2.0})
     monkeypatch.setattr(bench_kernels, "bench_shape", fake_bench)
-    bench_kernels.ab_shape("a_paper", 8, None, "sel_dkdv_seg_rows=96,range_fwd=(8, 3),sel_algo=query", rounds=3)
+    bench_kernels.ab_shape("a_paper", 8, "sel_dkdv_seg_rows=96,range_fwd=(8, 3),sel_algo=query", rounds=3)
     changed = LaunchConfig(sel_dkdv_seg_rows=96, range_fwd=(8, 3), sel_algo="query")
     assert seen == [changed, LaunchConfig(), LaunchConfig(), changed, changed, LaunchConfig()]
     assert current_launch() == LaunchConfig()  # the defaults again outside the runs
     seen.clear()
     with pytest.raises(SystemExit, match="did you mean 'sel_dkdv_seg_rows'"):
-        bench_kernels.ab_shape("a_paper", 8, None, "sel_dkdv_seg_row=96", rounds=1)
+        bench_kernels.ab_shape("a_paper", 8, "sel_dkdv_seg_row=96", rounds=1)
     with pytest.raises(SystemExit, match="sel_dkdv_seg_rows must be a positive int"):
-        bench_kernels.ab_shape("a_paper", 8, None, "sel_dkdv_seg_rows=lots", rounds=1)
+        bench_kernels.ab_shape("a_paper", 8, "sel_dkdv_seg_rows=lots", rounds=1)
     with pytest.raises(SystemExit, match="NAME=VALUE"):
-        bench_kernels.ab_shape("a_paper", 8, None, "DKDV 1024", rounds=1)
+        bench_kernels.ab_shape("a_paper", 8, "DKDV 1024", rounds=1)
     assert seen == []
 
 
