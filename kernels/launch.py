@@ -69,6 +69,8 @@ class LaunchConfig:
     select_aligned: bool = True  # chunks of whole blocks where (l, d, l') allow it
     select_merge: Optional[bool] = None  # tl.bitonic_merge top-n merge (None: when Triton has it)
     select: Optional[WarpsStages] = None  # None: 8 warps for merges wider than top-n, 3 stages aligned G < 16
+    # --- shared memory: every kernel's tiles are shrunk until their estimate fits (``fit``)
+    smem_bytes: int = 232448  # shared memory one program may use: Hopper's 227 KB
     # --- (num_warps, num_stages) per kernel
     range_fwd: WarpsStages = (4, 3)
     range_dq: WarpsStages = (4, 2)
@@ -113,6 +115,35 @@ class LaunchConfig:
         w, s = getattr(self, kernel)
         return {"num_warps": w, "num_stages": s}
 
+    def fit(self, kernel: str, rows: int, keys: int, bdk: int, bdv: int, elsize: int, stages: int,
+            rows_min: int = 16, keys_min: int = 16, fixed: str = "") -> tuple[int, int, int]:
+        """(rows, keys, stages) of ``kernel`` whose ``smem_estimate`` fits ``smem_bytes``.
+
+        rows / keys: the tiles' BLOCK_M / BLOCK_N (powers of two), halved down to rows_min /
+        keys_min unless named in ``fixed`` ("rows", "keys"); bdk / bdv: padded head dims;
+        elsize: bytes per input element. Each step takes the largest saving among halving the
+        rows, halving the keys and one stage fewer (two stages kept while a tile can shrink).
+        The default tiles of 16-bit inputs up to Dk = 256, Dv = 128 (G <= 16) fit unchanged.
+        """
+        def size(r, k, st):
+            return smem_estimate(kernel, r, k, bdk, bdv, elsize, st)
+        while size(rows, keys, stages) > self.smem_bytes:
+            steps = []
+            if "rows" not in fixed and rows // 2 >= rows_min:
+                steps.append((rows // 2, keys, stages))
+            if "keys" not in fixed and keys // 2 >= keys_min:
+                steps.append((rows, keys // 2, stages))
+            if stages > 2 or (stages > 1 and not steps):
+                steps.append((rows, keys, stages - 1))
+            if not steps:
+                raise ValueError(
+                    f"{kernel}: no tile fits {self.smem_bytes} B of shared memory with head dims {bdk}/{bdv} "
+                    f"(padded) and {elsize}-byte inputs: {size(rows, keys, stages)} B at {rows} rows, {keys} "
+                    f"keys, 1 stage. Use 16-bit inputs or smaller head dims (or a larger LaunchConfig.smem_bytes "
+                    f"on a GPU that has it)")
+            rows, keys, stages = min(steps, key=lambda t: (size(*t), -t[2]))
+        return rows, keys, stages
+
     def _check(self) -> None:
         for f in dataclasses.fields(self):
             name, v = f.name, getattr(self, f.name)
@@ -138,6 +169,38 @@ class LaunchConfig:
                 low = _POW2.get(name)
                 if low is not None and (v & (v - 1) or v < low):
                     raise ValueError(f"LaunchConfig.{name} must be a power of two >= {low}, got {v!r}")
+
+
+# Shared-memory tiles of each kernel with matrix products: per tile, its rows ("m": BLOCK_M
+# query rows, "n": BLOCK_N keys) and columns ("k": Dk, "v": Dv, padded to powers of two).
+# Resident tiles are loaded once per program; streamed ones once per pipeline stage.
+SMEM_TILES = {
+    # kernel: (resident, streamed)
+    "range_fwd": (("mk",), ("nk", "nv")),
+    "range_dq": (("mk", "mv"), ("nk", "nv")),
+    "range_dkdv": (("nk", "nv"), ("mk", "mv")),
+    "sel_fwd": (("mk",), ("nk", "nv")),
+    "sel_dq": (("mk", "mv"), ("nk", "nv")),
+    "sel_split": (("nk", "nv"), ("mk",)),
+    "sel_dq_split": (("nk", "nv"), ("mk", "mv")),
+    "sel_dkdv": (("nk", "nv"), ("mk", "mv")),
+    "select": (("mk",), ("nk",)),
+}
+
+
+SMEM_SLACK = 4096  # bytes beside the tiles (Triton added 3072 in the case below: row vectors, barriers)
+
+
+def smem_estimate(kernel: str, rows: int, keys: int, bdk: int, bdv: int, elsize: int, stages: int) -> int:
+    """Bytes of shared memory ``kernel`` takes with BLOCK_M = rows, BLOCK_N = keys: resident tiles
+    once and streamed tiles ``stages`` times, ``elsize`` bytes an element, plus SMEM_SLACK. For the
+    selection kernel at 128 rows, 64 keys, 3 stages, Dk = 192 (256 padded) in fp32 it gives
+    327680 + 4096 B where Triton reported 330752 (issue 25). The other kernels' figures are the
+    same count, not yet compared with Triton's on a GPU."""
+    dims = {"m": rows, "n": keys, "k": bdk, "v": bdv}
+    resident, streamed = SMEM_TILES[kernel]
+    count = lambda tiles: sum(dims[a] * dims[b] for a, b in tiles)  # noqa: E731
+    return elsize * (count(resident) + stages * count(streamed)) + SMEM_SLACK
 
 
 def _is_int(v) -> bool:

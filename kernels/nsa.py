@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -25,6 +25,17 @@ from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
                             _sel_fwd, _sel_fwd_split)
 from .selection import select_from_lse
+
+class Tiles(NamedTuple):
+    """One kernel's tiles and launch keywords in a call (``Geometry.tiles``)."""
+    bt: int  # positions per program (position-major kernels; else 1)
+    block_m: int  # BLOCK_M: query rows
+    block_n: int  # BLOCK_N: keys
+    launch: dict  # num_warps, num_stages
+
+
+POSITION_MAJOR = ("range_fwd", "range_dq", "sel_fwd", "sel_dq")  # BT positions x G heads a program
+
 
 @dataclass
 class Geometry:
@@ -39,6 +50,40 @@ class Geometry:
     # the selection came from the selection kernel: each row's blocks distinct, ascending, -1
     # last, so the inverted selection needs no per-row sort
     idx_sorted: bool = False
+    dtype: torch.dtype = torch.float32  # the inputs' (bytes of the shared-memory tiles)
+    sel_block: int = 64  # l': keys per tile of the selected kernels
+    prec: str = "ieee"  # tl.dot input precision (``dot_precision``)
+    fits: dict = field(default_factory=dict, repr=False)  # Tiles per kernel of this call
+
+    def tiles(self, kernel: str, dkdv_only: bool = False) -> Tiles:
+        """``kernel``'s tiles: the launch config's, shrunk where their shared-memory estimate
+        exceeds ``launch.smem_bytes`` at this call's head dims and dtype (``LaunchConfig.fit``).
+        dkdv_only: a block-major kernel walking a list only the selected dK/dV walks."""
+        if (kernel, dkdv_only) not in self.fits:
+            self.fits[(kernel, dkdv_only)] = self._fit(kernel, dkdv_only)
+        return self.fits[(kernel, dkdv_only)]
+
+    def _fit(self, kernel: str, dkdv_only: bool) -> Tiles:
+        L, G, bt = self.launch, self.G, 1
+        if kernel in POSITION_MAJOR:
+            part = kernel.split("_")[1]
+            rows = (getattr(L, f"range_{part}_rows") or L.range_rows) if kernel.startswith("range") else L.sel_rows
+            bt = max(1, rows // G)
+            m = _pow2(bt * G)
+            n = getattr(L, f"range_{part}_keys") if kernel.startswith("range") else _pow2(self.sel_block)
+        elif kernel == "range_dkdv":
+            m, n = L.dkdv_rows, L.dkdv_keys
+        else:  # block-major selected kernels: rows of one block's queries, at most a work item
+            m = _pow2(min(getattr(L, f"{kernel}_rows"), _sel_seg(self, dkdv_only) * G))
+            n = _pow2(self.sel_block)
+        warps, stages = getattr(L, kernel)
+        fm, fn, stages = L.fit(kernel, m, n, self.bdk(), self.bdv(), self.dtype.itemsize, stages,
+                               rows_min=_pow2(G) if kernel in POSITION_MAJOR else 16,
+                               fixed="keys" if kernel.startswith("sel") else "")
+        if fm != m and kernel in POSITION_MAJOR:  # fewer positions a program
+            bt = max(1, fm // G)
+            fm = _pow2(bt * G)
+        return Tiles(bt, fm, fn, {"num_warps": warps, "num_stages": stages})
 
     def qtiles(self, size: int) -> torch.Tensor:
         if ("q", size) not in self.cache:
@@ -53,7 +98,7 @@ class Geometry:
 
     def dkdv_keys(self) -> int:
         """Keys per program of the range dK/dV kernel."""
-        return self.launch.dkdv_keys
+        return self.tiles("range_dkdv").block_n
 
     def dkdv_chunks(self) -> tuple[int, int]:
         """(positions per query chunk, chunks) of the compressed keys' dK/dV, whose keys every
@@ -84,19 +129,6 @@ class Geometry:
     @property
     def G(self) -> int:
         return self.HQ // self.H
-
-    def range_bt(self, kernel: str) -> int:
-        """Positions per program of a range kernel ("fwd" or "dq"): ``launch.range_<kernel>_rows``,
-        else ``launch.range_rows``, divided by G."""
-        rows = getattr(self.launch, f"range_{kernel}_rows") or self.launch.range_rows
-        return max(1, rows // self.G)
-
-    def range_block_m(self, kernel: str) -> int:
-        return max(16, triton.next_power_of_2(self.range_bt(kernel) * self.G))
-
-    def range_keys(self, kernel: str) -> int:
-        """Keys per step of a range kernel ("fwd" or "dq"): ``launch.range_<kernel>_keys``."""
-        return getattr(self.launch, f"range_{kernel}_keys")
 
     def sel_block_major(self) -> bool:
         """Selected forward block-major (small groups) or position-major (G >= 16)?
@@ -143,12 +175,6 @@ class Geometry:
             per_pos = max(per_pos, self.HQ * n * (self.DK * pdt.itemsize + (4 if pdt == torch.float16 else 0)))
         return max(1, self.launch.split_bytes // per_pos)
 
-    def sel_bt(self) -> int:
-        return max(1, self.launch.sel_rows // self.G)
-
-    def sel_block_m(self) -> int:
-        return max(16, triton.next_power_of_2(self.sel_bt() * self.G))
-
     def bdk(self) -> int:
         return max(16, triton.next_power_of_2(self.DK))
 
@@ -169,13 +195,13 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     else:
         o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device) if not lse_only else q
         lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
-    qt = geo.qtiles(geo.range_bt("fwd"))
+    t = geo.tiles("range_fwd")
+    qt = geo.qtiles(t.bt)
     if qt.shape[0]:
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
-            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=geo.range_bt("fwd"),
-            BLOCK_M=geo.range_block_m("fwd"), BLOCK_N=geo.range_keys("fwd"), BDK=geo.bdk(), BDV=geo.bdv(),
-            LSE_ONLY=lse_only, **geo.launch.warps("range_fwd"))
+            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, **t.launch)
     return (None if lse_only else o), lse
 
 
@@ -185,7 +211,8 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, ls
     (``forced_split``), fp32 [T, HQ, Dk], from one kernel that loads q once and writes every
     row (the selected kernels add the rest last)."""
     dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    qt = geo.qtiles(geo.range_bt("dq"))
+    t = geo.tiles("range_dq")
+    qt = geo.qtiles(t.bt)
     if qt.shape[0]:
         win = cfg.window > 0
         _range_bwd_dq[(qt.shape[0], geo.H)](
@@ -193,8 +220,8 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, ls
             dos[0], dos[2] if win else dos[0], dos[1], lse_c, delta[0], lse_w if win else lse_c, delta[2],
             lse_s, delta[1], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
-            BT=geo.range_bt("dq"), BLOCK_M=geo.range_block_m("dq"), BLOCK_N=geo.range_keys("dq"),
-            BDK=geo.bdk(), BDV=geo.bdv(), **geo.launch.warps("range_dq"))
+            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(), PREC=geo.prec,
+            **t.launch)
     return dq32
 
 
@@ -217,12 +244,13 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
 
 def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale):
     """One ``_range_bwd_dkdv`` launch over key tiles kt and nchunk chunks of qchunk queries."""
+    t = geo.tiles("range_dkdv")
     _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
                                                   geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
-                                                  LS=cfg.sel_block, BLOCK_M=geo.launch.dkdv_rows, BLOCK_N=geo.dkdv_keys(),
-                                                  BDK=geo.bdk(), BDV=geo.bdv(), ATOMIC=atomic,
-                                                  **geo.launch.warps("range_dkdv"))
+                                                  LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                                  BDK=geo.bdk(), BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec,
+                                                  **t.launch)
 
 
 def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2, scale):
@@ -241,9 +269,9 @@ def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2
                      scale2, scale)
 
 
-def _sel_prep(idx, geo: Geometry):
-    qt = geo.qtiles(geo.sel_bt())
-    union, cnt = tl_tiles.selection_union(idx, qt, geo.sel_bt())
+def _sel_prep(idx, geo: Geometry, bt: int):
+    qt = geo.qtiles(bt)
+    union, cnt = tl_tiles.selection_union(idx, qt, bt)
     return qt, union, cnt
 
 
@@ -263,11 +291,11 @@ def _sel_work(idx, geo: Geometry, cfg, chunk=None, dkdv_only=False):
 
 
 def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) -> dict:
-    """Block-major kernel ``kernel``'s constants; its rows per step: ``launch.<kernel>_rows``
-    (sel_split, sel_dq_split, sel_dkdv), at most a segment."""
-    rows = getattr(geo.launch, f"{kernel}_rows")
-    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=_pow2(min(rows, _sel_seg(geo, dkdv_only) * geo.G)),
-                BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv())
+    """Block-major kernel ``kernel``'s constants and launch keywords; its rows per step:
+    ``launch.<kernel>_rows`` (sel_split, sel_dq_split, sel_dkdv), at most a segment."""
+    t = geo.tiles(kernel, dkdv_only)
+    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(),
+                PREC=geo.prec, **t.launch)
 
 
 def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
@@ -283,13 +311,13 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
         _range_forward(2, q, k, v, geo, cfg, scale2, out=(o, lse))
     if geo.sel_block_major():
         return _sel_forward_split(q, k, v, idx, o, lse, geo, cfg, scale2)
-    qt, union, cnt = _sel_prep(idx, geo)
+    t = geo.tiles("sel_fwd")
+    qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
         _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
-                                       geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block,
-                                       BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
-                                       BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                       BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced, **geo.launch.warps("sel_fwd"))
+                                       geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
+                                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDK=geo.bdk(),
+                                       BDV=geo.bdv(), FORCED=forced, PREC=geo.prec, **t.launch)
     return o, lse, None
 
 
@@ -310,8 +338,7 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
         i0, i1 = work.bounds[c], work.bounds[c + 1]
         lp.fill_(float("-inf"))
         _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
-                                   geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"),
-                                   **geo.launch.warps("sel_split"))
+                                   geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
@@ -335,7 +362,7 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
         i0, i1 = work.bounds[c], work.bounds[c + 1]  # every chunk has item rows (tiles.item_bound >= 1)
         _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
                                       work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
-                                      **_sel_block_args(geo, cfg, "sel_dq_split"), **geo.launch.warps("sel_dq_split"))
+                                      **_sel_block_args(geo, cfg, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], dq[t0:t1], nr,
                                                      geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=geo.bdk(),
@@ -361,18 +388,19 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
     if block_dq:
         _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo, cfg, scale2, scale)
     else:
-        qt, union, cnt = _sel_prep(idx, geo)
+        t = geo.tiles("sel_dq")
+        qt, union, cnt = _sel_prep(idx, geo, t.bt)
         if qt.shape[0]:
             _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
-                                              LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
-                                              BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                              BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced, **geo.launch.warps("sel_dq"))
+                                              LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                              NPAD=_pow2(n), BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced,
+                                              PREC=geo.prec, **t.launch)
     # the forward's work list when it made one (its chunks only split segments further)
     if work.items.shape[0]:
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
-                                              **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only), **geo.launch.warps("sel_dkdv"))
+                                              **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
@@ -465,4 +493,15 @@ def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg
     else:
         _GEOMETRIES.move_to_end(key)
     layout, cache = hit
-    return Geometry(layout, HQ, k_cmp.shape[2], DK, v_sel.shape[3], cache=cache)
+    return Geometry(layout, HQ, k_cmp.shape[2], DK, v_sel.shape[3], cache=cache, dtype=q.dtype,
+                    sel_block=cfg.sel_block, prec=dot_precision(q.dtype))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs as PyTorch computes fp32 matmuls, in full precision
+    ("ieee") unless the user allows TF32 (``torch.backends.cuda.matmul.allow_tf32 = True`` or
+    ``torch.set_float32_matmul_precision("high")``); 16-bit inputs: "tf32" (no effect on them)."""
+    if dtype != torch.float32:
+        return "tf32"
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"

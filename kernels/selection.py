@@ -38,7 +38,7 @@ def _first_part(x, PARTS: tl.constexpr):
 
 @triton.jit
 def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr, GP: tl.constexpr,
-                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr):
+                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Importance [BT, len(j)] of blocks j from compressed tokens i0..min(i0+BLOCK_N, i_hi)-1."""
     i = i0 + tl.arange(0, BLOCK_N)
     kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
@@ -46,7 +46,7 @@ def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl
     lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
     hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
     w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, len(j)]
-    s = tl.dot(q, kc) * scale2
+    s = tl.dot(q, kc, input_precision=PREC) * scale2
     vis = (i[None, :] < nv_r[:, None]) & (i < i_hi)[None, :]
     p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
@@ -59,7 +59,7 @@ def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl
 
 @triton.jit
 def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
-                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr):
+                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr, PREC: tl.constexpr):
     """Importance [BT, BJP] of blocks j0..j0+BJP-1 from the R*BJP compressed tokens starting in
     them, where R = l'/d tokens start in each block and a token spans E = l/d <= R strides;
     BT >= 16 positions (the 0/1 products are matrix products).
@@ -72,7 +72,7 @@ def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, 
     i = j0 * R + tl.arange(0, BLOCK_N)
     kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
                  mask=(i < nv_max)[None, :] & (dk < DK)[:, None], other=0.0)
-    s = tl.dot(q, kc) * scale2
+    s = tl.dot(q, kc, input_precision=PREC) * scale2
     p = tl.where(i[None, :] < nv_r[:, None], tl.exp2(s - lse[:, None]), 0.0)
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
     jj = tl.arange(0, BJP)
@@ -113,7 +113,7 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
                  DS: tl.constexpr, LS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
                  BJ: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
                  MERGE: tl.constexpr, SPAN: tl.constexpr, FITS: tl.constexpr,
-                 ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr):
+                 ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr, PREC: tl.constexpr):
     """BT positions x one KV head: stream the blocks in chunks of BJ, keep a running top-n."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -141,16 +141,16 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         imp = tl.zeros([BT, BJP], tl.float32)
         if ALIGNED:
             imp, carry = _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2,
-                                             BT, GP, R, E, BJP)
+                                             BT, GP, R, E, BJP, PREC)
         elif FITS:  # SPAN tiles cover the chunk: no inner loop, so the pipeliner overlaps the
             # next chunk's key loads with this chunk's work (an inner loop of one trip does not)
             for sp in tl.static_range(SPAN):
                 imp += _importance(q, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N)
+                                   BT, GP, L, DS, LS, BLOCK_N, PREC)
         else:  # one block overlaps more compressed tokens than SPAN tiles hold
             for i0 in range(i_lo, i_hi, BLOCK_N):
                 imp += _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N)
+                                   BT, GP, L, DS, LS, BLOCK_N, PREC)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         cand = (j[None, :] <= cur[:, None]) & (jj < BJ)[None, :]
         bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
@@ -223,20 +223,35 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     # >= 16 positions a program, so that the weight product is a matrix product, unless the
     # group alone fills the rows (G > 16: then the group sum is a broadcast)
     BT = max(rows // GP, 16 if GP <= 16 else 1)
-    tiles = geo.qtiles(BT)
-    if aligned:  # chunks of whole blocks: the tokens starting in them
-        BJ = BJP = BLOCK_N // (ls // d)
-    else:
-        BJ = block_chunk(l, d, ls, BLOCK_N * span)
-        BJP = max(NP, triton.next_power_of_2(BJ))
+    BDK = max(16, triton.next_power_of_2(DK))
+    BJ, BJP = _chunk_blocks(aligned, l, d, ls, BLOCK_N, span, NP)
     # default: 8 warps when a merge's chunk is wider than the top-n; 3 stages with chunks of
     # whole blocks below G = 16 (docs/kernel_notes.md, "Launch configuration")
     warps, stages = launch.select or (8 if BJP > NP else 4, 3 if aligned and GP < 16 else 2)
+    # the queries and key tiles within shared memory (fp32, large Dk): fewer stages or positions;
+    # below 16 positions the general chunks (their weight product is then a broadcast)
+    rows_fit, _, stages = launch.fit("select", BT * GP, BLOCK_N, BDK, 0, q.element_size(), stages,
+                                     rows_min=max(16, GP), fixed="keys")
+    if rows_fit < BT * GP:
+        BT = rows_fit // GP
+        if aligned and BT < 16:
+            aligned = False
+            BJ, BJP = _chunk_blocks(aligned, l, d, ls, BLOCK_N, span, NP)
+    tiles = geo.qtiles(BT)
     merge = HAS_BITONIC_MERGE if launch.select_merge is None else launch.select_merge
     _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
                                       DS=d, LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=BJP, BLOCK_N=BLOCK_N,
-                                      BDK=max(16, triton.next_power_of_2(DK)), MERGE=merge, SPAN=span,
+                                      BDK=BDK, MERGE=merge, SPAN=span,
                                       FITS=chunk_fits(l, d, ls, BLOCK_N * span), ALIGNED=aligned,
-                                      R=ls // d if aligned else 1, E=l // d if aligned else 1,
+                                      R=ls // d if aligned else 1, E=l // d if aligned else 1, PREC=geo.prec,
                                       num_warps=warps, num_stages=stages)
     return out
+
+
+def _chunk_blocks(aligned: bool, l: int, d: int, ls: int, tokens: int, span: int, np_: int) -> tuple[int, int]:
+    """(blocks per top-n merge, that rounded up to a power of two >= the merge width)."""
+    if aligned:  # chunks of whole blocks: the tokens starting in them
+        bj = tokens // (ls // d)
+        return bj, bj
+    bj = block_chunk(l, d, ls, tokens * span)
+    return bj, max(np_, triton.next_power_of_2(bj))
