@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from .io import OPTIMIZER, atomic_output_dir, note, progress, save_consolidated, save_moments
+from ..fileio import atomic_dir
+from .io import OPTIMIZER, note, progress, save_consolidated, save_moments
 
 
 def local_layout(model: torch.nn.Module) -> dict[str, list]:
@@ -198,7 +199,7 @@ def consolidate(path: str, out: str, dtype: Optional[torch.dtype] = None, force:
     extra = {"source_checkpoint": os.path.abspath(ck.tag_dir), "step": meta.get("step")}
     if optimizer:
         extra["training_state"] = training_state(meta, ck.adam_step)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp:
         note(f"writing {out}", quiet)
         save_consolidated(state, cfg, tmp, extra)
         if optimizer:

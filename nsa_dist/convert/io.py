@@ -1,12 +1,9 @@
-"""Safe checkpoint I/O: safetensors or weights-only loads, atomic output directories."""
+"""Safe checkpoint I/O: safetensors loads and the consolidated format; progress display."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Iterable, Iterator, Optional
 
@@ -47,40 +44,6 @@ def note(msg: str, quiet: bool = False) -> None:
     """One status line on stderr (a terminal only, like ``progress``): e.g. before a long write."""
     if not quiet and sys.stderr.isatty():
         print(f"[nsa-convert] {msg}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str, force: bool = False) -> Iterator[str]:
-    """Yield a temporary directory beside ``path``; rename it to ``path`` on success.
-
-    An existing ``path`` is refused unless ``force``; with ``force`` it is replaced only
-    after the new one is complete. On any error the temporary directory is removed and
-    ``path`` is untouched.
-    """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"output {path} already exists; pass --force to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=parent)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for root, dirs, files in os.walk(tmp):  # mkdtemp's 0700 would hide the output from others
-            os.chmod(root, 0o777 & ~umask)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o666 & ~umask)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
 
 
 def load_safetensors_file(path: str) -> dict[str, torch.Tensor]:

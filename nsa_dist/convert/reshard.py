@@ -30,8 +30,9 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
+from ..fileio import atomic_dir
 from .consolidate import _tag_dir, check_against_model, global_batch, read_checkpoint
-from .io import (CONFIG, OPTIMIZER, WEIGHTS, atomic_output_dir, load_consolidated, load_moments,
+from .io import (CONFIG, OPTIMIZER, WEIGHTS, load_consolidated, load_moments,
                  load_safetensors_file, note, read_config_json, save_moments)
 
 
@@ -121,7 +122,7 @@ def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: 
     step = int(meta.get("step", 0))
     tag = tag_for_step(step)
     names = [n for n in params if not (cfg.tie_embeddings and n == "lm_head.weight")]  # tied: embed.weight
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp:
         from safetensors.torch import save_file
 
         tag_dir = os.path.join(tmp, tag)

@@ -97,10 +97,10 @@ def _derived_model_yaml(base_path: str, attention: str, seq_len: int, out_dir: s
     path = os.path.join(out_dir, "models", name)
     import yaml
 
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
+    from ..fileio import atomic_open
+
+    with atomic_open(path) as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
-    os.replace(tmp, path)
     return path
 
 

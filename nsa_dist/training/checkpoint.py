@@ -15,17 +15,17 @@ file is a clear error rather than a crash deep inside ``torch.load``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from ..fileio import AtomicFile, atomic_write, is_temp
 
 META_FILE = "nsa_meta.json"
 LATEST_FILE = "latest"
@@ -35,29 +35,6 @@ _TAG_RE = re.compile(r"^step_(\d{8,})$")
 
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -234,20 +211,21 @@ class CheckpointManager:
         self.barrier()
         engine.save_checkpoint(self.root, tag=tag, save_latest=False)
         os.makedirs(tag_dir, exist_ok=True)
-        _atomic_torch_save(rng_state(), os.path.join(tag_dir, rng_file(self.rank)))
+        with AtomicFile(os.path.join(tag_dir, rng_file(self.rank))) as f:
+            torch.save(rng_state(), f.tmp)
         self.barrier()
         if self.rank == 0:
             files = {}
             for dirpath, _, names in os.walk(tag_dir):
                 for name in names:
-                    if name == META_FILE or name.startswith(".tmp_"):
+                    if name == META_FILE or is_temp(name):
                         continue
                     full = os.path.join(dirpath, name)
                     files[os.path.relpath(full, tag_dir)] = os.path.getsize(full)
             record = dict(meta, format_version=FORMAT_VERSION, tag=tag, step=step,
                           world_size=self.world_size, files=dict(sorted(files.items())))
-            _atomic_write_text(os.path.join(tag_dir, META_FILE), json.dumps(record, indent=2) + "\n")
-            _atomic_write_text(os.path.join(self.root, LATEST_FILE), tag + "\n")
+            atomic_write(os.path.join(tag_dir, META_FILE), json.dumps(record, indent=2) + "\n")
+            atomic_write(os.path.join(self.root, LATEST_FILE), tag + "\n")
             self._prune(keep_tag=tag)
         self.barrier()
         return tag_dir
@@ -279,18 +257,6 @@ class CheckpointManager:
         if os.path.isfile(rng_path):
             set_rng_state(load_rng_file(rng_path))
         return meta
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp_{os.getpid()}_{name}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],

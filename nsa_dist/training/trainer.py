@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
+from ..fileio import atomic_open
 from .checkpoint import CheckpointManager, check_compatible, find_resume_checkpoint, read_meta
 from .config import TrainConfig
 from .ds_config import load_ds_json, resolve_ds_config, zero_stage
@@ -546,11 +547,8 @@ class Trainer:
         }
         if self.rank == 0:
             os.makedirs(self.cfg.output_dir, exist_ok=True)  # no checkpoint or TB may have made it
-            path = os.path.join(self.cfg.output_dir, "summary.json")
-            tmp = path + ".tmp"
-            with open(tmp, "w") as fh:
+            with atomic_open(os.path.join(self.cfg.output_dir, "summary.json")) as fh:
                 json.dump(summary, fh, indent=2)
-            os.replace(tmp, path)
         return summary
 
     def close(self) -> None:
