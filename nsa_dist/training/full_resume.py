@@ -1,46 +1,17 @@
-"""Resuming a layout-free checkpoint (``nsa-convert reshard`` output) on this run's layout.
+"""Adam's moments of a layout-free checkpoint (``nsa-convert reshard`` output) into this
+run's DeepSpeed optimizer.
 
-The checkpoint holds full (single-device) fp32 weights and Adam moments. Each rank cuts the
-slice its parameters hold (``local_layout``: full name, TP dim and range), puts the weights
-into the model before DeepSpeed wraps it (so fp32 masters and ZeRO partitions start from
-them), and after ``deepspeed.initialize`` writes the moments through DeepSpeed's fragment API
-(ZeRO 1-3, bf16) or directly into a plain torch optimizer.
+The weights went into the model before DeepSpeed wrapped it (``checkpoint.full.load_weights``:
+fp32 masters and ZeRO partitions start from them). Each rank cuts the moments like the weights
+(``checkpoint.layout.local_slices``) and, after ``deepspeed.initialize``, writes them through
+DeepSpeed's fragment API (ZeRO 1-3, bf16) or directly into a plain torch optimizer.
 """
 from __future__ import annotations
 
 import torch
 
-
-def local_slices(model: torch.nn.Module, full: dict, tied: bool, where: str) -> list:
-    """(local parameter, its slice of ``full[name]``) for every parameter of ``model``."""
-    from ..convert.consolidate import local_layout
-
-    params = dict(model.named_parameters())
-    out = []
-    for local, (name, dim, start, stop) in local_layout(model).items():
-        if name not in full and name == "lm_head.weight" and tied:
-            name = "embed.weight"
-        if name not in full:
-            raise ValueError(f"{where}: no tensor for parameter {name}")
-        t = full[name]
-        if dim is not None:
-            t = t.narrow(dim, start, stop - start)
-        p = params[local]
-        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions: the full local shape
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{where}: {name} gives {tuple(t.shape)} for this layout, the model holds {shape}")
-        out.append((p, t))
-    return out
-
-
-def load_weights(model: torch.nn.Module, path: str, tied: bool) -> None:
-    """Copy the checkpoint's weights, cut for this rank, into ``model`` (before DeepSpeed)."""
-    from ..convert.reshard import load_full
-
-    weights, _, _ = load_full(path)
-    with torch.no_grad():
-        for p, t in local_slices(model, weights, tied, path):
-            p.copy_(t)
+from ..checkpoint.full import load_full
+from ..checkpoint.layout import local_slices
 
 
 def _materialise_adam_state(zero_opt, base, adam_step: float) -> None:
@@ -64,8 +35,6 @@ def load_optimizer(engine, path: str, adam_step: float, tied: bool) -> bool:
     """Adam's moments and step into ``engine``'s optimizer; False when the checkpoint has none
     (written with --reset-optimizer)."""
     from deepspeed.utils import safe_set_full_optimizer_state
-
-    from ..convert.reshard import load_full
 
     _, avg, avg_sq = load_full(path)
     if avg is None:

@@ -24,7 +24,10 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..fileio import atomic_open
-from .checkpoint import CheckpointManager, check_compatible, find_resume_checkpoint, read_meta
+from ..checkpoint.files import read_meta
+from ..checkpoint.full import load_weights
+from ..checkpoint.layout import local_layout
+from .checkpoint import CheckpointManager, check_compatible, find_resume_checkpoint
 from .config import TrainConfig
 from .ds_config import load_ds_json, resolve_ds_config, zero_stage
 from .metrics import device_peak_tflops, memory_gb, step_rate
@@ -214,7 +217,6 @@ class Trainer:
             model = parallelize(model, ps, megatron_sp=pc.megatron_sp, comm_stats=self.comm_stats,
                                 selection_comm=pc.selection_comm)
             # Which slice of which full parameter each TP rank holds, for nsa-convert consolidate.
-            from ..convert.consolidate import local_layout
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, (ps.tp_rank, local_layout(model)))
             self.param_layout = [dict(gathered)[r] for r in range(ps.tp)]
@@ -226,7 +228,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ layout-free resume
     def _load_full_weights(self, model: torch.nn.Module, path: str) -> None:
-        from .full_resume import load_weights
         load_weights(model, path, self.model_cfg.tie_embeddings)
 
     def _load_full_optimizer(self, path: str) -> dict:

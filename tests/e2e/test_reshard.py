@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import check, free_port, run_launcher, summary, train_yaml
+from nsa_dist.checkpoint import load_full
 from nsa_dist.convert.cli import main as convert
 from nsa_dist.convert.io import load_consolidated
-from nsa_dist.convert.reshard import load_full
 from nsa_dist.models import NSADecoderLM
 
 ROOT = Path(__file__).parents[2]
@@ -89,7 +89,7 @@ def _logits_worker(rank, world, port, cfg_dict, tp, source, ids, out):
     from nsa_dist import ModelConfig
     from nsa_dist.convert.zero_state import load_ds_file
     from nsa_dist.parallel import ParallelState, parallelize
-    from nsa_dist.training.full_resume import load_weights
+    from nsa_dist.checkpoint import load_weights
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
