@@ -131,7 +131,8 @@ def run_grid(args) -> list[dict]:
 
     from ..config import ModelConfig
     from .config import TrainConfig
-    from .trainer import Trainer, _import_deepspeed, init_distributed
+    from .build import import_deepspeed, init_distributed
+    from .trainer import Trainer
 
     base = TrainConfig.from_yaml(args.config).apply_overrides(args.overrides)
     seqs = _csv_ints(args.seq_len, "seq-len")
@@ -140,7 +141,7 @@ def run_grid(args) -> list[dict]:
     for a in attentions:
         if a not in ("nsa", "dense"):
             raise ValueError(f"--attention {a!r}: must be nsa or dense")
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -152,15 +152,16 @@ class CheckpointManager:
             if t not in keep and (is_complete(t) or t < complete[-1]):
                 shutil.rmtree(t, ignore_errors=True)
 
-    def load(self, engine, tag_dir: str) -> dict:
+    def load(self, engine, tag_dir: str, custom_load_fn: Optional[Callable] = None) -> dict:
         """Load ``tag_dir`` into ``engine`` and restore this rank's RNG states; returns the
         metadata. The caller checks it against the current configs first
-        (``check_compatible``)."""
+        (``check_compatible``). custom_load_fn(src=state dict, dst=module): loads the module
+        state instead of ``load_state_dict`` (e.g. renaming it first)."""
         meta = verify_checkpoint(tag_dir)
         root, tag = os.path.split(os.path.normpath(tag_dir))
         load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False,
-                                              load_module_strict=True)
+                                              load_module_strict=True, custom_load_fn=custom_load_fn)
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}")
         rng_path = os.path.join(tag_dir, rng_file(self.rank))
