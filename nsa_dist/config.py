@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .fileio import atomic_open
 
 
 class ConfigBase:
@@ -49,21 +50,11 @@ class ConfigBase:
         return cls.from_dict(data, where=f"{os.path.basename(str(path))}")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temporary file in the same folder, then rename."""
+        """Write atomically (``fileio.atomic_open``); the folder is made if missing."""
         import yaml
 
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_cfg_")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path) as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
 
 
 def _dataclass_type(tp: Any) -> Optional[type]:

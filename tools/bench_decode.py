@@ -21,7 +21,6 @@ import csv
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 
@@ -96,20 +95,13 @@ def bench_one(S: int, args, device, dtype) -> dict:
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    """Write to a temporary file beside ``path``, then rename (no half-written CSV)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_bench_")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write atomically (no half-written CSV); the folder is made if missing."""
+    from nsa_dist.fileio import atomic_open
+
+    with atomic_open(path, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def markdown_table(rows: list[dict]) -> str:
