@@ -142,6 +142,9 @@ class ModelConfig(ConfigBase):
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention: str = "nsa"  # "nsa" or "dense" (causal SDPA with the same projections)
+    # one GEMM for every input projection of an attention layer (q, each K/V, the gate's
+    # first layer); the weights stay stored apart, so checkpoints do not depend on it
+    fused_projection: bool = True
     nsa: NSAConfig = field(default_factory=NSAConfig)
 
     def __post_init__(self) -> None:
@@ -160,8 +163,8 @@ class ModelConfig(ConfigBase):
         _require(self.norm_eps > 0, "norm_eps", "must be > 0", self.norm_eps)
         _require(self.init_std > 0, "init_std", "must be > 0", self.init_std)
         _require(self.attention in ("nsa", "dense"), "attention", "must be 'nsa' or 'dense'", self.attention)
-        _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false",
-                 self.tie_embeddings)
+        for name in ("tie_embeddings", "fused_projection"):
+            _require(isinstance(getattr(self, name), bool), name, "must be true or false", getattr(self, name))
 
     @property
     def dv(self) -> int:

@@ -49,10 +49,11 @@ class DecoderBlock(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if cfg.attention == "nsa":
             self.attn = NSAAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                     cfg.dv, cfg.nsa, cfg.rope_theta, backend=backend)
+                                     cfg.dv, cfg.nsa, cfg.rope_theta, backend=backend,
+                                     fused_projection=cfg.fused_projection)
         else:
             self.attn = DenseAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                       cfg.dv, cfg.rope_theta)
+                                       cfg.dv, cfg.rope_theta, fused_projection=cfg.fused_projection)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size)
         self.comm = Region()  # ``shared``: the norm weights (a plan sums them under Megatron SP)

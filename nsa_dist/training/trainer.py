@@ -261,9 +261,10 @@ class Trainer:
         collectives in step."""
         from deepspeed.utils import set_z3_leaf_modules
 
-        from ..modules import NSAAttention
+        from ..modules import DenseAttention, NSAAttention
 
-        set_z3_leaf_modules(model, [NSAAttention], raise_if_not_found=False)
+        # (the attention layers read their projections' weights directly: one fused GEMM)
+        set_z3_leaf_modules(model, [NSAAttention, DenseAttention], raise_if_not_found=False)
 
     def _build_engine(self, model: torch.nn.Module):
         cfg = self.cfg

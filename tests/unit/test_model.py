@@ -126,3 +126,50 @@ def test_chunked_loss_equals_full_loss_and_gradients():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-8, msg=n)
     with torch.no_grad():  # evaluation: no checkpointing, same number
         torch.testing.assert_close(model(ids, labels).loss.double(), full.loss.double(), rtol=1e-6, atol=0)
+
+
+def _twin_grads(cfg_a: ModelConfig, cfg_b: ModelConfig, packed: bool, setup=None):
+    """Models of two configs with the same weights (fp32, nonzero gate/phi outputs): (loss,
+    logits, gradients) of each on the same batch."""
+    torch.manual_seed(0)
+    a = NSADecoderLM(cfg_a, backend="reference")
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0.0, 0.1)
+    b = NSADecoderLM(cfg_b, backend="reference")
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, cfg_a.vocab_size, (1 if packed else 2, 48), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32) if packed else None
+    out = []
+    for m in (a, b):
+        if setup is not None:
+            setup(m)
+        o = m(ids, torch.roll(ids, -1, 1), cu_seqlens=cu)
+        o.loss.backward()
+        out.append((o.loss.detach(), o.logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["nsa", "nsa_packed", "nsa_shared_kv", "dense", "dense_packed"])
+def test_fused_projection_equals_separate_projections(variant):
+    """One GEMM over q, every K/V and the gate's first layer (RoPE once over q and the keys)
+    gives the separate projections' outputs and gradients (fp32, CPU, 1e-5)."""
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp",
+                    shared_kv=variant == "nsa_shared_kv")
+    cfg = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "attention": variant.split("_")[0],
+                         "tie_embeddings": False})
+    assert cfg.fused_projection  # the default
+    unfused = ModelConfig(**{**cfg.to_dict(), "fused_projection": False})
+    (la, ya, ga), (lb, yb, gb) = _twin_grads(cfg, unfused, packed=variant.endswith("packed"))
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+        assert gb[n].abs().max() > 0, f"{n}: zero gradient, the comparison checks nothing"
+
+
+def test_model_config_execution_options_are_checked():
+    with pytest.raises(ValueError, match="fused_projection=.*true or false"):
+        ModelConfig(fused_projection="yes")
