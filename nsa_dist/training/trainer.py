@@ -263,6 +263,11 @@ class Trainer:
 
         from ..modules import DenseAttention, NSAAttention
 
+        if model.gradient_checkpointing and self.model_cfg.recompute == "keep_attention":
+            raise ValueError("model recompute: keep_attention calls the attention layer's parts "
+                             "outside its forward, where ZeRO-3 cannot gather its weights: use "
+                             "recompute: full with ZeRO-3, or ZeRO stage 0-2")
+
         # (the attention layers read their projections' weights directly: one fused GEMM)
         set_z3_leaf_modules(model, [NSAAttention, DenseAttention], raise_if_not_found=False)
 

@@ -182,13 +182,14 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     return {"ref": ref_curve, "par": par_curve}
 
 
-def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64) -> dict:
+def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full") -> dict:
     """Data parallel on top of TP (and Ulysses): each replica its own batch; after
     ``sync_grads`` every rank holds the gradient of the mean loss over the replicas' batches.
-    Activation checkpointing on, to cover recomputation with collectives inside."""
+    Activation checkpointing on (``recompute`` mode), to cover recomputation with collectives inside."""
     state = ParallelState(world, rank, tp=tp, sp=sp)
     cfg = tiny_config(num_heads=4, num_kv_heads=2)
     model = build_model(cfg)
+    model.config.recompute = recompute
     g = torch.Generator().manual_seed(4)
     batches = torch.randint(0, cfg.vocab_size, (state.dp, 1, S), generator=g)
     ref_losses = []

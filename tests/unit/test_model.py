@@ -173,3 +173,64 @@ def test_fused_projection_equals_separate_projections(variant):
 def test_model_config_execution_options_are_checked():
     with pytest.raises(ValueError, match="fused_projection=.*true or false"):
         ModelConfig(fused_projection="yes")
+
+
+@pytest.mark.parametrize("mode", ["full", "keep_attention"])
+@pytest.mark.parametrize("variant", ["nsa", "nsa_packed", "dense_packed"])
+def test_recompute_modes_equal_no_recomputation(mode, variant):
+    """model.config.recompute with activation checkpointing on: the same loss and gradients
+    as a model that recomputes nothing (fp32, CPU, 1e-5); "none" ignores the switch."""
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp")
+    base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "attention": variant.split("_")[0]})
+    assert base.recompute == "full"  # the default: today's whole-block checkpointing
+    cfg = ModelConfig(**{**base.to_dict(), "recompute": mode})
+    none = ModelConfig(**{**base.to_dict(), "recompute": "none"})
+
+    def on(m):
+        m.gradient_checkpointing = True
+        m.train()
+    (la, ya, ga), (lb, yb, gb) = _twin_grads(cfg, none, packed=variant.endswith("packed"), setup=on)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+        assert gb[n].abs().max() > 0, f"{n}: zero gradient, the comparison checks nothing"
+
+
+def test_keep_attention_runs_the_attention_function_once():
+    """keep_attention recomputes the projections but not the NSA function (selection and
+    attention), full recomputes both: counted calls of the function per training step."""
+    from nsa_dist import ops
+
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16)
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
+    calls = {}
+    for mode in ("full", "keep_attention", "none"):
+        torch.manual_seed(0)
+        model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "recompute": mode}), backend="reference")
+        model.gradient_checkpointing = True
+        model.train()
+        count = {"attn": 0, "select": 0}
+        orig_attn, orig_select = ops.nsa_attention, ops.select_blocks
+
+        def attn(*a, **k):
+            count["attn"] += 1
+            return orig_attn(*a, **k)
+
+        def select(*a, **k):
+            count["select"] += 1
+            return orig_select(*a, **k)
+        ops.nsa_attention, ops.select_blocks = attn, select
+        try:
+            model(ids, ids).loss.backward()
+        finally:
+            ops.nsa_attention, ops.select_blocks = orig_attn, orig_select
+        calls[mode] = count
+    layers = TINY.num_layers
+    assert calls["none"] == calls["keep_attention"] == {"attn": layers, "select": layers}
+    assert calls["full"] == {"attn": 2 * layers, "select": 2 * layers}
+
+
+def test_recompute_mode_is_checked():
+    with pytest.raises(ValueError, match="recompute='selective': must be one of 'full', 'keep_attention', 'none'"):
+        ModelConfig(recompute="selective")
