@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from ..modules import AttentionStats, DenseAttention, LMComm, NSAAttention, Region
 from ..modules.comm import bound
+from ..modules.dense import CausalAttention
 from .flops import training_flops_per_token
 from .loss import chunked_loss_sum
 
@@ -44,7 +45,7 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, kernel: Optional[CausalAttention] = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if cfg.attention == "nsa":
@@ -53,7 +54,8 @@ class DecoderBlock(nn.Module):
                                      fused_projection=cfg.fused_projection)
         else:
             self.attn = DenseAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                       cfg.dv, cfg.rope_theta, fused_projection=cfg.fused_projection)
+                                       cfg.dv, cfg.rope_theta, fused_projection=cfg.fused_projection,
+                                       kernel=kernel)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size)
         self.comm = Region()  # ``shared``: the norm weights (a plan sums them under Megatron SP)
@@ -115,7 +117,10 @@ class NSADecoderLM(nn.Module):
         self.gradient_checkpointing = False  # True: the backward recomputes what cfg.recompute says
         self.loss_chunk = 0  # > 0: loss over this many positions at a time, no full logits
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.num_layers))
+        # dense models: the causal attention every layer runs, picked once per shape
+        self.causal_attention = CausalAttention() if cfg.attention == "dense" else None
+        self.layers = nn.ModuleList(DecoderBlock(cfg, backend, self.causal_attention)
+                                    for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
