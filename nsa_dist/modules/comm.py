@@ -49,6 +49,14 @@ class AttentionComm(Region):
         replicas when there are more ranks than KV heads)."""
         return list(weights)
 
+    def seq_len(self, local_len: int) -> int:
+        """The whole sequence's length S from the length of this rank's input."""
+        return local_len
+
+    def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [S] or [B, S] of the whole sequence -> those of this rank's input tokens."""
+        return positions
+
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
         """[B, S_local, heads, D] -> [B, S, heads', D]: the whole sequence, the heads this
         rank attends with (``kv``: K/V heads, repeated where ranks outnumber them)."""

@@ -82,6 +82,12 @@ class AttentionPlanComm(TPRegion, AttentionComm):
     def kv_weights(self, *weights: torch.Tensor) -> list[torch.Tensor]:
         return C.reduce_grads(list(weights), self.kv_weight_group, sub(self.meter, "kv_replica_grads"))
 
+    def seq_len(self, local_len: int) -> int:
+        return local_len * self.sp
+
+    def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return C.local_chunk(positions, positions.dim() - 1, self.sp_group)
+
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
         """[B, S/sp, h, D] -> [B, S, h*repeat/sp, D] (Ulysses all-to-all)."""
         if self.sp == 1:

@@ -261,17 +261,22 @@ def _build_model(env: Env, ds_config: dict, full_weights: Optional[str]):
     if full_weights:
         load_weights(model, full_weights, env.model_cfg.tie_embeddings)
     if zero_stage(ds_config) == 3:
-        _zero3_leaf_attention(model)
+        _zero3_leaf_attention(model, env.model_cfg.recompute)
     return model, comm_stats, flops_per_token, num_parameters
 
 
-def _zero3_leaf_attention(model: torch.nn.Module) -> None:
+def _zero3_leaf_attention(model: torch.nn.Module, recompute: str) -> None:
     """ZeRO-3 gathers a module's weights at each call, and every rank must make the same
     calls. The phi compressor runs once per packed document, which differs between
     ranks; gathering each whole NSAAttention once per call (a ZeRO-3 "leaf") keeps the
     collectives in step."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    from ..modules import NSAAttention
+    from ..modules import DenseAttention, NSAAttention
 
-    set_z3_leaf_modules(model, [NSAAttention], raise_if_not_found=False)
+    if model.gradient_checkpointing and recompute == "keep_attention":
+        raise ValueError("model recompute: keep_attention calls the attention layer's parts "
+                         "outside its forward, where ZeRO-3 cannot gather its weights: use "
+                         "recompute: full with ZeRO-3, or ZeRO stage 0-2")
+    # (the attention layers read their projections' weights directly: one fused GEMM)
+    set_z3_leaf_modules(model, [NSAAttention, DenseAttention], raise_if_not_found=False)

@@ -22,12 +22,14 @@ from nsa_dist.parallel import collectives as C
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-def tiny_config(num_heads=4, num_kv_heads=2, vocab=64, layers=2, tie=True, attention="nsa") -> ModelConfig:
+def tiny_config(num_heads=4, num_kv_heads=2, vocab=64, layers=2, tie=True, attention="nsa",
+                fused_projection=True) -> ModelConfig:
     nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=5, window=16, phi="mlp",
                     phi_hidden=16, gate_hidden=16)
     return ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=layers, num_heads=num_heads,
                        num_kv_heads=num_kv_heads, head_dim=8, intermediate_size=64, max_seq_len=256,
-                       tie_embeddings=tie, init_std=0.1, nsa=nsa, attention=attention)
+                       tie_embeddings=tie, init_std=0.1, nsa=nsa, attention=attention,
+                       fused_projection=fused_projection)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str = "cpu", backend: str = "reference") -> NSADecoderLM:
@@ -144,12 +146,12 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
 def layout_worker(rank: int, world: int, tp: int = 1, sp: int = 1, megatron_sp: bool = False,
                   num_heads: int = 4, num_kv_heads: int = 2, packed: bool = False, S: int = 64,
                   selection_comm: str = "auto", device: str = "cpu", backend: str = "reference",
-                  attention: str = "nsa") -> dict:
+                  attention: str = "nsa", fused_projection: bool = True) -> dict:
     state = ParallelState(world, rank, tp=tp, sp=sp)
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    model = build_model(tiny_config(num_heads, num_kv_heads, attention=attention), device=device,
-                        backend=backend)
+    model = build_model(tiny_config(num_heads, num_kv_heads, attention=attention,
+                                    fused_projection=fused_projection), device=device, backend=backend)
     out = layer_check(state, model, megatron_sp, packed, S, selection_comm) if attention == "nsa" else {}
     out.update(model_check(state, model, megatron_sp, packed, S, selection_comm))
     return out
@@ -180,13 +182,14 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     return {"ref": ref_curve, "par": par_curve}
 
 
-def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64) -> dict:
+def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full") -> dict:
     """Data parallel on top of TP (and Ulysses): each replica its own batch; after
     ``sync_grads`` every rank holds the gradient of the mean loss over the replicas' batches.
-    Activation checkpointing on, to cover recomputation with collectives inside."""
+    Activation checkpointing on (``recompute`` mode), to cover recomputation with collectives inside."""
     state = ParallelState(world, rank, tp=tp, sp=sp)
     cfg = tiny_config(num_heads=4, num_kv_heads=2)
     model = build_model(cfg)
+    model.config.recompute = recompute
     g = torch.Generator().manual_seed(4)
     batches = torch.randint(0, cfg.vocab_size, (state.dp, 1, S), generator=g)
     ref_losses = []
