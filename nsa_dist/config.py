@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .fileio import atomic_open
 
 
 class ConfigBase:
@@ -49,21 +50,11 @@ class ConfigBase:
         return cls.from_dict(data, where=f"{os.path.basename(str(path))}")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temporary file in the same folder, then rename."""
+        """Write atomically (``fileio.atomic_open``); the folder is made if missing."""
         import yaml
 
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_cfg_")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path) as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
 
 
 def _dataclass_type(tp: Any) -> Optional[type]:
@@ -124,6 +115,9 @@ class NSAConfig(ConfigBase):
         _require(isinstance(self.shared_kv, bool), "shared_kv", "must be true or false", self.shared_kv)
 
 
+RECOMPUTE = ("full", "keep_attention", "none")
+
+
 @dataclass
 class ModelConfig(ConfigBase):
     """A decoder-only LM with NSA (or dense, for baselines) attention in every layer."""
@@ -142,6 +136,14 @@ class ModelConfig(ConfigBase):
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention: str = "nsa"  # "nsa" or "dense" (causal SDPA with the same projections)
+    # one GEMM for every input projection of an attention layer (q, each K/V, the gate's
+    # first layer); the weights stay stored apart, so checkpoints do not depend on it
+    fused_projection: bool = True
+    # what the backward recomputes when activation checkpointing is on (the train config's
+    # activation_checkpointing): "full" (each decoder block), "keep_attention" (the attention
+    # function's output and saved tensors are kept; projections, norms and MLP recomputed),
+    # "none" (nothing, checkpointing or not)
+    recompute: str = "full"
     nsa: NSAConfig = field(default_factory=NSAConfig)
 
     def __post_init__(self) -> None:
@@ -160,8 +162,10 @@ class ModelConfig(ConfigBase):
         _require(self.norm_eps > 0, "norm_eps", "must be > 0", self.norm_eps)
         _require(self.init_std > 0, "init_std", "must be > 0", self.init_std)
         _require(self.attention in ("nsa", "dense"), "attention", "must be 'nsa' or 'dense'", self.attention)
-        _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false",
-                 self.tie_embeddings)
+        _require(self.recompute in RECOMPUTE, "recompute",
+                 "must be one of " + ", ".join(repr(m) for m in RECOMPUTE), self.recompute)
+        for name in ("tie_embeddings", "fused_projection"):
+            _require(isinstance(getattr(self, name), bool), name, "must be true or false", getattr(self, name))
 
     @property
     def dv(self) -> int:

@@ -28,7 +28,6 @@ import argparse
 import csv
 import os
 import sys
-import tempfile
 import time
 
 FIELDS = ["batch", "context", "method", "status", "ms_per_step", "tokens_per_s", "reads_per_head",
@@ -232,20 +231,13 @@ def bench_point(B: int, S: int, shape: Shape, args, device, dtype) -> list[dict]
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    """Write to a temporary file beside ``path``, then rename (no half-written CSV)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_bench_")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write atomically (no half-written CSV); the folder is made if missing."""
+    from nsa_dist.fileio import atomic_open
+
+    with atomic_open(path, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def markdown_table(rows: list[dict]) -> str:

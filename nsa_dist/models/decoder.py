@@ -1,6 +1,7 @@
 """Decoder-only LM: embeddings, RMSNorm, NSA (or dense) attention, SwiGLU MLP, LM head."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,7 +10,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from ..modules import AttentionStats, DenseAttention, NSAAttention
+from ..modules import AttentionStats, DenseAttention, LMComm, NSAAttention, Region
+from ..modules.comm import bound
+from ..modules.dense import CausalAttention
 from .flops import training_flops_per_token
 from .loss import chunked_loss_sum
 
@@ -26,46 +29,74 @@ class LMOutput:
 
 
 class SwiGLU(nn.Module):
+    """x [B, S, hidden] -> [B, S, hidden]; ``self.comm``: a plan's region hooks (the gate and
+    up projections may be column shards, the down projection a row shard)."""
+
     def __init__(self, hidden: int, inner: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inner, bias=False)
         self.up_proj = nn.Linear(hidden, inner, bias=False)
         self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.comm = Region()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        x = self.comm.enter(x)
+        return self.comm.exit(self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, kernel: Optional[CausalAttention] = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if cfg.attention == "nsa":
             self.attn = NSAAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                     cfg.dv, cfg.nsa, cfg.rope_theta, backend=backend)
+                                     cfg.dv, cfg.nsa, cfg.rope_theta, backend=backend,
+                                     fused_projection=cfg.fused_projection)
         else:
             self.attn = DenseAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                       cfg.dv, cfg.rope_theta)
+                                       cfg.dv, cfg.rope_theta, fused_projection=cfg.fused_projection,
+                                       kernel=kernel)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size)
+        self.comm = Region()  # ``shared``: the norm weights (a plan sums them under Megatron SP)
 
-    def forward(self, h, cu_seqlens, position_ids, return_stats: bool):
-        a, stats = self.attn(self.attn_norm(h), cu_seqlens=cu_seqlens, position_ids=position_ids,
-                             return_stats=return_stats)
-        h = h + a
-        return h + self.mlp(self.mlp_norm(h)), stats
+    def forward(self, h, cu_seqlens, position_ids, return_stats: bool, keep_attention: bool = False):
+        """h [B, S_in, hidden] -> (h, AttentionStats or None). ``keep_attention``: checkpoint the
+        parts before and after the attention function apart, so that the backward recomputes
+        norms, projections and the MLP but keeps the function's output and saved tensors."""
+        w_attn, w_mlp = self.comm.shared(self.attn_norm.weight, self.mlp_norm.weight)
+        attn_norm, mlp_norm = bound(self.attn_norm, [w_attn]), bound(self.mlp_norm, [w_mlp])
+        if not keep_attention:  # the attention called as a module (DeepSpeed ZeRO-3 sees the call)
+            a, stats = self.attn(attn_norm(h), cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                 return_stats=return_stats)
+            h = h + a
+            return h + self.mlp(mlp_norm(h)), stats
+
+        def pre(h):
+            return self.attn.prepare(attn_norm(h), cu_seqlens, position_ids)
+
+        def post(h, o):
+            h = h + self.attn.finish(o)
+            return h + self.mlp(mlp_norm(h))
+
+        p = checkpoint(pre, h, use_reentrant=False)
+        o, idx = self.attn.attend(p, cu_seqlens)
+        stats = self.attn.stats(p["gates"], idx, p["positions"]) if return_stats and idx is not None else None
+        return checkpoint(post, h, o, use_reentrant=False), stats
 
 
 def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, return_stats: bool):
-    """The decoder stack of ``model`` (its ``layers``, with activation checkpointing when
-    ``model.gradient_checkpointing`` and training). Returns (h, per-layer stats list)."""
+    """The decoder stack of ``model`` (its ``layers``; when ``model.gradient_checkpointing``
+    and training, the backward recomputes what ``model.config.recompute`` says).
+    Returns (h, per-layer stats list)."""
     all_stats = []
     ckpt = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
+    mode = model.config.recompute if ckpt else "none"
     for layer in model.layers:
-        if ckpt:
+        if mode == "full":
             h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, use_reentrant=False)
         else:
-            h, stats = layer(h, cu_seqlens, position_ids, return_stats)
+            h, stats = layer(h, cu_seqlens, position_ids, return_stats, keep_attention=mode == "keep_attention")
         if stats is not None:
             all_stats.append(stats)
     return h, all_stats
@@ -73,19 +104,28 @@ def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, retu
 
 class NSADecoderLM(nn.Module):
     """input_ids [B, S] -> LMOutput. Labels are already aligned: labels[:, t] is the
-    target of position t (the data pipeline shifts them), -100 where ignored."""
+    target of position t (the data pipeline shifts them), -100 where ignored.
+
+    ``nsa_dist.parallel.parallelize`` shards this model in place; ``self.comm`` then takes
+    each rank's share of the sequence and computes the vocab-parallel loss (the global mean,
+    the same on every rank); logits are this rank's slice [B, S_local, V_local].
+    """
 
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
         self.config = cfg
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # True: the backward recomputes what cfg.recompute says
         self.loss_chunk = 0  # > 0: loss over this many positions at a time, no full logits
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.num_layers))
+        # dense models: the causal attention every layer runs, picked once per shape
+        self.causal_attention = CausalAttention() if cfg.attention == "dense" else None
+        self.layers = nn.ModuleList(DecoderBlock(cfg, backend, self.causal_attention)
+                                    for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.comm = LMComm()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -112,37 +152,45 @@ class NSADecoderLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        h, all_stats = run_layers(self, self.embed(input_ids), cu_seqlens, position_ids, return_stats)
+        c = self.comm
+        ids, labels = c.shard(input_ids), (None if labels is None else c.shard(labels))
+        h, all_stats = run_layers(self, c.embed(self.embed, ids), cu_seqlens, position_ids, return_stats)
+        stats = all_stats if return_stats else None
+        (w,) = c.shared(self.norm.weight)
+        h = c.enter(bound(self.norm, [w])(h))
         if labels is not None and self.loss_chunk > 0:
             lab = labels.flatten().long()
-
-            def token_losses(hc, lc):
-                return nn.functional.cross_entropy(self.lm_head(hc).float(), lc, ignore_index=-100,
-                                                   reduction="none")
-            total = chunked_loss_sum(self.norm(h).flatten(0, 1), lab, self.loss_chunk, token_losses)
-            loss = total / (lab != -100).sum()
-            return LMOutput(loss, None, all_stats if return_stats else None)
-        logits = self.lm_head(self.norm(h))
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long(),
-                                               ignore_index=-100)
-        return LMOutput(loss, logits, all_stats if return_stats else None)
+            total = chunked_loss_sum(h.flatten(0, 1), lab, self.loss_chunk,
+                                     lambda hc, lc: c.token_losses(self.lm_head(hc), lc))
+            return LMOutput(c.mean(total, lab), None, stats)
+        logits = self.lm_head(h)
+        return LMOutput(None if labels is None else c.loss(logits, labels), logits, stats)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the whole model (of the single-device model when sharded)."""
         seen, total = set(), 0
         for name, p in self.named_parameters():
             if id(p) in seen or (exclude_embeddings and name.startswith("embed.")):
                 continue
             seen.add(id(p))
-            total += p.numel()
+            total += _full_numel(p)
         return total
+
+    def local_num_parameters(self) -> int:
+        """Parameters held here (this rank's shards and replicas when sharded)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     def matmul_parameters(self) -> int:
         """Weights of every Linear applied once per token (the LM head included)."""
-        return sum(m.weight.numel() for name, m in self.named_modules()
+        return sum(_full_numel(m.weight) for name, m in self.named_modules()
                    if isinstance(m, nn.Linear) and "phi_" not in name)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at this sequence length (forward + backward)."""
+        """Training FLOPs per token at this sequence length (forward + backward), whole model."""
         return training_flops_per_token(seq_len, self.config, self.matmul_parameters())
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    """Elements of the full tensor a (possibly sharded) parameter belongs to; a plan records
+    the full shape as ``nsa_full_shape`` (parallel/layers.py)."""
+    return math.prod(getattr(p, "nsa_full_shape", p.shape))

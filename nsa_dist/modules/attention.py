@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import NSAConfig
 from .. import ops
+from .comm import AttentionComm, bound
 from .compression import MLPCompressor
 from .gate import GateMLP
-from .rope import RotaryEmbedding, position_ids_from_cu_seqlens
+from .rope import RotaryEmbedding, token_positions
 
 BRANCHES = ("cmp", "sel", "win")
 
@@ -48,37 +50,20 @@ def tokens_read(indices: torch.Tensor, positions: torch.Tensor, config: NSAConfi
     return torch.stack([cmp.mean(), sel.mean(), win.mean()])
 
 
-def prepare_branches(rope: RotaryEmbedding, config: NSAConfig, q: torch.Tensor,
-                     kv: dict[str, tuple[torch.Tensor, torch.Tensor]], gates: torch.Tensor,
-                     positions: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
-                     phi_k=None, phi_v=None) -> dict[str, torch.Tensor]:
-    """RoPE and compression on projected heads (shared by the layer and its parallel forms).
-
-    q: [B, S, HQ, Dk]; kv: branch -> (k [B, S, H, Dk], v [B, S, H, Dv]); gates [B, S, HQ, 3].
-    RoPE goes on q and every branch's keys; the cmp branch is then compressed with phi.
-    """
-    cos, sin = rope.cos_sin(positions, q.dtype)
-    out = {"q": rope.rotate(q, cos, sin), "gates": gates}
-    for branch, (k, v) in kv.items():
-        k = rope.rotate(k, cos, sin)
-        if branch == "cmp":
-            k = ops.compress(k, config, phi_k, cu_seqlens)
-            v = ops.compress(v, config, phi_v, cu_seqlens)
-        out[f"k_{branch}"], out[f"v_{branch}"] = k, v
-    return out
-
-
 class NSAAttention(nn.Module):
     """Native Sparse Attention layer (SPEC.md).
 
     x: [B, S, hidden] -> [B, S, hidden]. Each branch has its own K/V projection unless
     ``config.shared_kv``; RoPE goes on q, k_sel, k_win and on k_cmp before compression.
-    ``backend`` picks the NSA function's implementation ("auto", "reference", "triton").
+    ``backend`` picks the NSA function's implementation ("auto", "reference", "triton");
+    ``fused_projection``: one input GEMM for q, K/V and the gate (see ``_heads``). The
+    forward reads heads off its projections (``view(B, S, -1, head_dim)``), so a plan may
+    shard them in place; ``self.comm`` holds the plan's hooks (modules/comm.py).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: int = 0, config: Optional[NSAConfig] = None, rope_theta: float = 10000.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", fused_projection: bool = True):
         super().__init__()
         config = config or NSAConfig()
         if num_heads % num_kv_heads:
@@ -88,7 +73,7 @@ class NSAAttention(nn.Module):
         self.config = config
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim or head_dim
-        self.backend = backend
+        self.backend, self.fused_projection = backend, fused_projection
         dk, dv = self.head_dim, self.v_head_dim
         self.q_proj = nn.Linear(hidden_size, num_heads * dk, bias=False)
         kv_names = ("shared",) if config.shared_kv else BRANCHES
@@ -102,13 +87,57 @@ class NSAAttention(nn.Module):
         self.gate = GateMLP(hidden_size, num_heads, config.gate_hidden)
         self.o_proj = nn.Linear(num_heads * dv, hidden_size, bias=False)
         self.rope = RotaryEmbedding(dk, rope_theta)
+        self.comm = AttentionComm()  # a parallel plan replaces it (modules/comm.py)
 
-    def _kv(self, x: torch.Tensor, branch: str):
-        name = "shared" if self.config.shared_kv else branch
-        B, S, _ = x.shape
-        k = self.k_proj[name](x).view(B, S, -1, self.head_dim)
-        v = self.v_proj[name](x).view(B, S, -1, self.v_head_dim)
-        return k, v
+    def _heads(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [B, S_l, hidden] (a region's input), positions of the whole sequence -> (q
+        [B, S, HQ', Dk], branch -> (k, v) [B, S, H', D], gates [B, S, HQ', 3], (phi_k, phi_v)):
+        the heads this rank attends with over the whole sequence, RoPE on q and the keys.
+
+        Fused (``fused_projection``): one GEMM over the concatenated weights of q, every
+        distinct K/V projection and the gate's first layer (stored apart, hooks applied
+        first), one RoPE call over q and the keys, which lie side by side in its output."""
+        c = self.comm
+        B, S_l, _ = x.shape
+        dk, dv = self.head_dim, self.v_head_dim
+        names = list(self.k_proj)
+        kvw = c.kv_weights(*(self.k_proj[n].weight for n in names), *(self.v_proj[n].weight for n in names))
+        kw, vw = kvw[:len(names)], kvw[len(names):]
+        phi_params = [] if self.phi_k is None else [*self.phi_k.parameters(), *self.phi_v.parameters()]
+        w1, b1, *phi_params = c.shared(self.gate.fc1.weight, self.gate.fc1.bias, *phi_params)
+        phis = (None, None)
+        if self.phi_k is not None:  # phi is used for every head: its parameters are shared
+            n = len(phi_params) // 2
+            phis = (bound(self.phi_k, phi_params[:n]), bound(self.phi_v, phi_params[n:]))
+        cos, sin = self.rope.cos_sin(c.local_positions(positions), x.dtype)
+        wq = self.q_proj.weight
+        if self.fused_projection:
+            y = F.linear(x, torch.cat([wq, *kw, *vw, w1]))
+            n_qk = wq.shape[0] + sum(w.shape[0] for w in kw)
+            qk = self.rope.rotate(y[..., :n_qk].unflatten(-1, (-1, dk)), cos, sin)
+            q, *ks = qk.split([wq.shape[0] // dk] + [w.shape[0] // dk for w in kw], dim=2)
+            vs = y[..., n_qk:n_qk + sum(w.shape[0] for w in vw)].split([w.shape[0] for w in vw], dim=-1)
+            g_pre = y[..., y.shape[-1] - w1.shape[0]:] + b1
+        else:
+            q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)
+            ks = [self.rope.rotate(F.linear(x, w).unflatten(-1, (-1, dk)), cos, sin) for w in kw]
+            vs = [F.linear(x, w) for w in vw]
+            g_pre = F.linear(x, w1, b1)
+        gates = c.to_heads(self.gate.gates(g_pre))
+        kv = {n: (c.to_heads(k, kv=True), c.to_heads(v.unflatten(-1, (-1, dv)), kv=True))
+              for n, k, v in zip(names, ks, vs)}
+        kv = {b: kv["shared" if self.config.shared_kv else b] for b in BRANCHES}
+        return c.to_heads(q), kv, gates, phis
+
+    def _compress(self, q, kv, gates, phis, cu_seqlens) -> dict[str, torch.Tensor]:
+        """The NSA function's inputs: the cmp branch's keys and values compressed with phi."""
+        out = {"q": q, "gates": gates}
+        for branch, (k, v) in kv.items():
+            if branch == "cmp":
+                k = ops.compress(k, self.config, phis[0], cu_seqlens)
+                v = ops.compress(v, self.config, phis[1], cu_seqlens)
+            out[f"k_{branch}"], out[f"v_{branch}"] = k, v
+        return out
 
     def project(self, x: torch.Tensor, positions: torch.Tensor,
                 cu_seqlens: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -117,47 +146,53 @@ class NSAAttention(nn.Module):
         x: [B, S, hidden]; positions: [S] or [B, S]. Returns q [B, S, HQ, Dk], k_cmp/v_cmp
         [B, Nc, H, D], k_sel/v_sel/k_win/v_win [B, S, H, D], gates [B, S, HQ, 3].
         """
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, -1, self.head_dim)
-        kv = {b: self._kv(x, b) for b in BRANCHES}
-        return prepare_branches(self.rope, self.config, q, kv, self.gate(x), positions, cu_seqlens,
-                                self.phi_k, self.phi_v)
+        return self._compress(*self._heads(x, positions), cu_seqlens)
 
-    def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None,
-               reduce_importance: Optional[Callable] = None):
+    def prepare(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The layer up to the NSA function: x [B, S_in, hidden] -> ``project``'s dict (this
+        rank's heads, the whole sequence) plus "positions" [S] or [B, S]."""
+        if x.dim() != 3:
+            raise ValueError(f"NSAAttention expects x of shape [B, S, hidden], got {tuple(x.shape)}")
+        x = self.comm.enter(x)
+        positions = token_positions(self.comm.seq_len(x.shape[1]), x.device, cu_seqlens, position_ids)
+        p = self.project(x, positions, cu_seqlens)
+        p["positions"] = positions
+        return p
+
+    def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
         """Selection then the NSA function. Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
-        idx = ops.select_blocks(p["q"], p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
-                                reduce_importance=reduce_importance,
-                                backend="reference" if self.backend == "reference" else "auto")
+        def select(q, reduce_importance):
+            return ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
+                                     reduce_importance=reduce_importance,
+                                     backend="reference" if self.backend == "reference" else "auto")
+        idx = self.comm.select(p["q"], select)
         o = ops.nsa_attention(p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
                               p["v_win"], p["gates"], self.config, cu_seqlens=cu_seqlens,
                               backend=self.backend, block_indices=idx, canonical_indices=True)
         return o, idx
 
+    def finish(self, o: torch.Tensor) -> torch.Tensor:
+        """The attention output [B, S, HQ', Dv] -> y [B, S_in, hidden]."""
+        return self.comm.exit(self.o_proj(self.comm.from_heads(o).flatten(2)))
+
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, return_stats: bool = False,
-                stats_head: int = 0):
-        """x: [B, S, hidden] -> (y [B, S, hidden], AttentionStats or None).
+                stats_head: int = 0, return_indices: bool = False):
+        """x: [B, S_in, hidden] -> (y [B, S_in, hidden], extra).
 
-        cu_seqlens: packed documents (B = 1); positions then restart per document.
+        cu_seqlens / position_ids describe the whole sequence (packed documents: B = 1,
+        positions restart per document). S_in is S on one device; under a plan, this rank's
+        sequence shard (see ``self.comm``). extra: AttentionStats of the heads this rank
+        attends with if ``return_stats``, the selection [B, S, H', n] if ``return_indices``,
+        else None.
         """
-        if x.dim() != 3:
-            raise ValueError(f"NSAAttention expects x of shape [B, S, hidden], got {tuple(x.shape)}")
-        B, S, _ = x.shape
-        positions = self._positions(S, x.device, cu_seqlens, position_ids)
-        p = self.project(x, positions, cu_seqlens)
+        p = self.prepare(x, cu_seqlens, position_ids)
         o, idx = self.attend(p, cu_seqlens)
-        y = self.o_proj(o.reshape(B, S, -1))
-        stats = self.stats(p["gates"], idx, positions, stats_head) if return_stats else None
-        return y, stats
-
-    @staticmethod
-    def _positions(S, device, cu_seqlens, position_ids):
-        if position_ids is not None:
-            return position_ids
-        if cu_seqlens is not None:
-            return position_ids_from_cu_seqlens(cu_seqlens, S, device)
-        return torch.arange(S, device=device)
+        y = self.finish(o)
+        if return_stats:
+            return y, self.stats(p["gates"], idx, p["positions"], stats_head)
+        return y, (idx if return_indices else None)
 
     def stats(self, gates: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor,
               stats_head: int = 0) -> AttentionStats:

@@ -23,5 +23,10 @@ class GateMLP(nn.Module):
         self.fc2.zero_init = True  # model-wide initialisation leaves it at zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.fc2(torch.nn.functional.silu(self.fc1(x)))
-        return torch.sigmoid(g).unflatten(-1, (self.num_heads, 3))
+        return self.gates(self.fc1(x))
+
+    def gates(self, pre: torch.Tensor) -> torch.Tensor:
+        """The first layer's output [B, S, gate_hidden] (before its activation) -> gates
+        [B, S, heads, 3] (heads: the rows of ``fc2`` this module holds, / 3)."""
+        g = self.fc2(torch.nn.functional.silu(pre))
+        return torch.sigmoid(g).unflatten(-1, (-1, 3))

@@ -20,6 +20,20 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int,
     return out if device is None else to_device(out, device)
 
 
+def token_positions(seq_len: int, device: torch.device, cu_seqlens: Optional[torch.Tensor] = None,
+                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RoPE positions of a whole sequence of ``seq_len`` tokens: ``position_ids`` ([S] or
+    [B, S]) as given, else 0.. restarting at every document of ``cu_seqlens``, else 0..S-1."""
+    if position_ids is not None:
+        if position_ids.shape[-1] != seq_len:
+            raise ValueError(f"position_ids must cover the full sequence ({seq_len}), got "
+                             f"{tuple(position_ids.shape)}")
+        return position_ids
+    if cu_seqlens is not None:
+        return position_ids_from_cu_seqlens(cu_seqlens, seq_len, device)
+    return torch.arange(seq_len, device=device)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotate-half RoPE (Llama convention) on the last dimension of [B, S, heads, D]."""
 

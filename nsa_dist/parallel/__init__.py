@@ -2,20 +2,22 @@
 
 Build one ``ParallelState(world_size, rank, tp, sp, dp)`` after
 ``torch.distributed.init_process_group`` and pass it explicitly; ``parallelize(model, state)``
-returns the parallel model; ``state.mpu()`` goes to ``deepspeed.initialize(mpu=...)``.
+shards the model in place (the plan: parallelize.py; the hooks it gives the layers:
+hooks.py); ``state.mpu()`` goes to ``deepspeed.initialize(mpu=...)``.
 """
 from .comm_stats import CommStats, Meter, wire_bytes
 from .cross_entropy import vocab_parallel_cross_entropy
-from .dense_parallel import ParallelDenseAttention
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from .nsa_parallel import HeadLayout, ParallelNSAAttention
-from .parallelize import ParallelDecoderLM, gather_full, grad_norm, parallelize, sync_grads
-from .state import (DeepSpeedMPU, Layout, ParallelConfig, ParallelState, check_layout,
+from .hooks import AttentionPlanComm, LMPlanComm, TPRegion
+from .layers import shard_columnwise_, shard_param, shard_rowwise_, vocab_parallel_embedding
+from .parallelize import (ParallelNSAAttention, gather_full, grad_norm, parallelize, parallelize_attention,
+                          sync_grads)
+from .state import (DeepSpeedMPU, HeadLayout, Layout, ParallelConfig, ParallelState, check_layout,
                     check_model_layout)
 
 __all__ = [
-    "ColumnParallelLinear", "CommStats", "DeepSpeedMPU", "HeadLayout", "Layout", "Meter",
-    "ParallelConfig", "ParallelDecoderLM", "ParallelDenseAttention", "ParallelNSAAttention", "ParallelState", "RowParallelLinear",
-    "VocabParallelEmbedding", "check_layout", "check_model_layout", "gather_full", "grad_norm", "parallelize",
-    "sync_grads", "vocab_parallel_cross_entropy", "wire_bytes",
+    "AttentionPlanComm", "CommStats", "DeepSpeedMPU", "HeadLayout", "LMPlanComm", "Layout", "Meter",
+    "ParallelConfig", "ParallelNSAAttention", "ParallelState", "TPRegion", "check_layout",
+    "check_model_layout", "gather_full", "grad_norm", "parallelize", "parallelize_attention",
+    "shard_columnwise_", "shard_param", "shard_rowwise_", "sync_grads", "vocab_parallel_cross_entropy",
+    "vocab_parallel_embedding", "wire_bytes",
 ]

@@ -122,6 +122,7 @@ def layer_traffic(cfg, B: int, S: int, tp: int = 1, sp: int = 1, megatron_sp: bo
     S_l = S // sp
     kv_tp = H // tp if tp <= H else 1
     kv_sent = max(kv_tp, sp)  # KV heads per TP rank after the Ulysses repeat
+    kv_proj = 1 if n.shared_kv else 3  # distinct K/V projections (one shared by every branch)
     Ns = -(-S // n.sel_block)
     out = []
 
@@ -153,16 +154,16 @@ def layer_traffic(cfg, B: int, S: int, tp: int = 1, sp: int = 1, megatron_sp: bo
                 rep += n.cmp_block * d + (n.cmp_block * d * ph + ph) + (ph * d + d)
         add("attn.replicated_grads", "all_reduce", "bwd", rep * param_bytes, tp)
         if tp > H:
-            add("attn.kv_replica_grads", "all_reduce", "bwd", 3 * h * (dk + dv) * param_bytes, tp // H)
+            add("attn.kv_replica_grads", "all_reduce", "bwd", kv_proj * h * (dk + dv) * param_bytes, tp // H)
     if sp > 1:
         q_tp = HQ // tp
-        per_dir = B * S_l * (q_tp * (dk + 3 + dv) + 3 * kv_sent * (dk + dv)) * act_bytes
+        per_dir = B * S_l * (q_tp * (dk + 3 + dv) + kv_proj * kv_sent * (dk + dv)) * act_bytes
         add("attn.ulysses", "all_to_all", "fwd", per_dir, sp)
         add("attn.ulysses", "all_to_all", "bwd", per_dir, sp)
     if P > H:
         G = HQ // H
         mode = selection_comm
-        if mode == "auto":  # the rule of ParallelNSAAttention.selection_mode
+        if mode == "auto":  # the rule of hooks.AttentionPlanComm.selection_mode
             mode = "gather_q" if G * dk * act_bytes < 2 * Ns * 8 else "importance"
         if mode == "gather_q":
             add("attn.selection_q", "all_gather", "fwd", B * S * G * dk * act_bytes, P // H)

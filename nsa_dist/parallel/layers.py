@@ -1,14 +1,17 @@
-"""Tensor-parallel layers: column- and row-parallel linear, vocab-parallel embedding.
+"""Tensor-parallel sharding of a model's own layers, in place: column- and row-parallel
+linears, the vocab-parallel embedding lookup.
 
-Layers are built from the full single-device module (``from_linear`` / ``from_embedding``)
-by slicing its weights, so a model initialised from a seed on one device and then
-parallelised is the same model. Each parameter carries ``nsa_shard = (dim, start, stop)``
-(the slice of the full tensor it holds; ``None`` when replicated) so that gradients and
-weights can be gathered back to full shape (``parallelize.gather_full``), and
+A plan replaces a parameter by the slice this rank holds (``shard_param``), under the same
+name, so a model initialised from a seed on one device and then sharded is the same model and
+its checkpoint names are the single-device names. Each parameter carries
+``nsa_shard = (dim, start, stop)`` (the slice of the full tensor it holds; ``None`` when
+replicated) and ``nsa_full_shape`` so that gradients and weights can be gathered back to
+full shape (``parallelize.gather_full``, the checkpoint layout record), and
 ``tensor_model_parallel`` (True when this rank's copy is distinct from every other TP
 rank's), which DeepSpeed's gradient-norm code reads.
 
-Activations are ``[B, S, hidden]``; the sequence dimension (Megatron SP) is 1.
+Where the activations enter and leave a sharded region is the business of the layer's hooks
+(``hooks.py``). Activations are ``[B, S, hidden]``; the sequence dimension (Megatron SP) is 1.
 """
 from __future__ import annotations
 
@@ -28,105 +31,60 @@ def shard_param(full: torch.Tensor, dim: Optional[int], start: int = 0, stop: in
     data = full.detach().clone() if dim is None else full.detach().narrow(dim, start, stop - start).clone()
     p = nn.Parameter(data, requires_grad=full.requires_grad)
     p.nsa_shard = None if dim is None else (dim, start, stop)
+    p.nsa_full_shape = tuple(getattr(full, "nsa_full_shape", full.shape))
     # DeepSpeed (and Megatron) count a parameter in the global gradient norm on every TP rank
     # when this is set, otherwise on TP rank 0 only (a replica).
     p.tensor_model_parallel = dim is not None
     return p
 
 
-class ColumnParallelLinear(nn.Module):
-    """y_local = x W[rows]^T (+ b[rows]): output features split over the TP group.
-
-    input_mode: "copy" (x replicated over TP: identity forward, all-reduce of dx backward),
-    "gather_seq" (Megatron SP: x is [B, S/t, in], all-gathered along the sequence, dx
-    reduce-scattered) or "none" (the caller entered the region once for several layers).
-    x: [B, S(/t), in] -> [B, S, out_local].
-    """
-
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group,
-                 input_mode: str = "copy", meter: Optional[Meter] = None):
-        super().__init__()
-        if input_mode not in ("copy", "gather_seq", "none"):
-            raise ValueError(f"input_mode must be 'copy', 'gather_seq' or 'none', got {input_mode!r}")
-        self.weight, self.bias = weight, bias
-        self.group, self.input_mode, self.meter = group, input_mode, meter
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, start: int, stop: int, group, **kw) -> "ColumnParallelLinear":
-        """Rows [start, stop) of ``linear`` (its output features)."""
-        b = None if linear.bias is None else shard_param(linear.bias, 0, start, stop)
-        return cls(shard_param(linear.weight, 0, start, stop), b, group, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_mode == "copy":
-            x = C.copy_to_region(x, self.group, self.meter)
-        elif self.input_mode == "gather_seq":
-            x = C.gather_along(x, SEQ_DIM, self.group, self.meter)
-        return nn.functional.linear(x, self.weight, self.bias)
+def shard_(module: nn.Module, name: str, dim: Optional[int] = None, start: int = 0, stop: int = 0) -> nn.Parameter:
+    """Replace ``module.<name>`` by its slice [start, stop) along ``dim`` (None: a replica),
+    keeping its name and place among the module's parameters. Returns the new parameter."""
+    p = shard_param(getattr(module, name), dim, start, stop)
+    setattr(module, name, p)
+    return p
 
 
-class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_local W[:, cols]^T (+ b once): input features split over TP.
-
-    output_mode: "reduce" (all-reduce; y replicated), "reduce_scatter_seq" (Megatron SP:
-    y is [B, S/t, out]) or "none" (partial sums left to the caller).
-    x: [B, S, in_local] -> [B, S(/t), out].
-    """
-
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group,
-                 output_mode: str = "reduce", meter: Optional[Meter] = None):
-        super().__init__()
-        if output_mode not in ("reduce", "reduce_scatter_seq", "none"):
-            raise ValueError(f"output_mode must be 'reduce', 'reduce_scatter_seq' or 'none', "
-                             f"got {output_mode!r}")
-        self.weight, self.bias = weight, bias
-        self.group, self.output_mode, self.meter = group, output_mode, meter
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, start: int, stop: int, group, **kw) -> "RowParallelLinear":
-        """Columns [start, stop) of ``linear`` (its input features); the bias is replicated."""
-        b = None if linear.bias is None else shard_param(linear.bias, None)
-        return cls(shard_param(linear.weight, 1, start, stop), b, group, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
-        if self.output_mode == "reduce":
-            y = C.reduce_from_region(y, self.group, self.meter)
-        elif self.output_mode == "reduce_scatter_seq":
-            y = C.reduce_scatter_along(y, SEQ_DIM, self.group, self.meter)
-        if self.bias is not None:
-            # Added after the reduction so it counts once; its gradient is complete on every rank.
-            y = y + self.bias
-        return y
+def shard_columnwise_(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """Column-parallel: this rank computes output features [start, stop) (weight rows, bias)."""
+    shard_(linear, "weight", 0, start, stop)
+    if linear.bias is not None:
+        shard_(linear, "bias", 0, start, stop)
+    linear.out_features = stop - start
+    return linear
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Embedding rows [vocab_start, vocab_end) on this rank; ids outside give zeros and the
-    partial lookups are summed over TP (all-reduce, or reduce-scatter along the sequence
-    with Megatron SP). ids [B, S] -> [B, S(/t), hidden]."""
+def shard_rowwise_(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """Row-parallel: this rank takes input features [start, stop) (weight columns); the
+    partial outputs are summed by the region's exit hook, so there is no bias to add once."""
+    if linear.bias is not None:
+        raise ValueError("a row-parallel linear with a bias is not supported (the bias would be "
+                         "added on every rank before the sum)")
+    shard_(linear, "weight", 1, start, stop)
+    linear.in_features = stop - start
+    return linear
 
-    def __init__(self, weight: nn.Parameter, vocab_start: int, group,
-                 output_mode: str = "reduce", meter: Optional[Meter] = None):
-        super().__init__()
-        if output_mode not in ("reduce", "reduce_scatter_seq"):
-            raise ValueError(f"output_mode must be 'reduce' or 'reduce_scatter_seq', got {output_mode!r}")
-        self.weight, self.vocab_start = weight, vocab_start
-        self.vocab_end = vocab_start + weight.shape[0]
-        self.group, self.output_mode, self.meter = group, output_mode, meter
 
-    @classmethod
-    def from_embedding(cls, emb: nn.Embedding, tp_rank: int, tp: int, group, **kw) -> "VocabParallelEmbedding":
-        V = emb.weight.shape[0]
-        if V % tp:
-            raise ValueError(f"vocab_size={V} is not divisible by tp={tp}; pad it to {-(-V // tp) * tp}")
-        per = V // tp
-        return cls(shard_param(emb.weight, 0, tp_rank * per, (tp_rank + 1) * per),
-                   tp_rank * per, group, **kw)
+def replicate_(module: nn.Module) -> nn.Module:
+    """Every parameter of ``module`` not yet sharded becomes a marked replica."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if not hasattr(p, "nsa_shard"):
+                shard_(sub, name)
+    return module
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
-        local = (ids - self.vocab_start).masked_fill(outside, 0)
-        e = nn.functional.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
-        if self.output_mode == "reduce":
-            return C.reduce_from_region(e, self.group, self.meter)
-        return C.reduce_scatter_along(e, SEQ_DIM, self.group, self.meter)
+
+def vocab_parallel_embedding(ids: torch.Tensor, weight: torch.Tensor, vocab_start: int, group,
+                             output_mode: str = "reduce", meter: Optional[Meter] = None) -> torch.Tensor:
+    """Lookup in embedding rows [vocab_start, vocab_start + V_local) held here: ids outside give
+    zeros and the partial lookups are summed over ``group`` (all-reduce, or reduce-scatter
+    along the sequence for Megatron SP). ids [B, S] -> [B, S(/t), hidden]."""
+    if output_mode not in ("reduce", "reduce_scatter_seq"):
+        raise ValueError(f"output_mode must be 'reduce' or 'reduce_scatter_seq', got {output_mode!r}")
+    outside = (ids < vocab_start) | (ids >= vocab_start + weight.shape[0])
+    local = (ids - vocab_start).masked_fill(outside, 0)
+    e = nn.functional.embedding(local, weight).masked_fill(outside[..., None], 0.0)
+    if output_mode == "reduce":
+        return C.reduce_from_region(e, group, meter)
+    return C.reduce_scatter_along(e, SEQ_DIM, group, meter)

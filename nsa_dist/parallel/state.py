@@ -140,6 +140,35 @@ def check_model_layout(num_heads: int, num_kv_heads: int, tp: int, sp: int,
         check_seq_len(seq_len, tp, sp, megatron_sp)
 
 
+class HeadLayout:
+    """Which heads this rank holds: pure arithmetic (docs/parallelism.md, "Layouts").
+
+    TP gives each rank HQ/tp query heads from ``q_start``. KV heads: H/tp per rank from
+    ``kv_start`` when tp divides H; when H divides tp, the tp/H ranks of a group each hold a
+    replica of its KV head. Ulysses then splits each TP rank's heads over sp ranks, repeating
+    each TP-local KV head ``kv_repeat`` times first when they are fewer than sp.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, tp: int, sp: int, tp_rank: int, sp_rank: int):
+        check_model_layout(num_heads, num_kv_heads, tp, sp)
+        self.HQ, self.H, self.tp, self.sp = num_heads, num_kv_heads, tp, sp
+        self.q_per_tp = num_heads // tp
+        self.q_start = tp_rank * self.q_per_tp
+        if tp <= num_kv_heads:
+            self.kv_per_tp, self.kv_start = num_kv_heads // tp, tp_rank * (num_kv_heads // tp)
+        else:
+            self.kv_per_tp, self.kv_start = 1, tp_rank // (tp // num_kv_heads)
+        # the first of the tp/H ranks holding a K/V replica counts it in gradient norms
+        self.kv_first = tp <= num_kv_heads or tp_rank % (tp // num_kv_heads) == 0
+        # Ulysses: repeat each TP-local KV head so that every sp rank gets at least one.
+        self.kv_repeat = max(1, sp // self.kv_per_tp)
+        self.q_local = self.q_per_tp // sp  # query heads attended on this rank
+        self.kv_local = max(1, self.kv_per_tp // sp)
+        P, hr = tp * sp, tp_rank * sp + sp_rank
+        # Global KV heads attended on this rank (for gathering the selection back).
+        self.kv_global_start = hr * num_kv_heads // P if P <= num_kv_heads else hr // (P // num_kv_heads)
+
+
 def check_seq_len(seq_len: int, tp: int, sp: int, megatron_sp: bool) -> None:
     shards = sp * (tp if megatron_sp else 1)
     if seq_len % shards:
@@ -285,7 +314,7 @@ class DeepSpeedMPU:
 class ParallelConfig(ConfigBase):
     """Config keys of a layout (for a trainer's YAML): ``tp`` (tensor parallel), ``sp``
     (Ulysses degree), ``megatron_sp`` (shard norms/residuals along the sequence inside TP),
-    ``selection_comm`` ("auto", "importance" or "gather_q", see nsa_parallel). Data parallel
+    ``selection_comm`` ("auto", "importance" or "gather_q", see hooks.py). Data parallel
     is what remains of the world size."""
 
     tp: int = 1

@@ -7,11 +7,14 @@ every model gradient.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig
 from nsa_dist.models import NSADecoderLM
 from nsa_dist.modules.attention import NSAAttention
+from nsa_dist.modules.rope import token_positions
 from nsa_dist.parallel import (CommStats, ParallelNSAAttention, ParallelState, gather_full,
                                grad_norm, parallelize, sync_grads)
 from nsa_dist.parallel import collectives as C
@@ -19,12 +22,14 @@ from nsa_dist.parallel import collectives as C
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-def tiny_config(num_heads=4, num_kv_heads=2, vocab=64, layers=2, tie=True, attention="nsa") -> ModelConfig:
+def tiny_config(num_heads=4, num_kv_heads=2, vocab=64, layers=2, tie=True, attention="nsa",
+                fused_projection=True) -> ModelConfig:
     nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=5, window=16, phi="mlp",
                     phi_hidden=16, gate_hidden=16)
     return ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=layers, num_heads=num_heads,
                        num_kv_heads=num_kv_heads, head_dim=8, intermediate_size=64, max_seq_len=256,
-                       tie_embeddings=tie, init_std=0.1, nsa=nsa, attention=attention)
+                       tie_embeddings=tie, init_std=0.1, nsa=nsa, attention=attention,
+                       fused_projection=fused_projection)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str = "cpu", backend: str = "reference") -> NSADecoderLM:
@@ -69,13 +74,13 @@ def layer_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     cu = torch.tensor([0, 20, S], dtype=torch.int32, device=dev) if packed else None
     x = torch.randn(B, S, cfg.hidden_size, generator=g).to(dev)
     w_out = torch.randn(B, S, cfg.hidden_size, generator=g).to(dev)
-    pattn = ParallelNSAAttention(attn, state, megatron_sp, selection_comm=selection_comm)
+    pattn = ParallelNSAAttention(copy.deepcopy(attn), state, megatron_sp, selection_comm=selection_comm)
 
     x_full = x.clone().requires_grad_()
     y_full, _ = attn(x_full, cu_seqlens=cu)
     (y_full * w_out).sum().backward()
     with torch.no_grad():
-        pos = NSAAttention._positions(S, x.device, cu, None)
+        pos = token_positions(S, x.device, cu, None)
         _, idx_full = attn.attend(attn.project(x, pos, cu), cu)
     full_grads = {n: p.grad for n, p in attn.named_parameters()}
 
@@ -92,7 +97,7 @@ def layer_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     for n, p in attn.named_parameters():
         assert torch.equal(params[n], p.detach()), f"parameter {n} differs from the full model"
 
-    L = pattn.layout
+    L = pattn.comm.layout
     want = idx_full[:, :, L.kv_global_start:L.kv_global_start + L.kv_local]
     assert idx.shape == want.shape, (idx.shape, want.shape)
     assert torch.equal(idx, want), "selected blocks differ from one device"
@@ -131,7 +136,7 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     torch.testing.assert_close(grad_norm(pm, state), full_norm, rtol=1e-5, atol=1e-6)
     # Layer-0 selection of KV head 0, on the ranks that attend it.
     for layer, (ps_, fs) in enumerate(zip(pout.stats or [], out.stats or [])):
-        if pm.layers[layer].attn.layout.kv_global_start == 0:
+        if pm.layers[layer].attn.comm.layout.kv_global_start == 0:
             assert torch.equal(ps_.selected_blocks, fs.selected_blocks), f"layer {layer} selection differs"
     return {"loss": pout.loss.item(), "loss_full": out.loss.item(),
             "loss_err": abs(pout.loss.item() - out.loss.item()), "model_grad_err": err,
@@ -141,12 +146,12 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
 def layout_worker(rank: int, world: int, tp: int = 1, sp: int = 1, megatron_sp: bool = False,
                   num_heads: int = 4, num_kv_heads: int = 2, packed: bool = False, S: int = 64,
                   selection_comm: str = "auto", device: str = "cpu", backend: str = "reference",
-                  attention: str = "nsa") -> dict:
+                  attention: str = "nsa", fused_projection: bool = True) -> dict:
     state = ParallelState(world, rank, tp=tp, sp=sp)
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    model = build_model(tiny_config(num_heads, num_kv_heads, attention=attention), device=device,
-                        backend=backend)
+    model = build_model(tiny_config(num_heads, num_kv_heads, attention=attention,
+                                    fused_projection=fused_projection), device=device, backend=backend)
     out = layer_check(state, model, megatron_sp, packed, S, selection_comm) if attention == "nsa" else {}
     out.update(model_check(state, model, megatron_sp, packed, S, selection_comm))
     return out
@@ -157,7 +162,7 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     state = ParallelState(world, rank, tp=tp)
     cfg = tiny_config(tie=False)
     ref = build_model(cfg)
-    pm = parallelize(ref, state)
+    pm = parallelize(copy.deepcopy(ref), state)  # in place: keep ref whole
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.01)
     opt_par = torch.optim.AdamW(pm.parameters(), lr=3e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(3)
@@ -177,13 +182,14 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     return {"ref": ref_curve, "par": par_curve}
 
 
-def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64) -> dict:
+def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full") -> dict:
     """Data parallel on top of TP (and Ulysses): each replica its own batch; after
     ``sync_grads`` every rank holds the gradient of the mean loss over the replicas' batches.
-    Activation checkpointing on, to cover recomputation with collectives inside."""
+    Activation checkpointing on (``recompute`` mode), to cover recomputation with collectives inside."""
     state = ParallelState(world, rank, tp=tp, sp=sp)
     cfg = tiny_config(num_heads=4, num_kv_heads=2)
     model = build_model(cfg)
+    model.config.recompute = recompute
     g = torch.Generator().manual_seed(4)
     batches = torch.randint(0, cfg.vocab_size, (state.dp, 1, S), generator=g)
     ref_losses = []

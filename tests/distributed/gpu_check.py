@@ -100,7 +100,7 @@ def bf16_worker(rank, world, tp=1, sp=1, num_heads=16, num_kv_heads=4, S=4096, d
     worst64 = max(vs64, key=lambda n: vs64[n][0])
     rows, differ = 0, 0
     for layer, (ps_, fs) in enumerate(zip(pout.stats or [], out.stats or [])):
-        if pm.layers[layer].attn.layout.kv_global_start == 0:
+        if pm.layers[layer].attn.comm.layout.kv_global_start == 0:
             a, b = ps_.selected_blocks.sort(-1).values, fs.selected_blocks.sort(-1).values
             rows += a.shape[0]
             differ += int((a != b).any(-1).sum())

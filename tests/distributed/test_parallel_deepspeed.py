@@ -1,6 +1,7 @@
 """DeepSpeed accepts ParallelState.mpu(): ZeRO-1 over the sequence-data-parallel group gives
 the single-device update for TP=2 x Ulysses=2 (Ulysses gradients summed, not averaged), with
 gradient clipping (the global norm counts TP shards once and replicas once)."""
+import copy
 import os
 
 import pytest
@@ -19,7 +20,7 @@ def deepspeed_worker(rank, world, tp=2, sp=2, lr=1e-2, clip=0.5):
     state = ParallelState(world, rank, tp=tp, sp=sp)
     cfg = W.tiny_config(num_heads=8, num_kv_heads=2, tie=False)
     ref = W.build_model(cfg)
-    pm = parallelize(ref, state)
+    pm = parallelize(copy.deepcopy(ref), state)  # in place: keep ref whole
     engine, _, _, _ = deepspeed.initialize(
         model=pm, model_parameters=pm.parameters(), mpu=state.mpu(),
         optimizer=torch.optim.SGD(pm.parameters(), lr=lr),

@@ -1,11 +1,14 @@
-"""Collectives, TP linears, vocab-parallel embedding and cross-entropy on 2 processes
-against single-device PyTorch (values and gradients)."""
+"""Collectives, TP linears (sharded in place, inside a region), vocab-parallel embedding and
+cross-entropy on 2 processes against single-device PyTorch (values and gradients)."""
+import copy
+
 import torch
 from torch import nn
 
 from dist_harness import run_world
-from nsa_dist.parallel import (ColumnParallelLinear, CommStats, ParallelState, RowParallelLinear,
-                               VocabParallelEmbedding, vocab_parallel_cross_entropy, wire_bytes)
+from nsa_dist.parallel import (CommStats, ParallelState, TPRegion, shard_columnwise_, shard_param,
+                               shard_rowwise_, vocab_parallel_cross_entropy, vocab_parallel_embedding,
+                               wire_bytes)
 from nsa_dist.parallel import collectives as C
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -20,12 +23,14 @@ def _mlp_check(state, sequence_parallel: bool):
     (down(torch.relu(up(xf))) * w).sum().backward()
     r, t, g = state.tp_rank, state.tp, state.tp_group
     per = 12 // t
-    col = ColumnParallelLinear.from_linear(up, r * per, (r + 1) * per, g,
-                                           input_mode="gather_seq" if sequence_parallel else "copy")
-    row = RowParallelLinear.from_linear(down, r * per, (r + 1) * per, g,
-                                        output_mode="reduce_scatter_seq" if sequence_parallel else "reduce")
+    col = shard_columnwise_(copy.deepcopy(up), r * per, (r + 1) * per)
+    row = copy.deepcopy(down)
+    bias = row.bias  # a row-parallel linear has no bias of its own: it is added after the sum
+    row.bias = None
+    shard_rowwise_(row, r * per, (r + 1) * per)
+    region = TPRegion(g, megatron_sp=sequence_parallel)
     xin = (x.chunk(t, 1)[r] if sequence_parallel else x).clone().requires_grad_()
-    y = row(torch.relu(col(xin)))
+    y = region.exit(row(torch.relu(col(region.enter(xin))))) + bias
     wl = w.chunk(t, 1)[r] if sequence_parallel else w
     (y * wl).sum().backward()
     yf = down(torch.relu(up(x))).detach()
@@ -35,7 +40,7 @@ def _mlp_check(state, sequence_parallel: bool):
     torch.testing.assert_close(col.bias.grad, up.bias.grad[r * per:(r + 1) * per], **TOL)
     torch.testing.assert_close(row.weight.grad, down.weight.grad[:, r * per:(r + 1) * per], **TOL)
     if not sequence_parallel:  # with SP the bias sees only this rank's positions
-        torch.testing.assert_close(row.bias.grad, down.bias.grad, **TOL)
+        torch.testing.assert_close(bias.grad, down.bias.grad, **TOL)
 
 
 def primitives_worker(rank, world):
@@ -48,14 +53,14 @@ def primitives_worker(rank, world):
     torch.manual_seed(1)
     emb = nn.Embedding(10, 4)
     ids = torch.tensor([[0, 9, 4, 5], [7, 2, 1, 8]])
-    ve = VocabParallelEmbedding.from_embedding(emb, r, t, g)
-    out = ve(ids)
+    w_local = shard_param(emb.weight, 0, r * 5, (r + 1) * 5)
+    out = vocab_parallel_embedding(ids, w_local, r * 5, g)
     torch.testing.assert_close(out, emb(ids), **TOL)
     (out * torch.arange(4.0)).sum().backward()
     (emb(ids) * torch.arange(4.0)).sum().backward()
-    torch.testing.assert_close(ve.weight.grad, emb.weight.grad[r * 5:(r + 1) * 5], **TOL)
-    ve_sp = VocabParallelEmbedding.from_embedding(emb, r, t, g, output_mode="reduce_scatter_seq")
-    torch.testing.assert_close(ve_sp(ids), emb(ids).chunk(t, 1)[r], **TOL)
+    torch.testing.assert_close(w_local.grad, emb.weight.grad[r * 5:(r + 1) * 5], **TOL)
+    torch.testing.assert_close(vocab_parallel_embedding(ids, w_local, r * 5, g, "reduce_scatter_seq"),
+                               emb(ids).chunk(t, 1)[r], **TOL)
 
     logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(2))
     target = torch.tensor([0, 9, 4, -100, 5, 6])

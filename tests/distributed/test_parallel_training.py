@@ -25,6 +25,13 @@ def test_data_parallel_on_top_of_ulysses_sums_shards_averages_replicas():
     assert all(r["grad_err"] < 1e-4 for r in results)
 
 
+def test_keep_attention_recompute_under_tp_x_ulysses():
+    """recompute="keep_attention" with TP=2 x Ulysses=2 (tp*sp > H: group-consistent
+    selection, not recomputed; the region and all-to-all recomputed)."""
+    results = run_world(W.dp_worker, 4, tp=2, sp=2, recompute="keep_attention")
+    assert all(r["grad_err"] < 1e-4 for r in results)
+
+
 @pytest.mark.parametrize("tp,sp", [(2, 1), (1, 2)])
 def test_chunked_loss_matches_one_device(tp, sp):
     """Vocab-parallel loss in chunks of 24 positions (checkpointed, collectives inside) =

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from nsa_dist.training.checkpoint import (LATEST_FILE, META_FILE, CheckpointManager,
-                                          check_compatible, find_resume_checkpoint,
-                                          verify_checkpoint)
+from nsa_dist.checkpoint import LATEST_FILE, META_FILE, verify_checkpoint
+from nsa_dist.training.checkpoint import CheckpointManager, check_compatible, find_resume_checkpoint
 
 
 class FakeEngine:

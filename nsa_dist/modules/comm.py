@@ -1,0 +1,110 @@
+"""The hooks through which a parallel plan reaches into the model: identity on one device.
+
+Each model class holds one hooks object as ``self.comm`` and calls it at the few points where
+a layout changes what happens; the classes here are the single-device defaults, where every
+hook is the identity, so a forward reads the same with or without a plan.
+``nsa_dist.parallel.parallelize`` shards the layers' projections in place and replaces these
+objects with its own (``nsa_dist/parallel/hooks.py``); nothing here imports it.
+
+- ``Region`` (attention, MLP, decoder block, LM head): ``enter`` / ``exit`` a region whose
+  projections are sharded over heads or features, and ``shared`` parameters that every rank
+  holds whole but uses for its share of the work only (their gradients are summed).
+- ``AttentionComm``: also the replicated K/V projections, the head all-to-all of sequence
+  parallelism, and the group-consistent block selection.
+- ``LMComm``: also the LM's input sharding, the embedding lookup and the loss.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.func import functional_call
+
+# select(q, reduce_importance) -> block indices [B, S, H, n]: the layer's own selection call.
+SelectFn = Callable[[torch.Tensor, Optional[Callable]], torch.Tensor]
+
+
+class Region:
+    """A block whose projections a plan may shard (identity hooks)."""
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's input [B, S_in, hidden] -> what its sharded projections take."""
+        return x
+
+    def exit(self, y: torch.Tensor) -> torch.Tensor:
+        """The output projection's result (a partial sum when sharded) -> [B, S_in, hidden]."""
+        return y
+
+    def shared(self, *params: torch.Tensor) -> list[torch.Tensor]:
+        """Parameters used for every head or position, as tensors to compute with (identity
+        views whose gradients a plan sums over the ranks that share the work)."""
+        return list(params)
+
+
+class AttentionComm(Region):
+    """Hooks of an attention layer (identity)."""
+
+    def kv_weights(self, *weights: torch.Tensor) -> list[torch.Tensor]:
+        """K/V projection weights, as tensors to compute with (a plan sums the gradients of
+        replicas when there are more ranks than KV heads)."""
+        return list(weights)
+
+    def seq_len(self, local_len: int) -> int:
+        """The whole sequence's length S from the length of this rank's input."""
+        return local_len
+
+    def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [S] or [B, S] of the whole sequence -> those of this rank's input tokens."""
+        return positions
+
+    def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
+        """[B, S_local, heads, D] -> [B, S, heads', D]: the whole sequence, the heads this
+        rank attends with (``kv``: K/V heads, repeated where ranks outnumber them)."""
+        return t
+
+    def from_heads(self, o: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``to_heads`` on the attention output [B, S, heads', Dv]."""
+        return o
+
+    def select(self, q: torch.Tensor, select: SelectFn) -> torch.Tensor:
+        """Block indices [B, S, H_local, n], the same for every query head of a group even
+        when the group's heads are spread over ranks. ``select(q, reduce_importance)`` is the
+        layer's selection call."""
+        return select(q, None)
+
+
+class LMComm(Region):
+    """Hooks of the decoder LM (identity). ``enter`` is the LM head's input, ``shared`` the
+    final norm's weight."""
+
+    def shard(self, t: torch.Tensor) -> torch.Tensor:
+        """Full-sequence ids or labels [B, S] -> the positions this rank computes."""
+        return t
+
+    def embed(self, embedding: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, S_in] -> [B, S_in, hidden]."""
+        return embedding(ids)
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy per position: logits [N, V], labels [N] -> [N] float32, 0 at -100."""
+        return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+
+    def mean(self, total: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A sum of token losses over ``labels`` [N] -> the mean over every non-ignored label."""
+        return total / (labels != -100).sum()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of logits [B, S, V] against labels [B, S] (-100 ignored)."""
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long(),
+                                                 ignore_index=-100)
+
+
+def bound(module: torch.nn.Module, params: list[torch.Tensor]) -> Callable:
+    """``module`` computing with ``params`` (its parameters in ``parameters()`` order, as a
+    hook returned them). The module itself when they are its own, so that DeepSpeed ZeRO-3,
+    which gathers a module's weights when it is called, sees a plain call."""
+    named = list(module.named_parameters())
+    if len(named) == len(params) and all(p is q for (_, p), q in zip(named, params)):
+        return module
+    swap = {n: q for (n, _), q in zip(named, params)}
+    return lambda *args: functional_call(module, swap, args)
