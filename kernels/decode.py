@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .nsa import dot_precision
+
 
 @dataclass(frozen=True)
 class DecodeLaunch:
@@ -402,7 +404,7 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     GP = max(16, _p2(G))
     n, ls, l, d = cfg.num_selected, cfg.sel_block, cfg.cmp_block, cfg.cmp_stride
     dev = q.device
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = dot_precision(q.dtype)  # fp32 as PyTorch's fp32 matmuls: full precision unless TF32 is allowed
     scale2 = scale * 1.4426950408889634
     q = q.contiguous()
     BDK, BDV = max(16, _p2(DK)), max(16, _p2(DV))

@@ -23,28 +23,22 @@ from .cache import LayerCache, _nc
 from .counters import DecodeReads, step_reads
 from .kernel_step import append_step, attend_step_kernels, decode_kernels
 
-_BRANCHES = ("sel", "win", "cmp")
-
-
 # ----------------------------------------------------------------------------- helpers
-def _branch_kv(layer: NSAAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Raw per-branch K/V, RoPE on keys: {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D]."""
-    B, S, _ = x.shape
-    out, done = {}, {}
-    for branch in _BRANCHES:
-        name = "shared" if layer.config.shared_kv else branch
-        if name not in done:  # shared K/V is projected once
-            k = layer.k_proj[name](x).view(B, S, -1, layer.head_dim)
-            v = layer.v_proj[name](x).view(B, S, -1, layer.v_head_dim)
-            done[name] = (layer.rope.rotate(k, cos, sin), v)
+def _heads(layer: NSAAttention, x: torch.Tensor, positions: torch.Tensor):
+    """The layer's own projections (``NSAAttention._heads``: q and keys RoPE'd, fused or not):
+    (q [B, S, HQ, Dk], {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D], gates
+    [B, S, HQ, 3], (phi_k, phi_v)); the raw keys/values are the compression branch's."""
+    q, kv, gates, phis = layer._heads(x, positions)
+    out = {}
+    for branch, (k, v) in kv.items():
         key = "raw" if branch == "cmp" else branch
-        out[f"k_{key}"], out[f"v_{key}"] = done[name]
-    return out
+        out[f"k_{key}"], out[f"v_{key}"] = k, v
+    return q, out, gates, phis
 
 
 # What the decode path uses of a layer: NSAAttention's interface, so that a copy of the class
 # (the to-hf export bundles the model code into its own module) decodes as well.
-_LAYER_API = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "rope", "phi_k", "phi_v", "project", "attend")
+_LAYER_API = ("_heads", "_compress", "attend", "finish", "config", "num_kv_heads", "head_dim", "v_head_dim")
 
 
 def _check_layer(layer) -> None:
@@ -92,32 +86,23 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
         raise ValueError(f"x must be [B, P, hidden], got shape {tuple(x.shape)}")
     B, P, _ = x.shape
     lengths = _check_prompt(B, P, lengths, max_len or P, x.device)
-    positions = torch.arange(P, device=x.device)
-    p = layer.project(x, positions)
+    heads = layer._heads(x, torch.arange(P, device=x.device))
+    p = layer._compress(*heads, None)  # what project() returns, from the same projections
     o, idx = layer.attend(p)
-    y = layer.o_proj(o.reshape(B, P, -1))
+    y = layer.finish(o)
     cache = LayerCache.empty(layer.config, B, max_len or P, layer.num_kv_heads, layer.head_dim,
                              layer.v_head_dim, x.device, x.dtype)
     kv = {k: p[k] for k in ("k_sel", "v_sel", "k_win", "v_win", "k_cmp", "v_cmp")}
-    if layer.config.shared_kv:
-        kv["k_raw"], kv["v_raw"] = p["k_sel"], p["v_sel"]
-    else:  # project() returns the compression branch's K/V compressed only
-        cos, sin = layer.rope.cos_sin(positions, x.dtype)
-        k = layer.k_proj["cmp"](x).view(B, P, -1, layer.head_dim)
-        kv["k_raw"] = layer.rope.rotate(k, cos, sin)
-        kv["v_raw"] = layer.v_proj["cmp"](x).view(B, P, -1, layer.v_head_dim)
+    kv["k_raw"], kv["v_raw"] = heads[1]["cmp"]  # the compression branch before phi
     cache.fill(kv, lengths)
     return y, cache, idx
 
 
 def _project_token(layer: NSAAttention, x: torch.Tensor, pos: torch.Tensor):
-    """q [B, HQ, Dk] (RoPE'd), per-branch K/V {name: [B, H, D]} and gates [B, HQ, 3] of the
-    token x [B, 1, hidden] at positions pos [B]."""
-    B = x.shape[0]
-    cos, sin = layer.rope.cos_sin(pos[:, None], x.dtype)  # [B, 1, 1, Dk]
-    q = layer.rope.rotate(layer.q_proj(x).view(B, 1, -1, layer.head_dim), cos, sin)[:, 0]
-    kv = {k: v[:, 0] for k, v in _branch_kv(layer, x, cos, sin).items()}
-    return q, kv, layer.gate(x)[:, 0]
+    """q [B, HQ, Dk] (RoPE'd), per-branch K/V {name: [B, H, D]}, gates [B, HQ, 3] and
+    (phi_k, phi_v) of the token x [B, 1, hidden] at positions pos [B]."""
+    q, kv, gates, phis = _heads(layer, x, pos[:, None])
+    return q[:, 0], {k: v[:, 0] for k, v in kv.items()}, gates[:, 0], phis
 
 
 def check_step_input(layer: NSAAttention, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
@@ -141,15 +126,15 @@ def layer_step(layer: NSAAttention, x: torch.Tensor, cache: LayerCache, kernels=
     kernels: the decode kernel module (``kernel_step.decode_kernels``) or None for PyTorch.
     Returns (y [B, 1, hidden], indices [B, H, n], DecodeReads or None).
     """
-    q, kv, gates = _project_token(layer, x, cache.lengths)
+    q, kv, gates, (phi_k, phi_v) = _project_token(layer, x, cache.lengths)
     if kernels is None:
-        cache.append(kv, layer.phi_k, layer.phi_v)
+        cache.append(kv, phi_k, phi_v)
         o, idx, reads = attend_step(q, gates, cache)
     else:
-        append_step(kernels, cache, kv, layer.phi_k, layer.phi_v)
+        append_step(kernels, cache, kv, phi_k, phi_v)
         o, idx = attend_step_kernels(kernels, q, gates, cache)
         reads = step_reads(idx, cache.lengths, cache.config) if count_reads else None
-    y = layer.o_proj(o.reshape(x.shape[0], 1, -1).to(x.dtype))
+    y = layer.finish(o.reshape(x.shape[0], 1, o.shape[1], -1).to(x.dtype))
     return y, idx, reads if count_reads else None
 
 

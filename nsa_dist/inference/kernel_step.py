@@ -7,7 +7,6 @@ captured in a CUDA graph (``graphs.py``); the capacity check runs on the host-si
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
@@ -31,8 +30,9 @@ def decode_kernels(backend: str, device: torch.device, dtype: torch.dtype):
         raise ValueError("the decode kernels take fp32, fp16 or bf16; use backend='reference' for fp64")
     if resolve_backend(backend, device, dtype) != "triton":
         return None
-    load_kernels()  # registers nsa_dist.kernels from a source checkout when needed
-    return importlib.import_module("nsa_dist.kernels.decode")
+    load_kernels()  # a clear RuntimeError when triton or the kernels are missing
+    from nsa_dist.kernels import decode  # by absolute name, like ops.api.load_kernels
+    return decode
 
 
 def append_step(kernels, cache: LayerCache, kv: dict[str, torch.Tensor], phi_k: Phi, phi_v: Phi) -> None:
