@@ -24,11 +24,20 @@ from .counters import DecodeReads, step_reads
 from .kernel_step import append_step, attend_step_kernels, decode_kernels
 
 # ----------------------------------------------------------------------------- helpers
-def _heads(layer: NSAAttention, x: torch.Tensor, positions: torch.Tensor):
-    """The layer's own projections (``NSAAttention._heads``: q and keys RoPE'd, fused or not):
-    (q [B, S, HQ, Dk], {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D], gates
-    [B, S, HQ, 3], (phi_k, phi_v)); the raw keys/values are the compression branch's."""
-    q, kv, gates, phis = layer._heads(x, positions)
+def _heads(layer: NSAAttention, x: torch.Tensor, positions: torch.Tensor, one_token: bool = False):
+    """The layer's own projections (``NSAAttention._heads``: q and keys RoPE'd): (q [B, S, HQ,
+    Dk], {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D], gates [B, S, HQ, 3],
+    (phi_k, phi_v)); the raw keys/values are the compression branch's.
+
+    one_token: a decode step takes the unfused projections: the fused path concatenates every
+    projection weight per call, a copy of them all that costs more than the one-token
+    products themselves (the values are the same products)."""
+    fused = getattr(layer, "fused_projection", False)
+    layer.fused_projection = fused and not one_token
+    try:
+        q, kv, gates, phis = layer._heads(x, positions)
+    finally:
+        layer.fused_projection = fused
     out = {}
     for branch, (k, v) in kv.items():
         key = "raw" if branch == "cmp" else branch
@@ -101,7 +110,7 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
 def _project_token(layer: NSAAttention, x: torch.Tensor, pos: torch.Tensor):
     """q [B, HQ, Dk] (RoPE'd), per-branch K/V {name: [B, H, D]}, gates [B, HQ, 3] and
     (phi_k, phi_v) of the token x [B, 1, hidden] at positions pos [B]."""
-    q, kv, gates, phis = _heads(layer, x, pos[:, None])
+    q, kv, gates, phis = _heads(layer, x, pos[:, None], one_token=True)
     return q[:, 0], {k: v[:, 0] for k, v in kv.items()}, gates[:, 0], phis
 
 
