@@ -12,6 +12,7 @@ import copy
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig
+from nsa_dist.convert.consolidate import local_layout
 from nsa_dist.models import NSADecoderLM
 from nsa_dist.modules.attention import NSAAttention
 from nsa_dist.modules.rope import token_positions
@@ -125,7 +126,11 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     full_grads = {n: p.grad for n, p in model.named_parameters()}
 
     stats = CommStats()
+    names = [n for n, _ in model.named_parameters()]
     pm = parallelize(model, state, megatron_sp=megatron_sp, comm_stats=stats, selection_comm=selection_comm)
+    # sharded in place: the single-device names, in the single-device order, each its own layout name
+    assert [n for n, _ in pm.named_parameters()] == names, "parameter names or order changed"
+    assert all(full == local for local, (full, *_) in local_layout(pm).items())
     pout = pm(ids, labels, cu_seqlens=cu, return_stats=cfg.attention == "nsa")
     torch.testing.assert_close(pout.loss, out.loss, **TOL)
     assert pout.logits.shape == (B, S // state.sp, cfg.vocab_size // state.tp)
