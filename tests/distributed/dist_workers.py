@@ -187,7 +187,8 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     return {"ref": ref_curve, "par": par_curve}
 
 
-def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full") -> dict:
+def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full",
+              megatron_sp: bool = False) -> dict:
     """Data parallel on top of TP (and Ulysses): each replica its own batch; after
     ``sync_grads`` every rank holds the gradient of the mean loss over the replicas' batches.
     Activation checkpointing on (``recompute`` mode), to cover recomputation with collectives inside."""
@@ -203,7 +204,7 @@ def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, reco
         loss.backward()
         ref_losses.append(float(loss) * state.dp)
     full = {n: p.grad for n, p in model.named_parameters()}
-    pm = parallelize(model, state)
+    pm = parallelize(model, state, megatron_sp=megatron_sp)
     pm.gradient_checkpointing = True
     pm.train()
     ids = batches[state.dp_rank]
