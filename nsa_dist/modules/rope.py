@@ -37,9 +37,9 @@ def token_positions(seq_len: int, device: torch.device, cu_seqlens: Optional[tor
 
 @functools.cache
 def _rope_kernel():
-    """The Triton RoPE kernel, or None where triton is missing."""
-    try:
-        from ..kernels.rope import rope_rotate
+    """The Triton RoPE kernel, or None where triton (or nsa_dist, in a to-hf export) is missing."""
+    try:  # absolute: this module is also bundled into to-hf exports
+        from nsa_dist.kernels.rope import rope_rotate
     except ImportError:
         return None
     return rope_rotate
