@@ -1,8 +1,8 @@
 """What a training process is made of, built in order and handed on as explicit bundles.
 
-    start(cfg)            -> Env    device, process groups, ranks, model config, printer
-    load_data(env)        -> Data   train / valid datasets, tokenizer identity
-    build(env, order, w)  -> Built  DeepSpeed config, model (parallelised), optimizer, engine
+    start(cfg)                          -> Env    device, process groups, ranks, model config, printer
+    load_data(env)                      -> Data   train / valid datasets, tokenizer identity
+    build(env, record, full_weights)    -> Built  DeepSpeed config, model (parallelised), optimizer, engine
 
 Data parallelism comes from the launcher (``RANK``, ``WORLD_SIZE``, ... set by torchrun or
 the deepspeed launcher); a single process without a launcher runs as a world of one.
