@@ -146,6 +146,14 @@ class ModelConfig(ConfigBase):
     recompute: str = "full"
     nsa: NSAConfig = field(default_factory=NSAConfig)
 
+    # How the model is computed, not what: a run may resume or convert across them.
+    EXECUTION_FIELDS = ("fused_projection", "recompute")
+
+    @classmethod
+    def function_fields(cls, cfg: dict) -> dict:
+        """A model-config dict without ``EXECUTION_FIELDS``: what must match to continue a run."""
+        return {k: v for k, v in cfg.items() if k not in cls.EXECUTION_FIELDS}
+
     def __post_init__(self) -> None:
         if isinstance(self.nsa, dict):
             self.nsa = NSAConfig.from_dict(self.nsa, where="nsa")
