@@ -1,18 +1,14 @@
 """nsa_dist: Native Sparse Attention for Megatron-style distributed pretraining."""
-import os
-
 from setuptools import find_packages, setup
-
-# Triton kernels live in the top-level kernels/ folder but install as nsa_dist.kernels.
-KERNEL_PACKAGES = ["nsa_dist.kernels"] + [f"nsa_dist.kernels.{p}" for p in find_packages("kernels")]
 
 setup(
     name="nsa_dist",
     version="0.1.0",
     description="Native Sparse Attention (NSA) with tensor/sequence parallelism and Triton kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["nsa_dist", "nsa_dist.*"])
-    + (KERNEL_PACKAGES if os.path.isdir("kernels") else []),
+    # nsa_dist.kernels is the top-level kernels/ folder (no __init__.py there, so it never shadows
+    # another "kernels" package); nsa_dist/kernels/__init__.py points a source checkout at it
+    packages=find_packages(include=["nsa_dist", "nsa_dist.*"]),
     package_dir={"nsa_dist.kernels": "kernels"},
     install_requires=["torch>=2.3", "pyyaml", "numpy"],
     extras_require={

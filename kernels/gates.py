@@ -2,7 +2,7 @@
 
 Forward: o = g_cmp*o_cmp + g_sel*o_sel + g_win*o_win. Backward: dg_b = <do, o_b>, the branch
 gradients do_b = g_b*do and the softmax corrections delta_b = g_b*dg_b, all from one read of
-do and the branch outputs (PyTorch elementwise ops took ~40 ms per 64k-token step).
+do and the branch outputs (the PyTorch elementwise version was slow: docs/kernel_notes.md, first profile).
 Rows are (position, query head); tensors are [rows, D] contiguous, gates [rows, 3].
 """
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-ROWS = 32
 
 
 @triton.jit
@@ -59,19 +57,20 @@ def _combine_bwd(DO, OC, OS, OW, GATES, DG, DOC, DOS, DOW, DELTA, R, DV,
             tl.store(DG + r * 3 + b, tl.zeros([BR], tl.float32), mask=rm)
 
 
-def combine(o_c, o_s, o_w, gates):
-    """o [T, HQ, DV] in o_c's dtype from the branch outputs and gates [T, HQ, 3] (o_w may be None)."""
+def combine(o_c, o_s, o_w, gates, rows: int):
+    """o [T, HQ, DV] in o_c's dtype from the branch outputs and gates [T, HQ, 3] (o_w may be None);
+    ``rows`` (position, head) rows per program."""
     T, HQ, DV = o_c.shape
     R = T * HQ
     o = torch.empty_like(o_c)
     if R:
-        _combine_fwd[(triton.cdiv(R, ROWS),)](o_c, o_s, o_c if o_w is None else o_w, gates, o, R, DV,
-                                              HAS_WIN=o_w is not None, BR=ROWS,
+        _combine_fwd[(triton.cdiv(R, rows),)](o_c, o_s, o_c if o_w is None else o_w, gates, o, R, DV,
+                                              HAS_WIN=o_w is not None, BR=rows,
                                               BD=max(16, triton.next_power_of_2(DV)))
     return o
 
 
-def combine_backward(do, o_c, o_s, o_w, gates):
+def combine_backward(do, o_c, o_s, o_w, gates, rows: int):
     """Returns dg [T, HQ, 3] fp32, (do_cmp, do_sel, do_win) in do's dtype, delta fp32 [3, T, HQ]."""
     T, HQ, DV = o_c.shape
     R = T * HQ
@@ -79,8 +78,8 @@ def combine_backward(do, o_c, o_s, o_w, gates):
     dos = [torch.empty_like(o_c, dtype=do.dtype) for _ in range(2 if o_w is None else 3)]
     delta = torch.zeros(3, T, HQ, dtype=torch.float32, device=do.device)
     if R:
-        _combine_bwd[(triton.cdiv(R, ROWS),)](do, o_c, o_s, o_c if o_w is None else o_w, gates, dg,
+        _combine_bwd[(triton.cdiv(R, rows),)](do, o_c, o_s, o_c if o_w is None else o_w, gates, dg,
                                               dos[0], dos[1], dos[-1], delta, R, DV,
-                                              HAS_WIN=o_w is not None, BR=ROWS,
+                                              HAS_WIN=o_w is not None, BR=rows,
                                               BD=max(16, triton.next_power_of_2(DV)))
     return dg, dos, delta

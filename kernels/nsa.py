@@ -13,49 +13,28 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 
 from . import tiles as tl_tiles
 from .gates import combine, combine_backward
+from .launch import LaunchConfig, current_launch
 from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
                             _sel_fwd, _sel_fwd_split)
 from .selection import select_from_lse
 
-ROWS = 64  # rows (position x head) per program of the range kernels
-KEYS = 64  # keys per step of the range kernels' backward
-FWD_KEYS = 32  # keys per step of the range forward (H200 sweep, docs/benchmarks.md: (c) 64k 24.4 -> 23.8 ms)
-SEL_ROWS = 16  # rows (positions x heads) per program of the selected forward / dq kernels
-SEG_ROWS = 1024  # rows per work item of the block-major selected kernels
-# the same for a list that only the selected dK/dV walks (position-major forward and dq, so
-# G >= 16): it sums in registers and pays its fp32 atomics once per item (H200 sweep at (a)
-# 64k, docs/kernel_notes.md: backward 93.7 -> 89.7 ms); where the forward or the block-major
-# dq walks the list too, their per-slot writes favour more, shorter items
-DKDV_SEG_ROWS = 8192
-SEL_QUERY_MIN_G = 16  # group size from which the selected forward runs position-major
-SEL_DQ_QUERY_MIN_G = 16  # the same for the selected dq
-DQ_PARTIAL = "auto"  # the block-major dq's per-slot results: "fp32", "fp16s" (scaled fp16) or "auto"
-SPLIT_BYTES = 1 << 30  # bound of the block-major per-slot buffers (forward o + lse, dq): positions chunked
-QCHUNK = 4096  # query positions per program of the compressed dK/dV kernel
-# programs wanted for block 0's dK/dV: its few key tiles (one per document) are split into
-# this many query chunks over the KV heads, or the launch leaves most SMs idle
-FIRST_PROGRAMS = 512
-FIRST_MIN_CHUNK = 256  # positions, at least, per chunk of block 0's dK/dV
-# (num_warps, num_stages) per kernel, from the sweep in tools/bench_kernels.py (docs/kernel_notes.md)
-DEFAULT_LAUNCH = MappingProxyType({
-    "range_fwd": (4, 3), "range_dq": (4, 2), "range_dkdv": (4, 2),
-    "sel_fwd": (4, 3), "sel_dq": (4, 3), "sel_dkdv": (4, 3),
-    "sel_split": (4, 2), "sel_combine": (4, 1), "sel_dq_split": (4, 2), "sel_dq_combine": (4, 1),
-})
+class Tiles(NamedTuple):
+    """One kernel's tiles and launch keywords in a call (``Geometry.tiles``)."""
+    bt: int  # positions per program (position-major kernels; else 1)
+    block_m: int  # BLOCK_M: query rows
+    block_n: int  # BLOCK_N: keys
+    launch: dict  # num_warps, num_stages
 
 
-def _lk(geo, name: str) -> dict:
-    w, st = geo.launch.get(name, DEFAULT_LAUNCH[name])
-    return {"num_warps": w, "num_stages": st}
+POSITION_MAJOR = ("range_fwd", "range_dq", "sel_fwd", "sel_dq")  # BT positions x G heads a program
 
 
 @dataclass
@@ -67,10 +46,44 @@ class Geometry:
     DK: int
     DV: int
     cache: dict = field(default_factory=dict)  # tile tables of this packing, built once
-    launch: dict = field(default_factory=dict)  # overrides of DEFAULT_LAUNCH (tuning sweeps)
+    launch: LaunchConfig = field(default_factory=current_launch)  # tile sizes, choices, warps
     # the selection came from the selection kernel: each row's blocks distinct, ascending, -1
     # last, so the inverted selection needs no per-row sort
     idx_sorted: bool = False
+    dtype: torch.dtype = torch.float32  # the inputs' (bytes of the shared-memory tiles)
+    sel_block: int = 64  # l': keys per tile of the selected kernels
+    prec: str = "ieee"  # tl.dot input precision (``dot_precision``)
+    fits: dict = field(default_factory=dict, repr=False)  # Tiles per kernel of this call
+
+    def tiles(self, kernel: str, dkdv_only: bool = False) -> Tiles:
+        """``kernel``'s tiles: the launch config's, shrunk where their shared-memory estimate
+        exceeds ``launch.smem_bytes`` at this call's head dims and dtype (``LaunchConfig.fit``).
+        dkdv_only: a block-major kernel walking a list only the selected dK/dV walks."""
+        if (kernel, dkdv_only) not in self.fits:
+            self.fits[(kernel, dkdv_only)] = self._fit(kernel, dkdv_only)
+        return self.fits[(kernel, dkdv_only)]
+
+    def _fit(self, kernel: str, dkdv_only: bool) -> Tiles:
+        L, G, bt = self.launch, self.G, 1
+        if kernel in POSITION_MAJOR:
+            part = kernel.split("_")[1]
+            rows = (getattr(L, f"range_{part}_rows") or L.range_rows) if kernel.startswith("range") else L.sel_rows
+            bt = max(1, rows // G)
+            m = _pow2(bt * G)
+            n = getattr(L, f"range_{part}_keys") if kernel.startswith("range") else _pow2(self.sel_block)
+        elif kernel == "range_dkdv":
+            m, n = L.dkdv_rows, L.dkdv_keys
+        else:  # block-major selected kernels: rows of one block's queries, at most a work item
+            m = _pow2(min(getattr(L, f"{kernel}_rows"), _sel_seg(self, dkdv_only) * G))
+            n = _pow2(self.sel_block)
+        warps, stages = getattr(L, kernel)
+        fm, fn, stages = L.fit(kernel, m, n, self.bdk(), self.bdv(), self.dtype.itemsize, stages,
+                               rows_min=_pow2(G) if kernel in POSITION_MAJOR else 16,
+                               fixed="keys" if kernel.startswith("sel") else "")
+        if fm != m and kernel in POSITION_MAJOR:  # fewer positions a program
+            bt = max(1, fm // G)
+            fm = _pow2(bt * G)
+        return Tiles(bt, fm, fn, {"num_warps": warps, "num_stages": stages})
 
     def qtiles(self, size: int) -> torch.Tensor:
         if ("q", size) not in self.cache:
@@ -84,28 +97,28 @@ class Geometry:
         return self.cache[("b0", size, sel_block)]
 
     def dkdv_keys(self) -> int:
-        """Keys per program of the range dK/dV kernel: ``launch["dkdv_keys"]``, else KEYS."""
-        return self.launch.get("dkdv_keys", KEYS)
+        """Keys per program of the range dK/dV kernel."""
+        return self.tiles("range_dkdv").block_n
 
     def dkdv_chunks(self) -> tuple[int, int]:
         """(positions per query chunk, chunks) of the compressed keys' dK/dV, whose keys every
         later query sees (block 0 of the selection has its own: ``first_chunks``)."""
-        qchunk = self.launch.get("dkdv_qchunk", QCHUNK)
+        qchunk = self.launch.dkdv_qchunk
         return qchunk, -(-self.layout.total // qchunk)
 
     def first_chunks(self, ntiles: int) -> tuple[int, int]:
         """(positions per query chunk, chunks) of block 0's dK/dV over ``ntiles`` key tiles
         (of all documents): chunks of document-local positions sized so that about
-        ``launch["first_programs"]`` (else FIRST_PROGRAMS) programs have queries to stream,
-        at least FIRST_MIN_CHUNK positions each (each chunk adds its sums atomically); the
+        ``launch.first_programs`` programs have queries to stream, at least
+        ``launch.first_min_chunk`` positions each (each chunk adds its sums atomically); the
         grid covers the longest document. Host arithmetic on the offsets: no GPU sync."""
-        want = self.launch.get("first_programs", FIRST_PROGRAMS)
+        want = self.launch.first_programs
         lens = self.layout.cu[1:] - self.layout.cu[:-1]
         if lens.numel() == 0 or self.layout.total == 0:
             return 1, 1
         # a document of length L makes ~L / qchunk working chunks per tile and KV head
         work = self.layout.total * max(1, ntiles) * self.H  # positions x tiles per document x heads
-        qchunk = max(FIRST_MIN_CHUNK, -(-work // (lens.numel() * max(1, want))))
+        qchunk = max(self.launch.first_min_chunk, -(-work // (lens.numel() * max(1, want))))
         return qchunk, -(-int(lens.max()) // qchunk)
 
     def ctiles(self, size: int) -> torch.Tensor:
@@ -117,75 +130,50 @@ class Geometry:
     def G(self) -> int:
         return self.HQ // self.H
 
-    def range_bt(self, kernel: str) -> int:
-        """Positions per program of a range kernel ("fwd" or "dq"): ``launch["range_<kernel>_rows"]``,
-        else ``launch["range_rows"]``, else ROWS rows, divided by G."""
-        rows = self.launch.get(f"range_{kernel}_rows", self.launch.get("range_rows", ROWS))
-        return max(1, rows // self.G)
-
-    def range_block_m(self, kernel: str) -> int:
-        return max(16, triton.next_power_of_2(self.range_bt(kernel) * self.G))
-
-    def range_keys(self, kernel: str) -> int:
-        """Keys per step of a range kernel ("fwd" or "dq"): ``launch["range_<kernel>_keys"]``, else
-        FWD_KEYS / KEYS."""
-        return self.launch.get(f"range_{kernel}_keys", FWD_KEYS if kernel == "fwd" else KEYS)
-
     def sel_block_major(self) -> bool:
         """Selected forward block-major (small groups) or position-major (G >= 16)?
 
         Position-major loads a block's keys once per position tile: with few heads per tile
         the K/V traffic per FLOP is high. Block-major loads them once per segment of the
         positions that chose the block, at the price of gathering queries and writing n
-        per-slot results that a second kernel merges. ``launch["sel_algo"]`` ("block" /
-        "query") overrides the choice (tuning sweeps).
+        per-slot results that a second kernel merges. ``launch.sel_algo`` ("block" / "query")
+        overrides the choice by ``launch.sel_query_min_g``.
         """
-        algo = self.launch.get("sel_algo")
-        if algo not in (None, "block", "query"):
-            raise ValueError(f"launch['sel_algo'] must be 'block' or 'query', got {algo!r}")
-        return self.G < SEL_QUERY_MIN_G if algo is None else algo == "block"
+        algo = self.launch.sel_algo
+        return self.G < self.launch.sel_query_min_g if algo == "auto" else algo == "block"
 
     def forced_split(self) -> bool:
         """Run the selected branch's forced blocks (0 and the two local ones) in the range
         kernels, full tiles of positions that share them, and only the chosen blocks in the
         sparse kernels? Needs the selection kernel's rows (``idx_sorted``: forced blocks
-        always present). ``launch["sel_forced"] = False`` turns it off (tuning sweeps)."""
-        return self.idx_sorted and bool(self.launch.get("sel_forced", True))
+        always present). ``launch.sel_forced = False`` turns it off (tuning sweeps)."""
+        return self.idx_sorted and self.launch.sel_forced
 
     def sel_dq_block_major(self) -> bool:
         """Selected dq block-major (per-slot dq of each block's queries, then a sum; no K/V
-        re-read per position) or position-major? ``launch["sel_dq_algo"]`` overrides."""
-        algo = self.launch.get("sel_dq_algo")
-        if algo not in (None, "block", "query"):
-            raise ValueError(f"launch['sel_dq_algo'] must be 'block' or 'query', got {algo!r}")
-        return self.G < SEL_DQ_QUERY_MIN_G if algo is None else algo == "block"
+        re-read per position) or position-major? ``launch.sel_dq_algo`` overrides the choice by
+        ``launch.sel_dq_query_min_g``."""
+        algo = self.launch.sel_dq_algo
+        return self.G < self.launch.sel_dq_query_min_g if algo == "auto" else algo == "block"
 
     def dq_partial_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Per-slot dq of the block-major dq: fp16 with a power-of-two scale per (row, slot)
-        ("fp16s") or fp32. "auto" (``launch["sel_dq_partial"]``, default): fp16s for 16-bit
+        ("fp16s") or fp32. "auto" (``launch.sel_dq_partial``, default): fp16s for 16-bit
         inputs, whose own rounding is at least as coarse (fp16: the same 11 bits, bf16: 8),
         fp32 for fp32 inputs."""
-        name = self.launch.get("sel_dq_partial", DQ_PARTIAL)
-        if name not in ("auto", "fp32", "fp16s"):
-            raise ValueError(f"launch['sel_dq_partial'] must be 'auto', 'fp32' or 'fp16s', got {name!r}")
+        name = self.launch.sel_dq_partial
         if name == "auto":
             name = "fp16s" if dtype in (torch.bfloat16, torch.float16) else "fp32"
         return torch.float16 if name == "fp16s" else torch.float32
 
     def split_chunk(self, n: int, dtype: torch.dtype) -> int:
         """Positions per chunk of the block-major kernels, so that their per-slot buffers
-        (forward: o and lse; dq: dq) stay within ``launch["split_bytes"]``."""
+        (forward: o and lse; dq: dq) stay within ``launch.split_bytes``."""
         per_pos = self.HQ * n * (self.DV * dtype.itemsize + 4)
         if self.sel_dq_block_major():
             pdt = self.dq_partial_dtype(dtype)
             per_pos = max(per_pos, self.HQ * n * (self.DK * pdt.itemsize + (4 if pdt == torch.float16 else 0)))
-        return max(1, self.launch.get("split_bytes", SPLIT_BYTES) // per_pos)
-
-    def sel_bt(self) -> int:
-        return max(1, self.launch.get("sel_rows", SEL_ROWS) // self.G)
-
-    def sel_block_m(self) -> int:
-        return max(16, triton.next_power_of_2(self.sel_bt() * self.G))
+        return max(1, self.launch.split_bytes // per_pos)
 
     def bdk(self) -> int:
         return max(16, triton.next_power_of_2(self.DK))
@@ -207,13 +195,13 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     else:
         o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device) if not lse_only else q
         lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
-    qt = geo.qtiles(geo.range_bt("fwd"))
+    t = geo.tiles("range_fwd")
+    qt = geo.qtiles(t.bt)
     if qt.shape[0]:
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
-            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=geo.range_bt("fwd"),
-            BLOCK_M=geo.range_block_m("fwd"), BLOCK_N=geo.range_keys("fwd"), BDK=geo.bdk(), BDV=geo.bdv(),
-            LSE_ONLY=lse_only, **_lk(geo, "range_fwd"))
+            L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
+            BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, **t.launch)
     return (None if lse_only else o), lse
 
 
@@ -223,7 +211,8 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, ls
     (``forced_split``), fp32 [T, HQ, Dk], from one kernel that loads q once and writes every
     row (the selected kernels add the rest last)."""
     dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    qt = geo.qtiles(geo.range_bt("dq"))
+    t = geo.tiles("range_dq")
+    qt = geo.qtiles(t.bt)
     if qt.shape[0]:
         win = cfg.window > 0
         _range_bwd_dq[(qt.shape[0], geo.H)](
@@ -231,8 +220,8 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, ls
             dos[0], dos[2] if win else dos[0], dos[1], lse_c, delta[0], lse_w if win else lse_c, delta[2],
             lse_s, delta[1], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
-            BT=geo.range_bt("dq"), BLOCK_M=geo.range_block_m("dq"), BLOCK_N=geo.range_keys("dq"),
-            BDK=geo.bdk(), BDV=geo.bdv(), **_lk(geo, "range_dq"))
+            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(), PREC=geo.prec,
+            **t.launch)
     return dq32
 
 
@@ -255,12 +244,13 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
 
 def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale):
     """One ``_range_bwd_dkdv`` launch over key tiles kt and nchunk chunks of qchunk queries."""
+    t = geo.tiles("range_dkdv")
     _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
                                                   geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
-                                                  LS=cfg.sel_block, BLOCK_M=ROWS, BLOCK_N=geo.dkdv_keys(),
-                                                  BDK=geo.bdk(), BDV=geo.bdv(), ATOMIC=atomic,
-                                                  **_lk(geo, "range_dkdv"))
+                                                  LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                                  BDK=geo.bdk(), BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec,
+                                                  **t.launch)
 
 
 def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2, scale):
@@ -279,17 +269,17 @@ def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2
                      scale2, scale)
 
 
-def _sel_prep(idx, geo: Geometry):
-    qt = geo.qtiles(geo.sel_bt())
-    union, cnt = tl_tiles.selection_union(idx, qt, geo.sel_bt())
+def _sel_prep(idx, geo: Geometry, bt: int):
+    qt = geo.qtiles(bt)
+    union, cnt = tl_tiles.selection_union(idx, qt, bt)
     return qt, union, cnt
 
 
 def _sel_seg(geo: Geometry, dkdv_only: bool = False) -> int:
-    """Positions per work item: ``launch["sel_seg_rows"]`` (else SEG_ROWS) rows, or for a list
-    only the selected dK/dV walks ``launch["sel_dkdv_seg_rows"]`` (else DKDV_SEG_ROWS), over G."""
-    rows = (geo.launch.get("sel_dkdv_seg_rows", DKDV_SEG_ROWS) if dkdv_only
-            else geo.launch.get("sel_seg_rows", SEG_ROWS))
+    """Positions per work item: ``launch.sel_seg_rows`` rows, or for a list only the selected
+    dK/dV walks ``launch.sel_dkdv_seg_rows`` (the dK/dV sums an item in registers and pays its
+    atomics once; where the forward or dq walk the list too, more, shorter items win), over G."""
+    rows = geo.launch.sel_dkdv_seg_rows if dkdv_only else geo.launch.sel_seg_rows
     return max(1, rows // geo.G)
 
 
@@ -301,11 +291,11 @@ def _sel_work(idx, geo: Geometry, cfg, chunk=None, dkdv_only=False):
 
 
 def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) -> dict:
-    """Block-major kernel ``kernel``'s constants; its rows per step: ``launch["<kernel>_rows"]``
-    (sel_split, sel_dq_split, sel_dkdv), else ROWS, at most a segment."""
-    rows = geo.launch.get(f"{kernel}_rows", ROWS)
-    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=_pow2(min(rows, _sel_seg(geo, dkdv_only) * geo.G)),
-                BLOCK_N=_pow2(cfg.sel_block), BDK=geo.bdk(), BDV=geo.bdv())
+    """Block-major kernel ``kernel``'s constants and launch keywords; its rows per step:
+    ``launch.<kernel>_rows`` (sel_split, sel_dq_split, sel_dkdv), at most a segment."""
+    t = geo.tiles(kernel, dkdv_only)
+    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(),
+                PREC=geo.prec, **t.launch)
 
 
 def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
@@ -321,13 +311,13 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
         _range_forward(2, q, k, v, geo, cfg, scale2, out=(o, lse))
     if geo.sel_block_major():
         return _sel_forward_split(q, k, v, idx, o, lse, geo, cfg, scale2)
-    qt, union, cnt = _sel_prep(idx, geo)
+    t = geo.tiles("sel_fwd")
+    qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
         _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
-                                       geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block,
-                                       BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
-                                       BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                       BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced, **_lk(geo, "sel_fwd"))
+                                       geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
+                                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDK=geo.bdk(),
+                                       BDV=geo.bdv(), FORCED=forced, PREC=geo.prec, **t.launch)
     return o, lse, None
 
 
@@ -341,20 +331,19 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     rows = min(work.chunk, T) * geo.HQ
     op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
     lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
-    block_r = 32
+    block_r = geo.launch.sel_combine_rows
     forced = geo.forced_split()
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]
         lp.fill_(float("-inf"))
         _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
-                                   geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"),
-                                   **_lk(geo, "sel_split"))
+                                   geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
                                                   NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,
-                                                  **_lk(geo, "sel_combine"))
+                                                  **geo.launch.warps("sel_combine"))
     return o, lse, work
 
 
@@ -367,17 +356,17 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
     rows = min(work.chunk, T) * geo.HQ * n
     dqp = torch.empty(rows, geo.DK, dtype=pdt, device=q.device)
     dqs = torch.empty(rows if scaled else 1, dtype=torch.float32, device=q.device)
-    block_r = 32
+    block_r = geo.launch.sel_combine_rows
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]  # every chunk has item rows (tiles.item_bound >= 1)
         _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
                                       work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
-                                      **_sel_block_args(geo, cfg, "sel_dq_split"), **_lk(geo, "sel_dq_split"))
+                                      **_sel_block_args(geo, cfg, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], dq[t0:t1], nr,
                                                      geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=geo.bdk(),
-                                                     SCALED=scaled, **_lk(geo, "sel_dq_combine"))
+                                                     SCALED=scaled, **geo.launch.warps("sel_dq_combine"))
 
 
 def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None):
@@ -399,18 +388,19 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
     if block_dq:
         _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo, cfg, scale2, scale)
     else:
-        qt, union, cnt = _sel_prep(idx, geo)
+        t = geo.tiles("sel_dq")
+        qt, union, cnt = _sel_prep(idx, geo, t.bt)
         if qt.shape[0]:
             _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
-                                              LS=cfg.sel_block, BT=geo.sel_bt(), BLOCK_M=geo.sel_block_m(),
-                                              BLOCK_N=_pow2(cfg.sel_block), NPAD=_pow2(n),
-                                              BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced, **_lk(geo, "sel_dq"))
+                                              LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                              NPAD=_pow2(n), BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced,
+                                              PREC=geo.prec, **t.launch)
     # the forward's work list when it made one (its chunks only split segments further)
     if work.items.shape[0]:
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
-                                              **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only), **_lk(geo, "sel_dkdv"))
+                                              **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
@@ -424,7 +414,7 @@ class NSAFunction(torch.autograd.Function):
         o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
         o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
         o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
-        o = combine(o_c, o_s, o_w, gates)
+        o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
                               o_c, lse_c, o_s, lse_s, o_w, lse_w)
         ctx.geo, ctx.cfg, ctx.scale, ctx.sel_work = geo, cfg, scale, work
@@ -436,7 +426,7 @@ class NSAFunction(torch.autograd.Function):
          o_c, lse_c, o_s, lse_s, o_w, lse_w) = ctx.saved_tensors
         geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
         scale2 = scale * LOG2E
-        dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates)
+        dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates, geo.launch.gate_rows)
         # dq: the compressed and window branches store it (fp32), the selected branch adds its
         # part and writes q's dtype, so dq needs no zeroing and no conversion pass
         dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo, cfg,
@@ -503,4 +493,15 @@ def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg
     else:
         _GEOMETRIES.move_to_end(key)
     layout, cache = hit
-    return Geometry(layout, HQ, k_cmp.shape[2], DK, v_sel.shape[3], cache=cache)
+    return Geometry(layout, HQ, k_cmp.shape[2], DK, v_sel.shape[3], cache=cache, dtype=q.dtype,
+                    sel_block=cfg.sel_block, prec=dot_precision(q.dtype))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs as PyTorch computes fp32 matmuls, in full precision
+    ("ieee") unless the user allows TF32 (``torch.backends.cuda.matmul.allow_tf32 = True`` or
+    ``torch.set_float32_matmul_precision("high")``); 16-bit inputs: "tf32" (no effect on them)."""
+    if dtype != torch.float32:
+        return "tf32"
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"

@@ -66,14 +66,14 @@ def _key_range(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexp
 @triton.jit
 def _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
               KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr,
-              LSE_ONLY: tl.constexpr):
+              LSE_ONLY: tl.constexpr, PREC: tl.constexpr):
     """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
         kr = (kbase + c) * H + h
         k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
                     other=0.0)
-        s = tl.dot(q, k) * scale2
+        s = tl.dot(q, k, input_precision=PREC) * scale2
         s = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -82,7 +82,7 @@ def _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc,
         if not LSE_ONLY:
             v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=(c < hi)[:, None] & (dv < DV)[None, :],
                         other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -91,7 +91,7 @@ def _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc,
 def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
                G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                W: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr):
+               BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -114,18 +114,18 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
     if MODE == 0:
         lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
-                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY)
+                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY, PREC)
     elif MODE == 1:
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY)
+                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY, PREC)
     else:  # the forced selection blocks
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY)
+                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY, PREC)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY)
+                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY, PREC)
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + t * HQ + head, lse, mask=row_ok)
@@ -137,7 +137,7 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
 
 @triton.jit
 def _dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
-             KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr):
+             KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """dq (unscaled) plus one branch's sum over keys lo..hi of ds k, ds = p (do v - delta)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
@@ -146,10 +146,10 @@ def _dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, t
                     other=0.0)
         v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
                     other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
         p = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), tl.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, v) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (tl.dot(do, v, input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq
 
 
@@ -158,7 +158,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
                   DQ, TILES, scale2, scale, HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                   W: tl.constexpr, LS: tl.constexpr, HAS_WIN: tl.constexpr, FORCED: tl.constexpr,
                   BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
-                  BDV: tl.constexpr):
+                  BDV: tl.constexpr, PREC: tl.constexpr):
     """dq = scale * sum_keys ds k of the compressed branch, the window (HAS_WIN) and the
     selected branch's forced blocks (FORCED), each with its own do / lse / delta, stored into
     the fp32 buffer DQ: the first writer of every row, so DQ needs no zeroing. One program
@@ -187,24 +187,24 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
     delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
     lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
     dq = _dq_keys(dq, q, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, lo, hi, tloc, _nvis(tloc, L, DS),
-                  dk, dv, 0, W, LS, BLOCK_N)
+                  dk, dv, 0, W, LS, BLOCK_N, PREC)
     if HAS_WIN:
         do = tl.load(DOW + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
         dq = _dq_keys(dq, q, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                      dk, dv, 1, W, LS, BLOCK_N)
+                      dk, dv, 1, W, LS, BLOCK_N, PREC)
     if FORCED:
         do = tl.load(DOS + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
         dq = _dq_keys(dq, q, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                      dk, dv, _FIRST, W, LS, BLOCK_N)
+                      dk, dv, _FIRST, W, LS, BLOCK_N, PREC)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
         dq = _dq_keys(dq, q, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                      dk, dv, _LOCAL, W, LS, BLOCK_N)
+                      dk, dv, _LOCAL, W, LS, BLOCK_N, PREC)
     tl.store(DQ + rq[:, None] * DK + dk[None, :], dq * scale, mask=row_ok[:, None] & (dk < DK)[None, :])
 
 
@@ -212,7 +212,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
 def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV, QCHUNK,
                     G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                     W: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr):
+                    BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
     """One program per (key tile, chunk of QCHUNK query positions): stream the rows (position,
     head) of the chunk that can see the tile. A compressed key is seen by every later query,
     so without chunks the first tiles' programs stream the whole document while the grid is
@@ -266,7 +266,7 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
                      other=0.0)
         lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q)) * scale2  # [BLOCK_N, BLOCK_M]
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale2  # [BLOCK_N, BLOCK_M]
         if MODE == 0:
             ok = cloc[:, None] * DS + (L - 1) <= tloc[None, :]
         elif MODE == 1:
@@ -277,10 +277,10 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
             ok = cloc[:, None] < LS
         ok = ok & key_ok[:, None] & row_ok[None, :]
         pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
-        acc_v += tl.dot(pt.to(do.dtype), do)
-        dpt = tl.dot(v, tl.trans(do))
+        acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
-        acc_k += tl.dot(dst.to(q.dtype), q)
+        acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     if ATOMIC:
         if q_hi > q_lo:  # chunks before the tile's first query add nothing
             tl.atomic_add(DKo + kr[:, None] * DK + dk[None, :], acc_k * scale,

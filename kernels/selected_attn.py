@@ -56,7 +56,7 @@ def _union_range(cnt, t0, ds0, LS: tl.constexpr, BT: tl.constexpr, FORCED: tl.co
 def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL, UMAX,
              G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-             FORCED: tl.constexpr):
+             FORCED: tl.constexpr, PREC: tl.constexpr):
     """Position-major forward. FORCED: the forced blocks' attention (OF, base-2 log-sum-exp LF,
     from the range kernel; they may be O and LSE themselves, as a program reads its rows'
     state before it writes them) is the starting state, and those blocks are skipped."""
@@ -97,14 +97,14 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
         kr = (ds0 + pos) * H + h
         k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
         v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        s = tl.dot(q, k) * scale2
+        s = tl.dot(q, k, input_precision=PREC) * scale2
         ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -118,7 +118,7 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
 def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale2, scale, HQ, DK, DV,
                 NSEL, UMAX, G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPAD: tl.constexpr,
-                BDK: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr):
+                BDK: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr, PREC: tl.constexpr):
     """Position-major dq; FORCED: the forced blocks' part came from the range dq kernel."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -149,12 +149,12 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
         kr = (ds0 + pos) * H + h
         k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
         v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
         ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, v)
+        dp = tl.dot(do, v, input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     # the last dq term: the other branches' sum (fp32 DQ) plus this one, stored in q's dtype
     off = rq[:, None] * DK + dk[None, :]
     msk = row_ok[:, None] & (dk < DK)[None, :]
@@ -180,7 +180,7 @@ def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
                    G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BDK: tl.constexpr, BDV: tl.constexpr):
+                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries): each row's attention over
     this one block, normalised, into its slot: OP[row - row0, slot] and its log2-sum-exp2
     LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
@@ -196,13 +196,13 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
         t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
         rq = t * HQ + h * G + r % G
         q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        s = tl.dot(q, k) * scale2
+        s = tl.dot(q, k, input_precision=PREC) * scale2
         s = tl.where(row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
         m = tl.max(s, 1)
         ms = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp2(s - ms[:, None])
         l = tl.sum(p, 1)  # >= 1 where any key is visible
-        acc = tl.dot(p.to(v.dtype), v) / tl.maximum(l, 1.0)[:, None]
+        acc = tl.dot(p.to(v.dtype), v, input_precision=PREC) / tl.maximum(l, 1.0)[:, None]
         slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
         ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
         tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok)
@@ -270,7 +270,7 @@ def _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV, dk, dv, G
 @triton.jit
 def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr):
+                  BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
@@ -283,13 +283,13 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
     for r0 in range(0, n * G, BLOCK_M):
         r, row_ok, t, rq, q, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV,
                                                             dk, dv, G, BLOCK_M)
-        st = tl.dot(k, tl.trans(q)) * scale2
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale2
         ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
         pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
-        acc_v += tl.dot(pt.to(do.dtype), do)
-        dpt = tl.dot(v, tl.trans(do))
+        acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
-        acc_k += tl.dot(dst.to(q.dtype), q)
+        acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     tl.atomic_add(DV32 + kr[:, None] * DV + dv[None, :], acc_v,
@@ -299,7 +299,8 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
 @triton.jit
 def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
                       NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr,
+                      PREC: tl.constexpr):
     """Block-major dq: one program per (KV head, block, segment of choosing queries) writes each
     row's dq over this one block, scale * dS K, into its slot DQP[row - row0, slot].
     dS uses the branch's final lse and delta, so a row's dq is the plain sum of its slots
@@ -316,11 +317,11 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
     for r0 in range(0, n * G, BLOCK_M):
         r, row_ok, t, rq, q, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV,
                                                             dk, dv, G, BLOCK_M)
-        s = tl.dot(q, tl.trans(k)) * scale2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
         ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, vt) - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k) * scale
+        ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
         slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
         ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
         if SCALED:

@@ -24,17 +24,8 @@ import triton.language as tl
 
 from .range_attn import _nvis
 
-# Launch defaults from the H200 sweep (docs/kernel_notes.md); geo.launch keys override them:
-SELECT_ROWS = 64  # "select_rows": rows (positions x head slots) per program, >= 16 positions
-SELECT_ROWS_ALIGNED = 128  # the same with chunks of whole blocks (with 3 stages, 0.5-9.5% faster
-# than 64 rows and 2 stages at G = 1-8)
-SELECT_KEYS = 64  # "select_keys": compressed tokens per matrix product
-SELECT_SPAN = 1  # "select_span": key tiles per top-n merge
-SELECT_ALIGNED = True  # "select_aligned": chunks of whole blocks where (l, d, l') allow it
-# (``aligned_chunks``), else chunks of the tokens overlapping BJ blocks, Eq. 9 weights as a matrix
-HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")  # "select_merge"
-# "select": (num_warps, num_stages); default 8 warps when a merge's chunk is wider than the top-n,
-# 3 stages with chunks of whole blocks and G <= 8 (at G = 16 3 stages lost 37%)
+# tl.topk / tl.bitonic_merge (newer Triton): the top-n merge in log2(NP) stages
+HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")
 
 
 @triton.jit
@@ -47,7 +38,7 @@ def _first_part(x, PARTS: tl.constexpr):
 
 @triton.jit
 def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr, GP: tl.constexpr,
-                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr):
+                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Importance [BT, len(j)] of blocks j from compressed tokens i0..min(i0+BLOCK_N, i_hi)-1."""
     i = i0 + tl.arange(0, BLOCK_N)
     kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
@@ -55,7 +46,7 @@ def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl
     lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
     hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
     w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, len(j)]
-    s = tl.dot(q, kc) * scale2
+    s = tl.dot(q, kc, input_precision=PREC) * scale2
     vis = (i[None, :] < nv_r[:, None]) & (i < i_hi)[None, :]
     p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
@@ -68,7 +59,7 @@ def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl
 
 @triton.jit
 def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
-                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr):
+                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr, PREC: tl.constexpr):
     """Importance [BT, BJP] of blocks j0..j0+BJP-1 from the R*BJP compressed tokens starting in
     them, where R = l'/d tokens start in each block and a token spans E = l/d <= R strides;
     BT >= 16 positions (the 0/1 products are matrix products).
@@ -81,12 +72,12 @@ def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, 
     i = j0 * R + tl.arange(0, BLOCK_N)
     kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
                  mask=(i < nv_max)[None, :] & (dk < DK)[:, None], other=0.0)
-    s = tl.dot(q, kc) * scale2
+    s = tl.dot(q, kc, input_precision=PREC) * scale2
     p = tl.where(i[None, :] < nv_r[:, None], tl.exp2(s - lse[:, None]), 0.0)
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
     jj = tl.arange(0, BJP)
     if R == 1:  # l = l' = d: one token a block, weight 1. An exact product by the identity
-        # still pays: the merge ran 1.7x slower on the reduction's layout (H200, 2026-12-04)
+        # still pays: the merge ran slower on the reduction's layout (docs/kernel_notes.md)
         return tl.dot(psum, (jj[:, None] == jj[None, :]).to(tl.float32), input_precision="ieee"), carry
     m = tl.arange(0, BLOCK_N) % R
     imp = tl.sum(tl.reshape(psum * tl.minimum(E, R - m).to(tl.float32)[None, :], [BT, BJP, R]), 2)
@@ -122,7 +113,7 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
                  DS: tl.constexpr, LS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
                  BJ: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
                  MERGE: tl.constexpr, SPAN: tl.constexpr, FITS: tl.constexpr,
-                 ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr):
+                 ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr, PREC: tl.constexpr):
     """BT positions x one KV head: stream the blocks in chunks of BJ, keep a running top-n."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -150,16 +141,16 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         imp = tl.zeros([BT, BJP], tl.float32)
         if ALIGNED:
             imp, carry = _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2,
-                                             BT, GP, R, E, BJP)
+                                             BT, GP, R, E, BJP, PREC)
         elif FITS:  # SPAN tiles cover the chunk: no inner loop, so the pipeliner overlaps the
             # next chunk's key loads with this chunk's work (an inner loop of one trip does not)
             for sp in tl.static_range(SPAN):
                 imp += _importance(q, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N)
+                                   BT, GP, L, DS, LS, BLOCK_N, PREC)
         else:  # one block overlaps more compressed tokens than SPAN tiles hold
             for i0 in range(i_lo, i_hi, BLOCK_N):
                 imp += _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N)
+                                   BT, GP, L, DS, LS, BLOCK_N, PREC)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         cand = (j[None, :] <= cur[:, None]) & (jj < BJ)[None, :]
         bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
@@ -209,18 +200,11 @@ def aligned_chunks(l: int, d: int, ls: int, tokens: int, span: int, np_: int, gp
     return tokens % r == 0 and tokens // r >= np_
 
 
-def _pow2_setting(launch: dict, name: str, default: int) -> int:
-    v = launch.get(name, default)
-    if not isinstance(v, int) or v < 1 or v & (v - 1):
-        raise ValueError(f"launch[{name!r}] must be a positive power of two, got {v!r}")
-    return v
-
-
 def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     """Top-n blocks from the compressed log-sum-exp (base 2, [T, HQ]).
 
     q: [T, HQ, Dk] packed; k_cmp: [Nc_total, H, Dk]; geo: the call's ``nsa.Geometry`` (query
-    tiles, launch overrides ``select_*``). Returns LongTensor [T, H, n], ascending, -1 padded.
+    tiles, its ``launch.select_*`` settings). Returns LongTensor [T, H, n], ascending, -1 padded.
     """
     T, HQ, DK = q.shape
     H = k_cmp.shape[1]
@@ -230,26 +214,44 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
         return out
     G = HQ // H
     GP = triton.next_power_of_2(G)
-    BLOCK_N = max(16, _pow2_setting(geo.launch, "select_keys", SELECT_KEYS))
-    span = _pow2_setting(geo.launch, "select_span", SELECT_SPAN)
+    launch = geo.launch
+    BLOCK_N = max(16, launch.select_keys)
+    span = launch.select_span
     NP = max(16, triton.next_power_of_2(n))
-    aligned = geo.launch.get("select_aligned", SELECT_ALIGNED) and aligned_chunks(l, d, ls, BLOCK_N, span, NP, GP)
-    rows = _pow2_setting(geo.launch, "select_rows", SELECT_ROWS_ALIGNED if aligned else SELECT_ROWS)
+    aligned = launch.select_aligned and aligned_chunks(l, d, ls, BLOCK_N, span, NP, GP)
+    rows = launch.select_rows_aligned if aligned else launch.select_rows
     # >= 16 positions a program, so that the weight product is a matrix product, unless the
     # group alone fills the rows (G > 16: then the group sum is a broadcast)
     BT = max(rows // GP, 16 if GP <= 16 else 1)
+    BDK = max(16, triton.next_power_of_2(DK))
+    BJ, BJP = _chunk_blocks(aligned, l, d, ls, BLOCK_N, span, NP)
+    # default: 8 warps when a merge's chunk is wider than the top-n; 3 stages with chunks of
+    # whole blocks below G = 16 (docs/kernel_notes.md, "Launch configuration")
+    warps, stages = launch.select or (8 if BJP > NP else 4, 3 if aligned and GP < 16 else 2)
+    # the queries and key tiles within shared memory (fp32, large Dk): fewer stages or positions;
+    # below 16 positions the general chunks (their weight product is then a broadcast)
+    rows_fit, _, stages = launch.fit("select", BT * GP, BLOCK_N, BDK, 0, q.element_size(), stages,
+                                     rows_min=max(16, GP), fixed="keys")
+    if rows_fit < BT * GP:
+        BT = rows_fit // GP
+        if aligned and BT < 16:
+            aligned = False
+            BJ, BJP = _chunk_blocks(aligned, l, d, ls, BLOCK_N, span, NP)
     tiles = geo.qtiles(BT)
-    if aligned:  # chunks of whole blocks: the tokens starting in them
-        BJ = BJP = BLOCK_N // (ls // d)
-    else:
-        BJ = block_chunk(l, d, ls, BLOCK_N * span)
-        BJP = max(NP, triton.next_power_of_2(BJ))
-    warps, stages = geo.launch.get("select", (8 if BJP > NP else 4, 3 if aligned and GP < 16 else 2))
-    merge = geo.launch.get("select_merge", HAS_BITONIC_MERGE)
+    merge = HAS_BITONIC_MERGE if launch.select_merge is None else launch.select_merge
     _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
                                       DS=d, LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=BJP, BLOCK_N=BLOCK_N,
-                                      BDK=max(16, triton.next_power_of_2(DK)), MERGE=merge, SPAN=span,
+                                      BDK=BDK, MERGE=merge, SPAN=span,
                                       FITS=chunk_fits(l, d, ls, BLOCK_N * span), ALIGNED=aligned,
-                                      R=ls // d if aligned else 1, E=l // d if aligned else 1,
+                                      R=ls // d if aligned else 1, E=l // d if aligned else 1, PREC=geo.prec,
                                       num_warps=warps, num_stages=stages)
     return out
+
+
+def _chunk_blocks(aligned: bool, l: int, d: int, ls: int, tokens: int, span: int, np_: int) -> tuple[int, int]:
+    """(blocks per top-n merge, that rounded up to a power of two >= the merge width)."""
+    if aligned:  # chunks of whole blocks: the tokens starting in them
+        bj = tokens // (ls // d)
+        return bj, bj
+    bj = block_chunk(l, d, ls, tokens * span)
+    return bj, max(np_, triton.next_power_of_2(bj))

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .fileio import atomic_open
 
 
 class ConfigBase:
@@ -49,21 +50,11 @@ class ConfigBase:
         return cls.from_dict(data, where=f"{os.path.basename(str(path))}")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temporary file in the same folder, then rename."""
+        """Write atomically (``fileio.atomic_open``); the folder is made if missing."""
         import yaml
 
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_cfg_")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(path) as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
 
 
 def _dataclass_type(tp: Any) -> Optional[type]:
@@ -154,6 +145,14 @@ class ModelConfig(ConfigBase):
     # "none" (nothing, checkpointing or not)
     recompute: str = "full"
     nsa: NSAConfig = field(default_factory=NSAConfig)
+
+    # How the model is computed, not what: a run may resume or convert across them.
+    EXECUTION_FIELDS = ("fused_projection", "recompute")
+
+    @classmethod
+    def function_fields(cls, cfg: dict) -> dict:
+        """A model-config dict without ``EXECUTION_FIELDS``: what must match to continue a run."""
+        return {k: v for k, v in cfg.items() if k not in cls.EXECUTION_FIELDS}
 
     def __post_init__(self) -> None:
         if isinstance(self.nsa, dict):

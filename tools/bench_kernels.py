@@ -7,20 +7,22 @@ and every gradient; selection agreement), several group sizes, packed sequences.
 --bench: medians of triton.testing.do_bench for the issue's shapes (a) paper, (b) FLA's,
 (c) small groups, forward and forward+backward, against dense causal SDPA (flash backend,
 enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, writes CSV.
+The NSA call timed (--bench, --profile, --gaps) is ``layer_call``: the model layer's one
+call, ops.nsa_attention(..., return_indices=True), selection inside.
 --profile: per-kernel CUDA time of one forward and of one forward+backward.
 --gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
 stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
 --sweep: one launch setting changed at a time (selection given), --rounds times interleaved.
---ab NAME=VALUE[,...]: the whole function (as --bench) with constants of nsa_dist.kernels.nsa
-set (e.g. DKDV_SEG_ROWS=1024) and with the defaults, A B then B A for --rounds rounds in one
-process: A/B of a default, free of the spread between processes.
+--ab NAME=VALUE[,...]: the whole function (as --bench) with these LaunchConfig settings
+(kernels/launch.py, e.g. sel_dkdv_seg_rows=1024,range_fwd=(8,3)) and with the defaults, A B
+then B A for --rounds rounds in one process: A/B of a default, free of the spread between
+processes.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import csv
-import importlib.util
 import os
 import sys
 import time
@@ -28,22 +30,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _import_kernels():
-    """nsa_dist.kernels, also from a plain checkout (kernels/ maps to it only once installed)."""
-    sys.path.insert(0, ROOT)
-    try:
-        import nsa_dist.kernels as kernels
-        return kernels
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "nsa_dist.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
-            submodule_search_locations=[os.path.join(ROOT, "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["nsa_dist.kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+sys.path.insert(0, ROOT)  # nsa_dist from this checkout when it is not installed
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -131,12 +118,12 @@ def run_checks(out_dir):
 def _write_csv(path, rows):
     if not rows:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
+    from nsa_dist.fileio import atomic_open
+
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _bench(fn, grad_inputs=None):
@@ -174,7 +161,7 @@ SHAPES = {
     "g8": (64, 8, 128, 32, 16, 64, 16, 512, False),
 }
 
-# launch settings the sweep tries, one at a time (geo.launch keys of kernels/nsa.py, or a dict of them)
+# launch settings the sweep tries, one at a time (LaunchConfig fields, or a dict of them)
 SWEEP = {
     "sel_algo": ["block", "query"],
     "sel_dq_algo": ["block", "query"],
@@ -203,7 +190,7 @@ SWEEP = {
     "first_programs": [128, 2048],
     # rows / keys per step of one kernel (the range forward and dq; each block-major kernel)
     "range_fwd_rows": [32, 128, {"range_fwd_rows": 128, "range_fwd": (8, 3)}],
-    "range_fwd_keys": [32, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],
+    "range_fwd_keys": [16, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],
     "range_dq_rows": [32, 128, {"range_dq_rows": 128, "range_dq": (8, 2)}],
     "range_dq_keys": [32, 128],
     "sel_split_rows": [32, 128, {"sel_split_rows": 128, "sel_split": (8, 2)}],
@@ -213,8 +200,22 @@ SWEEP = {
 # (the selection's own launch grid: tools/bench_selection.py --sweep)
 
 
-def bench_shape(name, S, rows, kernels):
-    from nsa_dist import NSAConfig
+def sweep_settings(key, val) -> dict:
+    """The LaunchConfig settings of one SWEEP option (``val`` None: the defaults)."""
+    return {} if val is None else dict(val) if isinstance(val, dict) else {key: val}
+
+
+def layer_call(x: dict, cfg, cu_seqlens=None):
+    """The model's attention layer's call: one op that selects (from the compressed branch's
+    forward) and attends, returning (o, indices). --bench, --profile and --gaps time this;
+    tests/ops/test_fused_call.py fails if the layer's call differs from it."""
+    from nsa_dist import ops
+
+    return ops.nsa_attention(*(x[k] for k in ORDER), cfg, cu_seqlens=cu_seqlens, return_indices=True)
+
+
+def bench_shape(name, S, rows):
+    from nsa_dist import NSAConfig, ops
     from nsa_dist.ops import compress
 
     HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
@@ -230,17 +231,18 @@ def bench_shape(name, S, rows, kernels):
 
         def nsa():
             kc, vc = compress(kk, cfg), compress(vv, cfg)
-            return kernels.nsa_attention(qq, kc, vc, kk, vv, kk, vv, gg, cfg)
+            return layer_call(dict(q=qq, k_cmp=kc, v_cmp=vc, k_sel=kk, v_sel=vv, k_win=kk, v_win=vv, gates=gg),
+                              cfg)[0]
         grads = [qq, kk, vv, gg]
     else:
         def nsa():
-            return kernels.nsa_attention(*(leaves[k] for k in ORDER), cfg)
+            return layer_call(leaves, cfg)[0]
         grads = list(leaves.values())
     with torch.no_grad():
-        res["nsa_select_ms"] = _bench(lambda: kernels.select_blocks(x["q"], x["k_cmp"], cfg))
-        idx = kernels.select_blocks(x["q"], x["k_cmp"], cfg)
-        res["nsa_fwd_given_idx_ms"] = _bench(lambda: kernels.nsa_attention(
-            *(x[k] for k in ORDER), cfg, block_indices=idx))
+        res["nsa_select_ms"] = _bench(lambda: ops.select_blocks(x["q"], x["k_cmp"], cfg))
+        idx = ops.select_blocks(x["q"], x["k_cmp"], cfg)
+        res["nsa_fwd_given_idx_ms"] = _bench(lambda: ops.nsa_attention(
+            *(x[k] for k in ORDER), cfg, block_indices=idx, canonical_indices=True))
         res["nsa_fwd_ms"] = _bench(nsa)
     res["nsa_fwdbwd_ms"] = _bench(lambda: nsa().backward(do), grads)
     res["nsa_bwd_ms"] = res["nsa_fwdbwd_ms"] - res["nsa_fwd_ms"]
@@ -291,7 +293,7 @@ def bench_shape(name, S, rows, kernels):
     torch.cuda.empty_cache()
 
 
-def _calls(name, S, kernels):
+def _calls(name, S):
     """(forward without grad, forward+backward) of the whole NSA function on the shape's inputs."""
     from nsa_dist import NSAConfig
 
@@ -302,20 +304,20 @@ def _calls(name, S, kernels):
 
     def fwd():
         with torch.no_grad():
-            kernels.nsa_attention(*(x[k] for k in ORDER), cfg)
+            layer_call(x, cfg)
 
     def step():
         for t in x.values():
             t.grad = None
-        kernels.nsa_attention(*(x[k] for k in ORDER), cfg).backward(do)
+        layer_call(x, cfg)[0].backward(do)
     return fwd, step
 
 
-def profile_shape(name, S, kernels):
+def profile_shape(name, S):
     """Per-kernel CUDA time of one forward and one forward+backward (torch.profiler), top entries."""
     from torch.profiler import ProfilerActivity, profile
 
-    fwd, step = _calls(name, S, kernels)
+    fwd, step = _calls(name, S)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -336,9 +338,9 @@ def profile_shape(name, S, kernels):
     torch.cuda.empty_cache()
 
 
-def sweep_shape(name, S, kernels, keys, rounds=1):
+def sweep_shape(name, S, keys, rounds=1):
     """Forward and forward+backward time with one launch setting changed at a time."""
-    from nsa_dist import NSAConfig
+    from nsa_dist import NSAConfig, ops
     from nsa_dist.kernels.nsa import NSAFunction, make_geometry, pack
 
     HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
@@ -346,15 +348,13 @@ def sweep_shape(name, S, kernels, keys, rounds=1):
     x = {k: pack(v).requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
     do = torch.randn(S, HQ, D, device="cuda", dtype=torch.bfloat16)
     sc = D ** -0.5
-    idx = kernels.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg)[0].to(torch.int32)
+    idx = ops.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg, backend="triton")[0]
+    idx = idx.to(torch.int32)
     options = ([("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]) * rounds
     for key, val in options:
         geo = make_geometry(x["q"][None], x["k_cmp"][None], x["v_sel"][None], cfg, None)
         geo.idx_sorted = True  # idx is the selection kernel's output, as inside nsa_attention
-        if isinstance(val, dict):
-            geo.launch.update(val)
-        elif val is not None:
-            geo.launch[key] = val
+        geo.launch = launch_config(sweep_settings(key, val))
 
         def fwd():
             with torch.no_grad():
@@ -432,63 +432,57 @@ def gpu_gaps(tag: str, fn, top: int = 5):
     return span / 1e3, busy / 1e3, (span - busy) / 1e3
 
 
-def gaps_shape(name, S, kernels):
+def gaps_shape(name, S):
     """GPU idle time of one forward (no grad) and one forward+backward of the whole NSA function."""
-    fwd, step = _calls(name, S, kernels)
+    fwd, step = _calls(name, S)
     gpu_gaps(f"{name}_S{S}_fwd", fwd)
     gpu_gaps(f"{name}_S{S}_fwdbwd", step)
     torch.cuda.empty_cache()
 
 
-def ab_shape(name, S, kernels, setting: str, rounds: int):
-    """The whole function with module constants of the kernels set by ``setting``
-    ("NAME=VALUE,..."; NAME is a constant of ``kernels.nsa`` or ``module.NAME`` of another
-    kernel module, e.g. ``selection.SELECT_ALIGNED``) and with the defaults, A B then B A,
-    for ``rounds`` rounds."""
-    import importlib
-
-    changed = {}
-    for part in setting.split(","):
-        key, _, val = part.partition("=")
-        modname, _, const = key.rpartition(".")
-        full = f"{kernels.__name__}.{modname or 'nsa'}"
-        try:
-            mod = importlib.import_module(full)
-        except ModuleNotFoundError as err:
-            if err.name != full:  # the module exists but something it imports is missing
-                raise
-            raise SystemExit(f"--ab: {modname!r} is not a kernel module: give NAME (of nsa) or "
-                             f"module.NAME, e.g. selection.SELECT_ALIGNED=False") from None
-        if not hasattr(mod, const) or not const.isupper():
-            raise SystemExit(f"--ab: {const!r} is not a constant of {mod.__name__}: give one of its "
-                             f"UPPER_CASE settings, e.g. DKDV_SEG_ROWS=1024")
-        try:
-            value = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            value = val
-        old = getattr(mod, const)
-        if type(value) is not type(old) and not (isinstance(old, float) and type(value) is int):
-            raise SystemExit(f"--ab: {const} is a {type(old).__name__} (default {old!r}): give a value of "
-                             f"that type, not {val!r}")
-        changed[(mod, const)] = value
-    defaults = {k: getattr(*k) for k in changed}
-    show = lambda values: {c: v for (_, c), v in values.items()}  # noqa: E731
-    rows = []
+def parse_settings(text: str) -> dict:
+    """"NAME=VALUE,..." -> {NAME: VALUE}: Python literals (``range_fwd=(8, 3)``), a bare word as
+    a string (``sel_algo=block``)."""
     try:
-        for rnd in range(rounds):
-            # A B, then B A: neither setting always runs first in a round
-            order = (("changed", changed), ("default", defaults))
-            for label, values in (order if rnd % 2 == 0 else order[::-1]):
-                for (mod, const), v in values.items():
-                    setattr(mod, const, v)
-                bench_shape(name, S, rows, kernels)
-                r = rows[-1]
-                print(f"[ab] {name} S={S} round {rnd} {label} {show(values)}: fwd {r['nsa_fwd_ms']} ms, "
-                      f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
-                      flush=True)
-    finally:
-        for (mod, const), v in defaults.items():
-            setattr(mod, const, v)
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        call = None
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        raise SystemExit(f"--ab / --sweep settings are NAME=VALUE[,NAME=VALUE...], got {text!r}")
+    out = {}
+    for kw in call.keywords:
+        out[kw.arg] = kw.value.id if isinstance(kw.value, ast.Name) else ast.literal_eval(kw.value)
+    return out
+
+
+def launch_config(settings: dict):
+    """A LaunchConfig with ``settings`` over the defaults; a bad name or value ends the tool
+    with LaunchConfig's message (it names the valid settings)."""
+    from nsa_dist.kernels.launch import LaunchConfig
+
+    try:
+        return LaunchConfig(**settings)
+    except ValueError as err:
+        raise SystemExit(f"launch settings {settings}: {err}") from None
+
+
+def ab_shape(name, S, setting: str, rounds: int):
+    """The whole function (as --bench) with the launch settings ``setting`` ("NAME=VALUE,...",
+    LaunchConfig fields) and with the defaults, A B then B A, for ``rounds`` rounds."""
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+
+    changed = launch_config(parse_settings(setting))
+    rows = []
+    for rnd in range(rounds):
+        # A B, then B A: neither setting always runs first in a round
+        order = (("changed", changed), ("default", LaunchConfig()))
+        for label, launch in (order if rnd % 2 == 0 else order[::-1]):
+            with use_launch(launch):
+                bench_shape(name, S, rows)
+            r = rows[-1]
+            print(f"[ab] {name} S={S} round {rnd} {label} {changed.changed()}: fwd {r['nsa_fwd_ms']} ms, "
+                  f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
+                  flush=True)
 
 
 def main(argv=None):
@@ -502,36 +496,38 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
     ap.add_argument("--sweep-keys", default=",".join(SWEEP), help="which launch settings to sweep")
     ap.add_argument("--rounds", type=int, default=1, help="repeats of --sweep / --ab, interleaved")
-    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: constants of kernels.nsa (or module.NAME of "
-                    "another kernel module) against the defaults")
+    ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: LaunchConfig settings (kernels/launch.py) "
+                    "against the defaults")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA device")
     os.makedirs(a.out, exist_ok=True)
-    kernels = _import_kernels()
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     if a.check:
         run_checks(a.out)
     if a.sweep:
+        unknown = sorted(set(a.sweep_keys.split(",")) - set(SWEEP))
+        if unknown:
+            raise SystemExit(f"--sweep-keys: {unknown} not in the sweep table; choose from {', '.join(SWEEP)}")
         for name in a.shapes.split(","):
-            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.sweep_keys.split(","), a.rounds)
+            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), a.sweep_keys.split(","), a.rounds)
     if a.ab:
         for name in a.shapes.split(","):
-            ab_shape(name, max(int(s) for s in a.sizes.split(",")), kernels, a.ab, a.rounds)
+            ab_shape(name, max(int(s) for s in a.sizes.split(",")), a.ab, a.rounds)
     if a.profile:
         for name in a.shapes.split(","):
-            profile_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+            profile_shape(name, max(int(s) for s in a.sizes.split(",")))
     if a.gaps:
         for name in a.shapes.split(","):
-            gaps_shape(name, max(int(s) for s in a.sizes.split(",")), kernels)
+            gaps_shape(name, max(int(s) for s in a.sizes.split(",")))
     if a.bench:
         rows = []
         for name in a.shapes.split(","):
             for S in (int(s) for s in a.sizes.split(",")):
                 try:
-                    bench_shape(name, S, rows, kernels)
+                    bench_shape(name, S, rows)
                 except Exception as err:  # noqa: BLE001 - keep the other sizes
                     print(f"[bench] {name} S={S} failed: {type(err).__name__}: {err}", flush=True)
         _write_csv(os.path.join(a.out, "kernel_bench.csv"), rows)

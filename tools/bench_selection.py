@@ -12,6 +12,7 @@ Medians of triton.testing.do_bench; a table is printed last.
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import importlib.util
 import inspect
 import itertools
@@ -24,17 +25,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 
-# the sort-only merge and spans > 1 lost in every earlier sweep (docs/kernel_notes.md)
+# LaunchConfig settings, every combination; the sort-only merge and spans > 1 lost in every
+# earlier sweep (docs/kernel_notes.md)
 GRID = {"select_aligned": (True, False), "select_rows": (64, 128), "select": ((4, 2), (8, 2), (4, 3))}
 
 
 def _load_other(path: str):
-    """The other revision's kernels/ as package ``nsa_kernels_other``; its select_from_lse."""
-    spec = importlib.util.spec_from_file_location("nsa_kernels_other", os.path.join(path, "__init__.py"),
-                                                  submodule_search_locations=[path])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["nsa_kernels_other"] = mod
-    spec.loader.exec_module(mod)
+    """The other revision's kernels/ folder as package ``nsa_kernels_other`` (only its
+    modules: older revisions' ``__init__.py`` is not run); its select_from_lse."""
+    spec = importlib.machinery.ModuleSpec("nsa_kernels_other", None, is_package=True)
+    spec.submodule_search_locations = [os.path.abspath(path)]
+    sys.modules["nsa_kernels_other"] = importlib.util.module_from_spec(spec)
     return importlib.import_module("nsa_kernels_other.selection").select_from_lse
 
 
@@ -49,7 +50,6 @@ def main(argv=None):
         raise SystemExit("bench_selection.py needs a CUDA device")
     import triton
 
-    bk._import_kernels()
     from nsa_dist import NSAConfig
     from nsa_dist.kernels import selection
     from nsa_dist.kernels.nsa import LOG2E, _range_forward, make_geometry, pack
@@ -85,7 +85,7 @@ def main(argv=None):
                     best = (row["new_ms"], "defaults")
                     for vals in itertools.product(*GRID.values()):
                         g2 = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
-                        g2.launch.update(dict(zip(GRID, vals)))
+                        g2.launch = bk.launch_config(dict(zip(GRID, vals)))
                         tag = " ".join(f"{k}={v}" for k, v in zip(GRID, vals))
                         try:
                             f = lambda: selection.select_from_lse(q, kc, lse, g2, cfg, sc)  # noqa: E731

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--stats", action="store_true", help="print the mean tokens read per decode step")
+    p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
+                   help="decode path: auto = the Triton decode kernels on CUDA, PyTorch elsewhere")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch each decode step eagerly on CUDA")
     return p
 
 
@@ -115,7 +118,8 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen)
+                   stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen, backend=args.backend,
+                   cuda_graphs=False if args.no_cuda_graphs else None, count_reads=args.stats)
     seconds = time.perf_counter() - start
     for prompt, new in zip(prompts, out.tokens):
         if tok is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 
 
@@ -58,9 +57,10 @@ def main(argv=None) -> int:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = a.png + ".tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, a.png)
+    from nsa_dist.fileio import AtomicFile
+
+    with AtomicFile(a.png) as f:  # the temporary name keeps the .png that picks the format
+        fig.savefig(f.tmp)
     print(f"wrote {a.png}")
     return 0
 

@@ -2,7 +2,8 @@
 ``model.safetensors`` + ``config.json`` at the single-device model's names and shapes.
 
 Tensor-parallel shards are put back together from the ``param_layout`` the trainer records
-in ``nsa_meta.json`` (for each TP rank: local name -> full name and the slice it holds).
+in ``nsa_meta.json`` (for each TP rank: local name -> full name and the slice it holds; see
+``nsa_dist.checkpoint.layout``).
 ZeRO 0-2 weights are read from DeepSpeed's ``mp_rank_XX_model_states.pt``: the run's working
 weights (fp32 on CPU runs, bf16 on bf16 GPU runs), or with ``master`` the fp32 copies in the
 ZeRO shards; ZeRO-3 weights (and, for ``reshard``, Adam's moments) come from the shards
@@ -17,21 +18,11 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.files import OPTIMIZER, find_tag_dir, verify_checkpoint
+from ..checkpoint.tensors import save_moments
 from ..config import ModelConfig
-from .io import OPTIMIZER, atomic_output_dir, note, progress, save_consolidated, save_moments
-
-
-def local_layout(model: torch.nn.Module) -> dict[str, list]:
-    """This rank's parameters: local name -> [full name, dim, start, stop] (dim None: whole)."""
-    full = model.full_names() if hasattr(model, "full_names") else {}
-    out, seen = {}, set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        shard = getattr(p, "nsa_shard", None)
-        out[name] = [full.get(name, name)] + (list(shard) if shard else [None, None, None])
-    return out
+from ..fileio import atomic_dir
+from .io import note, progress, save_consolidated
 
 
 def assemble(rank_states: list[dict[str, torch.Tensor]], layouts: Optional[list[dict[str, list]]],
@@ -92,18 +83,6 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Non
             raise ValueError(f"{name}: dtype {state[name].dtype}, expected fp32, bf16 or fp16")
 
 
-def _tag_dir(path: str) -> str:
-    from ..training.checkpoint import LATEST_FILE, META_FILE
-
-    for root in (path, os.path.join(path, "checkpoints")):
-        if os.path.isfile(os.path.join(root, META_FILE)):
-            return root
-        latest = os.path.join(root, LATEST_FILE)
-        if os.path.isfile(latest):
-            return os.path.join(root, open(latest).read().strip())
-    raise FileNotFoundError(f"{path}: no nsa_dist checkpoint (no nsa_meta.json, no 'latest' marker)")
-
-
 def global_batch(meta: dict) -> Optional[int]:
     """Samples per optimizer step of the run that wrote ``meta`` (None when it does not say):
     micro_batch_size x grad_accum_steps x data-parallel size (world / (tp x sp))."""
@@ -149,10 +128,9 @@ def read_checkpoint(path: str, master: bool = False, optimizer: bool = False,
     the ZeRO shards, stages 1-2); always the fp32 shards for ZeRO-3. ``optimizer``: also
     Adam's moments and step (ZeRO 1-3). ``quiet=False``: progress on a terminal.
     """
-    from ..training.checkpoint import verify_checkpoint
     from .zero_state import load_ds_file, read_tp_rank
 
-    tag_dir = _tag_dir(path)
+    tag_dir = find_tag_dir(path)
     meta = verify_checkpoint(tag_dir)  # every file present with its recorded size
     cfg = ModelConfig.from_dict(meta["model_config"], where=f"{tag_dir}/nsa_meta.json")
     stage = int(meta.get("deepspeed_config", {}).get("zero_optimization", {}).get("stage", 0))
@@ -198,7 +176,7 @@ def consolidate(path: str, out: str, dtype: Optional[torch.dtype] = None, force:
     extra = {"source_checkpoint": os.path.abspath(ck.tag_dir), "step": meta.get("step")}
     if optimizer:
         extra["training_state"] = training_state(meta, ck.adam_step)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp:
         note(f"writing {out}", quiet)
         save_consolidated(state, cfg, tmp, extra)
         if optimizer:

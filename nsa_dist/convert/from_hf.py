@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig, NSAConfig
+from ..fileio import atomic_dir
 from ..models import NSADecoderLM
-from .io import atomic_output_dir, load_safetensors_dir, save_consolidated
+from .io import load_safetensors_dir, save_consolidated
 
 
 @dataclass
@@ -118,7 +119,7 @@ def from_hf(src: str, out: str, nsa: NSAConfig, dtype: torch.dtype = torch.float
     if os.path.exists(out) and not force:  # before reading the weights
         raise FileExistsError(f"output {os.path.abspath(out)} already exists; pass --force to replace it")
     cfg, model, report = import_hf(src, nsa, dtype, quiet=quiet)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp:
         save_consolidated(model.state_dict(), cfg, tmp, {"imported_from": os.path.abspath(src)})
         with open(os.path.join(tmp, "import_report.txt"), "w") as fh:
             fh.write(report.summary() + "\n")

@@ -1,22 +1,19 @@
-"""Safe checkpoint I/O: safetensors or weights-only loads, atomic output directories."""
+"""Safe checkpoint I/O: safetensors loads and the consolidated format; progress display."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Iterable, Iterator, Optional
 
 import torch
 
+from ..checkpoint.files import OPTIMIZER, WEIGHTS
+from ..checkpoint.tensors import load_safetensors_file
 from ..config import ModelConfig
 
-WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-OPTIMIZER = "optimizer.safetensors"  # Adam moments at full shapes: exp_avg.<name>, exp_avg_sq.<name>
 
 
 def progress(items: Iterable, desc: str, quiet: bool = False, total: Optional[int] = None) -> Iterable:
@@ -47,51 +44,6 @@ def note(msg: str, quiet: bool = False) -> None:
     """One status line on stderr (a terminal only, like ``progress``): e.g. before a long write."""
     if not quiet and sys.stderr.isatty():
         print(f"[nsa-convert] {msg}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str, force: bool = False) -> Iterator[str]:
-    """Yield a temporary directory beside ``path``; rename it to ``path`` on success.
-
-    An existing ``path`` is refused unless ``force``; with ``force`` it is replaced only
-    after the new one is complete. On any error the temporary directory is removed and
-    ``path`` is untouched.
-    """
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not force:
-        raise FileExistsError(f"output {path} already exists; pass --force to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=parent)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for root, dirs, files in os.walk(tmp):  # mkdtemp's 0700 would hide the output from others
-            os.chmod(root, 0o777 & ~umask)
-            for f in files:
-                os.chmod(os.path.join(root, f), 0o666 & ~umask)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
-def load_safetensors_file(path: str) -> dict[str, torch.Tensor]:
-    """One safetensors file; ValueError naming it when truncated or not safetensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} (truncated or not safetensors?): {err}") from err
 
 
 def load_safetensors_dir(path: str, skip: tuple[str, ...] = (), quiet: bool = True) -> dict[str, torch.Tensor]:
@@ -146,24 +98,3 @@ def load_consolidated(path: str, quiet: bool = True) -> tuple[ModelConfig, dict[
     meta = read_config_json(path)
     cfg = ModelConfig.from_dict(meta["nsa_dist_model"], where=os.path.join(path, CONFIG))
     return cfg, load_safetensors_dir(path, skip=(OPTIMIZER,), quiet=quiet)
-
-
-def save_moments(exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor], names: Iterable[str],
-                 path: str) -> None:
-    """Adam's moments of the parameters ``names`` (full shapes, fp32) into one safetensors file."""
-    from safetensors.torch import save_file
-
-    names = list(names)
-    save_file({**{f"exp_avg.{k}": exp_avg[k].detach().float().contiguous() for k in names},
-               **{f"exp_avg_sq.{k}": exp_avg_sq[k].detach().float().contiguous() for k in names}},
-              path, metadata={"producer": "nsa_dist"})
-
-
-def load_moments(path: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(exp_avg, exp_avg_sq) by parameter name from a file written by ``save_moments``."""
-    state = load_safetensors_file(path)
-    avg = {k[len("exp_avg."):]: v for k, v in state.items() if k.startswith("exp_avg.")}
-    avg_sq = {k[len("exp_avg_sq."):]: v for k, v in state.items() if k.startswith("exp_avg_sq.")}
-    if set(avg) != set(avg_sq) or len(avg) + len(avg_sq) != len(state):
-        raise ValueError(f"{path}: not an Adam moments file (expected exp_avg.<name> and exp_avg_sq.<name> pairs)")
-    return avg, avg_sq

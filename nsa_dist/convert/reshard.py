@@ -5,38 +5,31 @@ Source: a training checkpoint of ours (any TP x Ulysses x DP layout, ZeRO 1-3; i
 weights and Adam's moments are read from the ZeRO shards), or a consolidated directory (with
 ``optimizer.safetensors`` and ``training_state`` when written by ``consolidate --optimizer``).
 
-Output (a checkpoints root, so ``--resume OUT`` finds it through ``latest``; written as
-``<output_dir>/checkpoints`` it is what ``--resume auto`` picks up)::
-
-    OUT/latest                       -> step_XXXXXXXX
-    OUT/step_XXXXXXXX/model.safetensors       fp32 weights at single-device names and shapes
-    OUT/step_XXXXXXXX/optimizer.safetensors   exp_avg.<name>, exp_avg_sq.<name> (fp32), unless reset
-    OUT/step_XXXXXXXX/nsa_meta.json           configs, data position, global batch, "layout": "full",
-                                              "optimizer": "adam" | "reset", file sizes
-
-Adam's moments are elementwise per parameter, so they are cut for the new layout exactly like
-the weights; the trainer does that on resume (``nsa_dist.training.full_resume``). Where the source
-has no usable optimizer state (a consolidated model without it, a ZeRO-0 run),
+Output: a checkpoints root holding the layout-free format (``nsa_dist.checkpoint.full``), so
+``--resume OUT`` finds it through ``latest``; written as ``<output_dir>/checkpoints`` it is what
+``--resume auto`` picks up. Where the source has no usable optimizer state (a consolidated model without it, a ZeRO-0 run),
 ``reset_optimizer=True`` must be asked for, and the written metadata and the resuming trainer
 both say so. The step, samples consumed and so the LR schedule continue; a resume whose global
 batch differs from the source run's is refused unless ``allow_batch_change``.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import torch
 
+from ..checkpoint.files import META_FILE, OPTIMIZER, find_tag_dir, read_meta, tag_for_step
+from ..checkpoint.full import write_full
+from ..checkpoint.tensors import load_moments
 from ..config import ModelConfig
-from .consolidate import _tag_dir, check_against_model, global_batch, read_checkpoint
-from .io import (CONFIG, OPTIMIZER, WEIGHTS, atomic_output_dir, load_consolidated, load_moments,
-                 load_safetensors_file, note, read_config_json, save_moments)
+from ..fileio import atomic_dir
+from .consolidate import check_against_model, global_batch, read_checkpoint
+from .io import CONFIG, load_consolidated, note, read_config_json
 
 
 def _is_consolidated(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG)) and not os.path.isfile(os.path.join(path, "nsa_meta.json"))
+    return os.path.isfile(os.path.join(path, CONFIG)) and not os.path.isfile(os.path.join(path, META_FILE))
 
 
 def _config_and_seq_len(src: str) -> tuple[ModelConfig, Optional[int]]:
@@ -45,9 +38,7 @@ def _config_and_seq_len(src: str) -> tuple[ModelConfig, Optional[int]]:
         info = read_config_json(src)
         return (ModelConfig.from_dict(info["nsa_dist_model"], where=os.path.join(src, CONFIG)),
                 (info.get("training_state") or {}).get("seq_len"))
-    from ..training.checkpoint import read_meta
-
-    tag_dir = _tag_dir(src)
+    tag_dir = find_tag_dir(src)
     meta = read_meta(tag_dir)
     return ModelConfig.from_dict(meta["model_config"], where=f"{tag_dir}/nsa_meta.json"), meta.get("seq_len")
 
@@ -104,8 +95,6 @@ def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: 
     tp, sp, world_size: the target layout the model is checked against before anything is
     written (the checkpoint itself loads on any layout the model splits over).
     """
-    from ..training.checkpoint import FORMAT_VERSION, LATEST_FILE, META_FILE, tag_for_step
-
     if os.path.exists(out) and not force:
         raise FileExistsError(f"output {os.path.abspath(out)} already exists; pass --force to replace it")
     check_target_layout(*_config_and_seq_len(src), tp=tp, sp=sp, world_size=world_size)  # before reading tensors
@@ -119,38 +108,12 @@ def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: 
         meta["source"] = os.path.abspath(ck.tag_dir)
         moments = None if reset_optimizer else (ck.exp_avg, ck.exp_avg_sq, ck.adam_step)
     step = int(meta.get("step", 0))
-    tag = tag_for_step(step)
     names = [n for n in params if not (cfg.tie_embeddings and n == "lm_head.weight")]  # tied: embed.weight
-    with atomic_output_dir(out, force) as tmp:
-        from safetensors.torch import save_file
+    with atomic_dir(out, force) as tmp:
+        note(f"writing {os.path.join(out, tag_for_step(step))}", quiet)
+        tag_dir = write_full(tmp, step, params, names, None if moments is None else moments[:2], meta,
+                             adam_step=None if moments is None else moments[2],
+                             allow_batch_change=bool(allow_batch_change),
+                             checked_layout={"tp": tp, "sp": sp, "world_size": world_size or tp * sp})
+    return os.path.join(out, os.path.basename(tag_dir))
 
-        tag_dir = os.path.join(tmp, tag)
-        os.makedirs(tag_dir)
-        note(f"writing {os.path.join(out, tag)}", quiet)
-        save_file({k: params[k].detach().float().contiguous() for k in names}, os.path.join(tag_dir, WEIGHTS),
-                  metadata={"producer": "nsa_dist reshard"})
-        if moments is not None:
-            save_moments(moments[0], moments[1], names, os.path.join(tag_dir, OPTIMIZER))
-        files = {f: os.path.getsize(os.path.join(tag_dir, f)) for f in sorted(os.listdir(tag_dir))}
-        for key in ("param_layout", "world_size", "files", "format_version", "deepspeed_config", "tag"):
-            meta.pop(key, None)
-        meta.update(format_version=FORMAT_VERSION, tag=tag, step=step, layout="full",
-                    optimizer="reset" if moments is None else "adam",
-                    adam_step=None if moments is None else moments[2],
-                    allow_batch_change=bool(allow_batch_change),
-                    checked_layout={"tp": tp, "sp": sp, "world_size": world_size or tp * sp}, files=files)
-        with open(os.path.join(tag_dir, META_FILE), "w") as fh:
-            json.dump(meta, fh, indent=2)
-        with open(os.path.join(tmp, LATEST_FILE), "w") as fh:
-            fh.write(tag + "\n")
-    return os.path.join(out, tag)
-
-
-def load_full(tag_dir: str) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]],
-                                     Optional[dict[str, torch.Tensor]]]:
-    """(weights, exp_avg, exp_avg_sq) of a ``reshard`` output folder (moments None when reset)."""
-    weights = load_safetensors_file(os.path.join(tag_dir, WEIGHTS))
-    if not os.path.isfile(os.path.join(tag_dir, OPTIMIZER)):
-        return weights, None, None
-    avg, avg_sq = load_moments(os.path.join(tag_dir, OPTIMIZER))
-    return weights, avg, avg_sq

@@ -16,7 +16,7 @@ import os
 import torch
 
 from ..config import ModelConfig
-from .io import atomic_output_dir
+from ..fileio import atomic_dir
 
 # Bundled in dependency order (paths relative to the nsa_dist package).
 CORE_MODULES = (
@@ -128,7 +128,7 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str, dtype: tor
 
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     core = _flatten_sources(package_dir)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_dir(out, force) as tmp:
         weights, seen = {}, set()
         for name, t in state.items():
             if cfg.tie_embeddings and name == "lm_head.weight":

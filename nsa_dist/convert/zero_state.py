@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.tensors import load_allowlisted
 from .io import progress
 
 _DS_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -35,8 +36,6 @@ _DS_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
 def load_ds_file(path: str) -> dict:
     """A DeepSpeed checkpoint file through ``weights_only=True`` (ValueError when unreadable or
     when it holds classes outside ``_DS_GLOBALS``)."""
-    from ..training.checkpoint import load_allowlisted
-
     return load_allowlisted(path, lambda n: n in _DS_GLOBALS)
 
 

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from nsa_dist.data.corpus import CorpusFile, discover_files, files_fingerprint, read_documents
+from nsa_dist.fileio import AtomicFile, atomic_write
 
 MAGIC = b"NSATOKS\x00"
 VERSION = 1
@@ -101,19 +102,17 @@ class TokenShard:
 
 
 class TokenShardWriter:
-    """Appends documents to a shard under temporary names; ``close()`` renames both files
-    into place (bin, then idx), so a reader never sees a half-written pair as valid."""
+    """Appends documents to a shard's bin file under a temporary name; ``close()`` renames it
+    into place, then writes the idx the same way, so a reader never sees a half-written pair
+    as valid (a new bin beside an old idx fails the size check)."""
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype):
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
             raise ValueError(f"token dtype must be uint16 or uint32, got {self.dtype}")
         self.bin_path, self.idx_path = shard_paths(prefix)
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}"
-        self._bin_tmp = self.bin_path.with_name(self.bin_path.name + tag)
-        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + tag)
-        self._f = open(self._bin_tmp, "wb")
+        self._bin = AtomicFile(self.bin_path)
+        self._f = open(self._bin.tmp, "wb")
         self._offsets = [0]
         self._limit = np.iinfo(self.dtype).max
 
@@ -135,22 +134,15 @@ class TokenShardWriter:
         self._offsets.append(self._offsets[-1] + arr.size)
 
     def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
+        self._bin.commit()
         header = _HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.num_docs, self.num_tokens)
-        with open(self._idx_tmp, "wb") as f:
-            f.write(header + np.asarray(self._offsets, dtype="<i8").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self._bin_tmp, self.bin_path)
-        os.replace(self._idx_tmp, self.idx_path)
+        atomic_write(self.idx_path, header + np.asarray(self._offsets, dtype="<i8").tobytes())
 
     def abort(self) -> None:
         if not self._f.closed:
             self._f.close()
-        for p in (self._bin_tmp, self._idx_tmp):
-            p.unlink(missing_ok=True)
+        self._bin.discard()
 
 
 # ---------------------------------------------------------------- preprocessing pipeline
@@ -305,9 +297,7 @@ def preprocess_corpus(inputs: Sequence[str] | None, tokenizer_dir: str | os.Path
             "text_chars": n_chars,
             "splits": {s: {"num_docs": w.num_docs, "num_tokens": w.num_tokens}
                        for s, w in writers.items()}}
-    tmp = meta_path(prefix).with_name(meta_path(prefix).name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path(prefix))
+    atomic_write(meta_path(prefix), json.dumps(meta, indent=2) + "\n")
     counts = ", ".join(f"{s}: {c['num_docs']} docs / {c['num_tokens']} tokens"
                        for s, c in meta["splits"].items())
     log(f"preprocess: wrote {prefix}_* ({counts}, {dtype.name}) in {time.time() - t0:.1f}s")

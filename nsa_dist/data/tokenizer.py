@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from nsa_dist.data.corpus import discover_files, files_fingerprint, iter_documents
+from nsa_dist.fileio import atomic_write
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -171,15 +172,6 @@ def _cached(out: Path, fingerprint: str) -> dict | None:
     return meta
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train_tokenizer(inputs: Sequence[str] | None, vocab_size: int, output_dir: str | os.PathLike,
                     model_type: str = "bpe", max_sentences: int = 200_000, seed: int = 0,
                     character_coverage: float = 0.9995, force: bool = False,
@@ -227,7 +219,7 @@ def train_tokenizer(inputs: Sequence[str] | None, vocab_size: int, output_dir: s
         raise ValueError(f"sentencepiece training failed for vocab_size={vocab_size}: {e}") from None
     data = buf.getvalue()
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / MODEL_FILE, data)
+    atomic_write(out / MODEL_FILE, data)
     tok = Tokenizer(data, out / MODEL_FILE)
     meta = {"format": META_FORMAT, "type": "sentencepiece", "model_file": MODEL_FILE,
             "vocab_size": tok.vocab_size, "unk_id": tok.unk_id, "bos_id": tok.bos_id,
@@ -235,6 +227,6 @@ def train_tokenizer(inputs: Sequence[str] | None, vocab_size: int, output_dir: s
             "fingerprint": fingerprint, "settings": settings, "num_files": len(files),
             "num_training_lines": len(lines), "sentencepiece_version": spm.__version__}
     # The metadata goes last: it is what marks the directory complete for the cache check.
-    _atomic_write(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(out / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
     log(f"tokenizer: wrote {out / MODEL_FILE} ({tok.vocab_size} pieces) in {time.time() - t0:.1f}s")
     return {**meta, "reused": False}

@@ -163,16 +163,19 @@ class NSAAttention(nn.Module):
         return p
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
-        """Selection then the NSA function. Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
+        """The NSA function and its selection in one op call (the compressed branch's forward
+        feeds the selection). Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
+        args = (p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"], p["v_win"], p["gates"])
+
+        def attend(reduce_importance=None, block_indices=None):
+            return ops.nsa_attention(*args, self.config, cu_seqlens=cu_seqlens, backend=self.backend,
+                                     block_indices=block_indices, reduce_importance=reduce_importance,
+                                     canonical_indices=block_indices is not None, return_indices=True)
+
         def select(q, reduce_importance):
             return ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
-                                     reduce_importance=reduce_importance,
-                                     backend="reference" if self.backend == "reference" else "auto")
-        idx = self.comm.select(p["q"], select)
-        o = ops.nsa_attention(p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
-                              p["v_win"], p["gates"], self.config, cu_seqlens=cu_seqlens,
-                              backend=self.backend, block_indices=idx, canonical_indices=True)
-        return o, idx
+                                     reduce_importance=reduce_importance, backend=self.backend)
+        return self.comm.attend(p["q"], attend, select)
 
     def finish(self, o: torch.Tensor) -> torch.Tensor:
         """The attention output [B, S, HQ', Dv] -> y [B, S_in, hidden]."""

@@ -1,7 +1,6 @@
 """Public NSA functions: input checks, packed documents, and the choice of backend."""
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional
 
@@ -16,41 +15,16 @@ BACKENDS = ("auto", "reference", "triton")
 
 
 def load_kernels():
-    """The Triton kernels, imported on demand (triton is optional)."""
+    """The Triton kernels' public functions (``nsa_dist.kernels.api``), imported on demand:
+    triton is optional. Imported by absolute name, so that the copy of this module bundled in a
+    Hugging Face export uses an installed nsa_dist when there is one."""
     try:
-        # By name, so that copies of this module bundled elsewhere (to-hf export) need no nsa_dist.
-        try:
-            kernels = importlib.import_module("nsa_dist.kernels")
-        except ModuleNotFoundError as missing:
-            if missing.name != "nsa_dist.kernels":
-                raise
-            kernels = _kernels_from_checkout(missing)
-    except ImportError as err:  # triton missing, or the package installed without kernels/
+        from nsa_dist.kernels import api
+    except ImportError as err:  # triton missing, or nsa_dist installed without its kernels
         raise RuntimeError(
             "backend='triton' needs the nsa_dist.kernels package and triton "
             f"(pip install -e '.[gpu]'): {err}") from err
-    return kernels
-
-
-def _kernels_from_checkout(missing: ImportError):
-    """kernels/ beside the package (a source checkout not installed): register it as
-    nsa_dist.kernels, which is where setup.py installs it."""
-    import importlib.util
-    import sys
-
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "kernels")
-    init = os.path.join(root, "__init__.py")
-    if not os.path.isfile(init):
-        raise missing
-    spec = importlib.util.spec_from_file_location("nsa_dist.kernels", init, submodule_search_locations=[root])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["nsa_dist.kernels"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop("nsa_dist.kernels", None)
-        raise
-    return module
+    return api
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -84,13 +58,15 @@ def _documents(cu_seqlens: torch.Tensor, config: NSAConfig):
 
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                  reduce_importance=None, backend: str = "reference") -> torch.Tensor:
+                  reduce_importance=None, backend: str = "auto") -> torch.Tensor:
     """Selected blocks per query and KV head (SPEC: selection branch).
 
     q: [B, S, HQ, Dk]; k_cmp: [B, Nc, H, Dk] (compressed keys). Block indices count from
     each document's start when ``cu_seqlens`` is given.
     reduce_importance: optional callable on the float64 group importance [B, T, H, Ns] of a
-    query tile, applied before top-n (parallel layouts sum partial groups across ranks here).
+    query tile, applied before top-n (parallel layouts sum partial groups across ranks here);
+    the reference computes it (the kernels cannot apply it).
+    backend: "auto" (the kernels on CUDA, as ``nsa_attention``), "reference" or "triton".
     Returns LongTensor [B, S, H, n]: ascending, -1 padded, the same for every query head of
     a group.
     """
@@ -117,7 +93,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
 def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   backend: str = "auto", block_indices: Optional[torch.Tensor] = None,
-                  reduce_importance=None, canonical_indices: bool = False) -> torch.Tensor:
+                  reduce_importance=None, canonical_indices: bool = False, return_indices: bool = False):
     """The NSA function: gated sum of compressed, selected and sliding-window attention.
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, Dk/Dv] (already compressed; packed per
@@ -126,12 +102,21 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     cu_seqlens: [N+1] int32/int64 document boundaries (B = 1); nothing crosses them. Its
     values are read on the host: a CPU tensor keeps the call free of GPU syncs, a CUDA one
     costs one copy to the host per call.
-    block_indices: optional precomputed selection [B, S, H, n] (from ``select_blocks``).
+    block_indices: optional precomputed selection [B, S, H, n] (from ``select_blocks``). When
+    None the blocks are selected inside, as ``select_blocks`` would; the Triton kernels then
+    select from the compressed branch's own forward (one compressed pass for both), the
+    layer's one call: ``o, idx = nsa_attention(..., return_indices=True)``.
+    reduce_importance: as in ``select_blocks`` (parallel layouts sum partial importance across
+    ranks). The fused kernel path cannot apply it: with the Triton backend the call then runs
+    ``select_blocks`` (reference importance, reduced) and attends with its output.
     canonical_indices: block_indices are ``select_blocks``'s output for these inputs (rows
     ascending, distinct, -1 last, the forced blocks always present, as SPEC defines it). The
     Triton kernels then skip the row sort and run the forced blocks with full tiles. Other
     indices with this flag give wrong results.
-    Returns [B, S, HQ, Dv] in q's dtype. Differentiable in every floating input.
+    return_indices: return (o, indices): the selection attended, LongTensor [B, S, H, n]
+    (block_indices itself when given).
+    Returns o [B, S, HQ, Dv] in q's dtype (differentiable in every floating input), or
+    (o, indices) with ``return_indices``.
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -144,17 +129,22 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
                          "select_blocks output as block_indices, or drop the flag")
     sc = _scale(q, scale)
     if chosen == "triton":
-        if reduce_importance is not None and block_indices is None:
-            block_indices = select_blocks(q, k_cmp, config, sc, cu_seqlens, reduce_importance)
+        if reduce_importance is not None and block_indices is None:  # not in the fused path
+            block_indices = select_blocks(q.detach(), k_cmp.detach(), config, sc, cu_seqlens, reduce_importance,
+                                          backend="reference")
             canonical_indices = True
         return load_kernels().nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config,
-                                            sc, cu_seqlens, block_indices, canonical_indices)
+                                            sc, cu_seqlens, block_indices, canonical_indices, return_indices)
     args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     if cu_seqlens is None:
-        return reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance)
-    outs = []
-    for ts, cs in _documents(cu_seqlens, config):
-        doc = [t[:, cs] if i in (1, 2) else t[:, ts] for i, t in enumerate(args)]
-        idx = None if block_indices is None else block_indices[:, ts]
-        outs.append(reference.nsa_attention_dense(*doc, config, sc, idx, reduce_importance))
-    return torch.cat(outs, dim=1)
+        o, idx = reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance, True)
+    else:
+        outs = []
+        for ts, cs in _documents(cu_seqlens, config):
+            doc = [t[:, cs] if i in (1, 2) else t[:, ts] for i, t in enumerate(args)]
+            part = None if block_indices is None else block_indices[:, ts]
+            outs.append(reference.nsa_attention_dense(*doc, config, sc, part, reduce_importance, True))
+        o, idx = torch.cat([o for o, _ in outs], dim=1), torch.cat([i for _, i in outs], dim=1)
+    if not return_indices:
+        return o
+    return o, (idx if block_indices is None else block_indices)

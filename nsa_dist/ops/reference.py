@@ -231,8 +231,10 @@ def select_blocks_dense(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
 
 def nsa_attention_dense(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
                         scale: float, block_indices: Optional[torch.Tensor] = None,
-                        reduce_importance: Optional[ImportanceReducer] = None) -> torch.Tensor:
-    """NSA output for one sequence (no packing). Returns [B, S, HQ, Dv] in q's dtype."""
+                        reduce_importance: Optional[ImportanceReducer] = None, return_indices: bool = False):
+    """NSA output for one sequence (no packing): [B, S, HQ, Dv] in q's dtype, and with
+    ``return_indices`` the selection [B, S, H, n] it attended (computed here when
+    ``block_indices`` is None)."""
     B, S, HQ, Dk = q.shape
     H, Dv = k_sel.shape[2], v_sel.shape[3]
     cdt = compute_dtype(q.dtype)
@@ -241,7 +243,7 @@ def nsa_attention_dense(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, conf
     T = tile_size(S, B, HQ, H, Dk, Dv, config, q.device)
     use_ckpt = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))
-    outs = []
+    outs, idxs = [], []
     for t0 in range(0, S, T):
         q_t, g_t = q_c[:, t0:t0 + T], g_c[:, t0:t0 + T]
         if block_indices is None:
@@ -254,6 +256,10 @@ def nsa_attention_dense(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, conf
         else:
             o = _tile_output(q_t, g_t, *kv, idx, t0, config, scale)
         outs.append(o)
+        idxs.append(idx)
     if not outs:
-        return q.new_zeros(B, 0, HQ, Dv)
-    return torch.cat(outs, dim=1).to(q.dtype)
+        o = q.new_zeros(B, 0, HQ, Dv)
+        idx = torch.empty(B, 0, H, config.num_selected, dtype=torch.long, device=q.device)
+    else:
+        o, idx = torch.cat(outs, dim=1).to(q.dtype), torch.cat(idxs, dim=1)
+    return (o, idx) if return_indices else o

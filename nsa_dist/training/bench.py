@@ -97,10 +97,10 @@ def _derived_model_yaml(base_path: str, attention: str, seq_len: int, out_dir: s
     path = os.path.join(out_dir, "models", name)
     import yaml
 
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
+    from ..fileio import atomic_open
+
+    with atomic_open(path) as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
-    os.replace(tmp, path)
     return path
 
 
@@ -131,7 +131,8 @@ def run_grid(args) -> list[dict]:
 
     from ..config import ModelConfig
     from .config import TrainConfig
-    from .trainer import Trainer, _import_deepspeed, init_distributed
+    from .build import import_deepspeed, init_distributed
+    from .trainer import Trainer
 
     base = TrainConfig.from_yaml(args.config).apply_overrides(args.overrides)
     seqs = _csv_ints(args.seq_len, "seq-len")
@@ -140,7 +141,7 @@ def run_grid(args) -> list[dict]:
     for a in attentions:
         if a not in ("nsa", "dense"):
             raise ValueError(f"--attention {a!r}: must be nsa or dense")
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

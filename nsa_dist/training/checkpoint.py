@@ -1,6 +1,5 @@
-"""Checkpoints: DeepSpeed's own files plus our metadata, committed by an atomic marker.
-
-Layout under ``<output_dir>/checkpoints``::
+"""The trainer's checkpoints: DeepSpeed's own files plus our metadata and RNG states, in the
+folder layout of ``nsa_dist.checkpoint.files``::
 
     step_00000050/            DeepSpeed files (model, ZeRO shards) of step 50
         rng_rank00000.pt      python/numpy/torch RNG states of each rank
@@ -15,50 +14,20 @@ file is a clear error rather than a crash deep inside ``torch.load``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
-import tempfile
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-META_FILE = "nsa_meta.json"
-LATEST_FILE = "latest"
-FORMAT_VERSION = 1
-_TAG_RE = re.compile(r"^step_(\d{8,})$")
-
-
-def tag_for_step(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
+from ..checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, file_sizes, is_complete,
+                                list_checkpoints, read_latest, tag_for_step, verify_checkpoint)
+from ..checkpoint.tensors import load_allowlisted
+from ..config import ModelConfig
+from ..fileio import AtomicFile, atomic_write, is_temp
 
 # ----------------------------------------------------------------------------- RNG states
 
@@ -88,28 +57,6 @@ def rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
 
 
-def load_allowlisted(path: str, allow: Callable[[str], bool], extra: tuple = ()):
-    """``torch.load(path, weights_only=True)`` admitting the non-tensor classes whose dotted
-    names ``allow`` accepts (plus the classes in ``extra``); ValueError naming the file when it
-    is unreadable or holds any other class."""
-    import importlib
-
-    try:
-        unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as err:  # truncated zip, not a torch file
-        raise ValueError(f"cannot read {path} (truncated or not a torch file?): {err}") from err
-    foreign = [n for n in unsafe if not allow(n)]
-    if foreign:
-        raise ValueError(f"{path} holds objects of {foreign}: refusing to unpickle them "
-                         f"(not a checkpoint written by nsa_dist / DeepSpeed?)")
-    classes = [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in unsafe]
-    try:
-        with torch.serialization.safe_globals(classes + list(extra)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read {path} (truncated or damaged?): {err}") from err
-
-
 def load_rng_file(path: str) -> dict:
     """An RNG file. Files of earlier versions hold numpy's state array: numpy's own
     array-rebuilding classes (and the uint32 dtype class, which the scan does not list) are
@@ -118,52 +65,6 @@ def load_rng_file(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- finding
-
-def is_complete(tag_dir: str) -> bool:
-    return os.path.isfile(os.path.join(tag_dir, META_FILE))
-
-
-def read_meta(tag_dir: str) -> dict:
-    """The metadata of a checkpoint folder; FileNotFoundError/ValueError when unusable."""
-    path = os.path.join(tag_dir, META_FILE)
-    if not os.path.isdir(tag_dir):
-        raise FileNotFoundError(f"checkpoint folder not found: {tag_dir}")
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {tag_dir} is incomplete (no {META_FILE}): its save was "
-                         f"interrupted; resume from an earlier one or use --resume auto")
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint metadata {path} is corrupt ({err})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected "
-                         f"{FORMAT_VERSION}")
-    return meta
-
-
-def verify_checkpoint(tag_dir: str) -> dict:
-    """Metadata of ``tag_dir`` after checking every listed file exists with its size."""
-    meta = read_meta(tag_dir)
-    for name, size in meta["files"].items():
-        path = os.path.join(tag_dir, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {tag_dir} is missing {name}; it cannot be "
-                                    f"loaded (resume from an earlier checkpoint)")
-        have = os.path.getsize(path)
-        if have != size:
-            raise ValueError(f"checkpoint {tag_dir} is truncated or damaged: {name} has {have} "
-                             f"bytes, the save wrote {size}; resume from an earlier checkpoint")
-    return meta
-
-
-def list_checkpoints(root: str) -> list[str]:
-    """Tag folders under ``root`` (complete or not), oldest first."""
-    if not os.path.isdir(root):
-        return []
-    tags = [t for t in os.listdir(root) if _TAG_RE.match(t) and os.path.isdir(os.path.join(root, t))]
-    return [os.path.join(root, t) for t in sorted(tags, key=lambda t: int(_TAG_RE.match(t).group(1)))]
-
 
 def find_resume_checkpoint(resume: Optional[str], root: str,
                            warn: Callable[[str], None] = print) -> Optional[str]:
@@ -176,11 +77,8 @@ def find_resume_checkpoint(resume: Optional[str], root: str,
     if not resume or resume == "none":
         return None
     if resume == "auto":
-        marker = os.path.join(root, LATEST_FILE)
-        if os.path.isfile(marker):
-            with open(marker) as fh:
-                tag = fh.read().strip()
-            candidate = os.path.join(root, tag)
+        candidate = read_latest(root)
+        if candidate is not None:
             try:
                 verify_checkpoint(candidate)
                 return candidate
@@ -198,10 +96,7 @@ def find_resume_checkpoint(resume: Optional[str], root: str,
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint (give a checkpoint "
                                 f"folder, a checkpoints folder with '{LATEST_FILE}', or 'auto')")
     if os.path.isdir(resume) and not is_complete(resume):
-        marker = os.path.join(resume, LATEST_FILE)
-        if os.path.isfile(marker):
-            with open(marker) as fh:
-                resume = os.path.join(resume, fh.read().strip())
+        resume = read_latest(resume) or resume
     verify_checkpoint(resume)
     return resume
 
@@ -234,20 +129,14 @@ class CheckpointManager:
         self.barrier()
         engine.save_checkpoint(self.root, tag=tag, save_latest=False)
         os.makedirs(tag_dir, exist_ok=True)
-        _atomic_torch_save(rng_state(), os.path.join(tag_dir, rng_file(self.rank)))
+        with AtomicFile(os.path.join(tag_dir, rng_file(self.rank))) as f:
+            torch.save(rng_state(), f.tmp)
         self.barrier()
         if self.rank == 0:
-            files = {}
-            for dirpath, _, names in os.walk(tag_dir):
-                for name in names:
-                    if name == META_FILE or name.startswith(".tmp_"):
-                        continue
-                    full = os.path.join(dirpath, name)
-                    files[os.path.relpath(full, tag_dir)] = os.path.getsize(full)
             record = dict(meta, format_version=FORMAT_VERSION, tag=tag, step=step,
-                          world_size=self.world_size, files=dict(sorted(files.items())))
-            _atomic_write_text(os.path.join(tag_dir, META_FILE), json.dumps(record, indent=2) + "\n")
-            _atomic_write_text(os.path.join(self.root, LATEST_FILE), tag + "\n")
+                          world_size=self.world_size, files=file_sizes(tag_dir, skip=is_temp))
+            atomic_write(os.path.join(tag_dir, META_FILE), json.dumps(record, indent=2) + "\n")
+            atomic_write(os.path.join(self.root, LATEST_FILE), tag + "\n")
             self._prune(keep_tag=tag)
         self.barrier()
         return tag_dir
@@ -264,33 +153,22 @@ class CheckpointManager:
             if t not in keep and (is_complete(t) or t < complete[-1]):
                 shutil.rmtree(t, ignore_errors=True)
 
-    def load(self, engine, tag_dir: str) -> dict:
+    def load(self, engine, tag_dir: str, custom_load_fn: Optional[Callable] = None) -> dict:
         """Load ``tag_dir`` into ``engine`` and restore this rank's RNG states; returns the
         metadata. The caller checks it against the current configs first
-        (``check_compatible``)."""
+        (``check_compatible``). custom_load_fn(src=state dict, dst=module): loads the module
+        state instead of ``load_state_dict`` (e.g. renaming it first)."""
         meta = verify_checkpoint(tag_dir)
         root, tag = os.path.split(os.path.normpath(tag_dir))
         load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=False,
-                                              load_module_strict=True)
+                                              load_module_strict=True, custom_load_fn=custom_load_fn)
         if load_path is None:
             raise ValueError(f"DeepSpeed could not load checkpoint {tag_dir}")
         rng_path = os.path.join(tag_dir, rng_file(self.rank))
         if os.path.isfile(rng_path):
             set_rng_state(load_rng_file(rng_path))
         return meta
-
-
-def _atomic_torch_save(obj, path: str) -> None:
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp_{os.getpid()}_{name}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
@@ -301,10 +179,15 @@ def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
     ``layout``: this run's (tp, sp), which a DeepSpeed checkpoint must share (its files are
     per TP rank and per ZeRO rank; a layout-free ``reshard`` output loads on any)."""
     problems, warnings = [], []
-    if meta.get("model_config") != model_cfg:
-        diff = sorted(k for k in set(model_cfg) | set(meta.get("model_config", {}))
-                      if model_cfg.get(k) != meta.get("model_config", {}).get(k))
+    then_cfg = meta.get("model_config") or {}
+    now, then = ModelConfig.function_fields(model_cfg), ModelConfig.function_fields(then_cfg)
+    if now != then:
+        diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
         problems.append(f"the model config differs in {diff}")
+    changed = [k for k in ModelConfig.EXECUTION_FIELDS if k in then_cfg and then_cfg[k] != model_cfg.get(k)]
+    if changed:  # written by an older version when absent: nothing to say
+        warnings.append("model execution settings changed: " + ", ".join(
+            f"{k} {then_cfg[k]!r} -> {model_cfg.get(k)!r}" for k in changed))
     if tokenizer_sha and meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
         problems.append(f"the tokenizer differs (sha256 {meta.get('tokenizer_sha256', '')[:12]} "
                         f"in the checkpoint, {tokenizer_sha[:12]} now)")

@@ -49,7 +49,9 @@ class TrainConfig(ConfigBase):
     # Numerics and memory.
     precision: str = "auto"  # auto: bf16 on a CUDA device with bf16 support, fp32 otherwise
     activation_checkpointing: bool = False
-    loss_chunk_tokens: int = 0  # > 0: the loss this many positions at a time (no full-vocab logits)
+    # the loss this many positions at a time, so full-vocabulary logits never exist for a long
+    # sequence (64k x 32k vocab is 8 GB of fp32 logits and as much for their gradient); 0: off
+    loss_chunk_tokens: int = 16384
     attention_backend: str = "auto"  # "auto", "reference" or "triton" (see nsa_dist.ops)
     seed: int = 1234
 

@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import check, free_port, run_launcher, summary, train_yaml
+from nsa_dist.checkpoint import load_full
 from nsa_dist.convert.cli import main as convert
 from nsa_dist.convert.io import load_consolidated
-from nsa_dist.convert.reshard import load_full
 from nsa_dist.models import NSADecoderLM
 
 ROOT = Path(__file__).parents[2]
@@ -89,7 +89,7 @@ def _logits_worker(rank, world, port, cfg_dict, tp, source, ids, out):
     from nsa_dist import ModelConfig
     from nsa_dist.convert.zero_state import load_ds_file
     from nsa_dist.parallel import ParallelState, parallelize
-    from nsa_dist.training.full_resume import load_weights
+    from nsa_dist.checkpoint import load_weights
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -150,6 +150,55 @@ def test_resume_on_tp1_with_resume_auto_continues_the_curve(tiny_data, tp2_run):
     assert "weights and Adam state cut for this layout (tp=1" in proc.stdout + proc.stderr
     err = _assert_continues(_curve(one), _curve(ref), 1e-5)
     print(f"TP=1 resume: max |loss - reference| {err:.2e}")
+
+
+def _rename_checkpoint(src: Path, dst: Path) -> int:
+    """A copy of DeepSpeed checkpoint ``src`` whose parameters carry the other naming of the
+    layout record (each local name replaced by its full name): the model files' keys and
+    shapes, the record, the recorded file sizes. Returns how many names changed."""
+    from nsa_dist.convert.zero_state import load_ds_file
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "nsa_meta.json").read_text())
+    changed = 0
+    for tp_rank, record in enumerate(meta["param_layout"]):
+        names = {local: entry[0] for local, entry in record.items()}
+        changed += sum(a != b for a, b in names.items())
+        f = dst / f"mp_rank_{tp_rank:02d}_model_states.pt"
+        sd = load_ds_file(str(f))
+        sd["module"] = {names.get(k, k): v for k, v in sd["module"].items()}
+        sd["param_shapes"] = [{names[k]: v for k, v in group.items()} for group in sd["param_shapes"]]
+        torch.save(sd, f)
+        meta["param_layout"][tp_rank] = {names[k]: v for k, v in record.items()}
+    meta["files"] = {k: (dst / k).stat().st_size for k in meta["files"]}
+    (dst / "nsa_meta.json").write_text(json.dumps(meta))
+    return changed
+
+
+def test_tp2_checkpoint_with_other_names_resumes_exactly_and_consolidates(tiny_data, tp2_run):
+    """A DeepSpeed checkpoint whose layout record names the parameters otherwise than the live
+    model loads through the record (renamed module state, optimizer in the record's order):
+    the TP=2 run continues its curve exactly; consolidate reads it to the same tensors."""
+    from nsa_dist.convert.zero_state import load_ds_file
+
+    root, ref, step3 = tp2_run
+    meta = json.loads((step3 / "nsa_meta.json").read_text())
+    for tp_rank, record in enumerate(meta["param_layout"]):  # the order DeepSpeed's groups hold
+        groups = load_ds_file(str(step3 / f"mp_rank_{tp_rank:02d}_model_states.pt"))["param_shapes"]
+        assert list(record) == [n for g in groups for n in g], tp_rank
+    renamed = root / "renamed" / STEP3
+    assert _rename_checkpoint(step3, renamed) > 0
+    cfg = train_yaml(tiny_data, root / "renamed_run", deepspeed=ZERO2, parallel={"tp": 2}, **COMMON)
+    proc = _launch(cfg, 2, "--resume", str(renamed))
+    check(proc)
+    assert "parameter names mapped to this model's through the checkpoint's param_layout" in proc.stdout
+    got, want = _curve(cfg), _curve(ref)
+    assert sorted(got) == [4, 5, 6] and all(got[s] == want[s] for s in got), (got, want)
+    assert convert(["consolidate", str(renamed), str(root / "renamed_cons"), "--optimizer"]) == 0
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        from safetensors.torch import load_file
+        a, b = load_file(str(root / "cons_opt" / name)), load_file(str(root / "renamed_cons" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.parametrize("name,parallel,nproc", [("TP=4", {"tp": 4}, 4), ("Ulysses sp=2", {"sp": 2}, 2)])

@@ -165,14 +165,12 @@ def test_import_training_is_light():
 def test_batches_keep_cu_seqlens_on_the_host():
     """The attention reads the document offsets on the host: the trainer leaves them on the
     CPU (a device copy would cost a GPU sync in every layer) and drops them for one document."""
-    from types import SimpleNamespace
+    from nsa_dist.training.loop import to_device
 
-    from nsa_dist.training.trainer import Trainer
-
-    me = SimpleNamespace(device=torch.device("meta"))
+    meta = torch.device("meta")
     ids = torch.zeros(1, 8, dtype=torch.int64)
     packed = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, 3, 8], dtype=torch.int32)}
-    out = Trainer._to_device(me, packed)
+    out = to_device(packed, meta)
     assert out["input_ids"].device.type == "meta" and out["cu_seqlens"] is packed["cu_seqlens"]
     one = dict(packed, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
-    assert Trainer._to_device(me, one)["cu_seqlens"] is None
+    assert to_device(one, meta)["cu_seqlens"] is None

@@ -6,9 +6,10 @@ import torch
 
 
 def kernels_or_skip():
-    """nsa_dist.kernels under the interpreter (CPU) or on CUDA; skip when neither can run."""
+    """(nsa_dist.kernels.api, device) under the interpreter (CPU) or on CUDA; skip when neither
+    can run."""
     pytest.importorskip("triton")
-    import nsa_dist.kernels as kernels
+    from nsa_dist.kernels import api as kernels
     from nsa_dist.kernels import range_attn
 
     interpreted = type(range_attn._range_fwd).__name__ == "InterpretedFunction"

@@ -10,12 +10,6 @@ except ImportError:  # pragma: no cover
 if not _cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-try:  # from a source checkout that is not pip-installed, kernels/ is registered on first load
-    from nsa_dist.ops.api import load_kernels
-    load_kernels()
-except RuntimeError:  # triton missing: the kernel tests skip themselves
-    pass
-
 
 def _numpy_xor_sum_in_the_interpreter():
     """Triton's interpreter runs a reduction with a custom combine function element by element

@@ -179,38 +179,41 @@ def test_item_bound_holds_for_crowded_and_sparse_choices():
 
 
 def test_selected_layout_choice_by_group_size_and_override():
-    from nsa_dist.kernels.nsa import SEL_QUERY_MIN_G, Geometry
+    from nsa_dist.kernels.launch import LaunchConfig
+    from nsa_dist.kernels.nsa import Geometry
 
     lay = _layout([0, 8], [0, 1])
+    min_g = LaunchConfig().sel_query_min_g
     small = Geometry(lay, HQ=4 * 2, H=2, DK=16, DV=16)
-    big = Geometry(lay, HQ=SEL_QUERY_MIN_G * 2, H=2, DK=16, DV=16)
+    big = Geometry(lay, HQ=min_g * 2, H=2, DK=16, DV=16)
     assert small.sel_block_major() and not big.sel_block_major()
-    assert not Geometry(lay, 8, 2, 16, 16, launch={"sel_algo": "query"}).sel_block_major()
+    assert not Geometry(lay, 8, 2, 16, 16, launch=LaunchConfig(sel_algo="query")).sel_block_major()
     with pytest.raises(ValueError, match="sel_algo"):
-        Geometry(lay, 8, 2, 16, 16, launch={"sel_algo": "blocks"}).sel_block_major()
+        LaunchConfig(sel_algo="blocks")
 
 
 def test_selected_dq_layout_and_partial_dtype_choices():
-    from nsa_dist.kernels.nsa import SEL_DQ_QUERY_MIN_G, SPLIT_BYTES, Geometry
+    from nsa_dist.kernels.launch import LaunchConfig
+    from nsa_dist.kernels.nsa import Geometry
 
     lay = _layout([0, 8], [0, 1])
+    split_bytes = LaunchConfig().split_bytes
     small = Geometry(lay, HQ=4 * 2, H=2, DK=16, DV=16)
-    big = Geometry(lay, HQ=SEL_DQ_QUERY_MIN_G * 2, H=2, DK=16, DV=16)
+    big = Geometry(lay, HQ=LaunchConfig().sel_dq_query_min_g * 2, H=2, DK=16, DV=16)
     assert small.sel_dq_block_major() and not big.sel_dq_block_major()
-    assert Geometry(lay, 32, 2, 16, 16, launch={"sel_dq_algo": "block"}).sel_dq_block_major()
+    assert Geometry(lay, 32, 2, 16, 16, launch=LaunchConfig(sel_dq_algo="block")).sel_dq_block_major()
     # per-slot dq: scaled fp16 for 16-bit inputs, fp32 for fp32 inputs, unless asked
     assert small.dq_partial_dtype(torch.bfloat16) == torch.float16
     assert small.dq_partial_dtype(torch.float32) == torch.float32
-    assert Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_partial": "fp32"}).dq_partial_dtype(torch.bfloat16) \
-        == torch.float32
+    fp32 = Geometry(lay, 8, 2, 16, 16, launch=LaunchConfig(sel_dq_partial="fp32"))
+    assert fp32.dq_partial_dtype(torch.bfloat16) == torch.float32
     # the chunk bounds the larger per-slot buffer: fp32 dq (16 * 4 B) over bf16 o + lse (16 * 2 + 4 B)
-    fp32 = Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_partial": "fp32"})
-    assert fp32.split_chunk(4, torch.bfloat16) == SPLIT_BYTES // (8 * 4 * 16 * 4)
-    assert small.split_chunk(4, torch.bfloat16) == SPLIT_BYTES // (8 * 4 * (16 * 2 + 4))
+    assert fp32.split_chunk(4, torch.bfloat16) == split_bytes // (8 * 4 * 16 * 4)
+    assert small.split_chunk(4, torch.bfloat16) == split_bytes // (8 * 4 * (16 * 2 + 4))
     with pytest.raises(ValueError, match="sel_dq_algo"):
-        Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_algo": "fused"}).sel_dq_block_major()
+        LaunchConfig(sel_dq_algo="fused")
     with pytest.raises(ValueError, match="sel_dq_partial"):
-        Geometry(lay, 8, 2, 16, 16, launch={"sel_dq_partial": "bf16"}).dq_partial_dtype(torch.bfloat16)
+        LaunchConfig(sel_dq_partial="bf16")
 
 
 def test_selection_chunks_fit_their_key_tiles():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nsa_dist import NSAConfig
+from nsa_dist.kernels.launch import LaunchConfig, use_launch
 from nsa_dist.ops import nsa_attention, select_blocks
 from nsa_inputs import args, random_nsa_inputs
 
@@ -39,18 +40,16 @@ def _run(case, dtype=torch.float32):
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
     positions, position-major, or one of each."""
-    kernels, _ = kernels_or_skip()
-    import importlib
-    nsa = importlib.import_module(kernels.__name__ + ".nsa")
+    kernels_or_skip()
+    from nsa_dist.kernels import nsa
     fwd_query = request.param.startswith("query")
     dq_query = request.param == "query" or request.param.endswith("query-dq")
-    monkeypatch.setattr(nsa, "SEL_QUERY_MIN_G", 1 if fwd_query else 10 ** 9)
-    monkeypatch.setattr(nsa, "SEL_DQ_QUERY_MIN_G", 1 if dq_query else 10 ** 9)
+    launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo="query" if dq_query else "block")
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
-        monkeypatch.setattr(nsa, "DKDV_SEG_ROWS", 4)
+        launch = launch.replace(sel_dkdv_seg_rows=4)
     chunks = []
     if request.param.endswith("chunked"):
-        monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)  # 16-36 positions a chunk: 2-6 chunks per case
+        launch = launch.replace(split_bytes=20000)  # 16-36 positions a chunk: 2-6 chunks per case
         work = nsa._sel_work
 
         def counted(*a, **kw):
@@ -58,7 +57,8 @@ def sel_algo(request, monkeypatch):
             chunks.append(len(w.bounds) - 1)
             return w
         monkeypatch.setattr(nsa, "_sel_work", counted)
-    yield request.param
+    with use_launch(launch):
+        yield request.param
     if request.param.endswith("chunked"):  # the chunked path really ran in several chunks
         assert chunks and max(chunks) > 1, chunks
 
@@ -89,15 +89,13 @@ def test_chunked_compressed_and_first_block_dkdv_match_reference(case, monkeypat
     0's (the kernels select, so the forced blocks run in the range kernels) in chunks of 8
     (in G1 and G2-batch2 the last chunk ends exactly at the document's end)."""
     kernels, cfg, cu, x = _run(case)
-    import importlib
-    nsa = importlib.import_module(kernels.__name__ + ".nsa")
-    monkeypatch.setattr(nsa, "QCHUNK", 16)
-    monkeypatch.setattr(nsa, "FIRST_MIN_CHUNK", 8)
+    from nsa_dist.kernels import nsa
     chunks = []
     first = nsa.Geometry.first_chunks
     monkeypatch.setattr(nsa.Geometry, "first_chunks", lambda self, n: chunks.append(first(self, n)) or chunks[-1])
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+    with use_launch(LaunchConfig(dkdv_qchunk=16, first_min_chunk=8)):
+        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
     do = torch.randn_like(o_ref)
     g_ref = torch.autograd.grad(o_ref, args(x)[1:5], do)
     g_tri = torch.autograd.grad(o_tri, args(x)[1:5], do)
@@ -128,15 +126,12 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatc
     fp16 precision whatever the gradient's magnitude (plain fp16 would flush 1e-25 to zero and
     overflow at 1e25), over several chunks of positions (the scales' offsets per chunk)."""
     kernels, cfg, cu, x = _run("G2-packed")
-    import importlib
-    nsa = importlib.import_module(kernels.__name__ + ".nsa")
-    monkeypatch.setattr(nsa, "SEL_DQ_QUERY_MIN_G", 10 ** 9)
-    monkeypatch.setattr(nsa, "DQ_PARTIAL", "fp16s")
-    monkeypatch.setattr(nsa, "SPLIT_BYTES", 20000)
+    from nsa_dist.kernels import nsa
     chunks, work = [], nsa._sel_work
     monkeypatch.setattr(nsa, "_sel_work", lambda *a, **kw: chunks.append(work(*a, **kw)) or chunks[-1])
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+    with use_launch(LaunchConfig(sel_dq_algo="block", sel_dq_partial="fp16s", split_bytes=20000)):
+        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
     do = torch.randn_like(o_ref) * mag
     dq_ref, = torch.autograd.grad(o_ref, x["q"], do)
     dq_tri, = torch.autograd.grad(o_tri, x["q"], do)
@@ -170,13 +165,11 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
     of several chunks of blocks merged into the running top-n ("off": chunks of whole blocks
     turned off)."""
     kernels, _ = kernels_or_skip()
-    import importlib
-    sel = importlib.import_module(kernels.__name__ + ".selection")
+    from nsa_dist.kernels import selection as sel
     if merge and not sel.HAS_BITONIC_MERGE:
         pytest.skip("this Triton has no tl.topk / tl.bitonic_merge")
-    for name, val in (("SELECT_ROWS", rows), ("SELECT_ROWS_ALIGNED", rows), ("SELECT_KEYS", keys),
-                      ("SELECT_SPAN", span), ("HAS_BITONIC_MERGE", merge)):
-        monkeypatch.setattr(sel, name, val)
+    launch = LaunchConfig(select_rows=rows, select_rows_aligned=rows, select_keys=keys, select_span=span,
+                          select_merge=merge)
     np_ = max(16, 1 << (n - 1).bit_length())
     gp = 1 << (G - 1).bit_length()
     assert sel.aligned_chunks(l, d, ls, keys, span, np_, gp) == (aligned is not False)  # the path it names
@@ -187,7 +180,8 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
     cu = torch.tensor([0, 120, 127, 150], dtype=torch.int32)
     x = random_nsa_inputs(cfg, S=150, HQ=G, H=1, Dk=16, seed=5, cu_seqlens=cu)
     ref = select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu, backend="reference")
-    got = kernels.select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu)
+    with use_launch(launch):
+        got = kernels.select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu)
     assert torch.equal(ref, got)
     nblocks = -(-120 // ls)
     chunk = keys // (ls // d) if aligned else sel.block_chunk(l, d, ls, keys * span)
@@ -226,9 +220,8 @@ def test_given_block_indices_are_used():
 def test_canonical_block_indices_take_the_forced_block_path(case, monkeypatch):
     """select_blocks's output passed with canonical_indices (as the model does) runs the forced
     blocks in the range kernels and matches the reference, forward and every gradient."""
-    kernels, _ = kernels_or_skip()
-    import importlib
-    nsa = importlib.import_module(kernels.__name__ + ".nsa")
+    kernels_or_skip()
+    from nsa_dist.kernels import nsa
     forced = []
     split = nsa.Geometry.forced_split
     monkeypatch.setattr(nsa.Geometry, "forced_split", lambda self: forced.append(split(self)) or forced[-1])

@@ -4,7 +4,6 @@ carried into the next chunk) against Eq. 9 / Eq. 10 in float64.
 
 A chosen-block comparison can pass with a wrong importance (few candidates, or only forced
 blocks); these values cannot."""
-import importlib
 import math
 
 import pytest
@@ -17,10 +16,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from nsa_dist import NSAConfig  # noqa: E402
+from nsa_dist.kernels import selection as sel  # noqa: E402
+from nsa_dist.kernels.range_attn import _nvis  # noqa: E402
 from nsa_dist.ops.blocks import overlap_weights  # noqa: E402
 
-sel = importlib.import_module(kernels.__name__ + ".selection")
-_nvis = importlib.import_module(kernels.__name__ + ".range_attn")._nvis
 _importance_aligned, _query_rows = sel._importance_aligned, sel._query_rows
 
 
@@ -40,7 +39,7 @@ def _importance_kernel(Q, KC, LSE, OUT, scale2, HQ, DK, T, NB, G: tl.constexpr, 
     carry = tl.zeros([BT], tl.float32)
     for j0 in range(0, (t1 - 1) // LS + 1, BJP):
         imp, carry = _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, 0, h, H, DK, dk, scale2,
-                                         BT, GP, R, E, BJP)
+                                         BT, GP, R, E, BJP, "ieee")
         j = j0 + tl.arange(0, BJP)
         tl.store(OUT + (t * H + h)[:, None] * NB + j[None, :], imp, mask=(t < t1)[:, None] & (j < NB)[None, :])
 

@@ -35,35 +35,44 @@ def test_profile_attention_packs_equal_documents_and_counts_syncs():
     assert profile_attention._syncs(lambda: x.sum()) == 0
 
 
-def test_ab_alternates_a_kernel_constant_with_its_default_and_restores_it(monkeypatch):
-    """--ab sets a constant of kernels.nsa, then its default, each round, and puts it back;
-    a name that is not a constant there is refused by name."""
-    import importlib
+def test_ab_alternates_a_launch_config_with_the_defaults(monkeypatch):
+    """--ab runs the function under a LaunchConfig with the given settings, then under the
+    defaults, each round (A B, B A, ...); a bad name or value is refused with LaunchConfig's
+    message, before anything runs."""
+    pytest.importorskip("triton")
+    from nsa_dist.kernels.launch import LaunchConfig, current_launch
 
-    kernels = bench_kernels._import_kernels()
-    nsa = importlib.import_module(kernels.__name__ + ".nsa")
-    default = nsa.DKDV_SEG_ROWS
     seen = []
 
-    def fake_bench(name, S, rows, kernels):
-        seen.append(nsa.DKDV_SEG_ROWS)
+    def fake_bench(name, S, rows):
+        seen.append(current_launch())
         rows.append({"nsa_fwd_ms": 1.0, "nsa_bwd_ms": 2.0})
     monkeypatch.setattr(bench_kernels, "bench_shape", fake_bench)
-    bench_kernels.ab_shape("a_paper", 8, kernels, "DKDV_SEG_ROWS=96", rounds=3)
-    assert seen == [96, default, default, 96, 96, default]  # A B, B A, A B
-    assert nsa.DKDV_SEG_ROWS == default
-    with pytest.raises(SystemExit, match="'NO_SUCH' is not a constant"):
-        bench_kernels.ab_shape("a_paper", 8, kernels, "NO_SUCH=1", rounds=1)
-    with pytest.raises(SystemExit, match="DKDV_SEG_ROWS is a int"):
-        bench_kernels.ab_shape("a_paper", 8, kernels, "DKDV_SEG_ROWS=lots", rounds=1)
-    assert nsa.DKDV_SEG_ROWS == default
-    # another kernel module's constant, by module.NAME
-    sel = importlib.import_module(kernels.__name__ + ".selection")
+    bench_kernels.ab_shape("a_paper", 8, "sel_dkdv_seg_rows=96,range_fwd=(8, 3),sel_algo=query", rounds=3)
+    changed = LaunchConfig(sel_dkdv_seg_rows=96, range_fwd=(8, 3), sel_algo="query")
+    assert seen == [changed, LaunchConfig(), LaunchConfig(), changed, changed, LaunchConfig()]
+    assert current_launch() == LaunchConfig()  # the defaults again outside the runs
     seen.clear()
-    monkeypatch.setattr(bench_kernels, "bench_shape",
-                        lambda name, S, rows, kernels: (seen.append(sel.SELECT_ALIGNED), rows.append({
-                            "nsa_fwd_ms": 1.0, "nsa_bwd_ms": 2.0})))
-    bench_kernels.ab_shape("a_paper", 8, kernels, "selection.SELECT_ALIGNED=False", rounds=2)
-    assert seen == [False, True, True, False] and sel.SELECT_ALIGNED is True
-    with pytest.raises(SystemExit, match="'no_such' is not a kernel module"):
-        bench_kernels.ab_shape("a_paper", 8, kernels, "no_such.X=1", rounds=1)
+    with pytest.raises(SystemExit, match="did you mean 'sel_dkdv_seg_rows'"):
+        bench_kernels.ab_shape("a_paper", 8, "sel_dkdv_seg_row=96", rounds=1)
+    with pytest.raises(SystemExit, match="sel_dkdv_seg_rows must be a positive int"):
+        bench_kernels.ab_shape("a_paper", 8, "sel_dkdv_seg_rows=lots", rounds=1)
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        bench_kernels.ab_shape("a_paper", 8, "DKDV 1024", rounds=1)
+    assert seen == []
+
+
+def test_every_sweep_option_is_a_valid_launch_config():
+    """The sweep tables of bench_kernels (--sweep) and bench_selection (--sweep) name only
+    LaunchConfig settings with valid values, so no option fails only on the GPU."""
+    pytest.importorskip("triton")
+    import itertools
+
+    import bench_selection
+    from nsa_dist.kernels.launch import LaunchConfig
+
+    for key, values in bench_kernels.SWEEP.items():
+        for val in values:
+            assert bench_kernels.launch_config(bench_kernels.sweep_settings(key, val)) != LaunchConfig(), (key, val)
+    for vals in itertools.product(*bench_selection.GRID.values()):
+        LaunchConfig(**dict(zip(bench_selection.GRID, vals)))

@@ -1,4 +1,5 @@
-"""nsa-convert's file helpers: progress display, Adam moment files, consolidated checks."""
+"""nsa-convert's file helpers: progress display, Adam moment files (nsa_dist.checkpoint),
+consolidated checks."""
 import io
 import sys
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from nsa_dist import ModelConfig
+from nsa_dist.checkpoint import OPTIMIZER
+from nsa_dist.checkpoint.tensors import load_moments, save_moments
 from nsa_dist.convert import io as cio
 from nsa_dist.convert.consolidate import check_against_model, global_batch
 from nsa_dist.models import NSADecoderLM
@@ -34,17 +37,17 @@ def test_progress_only_on_a_terminal_and_not_quiet(monkeypatch):
 def test_moments_file_round_trip_and_bad_files(tmp_path):
     a = {"w": torch.randn(3, 4), "b": torch.randn(4)}
     b = {k: v.abs() for k, v in a.items()}
-    path = str(tmp_path / cio.OPTIMIZER)
-    cio.save_moments(a, b, ["w", "b"], path)
-    got_a, got_b = cio.load_moments(path)
+    path = str(tmp_path / OPTIMIZER)
+    save_moments(a, b, ["w", "b"], path)
+    got_a, got_b = load_moments(path)
     assert all(torch.equal(got_a[k], a[k]) and torch.equal(got_b[k], b[k]) for k in a)
     from safetensors.torch import save_file
     save_file({"exp_avg.w": a["w"]}, path)  # no matching exp_avg_sq
     with pytest.raises(ValueError, match="not an Adam moments file"):
-        cio.load_moments(path)
+        load_moments(path)
     (tmp_path / "t.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="truncated"):
-        cio.load_moments(str(tmp_path / "t.safetensors"))
+        load_moments(str(tmp_path / "t.safetensors"))
 
 
 def test_check_against_model_names_shape_and_dtype():

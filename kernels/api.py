@@ -1,8 +1,9 @@
-"""Triton kernels of Native Sparse Attention (installed as ``nsa_dist.kernels``).
+"""Public functions of the Triton kernels (``nsa_dist.kernels.api``; the folder has no
+``__init__``: see ``nsa_dist/kernels/__init__.py``).
 
-Public functions (same semantics as ``nsa_dist.ops`` with backend="reference", SPEC.md):
-``nsa_attention`` (forward and backward for q, all K/V and the gates) and ``select_blocks``.
-They run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+Same semantics as ``nsa_dist.ops`` with backend="reference" (SPEC.md): ``nsa_attention``
+(forward and backward for q, all K/V and the gates) and ``select_blocks``. They run on CUDA
+tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
@@ -42,14 +43,17 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg, scale: Optional[flo
 
 def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                  block_indices: Optional[torch.Tensor] = None, canonical: bool = False) -> torch.Tensor:
+                  block_indices: Optional[torch.Tensor] = None, canonical: bool = False,
+                  return_indices: bool = False):
     """Gated NSA output [B, S, HQ, Dv] (differentiable in q, every K/V and the gates).
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, D] (already compressed); k_sel, v_sel, k_win,
     v_win: [B, S, H, D]; gates: [B, S, HQ, 3] (cmp, sel, win), already activated.
-    block_indices: optional [B, S, H, n] selection (computed here when None; never differentiated).
+    block_indices: optional [B, S, H, n] selection. When None the selection runs here from the
+    compressed branch's forward, which the output reuses (one pass, not two).
     canonical: block_indices are the selection's own rows (ascending, distinct, -1 last, forced
     blocks present), which the kernels then rely on (``nsa.Geometry.forced_split``).
+    return_indices: return (o, indices [B, S, H, n] LongTensor) instead of o.
     Inputs are expected validated by ``nsa_dist.ops.nsa_attention``.
     """
     B, S, HQ, _ = q.shape
@@ -61,10 +65,11 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
         with torch.no_grad():  # the compressed branch's forward also feeds the selection
             idx, pre = packed_select(qp.detach(), kc.detach(), geo, cfg, sc, v_cmp=vc.detach())
         geo.idx_sorted = True  # the kernel's rows: distinct blocks, ascending, -1 last
+        block_indices = idx.view(B, S, geo.H, -1)
     else:
         idx = block_indices.reshape(B * S, geo.H, -1)
         geo.idx_sorted = canonical
-    idx = idx.to(torch.int32).contiguous()
     o = NSAFunction.apply(qp, kc, vc, pack(k_sel), pack(v_sel), pack(k_win), pack(v_win),
-                          pack(gates), idx, geo, cfg, sc, pre)
-    return o.view(B, S, HQ, -1)
+                          pack(gates), idx.to(torch.int32).contiguous(), geo, cfg, sc, pre)
+    o = o.view(B, S, HQ, -1)
+    return (o, block_indices) if return_indices else o

@@ -1,0 +1,234 @@
+"""Launch configuration of the NSA kernels: every tuning knob, checked, in one frozen object.
+
+``LaunchConfig()`` holds the defaults (where each comes from: docs/kernel_notes.md, "Launch
+configuration"). A call's geometry (``nsa.Geometry.launch``) carries one; the kernels read
+nothing else. Sweeps and A/B runs build variants with ``replace(**overrides)`` and run a
+call under ``use_launch(config)``. Unknown names and ill-typed values are refused when the
+config is built, naming the valid choices.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+# (num_warps, num_stages) of one kernel launch
+WarpsStages = tuple[int, int]
+
+_CHOICES = {"sel_algo": ("auto", "block", "query"), "sel_dq_algo": ("auto", "block", "query"),
+            "sel_dq_partial": ("auto", "fp32", "fp16s")}
+# tile sides that enter tl.arange / tl.dot: powers of two (tl.dot needs >= 16)
+_POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_span": 1, "gate_rows": 1,
+         "sel_combine_rows": 1, "range_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
+
+
+@dataclass(frozen=True, init=False)
+class LaunchConfig:
+    """Tile sizes, algorithm choices and (num_warps, num_stages) of every NSA kernel.
+
+    Build with keywords (``LaunchConfig(sel_seg_rows=2048)``) or ``from_dict``; derive with
+    ``replace``. Rows are (position, query head) pairs: a program of R rows takes R // G
+    positions of one KV head's group of G query heads.
+    """
+
+    # --- range kernels: compressed, window and forced selected blocks (range_attn.py)
+    range_rows: int = 64  # rows per program of the range forward and dq
+    range_fwd_rows: Optional[int] = None  # the range forward's own rows (None: range_rows)
+    range_dq_rows: Optional[int] = None  # the range dq's own rows (None: range_rows)
+    range_fwd_keys: int = 32  # keys per step of the range forward: 32 beat 64 at (c) 64k
+    range_dq_keys: int = 64  # keys per step of the range dq
+    dkdv_keys: int = 64  # keys per program of the range dK/dV
+    dkdv_rows: int = 64  # query rows per step of the range dK/dV
+    dkdv_qchunk: int = 4096  # query positions per program of the compressed dK/dV (fp32 atomics)
+    first_programs: int = 512  # programs wanted for block 0's dK/dV, or its few key tiles idle most SMs
+    first_min_chunk: int = 256  # positions, at least, per query chunk of block 0's dK/dV
+    # --- selected branch (selected_attn.py)
+    sel_algo: str = "auto"  # selected forward: "block"-major, "query"(position)-major, or by G
+    sel_query_min_g: int = 16  # "auto": position-major from this group size (K/V reuse per tile)
+    sel_dq_algo: str = "auto"  # the same choice for the selected dq
+    sel_dq_query_min_g: int = 16  # "auto": position-major dq from this group size
+    sel_forced: bool = True  # forced blocks (0, the two local) in the range kernels with full tiles
+    sel_rows: int = 16  # rows per program of the position-major selected forward / dq
+    sel_seg_rows: int = 1024  # rows per work item of the block-major selected kernels
+    sel_dkdv_seg_rows: int = 8192  # the same for a list only the selected dK/dV walks (G >= 16)
+    sel_split_rows: int = 64  # rows per step of the block-major forward
+    sel_dq_split_rows: int = 64  # rows per step of the block-major dq
+    sel_dkdv_rows: int = 64  # rows per step of the selected dK/dV
+    sel_combine_rows: int = 32  # rows per program of the per-slot merges (forward and dq)
+    sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
+    split_bytes: int = 1 << 30  # bound of the block-major per-slot buffers: positions are chunked
+    gate_rows: int = 32  # rows per program of the gate combination (gates.py)
+    # --- block selection (selection.py)
+    select_rows: int = 64  # rows per program with the general chunks
+    select_rows_aligned: int = 128  # rows per program with chunks of whole blocks
+    select_keys: int = 64  # compressed tokens per matrix product
+    select_span: int = 1  # key tiles per top-n merge (spans > 1 lost in every sweep)
+    select_aligned: bool = True  # chunks of whole blocks where (l, d, l') allow it
+    select_merge: Optional[bool] = None  # tl.bitonic_merge top-n merge (None: when Triton has it)
+    select: Optional[WarpsStages] = None  # None: 8 warps for merges wider than top-n, 3 stages aligned G < 16
+    # --- shared memory: every kernel's tiles are shrunk until their estimate fits (``fit``)
+    smem_bytes: int = 232448  # shared memory one program may use: Hopper's 227 KB
+    # --- (num_warps, num_stages) per kernel
+    range_fwd: WarpsStages = (4, 3)
+    range_dq: WarpsStages = (4, 2)
+    range_dkdv: WarpsStages = (4, 2)
+    sel_fwd: WarpsStages = (4, 3)
+    sel_dq: WarpsStages = (4, 3)
+    sel_dkdv: WarpsStages = (4, 3)
+    sel_split: WarpsStages = (4, 2)
+    sel_combine: WarpsStages = (4, 1)
+    sel_dq_split: WarpsStages = (4, 2)
+    sel_dq_combine: WarpsStages = (4, 1)
+
+    def __init__(self, **overrides):
+        names = field_names()
+        for key in overrides:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"LaunchConfig: unknown setting '{key}'; {hint}valid settings: {', '.join(names)}")
+        for f in dataclasses.fields(self):
+            value = overrides.get(f.name, f.default)
+            object.__setattr__(self, f.name, tuple(value) if isinstance(value, list) else value)
+        self._check()
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LaunchConfig":
+        return cls(**values)
+
+    def replace(self, **overrides) -> "LaunchConfig":
+        """A copy with ``overrides`` (checked like construction)."""
+        return type(self)(**{**self.to_dict(), **overrides})
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def changed(self) -> dict:
+        """The settings that differ from the defaults."""
+        return {k: v for k, v in self.to_dict().items() if v != _DEFAULTS[k]}
+
+    def warps(self, kernel: str) -> dict:
+        """``num_warps`` / ``num_stages`` keywords of ``kernel``'s launch."""
+        w, s = getattr(self, kernel)
+        return {"num_warps": w, "num_stages": s}
+
+    def fit(self, kernel: str, rows: int, keys: int, bdk: int, bdv: int, elsize: int, stages: int,
+            rows_min: int = 16, keys_min: int = 16, fixed: str = "") -> tuple[int, int, int]:
+        """(rows, keys, stages) of ``kernel`` whose ``smem_estimate`` fits ``smem_bytes``.
+
+        rows / keys: the tiles' BLOCK_M / BLOCK_N (powers of two), halved down to rows_min /
+        keys_min unless named in ``fixed`` ("rows", "keys"); bdk / bdv: padded head dims;
+        elsize: bytes per input element. Each step takes the largest saving among halving the
+        rows, halving the keys and one stage fewer (two stages kept while a tile can shrink).
+        The default tiles of 16-bit inputs up to Dk = 256, Dv = 128 (G <= 16) fit unchanged.
+        """
+        def size(r, k, st):
+            return smem_estimate(kernel, r, k, bdk, bdv, elsize, st)
+        while size(rows, keys, stages) > self.smem_bytes:
+            steps = []
+            if "rows" not in fixed and rows // 2 >= rows_min:
+                steps.append((rows // 2, keys, stages))
+            if "keys" not in fixed and keys // 2 >= keys_min:
+                steps.append((rows, keys // 2, stages))
+            if stages > 2 or (stages > 1 and not steps):
+                steps.append((rows, keys, stages - 1))
+            if not steps:
+                raise ValueError(
+                    f"{kernel}: no tile fits {self.smem_bytes} B of shared memory with head dims {bdk}/{bdv} "
+                    f"(padded) and {elsize}-byte inputs: {size(rows, keys, stages)} B at {rows} rows, {keys} "
+                    f"keys, 1 stage. Use 16-bit inputs or smaller head dims (or a larger LaunchConfig.smem_bytes "
+                    f"on a GPU that has it)")
+            rows, keys, stages = min(steps, key=lambda t: (size(*t), -t[2]))
+        return rows, keys, stages
+
+    def _check(self) -> None:
+        for f in dataclasses.fields(self):
+            name, v = f.name, getattr(self, f.name)
+            default = f.default
+            if name in _CHOICES:
+                if v not in _CHOICES[name]:
+                    raise ValueError(f"LaunchConfig.{name} must be one of {_CHOICES[name]}, got {v!r}")
+            elif isinstance(default, tuple) or name == "select":
+                if v is None and name == "select":
+                    continue
+                if (not isinstance(v, tuple) or len(v) != 2 or not all(_is_int(x) for x in v)
+                        or v[0] not in (1, 2, 4, 8, 16, 32) or v[1] < 1):
+                    raise ValueError(f"LaunchConfig.{name} must be (num_warps, num_stages): warps a power of two "
+                                     f"1-32, stages >= 1, got {v!r}")
+            elif isinstance(default, bool) or name == "select_merge":
+                if not isinstance(v, bool) and not (v is None and default is None):
+                    raise ValueError(f"LaunchConfig.{name} must be True or False, got {v!r}")
+            else:  # ints (optional where the default is None)
+                if v is None and default is None:
+                    continue
+                if not _is_int(v) or v < 1:
+                    raise ValueError(f"LaunchConfig.{name} must be a positive int, got {v!r}")
+                low = _POW2.get(name)
+                if low is not None and (v & (v - 1) or v < low):
+                    raise ValueError(f"LaunchConfig.{name} must be a power of two >= {low}, got {v!r}")
+
+
+# Shared-memory tiles of each kernel with matrix products: per tile, its rows ("m": BLOCK_M
+# query rows, "n": BLOCK_N keys) and columns ("k": Dk, "v": Dv, padded to powers of two).
+# Resident tiles are loaded once per program; streamed ones once per pipeline stage.
+SMEM_TILES = {
+    # kernel: (resident, streamed)
+    "range_fwd": (("mk",), ("nk", "nv")),
+    "range_dq": (("mk", "mv"), ("nk", "nv")),
+    "range_dkdv": (("nk", "nv"), ("mk", "mv")),
+    "sel_fwd": (("mk",), ("nk", "nv")),
+    "sel_dq": (("mk", "mv"), ("nk", "nv")),
+    "sel_split": (("nk", "nv"), ("mk",)),
+    "sel_dq_split": (("nk", "nv"), ("mk", "mv")),
+    "sel_dkdv": (("nk", "nv"), ("mk", "mv")),
+    "select": (("mk",), ("nk",)),
+}
+
+
+SMEM_SLACK = 4096  # bytes beside the tiles (Triton added 3072 in the case below: row vectors, barriers)
+
+
+def smem_estimate(kernel: str, rows: int, keys: int, bdk: int, bdv: int, elsize: int, stages: int) -> int:
+    """Bytes of shared memory ``kernel`` takes with BLOCK_M = rows, BLOCK_N = keys: resident tiles
+    once and streamed tiles ``stages`` times, ``elsize`` bytes an element, plus SMEM_SLACK. For the
+    selection kernel at 128 rows, 64 keys, 3 stages, Dk = 192 (256 padded) in fp32 it gives
+    327680 + 4096 B where Triton reported 330752 (issue 25). The other kernels' figures are the
+    same count, not yet compared with Triton's on a GPU."""
+    dims = {"m": rows, "n": keys, "k": bdk, "v": bdv}
+    resident, streamed = SMEM_TILES[kernel]
+    count = lambda tiles: sum(dims[a] * dims[b] for a, b in tiles)  # noqa: E731
+    return elsize * (count(resident) + stages * count(streamed)) + SMEM_SLACK
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(LaunchConfig)]
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LaunchConfig)}
+DEFAULT = LaunchConfig()
+_current: contextvars.ContextVar[LaunchConfig] = contextvars.ContextVar("nsa_launch", default=DEFAULT)
+
+
+def current_launch() -> LaunchConfig:
+    """The launch configuration of calls made now (``DEFAULT`` outside ``use_launch``)."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def use_launch(config: LaunchConfig) -> Iterator[LaunchConfig]:
+    """Run the kernel calls made inside with ``config`` (their backward keeps it)."""
+    if not isinstance(config, LaunchConfig):
+        raise TypeError(f"use_launch takes a LaunchConfig, got {type(config).__name__}: build one with "
+                        f"LaunchConfig(**settings)")
+    token = _current.set(config)
+    try:
+        yield config
+    finally:
+        _current.reset(token)

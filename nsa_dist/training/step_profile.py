@@ -1,0 +1,319 @@
+"""Where a training step's time goes, by part of the model, from one torch.profiler trace.
+
+Forward hooks open a profiler range named after the part each module belongs to
+(``part_of``: attention, mlp, norm, embedding, lm_head, and the model itself for what lies
+between them: residual adds, the loss). A kernel is charged to the innermost part range
+around the CPU op that launched it. Backward ops run on the autograd engine's thread outside
+those ranges; each carries the sequence number of the forward op it differentiates, so it is
+charged to that op's part. Recomputed forwards (activation checkpointing) pass through the
+hooks again and count where they run. Kernels are then split by kind: the attention kernels
+themselves (our Triton kernels, dense flash/cuDNN attention), matrix products, and the rest.
+
+Rows (milliseconds per step): attention kernels; attention projections (matrix products in
+the attention layers); attention other (RoPE, phi, gates, casts, layout copies); MLP; norms;
+embedding, LM head and loss; optimizer (the caller's ``optimizer`` range); other GPU work
+(DeepSpeed's gradient copies and reductions, memcpy); GPU idle (step time not covered by
+kernels: launch gaps and host waits). ``data`` is the caller's host time to fetch a batch.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+PREFIX = "nsa_part::"
+ROWS = ("attention kernels", "attention projections", "attention other", "MLP", "norms",
+        "embedding, LM head, loss", "optimizer", "other GPU work", "GPU idle", "data")
+_DENSE_ATTENTION = re.compile(r"flash|fmha|cudnn.*sdpa|sdpa|attention", re.I)
+_MATMUL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma|matmul|addmm|\bmm\b|aten::mm|aten::bmm", re.I)
+
+
+def part_of(name: str, module: nn.Module) -> Optional[str]:
+    """The part a module's work belongs to, from its class and qualified name (None: its
+    children say)."""
+    kind = type(module).__name__
+    if kind in ("NSAAttention", "DenseAttention"):
+        return "attention"
+    if kind == "SwiGLU" or name.endswith(".mlp"):
+        return "mlp"
+    if "Norm" in kind:
+        return "norm"
+    if name.split(".")[-1] in ("embed", "lm_head"):
+        return "head"
+    return None
+
+
+@contextmanager
+def part_ranges(model: nn.Module, classify: Callable[[str, nn.Module], Optional[str]] = part_of
+                ) -> Iterator[None]:
+    """Profiler ranges around the forward of every module that ``classify`` names, and one
+    ("model") around the whole model. Removed on exit."""
+    handles, stacks = [], defaultdict(list)
+
+    def enter(label):
+        def hook(module, args):
+            rf = torch.autograd.profiler.record_function(PREFIX + label)
+            rf.__enter__()
+            stacks[id(module)].append(rf)
+        return hook
+
+    def leave(module, args, out):
+        if stacks[id(module)]:
+            stacks[id(module)].pop().__exit__(None, None, None)
+
+    named = [("", model, "model")] + [(n, m, classify(n, m)) for n, m in model.named_modules() if n]
+    for _, module, label in named:
+        if label is not None:
+            handles.append(module.register_forward_pre_hook(enter(label)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class StepProfile:
+    """Milliseconds per step by row (``ROWS``), the measured step time and the kernel sum."""
+
+    rows: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # kernels per step by row
+    step_ms: float = 0.0
+    kernel_ms: float = 0.0
+    launches: float = 0.0
+
+    def as_row(self) -> dict:
+        return {"step_ms": round(self.step_ms, 3), "kernel_ms": round(self.kernel_ms, 3),
+                "launches_per_step": round(self.launches, 1),
+                **{k: round(self.rows.get(k, 0.0), 3) for k in ROWS}}
+
+
+def _part(event, seq_part: dict) -> Optional[str]:
+    e = event
+    while e is not None:
+        if e.name.startswith(PREFIX):
+            return e.name[len(PREFIX):]
+        if e.name.startswith("autograd::engine::evaluate_function"):
+            return seq_part.get((e.fwd_thread, e.sequence_nr))
+        e = e.cpu_parent
+    return None
+
+
+def _kernels(events) -> Iterable[tuple]:
+    """(launching CPU event, kernel name, microseconds): GPU kernels where there are any,
+    else (a CPU-only run) each CPU op's own time, so the attribution is testable anywhere."""
+    gpu = [(e, k.name, k.duration) for e in events for k in e.kernels]
+    if gpu:
+        return gpu
+    return [(e, e.name, e.self_cpu_time_total) for e in events
+            if not e.name.startswith(PREFIX) and not e.name.startswith("autograd::")
+            and e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0]
+
+
+def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_ms: float = 0.0
+              ) -> StepProfile:
+    """Sort the kernels of ``events`` (``prof.events()`` over ``steps`` steps) into ROWS.
+
+    attention_kernels: names of our Triton kernels (``triton_kernel_names()``).
+    """
+    seq_part = {}
+    for e in events:
+        if e.sequence_nr >= 0 and not e.name.startswith("autograd::"):
+            part = _part(e, {})
+            if part is not None:
+                seq_part.setdefault((e.thread, e.sequence_nr), part)
+    rows, counts = defaultdict(float), defaultdict(int)
+    total, launches = 0.0, 0
+    for event, name, us in _kernels(events):
+        part = _part(event, seq_part)
+        short = name.split("(")[0].split("<")[0].strip().split(" ")[-1]
+        if short in attention_kernels or (part == "attention" and _DENSE_ATTENTION.search(name)):
+            row = "attention kernels"
+        elif part == "attention":
+            row = "attention projections" if _MATMUL.search(name) else "attention other"
+        elif part in ("mlp", "norm", "optimizer"):
+            row = {"mlp": "MLP", "norm": "norms", "optimizer": "optimizer"}[part]
+        elif part in ("head", "model"):
+            row = "embedding, LM head, loss"
+        else:
+            row = "other GPU work"
+        rows[row] += us / 1e3
+        counts[row] += 1
+        total += us / 1e3
+        launches += 1
+    prof = StepProfile({k: v / steps for k, v in rows.items()}, {k: v / steps for k, v in counts.items()},
+                       step_ms, total / steps, launches / steps)
+    prof.rows["GPU idle"] = max(0.0, step_ms - prof.kernel_ms)
+    prof.rows["data"] = data_ms
+    return prof
+
+
+def triton_kernel_names() -> set:
+    """Names of the @triton.jit functions in nsa_dist.kernels (empty without triton)."""
+    try:
+        import importlib
+        import pkgutil
+
+        pkg = importlib.import_module("nsa_dist.kernels")
+    except Exception:  # noqa: BLE001 - no triton: no Triton kernels to name
+        return set()
+    names = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        try:
+            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        except Exception:  # noqa: BLE001
+            continue
+        for attr, value in vars(mod).items():
+            if type(value).__name__ in ("JITFunction", "Autotuner", "Heuristics"):
+                names.add(attr)
+    return names
+
+
+def format_table(profiles: dict) -> str:
+    """``{label: StepProfile}`` -> a fixed-width table, one column per label."""
+    labels = list(profiles)
+    width = max(12, *(len(lab) for lab in labels))
+    lines = [f"{'ms per step':26s}" + "".join(f"{lab:>{width + 2}s}" for lab in labels)]
+    for row in ("step time",) + ROWS + ("kernel launches",):
+        vals = []
+        for lab in labels:
+            p = profiles[lab]
+            v = {"step time": p.step_ms, "kernel launches": p.launches}.get(row, p.rows.get(row, 0.0))
+            vals.append(f"{v:>{width + 2}.1f}")
+        lines.append(f"{row:26s}" + "".join(vals))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the command
+def _ranged(fn: Callable, label: str) -> Callable:
+    def call(*args, **kwargs):
+        with torch.autograd.profiler.record_function(PREFIX + label):
+            return fn(*args, **kwargs)
+    return call
+
+
+def profile_trainer(trainer, warmup: int, steps: int) -> StepProfile:
+    """Run ``warmup`` + ``steps`` unprofiled steps of ``trainer`` (the loop's own step:
+    model, DeepSpeed engine, optimizer) for the step time, then ``steps`` profiled ones for
+    the split. Single process."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..data import build_dataloader
+
+    loop, env = trainer.loop, trainer.env
+    cfg = loop.cfg
+    loader = iter(build_dataloader(trainer.data.train, cfg.micro_batch_size, env.dp_rank, env.dp_world))
+    cuda = env.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = time.perf_counter()
+    for _ in range(steps):
+        next(loader)
+    data_ms = (time.perf_counter() - t) / steps * 1e3 * cfg.grad_accum_steps
+    loop.engine.train()
+    for _ in range(warmup):
+        loop._step(loader, False)
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loop._step(loader, False)
+    sync()
+    step_ms = (time.perf_counter() - t) / steps * 1e3
+    engine = loop.engine
+    engine.step = _ranged(engine.step, "optimizer")  # an instance attribute: removed below
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with profile(activities=activities) as prof, part_ranges(engine.module):
+            for _ in range(steps):
+                loop._step(loader, False)
+            sync()
+    finally:
+        del engine.step
+    return attribute(prof.events(), triton_kernel_names(), steps, step_ms, data_ms)
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m nsa_dist.training.step_profile",
+        description="Where a training step's time goes (attention kernels, projections, MLP, norms, "
+                    "head and loss, optimizer, other, GPU idle, data), NSA and dense, per context. "
+                    "One process; each point is a real Trainer (DeepSpeed engine) on the train config.")
+    p.add_argument("--config", required=True, help="train YAML (mock_data recommended), e.g. configs/train/bench_1b.yaml")
+    p.add_argument("--seq-len", default="8k", help="contexts, e.g. 8k,32k,64k")
+    p.add_argument("--attention", default="nsa,dense", help="nsa, dense or both")
+    p.add_argument("--warmup", type=int, default=2, help="unprofiled warm-up steps per point")
+    p.add_argument("--steps", type=int, default=2, help="timed steps, then as many profiled steps")
+    p.add_argument("--out", default="", help="CSV to write (one row per point)")
+    p.add_argument("overrides", nargs="*", help="train-config overrides key=value")
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    import csv
+    import gc
+    import os
+    import sys
+    import tempfile
+
+    from .bench import _csv_ints, _derived_model_yaml, _is_oom
+    from .config import TrainConfig
+    from .trainer import Trainer
+
+    args = build_parser().parse_args(argv)
+    base = TrainConfig.from_yaml(args.config).apply_overrides(args.overrides)
+    work = tempfile.mkdtemp(prefix="nsa_step_profile_")
+    results, rows = {}, []
+    for S in _csv_ints(args.seq_len, "seq-len"):
+        for attention in [a.strip() for a in args.attention.split(",") if a.strip()]:
+            label = f"{attention} {S // 1024}k" if S % 1024 == 0 else f"{attention} {S}"
+            cfg = base.apply_overrides([f"seq_len={S}", f"model={_derived_model_yaml(base.model, attention, S, work)}",
+                                        f"output_dir={os.path.join(work, label.replace(' ', '_'))}",
+                                        "tensorboard=false", "save_checkpoints=false", "eval_batches=0"])
+            trainer = None
+            try:
+                trainer = Trainer(cfg)
+                results[label] = prof = profile_trainer(trainer, args.warmup, args.steps)
+                rows.append({"point": label, "seq_len": S, "attention": attention, **prof.as_row()})
+                print(f"[profile] {label}: {prof.step_ms:.1f} ms/step", flush=True)
+            except Exception as err:  # noqa: BLE001 - an out-of-memory point is a result
+                if not _is_oom(err):
+                    raise
+                print(f"[profile] {label}: out of memory", flush=True)
+                rows.append({"point": label, "seq_len": S, "attention": attention, "step_ms": "oom"})
+            finally:
+                if trainer is not None:
+                    trainer.close()
+                del trainer
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    if results:
+        print(format_table(results))
+    if args.out and rows:
+        from ..fileio import atomic_open
+
+        fields = ["point", "seq_len", "attention", "step_ms", "kernel_ms", "launches_per_step", *ROWS]
+        with atomic_open(args.out, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

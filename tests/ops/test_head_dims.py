@@ -1,0 +1,62 @@
+"""Large head dims in fp32 (issue 25): Dk = 192 / Dv = 128 and Dk = Dv = 256 run with tiles
+shrunk to fit shared memory (``LaunchConfig.fit``) and match the reference, forward, selection
+and every gradient, through Triton's interpreter on the CPU (the GPU runs the same tiles:
+tests/ops/test_kernels_gpu.py)."""
+import pytest
+import torch
+
+from nsa_dist import NSAConfig, ops
+from nsa_inputs import args, random_nsa_inputs
+
+from _interp import kernels_or_skip, max_rel
+
+NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
+
+
+@pytest.mark.parametrize("dk,dv", [(192, 128), (256, 256)])
+def test_fp32_large_head_dims_match_the_reference(dk, dv):
+    kernels_or_skip()
+    from nsa_dist.kernels.launch import DEFAULT
+    from nsa_dist.kernels.nsa import make_geometry
+
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16)
+    cu = torch.tensor([0, 45, 96], dtype=torch.int32)
+    x = random_nsa_inputs(cfg, S=96, HQ=8, H=2, Dk=dk, Dv=dv, seed=7, cu_seqlens=cu, requires_grad=True)
+    geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, cu)
+    assert geo.prec == "ieee"  # PyTorch's default fp32 matmul precision: no TF32
+    shrunk = [k for k in ("range_dq", "range_dkdv", "sel_dkdv", "sel_dq_split")
+              if geo.tiles(k).launch != DEFAULT.warps(k) or geo.tiles(k).block_m < 64]
+    assert shrunk, "the fitted tiles are what this test runs"
+    o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True)
+    o_ref, idx_ref = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference", return_indices=True)
+    assert torch.equal(idx, idx_ref)
+    assert max_rel(o, o_ref) < 1e-5
+    do = torch.randn_like(o_ref)
+    grads = torch.autograd.grad(o, args(x), do)
+    grads_ref = torch.autograd.grad(o_ref, args(x), do)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert max_rel(g, g_ref) < 1e-5, f"d{name}: {max_rel(g, g_ref):.2e}"
+
+
+def test_fp32_selection_at_dk_256_and_a_group_of_16_matches_the_reference(monkeypatch):
+    """16 heads a group at Dk = 256 in fp32: the selection's query rows alone would exceed
+    shared memory at 16 positions a program, so it runs 4 positions a program with the
+    general chunks (no whole-block chunks below 16 positions); the choice is the reference's."""
+    kernels, _ = kernels_or_skip()
+    from nsa_dist.kernels import selection
+
+    launched = []
+    real = selection._select_topn
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                launched.append((kw["BT"], kw["ALIGNED"], kw["num_stages"]))
+                return real[grid](*a, **kw)
+            return run
+    monkeypatch.setattr(selection, "_select_topn", Spy())
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=5, window=0)
+    x = random_nsa_inputs(cfg, S=80, HQ=16, H=1, Dk=256, seed=3)
+    got = kernels.select_blocks(x["q"], x["k_cmp"], cfg)
+    assert torch.equal(got, ops.select_blocks(x["q"], x["k_cmp"], cfg, backend="reference"))
+    assert launched == [(4, False, 2)]

@@ -1,0 +1,72 @@
+"""The step profile's attribution of work to model parts (CPU: each op's own time stands in
+for a kernel's)."""
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from nsa_dist.config import ModelConfig
+from nsa_dist.models import NSADecoderLM
+from nsa_dist.training.step_profile import PREFIX, ROWS, attribute, format_table, part_ranges
+
+CFG = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+           intermediate_size=64, max_seq_len=128, attention="nsa",
+           nsa={"cmp_block": 8, "cmp_stride": 4, "sel_block": 16, "num_selected": 3, "window": 16})
+
+
+def _profile(backward: bool):
+    torch.manual_seed(0)
+    model = NSADecoderLM(ModelConfig.from_dict(CFG), backend="reference")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 128, (1, 64))
+    with profile(activities=[ProfilerActivity.CPU]) as prof, part_ranges(model):
+        loss = model(ids, labels=ids).loss
+        if backward:
+            loss.backward()
+            with record_function(PREFIX + "optimizer"):
+                opt.step()
+    return attribute(prof.events(), set(), steps=1, step_ms=1e6, data_ms=0.5)
+
+
+def test_every_part_is_charged_and_backward_follows_its_forward():
+    fwd, both = _profile(False), _profile(True)
+    for row in ("attention projections", "attention other", "MLP", "norms", "embedding, LM head, loss"):
+        assert fwd.rows.get(row, 0) > 0, (row, fwd.rows)
+        # the backward ops (autograd thread, outside the forward ranges) land in the same rows
+        assert both.counts[row] > fwd.counts[row], (row, fwd.counts[row], both.counts[row])
+    assert fwd.rows.get("optimizer", 0) == 0 < both.rows["optimizer"]
+    assert both.rows["data"] == 0.5
+    charged = sum(both.rows.get(r, 0) for r in ROWS if r not in ("GPU idle", "data"))
+    assert abs(charged - both.kernel_ms) < 1e-6 * max(1.0, both.kernel_ms)
+    # most of the work is inside a named part, not "other"
+    assert both.rows.get("other GPU work", 0) < 0.5 * both.kernel_ms
+    table = format_table({"nsa 64": both})
+    assert "attention projections" in table and "nsa 64" in table
+
+
+def test_hooks_are_removed():
+    model = NSADecoderLM(ModelConfig.from_dict(CFG), backend="reference")
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with part_ranges(model):
+        pass
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
+
+
+def test_the_command_profiles_real_trainer_steps(tmp_path, monkeypatch):
+    """``python -m nsa_dist.training.step_profile``: a Trainer per point (DeepSpeed on the CPU),
+    one CSV row with every part."""
+    import csv
+    import os
+
+    from nsa_dist.training.step_profile import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    model = tmp_path / "model.yaml"
+    model.write_text("\n".join(f"{k}: {v}" for k, v in CFG.items() if k != "nsa")
+                     + "\nnsa: {cmp_block: 8, cmp_stride: 4, sel_block: 16, num_selected: 3, window: 16}\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "profile.csv"
+    assert main(["--config", os.path.join(root, "configs/train/bench_1b.yaml"), "--seq-len", "64",
+                 "--attention", "nsa", "--warmup", "0", "--steps", "1", "--out", str(out),
+                 f"model={model}", "precision=fp32", f"output_dir={tmp_path / 'run'}"]) == 0
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["point"] == "nsa 64" and float(row["step_ms"]) > 0
+    assert float(row["attention projections"]) > 0 and float(row["MLP"]) > 0 and float(row["optimizer"]) > 0
