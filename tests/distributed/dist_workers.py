@@ -12,7 +12,7 @@ import copy
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig
-from nsa_dist.convert.consolidate import local_layout
+from nsa_dist.checkpoint.layout import local_layout
 from nsa_dist.models import NSADecoderLM
 from nsa_dist.modules.attention import NSAAttention
 from nsa_dist.modules.rope import token_positions
