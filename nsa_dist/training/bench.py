@@ -253,7 +253,7 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value anywhere
     try:
         run_grid(args)
     except (ValueError, FileNotFoundError, ImportError) as err:

@@ -135,5 +135,8 @@ class TrainConfig(ConfigBase):
                 if not isinstance(node.get(name), dict):
                     raise ValueError(f"override {item!r}: {name!r} is not a section of the train config")
                 node = node[name]
-            node[leaf] = yaml.safe_load(value)
+            try:
+                node[leaf] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"override {item!r}: {value!r} is not a valid YAML value") from None
         return TrainConfig.from_dict(data, where="override")
