@@ -18,3 +18,24 @@ def test_garbage_tokenizer_file_is_named(tmp_path):
         Tokenizer.load(bad)
 
 
+# ------------------------------------------------------------------ defect 6: malformed YAML
+
+def test_malformed_yaml_is_one_line_with_file_line_column(tmp_path, capsys):
+    from nsa_dist.training.cli import main
+
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model: configs/model/tiny.yaml\nseq_len: [1, 2\ntrain_steps: 3\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml:3:12: invalid YAML"):
+        ModelConfig.from_yaml(bad)
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.yaml:3:12" in err, err
+
+
+def test_override_with_invalid_yaml_value_is_named():
+    from nsa_dist.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"override 'betas=\[0.9,': .* not a valid YAML value"):
+        TrainConfig().apply_overrides(["betas=[0.9,"])
+
+
