@@ -39,3 +39,34 @@ def test_override_with_invalid_yaml_value_is_named():
         TrainConfig().apply_overrides(["betas=[0.9,"])
 
 
+# ------------------------------------------------------------------ defect 7: overrides anywhere
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "C.yaml", "--resume", "auto", "train_steps=2000", "parallel.tp=2"],
+    ["train_steps=2000", "--config", "C.yaml", "parallel.tp=2", "--resume", "auto"],
+    ["--local_rank=0", "--config", "C.yaml", "train_steps=2000", "--resume", "auto", "parallel.tp=2"],
+])
+def test_overrides_accepted_anywhere(argv):
+    from nsa_dist.training.cli import parse_args
+
+    args = parse_args(argv)
+    assert (args.config, args.resume, args.overrides) == ("C.yaml", "auto", ["train_steps=2000", "parallel.tp=2"])
+
+
+def test_overrides_after_resume_reach_the_config(capsys):
+    import json
+
+    from nsa_dist.training.cli import main
+
+    assert main(["--config", "configs/train/tiny_cpu.yaml", "--resume", "auto", "train_steps=7",
+                 "--print-config", "parallel.tp=2"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train_steps"] == 7 and cfg["parallel"]["tp"] == 2
+
+
+def test_bench_overrides_after_options():
+    from nsa_dist.training.bench import parse_args
+
+    args = parse_args(
+        ["--config", "C.yaml", "--out", "o.csv", "seq_len=64", "--layouts", "dp", "lr=1e-3"])
+    assert args.overrides == ["seq_len=64", "lr=1e-3"] and args.layouts == "dp"
