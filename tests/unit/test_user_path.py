@@ -70,3 +70,49 @@ def test_bench_overrides_after_options():
     args = parse_args(
         ["--config", "C.yaml", "--out", "o.csv", "seq_len=64", "--layouts", "dp", "lr=1e-3"])
     assert args.overrides == ["seq_len=64", "lr=1e-3"] and args.layouts == "dp"
+
+
+# ------------------------------------------------------------------ defect 1: generate from consolidate --optimizer
+
+TINY = {"vocab_size": 64, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+        "head_dim": 16, "intermediate_size": 64, "max_seq_len": 64,
+        "nsa": {"cmp_block": 8, "cmp_stride": 4, "sel_block": 8, "num_selected": 3, "window": 8}}
+
+
+def _consolidated_with_optimizer(out):
+    """What ``nsa-convert consolidate RUN OUT --optimizer`` writes: weights, config and Adam's moments."""
+    import torch
+
+    from nsa_dist.checkpoint.tensors import save_moments
+    from nsa_dist.convert.io import save_consolidated
+    from nsa_dist.models import NSADecoderLM
+
+    cfg = ModelConfig.from_dict(TINY)
+    torch.manual_seed(0)
+    model = NSADecoderLM(cfg)
+    out.mkdir()
+    state = model.state_dict()
+    save_consolidated(state, cfg, str(out))
+    names = [k for k in state if k != "lm_head.weight"]
+    save_moments({k: torch.ones_like(state[k]) for k in names}, {k: torch.ones_like(state[k]) for k in names},
+                 names, str(out / "optimizer.safetensors"))
+    return cfg, model
+
+
+def test_generate_reads_a_consolidated_folder_with_optimizer(tmp_path, capsys):
+    import yaml
+
+    from nsa_dist.inference import generate
+    from toolbox import load_tool
+
+    out = tmp_path / "cons"
+    cfg, model = _consolidated_with_optimizer(out)
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text(yaml.safe_dump(cfg.to_dict()))
+    want = generate(model.eval(), [[1, 5, 7]], 6, stop_token=None).tokens[0]
+    gen = load_tool("generate")
+    for config in (["--config", str(model_yaml)], []):  # the README's form, and the folder's own config
+        assert gen.main([*config, "--checkpoint", str(out), "--prompt-ids", "1,5,7",
+                         "--max-new-tokens", "6"]) == 0
+        printed = capsys.readouterr().out.strip().splitlines()[-1]
+        assert printed == "1,5,7 | " + ",".join(map(str, want)), printed
