@@ -116,3 +116,64 @@ def test_generate_reads_a_consolidated_folder_with_optimizer(tmp_path, capsys):
                          "--max-new-tokens", "6"]) == 0
         printed = capsys.readouterr().out.strip().splitlines()[-1]
         assert printed == "1,5,7 | " + ",".join(map(str, want)), printed
+
+
+# ------------------------------------------------------------------ defect 10: conversion without DeepSpeed
+
+_NO_DEEPSPEED = """
+import sys
+from nsa_dist.convert.cli import main
+rc = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m == "deepspeed" or m.startswith("deepspeed."))
+print("DEEPSPEED_MODULES", loaded)
+sys.exit(rc)
+"""
+
+
+def _convert_without_deepspeed(*argv):
+    """Run ``nsa-convert argv`` in a fresh interpreter; (exit code, output, DeepSpeed modules loaded)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("DS_ACCELERATOR", None)
+    out = subprocess.run([sys.executable, "-c", _NO_DEEPSPEED, *argv], capture_output=True, text=True,
+                         env=env, timeout=120)
+    line = [x for x in out.stdout.splitlines() if x.startswith("DEEPSPEED_MODULES")]
+    return out.returncode, out.stdout + out.stderr, line[0] if line else ""
+
+
+def test_deepspeed_records_read_without_importing_deepspeed(tmp_path):
+    """The three DeepSpeed record classes a ZeRO file holds are read through stand-ins."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(scale=1), "zero_stage": ZeroStageEnum.gradients,
+                                         "frag": fragment_address(numel=6, start=2),
+                                         "flat": torch.arange(6.0)}}, path)
+    code = ("import sys; from nsa_dist.convert.zero_state import load_ds_file; "
+            f"sd = load_ds_file({str(path)!r})['optimizer_state_dict']; "
+            "print(int(sd['zero_stage']), sd['frag'].numel, sd['frag'].start, sd['flat'].tolist(), "
+            "any(m.startswith('deepspeed') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "6", "2", "[0.0,", "1.0,", "2.0,", "3.0,", "4.0,", "5.0]", "False"], out.stdout
+    assert "Setting accelerator" not in out.stderr
+
+
+def test_to_hf_and_reshard_of_a_consolidated_folder_import_no_deepspeed(tmp_path):
+    _consolidated_with_optimizer(tmp_path / "cons")
+    for argv in (["to-hf", str(tmp_path / "cons"), str(tmp_path / "hf")],
+                 ["reshard", str(tmp_path / "cons"), str(tmp_path / "full"), "--reset-optimizer"]):
+        rc, text, loaded = _convert_without_deepspeed(*argv)
+        assert rc == 0, text
+        assert loaded == "DEEPSPEED_MODULES []" and "Setting accelerator" not in text, text
