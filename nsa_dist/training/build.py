@@ -165,8 +165,10 @@ def load_data(env: Env) -> Data:
         return Data(MockDataset(V, cfg.seq_len, seed=cfg.seed, split="train"),
                     MockDataset(V, cfg.seq_len, seed=cfg.seed, split="valid"), None, None)
     from ..data import PackedDataset, Tokenizer
+    from ..data.shards import check_shards_tokenizer
 
     tok = Tokenizer.load(cfg.tokenizer)
+    check_shards_tokenizer(cfg.data_prefix, tok)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} tokens but the model "
                          f"({cfg.model}) only vocab_size={model_cfg.vocab_size}")
