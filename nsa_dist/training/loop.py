@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -14,7 +15,7 @@ from .checkpoint import CheckpointManager
 from .metrics import device_peak_tflops, step_rate
 from .report import Report
 from .resume import Position
-from .schedule import schedule_from_config
+from .schedule import Schedule, schedule_from_config
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -40,10 +41,10 @@ class TrainLoop:
     """Runs a built model from ``pos`` to ``cfg.train_steps``; every rank makes one."""
 
     def __init__(self, env: Env, data: Data, built: Built, pos: Position, report: Report,
-                 ckpt: CheckpointManager):
+                 ckpt: CheckpointManager, schedule: Optional[Schedule] = None):
         self.env, self.cfg, self.data, self.built = env, env.cfg, data, built
         self.engine, self.pos, self.report, self.ckpt = built.engine, pos, report, ckpt
-        self.schedule = schedule_from_config(env.cfg)
+        self.schedule = schedule or schedule_from_config(env.cfg)  # resume.plan_schedule decides
 
     # ------------------------------------------------------------------ pieces
     def _mean_over_dp(self, values: list[float]) -> list[float]:
@@ -113,7 +114,7 @@ class TrainLoop:
                 "seq_len": cfg.seq_len, "consumed_samples": pos.consumed_samples,
                 "global_batch": cfg.global_batch(env.dp_world),
                 "tokens_seen": pos.consumed_samples * cfg.seq_len,
-                "param_layout": built.param_layout,
+                "param_layout": built.param_layout, "lr_schedule": self.schedule.to_dict(),
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
     def save(self) -> str:
