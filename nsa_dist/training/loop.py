@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ..checkpoint.files import tag_for_step
 from .build import Built, Data, Env
 from .checkpoint import CheckpointManager
-from .metrics import device_peak_tflops, step_rate
+from .metrics import mfu_peak, step_rate
 from .report import Report
 from .resume import Position
 from .schedule import Schedule, schedule_from_config
@@ -153,7 +153,8 @@ class TrainLoop:
         cfg, env, built, pos, report = self.cfg, self.env, self.built, self.pos, self.report
         loader = iter(build_dataloader(self.data.train, cfg.micro_batch_size, env.dp_rank,
                                        env.dp_world, consumed_samples=pos.consumed_samples))
-        peak = device_peak_tflops(env.device, built.precision, cfg.peak_tflops)
+        peak, peak_line = mfu_peak(env.device, built.precision, cfg.peak_tflops)
+        env.progress.print(peak_line)
         # Tokens per GPU: the ranks of one TP x Ulysses group share the same samples.
         clock = _Throughput(cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len / env.head_parallel)
         env.progress.print(

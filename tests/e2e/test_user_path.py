@@ -46,6 +46,7 @@ def test_resume_with_more_steps_keeps_the_schedule_and_mfu_is_said(tiny_data, tm
     first = train_yaml(tiny_data, tmp_path / "a", peak_tflops=0.5, **base)
     proc = run_pretrain(first)
     check(proc)
+    assert "[train] MFU (perf/mfu) against peak_tflops=0.5 TFLOP/s" in proc.stdout, proc.stdout
     tb = os.path.join(tmp_path / "a" / "run", "tensorboard")
     mfu, tflops = _scalars(tb, "perf/mfu"), _scalars(tb, "perf/tflops_per_gpu")
     assert sorted(mfu) == [1, 2, 3, 4] and all(abs(mfu[s] - tflops[s] / 0.5) < 1e-9 for s in mfu)
@@ -56,6 +57,7 @@ def test_resume_with_more_steps_keeps_the_schedule_and_mfu_is_said(tiny_data, tm
     proc_keep = run_pretrain(keep, "--resume", "auto")
     check(proc_keep)
     assert "[schedule] schedule_on_resume=keep: the checkpoint's schedule continues" in proc_keep.stdout
+    assert "[train] MFU not logged: no peak FLOP rate is known for cpu" in proc_keep.stdout
     lrs = _scalars(tb, "train/lr")  # TensorBoard step s logs the lr of optimizer step s - 1
     assert all(abs(lrs[s] - 3e-4) < 1e-9 for s in range(5, 9)), lrs
     assert summary(keep)["steps"] == 8
