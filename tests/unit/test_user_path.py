@@ -177,3 +177,46 @@ def test_to_hf_and_reshard_of_a_consolidated_folder_import_no_deepspeed(tmp_path
         rc, text, loaded = _convert_without_deepspeed(*argv)
         assert rc == 0, text
         assert loaded == "DEEPSPEED_MODULES []" and "Setting accelerator" not in text, text
+
+
+# ------------------------------------------------------------------ defect 2: to-hf writes a Hugging Face tokenizer
+
+CORPUS = ["def f(x):\n\treturn x  +  1\n\n\n", "    indented\n        deeper\t\ttabs\t\n", "  two leading, trailing   ",
+          "héllo wörld — ünïcödé 日本語 🤗 ∑ ß ç", "a\r\nb\rc\x0bd\x0ce", "<s> written </s> <pad> <unk> in text",
+          "", " ", "\n", "\t", "12345 67.89e-10 0x1F", "x" * 300, "\u200b zero width, \u00a0 no-break"]
+
+
+def test_to_hf_tokenizer_loads_with_autotokenizer_and_equals_ours(tmp_path):
+    import email
+    import glob
+    import json as json_pkg
+    import os
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+
+    from nsa_dist.convert.cli import main as convert
+    from nsa_dist.convert.io import save_consolidated
+    from nsa_dist.data import Tokenizer
+    from nsa_dist.data.tokenizer import train_tokenizer
+    from nsa_dist.models import NSADecoderLM
+
+    sources = [os.path.dirname(m.__file__) for m in (email, json_pkg)]
+    train_tokenizer(sources, 1024, tmp_path / "tok", max_sentences=20000, log=lambda m: None)
+    cfg = ModelConfig.from_dict({**TINY, "vocab_size": 1024})
+    os.makedirs(tmp_path / "cons")
+    save_consolidated(NSADecoderLM(cfg).state_dict(), cfg, str(tmp_path / "cons"))
+    assert convert(["to-hf", str(tmp_path / "cons"), str(tmp_path / "hf"), "--tokenizer", str(tmp_path / "tok")]) == 0
+
+    ours = Tokenizer.load(tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    texts = CORPUS + [open(f, encoding="utf-8").read()
+                      for f in sorted(glob.glob(os.path.join(sources[0], "*.py")))[:12]]
+    for text in texts:
+        ids = ours.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids, repr(text[:80])
+        assert hf(text)["input_ids"] == [ours.bos_id] + ids  # documents start with BOS, as in training
+        assert hf.decode(ids) == text and hf.decode([ours.bos_id] + ids + [ours.eos_id], skip_special_tokens=True) == text
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    # The export stays readable by our own loader (tokenizer.model beside the HF files).
+    assert Tokenizer.load(tmp_path / "hf").encode(texts[0]) == ours.encode(texts[0])
