@@ -104,3 +104,29 @@ def test_schedule_on_resume_is_validated():
 
     with pytest.raises(ValueError, match="schedule_on_resume='restart': must be one of"):
         TrainConfig(schedule_on_resume="restart")
+
+
+# ------------------------------------------------------------------ defect 8: /dev/shm after a CPU run
+
+def test_two_rank_cpu_run_leaves_nothing_in_dev_shm(tiny_data, tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    from conftest import ROOT, _env, free_port, shm_buffers
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    port = free_port()
+    before = len(os.listdir("/dev/shm"))
+    cfg = train_yaml(tiny_data, tmp_path, train_steps=2, eval_batches=0, image_every=0)
+    env = {**_env(), "PYTHON": sys.executable}
+    # Not run_launcher: it would clean up after the trainer.
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), "--nproc", "2", "--master-port", str(port),
+                           str(cfg)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    left = shm_buffers(port)
+    for path in left:  # whatever the outcome, leave nothing behind
+        os.unlink(path)
+    check(proc)
+    assert left == [], f"the run left {left} in /dev/shm ({before} entries before it)"
