@@ -220,3 +220,21 @@ def test_to_hf_tokenizer_loads_with_autotokenizer_and_equals_ours(tmp_path):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
     # The export stays readable by our own loader (tokenizer.model beside the HF files).
     assert Tokenizer.load(tmp_path / "hf").encode(texts[0]) == ours.encode(texts[0])
+
+
+# ------------------------------------------------------------------ defect 9: the README a new user follows
+
+def test_readme_paths_exist_and_venv_and_caveats_are_said():
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    readme = open(os.path.join(root, "README.md")).read()
+    made = set(re.findall(r"^cp \S+ (\S+)", readme, flags=re.M))  # files the README tells to create
+    for path in set(re.findall(r"\b((?:launch|tools|configs)/[\w./-]+\.(?:sh|py|yaml|json|sbatch|example)|launch/hostfile)\b",
+                               readme)):
+        assert os.path.exists(os.path.join(root, path)) or path in made, f"README.md names {path}, which is not shipped"
+    assert "source .venv/bin/activate" in readme and ".venv/bin/nsa-convert" in readme
+    assert "9-11 minutes" not in readme
+    assert re.search(r"make main.*\s+first \*\*deletes `runs/tiny_cpu`", readme, flags=re.S)
+    assert re.search(r"`output_dir` must be on a file system every node sees", readme)
