@@ -46,7 +46,10 @@ class ConfigBase:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(yaml_error_line(path, err)) from None
         return cls.from_dict(data, where=f"{os.path.basename(str(path))}")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
@@ -55,6 +58,14 @@ class ConfigBase:
 
         with atomic_open(path) as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def yaml_error_line(path: str | os.PathLike, err: Exception) -> str:
+    """One line for a YAML syntax error: ``file:line:column: what is wrong`` (1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    return f"{where}: invalid YAML: {what or type(err).__name__}; fix the file's syntax"
 
 
 def _dataclass_type(tp: Any) -> Optional[type]:
@@ -145,6 +156,14 @@ class ModelConfig(ConfigBase):
     # "none" (nothing, checkpointing or not)
     recompute: str = "full"
     nsa: NSAConfig = field(default_factory=NSAConfig)
+
+    # How the model is computed, not what: a run may resume or convert across them.
+    EXECUTION_FIELDS = ("fused_projection", "recompute")
+
+    @classmethod
+    def function_fields(cls, cfg: dict) -> dict:
+        """A model-config dict without ``EXECUTION_FIELDS``: what must match to continue a run."""
+        return {k: v for k, v in cfg.items() if k not in cls.EXECUTION_FIELDS}
 
     def __post_init__(self) -> None:
         if isinstance(self.nsa, dict):

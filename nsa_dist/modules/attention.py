@@ -112,12 +112,14 @@ class NSAAttention(nn.Module):
         cos, sin = self.rope.cos_sin(c.local_positions(positions), x.dtype)
         wq = self.q_proj.weight
         if self.fused_projection:
-            y = F.linear(x, torch.cat([wq, *kw, *vw, w1]))
-            n_qk = wq.shape[0] + sum(w.shape[0] for w in kw)
-            qk = self.rope.rotate(y[..., :n_qk].unflatten(-1, (-1, dk)), cos, sin)
-            q, *ks = qk.split([wq.shape[0] // dk] + [w.shape[0] // dk for w in kw], dim=2)
-            vs = y[..., n_qk:n_qk + sum(w.shape[0] for w in vw)].split([w.shape[0] for w in vw], dim=-1)
-            g_pre = y[..., y.shape[-1] - w1.shape[0]:] + b1
+            weights = [wq, *kw, *vw, w1]
+            rows = [w.shape[0] for w in weights]
+            n_qk = 1 + len(kw)  # q and the keys come first: one rotation
+            y = F.linear(x, torch.cat(weights))
+            qk = self.rope.rotate(y[..., :sum(rows[:n_qk])].unflatten(-1, (-1, dk)), cos, sin)
+            q, *ks = qk.split([r // dk for r in rows[:n_qk]], dim=2)
+            *vs, g_pre = y[..., sum(rows[:n_qk]):].split(rows[n_qk:], dim=-1)
+            g_pre = g_pre + b1
         else:
             q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)
             ks = [self.rope.rotate(F.linear(x, w).unflatten(-1, (-1, dk)), cos, sin) for w in kw]
@@ -161,16 +163,19 @@ class NSAAttention(nn.Module):
         return p
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
-        """Selection then the NSA function. Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
+        """The NSA function and its selection in one op call (the compressed branch's forward
+        feeds the selection). Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
+        args = (p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"], p["v_win"], p["gates"])
+
+        def attend(reduce_importance=None, block_indices=None):
+            return ops.nsa_attention(*args, self.config, cu_seqlens=cu_seqlens, backend=self.backend,
+                                     block_indices=block_indices, reduce_importance=reduce_importance,
+                                     canonical_indices=block_indices is not None, return_indices=True)
+
         def select(q, reduce_importance):
             return ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
-                                     reduce_importance=reduce_importance,
-                                     backend="reference" if self.backend == "reference" else "auto")
-        idx = self.comm.select(p["q"], select)
-        o = ops.nsa_attention(p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
-                              p["v_win"], p["gates"], self.config, cu_seqlens=cu_seqlens,
-                              backend=self.backend, block_indices=idx, canonical_indices=True)
-        return o, idx
+                                     reduce_importance=reduce_importance, backend=self.backend)
+        return self.comm.attend(p["q"], attend, select)
 
     def finish(self, o: torch.Tensor) -> torch.Tensor:
         """The attention output [B, S, HQ', Dv] -> y [B, S_in, hidden]."""

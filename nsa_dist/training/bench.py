@@ -252,8 +252,14 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
             "steps": summary["steps"]}
 
 
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may come anywhere (before, between or after
+    the options, e.g. after ``--resume auto``)."""
+    return build_parser().parse_intermixed_args(argv)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         run_grid(args)
     except (ValueError, FileNotFoundError, ImportError) as err:

@@ -1,8 +1,8 @@
 """What a training process is made of, built in order and handed on as explicit bundles.
 
-    start(cfg)            -> Env    device, process groups, ranks, model config, printer
-    load_data(env)        -> Data   train / valid datasets, tokenizer identity
-    build(env, order, w)  -> Built  DeepSpeed config, model (parallelised), optimizer, engine
+    start(cfg)                          -> Env    device, process groups, ranks, model config, printer
+    load_data(env)                      -> Data   train / valid datasets, tokenizer identity
+    build(env, record, full_weights)    -> Built  DeepSpeed config, model (parallelised), optimizer, engine
 
 Data parallelism comes from the launcher (``RANK``, ``WORLD_SIZE``, ... set by torchrun or
 the deepspeed launcher); a single process without a launcher runs as a world of one.
@@ -63,6 +63,29 @@ def init_distributed(deepspeed, device_type: str, timeout_minutes: Optional[floa
         from datetime import timedelta
         extra["timeout"] = timedelta(minutes=timeout_minutes)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
+    if device_type == "cpu":
+        dist.barrier()  # every rank is past DeepSpeed's init, where each maps the others' buffers
+        release_shm_buffer(dist.get_rank())
+
+
+SHM_BUFFER = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(rank: int, addr: Optional[str] = None, port: Optional[str] = None) -> str:
+    """The shared-memory file DeepSpeed's CPU backend makes for ``rank`` (when all ranks share a
+    host: the deepspeed launcher's LOCAL_SIZE equals the world): named by the user id and the
+    rendezvous (MASTER_ADDR, MASTER_PORT of the environment unless given)."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return os.path.join("/dev/shm", f"{SHM_BUFFER}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Remove ``rank``'s DeepSpeed allreduce buffer name (66 MB, which DeepSpeed never removes).
+    Once every rank has mapped it (inside init) the mappings outlive the name, so removing it
+    right after init leaves nothing behind, whatever way the run ends."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(rank))
 
 
 def _seed_everything(seed: int) -> None:
@@ -165,8 +188,10 @@ def load_data(env: Env) -> Data:
         return Data(MockDataset(V, cfg.seq_len, seed=cfg.seed, split="train"),
                     MockDataset(V, cfg.seq_len, seed=cfg.seed, split="valid"), None, None)
     from ..data import PackedDataset, Tokenizer
+    from ..data.shards import check_shards_tokenizer
 
     tok = Tokenizer.load(cfg.tokenizer)
+    check_shards_tokenizer(cfg.data_prefix, tok)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} tokens but the model "
                          f"({cfg.model}) only vocab_size={model_cfg.vocab_size}")

@@ -27,8 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may come anywhere (before, between or after
+    the options, e.g. after ``--resume auto``)."""
+    return build_parser().parse_intermixed_args(argv)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         from .config import TrainConfig
 

@@ -19,7 +19,7 @@ from .checkpoint import CheckpointManager
 from .config import TrainConfig
 from .loop import TrainLoop
 from .report import Report
-from .resume import checkpoints_dir, load_resume, plan_resume
+from .resume import checkpoints_dir, load_resume, plan_resume, plan_schedule
 
 
 class Trainer:
@@ -39,7 +39,7 @@ class Trainer:
                                  keep=cfg.keep_checkpoints)
         pos = load_resume(env, self.built, plan, ckpt)
         self.report = Report(env)
-        self.loop = TrainLoop(env, self.data, self.built, pos, self.report, ckpt)
+        self.loop = TrainLoop(env, self.data, self.built, pos, self.report, ckpt, plan_schedule(env, plan))
 
     @property
     def rank(self) -> int:

@@ -12,6 +12,7 @@ import copy
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig
+from nsa_dist.checkpoint.layout import local_layout
 from nsa_dist.models import NSADecoderLM
 from nsa_dist.modules.attention import NSAAttention
 from nsa_dist.modules.rope import token_positions
@@ -125,7 +126,11 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     full_grads = {n: p.grad for n, p in model.named_parameters()}
 
     stats = CommStats()
+    names = [n for n, _ in model.named_parameters()]
     pm = parallelize(model, state, megatron_sp=megatron_sp, comm_stats=stats, selection_comm=selection_comm)
+    # sharded in place: the single-device names, in the single-device order, each its own layout name
+    assert [n for n, _ in pm.named_parameters()] == names, "parameter names or order changed"
+    assert all(full == local for local, (full, *_) in local_layout(pm).items())
     pout = pm(ids, labels, cu_seqlens=cu, return_stats=cfg.attention == "nsa")
     torch.testing.assert_close(pout.loss, out.loss, **TOL)
     assert pout.logits.shape == (B, S // state.sp, cfg.vocab_size // state.tp)
@@ -182,7 +187,8 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     return {"ref": ref_curve, "par": par_curve}
 
 
-def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full") -> dict:
+def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full",
+              megatron_sp: bool = False) -> dict:
     """Data parallel on top of TP (and Ulysses): each replica its own batch; after
     ``sync_grads`` every rank holds the gradient of the mean loss over the replicas' batches.
     Activation checkpointing on (``recompute`` mode), to cover recomputation with collectives inside."""
@@ -198,7 +204,7 @@ def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, reco
         loss.backward()
         ref_losses.append(float(loss) * state.dp)
     full = {n: p.grad for n, p in model.named_parameters()}
-    pm = parallelize(model, state)
+    pm = parallelize(model, state, megatron_sp=megatron_sp)
     pm.gradient_checkpointing = True
     pm.train()
     ids = batches[state.dp_rank]

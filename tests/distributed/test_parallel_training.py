@@ -25,10 +25,13 @@ def test_data_parallel_on_top_of_ulysses_sums_shards_averages_replicas():
     assert all(r["grad_err"] < 1e-4 for r in results)
 
 
-def test_keep_attention_recompute_under_tp_x_ulysses():
+@pytest.mark.parametrize("world,kw", [(4, dict(tp=2, sp=2)), (2, dict(tp=2, megatron_sp=True))],
+                         ids=["tp2_x_ulysses2", "tp2_megatron_sp"])
+def test_keep_attention_recompute_matches_one_device(world, kw):
     """recompute="keep_attention" with TP=2 x Ulysses=2 (tp*sp > H: group-consistent
-    selection, not recomputed; the region and all-to-all recomputed)."""
-    results = run_world(W.dp_worker, 4, tp=2, sp=2, recompute="keep_attention")
+    selection, not recomputed; the region and all-to-all recomputed) and with Megatron SP
+    (the norm weights' gradient sums inside the recomputed parts)."""
+    results = run_world(W.dp_worker, world, recompute="keep_attention", **kw)
     assert all(r["grad_err"] < 1e-4 for r in results)
 
 
