@@ -253,9 +253,10 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """The command line; ``key=value`` overrides may come anywhere (before, between or after
-    the options, e.g. after ``--resume auto``)."""
-    return build_parser().parse_intermixed_args(argv)
+    """The command line; ``key=value`` overrides anywhere, as for nsa-pretrain."""
+    from .cli import parse_args as parse_anywhere
+
+    return parse_anywhere(argv, build_parser())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
