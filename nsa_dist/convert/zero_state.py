@@ -53,7 +53,8 @@ _DS_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler": _Record,
 
 def load_ds_file(path: str) -> dict:
     """A DeepSpeed checkpoint file through ``weights_only=True`` (ValueError when unreadable or
-    when it holds classes outside ``_DS_GLOBALS``)."""
+    when it holds classes outside ``_DS_GLOBALS``). For reading: its DeepSpeed records come back
+    as stand-ins, so a ``torch.save`` of the result is not a file for DeepSpeed's own loader."""
     return load_allowlisted(path, lambda n: n in _DS_GLOBALS, stand_ins=_DS_GLOBALS)
 
 
