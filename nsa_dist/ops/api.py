@@ -8,7 +8,7 @@ import torch
 
 from ..config import NSAConfig
 from . import reference
-from .blocks import compressed_offsets, host_offsets
+from .blocks import compressed_offsets, host_offsets, packed
 from .validation import check_cu_seqlens, check_inputs
 
 BACKENDS = ("auto", "reference", "triton")
@@ -81,6 +81,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
     cu_seqlens = host_offsets(cu_seqlens)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+    cu_seqlens = packed(cu_seqlens)
     if resolve_backend(backend, q.device, q.dtype) == "triton" and reduce_importance is None:
         return load_kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens)
     if cu_seqlens is None:
@@ -124,6 +125,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     cu_seqlens = host_offsets(cu_seqlens)
     check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config, cu_seqlens,
                  block_indices, check_finite=(chosen == "reference"))
+    cu_seqlens = packed(cu_seqlens)
     if canonical_indices and block_indices is None:
         raise ValueError("canonical_indices=True describes block_indices, but none were given: pass the "
                          "select_blocks output as block_indices, or drop the flag")

@@ -54,6 +54,13 @@ def host_offsets(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return cu_seqlens
 
 
+def packed(cu_seqlens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Checked host ``cu_seqlens``, or None when it holds one document (the whole sequence):
+    the same function without the per-document bookkeeping (host tile tables, more launches),
+    which is what the trainer's one-document samples would otherwise pay at every layer."""
+    return None if cu_seqlens is not None and cu_seqlens.numel() == 2 else cu_seqlens
+
+
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """Host-built bookkeeping (offsets, positions, tile tables) onto ``device`` without blocking
     the host: a CUDA copy goes through pinned memory, non-blocking (a copy from pageable
