@@ -5,6 +5,7 @@ import torch
 from nsa_dist.modules.rope import RotaryEmbedding
 
 rope_kernel = pytest.importorskip("nsa_dist.kernels.rope")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, the interpreter elsewhere
 
 
 def _angles(rope, positions):
@@ -20,8 +21,9 @@ def test_rope_kernel_matches_the_reference(dtype, tol, per_batch):
     B, S, H, D = 2, 37, 5, 24
     rope = RotaryEmbedding(D, 500000.0)
     positions = torch.stack([torch.arange(S), torch.arange(S).flip(0)]) if per_batch else torch.arange(S)
+    positions = positions.to(DEV)
     # a strided view, as the q heads of a fused projection output are
-    full = torch.randn(B, S, H + 3, D, dtype=dtype, requires_grad=True)
+    full = torch.randn(B, S, H + 3, D, dtype=dtype, device=DEV, requires_grad=True)
     x = full[:, :, 1:H + 1]
     cos, sin = rope.cos_sin(positions, torch.float32)
     want = RotaryEmbedding.rotate(x.float(), cos, sin)
@@ -35,11 +37,11 @@ def test_rope_kernel_matches_the_reference(dtype, tol, per_batch):
 
 
 def test_rope_kernel_refuses_bad_angles():
-    x = torch.randn(1, 8, 2, 16)
-    good = torch.zeros(1, 8, 8)
+    x = torch.randn(1, 8, 2, 16, device=DEV)
+    good = torch.zeros(1, 8, 8, device=DEV)
     with pytest.raises(ValueError, match="cos/sin must be"):
-        rope_kernel.rope_rotate(x, torch.zeros(1, 8, 16), torch.zeros(1, 8, 16))
+        rope_kernel.rope_rotate(x, torch.zeros(1, 8, 16, device=DEV), torch.zeros(1, 8, 16, device=DEV))
     with pytest.raises(TypeError, match="float32"):
         rope_kernel.rope_rotate(x, good.half(), good.half())
     with pytest.raises(ValueError, match="D even"):
-        rope_kernel.rope_rotate(torch.randn(1, 8, 2, 15), good, good)
+        rope_kernel.rope_rotate(torch.randn(1, 8, 2, 15, device=DEV), good, good)
