@@ -304,11 +304,12 @@ def test_generate_cli_loads_pt_and_safetensors(tmp_path, capsys):
     other = ModelConfig(vocab_size=40, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
                         head_dim=8, max_seq_len=48, nsa=NSAConfig(**CFG))
     other.to_yaml(tmp_path / "other.yaml")
-    with pytest.raises(ValueError, match="does not fit the model config"):
-        tool.main(["--config", str(tmp_path / "other.yaml"), "--checkpoint", str(tmp_path / "m.pt"),
-                   "--prompt-ids", "1"])
-    with pytest.raises(FileNotFoundError):
-        tool.main(["--config", cfg_path, "--checkpoint", str(tmp_path / "nope.pt"), "--prompt-ids", "1"])
+    # the tool reports bad input as one line on stderr and exit status 2
+    assert tool.main(["--config", str(tmp_path / "other.yaml"), "--checkpoint", str(tmp_path / "m.pt"),
+                      "--prompt-ids", "1"]) == 2
+    assert "does not fit the model config" in capsys.readouterr().err
+    assert tool.main(["--config", cfg_path, "--checkpoint", str(tmp_path / "nope.pt"), "--prompt-ids", "1"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
     assert tool.main(["--config", cfg_path, "--random-weights", "--prompt-ids", "1", "--prompt-ids", "4,5",
                       "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
