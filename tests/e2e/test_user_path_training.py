@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 
-from conftest import check, run_pretrain, summary, train_yaml
+import pytest
+
+from conftest import ROOT, _env, check, free_port, run_pretrain, shm_buffers, summary, train_yaml
 
 
 # ------------------------------------------------------------------ defect 4: tokenizer differs from the shards'
@@ -36,10 +38,6 @@ def _scalars(log_dir: str, tag: str) -> dict:
 # ------------------------------------------------------------------ defects 5 and 11: schedule on resume, MFU
 
 def test_resume_with_more_steps_keeps_the_schedule_and_mfu_is_said(tiny_data, tmp_path):
-    import shutil
-
-    from nsa_dist.training.schedule import lr_at
-
     # 4 steps: warm-up 1, cosine 3e-3 -> 3e-4 over steps 1..4 (decay_steps 0: the rest of the run).
     base = dict(train_steps=4, warmup_steps=1, decay_steps=0, lr=3e-3, min_lr=3e-4, eval_batches=0,
                 log_every=1, image_every=0)
@@ -98,8 +96,6 @@ def test_schedule_on_resume_keep_replan_and_chained_resumes():
 
 
 def test_schedule_on_resume_is_validated():
-    import pytest
-
     from nsa_dist.training.config import TrainConfig
 
     with pytest.raises(ValueError, match="schedule_on_resume='restart': must be one of"):
@@ -111,10 +107,6 @@ def test_schedule_on_resume_is_validated():
 def test_two_rank_cpu_run_leaves_nothing_in_dev_shm(tiny_data, tmp_path):
     import subprocess
     import sys
-
-    import pytest
-
-    from conftest import ROOT, _env, free_port, shm_buffers
 
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
