@@ -58,6 +58,14 @@ class ResumePlan:
         return layouts[tp_rank] if layouts else None
 
 
+def resume_arg(resume: Optional[str]) -> Optional[str]:
+    """``--resume`` as given; without one, a worker that torchrun restarted after a failure
+    (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes ``auto``: from the newest good checkpoint."""
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return "auto"
+    return resume
+
+
 def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
@@ -66,7 +74,7 @@ def plan_resume(env: Env, data: Data, resume: Optional[str]) -> Optional[ResumeP
     """The checkpoint to resume from, checked against this run before anything heavy is
     built (a bad path or an incompatible checkpoint fails in seconds)."""
     cfg, root = env.cfg, checkpoints_dir(env.cfg.output_dir)
-    path = find_resume_checkpoint(resume, root, warn=env.progress.print)
+    path = _find_on_rank0(env, resume, root)
     if path is None:
         if resume == "auto":
             env.progress.print(f"[resume] no checkpoint under {root}: starting fresh")
@@ -95,6 +103,25 @@ def plan_resume(env: Env, data: Data, resume: Optional[str]) -> Optional[ResumeP
                                  f"keep micro_batch_size and grad_accum_steps when resuming (or "
                                  f"convert it with 'nsa-convert reshard')")
     return plan
+
+
+def _find_on_rank0(env: Env, resume: Optional[str], root: str) -> Optional[str]:
+    """``find_resume_checkpoint`` on rank 0 (it reads every file for the checksums), its
+    answer or error handed to all ranks."""
+    if env.world_size == 1:
+        return find_resume_checkpoint(resume, root, warn=env.progress.print)
+    import torch.distributed as dist
+
+    box: list = [None, None]
+    if env.rank == 0:
+        try:
+            box[0] = find_resume_checkpoint(resume, root, warn=env.progress.print)
+        except (FileNotFoundError, ValueError) as err:
+            box[1] = (isinstance(err, FileNotFoundError), str(err))
+    dist.broadcast_object_list(box, src=0, device=env.device)
+    if box[1] is not None:
+        raise (FileNotFoundError if box[1][0] else ValueError)(box[1][1])
+    return box[0]
 
 
 def _check_full_global_batch(env: Env, path: str, meta: dict) -> None:
