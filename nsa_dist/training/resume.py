@@ -58,12 +58,27 @@ class ResumePlan:
         return layouts[tp_rank] if layouts else None
 
 
+def _restart_count() -> int:
+    """How often torchrun restarted this worker group after a failure (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def resume_arg(resume: Optional[str]) -> Optional[str]:
     """``--resume`` as given; without one, a worker that torchrun restarted after a failure
-    (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes ``auto``: from the newest good checkpoint."""
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
-        return "auto"
-    return resume
+    resumes ``auto``: from the newest good checkpoint."""
+    return "auto" if resume is None and _restart_count() > 0 else resume
+
+
+def choose_checkpoint(resume: Optional[str], root: str, warn) -> Optional[str]:
+    """``find_resume_checkpoint(resume, root)``, but a restarted worker continues from the
+    newest good checkpoint of this run when there is one, whatever ``--resume`` named (the
+    first attempt may have started from another folder, or from nothing)."""
+    if _restart_count() > 0 and resume != "auto":
+        found = find_resume_checkpoint("auto", root, warn)
+        if found is not None:
+            warn(f"[resume] restart {_restart_count()} by the launcher: continuing this run from {found}")
+            return found
+    return find_resume_checkpoint(resume, root, warn)
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -106,16 +121,16 @@ def plan_resume(env: Env, data: Data, resume: Optional[str]) -> Optional[ResumeP
 
 
 def _find_on_rank0(env: Env, resume: Optional[str], root: str) -> Optional[str]:
-    """``find_resume_checkpoint`` on rank 0 (it reads every file for the checksums), its
-    answer or error handed to all ranks."""
+    """``choose_checkpoint`` on rank 0 (it reads every file for the checksums), its answer or
+    error handed to all ranks."""
     if env.world_size == 1:
-        return find_resume_checkpoint(resume, root, warn=env.progress.print)
+        return choose_checkpoint(resume, root, env.progress.print)
     import torch.distributed as dist
 
     box: list = [None, None]
     if env.rank == 0:
         try:
-            box[0] = find_resume_checkpoint(resume, root, warn=env.progress.print)
+            box[0] = choose_checkpoint(resume, root, env.progress.print)
         except (FileNotFoundError, ValueError) as err:
             box[1] = (isinstance(err, FileNotFoundError), str(err))
     dist.broadcast_object_list(box, src=0, device=env.device)

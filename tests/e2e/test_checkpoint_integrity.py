@@ -161,3 +161,21 @@ def test_a_failure_on_another_rank_fails_this_one_too(tmp_path):
     with pytest.raises(CheckpointWriteError, match="another rank failed"):
         m.save(FakeEngine(), 1, {})
     assert not (tmp_path / "step_00000001").exists() and not (tmp_path / LATEST_FILE).exists()
+
+
+def test_a_restarted_worker_continues_this_run(tmp_path, monkeypatch):
+    from nsa_dist.training.resume import choose_checkpoint, resume_arg
+
+    other = tmp_path / "other"
+    manager(other).save(FakeEngine(), 1, {})  # e.g. the reshard output the run started from
+    root = tmp_path / "run"
+    assert choose_checkpoint(str(other / "step_00000001"), str(root), print).startswith(str(other))
+    manager(root).save(FakeEngine(), 4, {})
+    assert resume_arg(None) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert resume_arg(None) == "auto" and resume_arg("none") == "none"
+    said = []
+    assert choose_checkpoint(str(other / "step_00000001"), str(root), said.append).endswith("run/step_00000004")
+    assert choose_checkpoint("none", str(root), said.append).endswith("run/step_00000004")
+    assert "restart 1 by the launcher" in said[0]
+    assert choose_checkpoint(str(other / "step_00000001"), str(tmp_path / "empty"), said.append).startswith(str(other))
