@@ -28,8 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, is_complete, list_checkpoints,
-                                manifest, read_latest, tag_for_step, verify_checkpoint)
+from ..checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, file_sizes, is_complete,
+                                list_checkpoints, read_latest, sha256_file, tag_for_step, verify_checkpoint)
 from ..checkpoint.tensors import load_allowlisted
 from ..fileio import AtomicFile, atomic_write, is_temp
 from .exits import CheckpointWriteError
@@ -121,16 +121,19 @@ class CheckpointManager:
 
     engine: a DeepSpeed engine (``save_checkpoint(dir, tag=, save_latest=)``,
     ``load_checkpoint(dir, tag=, ...)``); barrier: a callable synchronising all ranks;
-    keep: complete checkpoints kept (0: all); log: rank 0's printer.
+    keep: complete checkpoints kept (0: all); log: rank 0's printer; agree(ok): True when
+    ``ok`` holds on every rank (a collective); gather(obj): every rank's ``obj``, in rank
+    order (a collective). The checkpoint folder must be on a file system all ranks share.
     """
 
     def __init__(self, root: str, rank: int, world_size: int, barrier: Callable[[], None],
                  keep: int = 0, log: Callable[[str], None] = print,
-                 agree: Optional[Callable[[bool], bool]] = None):
+                 agree: Optional[Callable[[bool], bool]] = None,
+                 gather: Optional[Callable[[object], list]] = None):
         self.root, self.rank, self.world_size = root, rank, world_size
         self.barrier, self.keep, self.log = barrier, keep, log
-        # agree(ok) -> True when every rank's ok is True (a collective); also a barrier.
         self.agree = agree or (lambda ok: (barrier(), ok)[1])
+        self.gather = gather or (lambda obj: [obj])
         self._mine: set[str] = set()  # folders this run wrote or loaded: a save of their step keeps them
 
     def save(self, engine, step: int, meta: dict) -> str:
@@ -144,11 +147,16 @@ class CheckpointManager:
         tag_dir = os.path.join(self.root, tag)
         if tag_dir in self._mine and is_complete(tag_dir):  # e.g. resumed at the last step
             return tag_dir
-        # Three phases, each ended by ``agree``: no rank enters a collective of the next
-        # phase while another is failing in this one.
+        # Phases, each ended by ``agree``: no rank enters a collective of the next phase while
+        # another is failing in this one. The checksums are shared out: each rank reads a
+        # slice of the files, so a large checkpoint is not read by rank 0 alone.
+        digests: dict = {}
         self._phase(tag_dir, lambda: self._clear(tag_dir) if self.rank == 0 else None)
         self._phase(tag_dir, lambda: self._write_rank_files(engine, tag, tag_dir))
-        self._phase(tag_dir, lambda: self._write_manifest(tag_dir, tag, step, meta) if self.rank == 0 else None)
+        self._phase(tag_dir, lambda: digests.update(self._hash_share(tag_dir)))
+        shares = self.gather(digests)
+        self._phase(tag_dir, lambda: self._write_manifest(tag_dir, tag, step, meta, shares)
+                    if self.rank == 0 else None)
         self._mine.add(tag_dir)
         return tag_dir
 
@@ -181,9 +189,20 @@ class CheckpointManager:
         with AtomicFile(os.path.join(tag_dir, rng_file(self.rank))) as f:
             torch.save(rng_state(), f.tmp)
 
-    def _write_manifest(self, tag_dir: str, tag: str, step: int, meta: dict) -> None:
-        record = dict(meta, format_version=FORMAT_VERSION, tag=tag, step=step,
-                      world_size=self.world_size, **manifest(tag_dir, skip=is_temp))
+    def _hash_share(self, tag_dir: str) -> dict[str, str]:
+        """sha256 of this rank's slice of the folder's files (every ``world_size``-th name)."""
+        names = sorted(file_sizes(tag_dir, skip=is_temp))
+        return {n: sha256_file(os.path.join(tag_dir, n)) for n in names[self.rank::self.world_size]}
+
+    def _write_manifest(self, tag_dir: str, tag: str, step: int, meta: dict, shares: list) -> None:
+        sizes = file_sizes(tag_dir, skip=is_temp)
+        digests = {n: d for share in shares for n, d in share.items()}
+        if set(digests) != set(sizes):
+            raise ValueError(f"the ranks see different files in {tag_dir} (rank 0 has {len(sizes)}, "
+                             f"the ranks hashed {len(digests)}): checkpoints need a file system that "
+                             f"all nodes share")
+        record = dict(meta, format_version=FORMAT_VERSION, tag=tag, step=step, world_size=self.world_size,
+                      files=sizes, sha256=dict(sorted(digests.items())))
         atomic_write(os.path.join(tag_dir, META_FILE), json.dumps(record, indent=2) + "\n")
         atomic_write(os.path.join(self.root, LATEST_FILE), tag + "\n")
         self._prune(tag_dir)

@@ -33,6 +33,17 @@ def _agree(env) -> Callable[[bool], bool]:
     return agree
 
 
+def _gather(env) -> Callable[[object], list]:
+    """gather(obj): every rank's ``obj`` in rank order (an all-gather of picklable objects)."""
+    def gather(obj) -> list:
+        if env.world_size == 1:
+            return [obj]
+        out: list = [None] * env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+    return gather
+
+
 class Trainer:
     """Builds everything from a TrainConfig and runs ``train()``; every rank makes one.
 
@@ -47,7 +58,8 @@ class Trainer:
         plan = plan_resume(env, self.data, resume)  # checked before anything heavy is built
         self.built = build(env, plan.record(env.tp_rank) if plan else None, plan.full_weights if plan else None)
         ckpt = CheckpointManager(checkpoints_dir(cfg.output_dir), env.rank, env.world_size, dist.barrier,
-                                 keep=cfg.keep_checkpoints, log=env.progress.print, agree=_agree(env))
+                                 keep=cfg.keep_checkpoints, log=env.progress.print, agree=_agree(env),
+                                 gather=_gather(env))
         pos = load_resume(env, self.built, plan, ckpt)
         self.report = Report(env, start_step=pos.step)
         self.loop = TrainLoop(env, self.data, self.built, pos, self.report, ckpt)

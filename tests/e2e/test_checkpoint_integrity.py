@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from nsa_dist.checkpoint import LATEST_FILE, verify_checkpoint
+from nsa_dist.checkpoint import LATEST_FILE, META_FILE, verify_checkpoint
 from nsa_dist.training import checkpoint as ckpt_mod
 from nsa_dist.training.checkpoint import find_resume_checkpoint
 from nsa_dist.training.exits import CheckpointWriteError
@@ -100,23 +100,22 @@ class _Killed(BaseException):
     """Stands in for a kill: not an Exception, so nothing cleans up after it."""
 
 
-@pytest.mark.parametrize("when", ["engine", "rng", "manifest", "latest"])
+@pytest.mark.parametrize("when", ["engine", "rng", "checksums", "manifest", "latest"])
 def test_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch, when):
     m = manager(tmp_path)
     m.save(FakeEngine(), 1, {})
     engine = FakeEngine()
     if when == "engine":
         engine.fail = True
-        monkeypatch.setattr("test_checkpoint_files.KeyboardInterrupt", _Killed, raising=False)
     if when == "rng":
         monkeypatch.setattr(ckpt_mod, "rng_state", lambda: (_ for _ in ()).throw(_Killed()))
-    if when == "manifest":
-        monkeypatch.setattr(ckpt_mod, "manifest", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
-    if when == "latest":
-        real = ckpt_mod.atomic_write
+    if when == "checksums":
+        monkeypatch.setattr(ckpt_mod, "sha256_file", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    if when in ("manifest", "latest"):
+        real, target = ckpt_mod.atomic_write, META_FILE if when == "manifest" else LATEST_FILE
 
         def atomic_write(path, data):
-            if path.endswith(LATEST_FILE):
+            if path.endswith(target):
                 raise _Killed()
             real(path, data)
         monkeypatch.setattr(ckpt_mod, "atomic_write", atomic_write)
@@ -179,3 +178,21 @@ def test_a_restarted_worker_continues_this_run(tmp_path, monkeypatch):
     assert choose_checkpoint("none", str(root), said.append).endswith("run/step_00000004")
     assert "restart 1 by the launcher" in said[0]
     assert choose_checkpoint(str(other / "step_00000001"), str(tmp_path / "empty"), said.append).startswith(str(other))
+
+
+def test_checksums_are_shared_out_between_ranks(tmp_path):
+    """Rank 0 of 2 hashes every other file; the other rank's share arrives through gather."""
+    m = ckpt_mod.CheckpointManager(str(tmp_path), rank=0, world_size=2, barrier=lambda: None)
+    shares = []
+
+    def gather(mine):
+        names = sorted(os.listdir(tmp_path / "step_00000001"))
+        other = {n: ckpt_mod.sha256_file(str(tmp_path / "step_00000001" / n)) for n in names[1::2]}
+        shares.append(mine)
+        return [mine, other]
+    m.gather = gather
+    meta = verify_checkpoint(m.save(FakeEngine(), 1, {}))
+    assert len(shares[0]) == 1 and set(meta["sha256"]) == set(meta["files"]) == {MODEL_FILE, "rng_rank00000.pt"}
+    m.gather = lambda mine: [mine, {"not_here.pt": "00"}]  # a rank on another, unshared disk
+    with pytest.raises(CheckpointWriteError, match="file system that all nodes share"):
+        m.save(FakeEngine(), 2, {})
