@@ -169,10 +169,15 @@ class TrainLoop:
         """Run until ``train_steps`` (or ``max_minutes``); evaluates and saves at the end.
         Returns the summary (rank 0's numbers; the same dict on every rank). A stop signal
         (``stop.py``) ends the run after the current step with a checkpoint: ``Preempted``."""
+        from .peers import Heartbeat
+
         self.stop.install()
+        beat = Heartbeat(self.env.rank, self.env.world_size,
+                         silence_s=min(60.0, self.cfg.collective_timeout_s / 2)).start()
         try:
             return self._train()
         finally:
+            beat.stop()
             self.stop.restore()
 
     def _train(self) -> dict:

@@ -58,3 +58,57 @@ def lost_peer_message(err: BaseException, rank: int, world_size: int, timeout_s:
         who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped answering"
     return (f"rank {rank}: a collective failed because {who} (dead, killed or hanging; "
             f"collective_timeout_s={timeout_s:g}): {first_line}. Next: {advice}")
+
+
+class Heartbeat:
+    """A daemon thread that beats for this rank in the store and watches its two neighbours
+    (ranks r-1 and r+1): one that has not beaten for ``silence_s`` is reported once on
+    stderr, naming it, while this rank still waits in a collective. On NCCL the watchdog
+    ends a process at the collective timeout before Python sees an error; this message
+    has been printed by then. Costs 3 store operations per ``interval_s`` per rank."""
+
+    def __init__(self, rank: int, world_size: int, silence_s: float, interval_s: float = 2.0):
+        self.rank, self.world_size = rank, world_size
+        self.silence_s, self.interval_s = silence_s, interval_s
+        self.watched = sorted({(rank - 1) % world_size, (rank + 1) % world_size} - {rank})
+        self._stop = None
+        self._thread = None
+
+    def start(self) -> "Heartbeat":
+        import threading
+
+        if self.world_size < 2 or not dist.is_initialized():
+            return self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nsa-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=2 * self.interval_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        import sys
+
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            seen = {r: (-1, time.monotonic()) for r in self.watched}
+            reported = set()
+            while not self._stop.wait(self.interval_s):
+                store.add(f"nsa_beat/{self.rank}", 1)
+                now = time.monotonic()
+                for r in self.watched:
+                    count = store.add(f"nsa_beat/{r}", 0)  # reads without changing it
+                    if count != seen[r][0]:
+                        seen[r] = (count, now)
+                        reported.discard(r)
+                    elif now - seen[r][1] > self.silence_s and r not in reported:
+                        reported.add(r)
+                        print(f"[peers] rank {self.rank}: rank {r} has not been heard from for "
+                              f"{now - seen[r][1]:.0f} s (dead, killed or frozen?); collectives "
+                              f"waiting for it fail after collective_timeout_s", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - the store is gone: the collectives will say so
+            return

@@ -149,5 +149,6 @@ def test_a_frozen_rank_is_named_within_two_minutes(tiny_data, tmp_path):
         launch.kill()
     out = launch.output
     assert named < 120 and "rank 1 stopped answering" in out and "collective_timeout_s=20" in out, out[-3000:]
+    assert "[peers] rank 0: rank 1 has not been heard from" in out  # said before the timeout
     assert "--resume auto" in out
     assert f"exitcode  : {EXIT_PEER_LOST}" in out or f"exitcode: {EXIT_PEER_LOST}" in out, out[-3000:]
