@@ -14,9 +14,9 @@ setup(
     extras_require={
         "train": ["deepspeed>=0.15", "sentencepiece", "tensorboard", "safetensors", "tqdm"],
         "gpu": ["triton>=3.0"],
-        "hf": ["transformers>=4.45", "safetensors"],
+        "hf": ["transformers>=4.45", "safetensors", "tokenizers", "sentencepiece", "protobuf"],
         "test": ["pytest", "hypothesis", "triton>=3.0", "deepspeed>=0.15", "sentencepiece",
-                 "tensorboard", "safetensors", "tqdm", "transformers>=4.45"],
+                 "tensorboard", "safetensors", "tqdm", "transformers>=4.45", "tokenizers", "protobuf"],
     },
     entry_points={"console_scripts": ["nsa-pretrain=nsa_dist.training.cli:main",
                                       "nsa-convert=nsa_dist.convert.cli:main"]},

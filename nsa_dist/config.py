@@ -46,7 +46,10 @@ class ConfigBase:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(yaml_error_line(path, err)) from None
         return cls.from_dict(data, where=f"{os.path.basename(str(path))}")
 
     def to_yaml(self, path: str | os.PathLike) -> None:
@@ -55,6 +58,14 @@ class ConfigBase:
 
         with atomic_open(path) as fh:
             yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+
+def yaml_error_line(path: str | os.PathLike, err: Exception) -> str:
+    """One line for a YAML syntax error: ``file:line:column: what is wrong`` (1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    return f"{where}: invalid YAML: {what or type(err).__name__}; fix the file's syntax"
 
 
 def _dataclass_type(tp: Any) -> Optional[type]:
@@ -115,6 +126,9 @@ class NSAConfig(ConfigBase):
         _require(isinstance(self.shared_kv, bool), "shared_kv", "must be true or false", self.shared_kv)
 
 
+RECOMPUTE = ("full", "keep_attention", "none")
+
+
 @dataclass
 class ModelConfig(ConfigBase):
     """A decoder-only LM with NSA (or dense, for baselines) attention in every layer."""
@@ -133,7 +147,23 @@ class ModelConfig(ConfigBase):
     norm_eps: float = 1e-5
     init_std: float = 0.02
     attention: str = "nsa"  # "nsa" or "dense" (causal SDPA with the same projections)
+    # one GEMM for every input projection of an attention layer (q, each K/V, the gate's
+    # first layer); the weights stay stored apart, so checkpoints do not depend on it
+    fused_projection: bool = True
+    # what the backward recomputes when activation checkpointing is on (the train config's
+    # activation_checkpointing): "full" (each decoder block), "keep_attention" (the attention
+    # function's output and saved tensors are kept; projections, norms and MLP recomputed),
+    # "none" (nothing, checkpointing or not)
+    recompute: str = "full"
     nsa: NSAConfig = field(default_factory=NSAConfig)
+
+    # How the model is computed, not what: a run may resume or convert across them.
+    EXECUTION_FIELDS = ("fused_projection", "recompute")
+
+    @classmethod
+    def function_fields(cls, cfg: dict) -> dict:
+        """A model-config dict without ``EXECUTION_FIELDS``: what must match to continue a run."""
+        return {k: v for k, v in cfg.items() if k not in cls.EXECUTION_FIELDS}
 
     def __post_init__(self) -> None:
         if isinstance(self.nsa, dict):
@@ -151,8 +181,10 @@ class ModelConfig(ConfigBase):
         _require(self.norm_eps > 0, "norm_eps", "must be > 0", self.norm_eps)
         _require(self.init_std > 0, "init_std", "must be > 0", self.init_std)
         _require(self.attention in ("nsa", "dense"), "attention", "must be 'nsa' or 'dense'", self.attention)
-        _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false",
-                 self.tie_embeddings)
+        _require(self.recompute in RECOMPUTE, "recompute",
+                 "must be one of " + ", ".join(repr(m) for m in RECOMPUTE), self.recompute)
+        for name in ("tie_embeddings", "fused_projection"):
+            _require(isinstance(getattr(self, name), bool), name, "must be true or false", getattr(self, name))
 
     @property
     def dv(self) -> int:

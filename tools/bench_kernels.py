@@ -118,12 +118,12 @@ def run_checks(out_dir):
 def _write_csv(path, rows):
     if not rows:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
+    from nsa_dist.fileio import atomic_open
+
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _bench(fn, grad_inputs=None):

@@ -5,7 +5,9 @@
       --tokenizer data/tokenizer --prompt "Once upon a time" --max-new-tokens 64
 
 The checkpoint is a plain state_dict saved with torch.save (loaded with weights_only=True),
-a .safetensors file, or a directory of .safetensors shards. ``--random-weights`` skips it
+a .safetensors file, a directory of .safetensors shards, or a folder written by
+``nsa-convert consolidate`` (its ``optimizer.safetensors``, if any, is not weights; its
+``config.json`` is the model config when ``--config`` is not given). ``--random-weights`` skips it
 (smoke runs); without a tokenizer, ``--prompt-ids 1,5,7`` gives the prompt as token ids and
 the output is printed as ids. Several --prompt flags make one batch (right-padded).
 """
@@ -24,8 +26,8 @@ def load_state_dict(path: str):
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
-        from nsa_dist.convert.io import load_safetensors_dir
-        return load_safetensors_dir(path)
+        from nsa_dist.convert.io import load_weights_dir
+        return load_weights_dir(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path)
@@ -67,7 +69,8 @@ def _load_tokenizer(path: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="model config YAML (ModelConfig)")
+    p.add_argument("--config", help="model config YAML (ModelConfig); default: the config.json of a "
+                                    "consolidated --checkpoint folder")
     p.add_argument("--checkpoint", help="state_dict .pt, .safetensors file or folder")
     p.add_argument("--random-weights", action="store_true", help="no checkpoint: random init (smoke test)")
     p.add_argument("--tokenizer", help="tokenizer directory (tokenizer.model inside)")
@@ -81,20 +84,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--stats", action="store_true", help="print the mean tokens read per decode step")
+    p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
+                   help="decode path: auto = the Triton decode kernels on CUDA, PyTorch elsewhere")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch each decode step eagerly on CUDA")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _model_config(args):
+    """--config, else the consolidated checkpoint folder's own config."""
+    from nsa_dist import ModelConfig
+
+    if args.config:
+        return ModelConfig.from_yaml(args.config)
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        from nsa_dist.convert.io import load_consolidated_config
+        return load_consolidated_config(args.checkpoint)
+    raise SystemExit("give --config MODEL.yaml (or a consolidated --checkpoint folder, which holds its config)")
+
+
+def _generate(args) -> int:
     import torch
 
-    from nsa_dist import ModelConfig
     from nsa_dist.inference import generate
     from nsa_dist.models import NSADecoderLM
 
     if not args.random_weights and not args.checkpoint:
         raise SystemExit("give --checkpoint PATH, or --random-weights for a smoke run")
-    cfg = ModelConfig.from_yaml(args.config)
+    cfg = _model_config(args)
     tok = _load_tokenizer(args.tokenizer) if args.tokenizer else None
     prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
     if args.prompt:
@@ -115,7 +140,8 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen)
+                   stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen, backend=args.backend,
+                   cuda_graphs=False if args.no_cuda_graphs else None, count_reads=args.stats)
     seconds = time.perf_counter() - start
     for prompt, new in zip(prompts, out.tokens):
         if tok is not None:

@@ -18,7 +18,7 @@ echo "== 1/3 tokenizer (cached in data_cache/tokenizer)"
 echo "== 2/3 token shards of the standard library's sources (cached in data_cache/stdlib_*)"
 "$PY" tools/preprocess_data.py --tokenizer data_cache/tokenizer --output-prefix data_cache/stdlib \
   --workers 2 --valid-fraction 0.01
-echo "== 3/3 pretraining: tiny NSA LM, 2 ranks, deepspeed launcher ($CONFIG)"
+echo "== 3/3 pretraining: tiny NSA LM, 2 ranks, deepspeed launcher ($CONFIG; replaces $OUT)"
 rm -rf "$OUT"
 bash launch/deepspeed.sh --nproc 2 "$CONFIG" "$@" 2>&1 \
   | grep -v -E '^\[W[0-9]|\[INFO\]|FutureWarning|return func\(\*args|apply_to_tensors_only' || true

@@ -1,6 +1,6 @@
 """Where one attention layer's time goes: NSA vs dense, forward + backward, on a GPU.
 
-    python tools/profile_attention.py --model configs/model/1b.yaml --seq 32768 --heads 32:8,8:2
+    python tools/profile_attention.py --model configs/model/1b.yaml --seq 32768 --heads 32:8,8:2 [--unfused]
 
 Each ``HQ:H`` pair is a layer with that many query / KV heads (8:2 is what one GPU of a
 TP=4 or Ulysses=4 layout of the 1b model holds). For each, prints the layer's forward +
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=0, help="pack the sequence into this many documents")
     ap.add_argument("--cu-device", default="cpu", help="where cu_seqlens lives, comma-separated: cpu, cuda")
     ap.add_argument("--no-profile", action="store_true", help="timings only")
+    ap.add_argument("--unfused", action="store_true",
+                    help="separate input projections (ModelConfig.fused_projection=false)")
     args = ap.parse_args()
     if args.docs < 0 or args.docs > args.seq:
         raise SystemExit(f"--docs must be in 0..--seq ({args.seq}), got {args.docs}")
@@ -87,8 +89,11 @@ def main() -> None:
     for pair in args.heads.split(","):
         hq, h = (int(v) for v in pair.split(":"))
         torch.manual_seed(0)
-        nsa = NSAAttention(cfg.hidden_size, hq, h, cfg.head_dim, config=cfg.nsa, rope_theta=cfg.rope_theta)
-        dense = DenseAttention(cfg.hidden_size, hq, h, cfg.head_dim, rope_theta=cfg.rope_theta)
+        fused = not args.unfused
+        nsa = NSAAttention(cfg.hidden_size, hq, h, cfg.head_dim, config=cfg.nsa, rope_theta=cfg.rope_theta,
+                           fused_projection=fused)
+        dense = DenseAttention(cfg.hidden_size, hq, h, cfg.head_dim, rope_theta=cfg.rope_theta,
+                               fused_projection=fused)
         x = torch.randn(1, args.seq, cfg.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
         for (name, mod), place in ((m, p) for m in (("nsa", nsa), ("dense", dense)) for p in places):
             mod = mod.to(dev, torch.bfloat16)
@@ -113,6 +118,7 @@ def main() -> None:
                 print(f"--- NSA {hq}:{h} S={args.seq}: top GPU kernels (one fwd+bwd) ---")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top,
                                                 max_name_column_width=60))
+        print(f"dense {hq}:{h}: causal attention picked per shape: {dense.kernel.chosen}")
     print(f"{'heads':<6} {'attn':<24} {'fwd ms':>9} {'fwd+bwd ms':>11} {'syncs':>6}")
     for r in rows:
         print(f"{r[0]:<6} {r[1]:<24} {r[2]:9.2f} {r[3]:11.2f} {r[4]:>6}")

@@ -6,15 +6,17 @@ non-tensor classes a caller admits); safetensors files hold tensors only.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
 
-def load_allowlisted(path: str, allow: Callable[[str], bool], extra: tuple = ()):
+def load_allowlisted(path: str, allow: Callable[[str], bool], extra: tuple = (),
+                     stand_ins: Optional[dict[str, Callable]] = None):
     """``torch.load(path, weights_only=True)`` admitting the non-tensor classes whose dotted
     names ``allow`` accepts (plus the classes in ``extra``); ValueError naming the file when it
-    is unreadable or holds any other class."""
+    is unreadable or holds any other class. ``stand_ins``: dotted name -> a class built in its
+    place, so its package (e.g. DeepSpeed, whose import probes the accelerator) is not imported."""
     try:
         unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception as err:  # truncated zip, not a torch file
@@ -23,7 +25,9 @@ def load_allowlisted(path: str, allow: Callable[[str], bool], extra: tuple = ())
     if foreign:
         raise ValueError(f"{path} holds objects of {foreign}: refusing to unpickle them "
                          f"(not a checkpoint written by nsa_dist / DeepSpeed?)")
-    classes = [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in unsafe]
+    stand_ins = stand_ins or {}
+    classes = [(stand_ins[n], n) if n in stand_ins else
+               getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in unsafe]
     try:
         with torch.serialization.safe_globals(classes + list(extra)):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -31,8 +31,13 @@ def cmd_to_hf(a) -> None:
         raise FileExistsError(f"output {os.path.abspath(a.output)} already exists; pass --force to replace it")
     cfg, state = load_consolidated(a.input, quiet=a.quiet)
     check_against_model(state, cfg)
-    to_hf(state, cfg, a.output, DTYPES[a.dtype], a.force, a.tokenizer)
-    print(f"wrote {a.output}: load it with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)")
+    tokenizer = a.tokenizer
+    if tokenizer is None and os.path.isfile(os.path.join(a.input, "tokenizer.model")):
+        tokenizer = a.input  # consolidate copies the run's tokenizer
+    to_hf(state, cfg, a.output, DTYPES[a.dtype], a.force, tokenizer)
+    loads = " and AutoTokenizer.from_pretrained(dir)" if tokenizer else " (no tokenizer: pass --tokenizer DIR)"
+    print(f"wrote {a.output}: load it with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)"
+          f"{loads}")
 
 
 def cmd_consolidate(a) -> None:
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_from_hf)
     sp = sub.add_parser("to-hf", help="consolidated NSA checkpoint -> HF directory (trust_remote_code)")
     common(sp)
-    sp.add_argument("--tokenizer", help="tokenizer directory to copy into the export")
+    sp.add_argument("--tokenizer", help="tokenizer directory (tools/train_tokenizer.py output), written as a "
+                                        "Hugging Face tokenizer (default: the one in the input folder, if any)")
     sp.set_defaults(fn=cmd_to_hf)
     return p
 

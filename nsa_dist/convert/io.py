@@ -93,8 +93,19 @@ def read_config_json(path: str) -> dict:
     return meta
 
 
+def load_consolidated_config(path: str) -> ModelConfig:
+    """The model config of a directory written by ``save_consolidated``."""
+    meta = read_config_json(path)
+    return ModelConfig.from_dict(meta["nsa_dist_model"], where=os.path.join(path, CONFIG))
+
+
+def load_weights_dir(path: str, quiet: bool = True) -> dict[str, torch.Tensor]:
+    """The model weights of a folder of ``*.safetensors`` files: a consolidated directory, a
+    layout-free checkpoint folder or plain shards. ``optimizer.safetensors`` (Adam's moments,
+    written by ``consolidate --optimizer`` and ``reshard``) is never read as weights."""
+    return load_safetensors_dir(path, skip=(OPTIMIZER,), quiet=quiet)
+
+
 def load_consolidated(path: str, quiet: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a directory written by ``save_consolidated`` (the weights; not the optimizer file)."""
-    meta = read_config_json(path)
-    cfg = ModelConfig.from_dict(meta["nsa_dist_model"], where=os.path.join(path, CONFIG))
-    return cfg, load_safetensors_dir(path, skip=(OPTIMIZER,), quiet=quiet)
+    return load_consolidated_config(path), load_weights_dir(path, quiet=quiet)

@@ -1,6 +1,8 @@
 """Export to a Hugging Face directory that plain ``transformers`` loads with trust_remote_code.
 
-The directory holds ``config.json`` (with ``auto_map``), ``model.safetensors``, a small
+The directory holds ``config.json`` (with ``auto_map``), ``model.safetensors``, with a tokenizer
+its Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``: ``hf_tokenizer``) and
+``tokenizer.model``, a small
 ``configuration_nsa_dist.py`` / ``modeling_nsa_dist.py`` pair, and ``nsa_dist_core.py``: the
 model code of this package (config, reference NSA function, layers, decoder) flattened into
 one module, so the export needs neither nsa_dist nor Triton where it is loaded. The flattening
@@ -152,7 +154,21 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str, dtype: tor
             with open(os.path.join(tmp, name), "w") as fh:
                 fh.write(text)
         if tokenizer_dir:
-            import shutil
-            for f in os.listdir(tokenizer_dir):
-                if f.startswith("tokenizer"):
-                    shutil.copy2(os.path.join(tokenizer_dir, f), tmp)
+            _write_tokenizer(tokenizer_dir, cfg, tmp)
+
+
+def _write_tokenizer(tokenizer_dir: str, cfg: ModelConfig, out: str) -> None:
+    """Our tokenizer as Hugging Face files (``hf_tokenizer``), plus its SentencePiece model."""
+    from ..data.tokenizer import MODEL_FILE, Tokenizer
+    from .hf_tokenizer import hf_tokenizer_files
+
+    tok = Tokenizer.load(tokenizer_dir)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than the model's "
+                         f"vocab_size={cfg.vocab_size}: not the model's tokenizer")
+    model_bytes = open(tok.path, "rb").read()
+    for name, text in hf_tokenizer_files(model_bytes, cfg.max_seq_len, str(tok.path)).items():
+        with open(os.path.join(out, name), "w") as fh:
+            fh.write(text)
+    with open(os.path.join(out, MODEL_FILE), "wb") as fh:
+        fh.write(model_bytes)

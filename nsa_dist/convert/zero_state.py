@@ -12,10 +12,12 @@ DeepSpeed keeps, per data-parallel rank, flat fp32 partitions of each optimizer 
 Adam's ``exp_avg`` / ``exp_avg_sq`` of a group are flat vectors laid out exactly like the fp32
 group, so they unflatten the same way. Files are read with ``torch.load(weights_only=True)``;
 the only non-tensor classes allowed are three small DeepSpeed records (a loss-scaler, an enum
-and a named tuple) listed in ``_DS_GLOBALS``; anything else in a file is refused.
+and a field pair) listed in ``_DS_GLOBALS``, built from stand-ins so that DeepSpeed itself is
+never imported; anything else in a file is refused.
 """
 from __future__ import annotations
 
+import enum
 import glob
 import math
 import os
@@ -28,15 +30,32 @@ import torch
 from ..checkpoint.tensors import load_allowlisted
 from .io import progress
 
-_DS_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-               "deepspeed.utils.tensor_fragment.fragment_address",
-               "deepspeed.runtime.zero.config.ZeroStageEnum")
+class _Record:
+    """Stands in for a small DeepSpeed record class: the unpickler sets its fields."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+class _ZeroStageEnum(enum.IntEnum):  # deepspeed.runtime.zero.config.ZeroStageEnum's values
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+# Built from stand-ins, so reading a checkpoint never imports DeepSpeed (whose import probes
+# the accelerator and prints about it); consolidation reads none of their fields.
+_DS_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler": _Record,
+               "deepspeed.utils.tensor_fragment.fragment_address": _Record,
+               "deepspeed.runtime.zero.config.ZeroStageEnum": _ZeroStageEnum}
 
 
 def load_ds_file(path: str) -> dict:
     """A DeepSpeed checkpoint file through ``weights_only=True`` (ValueError when unreadable or
-    when it holds classes outside ``_DS_GLOBALS``)."""
-    return load_allowlisted(path, lambda n: n in _DS_GLOBALS)
+    when it holds classes outside ``_DS_GLOBALS``). For reading: its DeepSpeed records come back
+    as stand-ins, so a ``torch.save`` of the result is not a file for DeepSpeed's own loader."""
+    return load_allowlisted(path, lambda n: n in _DS_GLOBALS, stand_ins=_DS_GLOBALS)
 
 
 @dataclass

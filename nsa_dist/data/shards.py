@@ -173,6 +173,25 @@ def meta_path(prefix: str | os.PathLike) -> Path:
     return Path(f"{prefix}_meta.json")
 
 
+def check_shards_tokenizer(prefix: str | os.PathLike, tok) -> None:
+    """ValueError when the shards ``prefix`` were tokenized with another tokenizer than ``tok``
+    (a loaded ``Tokenizer``): their ids would mean other text. Shards without metadata (not
+    made by ``preprocess_corpus``) are not checked."""
+    mp = meta_path(prefix)
+    if not mp.is_file():
+        return
+    try:
+        made_with = json.loads(mp.read_text()).get("tokenizer") or {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{mp} is not valid JSON ({err}); rerun tools/preprocess_data.py --force") from None
+    if made_with.get("sha256") not in (None, tok.sha256):
+        raise ValueError(f"the data shards {prefix}_* were made with the tokenizer {made_with.get('path')} "
+                         f"(sha256 {made_with['sha256'][:12]}), but the run's tokenizer is {tok.path} "
+                         f"(sha256 {tok.sha256[:12]}): set 'tokenizer' to the one the shards were made "
+                         f"with, or rebuild the shards with tools/preprocess_data.py --tokenizer "
+                         f"{Path(tok.path).parent}")
+
+
 def _fingerprint(files_fp: str, tokenizer_sha: str, valid_fraction: float, seed: int) -> str:
     blob = json.dumps({"format": META_FORMAT, "files": files_fp, "tokenizer": tokenizer_sha,
                        "valid_fraction": valid_fraction, "seed": seed}, sort_keys=True)

@@ -54,7 +54,12 @@ class Tokenizer:
 
     def __init__(self, model_bytes: bytes, path: Path | None = None):
         spm = _import_sentencepiece()
-        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        except (RuntimeError, OSError, TypeError) as err:
+            raise ValueError(f"{path or 'tokenizer model'} is not a SentencePiece model (sentencepiece "
+                             f"cannot parse it: {type(err).__name__}); point 'tokenizer' at a directory made by tools/train_tokenizer.py or its "
+                             f"{MODEL_FILE}") from None
         self.path = path
         self.sha256 = _sha256_bytes(model_bytes)
         self.vocab_size = int(self._sp.get_piece_size())

@@ -53,6 +53,9 @@ class LayerCache:
     v_raw: torch.Tensor
     k_cmp: torch.Tensor
     v_cmp: torch.Tensor
+    # Longest sequence as the host knows it (-1: unknown), so that the capacity check of a
+    # decode step needs no GPU sync (and can sit outside a CUDA graph's replay).
+    host_max: int = -1
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -77,6 +80,40 @@ class LayerCache:
     @property
     def batch(self) -> int:
         return self.k_sel.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_sel.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_sel.device
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Declare ``lengths`` [B] tokens cached (in place: a captured CUDA graph keeps reading
+        the same tensor). Syncs once to learn the longest on the host."""
+        if lengths.shape != (self.batch,):
+            raise ValueError(f"lengths must have shape [{self.batch}], got {tuple(lengths.shape)}")
+        self.lengths.copy_(lengths)
+        self.host_max = int(self.lengths.max())
+
+    def check_room(self) -> None:
+        """ValueError when some sequence is full (host-side: no GPU sync once lengths are known)."""
+        if self.host_max < 0:
+            self.host_max = int(self.lengths.max())
+        if self.host_max >= self.max_len:
+            full = (self.lengths >= self.max_len).nonzero().flatten().tolist()
+            raise ValueError(f"cannot decode past max_len={self.max_len}: sequence(s) {full} are full; "
+                             "build the cache with a larger max_len (model.config.max_seq_len)")
+
+    def check_input(self, x: torch.Tensor, name: str = "x") -> None:
+        """ValueError when x's dtype or device differs from the caches' (before anything is written)."""
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the cache on {self.device}; move the model "
+                             "and its inputs to one device (or build the cache there with prefill)")
+        if x.dtype != self.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but the cache {self.dtype}; run the model in "
+                             "the cache's dtype (or prefill again after model.to(dtype))")
 
     @property
     def num_kv_heads(self) -> int:
@@ -120,7 +157,8 @@ class LayerCache:
         seen = torch.arange(nc, device=lengths.device)[None, :] < _nc(lengths, self.config)[:, None]
         self.k_cmp[:, :nc] = k["k_cmp"] * seen[..., None, None]
         self.v_cmp[:, :nc] = k["v_cmp"] * seen[..., None, None]
-        self.lengths = lengths.clone()
+        self.lengths.copy_(lengths)
+        self.host_max = int(lengths.max())
 
     @staticmethod
     def _fill_ring(ring_k, ring_v, src_k, src_v, lengths) -> None:
@@ -138,32 +176,46 @@ class LayerCache:
         """Write one new token per sequence at position lengths[b], emit compressed tokens.
 
         k: ``k_sel, v_sel, k_win, v_win, k_raw, v_raw`` each [B, H, D] (RoPE'd keys).
-        Returns the emission mask [B] (bool) and advances lengths by one.
+        Returns the emission mask [B] (bool) and advances lengths by one (in place).
         """
-        pos = self.lengths
-        if int(pos.max()) >= self.max_len:
-            raise ValueError(f"cannot decode past max_len={self.max_len}: sequence(s) "
-                             f"{(pos >= self.max_len).nonzero().flatten().tolist()} are full; "
-                             "build the cache with a larger max_len (model.config.max_seq_len)")
+        self.check_room()
+        pos = self.lengths.clone()
         b = torch.arange(self.batch, device=pos.device)
         self.k_sel[b, pos], self.v_sel[b, pos] = k["k_sel"], k["v_sel"]
         if self.k_win is not None:
             w = self.k_win.shape[1]
             self.k_win[b, pos % w], self.v_win[b, pos % w] = k["k_win"], k["v_win"]
-        cfg = self.config
-        l, d = cfg.cmp_block, cfg.cmp_stride
+        l = self.config.cmp_block
         self.k_raw[b, pos % l], self.v_raw[b, pos % l] = k["k_raw"], k["v_raw"]
-        S = pos + 1
+        emit = self.emit(phi_k, phi_v, pos + 1)
+        self.advance()
+        return emit
+
+    def advance(self) -> None:
+        """lengths += 1, on the device and in the host's count."""
+        self.lengths.add_(1)
+        if self.host_max >= 0:
+            self.host_max += 1
+
+    def emit(self, phi_k: Phi, phi_v: Phi, S: torch.Tensor) -> torch.Tensor:
+        """Compressed token (S - l) / d of every sequence whose new length S [B] makes it due
+        (S >= l, (S - l) % d == 0), from the raw ring (which holds positions S-l .. S-1).
+
+        Masked tensor ops, no host sync: phi runs for every sequence and only the due ones
+        are written. Returns the emission mask [B].
+        """
+        l, d = self.config.cmp_block, self.config.cmp_stride
         emit = (S >= l) & ((S - l) % d == 0)
-        if bool(emit.any()):
-            e = emit.nonzero().flatten()
-            slots = (S[e, None] - l + torch.arange(l, device=pos.device)[None, :]) % l  # [E, l] in order
-            i = (S[e] - l) // d
-            blocks_k = self.k_raw[e[:, None], slots].permute(0, 2, 1, 3)[:, None]  # [E, 1, H, l, D]
-            blocks_v = self.v_raw[e[:, None], slots].permute(0, 2, 1, 3)[:, None]
-            self.k_cmp[e, i] = _phi_apply(phi_k, blocks_k)[:, 0].to(self.k_cmp.dtype)
-            self.v_cmp[e, i] = _phi_apply(phi_v, blocks_v)[:, 0].to(self.v_cmp.dtype)
-        self.lengths = S
+        nc = self.k_cmp.shape[1]
+        if nc == 0:
+            return emit
+        b = torch.arange(self.batch, device=S.device)
+        slots = (S[:, None] - l + torch.arange(l, device=S.device)[None, :]) % l  # [B, l] in order
+        i = ((S - l) // d).clamp(0, nc - 1)
+        for raw, out, phi in ((self.k_raw, self.k_cmp, phi_k), (self.v_raw, self.v_cmp, phi_v)):
+            blocks = raw[b[:, None], slots].permute(0, 2, 1, 3)[:, None]  # [B, 1, H, l, D]
+            new = _phi_apply(phi, blocks)[:, 0].to(out.dtype)
+            out[b, i] = torch.where(emit[:, None, None], new, out[b, i])
         return emit
 
 

@@ -57,6 +57,21 @@ def sel_reads_from_indices(indices: torch.Tensor, S: int, config: NSAConfig) -> 
     return inside.sum(-1)
 
 
+def step_reads(indices: torch.Tensor, lengths: torch.Tensor, config: NSAConfig) -> DecodeReads:
+    """What a decode step's masks let through, from its selection: indices [B, H, n] (-1
+    padded) and lengths [B] (S, the new token included). The kernels read exactly these
+    positions (selected blocks clamped to < S, the min(w, S) filled window slots, the Nc(S)
+    visible compressed tokens); device ops only, no host sync."""
+    ls, l, d = config.sel_block, config.cmp_block, config.cmp_stride
+    S = lengths.long()
+    start = indices.clamp(min=0).long() * ls
+    sel = ((torch.minimum(start + ls, S[:, None, None]) - start).clamp(min=0) * (indices >= 0)).sum(-1)
+    cmp = torch.where(S >= l, (S - l) // d + 1, torch.zeros_like(S))
+    win = S.clamp(max=config.window)
+    B, H = sel.shape
+    return DecodeReads(torch.stack([cmp[:, None].expand(B, H), sel, win[:, None].expand(B, H)], dim=-1))
+
+
 def expected_reads(S: int, config: NSAConfig) -> tuple[int, int, int]:
     """(cmp, sel, win) at decode step S, without needing the selection itself.
 

@@ -20,29 +20,38 @@ from ..modules.attention import NSAAttention
 from ..ops.blocks import num_sel_blocks
 from ..ops.reference import compute_dtype, top_n_blocks
 from .cache import LayerCache, _nc
-from .counters import DecodeReads
-
-_BRANCHES = ("sel", "win", "cmp")
-
+from .counters import DecodeReads, step_reads
+from .kernel_step import append_step, attend_step_kernels, decode_kernels
 
 # ----------------------------------------------------------------------------- helpers
-def _branch_kv(layer: NSAAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Raw per-branch K/V, RoPE on keys: {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D]."""
-    B, S, _ = x.shape
-    out, done = {}, {}
-    for branch in _BRANCHES:
-        name = "shared" if layer.config.shared_kv else branch
-        if name not in done:  # shared K/V is projected once
-            k = layer.k_proj[name](x).view(B, S, -1, layer.head_dim)
-            v = layer.v_proj[name](x).view(B, S, -1, layer.v_head_dim)
-            done[name] = (layer.rope.rotate(k, cos, sin), v)
+def _heads(layer: NSAAttention, x: torch.Tensor, positions: torch.Tensor, one_token: bool = False):
+    """The layer's own projections (``NSAAttention._heads``: q and keys RoPE'd): (q [B, S, HQ,
+    Dk], {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D], gates [B, S, HQ, 3],
+    (phi_k, phi_v)); the raw keys/values are the compression branch's.
+
+    one_token: a decode step takes the unfused projections: the fused path concatenates every
+    projection weight per call, a copy of them all that costs more than the one-token
+    products themselves (the values are the same products)."""
+    fused = getattr(layer, "fused_projection", False)
+    layer.fused_projection = fused and not one_token
+    try:
+        q, kv, gates, phis = layer._heads(x, positions)
+    finally:
+        layer.fused_projection = fused
+    out = {}
+    for branch, (k, v) in kv.items():
         key = "raw" if branch == "cmp" else branch
-        out[f"k_{key}"], out[f"v_{key}"] = done[name]
-    return out
+        out[f"k_{key}"], out[f"v_{key}"] = k, v
+    return q, out, gates, phis
+
+
+# What the decode path uses of a layer: NSAAttention's interface, so that a copy of the class
+# (the to-hf export bundles the model code into its own module) decodes as well.
+_LAYER_API = ("_heads", "_compress", "attend", "finish", "config", "num_kv_heads", "head_dim", "v_head_dim")
 
 
 def _check_layer(layer) -> None:
-    if not isinstance(layer, NSAAttention):
+    if not isinstance(layer, NSAAttention) and not all(hasattr(layer, a) for a in _LAYER_API):
         raise TypeError(f"expected an NSAAttention layer, got {type(layer).__name__} "
                         "(the decode path covers NSA layers; dense models are not supported)")
 
@@ -51,6 +60,22 @@ def _masked_softmax(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to ``valid``; rows with nothing valid give 0."""
     s = s.masked_fill(~valid, torch.finfo(s.dtype).min)
     return torch.softmax(s, dim=-1) * valid.to(s.dtype)
+
+
+def _check_prompt(B: int, P: int, lengths: Optional[torch.Tensor], max_len: int, device) -> torch.Tensor:
+    """lengths [B] on ``device`` (default P each), or a ValueError before any work: lengths
+    outside [1, P] (an empty prompt), a prompt longer than the cache."""
+    if P > max_len:
+        raise ValueError(f"prompt of {P} tokens exceeds max_len={max_len} (the cache capacity, "
+                         "model.config.max_seq_len by default); shorten it or raise max_len")
+    if lengths is None:
+        return torch.full((B,), P, dtype=torch.long, device=device)
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape [{B}], got {tuple(lengths.shape)}")
+    if int(lengths.min()) < 1 or int(lengths.max()) > P:
+        raise ValueError(f"every length must be in [1, {P}] (the padded prompt length; an empty prompt "
+                         f"needs at least one token, e.g. BOS), got {lengths.tolist()}")
+    return lengths.to(device, torch.long)
 
 
 # ----------------------------------------------------------------------------- layer level
@@ -69,32 +94,28 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
     if x.dim() != 3:
         raise ValueError(f"x must be [B, P, hidden], got shape {tuple(x.shape)}")
     B, P, _ = x.shape
-    lengths = torch.full((B,), P, dtype=torch.long, device=x.device) if lengths is None else lengths
-    positions = torch.arange(P, device=x.device)
-    p = layer.project(x, positions)
+    lengths = _check_prompt(B, P, lengths, max_len or P, x.device)
+    heads = layer._heads(x, torch.arange(P, device=x.device))
+    p = layer._compress(*heads, None)  # what project() returns, from the same projections
     o, idx = layer.attend(p)
-    y = layer.o_proj(o.reshape(B, P, -1))
+    y = layer.finish(o)
     cache = LayerCache.empty(layer.config, B, max_len or P, layer.num_kv_heads, layer.head_dim,
                              layer.v_head_dim, x.device, x.dtype)
     kv = {k: p[k] for k in ("k_sel", "v_sel", "k_win", "v_win", "k_cmp", "v_cmp")}
-    if layer.config.shared_kv:
-        kv["k_raw"], kv["v_raw"] = p["k_sel"], p["v_sel"]
-    else:  # project() returns the compression branch's K/V compressed only
-        cos, sin = layer.rope.cos_sin(positions, x.dtype)
-        k = layer.k_proj["cmp"](x).view(B, P, -1, layer.head_dim)
-        kv["k_raw"] = layer.rope.rotate(k, cos, sin)
-        kv["v_raw"] = layer.v_proj["cmp"](x).view(B, P, -1, layer.v_head_dim)
+    kv["k_raw"], kv["v_raw"] = heads[1]["cmp"]  # the compression branch before phi
     cache.fill(kv, lengths)
     return y, cache, idx
 
 
-@torch.no_grad()
-def decode_layer(layer: NSAAttention, x: torch.Tensor, cache: LayerCache):
-    """One decode step: x [B, 1, hidden] (or [B, hidden]) is the token at position lengths[b].
+def _project_token(layer: NSAAttention, x: torch.Tensor, pos: torch.Tensor):
+    """q [B, HQ, Dk] (RoPE'd), per-branch K/V {name: [B, H, D]}, gates [B, HQ, 3] and
+    (phi_k, phi_v) of the token x [B, 1, hidden] at positions pos [B]."""
+    q, kv, gates, phis = _heads(layer, x, pos[:, None], one_token=True)
+    return q[:, 0], {k: v[:, 0] for k, v in kv.items()}, gates[:, 0], phis
 
-    Appends its K/V to ``cache`` (emitting compressed tokens when due) and attends with the
-    three branches. Returns (y [B, 1, hidden], indices [B, H, n], DecodeReads).
-    """
+
+def check_step_input(layer: NSAAttention, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+    """x as [B, 1, hidden], or a ValueError naming what does not fit (nothing written yet)."""
     _check_layer(layer)
     if x.dim() == 2:
         x = x[:, None]
@@ -103,16 +124,41 @@ def decode_layer(layer: NSAAttention, x: torch.Tensor, cache: LayerCache):
     if x.shape[0] != cache.batch:
         raise ValueError(f"x has batch {x.shape[0]} but the cache holds {cache.batch} sequences")
     cache.check_layer(layer.config, layer.num_kv_heads, layer.head_dim, layer.v_head_dim)
-    B = x.shape[0]
-    pos = cache.lengths.to(x.device)
-    cos, sin = layer.rope.cos_sin(pos[:, None], x.dtype)  # [B, 1, 1, Dk]
-    q = layer.rope.rotate(layer.q_proj(x).view(B, 1, -1, layer.head_dim), cos, sin)[:, 0]
-    kv = {k: v[:, 0] for k, v in _branch_kv(layer, x, cos, sin).items()}
-    cache.append(kv, layer.phi_k, layer.phi_v)
-    gates = layer.gate(x)[:, 0]  # [B, HQ, 3]
-    o, idx, reads = attend_step(q, gates, cache)
-    y = layer.o_proj(o.reshape(B, 1, -1).to(x.dtype))
-    return y, idx, reads
+    cache.check_input(x)
+    cache.check_room()
+    return x
+
+
+def layer_step(layer: NSAAttention, x: torch.Tensor, cache: LayerCache, kernels=None, count_reads: bool = True):
+    """One decode step of a checked input x [B, 1, hidden] (``check_step_input``).
+
+    kernels: the decode kernel module (``kernel_step.decode_kernels``) or None for PyTorch.
+    Returns (y [B, 1, hidden], indices [B, H, n], DecodeReads or None).
+    """
+    q, kv, gates, (phi_k, phi_v) = _project_token(layer, x, cache.lengths)
+    if kernels is None:
+        cache.append(kv, phi_k, phi_v)
+        o, idx, reads = attend_step(q, gates, cache)
+    else:
+        append_step(kernels, cache, kv, phi_k, phi_v)
+        o, idx = attend_step_kernels(kernels, q, gates, cache)
+        reads = step_reads(idx, cache.lengths, cache.config) if count_reads else None
+    y = layer.finish(o.reshape(x.shape[0], 1, o.shape[1], -1).to(x.dtype))
+    return y, idx, reads if count_reads else None
+
+
+@torch.no_grad()
+def decode_layer(layer: NSAAttention, x: torch.Tensor, cache: LayerCache, backend: str = "auto",
+                 count_reads: bool = True):
+    """One decode step: x [B, 1, hidden] (or [B, hidden]) is the token at position lengths[b].
+
+    Appends its K/V to ``cache`` (emitting compressed tokens when due) and attends with the
+    three branches. backend: "auto" (decode kernels on CUDA, PyTorch elsewhere), "reference"
+    or "triton". Returns (y [B, 1, hidden], indices [B, H, n], DecodeReads, or None when
+    count_reads is False).
+    """
+    kernels = decode_kernels(backend, x.device, x.dtype)
+    return layer_step(layer, check_step_input(layer, x, cache), cache, kernels, count_reads)
 
 
 def select_step(q: torch.Tensor, cache: LayerCache, scale: Optional[float] = None):
@@ -253,19 +299,20 @@ def _check_model(model) -> None:
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-            max_len: Optional[int] = None):
+            max_len: Optional[int] = None, all_logits: bool = True):
     """Run a right-padded prompt through the model, filling every layer's cache.
 
-    input_ids: [B, P]; lengths: [B] (default P each); max_len: cache capacity, default
-    ``model.config.max_seq_len``. Returns (logits [B, P, V], ModelCache).
+    Each layer runs its own forward over the whole prompt (the training kernels on CUDA),
+    no per-token loop. input_ids: [B, P]; lengths: [B] (default P each); max_len: cache
+    capacity, default ``model.config.max_seq_len``. Returns (logits [B, P, V], or [B, V] at
+    each sequence's last prompt token when ``all_logits`` is False, ModelCache).
     """
     _check_model(model)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    B, P = input_ids.shape
+    lengths = _check_prompt(B, P, lengths, max_len or model.config.max_seq_len, input_ids.device)
     max_len = max_len or model.config.max_seq_len
-    if input_ids.shape[1] > max_len:
-        raise ValueError(f"prompt of {input_ids.shape[1]} tokens exceeds max_len={max_len} "
-                         "(model.config.max_seq_len); shorten it or raise max_len")
     h = model.embed(input_ids)
     caches = []
     for block in model.layers:
@@ -273,27 +320,61 @@ def prefill(model, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = No
         h = h + a
         h = h + block.mlp(block.mlp_norm(h))
         caches.append(cache)
-    return model.lm_head(model.norm(h)), ModelCache(caches)
+    h = model.norm(h)
+    if not all_logits:  # the head at the last prompt token only (V x P logits at 64k+ are large)
+        h = h[torch.arange(B, device=h.device), lengths - 1]
+    return model.lm_head(h), ModelCache(caches)
 
 
-@torch.no_grad()
-def decode_step(model, cache: ModelCache, tokens: torch.Tensor):
-    """Feed one token per sequence (at position lengths[b]). tokens: [B] or [B, 1].
-
-    Returns (logits [B, V], StepStats).
-    """
+def check_model_step(model, cache: ModelCache, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens as [B, 1] after every check a decode step makes (nothing written yet)."""
     _check_model(model)
     if not isinstance(cache, ModelCache):
         raise TypeError(f"cache must be a ModelCache from prefill(), got {type(cache).__name__}")
     if len(cache.layers) != len(model.layers):
         raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(model.layers)}; "
                          "it was built for another model")
+    if tokens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
     tokens = tokens.reshape(-1, 1)
-    h = model.embed(tokens)
-    reads = []
+    layer0 = cache.layers[0]
+    if tokens.device != layer0.device:
+        raise ValueError(f"tokens are on {tokens.device} but the cache on {layer0.device}; move them")
+    if tokens.shape[0] != layer0.batch:
+        raise ValueError(f"tokens has batch {tokens.shape[0]} but the cache holds {layer0.batch} sequences")
+    probe = model.embed.weight.new_empty(0)  # the hidden states' dtype and device
     for block, layer_cache in zip(model.layers, cache.layers):
-        a, _, r = decode_layer(block.attn, block.attn_norm(h), layer_cache)
+        layer_cache.check_layer(block.attn.config, block.attn.num_kv_heads, block.attn.head_dim,
+                                block.attn.v_head_dim)
+        layer_cache.check_input(probe, "the model's hidden state")
+        layer_cache.check_room()
+    return tokens
+
+
+def model_step(model, cache: ModelCache, tokens: torch.Tensor, kernels=None, count_reads: bool = True):
+    """The decode step of checked tokens [B, 1]: (logits [B, V], [indices [B, H, n]] per layer,
+    StepStats or None)."""
+    h = model.embed(tokens)
+    reads, indices = [], []
+    for block, layer_cache in zip(model.layers, cache.layers):
+        a, idx, r = layer_step(block.attn, block.attn_norm(h), layer_cache, kernels, count_reads)
         h = h + a
         h = h + block.mlp(block.mlp_norm(h))
         reads.append(r)
-    return model.lm_head(model.norm(h))[:, 0], StepStats(reads)
+        indices.append(idx)
+    return model.lm_head(model.norm(h))[:, 0], indices, StepStats(reads) if count_reads else None
+
+
+@torch.no_grad()
+def decode_step(model, cache: ModelCache, tokens: torch.Tensor, backend: str = "auto",
+                count_reads: bool = True):
+    """Feed one token per sequence (at position lengths[b]). tokens: [B] or [B, 1].
+
+    backend: "auto" (decode kernels on CUDA), "reference" or "triton". Returns (logits
+    [B, V], StepStats, or None when count_reads is False).
+    """
+    tokens = check_model_step(model, cache, tokens)
+    weight = model.embed.weight
+    kernels = decode_kernels(backend, weight.device, weight.dtype)
+    logits, _, stats = model_step(model, cache, tokens, kernels, count_reads)
+    return logits, stats

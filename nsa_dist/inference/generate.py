@@ -12,13 +12,16 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .decode import StepStats, decode_step, prefill
+from .graphs import GraphedDecodeStep
+from .kernel_step import decode_kernels
 
 
 @dataclass
 class GenerateOutput:
     """tokens: the new tokens of each sequence (stop token included when produced);
     finished: [B] bool, whether each stopped on the stop token;
-    step_stats: one StepStats per decode step (the reads of each layer and branch)."""
+    step_stats: one StepStats per decode step (the reads of each layer and branch; empty
+    when generate() ran with count_reads=False)."""
 
     tokens: list[list[int]]
     finished: torch.Tensor
@@ -60,17 +63,52 @@ def _pad(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lengths
 
 
+def _stepper(model, cache, backend: str, cuda_graphs: Optional[bool], count_reads: bool):
+    """The decode step generate() uses: a CUDA-graph replay, or decode_step."""
+    weight = model.embed.weight
+    kernels = decode_kernels(backend, weight.device, weight.dtype)
+    if cuda_graphs is None:
+        cuda_graphs = kernels is not None and weight.device.type == "cuda"
+    if cuda_graphs:
+        if kernels is None or weight.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs a CUDA model and the decode kernels (backend "
+                             f"'auto' or 'triton'); got device {weight.device}, backend {backend!r}")
+        return GraphedDecodeStep(model, cache, count_reads)
+    return lambda tokens: decode_step(model, cache, tokens, backend, count_reads)
+
+
+def _truncate(rows: list[list[int]], stop_token: Optional[int]) -> tuple[list[list[int]], torch.Tensor]:
+    """Cut each row after its first stop token: (tokens, finished [B] bool)."""
+    out, finished = [], []
+    for row in rows:
+        cut = row.index(stop_token) + 1 if stop_token is not None and stop_token in row else None
+        out.append(row[:cut] if cut else row)
+        finished.append(cut is not None)
+    return out, torch.tensor(finished, dtype=torch.bool)
+
+
+# How often (steps) generate() asks the GPU whether every sequence has stopped: each ask is a
+# host sync, which would stop the host from queueing steps ahead.
+STOP_CHECK_EVERY = 8
+
+
 @torch.no_grad()
 def generate(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_new_tokens: int,
              lengths: Optional[torch.Tensor] = None, temperature: float = 0.0, top_p: float = 1.0,
              stop_token: Optional[int] = None, pad_id: int = 0,
-             generator: Optional[torch.Generator] = None, max_len: Optional[int] = None) -> GenerateOutput:
+             generator: Optional[torch.Generator] = None, max_len: Optional[int] = None,
+             backend: str = "auto", cuda_graphs: Optional[bool] = None,
+             count_reads: bool = True) -> GenerateOutput:
     """Sample up to ``max_new_tokens`` tokens after each prompt.
 
     prompts: a list of token-id lists (right-padded here), or a right-padded LongTensor
     [B, P] with ``lengths`` [B]. A sequence stops after producing ``stop_token``; the others
     go on (finished sequences keep stepping, their tokens are dropped). max_len: cache
     capacity, default model.config.max_seq_len; longest prompt + max_new_tokens - 1 must fit.
+    backend: "auto" (prefill through the layers' own forward, decode kernels on CUDA),
+    "reference" (PyTorch decode) or "triton". cuda_graphs: replay each decode step as one
+    CUDA graph (default: on with the kernels on CUDA). count_reads: keep each step's read
+    counters in ``step_stats`` (off: nothing is counted).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -91,23 +129,26 @@ def generate(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_n
     was_training = model.training
     model.eval()
     try:
-        logits, cache = prefill(model, ids, lengths, max_len)
-        last = logits[torch.arange(ids.shape[0], device=device), lengths - 1]  # [B, V]
+        last, cache = prefill(model, ids, lengths, max_len, all_logits=False)  # [B, V]
         B = ids.shape[0]
-        out: list[list[int]] = [[] for _ in range(B)]
-        finished = torch.zeros(B, dtype=torch.bool)
-        stats = []
-        for step in range(max_new_tokens):
+        step = _stepper(model, cache, backend, cuda_graphs, count_reads) if max_new_tokens > 1 else None
+        new = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+        stopped = torch.zeros(B, dtype=torch.bool, device=device)
+        stats, done = [], max_new_tokens
+        for k in range(max_new_tokens):
             nxt = sample_next(last, temperature, top_p, generator)
-            for b, tok in enumerate(nxt.tolist()):
-                if not finished[b]:
-                    out[b].append(tok)
-                    if stop_token is not None and tok == stop_token:
-                        finished[b] = True
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            new[:, k] = nxt
+            if stop_token is not None:
+                stopped |= nxt == stop_token
+                if k % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool(stopped.all()):
+                    done = k + 1
+                    break
+            if k == max_new_tokens - 1:
                 break
-            last, st = decode_step(model, cache, nxt)
-            stats.append(st)
-        return GenerateOutput(out, finished, stats)
+            last, st = step(nxt)
+            if count_reads:
+                stats.append(st)
+        tokens, finished = _truncate(new[:, :done].tolist(), stop_token)
+        return GenerateOutput(tokens, finished, stats)
     finally:
         model.train(was_training)

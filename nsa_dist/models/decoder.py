@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from ..modules import AttentionStats, DenseAttention, LMComm, NSAAttention, Region
 from ..modules.comm import bound
+from ..modules.dense import CausalAttention
 from .flops import training_flops_per_token
 from .loss import chunked_loss_sum
 
@@ -44,37 +45,58 @@ class SwiGLU(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str):
+    def __init__(self, cfg: ModelConfig, backend: str, kernel: Optional[CausalAttention] = None):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if cfg.attention == "nsa":
             self.attn = NSAAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                     cfg.dv, cfg.nsa, cfg.rope_theta, backend=backend)
+                                     cfg.dv, cfg.nsa, cfg.rope_theta, backend=backend,
+                                     fused_projection=cfg.fused_projection)
         else:
             self.attn = DenseAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                       cfg.dv, cfg.rope_theta)
+                                       cfg.dv, cfg.rope_theta, fused_projection=cfg.fused_projection,
+                                       kernel=kernel)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size)
         self.comm = Region()  # ``shared``: the norm weights (a plan sums them under Megatron SP)
 
-    def forward(self, h, cu_seqlens, position_ids, return_stats: bool):
+    def forward(self, h, cu_seqlens, position_ids, return_stats: bool, keep_attention: bool = False):
+        """h [B, S_in, hidden] -> (h, AttentionStats or None). ``keep_attention``: checkpoint the
+        parts before and after the attention function apart, so that the backward recomputes
+        norms, projections and the MLP but keeps the function's output and saved tensors."""
         w_attn, w_mlp = self.comm.shared(self.attn_norm.weight, self.mlp_norm.weight)
-        a, stats = self.attn(bound(self.attn_norm, [w_attn])(h), cu_seqlens=cu_seqlens,
-                             position_ids=position_ids, return_stats=return_stats)
-        h = h + a
-        return h + self.mlp(bound(self.mlp_norm, [w_mlp])(h)), stats
+        attn_norm, mlp_norm = bound(self.attn_norm, [w_attn]), bound(self.mlp_norm, [w_mlp])
+        if not keep_attention:  # the attention called as a module (DeepSpeed ZeRO-3 sees the call)
+            a, stats = self.attn(attn_norm(h), cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                 return_stats=return_stats)
+            h = h + a
+            return h + self.mlp(mlp_norm(h)), stats
+
+        def pre(h):
+            return self.attn.prepare(attn_norm(h), cu_seqlens, position_ids)
+
+        def post(h, o):
+            h = h + self.attn.finish(o)
+            return h + self.mlp(mlp_norm(h))
+
+        p = checkpoint(pre, h, use_reentrant=False)
+        o, idx = self.attn.attend(p, cu_seqlens)
+        stats = self.attn.stats(p["gates"], idx, p["positions"]) if return_stats and idx is not None else None
+        return checkpoint(post, h, o, use_reentrant=False), stats
 
 
 def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, return_stats: bool):
-    """The decoder stack of ``model`` (its ``layers``, with activation checkpointing when
-    ``model.gradient_checkpointing`` and training). Returns (h, per-layer stats list)."""
+    """The decoder stack of ``model`` (its ``layers``; when ``model.gradient_checkpointing``
+    and training, the backward recomputes what ``model.config.recompute`` says).
+    Returns (h, per-layer stats list)."""
     all_stats = []
     ckpt = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
+    mode = model.config.recompute if ckpt else "none"
     for layer in model.layers:
-        if ckpt:
+        if mode == "full":
             h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, use_reentrant=False)
         else:
-            h, stats = layer(h, cu_seqlens, position_ids, return_stats)
+            h, stats = layer(h, cu_seqlens, position_ids, return_stats, keep_attention=mode == "keep_attention")
         if stats is not None:
             all_stats.append(stats)
     return h, all_stats
@@ -92,10 +114,13 @@ class NSADecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
         self.config = cfg
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # True: the backward recomputes what cfg.recompute says
         self.loss_chunk = 0  # > 0: loss over this many positions at a time, no full logits
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, backend) for _ in range(cfg.num_layers))
+        # dense models: the causal attention every layer runs, picked once per shape
+        self.causal_attention = CausalAttention() if cfg.attention == "dense" else None
+        self.layers = nn.ModuleList(DecoderBlock(cfg, backend, self.causal_attention)
+                                    for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:

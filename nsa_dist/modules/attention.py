@@ -55,14 +55,15 @@ class NSAAttention(nn.Module):
 
     x: [B, S, hidden] -> [B, S, hidden]. Each branch has its own K/V projection unless
     ``config.shared_kv``; RoPE goes on q, k_sel, k_win and on k_cmp before compression.
-    ``backend`` picks the NSA function's implementation ("auto", "reference", "triton").
-    The forward reads heads off its projections (``view(B, S, -1, head_dim)``), so a plan
-    may shard them in place; ``self.comm`` holds the plan's hooks (modules/comm.py).
+    ``backend`` picks the NSA function's implementation ("auto", "reference", "triton");
+    ``fused_projection``: one input GEMM for q, K/V and the gate (see ``_heads``). The
+    forward reads heads off its projections (``view(B, S, -1, head_dim)``), so a plan may
+    shard them in place; ``self.comm`` holds the plan's hooks (modules/comm.py).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  v_head_dim: int = 0, config: Optional[NSAConfig] = None, rope_theta: float = 10000.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", fused_projection: bool = True):
         super().__init__()
         config = config or NSAConfig()
         if num_heads % num_kv_heads:
@@ -72,7 +73,7 @@ class NSAAttention(nn.Module):
         self.config = config
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim or head_dim
-        self.backend = backend
+        self.backend, self.fused_projection = backend, fused_projection
         dk, dv = self.head_dim, self.v_head_dim
         self.q_proj = nn.Linear(hidden_size, num_heads * dk, bias=False)
         kv_names = ("shared",) if config.shared_kv else BRANCHES
@@ -88,39 +89,52 @@ class NSAAttention(nn.Module):
         self.rope = RotaryEmbedding(dk, rope_theta)
         self.comm = AttentionComm()  # a parallel plan replaces it (modules/comm.py)
 
-    def _heads(self, x: torch.Tensor):
-        """x [B, S_l, hidden] (a region's input) -> (q [B, S, HQ', Dk], branch -> (k, v)
-        [B, S, H', D], gates [B, S, HQ', 3], (phi_k, phi_v)): the heads this rank attends
-        with over the whole sequence, before RoPE. One projection per distinct K/V weight."""
+    def _heads(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [B, S_l, hidden] (a region's input), positions of the whole sequence -> (q
+        [B, S, HQ', Dk], branch -> (k, v) [B, S, H', D], gates [B, S, HQ', 3], (phi_k, phi_v)):
+        the heads this rank attends with over the whole sequence, RoPE on q and the keys.
+
+        Fused (``fused_projection``): one GEMM over the concatenated weights of q, every
+        distinct K/V projection and the gate's first layer (stored apart, hooks applied
+        first), one RoPE call over q and the keys, which lie side by side in its output."""
         c = self.comm
         B, S_l, _ = x.shape
         dk, dv = self.head_dim, self.v_head_dim
         names = list(self.k_proj)
         kvw = c.kv_weights(*(self.k_proj[n].weight for n in names), *(self.v_proj[n].weight for n in names))
+        kw, vw = kvw[:len(names)], kvw[len(names):]
         phi_params = [] if self.phi_k is None else [*self.phi_k.parameters(), *self.phi_v.parameters()]
         w1, b1, *phi_params = c.shared(self.gate.fc1.weight, self.gate.fc1.bias, *phi_params)
         phis = (None, None)
         if self.phi_k is not None:  # phi is used for every head: its parameters are shared
             n = len(phi_params) // 2
             phis = (bound(self.phi_k, phi_params[:n]), bound(self.phi_v, phi_params[n:]))
-        q = F.linear(x, self.q_proj.weight).view(B, S_l, -1, dk)
-        kv = {n: (F.linear(x, kvw[i]).view(B, S_l, -1, dk), F.linear(x, kvw[len(names) + i]).view(B, S_l, -1, dv))
-              for i, n in enumerate(names)}
-        gates = self.gate.gates(F.linear(x, w1, b1))
-        q, gates = c.to_heads(q), c.to_heads(gates)
-        kv = {n: (c.to_heads(k, kv=True), c.to_heads(v, kv=True)) for n, (k, v) in kv.items()}
+        cos, sin = self.rope.cos_sin(c.local_positions(positions), x.dtype)
+        wq = self.q_proj.weight
+        if self.fused_projection:
+            weights = [wq, *kw, *vw, w1]
+            rows = [w.shape[0] for w in weights]
+            n_qk = 1 + len(kw)  # q and the keys come first: one rotation
+            y = F.linear(x, torch.cat(weights))
+            qk = self.rope.rotate(y[..., :sum(rows[:n_qk])].unflatten(-1, (-1, dk)), cos, sin)
+            q, *ks = qk.split([r // dk for r in rows[:n_qk]], dim=2)
+            *vs, g_pre = y[..., sum(rows[:n_qk]):].split(rows[n_qk:], dim=-1)
+            g_pre = g_pre + b1
+        else:
+            q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)
+            ks = [self.rope.rotate(F.linear(x, w).unflatten(-1, (-1, dk)), cos, sin) for w in kw]
+            vs = [F.linear(x, w) for w in vw]
+            g_pre = F.linear(x, w1, b1)
+        gates = c.to_heads(self.gate.gates(g_pre))
+        kv = {n: (c.to_heads(k, kv=True), c.to_heads(v.unflatten(-1, (-1, dv)), kv=True))
+              for n, k, v in zip(names, ks, vs)}
         kv = {b: kv["shared" if self.config.shared_kv else b] for b in BRANCHES}
-        return q, kv, gates, phis
+        return c.to_heads(q), kv, gates, phis
 
-    def _branches(self, q, kv, gates, phis, positions, cu_seqlens) -> dict[str, torch.Tensor]:
-        """RoPE on q and every branch's keys, then the cmp branch compressed with phi."""
-        cos, sin = self.rope.cos_sin(positions, q.dtype)
-        out = {"q": self.rope.rotate(q, cos, sin), "gates": gates}
-        rotated = {}
+    def _compress(self, q, kv, gates, phis, cu_seqlens) -> dict[str, torch.Tensor]:
+        """The NSA function's inputs: the cmp branch's keys and values compressed with phi."""
+        out = {"q": q, "gates": gates}
         for branch, (k, v) in kv.items():
-            if id(k) not in rotated:  # shared_kv: one rotation for every branch
-                rotated[id(k)] = self.rope.rotate(k, cos, sin)
-            k = rotated[id(k)]
             if branch == "cmp":
                 k = ops.compress(k, self.config, phis[0], cu_seqlens)
                 v = ops.compress(v, self.config, phis[1], cu_seqlens)
@@ -134,19 +148,38 @@ class NSAAttention(nn.Module):
         x: [B, S, hidden]; positions: [S] or [B, S]. Returns q [B, S, HQ, Dk], k_cmp/v_cmp
         [B, Nc, H, D], k_sel/v_sel/k_win/v_win [B, S, H, D], gates [B, S, HQ, 3].
         """
-        return self._branches(*self._heads(x), positions, cu_seqlens)
+        return self._compress(*self._heads(x, positions), cu_seqlens)
+
+    def prepare(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """The layer up to the NSA function: x [B, S_in, hidden] -> ``project``'s dict (this
+        rank's heads, the whole sequence) plus "positions" [S] or [B, S]."""
+        if x.dim() != 3:
+            raise ValueError(f"NSAAttention expects x of shape [B, S, hidden], got {tuple(x.shape)}")
+        x = self.comm.enter(x)
+        positions = token_positions(self.comm.seq_len(x.shape[1]), x.device, cu_seqlens, position_ids)
+        p = self.project(x, positions, cu_seqlens)
+        p["positions"] = positions
+        return p
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
-        """Selection then the NSA function. Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
+        """The NSA function and its selection in one op call (the compressed branch's forward
+        feeds the selection). Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
+        args = (p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"], p["v_win"], p["gates"])
+
+        def attend(reduce_importance=None, block_indices=None):
+            return ops.nsa_attention(*args, self.config, cu_seqlens=cu_seqlens, backend=self.backend,
+                                     block_indices=block_indices, reduce_importance=reduce_importance,
+                                     canonical_indices=block_indices is not None, return_indices=True)
+
         def select(q, reduce_importance):
             return ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
-                                     reduce_importance=reduce_importance,
-                                     backend="reference" if self.backend == "reference" else "auto")
-        idx = self.comm.select(p["q"], select)
-        o = ops.nsa_attention(p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"],
-                              p["v_win"], p["gates"], self.config, cu_seqlens=cu_seqlens,
-                              backend=self.backend, block_indices=idx, canonical_indices=True)
-        return o, idx
+                                     reduce_importance=reduce_importance, backend=self.backend)
+        return self.comm.attend(p["q"], attend, select)
+
+    def finish(self, o: torch.Tensor) -> torch.Tensor:
+        """The attention output [B, S, HQ', Dv] -> y [B, S_in, hidden]."""
+        return self.comm.exit(self.o_proj(self.comm.from_heads(o).flatten(2)))
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, return_stats: bool = False,
@@ -159,17 +192,11 @@ class NSAAttention(nn.Module):
         attends with if ``return_stats``, the selection [B, S, H', n] if ``return_indices``,
         else None.
         """
-        if x.dim() != 3:
-            raise ValueError(f"NSAAttention expects x of shape [B, S, hidden], got {tuple(x.shape)}")
-        x = self.comm.enter(x)
-        B, S_l, _ = x.shape
-        q, kv, gates, phis = self._heads(x)
-        positions = token_positions(q.shape[1], x.device, cu_seqlens, position_ids)
-        p = self._branches(q, kv, gates, phis, positions, cu_seqlens)
+        p = self.prepare(x, cu_seqlens, position_ids)
         o, idx = self.attend(p, cu_seqlens)
-        y = self.comm.exit(self.o_proj(self.comm.from_heads(o).reshape(B, S_l, -1)))
+        y = self.finish(o)
         if return_stats:
-            return y, self.stats(p["gates"], idx, positions, stats_head)
+            return y, self.stats(p["gates"], idx, p["positions"], stats_head)
         return y, (idx if return_indices else None)
 
     def stats(self, gates: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor,

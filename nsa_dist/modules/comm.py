@@ -20,8 +20,11 @@ from typing import Callable, Optional
 import torch
 from torch.func import functional_call
 
-# select(q, reduce_importance) -> block indices [B, S, H, n]: the layer's own selection call.
+# select(q, reduce_importance) -> block indices [B, S, H, n]: the layer's selection alone.
 SelectFn = Callable[[torch.Tensor, Optional[Callable]], torch.Tensor]
+# attend(reduce_importance=None, block_indices=None) -> (o [B, S, HQ, Dv], indices [B, S, H, n]):
+# the layer's one NSA call, which selects from its compressed branch unless given indices.
+AttendFn = Callable[..., tuple]
 
 
 class Region:
@@ -49,6 +52,14 @@ class AttentionComm(Region):
         replicas when there are more ranks than KV heads)."""
         return list(weights)
 
+    def seq_len(self, local_len: int) -> int:
+        """The whole sequence's length S from the length of this rank's input."""
+        return local_len
+
+    def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [S] or [B, S] of the whole sequence -> those of this rank's input tokens."""
+        return positions
+
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
         """[B, S_local, heads, D] -> [B, S, heads', D]: the whole sequence, the heads this
         rank attends with (``kv``: K/V heads, repeated where ranks outnumber them)."""
@@ -58,11 +69,12 @@ class AttentionComm(Region):
         """The inverse of ``to_heads`` on the attention output [B, S, heads', Dv]."""
         return o
 
-    def select(self, q: torch.Tensor, select: SelectFn) -> torch.Tensor:
-        """Block indices [B, S, H_local, n], the same for every query head of a group even
-        when the group's heads are spread over ranks. ``select(q, reduce_importance)`` is the
-        layer's selection call."""
-        return select(q, None)
+    def attend(self, q: torch.Tensor, attend: AttendFn, select: SelectFn) -> tuple:
+        """(o, indices) of the NSA function on q [B, S, HQ', Dk], with a selection that is the
+        same for every query head of a group even when the group's heads are spread over
+        ranks. ``attend`` is the layer's one call (selection inside, from the compressed
+        branch's forward); ``select(q, reduce_importance)`` its selection alone."""
+        return attend()
 
 
 class LMComm(Region):

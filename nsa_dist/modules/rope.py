@@ -1,6 +1,7 @@
 """Rotary position embedding (RoPE), with positions that restart per packed document."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,6 +35,16 @@ def token_positions(seq_len: int, device: torch.device, cu_seqlens: Optional[tor
     return torch.arange(seq_len, device=device)
 
 
+@functools.cache
+def _rope_kernel():
+    """The Triton RoPE kernel, or None where triton (or nsa_dist, in a to-hf export) is missing."""
+    try:  # absolute: this module is also bundled into to-hf exports
+        from nsa_dist.kernels.rope import rope_rotate
+    except ImportError:
+        return None
+    return rope_rotate
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotate-half RoPE (Llama convention) on the last dimension of [B, S, heads, D]."""
 
@@ -58,8 +69,13 @@ class RotaryEmbedding(torch.nn.Module):
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, S, heads, D] by cos/sin from ``cos_sin`` (not named apply: that is
-        nn.Module.apply, which DeepSpeed calls on every submodule)."""
+        nn.Module.apply, which DeepSpeed calls on every submodule). On CUDA (16/32-bit x,
+        last dim contiguous) one Triton kernel per direction (kernels/rope.py); the PyTorch
+        lines below are its reference and the path everywhere else."""
         half = x.shape[-1] // 2
+        kernel = _rope_kernel() if x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1 else None
+        if kernel is not None:
+            return kernel(x, cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float())
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 

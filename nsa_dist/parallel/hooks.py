@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..modules.comm import AttentionComm, LMComm, Region, SelectFn
+from ..modules.comm import AttendFn, AttentionComm, LMComm, Region, SelectFn
 from . import collectives as C
 from .comm_stats import Meter
 from .cross_entropy import vocab_parallel_cross_entropy
@@ -82,6 +82,12 @@ class AttentionPlanComm(TPRegion, AttentionComm):
     def kv_weights(self, *weights: torch.Tensor) -> list[torch.Tensor]:
         return C.reduce_grads(list(weights), self.kv_weight_group, sub(self.meter, "kv_replica_grads"))
 
+    def seq_len(self, local_len: int) -> int:
+        return local_len * self.sp
+
+    def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return C.local_chunk(positions, positions.dim() - 1, self.sp_group)
+
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
         """[B, S/sp, h, D] -> [B, S, h*repeat/sp, D] (Ulysses all-to-all)."""
         if self.sp == 1:
@@ -112,14 +118,14 @@ class AttentionPlanComm(TPRegion, AttentionComm):
         hold query heads of the same KV head."""
         return C.all_reduce_(imp.contiguous().clone(), self.kv_group, sub(self.meter, "importance"))
 
-    def select(self, q: torch.Tensor, select: SelectFn) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, attend: AttendFn, select: SelectFn) -> tuple:
         mode = self.selection_mode(q.shape[1], q.dtype)
         if mode == "gather_q":
             # The group's queries in head order (share-group ranks hold consecutive heads).
             with torch.no_grad():
                 q_group = C.all_gather_tensor(q.detach(), 2, self.kv_group, sub(self.meter, "selection_q"))
-            return select(q_group, None)
-        return select(q, self.reduce_importance if mode == "importance" else None)
+            return attend(block_indices=select(q_group, None))
+        return attend(reduce_importance=self.reduce_importance if mode == "importance" else None)
 
 
 class LMPlanComm(TPRegion, LMComm):

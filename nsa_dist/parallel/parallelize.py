@@ -30,6 +30,7 @@ from torch import nn
 
 from ..models.decoder import DecoderBlock, NSADecoderLM
 from ..modules.attention import NSAAttention
+from ..modules.comm import AttentionComm, LMComm
 from ..modules.dense import DenseAttention
 from . import collectives as C
 from .comm_stats import CommStats, Meter
@@ -55,6 +56,8 @@ def parallelize(model: NSADecoderLM, state: ParallelState, megatron_sp: bool = F
     """
     if not isinstance(model, NSADecoderLM):
         raise TypeError(f"parallelize expects an NSADecoderLM, got {type(model).__name__}")
+    if type(model.comm) is not LMComm:
+        raise ValueError("the model is already parallelised: build a fresh NSADecoderLM for each layout")
     cfg = model.config
     check_model_layout(cfg.num_heads, cfg.num_kv_heads, state.tp, state.sp, cfg.vocab_size, None, megatron_sp)
     if megatron_sp and state.sp > 1:
@@ -105,6 +108,8 @@ def parallelize_attention(attn: Attention, state: ParallelState, megatron_sp: bo
     [B, S/sp, hidden] shards of the Ulysses group with sp > 1, else [B, S, hidden] replicated
     over TP; ``cu_seqlens`` / ``position_ids`` always describe the full sequence."""
     _check_selection_comm(selection_comm)
+    if type(attn.comm) is not AttentionComm:
+        raise ValueError("the attention layer is already parallelised: build a fresh one for each layout")
     if megatron_sp and state.sp > 1:
         raise ValueError("Megatron sequence parallel together with Ulysses (sp > 1) is not "
                          "supported; use megatron_sp=False with sp > 1, or sp=1")

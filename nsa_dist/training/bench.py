@@ -253,8 +253,15 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
             "steps": summary["steps"]}
 
 
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides anywhere, as for nsa-pretrain."""
+    from .cli import parse_args as parse_anywhere
+
+    return parse_anywhere(argv, build_parser())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         run_grid(args)
     except (ValueError, FileNotFoundError, ImportError) as err:

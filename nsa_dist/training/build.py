@@ -1,8 +1,8 @@
 """What a training process is made of, built in order and handed on as explicit bundles.
 
-    start(cfg)            -> Env    device, process groups, ranks, model config, printer
-    load_data(env)        -> Data   train / valid datasets, tokenizer identity
-    build(env, order, w)  -> Built  DeepSpeed config, model (parallelised), optimizer, engine
+    start(cfg)                          -> Env    device, process groups, ranks, model config, printer
+    load_data(env)                      -> Data   train / valid datasets, tokenizer identity
+    build(env, record, full_weights)    -> Built  DeepSpeed config, model (parallelised), optimizer, engine
 
 Data parallelism comes from the launcher (``RANK``, ``WORLD_SIZE``, ... set by torchrun or
 the deepspeed launcher); a single process without a launcher runs as a world of one.
@@ -77,6 +77,9 @@ def init_distributed(deepspeed, device_type: str, timeout_s: Optional[float] = N
                                 world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                **({"timeout": timeout} if timeout else {}))
+    if device_type == "cpu":
+        dist.barrier()  # every rank is past DeepSpeed's init, where each maps the others' buffers
+        release_shm_buffer(dist.get_rank())
 
 
 def _elastic_store(timeout):
@@ -97,6 +100,26 @@ def _elastic_store(timeout):
                           timeout=timeout or timedelta(minutes=30))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"nsa_dist/attempt_{attempt}", store)
+
+
+SHM_BUFFER = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(rank: int, addr: Optional[str] = None, port: Optional[str] = None) -> str:
+    """The shared-memory file DeepSpeed's CPU backend makes for ``rank`` (when all ranks share a
+    host: the deepspeed launcher's LOCAL_SIZE equals the world): named by the user id and the
+    rendezvous (MASTER_ADDR, MASTER_PORT of the environment unless given)."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return os.path.join("/dev/shm", f"{SHM_BUFFER}_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Remove ``rank``'s DeepSpeed allreduce buffer name (66 MB, which DeepSpeed never removes).
+    Once every rank has mapped it (inside init) the mappings outlive the name, so removing it
+    right after init leaves nothing behind, whatever way the run ends."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer_path(rank))
 
 
 def _seed_everything(seed: int) -> None:
@@ -199,8 +222,10 @@ def load_data(env: Env) -> Data:
         return Data(MockDataset(V, cfg.seq_len, seed=cfg.seed, split="train"),
                     MockDataset(V, cfg.seq_len, seed=cfg.seed, split="valid"), None, None)
     from ..data import PackedDataset, Tokenizer
+    from ..data.shards import check_shards_tokenizer
 
     tok = Tokenizer.load(cfg.tokenizer)
+    check_shards_tokenizer(cfg.data_prefix, tok)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} tokens but the model "
                          f"({cfg.model}) only vocab_size={model_cfg.vocab_size}")
@@ -295,17 +320,22 @@ def _build_model(env: Env, ds_config: dict, full_weights: Optional[str]):
     if full_weights:
         load_weights(model, full_weights, env.model_cfg.tie_embeddings)
     if zero_stage(ds_config) == 3:
-        _zero3_leaf_attention(model)
+        _zero3_leaf_attention(model, env.model_cfg.recompute)
     return model, comm_stats, flops_per_token, num_parameters
 
 
-def _zero3_leaf_attention(model: torch.nn.Module) -> None:
+def _zero3_leaf_attention(model: torch.nn.Module, recompute: str) -> None:
     """ZeRO-3 gathers a module's weights at each call, and every rank must make the same
     calls. The phi compressor runs once per packed document, which differs between
     ranks; gathering each whole NSAAttention once per call (a ZeRO-3 "leaf") keeps the
     collectives in step."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    from ..modules import NSAAttention
+    from ..modules import DenseAttention, NSAAttention
 
-    set_z3_leaf_modules(model, [NSAAttention], raise_if_not_found=False)
+    if model.gradient_checkpointing and recompute == "keep_attention":
+        raise ValueError("model recompute: keep_attention calls the attention layer's parts "
+                         "outside its forward, where ZeRO-3 cannot gather its weights: use "
+                         "recompute: full with ZeRO-3, or ZeRO stage 0-2")
+    # (the attention layers read their projections' weights directly: one fused GEMM)
+    set_z3_leaf_modules(model, [NSAAttention, DenseAttention], raise_if_not_found=False)

@@ -31,6 +31,7 @@ import torch
 from ..checkpoint.files import (FORMAT_VERSION, LATEST_FILE, META_FILE, file_sizes, is_complete,
                                 list_checkpoints, read_latest, sha256_file, tag_for_step, verify_checkpoint)
 from ..checkpoint.tensors import load_allowlisted
+from ..config import ModelConfig
 from ..fileio import AtomicFile, atomic_write, is_temp
 from .exits import CheckpointWriteError
 
@@ -267,10 +268,15 @@ def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
     ``layout``: this run's (tp, sp), which a DeepSpeed checkpoint must share (its files are
     per TP rank and per ZeRO rank; a layout-free ``reshard`` output loads on any)."""
     problems, warnings = [], []
-    if meta.get("model_config") != model_cfg:
-        diff = sorted(k for k in set(model_cfg) | set(meta.get("model_config", {}))
-                      if model_cfg.get(k) != meta.get("model_config", {}).get(k))
+    then_cfg = meta.get("model_config") or {}
+    now, then = ModelConfig.function_fields(model_cfg), ModelConfig.function_fields(then_cfg)
+    if now != then:
+        diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
         problems.append(f"the model config differs in {diff}")
+    changed = [k for k in ModelConfig.EXECUTION_FIELDS if k in then_cfg and then_cfg[k] != model_cfg.get(k)]
+    if changed:  # written by an older version when absent: nothing to say
+        warnings.append("model execution settings changed: " + ", ".join(
+            f"{k} {then_cfg[k]!r} -> {model_cfg.get(k)!r}" for k in changed))
     if tokenizer_sha and meta.get("tokenizer_sha256") not in (None, tokenizer_sha):
         problems.append(f"the tokenizer differs (sha256 {meta.get('tokenizer_sha256', '')[:12]} "
                         f"in the checkpoint, {tokenizer_sha[:12]} now)")

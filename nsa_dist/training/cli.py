@@ -30,8 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: Optional[list[str]] = None, parser: Optional[argparse.ArgumentParser] = None
+               ) -> argparse.Namespace:
+    """The command line of ``parser`` (default: nsa-pretrain's); ``key=value`` overrides may
+    come anywhere (before, between or after the options, e.g. after ``--resume auto``)."""
+    return (parser or build_parser()).parse_intermixed_args(argv)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     cfg = None
     try:
         from .config import TrainConfig

@@ -14,6 +14,7 @@ from ..config import ConfigBase, _positive_int, _require
 from ..parallel.state import ParallelConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULE_ON_RESUME = ("keep", "replan")
 
 
 @dataclass
@@ -45,11 +46,17 @@ class TrainConfig(ConfigBase):
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # On resume, when this config's schedule differs from the checkpoint's (e.g. a larger
+    # train_steps): "keep" continues the checkpoint's cosine and holds min_lr past its end;
+    # "replan" recomputes it from this config (the lr may jump at the resume step).
+    schedule_on_resume: str = "keep"
 
     # Numerics and memory.
     precision: str = "auto"  # auto: bf16 on a CUDA device with bf16 support, fp32 otherwise
     activation_checkpointing: bool = False
-    loss_chunk_tokens: int = 0  # > 0: the loss this many positions at a time (no full-vocab logits)
+    # the loss this many positions at a time, so full-vocabulary logits never exist for a long
+    # sequence (64k x 32k vocab is 8 GB of fp32 logits and as much for their gradient); 0: off
+    loss_chunk_tokens: int = 16384
     attention_backend: str = "auto"  # "auto", "reference" or "triton" (see nsa_dist.ops)
     seed: int = 1234
 
@@ -107,6 +114,8 @@ class TrainConfig(ConfigBase):
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)", self.grad_clip)
         _require(self.max_minutes >= 0, "max_minutes", "must be >= 0", self.max_minutes)
         _require(self.peak_tflops >= 0, "peak_tflops", "must be >= 0", self.peak_tflops)
+        _require(self.schedule_on_resume in SCHEDULE_ON_RESUME, "schedule_on_resume",
+                 f"must be one of {SCHEDULE_ON_RESUME}", self.schedule_on_resume)
         _require(self.collective_timeout_s >= 5, "collective_timeout_s",
                  "must be >= 5 seconds (and longer than a step, a save or an evaluation)",
                  self.collective_timeout_s)
@@ -143,5 +152,8 @@ class TrainConfig(ConfigBase):
                 if not isinstance(node.get(name), dict):
                     raise ValueError(f"override {item!r}: {name!r} is not a section of the train config")
                 node = node[name]
-            node[leaf] = yaml.safe_load(value)
+            try:
+                node[leaf] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError(f"override {item!r}: {value!r} is not a valid YAML value") from None
         return TrainConfig.from_dict(data, where="override")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -12,10 +13,10 @@ from ..checkpoint.files import tag_for_step
 from .build import Built, Data, Env
 from .checkpoint import CheckpointManager
 from .exits import EXIT_PREEMPTED, Preempted
-from .metrics import device_peak_tflops, step_rate
+from .metrics import mfu_peak, step_rate
 from .report import Report
 from .resume import Position
-from .schedule import schedule_from_config
+from .schedule import Schedule, schedule_from_config
 from .stop import StopRequest
 
 
@@ -42,10 +43,10 @@ class TrainLoop:
     """Runs a built model from ``pos`` to ``cfg.train_steps``; every rank makes one."""
 
     def __init__(self, env: Env, data: Data, built: Built, pos: Position, report: Report,
-                 ckpt: CheckpointManager):
+                 ckpt: CheckpointManager, schedule: Optional[Schedule] = None):
         self.env, self.cfg, self.data, self.built = env, env.cfg, data, built
         self.engine, self.pos, self.report, self.ckpt = built.engine, pos, report, ckpt
-        self.schedule = schedule_from_config(env.cfg)
+        self.schedule = schedule or schedule_from_config(env.cfg)  # resume.plan_schedule decides
         self.stop = StopRequest()
 
     # ------------------------------------------------------------------ pieces
@@ -116,7 +117,7 @@ class TrainLoop:
                 "seq_len": cfg.seq_len, "consumed_samples": pos.consumed_samples,
                 "global_batch": cfg.global_batch(env.dp_world),
                 "tokens_seen": pos.consumed_samples * cfg.seq_len,
-                "param_layout": built.param_layout,
+                "param_layout": built.param_layout, "lr_schedule": self.schedule.to_dict(),
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__}}
 
     def save(self) -> str:
@@ -186,7 +187,8 @@ class TrainLoop:
         cfg, env, built, pos, report = self.cfg, self.env, self.built, self.pos, self.report
         loader = iter(build_dataloader(self.data.train, cfg.micro_batch_size, env.dp_rank,
                                        env.dp_world, consumed_samples=pos.consumed_samples))
-        peak = device_peak_tflops(env.device, built.precision, cfg.peak_tflops)
+        peak, peak_line = mfu_peak(env.device, built.precision, cfg.peak_tflops)
+        env.progress.print(peak_line)
         # Tokens per GPU: the ranks of one TP x Ulysses group share the same samples.
         clock = _Throughput(cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len / env.head_parallel)
         env.progress.print(

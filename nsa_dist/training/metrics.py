@@ -38,6 +38,20 @@ def device_peak_tflops(device: torch.device, precision: str, config_peak: float 
     return None
 
 
+def mfu_peak(device: torch.device, precision: str, config_peak: float = 0.0) -> tuple[Optional[float], str]:
+    """(``device_peak_tflops``, the line that says where MFU's peak comes from, or that MFU is
+    not logged and how to get it)."""
+    peak = device_peak_tflops(device, precision, config_peak)
+    if config_peak > 0:
+        return peak, f"[train] MFU (perf/mfu) against peak_tflops={config_peak:g} TFLOP/s from the train config"
+    if peak is not None:
+        return peak, (f"[train] MFU (perf/mfu) against {torch.cuda.get_device_name(device)}'s {precision} peak "
+                      f"{peak:g} TFLOP/s (data sheet; peak_tflops in the train config overrides it)")
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return None, (f"[train] MFU not logged: no peak FLOP rate is known for {what} at {precision}; "
+                  f"set peak_tflops in the train config to log perf/mfu")
+
+
 def memory_gb(device: torch.device) -> dict[str, float]:
     """Memory of this rank in GB: CUDA allocated/peak, or the process's peak RSS on CPU."""
     if device.type == "cuda":

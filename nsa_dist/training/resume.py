@@ -27,6 +27,7 @@ from ..checkpoint.full import load_full
 from ..checkpoint.layout import local_layout, local_slices, rename_state_dict, renames
 from .build import Built, Data, Env
 from .checkpoint import CheckpointManager, check_compatible, find_resume_checkpoint
+from .schedule import Schedule
 
 
 @dataclass
@@ -155,6 +156,31 @@ def _check_full_global_batch(env: Env, path: str, meta: dict) -> None:
                          f"'nsa-convert reshard --allow-batch-change' to continue with {now}")
     env.progress.print(f"[resume] global batch {then} -> {now} samples ({sizes}), allowed by reshard "
                        f"--allow-batch-change: step, data position and LR schedule continue")
+
+
+def plan_schedule(env: Env, plan: Optional[ResumePlan]) -> Schedule:
+    """The LR schedule of this run, said in one line: this config's, or on resume, when the
+    checkpoint's differs (e.g. a larger ``train_steps``), the one ``schedule_on_resume`` picks."""
+    cfg, say = env.cfg, env.progress.print
+    new = Schedule.from_train_config(cfg)
+    old = None
+    if plan is not None:
+        if plan.meta.get("lr_schedule"):
+            old = Schedule.from_dict(plan.meta["lr_schedule"])
+        elif plan.meta.get("train_config"):  # checkpoints older than the record
+            old = Schedule.from_train_config({**cfg.to_dict(), **plan.meta["train_config"]})
+    if old is None or old == new:
+        say(f"[schedule] {new.describe()}" + (" (as in the checkpoint)" if old else ""))
+        return new
+    step = int(plan.meta["step"])
+    if cfg.schedule_on_resume == "keep":
+        say(f"[schedule] schedule_on_resume=keep: the checkpoint's schedule continues ({old.describe()}); "
+            f"this config's would be {new.describe()} (lr {new(step):.2e} instead of {old(step):.2e} at "
+            f"step {step}); set schedule_on_resume=replan to use it")
+        return old
+    say(f"[schedule] schedule_on_resume=replan: {new.describe()}, replacing the checkpoint's "
+        f"({old.describe()}); lr at step {step}: {old(step):.2e} -> {new(step):.2e}")
+    return new
 
 
 def load_resume(env: Env, built: Built, plan: Optional[ResumePlan], ckpt: CheckpointManager) -> Position:

@@ -188,3 +188,132 @@ def format_table(profiles: dict) -> str:
             vals.append(f"{v:>{width + 2}.1f}")
         lines.append(f"{row:26s}" + "".join(vals))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the command
+def _ranged(fn: Callable, label: str) -> Callable:
+    def call(*args, **kwargs):
+        with torch.autograd.profiler.record_function(PREFIX + label):
+            return fn(*args, **kwargs)
+    return call
+
+
+def profile_trainer(trainer, warmup: int, steps: int) -> StepProfile:
+    """Run ``warmup`` + ``steps`` unprofiled steps of ``trainer`` (the loop's own step:
+    model, DeepSpeed engine, optimizer) for the step time, then ``steps`` profiled ones for
+    the split. Single process."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..data import build_dataloader
+
+    loop, env = trainer.loop, trainer.env
+    cfg = loop.cfg
+    loader = iter(build_dataloader(trainer.data.train, cfg.micro_batch_size, env.dp_rank, env.dp_world))
+    cuda = env.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = time.perf_counter()
+    for _ in range(steps):
+        next(loader)
+    data_ms = (time.perf_counter() - t) / steps * 1e3 * cfg.grad_accum_steps
+    loop.engine.train()
+    for _ in range(warmup):
+        loop._step(loader, False)
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loop._step(loader, False)
+    sync()
+    step_ms = (time.perf_counter() - t) / steps * 1e3
+    engine = loop.engine
+    engine.step = _ranged(engine.step, "optimizer")  # an instance attribute: removed below
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with profile(activities=activities) as prof, part_ranges(engine.module):
+            for _ in range(steps):
+                loop._step(loader, False)
+            sync()
+    finally:
+        del engine.step
+    return attribute(prof.events(), triton_kernel_names(), steps, step_ms, data_ms)
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m nsa_dist.training.step_profile",
+        description="Where a training step's time goes (attention kernels, projections, MLP, norms, "
+                    "head and loss, optimizer, other, GPU idle, data), NSA and dense, per context. "
+                    "One process; each point is a real Trainer (DeepSpeed engine) on the train config.")
+    p.add_argument("--config", required=True, help="train YAML (mock_data recommended), e.g. configs/train/bench_1b.yaml")
+    p.add_argument("--seq-len", default="8k", help="contexts, e.g. 8k,32k,64k")
+    p.add_argument("--attention", default="nsa,dense", help="nsa, dense or both")
+    p.add_argument("--warmup", type=int, default=2, help="unprofiled warm-up steps per point")
+    p.add_argument("--steps", type=int, default=2, help="timed steps, then as many profiled steps")
+    p.add_argument("--out", default="", help="CSV to write (one row per point)")
+    p.add_argument("overrides", nargs="*", help="train-config overrides key=value")
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    import csv
+    import gc
+    import os
+    import sys
+    import tempfile
+
+    from .bench import _csv_ints, _derived_model_yaml, _is_oom
+    from .config import TrainConfig
+    from .trainer import Trainer
+
+    args = build_parser().parse_args(argv)
+    base = TrainConfig.from_yaml(args.config).apply_overrides(args.overrides)
+    work = tempfile.mkdtemp(prefix="nsa_step_profile_")
+    results, rows = {}, []
+    for S in _csv_ints(args.seq_len, "seq-len"):
+        for attention in [a.strip() for a in args.attention.split(",") if a.strip()]:
+            label = f"{attention} {S // 1024}k" if S % 1024 == 0 else f"{attention} {S}"
+            cfg = base.apply_overrides([f"seq_len={S}", f"model={_derived_model_yaml(base.model, attention, S, work)}",
+                                        f"output_dir={os.path.join(work, label.replace(' ', '_'))}",
+                                        "tensorboard=false", "save_checkpoints=false", "eval_batches=0"])
+            trainer = None
+            try:
+                trainer = Trainer(cfg)
+                results[label] = prof = profile_trainer(trainer, args.warmup, args.steps)
+                rows.append({"point": label, "seq_len": S, "attention": attention, **prof.as_row()})
+                print(f"[profile] {label}: {prof.step_ms:.1f} ms/step", flush=True)
+            except Exception as err:  # noqa: BLE001 - an out-of-memory point is a result
+                if not _is_oom(err):
+                    raise
+                print(f"[profile] {label}: out of memory", flush=True)
+                rows.append({"point": label, "seq_len": S, "attention": attention, "step_ms": "oom"})
+            finally:
+                if trainer is not None:
+                    trainer.close()
+                del trainer
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    if results:
+        print(format_table(results))
+    if args.out and rows:
+        from ..fileio import atomic_open
+
+        fields = ["point", "seq_len", "attention", "step_ms", "kernel_ms", "launches_per_step", *ROWS]
+        with atomic_open(args.out, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

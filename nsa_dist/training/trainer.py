@@ -20,7 +20,7 @@ from .checkpoint import CheckpointManager
 from .config import TrainConfig
 from .loop import TrainLoop
 from .report import Report
-from .resume import checkpoints_dir, load_resume, plan_resume
+from .resume import checkpoints_dir, load_resume, plan_resume, plan_schedule
 
 
 def _agree(env) -> Callable[[bool], bool]:
@@ -62,7 +62,7 @@ class Trainer:
                                  gather=_gather(env))
         pos = load_resume(env, self.built, plan, ckpt)
         self.report = Report(env, start_step=pos.step)
-        self.loop = TrainLoop(env, self.data, self.built, pos, self.report, ckpt)
+        self.loop = TrainLoop(env, self.data, self.built, pos, self.report, ckpt, plan_schedule(env, plan))
 
     @property
     def rank(self) -> int:

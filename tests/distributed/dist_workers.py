@@ -12,6 +12,7 @@ import copy
 import torch
 
 from nsa_dist import ModelConfig, NSAConfig
+from nsa_dist.checkpoint.layout import local_layout
 from nsa_dist.models import NSADecoderLM
 from nsa_dist.modules.attention import NSAAttention
 from nsa_dist.modules.rope import token_positions
@@ -22,12 +23,14 @@ from nsa_dist.parallel import collectives as C
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-def tiny_config(num_heads=4, num_kv_heads=2, vocab=64, layers=2, tie=True, attention="nsa") -> ModelConfig:
+def tiny_config(num_heads=4, num_kv_heads=2, vocab=64, layers=2, tie=True, attention="nsa",
+                fused_projection=True) -> ModelConfig:
     nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=5, window=16, phi="mlp",
                     phi_hidden=16, gate_hidden=16)
     return ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=layers, num_heads=num_heads,
                        num_kv_heads=num_kv_heads, head_dim=8, intermediate_size=64, max_seq_len=256,
-                       tie_embeddings=tie, init_std=0.1, nsa=nsa, attention=attention)
+                       tie_embeddings=tie, init_std=0.1, nsa=nsa, attention=attention,
+                       fused_projection=fused_projection)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, device: str = "cpu", backend: str = "reference") -> NSADecoderLM:
@@ -123,7 +126,11 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     full_grads = {n: p.grad for n, p in model.named_parameters()}
 
     stats = CommStats()
+    names = [n for n, _ in model.named_parameters()]
     pm = parallelize(model, state, megatron_sp=megatron_sp, comm_stats=stats, selection_comm=selection_comm)
+    # sharded in place: the single-device names, in the single-device order, each its own layout name
+    assert [n for n, _ in pm.named_parameters()] == names, "parameter names or order changed"
+    assert all(full == local for local, (full, *_) in local_layout(pm).items())
     pout = pm(ids, labels, cu_seqlens=cu, return_stats=cfg.attention == "nsa")
     torch.testing.assert_close(pout.loss, out.loss, **TOL)
     assert pout.logits.shape == (B, S // state.sp, cfg.vocab_size // state.tp)
@@ -144,12 +151,12 @@ def model_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
 def layout_worker(rank: int, world: int, tp: int = 1, sp: int = 1, megatron_sp: bool = False,
                   num_heads: int = 4, num_kv_heads: int = 2, packed: bool = False, S: int = 64,
                   selection_comm: str = "auto", device: str = "cpu", backend: str = "reference",
-                  attention: str = "nsa") -> dict:
+                  attention: str = "nsa", fused_projection: bool = True) -> dict:
     state = ParallelState(world, rank, tp=tp, sp=sp)
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
-    model = build_model(tiny_config(num_heads, num_kv_heads, attention=attention), device=device,
-                        backend=backend)
+    model = build_model(tiny_config(num_heads, num_kv_heads, attention=attention,
+                                    fused_projection=fused_projection), device=device, backend=backend)
     out = layer_check(state, model, megatron_sp, packed, S, selection_comm) if attention == "nsa" else {}
     out.update(model_check(state, model, megatron_sp, packed, S, selection_comm))
     return out
@@ -180,13 +187,15 @@ def train_worker(rank: int, world: int, tp: int = 2, steps: int = 20, S: int = 6
     return {"ref": ref_curve, "par": par_curve}
 
 
-def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64) -> dict:
+def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64, recompute: str = "full",
+              megatron_sp: bool = False) -> dict:
     """Data parallel on top of TP (and Ulysses): each replica its own batch; after
     ``sync_grads`` every rank holds the gradient of the mean loss over the replicas' batches.
-    Activation checkpointing on, to cover recomputation with collectives inside."""
+    Activation checkpointing on (``recompute`` mode), to cover recomputation with collectives inside."""
     state = ParallelState(world, rank, tp=tp, sp=sp)
     cfg = tiny_config(num_heads=4, num_kv_heads=2)
     model = build_model(cfg)
+    model.config.recompute = recompute
     g = torch.Generator().manual_seed(4)
     batches = torch.randint(0, cfg.vocab_size, (state.dp, 1, S), generator=g)
     ref_losses = []
@@ -195,7 +204,7 @@ def dp_worker(rank: int, world: int, tp: int = 2, sp: int = 1, S: int = 64) -> d
         loss.backward()
         ref_losses.append(float(loss) * state.dp)
     full = {n: p.grad for n, p in model.named_parameters()}
-    pm = parallelize(model, state)
+    pm = parallelize(model, state, megatron_sp=megatron_sp)
     pm.gradient_checkpointing = True
     pm.train()
     ids = batches[state.dp_rank]

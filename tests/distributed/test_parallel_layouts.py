@@ -25,6 +25,8 @@ LAYOUTS = {
                                        selection_comm="gather_q")),
     "ulysses4_h1_packed_gather_q": (4, dict(sp=4, num_heads=4, num_kv_heads=1, packed=True,
                                             selection_comm="gather_q")),
+    # separate input projections (fused_projection=False) instead of one GEMM
+    "tp2_x_ulysses2_unfused": (4, dict(tp=2, sp=2, num_heads=8, num_kv_heads=2, fused_projection=False)),
     # the dense baseline under the same layouts (model loss and gradients)
     "dense_tp4_h2": (4, dict(tp=4, num_heads=4, num_kv_heads=2, attention="dense")),
     "dense_tp2_x_ulysses2_packed": (4, dict(tp=2, sp=2, num_heads=8, num_kv_heads=2, packed=True,

@@ -84,6 +84,8 @@ def test_parallelize_errors_and_trivial_layout():
         ParallelState(2, 2, tp=2, create_groups=False)
     # tp = sp = 1 (pure data parallel) needs no groups and is the model itself
     pm = parallelize(copy.deepcopy(model), ParallelState(1, 0, create_groups=False))
+    with pytest.raises(ValueError, match="already parallelised"):
+        parallelize(pm, ParallelState(1, 0, create_groups=False))
     ids = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pm(ids, ids).loss, model(ids, ids).loss)
     assert pm.num_parameters() == model.num_parameters() == pm.local_num_parameters()

@@ -25,6 +25,16 @@ def test_data_parallel_on_top_of_ulysses_sums_shards_averages_replicas():
     assert all(r["grad_err"] < 1e-4 for r in results)
 
 
+@pytest.mark.parametrize("world,kw", [(4, dict(tp=2, sp=2)), (2, dict(tp=2, megatron_sp=True))],
+                         ids=["tp2_x_ulysses2", "tp2_megatron_sp"])
+def test_keep_attention_recompute_matches_one_device(world, kw):
+    """recompute="keep_attention" with TP=2 x Ulysses=2 (tp*sp > H: group-consistent
+    selection, not recomputed; the region and all-to-all recomputed) and with Megatron SP
+    (the norm weights' gradient sums inside the recomputed parts)."""
+    results = run_world(W.dp_worker, world, recompute="keep_attention", **kw)
+    assert all(r["grad_err"] < 1e-4 for r in results)
+
+
 @pytest.mark.parametrize("tp,sp", [(2, 1), (1, 2)])
 def test_chunked_loss_matches_one_device(tp, sp):
     """Vocab-parallel loss in chunks of 24 positions (checkpointed, collectives inside) =

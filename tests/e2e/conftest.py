@@ -84,11 +84,32 @@ def run_pretrain(config: Path, *args: str, timeout: int = 300) -> subprocess.Com
 
 def run_launcher(script: str, config: Path, *args: str, launcher_args: tuple = (),
                  timeout: int = 400) -> subprocess.CompletedProcess:
-    """``launch/<script>`` with its own options, then the config and trainer args."""
+    """``launch/<script>`` with its own options, then the config and trainer args. A deepspeed
+    launch gets its own port, and the shared-memory buffers of that rendezvous are removed
+    afterwards whatever way the run ended (the trainer removes them itself when it starts)."""
     env = _env()
     env["PYTHON"] = sys.executable
+    port = None
+    if script == "deepspeed.sh":
+        if "--master-port" in launcher_args:
+            port = launcher_args[launcher_args.index("--master-port") + 1]
+        else:
+            port = free_port()
+            launcher_args = ("--master-port", str(port), *launcher_args)
     cmd = ["bash", str(ROOT / "launch" / script), *launcher_args, str(config), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if port is not None:
+            for path in shm_buffers(port):
+                os.unlink(path)
+
+
+def shm_buffers(port: int) -> list:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm of this user and a rendezvous on ``port``."""
+    import glob
+
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
 def summary(config: Path) -> dict:

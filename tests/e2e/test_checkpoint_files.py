@@ -133,3 +133,17 @@ def test_check_compatible():
         check_compatible(meta, {"a": 1}, "ab" * 32, "d", 128, 4)
     assert "data_prefix changed" in check_compatible(meta, {"a": 1}, "ab" * 32, "e", 128, 2)[0]
     json.dumps(meta)
+
+
+def test_execution_settings_do_not_block_a_resume():
+    """fused_projection / recompute change how the model is computed, not what: a checkpoint
+    written without them (older versions) or with other values resumes; a change is reported."""
+    meta = {"tag": "step_1", "model_config": {"a": 1}, "tokenizer_sha256": "ab" * 32,
+            "seq_len": 128, "world_size": 2, "data_prefix": "d"}
+    now = {"a": 1, "fused_projection": True, "recompute": "keep_attention"}
+    assert check_compatible(meta, now, "ab" * 32, "d", 128, 2) == []
+    meta["model_config"] = {"a": 1, "fused_projection": False, "recompute": "full"}
+    (warning,) = check_compatible(meta, now, "ab" * 32, "d", 128, 2)
+    assert "fused_projection False -> True" in warning and "recompute 'full' -> 'keep_attention'" in warning
+    with pytest.raises(ValueError, match=r"model config differs in \['a'\]"):
+        check_compatible(meta, {**now, "a": 2}, "ab" * 32, "d", 128, 2)

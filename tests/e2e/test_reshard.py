@@ -153,16 +153,17 @@ def test_resume_on_tp1_with_resume_auto_continues_the_curve(tiny_data, tp2_run):
 
 
 def _rename_checkpoint(src: Path, dst: Path) -> int:
-    """A copy of DeepSpeed checkpoint ``src`` whose parameters carry the other naming of the
-    layout record (each local name replaced by its full name): the model files' keys and
-    shapes, the record, the recorded file sizes. Returns how many names changed."""
+    """A copy of DeepSpeed checkpoint ``src`` whose parameters carry other local names (as the
+    twin parallel classes' checkpoints did, e.g. ``layers.0.attn.gate_fc1_w``): the model
+    files' keys and shapes, the record's keys (each still naming its full parameter and
+    slice), the recorded file sizes. Returns how many names changed."""
     from nsa_dist.convert.zero_state import load_ds_file
 
     shutil.copytree(src, dst)
     meta = json.loads((dst / "nsa_meta.json").read_text())
     changed = 0
     for tp_rank, record in enumerate(meta["param_layout"]):
-        names = {local: entry[0] for local, entry in record.items()}
+        names = {local: "legacy_" + local.replace(".", "_") for local in record}
         changed += sum(a != b for a, b in names.items())
         f = dst / f"mp_rank_{tp_rank:02d}_model_states.pt"
         sd = load_ds_file(str(f))

@@ -177,9 +177,6 @@ def _op_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="NSAAttention.attend still calls select_blocks, then nsa_attention with "
-                   "block_indices; remove this marker when it makes the one call (issue 24 item 1, the model "
-                   "layer's change)")
 def test_the_benchmark_times_the_layers_call(monkeypatch):
     """tools/bench_kernels.py times ``layer_call``; the attention layer must make the same op
     calls with the same path choices (one nsa_attention that selects and returns indices)."""

@@ -304,31 +304,39 @@ def test_generate_cli_loads_pt_and_safetensors(tmp_path, capsys):
     other = ModelConfig(vocab_size=40, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
                         head_dim=8, max_seq_len=48, nsa=NSAConfig(**CFG))
     other.to_yaml(tmp_path / "other.yaml")
-    with pytest.raises(ValueError, match="does not fit the model config"):
-        tool.main(["--config", str(tmp_path / "other.yaml"), "--checkpoint", str(tmp_path / "m.pt"),
-                   "--prompt-ids", "1"])
-    with pytest.raises(FileNotFoundError):
-        tool.main(["--config", cfg_path, "--checkpoint", str(tmp_path / "nope.pt"), "--prompt-ids", "1"])
+    # the tool reports bad input as one line on stderr and exit status 2
+    assert tool.main(["--config", str(tmp_path / "other.yaml"), "--checkpoint", str(tmp_path / "m.pt"),
+                      "--prompt-ids", "1"]) == 2
+    assert "does not fit the model config" in capsys.readouterr().err
+    assert tool.main(["--config", cfg_path, "--checkpoint", str(tmp_path / "nope.pt"), "--prompt-ids", "1"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
     assert tool.main(["--config", cfg_path, "--random-weights", "--prompt-ids", "1", "--prompt-ids", "4,5",
                       "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
-def test_bench_decode_cli_small(tmp_path, capsys):
+def test_bench_decode_cli_small(tmp_path, capsys, monkeypatch):
     import csv
+    import sys
 
     tool = _tool("bench_decode")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # an optional package that is missing
     out = tmp_path / "bench.csv"
-    assert tool.main(["--seq-lens", "256,1024", "--device", "cpu", "--heads", "4", "--kv-heads", "2",
-                      "--head-dim", "16", "--window", "128", "--num-selected", "4", "--iters", "2",
-                      "--warmup", "1", "--csv", str(out)]) == 0
+    assert tool.main(["--batches", "1,2", "--contexts", "256,1024", "--device", "cpu", "--heads", "4",
+                      "--kv-heads", "2", "--head-dim", "16", "--window", "128", "--num-selected", "4",
+                      "--iters", "2", "--warmup", "1", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
-    assert [int(r["seq_len"]) for r in rows] == [256, 1024]
+    assert list(rows[0]) == tool.FIELDS
+    got = {(int(r["batch"]), int(r["context"]), r["method"]) for r in rows}
+    assert got == {(B, S, m) for B in (1, 2) for S in (256, 1024) for m in ("nsa_pytorch", "dense_sdpa")}
     cfg = NSAConfig(window=128, num_selected=4)
     for r in rows:
-        S = int(r["seq_len"])
-        assert int(r["nsa_reads"]) == seed_reads(S, cfg) and int(r["dense_reads"]) == S
-    assert "| seq_len |" in capsys.readouterr().out
+        S = int(r["context"])
+        assert r["status"] == "ok" and float(r["ms_per_step"]) > 0
+        assert int(r["reads_per_head"]) == (seed_reads(S, cfg) if r["method"].startswith("nsa") else S)
+        assert float(r["tokens_per_s"]) == pytest.approx(int(r["batch"]) * 1e3 / float(r["ms_per_step"]), rel=1e-2)
+    text = capsys.readouterr().out
+    assert "flash-attn unavailable" in text and "| batch | context |" in text
 
 
 def test_generate_cli_with_a_tokenizer(tmp_path, tokenizer_dir, capsys):
@@ -342,3 +350,110 @@ def test_generate_cli_with_a_tokenizer(tmp_path, tokenizer_dir, capsys):
     assert capsys.readouterr().out.startswith("def main(")
     with pytest.raises(SystemExit, match="needs --tokenizer"):
         tool.main(["--config", str(tmp_path / "m.yaml"), "--random-weights", "--prompt", "x"])
+
+
+# ----------------------------------------------------------------------------- bad input leaves the caches alone
+def _snapshot(caches):
+    """Every tensor of the caches (cloned) and the host-side counts."""
+    caches = caches if isinstance(caches, list) else [caches]
+    return [({k: v.clone() for k, v in vars(c).items() if isinstance(v, torch.Tensor)}, c.host_max)
+            for c in caches]
+
+
+def _unchanged(caches, snap):
+    caches = caches if isinstance(caches, list) else [caches]
+    for c, (tensors, host) in zip(caches, snap):
+        assert c.host_max == host
+        for k, v in tensors.items():
+            assert torch.equal(getattr(c, k), v), f"{k} was written"
+
+
+def _refused_fill(P: int, lengths: list, match: str) -> None:
+    """A fill of a P-token prompt with ``lengths`` into a 12-token cache: ValueError, no write."""
+    _, cache, _ = prefill_layer(_layer(), torch.randn(2, 5, 32), max_len=12)
+    snap = _snapshot(cache)
+    kv = {k: torch.randn(2, P, 2, 8) for k in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")}
+    nc = num_compressed(P, cache.config)
+    kv["k_cmp"], kv["v_cmp"] = torch.randn(2, nc, 2, 8), torch.randn(2, nc, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        cache.fill(kv, torch.tensor(lengths))
+    _unchanged(cache, snap)
+
+
+def test_prompt_longer_than_the_cache_writes_nothing():
+    _refused_fill(13, [13, 4], "exceeds the cache's max_len=12")
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        prefill(_tiny_model(), torch.ones(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds max_len=8"):
+        prefill_layer(_layer(), torch.randn(1, 9, 32), max_len=8)
+
+
+def test_empty_prompt_in_a_batch_writes_nothing():
+    _refused_fill(4, [4, 0], "every length must be in")
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(_tiny_model(), [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="every length must be in"):
+        generate(_tiny_model(), torch.ones(2, 3, dtype=torch.long), 3, lengths=torch.tensor([3, 0]))
+
+
+def test_dtype_and_device_mismatch_write_nothing():
+    m = _layer()
+    _, cache, _ = prefill_layer(m, torch.randn(2, 5, 32), max_len=12)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="dtype torch.float64 but the cache torch.float32"):
+        decode_layer(m.double(), torch.randn(2, 1, 32, dtype=torch.float64), cache)
+    m.float()
+    with pytest.raises(ValueError, match="is on meta but the cache on cpu"):
+        decode_layer(m, torch.randn(2, 1, 32, device="meta"), cache)
+    _unchanged(cache, snap)
+    # model level: every layer is checked before the first one writes
+    model = _tiny_model()
+    with torch.no_grad():
+        _, mc = prefill(model, torch.ones(2, 4, dtype=torch.long))
+    snap = _snapshot(mc.layers)
+    with pytest.raises(ValueError, match="hidden state has dtype torch.bfloat16"):
+        decode_step(model.to(torch.bfloat16), mc, torch.tensor([1, 2]))
+    model.float()
+    with pytest.raises(ValueError, match="tokens are on meta"):
+        decode_step(model, mc, torch.ones(2, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="integer token ids"):
+        decode_step(model, mc, torch.ones(2))
+    mixed = ModelCache([mc.layers[0], prefill(_tiny_model(window=4), torch.ones(2, 4, dtype=torch.long))[1].layers[1]])
+    with pytest.raises(ValueError, match="built for NSAConfig"):
+        decode_step(model, mixed, torch.tensor([1, 2]))
+    _unchanged(mc.layers, snap)
+
+
+def test_full_cache_writes_nothing_and_counters_can_be_off():
+    m = _layer()
+    x = torch.randn(1, 6, 32)
+    _, cache, _ = prefill_layer(m, x[:, :4], max_len=5)
+    y, idx, reads = decode_layer(m, x[:, 4], cache, count_reads=False)
+    assert reads is None and idx.shape == (1, 2, 3)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="max_len=5"):
+        decode_layer(m, x[:, 5], cache)
+    _unchanged(cache, snap)
+    model = _tiny_model()
+    out = generate(model, [[1, 2, 3]], 5, count_reads=False)
+    assert out.step_stats == [] and out.tokens == generate(model, [[1, 2, 3]], 5).tokens
+
+
+def test_generate_decodes_the_to_hf_bundled_model(tmp_path):
+    """The to-hf export bundles its own copy of the model classes; the decode path takes
+    them (the NSAAttention interface, not the class), so the export's generate() can call
+    nsa_dist.inference.generate on ``hf.model`` when nsa_dist is installed."""
+    transformers = pytest.importorskip("transformers")
+    import os
+
+    from nsa_dist.convert.cli import main as convert
+    from nsa_dist.convert.io import save_consolidated
+
+    model = _tiny_model()
+    os.makedirs(tmp_path / "ckpt")
+    save_consolidated(model.state_dict(), model.config, str(tmp_path / "ckpt"))
+    assert convert(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    assert type(hf.model.layers[0].attn) is not NSAAttention  # the bundled copy
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
+    assert generate(hf.model, prompts, 20).tokens == generate(model, prompts, 20).tokens

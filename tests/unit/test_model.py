@@ -126,3 +126,184 @@ def test_chunked_loss_equals_full_loss_and_gradients():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-8, msg=n)
     with torch.no_grad():  # evaluation: no checkpointing, same number
         torch.testing.assert_close(model(ids, labels).loss.double(), full.loss.double(), rtol=1e-6, atol=0)
+
+
+def _twin_grads(cfg_a: ModelConfig, cfg_b: ModelConfig, packed: bool, setup=None):
+    """Models of two configs with the same weights (fp32, nonzero gate/phi outputs): (loss,
+    logits, gradients) of each on the same batch."""
+    torch.manual_seed(0)
+    a = NSADecoderLM(cfg_a, backend="reference")
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0.0, 0.1)
+    b = NSADecoderLM(cfg_b, backend="reference")
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, cfg_a.vocab_size, (1 if packed else 2, 48), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32) if packed else None
+    out = []
+    setups = setup if isinstance(setup, tuple) else (setup, setup)
+    for m, fn in zip((a, b), setups):
+        if fn is not None:
+            fn(m)
+        o = m(ids, torch.roll(ids, -1, 1), cu_seqlens=cu)
+        o.loss.backward()
+        out.append((o.loss.detach(), o.logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["nsa", "nsa_packed", "nsa_shared_kv", "dense", "dense_packed"])
+def test_fused_projection_equals_separate_projections(variant):
+    """One GEMM over q, every K/V and the gate's first layer (RoPE once over q and the keys)
+    gives the separate projections' outputs and gradients (fp32, CPU, 1e-5)."""
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp",
+                    shared_kv=variant == "nsa_shared_kv")
+    cfg = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "attention": variant.split("_")[0],
+                         "tie_embeddings": False})
+    assert cfg.fused_projection  # the default
+    unfused = ModelConfig(**{**cfg.to_dict(), "fused_projection": False})
+    (la, ya, ga), (lb, yb, gb) = _twin_grads(cfg, unfused, packed=variant.endswith("packed"))
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+        assert gb[n].abs().max() > 0, f"{n}: zero gradient, the comparison checks nothing"
+
+
+def test_model_config_execution_options_are_checked():
+    with pytest.raises(ValueError, match="fused_projection=.*true or false"):
+        ModelConfig(fused_projection="yes")
+
+
+@pytest.mark.parametrize("mode", ["full", "keep_attention"])
+@pytest.mark.parametrize("variant", ["nsa", "nsa_packed", "dense_packed"])
+def test_recompute_modes_equal_no_recomputation(mode, variant):
+    """model.config.recompute with activation checkpointing on: the same loss and gradients
+    as a model that recomputes nothing (fp32, CPU, 1e-5); "none" ignores the switch."""
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp")
+    base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "attention": variant.split("_")[0]})
+    assert base.recompute == "full"  # the default: today's whole-block checkpointing
+    cfg = ModelConfig(**{**base.to_dict(), "recompute": mode})
+    none = ModelConfig(**{**base.to_dict(), "recompute": "none"})
+
+    def on(m):
+        m.gradient_checkpointing = True
+        m.train()
+    (la, ya, ga), (lb, yb, gb) = _twin_grads(cfg, none, packed=variant.endswith("packed"), setup=on)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+        assert gb[n].abs().max() > 0, f"{n}: zero gradient, the comparison checks nothing"
+
+
+def test_keep_attention_runs_the_attention_function_once():
+    """keep_attention recomputes the projections but not the NSA function (selection and
+    attention), full recomputes both: counted calls of the function per training step."""
+    from nsa_dist import ops
+
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16)
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
+    calls = {}
+    for mode in ("full", "keep_attention", "none"):
+        torch.manual_seed(0)
+        model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "recompute": mode}), backend="reference")
+        model.gradient_checkpointing = True
+        model.train()
+        count = {"attn": 0, "select": 0}
+        orig_attn, orig_select = ops.nsa_attention, ops.select_blocks
+
+        def attn(*a, **k):
+            count["attn"] += 1
+            return orig_attn(*a, **k)
+
+        def select(*a, **k):
+            count["select"] += 1
+            return orig_select(*a, **k)
+        ops.nsa_attention, ops.select_blocks = attn, select
+        try:
+            model(ids, ids).loss.backward()
+        finally:
+            ops.nsa_attention, ops.select_blocks = orig_attn, orig_select
+        calls[mode] = count
+    layers = TINY.num_layers
+    # one op call per layer selects and attends (no separate selection on one device)
+    assert calls["none"] == calls["keep_attention"] == {"attn": layers, "select": 0}
+    assert calls["full"] == {"attn": 2 * layers, "select": 0}
+
+
+def test_recompute_mode_is_checked():
+    with pytest.raises(ValueError, match="recompute='selective': must be one of 'full', 'keep_attention', 'none'"):
+        ModelConfig(recompute="selective")
+
+
+def _cpu_candidates(q, k, v):
+    from nsa_dist.modules.dense import sdpa_causal
+    return {"sdpa_cudnn": sdpa_causal("cudnn"),  # cannot run on a CPU: skipped
+            "sdpa_math": sdpa_causal("math"), "sdpa_flash": sdpa_causal("flash"),
+            "sdpa_math_expanded": sdpa_causal("math", expand_kv=True)}
+
+
+def test_dense_attention_picks_the_fastest_candidate_once_per_shape():
+    """CausalAttention times each candidate that runs (fwd + bwd) on the first call of a shape,
+    keeps the fastest, reports it, and gives SDPA's result; on a CPU it runs SDPA unmeasured.
+    Under activation checkpointing the dense model's gradients are unchanged."""
+    from nsa_dist.modules.dense import CausalAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 40, 4, 8, generator=g), torch.randn(2, 40, 2, 8, generator=g), torch.randn(2, 40, 2, 8, generator=g)
+    plain = CausalAttention()
+    want = plain(q, k, v)
+    assert plain.last == "sdpa" and list(plain.chosen.values()) == ["sdpa"]
+    speed = {"sdpa_math": 3.0, "sdpa_flash": 2.0, "sdpa_math_expanded": 1.0}
+    timed = []
+
+    def timer(run):
+        run()  # raises for a backend that cannot run
+        timed.append(len(timed))
+        return speed[list(speed)[(len(timed) - 1) % 3]]
+    ca = CausalAttention(timer=timer)
+    ca.candidates = _cpu_candidates
+    torch.testing.assert_close(ca(q, k, v), want, rtol=1e-5, atol=1e-5)
+    assert ca.last == "sdpa_math_expanded" and len(timed) == 3
+    ca(q, k, v)
+    assert len(timed) == 3, "timed again for a shape already measured"
+    cu = torch.tensor([0, 10, 80], dtype=torch.int32)  # longest document 70 > 64: measured anew
+    qp, kp, vp = (t.reshape(1, 80, *t.shape[2:]) for t in (q, k, v))
+    torch.testing.assert_close(ca(qp, kp, vp, cu), plain(qp, kp, vp, cu), rtol=1e-5, atol=1e-5)
+    assert len(timed) == 6 and len(ca.chosen) == 2
+
+    cfg = ModelConfig(**{**TINY.to_dict(), "attention": "dense"})
+    measured = []
+
+    def fast_candidates(model):  # CPU candidates, measured inside the checkpoint's first forward
+        model.causal_attention.candidates = _cpu_candidates
+        model.causal_attention.timer = lambda run: (run(), measured.append(1), 1.0)[2]
+        model.gradient_checkpointing = True
+        model.train()
+    (la, _, ga), (lb, _, gb) = _twin_grads(cfg, cfg, packed=True, setup=(fast_candidates, None))
+    assert len(measured) == 3, "the model did not measure its candidates"
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_flash_attn_varlen_packs_batches_and_documents():
+    """flash_attn_causal's layout (every document, or each of B sequences, one varlen call)
+    against SDPA, with a stand-in for flash-attn's function."""
+    from nsa_dist.modules.dense import flash_attn_causal, sdpa_causal
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+        assert max_q == max(int(b - a) for a, b in zip(cu_q[:-1], cu_q[1:]))
+        out = [torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True,
+            enable_gqa=True).transpose(0, 1) for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())]
+        return torch.cat(out)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 24, 4, 8, generator=g), torch.randn(2, 24, 2, 8, generator=g), torch.randn(2, 24, 2, 8, generator=g)
+    fa, sd = flash_attn_causal(varlen), sdpa_causal()
+    torch.testing.assert_close(fa(q, k, v, [0, 24]), sd(q, k, v, [0, 24]), rtol=1e-6, atol=1e-6)
+    qp, kp, vp = (t.reshape(1, 48, *t.shape[2:]) for t in (q, k, v))
+    torch.testing.assert_close(fa(qp, kp, vp, [0, 7, 30, 48]), sd(qp, kp, vp, [0, 7, 30, 48]), rtol=1e-6, atol=1e-6)

@@ -52,3 +52,26 @@ def test_needle_cli(capsys):
     assert tool.main(["--seq-len", "4096", "--depths", "0.2,0.8"]) == 0
     assert "2/2 depths found" in capsys.readouterr().out
     assert tool.main(["--seq-len", "4096", "--depths", "0.5", "--strength", "0"]) == 1
+
+
+def test_needle_through_generate_finds_it_and_the_control_does_not():
+    from nsa_dist.inference.needle import QUERY, run_generate_needle
+
+    for depth in (0.2, 0.6):
+        r = run_generate_needle(2048, depth, PAPER, backend="reference")
+        assert r.ok and r.tokens == [QUERY] * 4, r
+    control = run_generate_needle(2048, 0.6, PAPER, with_needle=False, backend="reference")
+    assert not control.ok and QUERY not in control.tokens
+
+
+def test_needle_cli_generate(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "tools" / "needle.py"
+    spec = importlib.util.spec_from_file_location("_tool_needle_gen", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--generate", "--seq-len", "1536", "--depths", "0.4", "--new-tokens", "2"]) == 0
+    assert "1/1 depths found" in capsys.readouterr().out
+    assert tool.main(["--generate", "--seq-len", "1536", "--depths", "0.4", "--strength", "0"]) == 1

@@ -59,7 +59,7 @@ def test_checkout_root_first_on_sys_path_never_shadows_another_kernels_package()
     nsa_dist.kernels is still the checkout's kernels/ (nsa_dist/kernels/__init__.py adds it)."""
     assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
     hf, launch, api = _probe(sys.executable, ROOT, ROOT)
-    assert hf == _hf_kernels_origin() and (hf is None or not hf.startswith(ROOT + os.sep))
+    assert hf == _hf_kernels_origin() and (hf is None or not hf.startswith(os.path.join(ROOT, "kernels") + os.sep))
     assert launch == os.path.join(ROOT, "kernels", "launch.py") and api == os.path.join(ROOT, "kernels", "api.py")
 
 

@@ -48,3 +48,25 @@ def test_hooks_are_removed():
     with part_ranges(model):
         pass
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
+
+
+def test_the_command_profiles_real_trainer_steps(tmp_path, monkeypatch):
+    """``python -m nsa_dist.training.step_profile``: a Trainer per point (DeepSpeed on the CPU),
+    one CSV row with every part."""
+    import csv
+    import os
+
+    from nsa_dist.training.step_profile import main
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    model = tmp_path / "model.yaml"
+    model.write_text("\n".join(f"{k}: {v}" for k, v in CFG.items() if k != "nsa")
+                     + "\nnsa: {cmp_block: 8, cmp_stride: 4, sel_block: 16, num_selected: 3, window: 16}\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "profile.csv"
+    assert main(["--config", os.path.join(root, "configs/train/bench_1b.yaml"), "--seq-len", "64",
+                 "--attention", "nsa", "--warmup", "0", "--steps", "1", "--out", str(out),
+                 f"model={model}", "precision=fp32", f"output_dir={tmp_path / 'run'}"]) == 0
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["point"] == "nsa 64" and float(row["step_ms"]) > 0
+    assert float(row["attention projections"]) > 0 and float(row["MLP"]) > 0 and float(row["optimizer"]) > 0

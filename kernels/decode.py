@@ -1,0 +1,452 @@
+"""Decode kernels: one new query per sequence over the per-branch caches (SPEC.md).
+
+The caches are ``nsa_dist.inference.LayerCache``'s: k_sel/v_sel [B, C, H, D] (every
+position), k_win/v_win [B, w, H, D] (ring, slot pos % w), k_raw/v_raw [B, l, H, D] (ring of
+raw compression keys), k_cmp/v_cmp [B, Ncap, H, D] (emitted compressed tokens), lengths [B]
+(tokens cached per sequence; sequence b's new query sits at t = lengths[b] - 1 once
+appended). Every program works on one sequence and one KV head with the G query heads of
+the group as the rows of its matrix products (padded to 16 rows), so a K/V tile is loaded
+once per group, and reads nothing at or past its sequence's length. Launches per step:
+
+1. ``_append``: write the new token's K/V into the selection cache, the window ring and
+   the raw ring; with mean pooling, emit compressed token (S - l) / d in the same program
+   when the length S crosses a stride boundary (no host sync; an MLP phi is applied by the
+   caller with masked tensor ops).
+2. ``_cmp_split``: flash-decoding split of the compressed cache. Split s owns the tokens
+   starting in selection blocks [s*BPS, (s+1)*BPS) and, in the same pass, accumulates Eq. 9
+   importance of those blocks per query head (a 0/1-overlap weight product; the l/d - 1
+   tokens of the previous block that reach into block s*BPS are read again for it). Partial
+   softmax state and importance are kept relative to the split's running maximum.
+3. ``_select``: per (sequence, KV head): the splits' maxima and sums give each head's
+   normaliser; importance = sum over the group of the rescaled partials (Eq. 10); a running
+   top-n over chunks of blocks with one int64 key per block (float bits above, 2**31-1-j
+   below; forced blocks +inf; non-candidates -1), so equal importance goes to the lower block
+   index, exactly as a stable sort does.
+4. ``_attend_split``: selected blocks (each clamped to <= t) and window-ring tiles, spread
+   over programs (``DecodeLaunch.target_programs``) so that batch 1 fills the GPU.
+5. ``_combine``: per (sequence, query head): merge the three branches' partials, gate.
+
+Importance accumulates in fp32 (the PyTorch path sums in float64): exact near-ties may
+break differently, as in the training selection kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .nsa import dot_precision
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch constants of the decode kernels (validated at construction).
+
+    block_n: compressed tokens per tile of the split pass; block_k: selected/window keys per
+    tile; target_programs: programs the two split passes aim for (a few per SM); max_splits:
+    most splits of the compressed cache per (sequence, KV head) (the combine loads them all
+    at once); select_chunk: most blocks per top-n merge (one merge covers every block up to
+    128k tokens at l' = 64: one wide top-k has fewer dependent stages than a chain of merges);
+    num_warps: warps of the split kernels;
+    topk_merge: merge the running top-n with tl.topk / tl.bitonic_merge when available.
+    """
+
+    block_n: int = 64
+    block_k: int = 64
+    target_programs: int = 528
+    max_splits: int = 64
+    select_chunk: int = 2048
+    num_warps: int = 4
+    topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k", "max_splits", "select_chunk", "num_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"DecodeLaunch.{name} must be a positive power of two, got {v!r}")
+        if self.block_n < 16 or self.block_k < 16:
+            raise ValueError("DecodeLaunch.block_n and block_k must be >= 16 (matrix-product tiles)")
+        if not isinstance(self.target_programs, int) or self.target_programs < 1:
+            raise ValueError(f"DecodeLaunch.target_programs must be a positive integer, got {self.target_programs!r}")
+
+
+DEFAULT_LAUNCH = DecodeLaunch()
+HAS_TOPK_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")
+NEG_INF = tl.constexpr(float("-inf"))  # jit functions read globals only as constexpr
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _group_queries(Q, bq0, DK, G: tl.constexpr, GP: tl.constexpr, BDK: tl.constexpr):
+    """The group's queries [GP, BDK] (rows >= G and columns >= DK are 0) from row bq0."""
+    g = tl.arange(0, GP)
+    dk = tl.arange(0, BDK)
+    return tl.load(Q + (bq0 + g)[:, None] * DK + dk[None, :], mask=(g < G)[:, None] & (dk < DK)[None, :],
+                   other=0.0), dk
+
+
+@triton.jit
+def _rows(PTR, row, ok, D, BD: tl.constexpr, TRANS: tl.constexpr):
+    """Load rows ``row`` (int64 element offsets / D) of width D: [n, BD], or [BD, n] if TRANS."""
+    d = tl.arange(0, BD)
+    if TRANS:
+        return tl.load(PTR + row[None, :] * D + d[:, None], mask=ok[None, :] & (d < D)[:, None], other=0.0)
+    return tl.load(PTR + row[:, None] * D + d[None, :], mask=ok[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _online(q, kt, v, ok, m, lsum, acc, scale2, PREC: tl.constexpr):
+    """One tile of an online softmax in base 2: scores of q [GP, BDK] against kt [BDK, n]
+    for the keys ``ok``; returns the updated (max, sum, output accumulator)."""
+    s = tl.dot(q, kt, input_precision=PREC) * scale2
+    s = tl.where(ok[None, :], s, NEG_INF)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # nothing seen yet: keep everything 0
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    lsum = lsum * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, lsum, acc
+
+
+@triton.jit
+def _store_partial(MP, LP, OP, part, m, lsum, acc, DV, G: tl.constexpr, GP: tl.constexpr, BDV: tl.constexpr):
+    """Partial softmax state of one program: MP/LP [.., G] at ``part`` * G, OP [.., G, DV]."""
+    g = tl.arange(0, GP)
+    dv = tl.arange(0, BDV)
+    tl.store(MP + part * G + g, m, mask=g < G)
+    tl.store(LP + part * G + g, lsum, mask=g < G)
+    tl.store(OP + (part * G + g)[:, None] * DV + dv[None, :], acc, mask=(g < G)[:, None] & (dv < DV)[None, :])
+
+
+# ----------------------------------------------------------------------------- 1. append
+@triton.jit
+def _append(NEW_KS, NEW_VS, NEW_KW, NEW_VW, NEW_KR, NEW_VR, KS, VS, KW, VW, KR, VR, KC, VC, LEN,
+            H, CAP, W, NCAP, DK, DV, L: tl.constexpr, DS: tl.constexpr, LP2: tl.constexpr,
+            BDK: tl.constexpr, BDV: tl.constexpr, HAS_WIN: tl.constexpr, MEAN: tl.constexpr):
+    """Program (b, h): the token at pos = lengths[b] into every cache; mean-pooled emission."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    pos = tl.load(LEN + b)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    kmask, vmask = dk < DK, dv < DV
+    # the host refuses full caches; a CUDA-graph warm-up must not write past them (scalar
+    # conditions are broadcast by hand: Triton's interpreter rejects a 0-d mask operand)
+    kmask, vmask = kmask & (dk * 0 + pos < CAP), vmask & (dv * 0 + pos < CAP)
+    row = (b * CAP + pos) * H + h
+    tl.store(KS + row * DK + dk, tl.load(NEW_KS + bh * DK + dk, mask=kmask), mask=kmask)
+    tl.store(VS + row * DV + dv, tl.load(NEW_VS + bh * DV + dv, mask=vmask), mask=vmask)
+    if HAS_WIN:
+        row = (b * W + pos % W) * H + h
+        tl.store(KW + row * DK + dk, tl.load(NEW_KW + bh * DK + dk, mask=kmask), mask=kmask)
+        tl.store(VW + row * DV + dv, tl.load(NEW_VW + bh * DV + dv, mask=vmask), mask=vmask)
+    k_new = tl.load(NEW_KR + bh * DK + dk, mask=kmask)
+    v_new = tl.load(NEW_VR + bh * DV + dv, mask=vmask)
+    slot = pos % L
+    tl.store(KR + ((b * L + slot) * H + h) * DK + dk, k_new, mask=kmask)
+    tl.store(VR + ((b * L + slot) * H + h) * DV + dv, v_new, mask=vmask)
+    S = pos + 1
+    if MEAN:
+        if (S >= L) & ((S - L) % DS == 0):
+            # the ring holds positions S-l..S-1; the new one is added from registers rather
+            # than read back after this program's own store
+            r = tl.arange(0, LP2)
+            others = (r < L) & (r != slot)
+            ring = (b * L + r) * H + h
+            ks = tl.sum(_rows(KR, ring, others, DK, BDK, False).to(tl.float32), 0) + k_new.to(tl.float32)
+            vs = tl.sum(_rows(VR, ring, others, DV, BDV, False).to(tl.float32), 0) + v_new.to(tl.float32)
+            i = (S - L) // DS
+            crow = (b * NCAP + i) * H + h
+            tl.store(KC + crow * DK + dk, (ks / L).to(KC.dtype.element_ty), mask=kmask & (dk * 0 + i < NCAP))
+            tl.store(VC + crow * DV + dv, (vs / L).to(VC.dtype.element_ty), mask=vmask & (dv * 0 + i < NCAP))
+
+
+# ----------------------------------------------------------------------------- 2. compressed split
+@triton.jit
+def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, scale2, H, NCAP, NSB, NSPLIT, DK, DV,
+               G: tl.constexpr, GP: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+               L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, R: tl.constexpr, LEAD: tl.constexpr,
+               BPS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Program (b*H + h, split s): compressed attention over the tokens starting in blocks
+    s*BPS .. (s+1)*BPS - 1 and the Eq. 9 importance of those blocks per query head."""
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1).to(tl.int64)  # loop bounds and offsets in one integer type
+    b = bh // H
+    h = bh % H
+    S = tl.load(LEN + b)
+    nv = tl.where(S >= L, (S - L) // DS + 1, 0)  # visible compressed tokens
+    q, dk = _group_queries(Q, bh * G, DK, G, GP, BDK)
+    own_lo = s * (BPS * R)
+    own_hi = tl.minimum(own_lo + BPS * R, nv)
+    j = s * BPS + tl.arange(0, BPS)
+    m = tl.full([GP], NEG_INF, tl.float32)
+    lsum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BDV], tl.float32)
+    imp = tl.zeros([GP, BPS], tl.float32)
+    for i0 in range(tl.maximum(own_lo - LEAD, 0), own_hi, BLOCK_N):
+        i = i0 + tl.arange(0, BLOCK_N)
+        ok = i < own_hi  # visible; the LEAD tokens before own_lo count for importance only
+        row = (b * NCAP + i) * H + h
+        kt = _rows(KC, row, ok, DK, BDK, True)
+        sc = tl.where(ok[None, :], tl.dot(q, kt, input_precision=PREC) * scale2, NEG_INF)
+        m_new = tl.maximum(m, tl.max(sc, 1))  # finite: every tile holds a visible token
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        p_own = tl.where((i >= own_lo)[None, :], p, 0.0)
+        lsum = lsum * alpha + tl.sum(p_own, 1)
+        v = _rows(VC, row, ok, DV, BDV, False)
+        acc = acc * alpha[:, None] + tl.dot(p_own.to(v.dtype), v, input_precision=PREC)
+        # Eq. 9 overlap of token i ([i*d, i*d + l)) with block j ([j*l', (j+1)*l')), in strides
+        lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
+        hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
+        w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
+        imp = imp * alpha[:, None] + tl.dot(p, w, input_precision="ieee")
+        m = m_new
+    part = bh * NSPLIT + s
+    _store_partial(MP, LP, OP, part, m, lsum, acc, DV, G, GP, BDV)
+    g = tl.arange(0, GP)
+    jj = tl.arange(0, BPS)
+    tl.store(IMP + (bh * G + g)[:, None] * NSB + j[None, :], imp, mask=(g < G)[:, None] & (jj >= 0)[None, :])
+
+
+# ----------------------------------------------------------------------------- 3. top-n
+@triton.jit
+def _first_of_sorted(key, NP: tl.constexpr, BJ: tl.constexpr):
+    """The first NP entries of a sorted [BJ] (BJ a multiple of NP) as [NP]."""
+    k2 = tl.reshape(key, [BJ // NP, NP])
+    part = tl.arange(0, BJ // NP)
+    return tl.sum(tl.where((part == 0)[:, None], k2, 0), 0)
+
+
+@triton.jit
+def _select(MP, LP, IMP, LEN, OUT, H, NSB, NSPLIT, G: tl.constexpr, GC: tl.constexpr, NSP: tl.constexpr,
+            LS: tl.constexpr, BPS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr,
+            MERGE: tl.constexpr):
+    """Program (b*H + h): group importance of every candidate block and the top-n."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    t = tl.load(LEN + b) - 1
+    cur = t // LS
+    sp = tl.arange(0, NSP)
+    g = tl.arange(0, GC)
+    smask = (sp < NSPLIT)[:, None] & (g < G)[None, :]
+    mm = tl.load(MP + (bh * NSPLIT + sp)[:, None] * G + g[None, :], mask=smask, other=NEG_INF)
+    ll = tl.load(LP + (bh * NSPLIT + sp)[:, None] * G + g[None, :], mask=smask, other=0.0)
+    mx = tl.max(mm, 0)
+    mx = tl.where(mx == NEG_INF, 0.0, mx)
+    total = tl.sum(tl.exp2(mm - mx[None, :]) * ll, 0)  # [GC]: each head's softmax denominator
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    top = tl.full([NP], -1, tl.int64)  # the running top-n keys, ascending
+    for j0 in range(0, cur + 1, BJ):
+        j = j0 + tl.arange(0, BJ)
+        jm = (g < G)[:, None] & (j < NSB)[None, :]
+        part = tl.load(IMP + (bh * G + g)[:, None] * NSB + j[None, :], mask=jm, other=0.0)
+        mj = tl.load(MP + (bh * NSPLIT + j // BPS)[None, :] * G + g[:, None], mask=jm, other=NEG_INF)
+        imp = tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)  # Eq. 10
+        forced = (j == 0) | (j == cur) | (j == cur - 1)
+        bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
+        key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
+        # the chunk's NP largest against the running top: their element-wise max holds the NP
+        # largest of both (keys are distinct), sorted by a merge or a sort
+        if MERGE:
+            top = tl.bitonic_merge(tl.maximum(top, tl.topk(key, NP)))
+        else:
+            key = tl.sort(key, descending=True)
+            if BJ > NP:
+                key = _first_of_sorted(key, NP, BJ)
+            top = tl.sort(tl.maximum(top, key))
+    col = tl.arange(0, NP)
+    keep = (top >= 0) & (col >= NP - NSEL)
+    blk = tl.sort(tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32))
+    tl.store(OUT + bh * NSEL + col, tl.where(blk == 2147483647, -1, blk).to(tl.int64), mask=col < NSEL)
+
+
+# ----------------------------------------------------------------------------- 4. selected + window
+@triton.jit
+def _attend_split(Q, KS, VS, KW, VW, IDX, LEN, MP, LP, OP, scale2, H, CAP, W, NSEL, PS, NPART, DK, DV,
+                  G: tl.constexpr, GP: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+                  LS: tl.constexpr, BLOCK_K: tl.constexpr, KT: tl.constexpr, UPP: tl.constexpr,
+                  PREC: tl.constexpr):
+    """Program (b*H + h, u): u < PS takes UPP selected blocks, else UPP window-ring tiles."""
+    bh = tl.program_id(0).to(tl.int64)
+    u = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    S = tl.load(LEN + b)
+    q, dk = _group_queries(Q, bh * G, DK, G, GP, BDK)
+    m = tl.full([GP], NEG_INF, tl.float32)
+    lsum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BDV], tl.float32)
+    c = tl.arange(0, BLOCK_K)
+    if u < PS:
+        for k in range(UPP):
+            slot = u * UPP + k
+            blk = tl.load(IDX + bh * NSEL + slot, mask=slot < NSEL, other=-1)
+            for kt in tl.static_range(KT):
+                off = kt * BLOCK_K + c
+                pos = blk * LS + off
+                ok = (pos >= 0) & (off < LS) & (pos < S)  # blk = -1 (padding) gives pos < 0
+                row = (b * CAP + pos) * H + h
+                m, lsum, acc = _online(q, _rows(KS, row, ok, DK, BDK, True), _rows(VS, row, ok, DV, BDV, False),
+                                       ok, m, lsum, acc, scale2, PREC)
+    else:
+        for k in range(UPP):
+            slot = ((u - PS) * UPP + k) * BLOCK_K + c
+            ok = (slot < W) & (slot < S)  # ring slots holding one of the last min(w, S) positions
+            row = (b * W + slot) * H + h
+            m, lsum, acc = _online(q, _rows(KW, row, ok, DK, BDK, True), _rows(VW, row, ok, DV, BDV, False),
+                                   ok, m, lsum, acc, scale2, PREC)
+    _store_partial(MP, LP, OP, bh * NPART + u, m, lsum, acc, DV, G, GP, BDV)
+
+
+# ----------------------------------------------------------------------------- 5. combine
+@triton.jit
+def _merge(MP, LP, OP, base, g, lo, hi, DV, G: tl.constexpr, NPP: tl.constexpr, BDV: tl.constexpr):
+    """Softmax output of query head g from partials lo..hi-1 (rows ``base`` + p): [BDV] fp32."""
+    p = lo + tl.arange(0, NPP)
+    ok = p < hi
+    m = tl.load(MP + (base + p) * G + g, mask=ok, other=NEG_INF)
+    lsum = tl.load(LP + (base + p) * G + g, mask=ok, other=0.0)
+    mx = tl.max(m, 0)
+    c = tl.exp2(m - tl.where(mx == NEG_INF, 0.0, mx))
+    dv = tl.arange(0, BDV)
+    o = tl.load(OP + ((base + p) * G + g)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
+                other=0.0)
+    total = tl.sum(c * lsum, 0)
+    return tl.sum(c[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+
+
+@triton.jit
+def _combine(MPC, LPC, OPC, MPA, LPA, OPA, GATES, O, HQ, NSPLIT, PS, NPART, DV,
+             G: tl.constexpr, NCP: tl.constexpr, NAP: tl.constexpr, BDV: tl.constexpr):
+    """Program (b*HQ + query head): o = g_cmp*o_cmp + g_sel*o_sel + g_win*o_win."""
+    bq = tl.program_id(0).to(tl.int64)
+    bh = bq // G
+    g = bq % G
+    o_cmp = _merge(MPC, LPC, OPC, bh * NSPLIT, g, 0, NSPLIT, DV, G, NCP, BDV)
+    o_sel = _merge(MPA, LPA, OPA, bh * NPART, g, 0, PS, DV, G, NAP, BDV)
+    o_win = _merge(MPA, LPA, OPA, bh * NPART, g, PS, NPART, DV, G, NAP, BDV)
+    gc = tl.load(GATES + bq * 3).to(tl.float32)
+    gs = tl.load(GATES + bq * 3 + 1).to(tl.float32)
+    gw = tl.load(GATES + bq * 3 + 2).to(tl.float32)
+    dv = tl.arange(0, BDV)
+    tl.store(O + bq * DV + dv, gc * o_cmp + gs * o_sel + gw * o_win, mask=dv < DV)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _p2(x: int) -> int:
+    return triton.next_power_of_2(max(1, int(x)))
+
+
+def _stages(keys: int, bdk: int, bdv: int, t: torch.Tensor) -> int:
+    """Pipeline stages of a split kernel: 3, or 2 where a stage's K and V tiles pass 48 KiB
+    (fp32 at head_dim 128 and up), so that the stages fit a Hopper SM's shared memory."""
+    return 2 if keys * (bdk + bdv) * t.element_size() > 48 * 1024 else 3
+
+
+def append_token(new: dict, k_sel, v_sel, k_win, v_win, k_raw, v_raw, k_cmp, v_cmp, lengths: torch.Tensor,
+                 cfg, mean_pool: bool) -> None:
+    """Write one token per sequence at position lengths[b] (lengths are not advanced here).
+
+    new: ``k_sel, v_sel, k_win, v_win, k_raw, v_raw`` [B, H, D] (RoPE'd keys); caches as in
+    the module docstring (k_win None when w = 0). With ``mean_pool`` the compressed token
+    due at the new length is emitted too (otherwise the caller applies phi).
+    """
+    B, _, H, DK = k_sel.shape
+    DV = v_sel.shape[-1]
+    nc = k_cmp.shape[1]
+    has_win = k_win is not None
+    kw, vw = (k_win, v_win) if has_win else (k_sel, v_sel)
+    src = [new[n].contiguous() for n in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")]
+    kc, vc = (k_cmp, v_cmp) if nc else (k_raw, v_raw)  # no compressed token fits: never emitted
+    _append[(B * H,)](*src, k_sel, v_sel, kw, vw, k_raw, v_raw, kc, vc, lengths, H, k_sel.shape[1],
+                      kw.shape[1], nc, DK, DV, L=cfg.cmp_block, DS=cfg.cmp_stride, LP2=_p2(cfg.cmp_block),
+                      BDK=_p2(DK), BDV=_p2(DV), HAS_WIN=has_win, MEAN=mean_pool and nc > 0, num_warps=1)
+
+
+def _cmp_geometry(ncap: int, B: int, H: int, cfg, launch: DecodeLaunch) -> tuple[int, int]:
+    """(blocks per split BPS, splits) of the compressed cache: about target_programs programs,
+    at most max_splits splits, at least one tile of tokens a split."""
+    R = cfg.sel_block // cfg.cmp_stride
+    blocks = max(1, -(-ncap // R))  # blocks in which a compressed token starts
+    want = max(1, launch.target_programs // (B * H))
+    low = max(16, _p2(-(-launch.block_n // R)))  # a matrix-product dimension; one tile of tokens
+    # at most 64 blocks a split while that keeps max_splits: the [G, BPS] importance stays in registers
+    bps = max(low, min(_p2(-(-blocks // want)), 64), _p2(-(-blocks // launch.max_splits)))
+    return bps, -(-blocks // bps)
+
+
+def _attend_geometry(n: int, wtiles: int, B: int, H: int, launch: DecodeLaunch) -> tuple[int, int, int]:
+    """(units per program, selected programs, window programs): a unit is one selected block
+    or one window tile."""
+    want = max(1, launch.target_programs // (B * H))
+    upp = max(1, -(-(n + wtiles) // want))
+    return upp, -(-n // upp), -(-wtiles // upp)
+
+
+def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_win, k_cmp, v_cmp,
+                  lengths: torch.Tensor, cfg, scale: float, launch: DecodeLaunch = DEFAULT_LAUNCH):
+    """The NSA function for the newest query of each sequence, over its caches.
+
+    q: [B, HQ, Dk] at positions lengths - 1 (token already appended); gates: [B, HQ, 3];
+    caches as in the module docstring; lengths: [B] int64 on q's device, >= 1.
+    Returns (o [B, HQ, Dv] fp32, indices [B, H, n] int64, ascending, -1 padded).
+    Every grid depends on the shapes only (cache capacity, batch), never on the lengths: no
+    host sync, and the launches can be captured in a CUDA graph.
+    """
+    B, HQ, DK = q.shape
+    _, cap, H, DV = v_sel.shape
+    G = HQ // H
+    GP = max(16, _p2(G))
+    n, ls, l, d = cfg.num_selected, cfg.sel_block, cfg.cmp_block, cfg.cmp_stride
+    dev = q.device
+    prec = dot_precision(q.dtype)  # fp32 as PyTorch's fp32 matmuls: full precision unless TF32 is allowed
+    scale2 = scale * 1.4426950408889634
+    q = q.contiguous()
+    BDK, BDV = max(16, _p2(DK)), max(16, _p2(DV))
+    f32 = dict(device=dev, dtype=torch.float32)
+
+    # compressed branch + importance
+    ncap = k_cmp.shape[1]
+    kc, vc = (k_cmp, v_cmp) if ncap else (k_sel, v_sel)  # nothing to read: any valid pointer
+    bps, nsplit = _cmp_geometry(ncap, B, H, cfg, launch)
+    nsb = bps * nsplit
+    mpc, lpc = torch.empty(B * H * nsplit, G, **f32), torch.empty(B * H * nsplit, G, **f32)
+    opc = torch.empty(B * H * nsplit, G, DV, **f32)
+    imp = torch.empty(B * H, G, nsb, **f32)
+    _cmp_split[(B * H, nsplit)](q, kc, vc, lengths, mpc, lpc, opc, imp, scale2, H, max(ncap, 1), nsb, nsplit,
+                                DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV, L=l, DS=d, LS=ls, R=ls // d,
+                                LEAD=l // d - 1, BPS=bps, BLOCK_N=launch.block_n, PREC=prec,
+                                num_warps=launch.num_warps, num_stages=_stages(launch.block_n, BDK, BDV, kc))
+
+    # importance and top-n
+    NP = max(16, _p2(n))
+    GC = _p2(G)
+    BJ = max(NP, min(launch.select_chunk, _p2(nsb), max(1, 8192 // GC)))  # [GC, BJ] loads stay in registers
+    idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
+    _select[(B * H,)](mpc, lpc, imp, lengths, idx, H, nsb, nsplit, G=G, GC=GC, NSP=_p2(nsplit), LS=ls,
+                      BPS=bps, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
+                      num_warps=8 if BJ >= 1024 else 4)
+
+    # selected blocks and window
+    block_k = min(launch.block_k, max(16, _p2(ls)))
+    w = cfg.window
+    wtiles = -(-w // block_k) if w else 0
+    upp, ps, pw = _attend_geometry(n, wtiles, B, H, launch)
+    npart = ps + pw
+    mpa, lpa = torch.empty(B * H * npart, G, **f32), torch.empty(B * H * npart, G, **f32)
+    opa = torch.empty(B * H * npart, G, DV, **f32)
+    kw, vw = (k_win, v_win) if w else (k_sel, v_sel)
+    _attend_split[(B * H, npart)](q, k_sel, v_sel, kw, vw, idx, lengths, mpa, lpa, opa, scale2, H, cap,
+                                  w, n, ps, npart, DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV,
+                                  LS=ls, BLOCK_K=block_k, KT=-(-ls // block_k), UPP=upp, PREC=prec,
+                                  num_warps=launch.num_warps, num_stages=_stages(block_k, BDK, BDV, k_sel))
+
+    o = torch.empty(B, HQ, DV, **f32)
+    _combine[(B * HQ,)](mpc, lpc, opc, mpa, lpa, opa, gates.contiguous(), o, HQ, nsplit, ps, npart, DV, G=G,
+                        NCP=_p2(nsplit), NAP=_p2(npart), BDV=BDV, num_warps=4)
+    return o, idx

@@ -1,0 +1,133 @@
+"""Decode kernels (kernels/decode.py) against the PyTorch decode path and a full forward.
+
+On the CPU they run in Triton's interpreter (fp32 and fp16; bf16 loads are wrong there):
+small shapes, batch 3 with different lengths, G = 1, 2, 4, Dk != Dv.
+"""
+import pytest
+import torch
+
+from nsa_dist import NSAConfig
+from nsa_dist.inference import LayerCache, attend_step, decode_layer, prefill_layer
+from nsa_dist.inference.counters import step_reads
+from nsa_dist.inference.kernel_step import attend_step_kernels, decode_kernels
+from nsa_dist.modules import NSAAttention
+from nsa_dist.ops import compress
+
+from _interp import kernels_or_skip, max_rel
+
+# l=16, d=8, l'=32, n=4, w=64: emissions every 8 tokens from 16, top-n active from 128
+CFG = dict(cmp_block=16, cmp_stride=8, sel_block=32, num_selected=4, window=64)
+BRANCH_NAMES = ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")
+
+
+@pytest.fixture(scope="module")
+def dk():
+    _, device = kernels_or_skip()
+    return decode_kernels("triton", torch.device(device), torch.float32), device
+
+
+def _cache(cfg, lengths, H, Dk, Dv, device, dtype, seed=0):
+    """A LayerCache filled with random per-branch keys, as prefill leaves it."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths)
+    x = {n: torch.randn(B, T, H, Dk if n.startswith("k") else Dv, generator=gen) for n in BRANCH_NAMES}
+    x["k_cmp"], x["v_cmp"] = compress(x["k_raw"], cfg), compress(x["v_raw"], cfg)
+    cache = LayerCache.empty(cfg, B, T, H, Dk, Dv, device, dtype)
+    cache.fill({k: v.to(device, dtype) for k, v in x.items()}, torch.tensor(lengths, device=device))
+    return cache
+
+
+CASES = [  # (config overrides, G, Dk, Dv, lengths)
+    (dict(), 1, 32, 16, [600, 1, 17]),
+    (dict(), 2, 32, 32, [130, 255, 24]),
+    (dict(), 4, 16, 32, [457, 8, 128]),
+    (dict(window=0), 2, 32, 16, [300, 64, 15]),
+    (dict(cmp_block=32, cmp_stride=32), 2, 32, 16, [400, 33, 95]),  # l = l' = d: no spill
+    (dict(cmp_block=32, cmp_stride=16, num_selected=3), 4, 16, 16, [512, 48, 200]),  # l = l', 2 strides
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: f"case{i}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_decode_attend_equals_pytorch_path(dk, case, dtype):
+    kernels, device = dk
+    over, G, Dk, Dv, lengths = CASES[case]
+    cfg = NSAConfig(**{**CFG, **over})
+    H = 2
+    cache = _cache(cfg, lengths, H, Dk, Dv, device, dtype, seed=case)
+    gen = torch.Generator().manual_seed(10 + case)
+    q = torch.randn(len(lengths), H * G, Dk, generator=gen).to(device, dtype)
+    gates = torch.rand(len(lengths), H * G, 3, generator=gen).to(device, dtype)
+    o_ref, idx_ref, reads_ref = attend_step(q, gates, cache)
+    # few programs (long splits, several tiles and merges each; the sort-based merge in odd
+    # cases) and many (short splits)
+    for launch in (kernels.DecodeLaunch(target_programs=4, select_chunk=16, topk_merge=case % 2 == 0),
+                   kernels.DecodeLaunch(target_programs=400, block_n=16, block_k=16)):
+        o, idx = attend_step_kernels(kernels, q, gates, cache, launch=launch)
+        assert torch.equal(idx, idx_ref), f"{launch}: selection differs"
+        assert max_rel(o, o_ref) < (1e-4 if dtype == torch.float32 else 2e-3), launch
+        assert torch.equal(step_reads(idx, cache.lengths, cfg).reads, reads_ref.reads)
+
+
+def _layer(G, phi="mean", Dv=0, **over):
+    cfg = NSAConfig(**{**CFG, **over}, phi=phi)
+    m = NSAAttention(32, 2 * G, 2, 16, Dv, cfg, backend="reference")
+    gen = torch.Generator().manual_seed(G)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return m
+
+
+@pytest.mark.parametrize("G,phi", [(2, "mlp"), pytest.param(1, "mean", marks=pytest.mark.slow),
+                                   pytest.param(4, "mean", marks=pytest.mark.slow)])
+def test_kernel_decode_steps_equal_pytorch_steps_and_full_forward(dk, G, phi):
+    """Prefill, then 14 steps through emissions and a block boundary, batch 3: the kernel
+    path's caches, selection and outputs equal the PyTorch path's, and a full forward."""
+    _, device = dk
+    m = _layer(G, phi, Dv=24).to(device)
+    T, lengths = 45, [29, 3, 17]
+    x = torch.randn(3, T, 32, generator=torch.Generator().manual_seed(5)).to(device)
+    _, ref, _ = prefill_layer(m, x[:, :29], torch.tensor(lengths, device=device), max_len=T)
+    _, ker, _ = prefill_layer(m, x[:, :29], torch.tensor(lengths, device=device), max_len=T)
+    outs = [[] for _ in lengths]
+    for k in range(14):
+        tok = torch.stack([x[b, n + k] for b, n in enumerate(lengths)])[:, None]
+        y_ref, idx_ref, r_ref = decode_layer(m, tok, ref, backend="reference")
+        y, idx, r = decode_layer(m, tok, ker, backend="triton")
+        assert torch.equal(idx, idx_ref), f"step {k}"
+        assert torch.equal(r.reads, r_ref.reads)
+        assert max_rel(y, y_ref) < 1e-4, f"step {k}"
+        for b in range(3):
+            outs[b].append(y[b])
+    assert torch.equal(ker.lengths, ref.lengths) and ker.host_max == ref.host_max == 43
+    for name in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw", "k_cmp", "v_cmp"):
+        assert torch.allclose(getattr(ker, name), getattr(ref, name), rtol=1e-5, atol=1e-6), name
+    with torch.no_grad():
+        for b, n in enumerate(lengths):
+            full, _ = m(x[b:b + 1, :n + 14])
+            assert max_rel(torch.cat(outs[b]), full[0, n:]) < 1e-4
+
+
+def test_kernel_decode_without_reads_and_bad_backend(dk):
+    _, device = dk
+    m = _layer(2).to(device)
+    x = torch.randn(1, 4, 32).to(device)
+    _, cache, _ = prefill_layer(m, x[:, :3], max_len=4)
+    y, idx, reads = decode_layer(m, x[:, 3], cache, backend="triton", count_reads=False)
+    assert reads is None and idx.shape == (1, 2, 4) and y.shape == (1, 1, 32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        decode_layer(m, x[:, 3], cache, backend="cuda")
+
+
+def test_needle_through_generate_on_the_kernels(dk):
+    """The generate() needle (``needle_model``) with its decode steps on the kernels."""
+    from nsa_dist.inference.needle import QUERY, run_generate_needle
+
+    _, device = dk
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, num_selected=4, window=128)
+    found = run_generate_needle(1024, 0.35, cfg, device=device, new_tokens=3, backend="triton", cuda_graphs=False)
+    assert found.tokens == [QUERY] * 3, found
+    missed = run_generate_needle(1024, 0.35, cfg, device=device, new_tokens=3, backend="triton",
+                                 cuda_graphs=False, with_needle=False)
+    assert QUERY not in missed.tokens
