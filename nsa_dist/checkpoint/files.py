@@ -5,14 +5,18 @@ one written by ``nsa-convert reshard``)::
 
     <root>/latest                 the tag of the newest complete checkpoint
     <root>/step_00000050/         one checkpoint ("tag" folder)
-        nsa_meta.json             configs, data position, the file list with sizes; its
-                                  presence marks the folder complete
+        nsa_meta.json             configs, data position and the manifest: every other
+                                  file's size ("files") and sha256 ("sha256"); written
+                                  last, its presence marks the folder complete
 
-``verify_checkpoint`` checks every listed file against its recorded size, so a truncated
-file is a clear error rather than a crash deep inside a loader.
+``verify_checkpoint`` checks every listed file against its recorded size and checksum, so a
+truncated or damaged file is a clear error naming it rather than a crash deep inside a
+loader (or a silent load of flipped bits). Checkpoints written before checksums were
+recorded are checked by size alone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -75,8 +79,27 @@ def file_sizes(tag_dir: str, skip=lambda name: False) -> dict[str, int]:
     return dict(sorted(files.items()))
 
 
-def verify_checkpoint(tag_dir: str) -> dict:
-    """Metadata of ``tag_dir`` after checking every listed file exists with its size."""
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def manifest(tag_dir: str, skip=lambda name: False) -> dict:
+    """The manifest fields of a checkpoint's metadata: ``files`` (relative path -> size) and
+    ``sha256`` (relative path -> hex digest) of every file but the metadata and ``skip``ped names."""
+    files = file_sizes(tag_dir, skip)
+    return {"files": files, "sha256": {name: sha256_file(os.path.join(tag_dir, name)) for name in files}}
+
+
+def verify_checkpoint(tag_dir: str, checksums: bool = True) -> dict:
+    """Metadata of ``tag_dir`` after checking every listed file exists with its size and (with
+    ``checksums``, where recorded) its sha256. FileNotFoundError / ValueError naming the file."""
     meta = read_meta(tag_dir)
     for name, size in meta["files"].items():
         path = os.path.join(tag_dir, name)
@@ -87,6 +110,10 @@ def verify_checkpoint(tag_dir: str) -> dict:
         if have != size:
             raise ValueError(f"checkpoint {tag_dir} is truncated or damaged: {name} has {have} "
                              f"bytes, the save wrote {size}; resume from an earlier checkpoint")
+    for name, digest in (meta.get("sha256") or {}).items() if checksums else ():
+        if sha256_file(os.path.join(tag_dir, name)) != digest:
+            raise ValueError(f"checkpoint {tag_dir} is damaged: {name} fails its sha256 check (its "
+                             f"bytes changed after the save); resume from an earlier checkpoint")
     return meta
 
 

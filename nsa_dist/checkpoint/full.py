@@ -5,7 +5,7 @@ loads it on any TP / Ulysses / DP layout and ZeRO stage)::
     <root>/step_XXXXXXXX/model.safetensors       fp32 weights at single-device names and shapes
     <root>/step_XXXXXXXX/optimizer.safetensors   exp_avg.<name>, exp_avg_sq.<name> (fp32), unless reset
     <root>/step_XXXXXXXX/nsa_meta.json           configs, data position, global batch, "layout": "full",
-                                                 "optimizer": "adam" | "reset", file sizes
+                                                 "optimizer": "adam" | "reset", file sizes and sha256
 
 Adam's moments are elementwise per parameter, so a rank cuts them for its layout exactly like
 the weights (``layout.local_slices``).
@@ -19,12 +19,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .files import FORMAT_VERSION, LATEST_FILE, META_FILE, OPTIMIZER, WEIGHTS, file_sizes, tag_for_step
+from .files import FORMAT_VERSION, LATEST_FILE, META_FILE, OPTIMIZER, WEIGHTS, manifest, tag_for_step
 from .layout import local_slices
 from .tensors import load_moments, load_safetensors_file, save_moments
 
 # What of a source checkpoint's metadata belongs to its layout, not to a layout-free copy.
-_LAYOUT_KEYS = ("param_layout", "world_size", "files", "format_version", "deepspeed_config", "tag")
+_LAYOUT_KEYS = ("param_layout", "world_size", "files", "sha256", "format_version", "deepspeed_config", "tag")
 
 
 def write_full(root: str, step: int, params: dict[str, torch.Tensor], names: list[str],
@@ -47,7 +47,7 @@ def write_full(root: str, step: int, params: dict[str, torch.Tensor], names: lis
         save_moments(moments[0], moments[1], names, os.path.join(tag_dir, OPTIMIZER))
     record = {k: v for k, v in meta.items() if k not in _LAYOUT_KEYS}
     record.update(format_version=FORMAT_VERSION, tag=tag, step=step, layout="full",
-                  optimizer="reset" if moments is None else "adam", **extra, files=file_sizes(tag_dir))
+                  optimizer="reset" if moments is None else "adam", **extra, **manifest(tag_dir))
     with open(os.path.join(tag_dir, META_FILE), "w") as fh:
         json.dump(record, fh, indent=2)
     with open(os.path.join(root, LATEST_FILE), "w") as fh:

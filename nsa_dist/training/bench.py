@@ -148,7 +148,8 @@ def run_grid(args) -> list[dict]:
     if not dist.is_initialized():
         # A lost rank (e.g. out of memory inside a collective) fails the job in minutes, not 30.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        init_distributed(deepspeed, "cuda" if cuda else "cpu", timeout_minutes=args.timeout_minutes)
+        timeout_s = 60 * args.timeout_minutes if args.timeout_minutes else None
+        init_distributed(deepspeed, "cuda" if cuda else "cpu", timeout_s=timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if rank == 0:

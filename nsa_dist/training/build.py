@@ -46,9 +46,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(deepspeed, device_type: str, timeout_minutes: Optional[float] = None) -> None:
+def init_distributed(deepspeed, device_type: str, timeout_s: Optional[float] = None) -> None:
     """Join the launcher's process group, or make a world of one without a launcher.
-    ``timeout_minutes``: how long a collective may wait for a lost rank (DeepSpeed's default)."""
+
+    ``timeout_s``: how long any collective may wait for a lost rank, for the world and for
+    every group made later (DeepSpeed's, the parallel layouts'); None keeps torch's defaults.
+    Under torchrun the process group's keys live in the rendezvous store, which outlives a
+    restart: each attempt keeps its keys under its own prefix (``_elastic_store``)."""
     if dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -58,14 +62,44 @@ def init_distributed(deepspeed, device_type: str, timeout_minutes: Optional[floa
                            ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(key, value)
-    extra = {}
-    if timeout_minutes:
+    timeout = None
+    if timeout_s:
         from datetime import timedelta
-        extra["timeout"] = timedelta(minutes=timeout_minutes)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **extra)
+
+        from torch.distributed import distributed_c10d
+        timeout = timedelta(seconds=timeout_s)
+        # new_group() without a timeout takes these module defaults, not the world's.
+        distributed_c10d.default_pg_timeout = timeout
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    store = _elastic_store(timeout)
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               **({"timeout": timeout} if timeout else {}))
     if device_type == "cpu":
         dist.barrier()  # every rank is past DeepSpeed's init, where each maps the others' buffers
         release_shm_buffer(dist.get_rank())
+
+
+def _elastic_store(timeout):
+    """The store of a worker started by torchrun (``TORCHELASTIC_USE_AGENT_STORE``), its keys
+    under ``attempt_<restart count>/``; None otherwise (the launcher's env:// rendezvous).
+
+    torchrun's workers share the rendezvous TCPStore, which lives as long as the agent: a
+    restarted worker group would read the keys the killed attempt left (the dead ranks'
+    gloo addresses, barrier counters) and connect to ranks that are gone, hanging in
+    ``new_group`` or the first collective until the timeout. A per-attempt prefix keeps
+    each attempt's keys apart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout or timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"nsa_dist/attempt_{attempt}", store)
 
 
 SHM_BUFFER = "deepspeed_allreduce_buffer"
@@ -153,7 +187,7 @@ def start(cfg: TrainConfig, parallel_state=None, log_all_ranks: bool = False) ->
     ``cfg.parallel`` when it asks for tp or sp > 1."""
     deepspeed = import_deepspeed()
     device = _pick_device()
-    init_distributed(deepspeed, device.type)
+    init_distributed(deepspeed, device.type, cfg.collective_timeout_s)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     progress = Progress(cfg.train_steps, rank, log_all_ranks)
     _limit_cpu_threads(device)

@@ -11,6 +11,9 @@ import json
 import sys
 from typing import Optional
 
+from .exits import (EXIT_BAD_INPUT, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_SAVE_FAILED, CheckpointWriteError,
+                    Preempted)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nsa-pretrain", description=__doc__,
@@ -36,6 +39,7 @@ def parse_args(argv: Optional[list[str]] = None, parser: Optional[argparse.Argum
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    cfg = None
     try:
         from .config import TrainConfig
 
@@ -43,16 +47,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
+        from .resume import resume_arg
         from .trainer import Trainer
 
-        trainer = Trainer(cfg, resume=args.resume, log_all_ranks=args.log_all_ranks)
+        trainer = Trainer(cfg, resume=resume_arg(args.resume), log_all_ranks=args.log_all_ranks)
         try:
             summary = trainer.train()
         finally:
             trainer.close()
+    except Preempted:
+        _shutdown(barrier=False)
+        return EXIT_PREEMPTED
+    except CheckpointWriteError as err:
+        print(f"nsa-pretrain: error: {err}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"nsa-pretrain: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except Exception as err:
+        _exit_if_peer_lost(err, cfg.collective_timeout_s if cfg is not None else 0.0)
+        raise
     if trainer.rank == 0:
         ev = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
         print(f"[done] steps {summary['steps']}: loss {summary['loss_first']:.4f} -> "
@@ -63,12 +77,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _shutdown() -> None:
+def _shutdown(barrier: bool = True) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def _exit_if_peer_lost(err: BaseException, timeout_s: float) -> None:
+    """A collective that failed for a dead or frozen peer: name it and exit with
+    ``EXIT_PEER_LOST`` at once (``os._exit``: tearing the process group down would wait
+    for the peer again). Any other error returns and is raised as it is."""
+    import os
+
+    import torch.distributed as dist
+
+    from .peers import lost_peer_message
+
+    if not dist.is_initialized():
+        return
+    message = lost_peer_message(err, dist.get_rank(), dist.get_world_size(), timeout_s)
+    if message is None:
+        return
+    print(f"nsa-pretrain: error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_PEER_LOST)
 
 
 if __name__ == "__main__":

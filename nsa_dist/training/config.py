@@ -72,13 +72,18 @@ class TrainConfig(ConfigBase):
     tensorboard: bool = True
     peak_tflops: float = 0.0  # device peak for MFU where the table has none (CPU); 0: MFU n/a
 
+    # Failures. A collective that waits longer than this for another rank fails, and the run
+    # exits naming the rank that stopped answering (status 76). It must exceed the longest
+    # gap between two collectives: the first step (kernel compilation), a save, an evaluation.
+    collective_timeout_s: float = 600.0
+
     # Layout: tensor / Ulysses sequence parallel sizes; data parallel is the rest of the world.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads "1e-3" (no dot) as a string: accept it for the float fields.
         for name in ("lr", "min_lr", "weight_decay", "adam_eps", "grad_clip", "max_minutes",
-                     "peak_tflops"):
+                     "peak_tflops", "collective_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -111,6 +116,9 @@ class TrainConfig(ConfigBase):
         _require(self.peak_tflops >= 0, "peak_tflops", "must be >= 0", self.peak_tflops)
         _require(self.schedule_on_resume in SCHEDULE_ON_RESUME, "schedule_on_resume",
                  f"must be one of {SCHEDULE_ON_RESUME}", self.schedule_on_resume)
+        _require(self.collective_timeout_s >= 5, "collective_timeout_s",
+                 "must be >= 5 seconds (and longer than a step, a save or an evaluation)",
+                 self.collective_timeout_s)
         _require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}", self.precision)
         _require(self.attention_backend in ("auto", "reference", "triton"), "attention_backend",
                  "must be 'auto', 'reference' or 'triton'", self.attention_backend)

@@ -12,10 +12,12 @@ import torch.distributed as dist
 from ..checkpoint.files import tag_for_step
 from .build import Built, Data, Env
 from .checkpoint import CheckpointManager
+from .exits import EXIT_PREEMPTED, Preempted
 from .metrics import mfu_peak, step_rate
 from .report import Report
 from .resume import Position
 from .schedule import Schedule, schedule_from_config
+from .stop import StopRequest
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -45,6 +47,7 @@ class TrainLoop:
         self.env, self.cfg, self.data, self.built = env, env.cfg, data, built
         self.engine, self.pos, self.report, self.ckpt = built.engine, pos, report, ckpt
         self.schedule = schedule or schedule_from_config(env.cfg)  # resume.plan_schedule decides
+        self.stop = StopRequest()
 
     # ------------------------------------------------------------------ pieces
     def _mean_over_dp(self, values: list[float]) -> list[float]:
@@ -123,10 +126,27 @@ class TrainLoop:
         self.env.progress.print(f"[checkpoint] step {self.pos.step} -> {path}")
         return path
 
+    def _saved_or_save(self):
+        """This step's checkpoint folder, written now unless it was (None: saving is off)."""
+        if not self.cfg.save_checkpoints:
+            return None
+        if self.pos.last_saved != self.pos.step:
+            return self.save()
+        return os.path.join(self.ckpt.root, tag_for_step(self.pos.step))
+
+    def _stop_for_signal(self) -> None:
+        """Every rank saw a stop request after this step: save it and raise ``Preempted``."""
+        path = self._saved_or_save()
+        self.env.progress.close()
+        self.env.progress.print(f"[stop] {self.stop.name} at step {self.pos.step}: checkpoint {path}; "
+                                f"exiting with status {EXIT_PREEMPTED} (continue with --resume auto)")
+        raise Preempted(self.stop.name, self.pos.step, path)
+
     # ------------------------------------------------------------------ the loop
     def _step(self, loader, want_stats: bool) -> tuple:
         """One optimizer step over ``grad_accum_steps`` micro-batches: (loss averaged over the
-        ranks, gradient norm, attention stats of the first micro-batch or None, its cu_seqlens)."""
+        ranks, gradient norm, attention stats of the first micro-batch or None, its cu_seqlens,
+        whether any rank was asked to stop)."""
         cfg, engine = self.cfg, self.engine
         stats, stats_cu, fallback_norm, losses = None, None, None, []
         for micro in range(cfg.grad_accum_steps):
@@ -141,13 +161,27 @@ class TrainLoop:
             losses.append(out.loss.detach())
             if out.stats:
                 stats, stats_cu = out.stats, b["cu_seqlens"]
-        loss = self._mean_over_dp([float(torch.stack(losses).float().mean())])[0]
+        # The stop request rides on the loss's all-reduce: all ranks stop after the same step.
+        loss, stop = self._mean_over_dp([float(torch.stack(losses).float().mean()), float(self.stop.requested)])
         grad_norm = engine.get_global_grad_norm()
-        return loss, float(grad_norm) if grad_norm is not None else fallback_norm, stats, stats_cu
+        return loss, float(grad_norm) if grad_norm is not None else fallback_norm, stats, stats_cu, stop > 0
 
     def train(self) -> dict:
         """Run until ``train_steps`` (or ``max_minutes``); evaluates and saves at the end.
-        Returns the summary (rank 0's numbers; the same dict on every rank)."""
+        Returns the summary (rank 0's numbers; the same dict on every rank). A stop signal
+        (``stop.py``) ends the run after the current step with a checkpoint: ``Preempted``."""
+        from .peers import Heartbeat
+
+        self.stop.install()
+        beat = Heartbeat(self.env.rank, self.env.world_size,
+                         silence_s=min(60.0, self.cfg.collective_timeout_s / 2)).start()
+        try:
+            return self._train()
+        finally:
+            beat.stop()
+            self.stop.restore()
+
+    def _train(self) -> dict:
         from ..data import build_dataloader
 
         cfg, env, built, pos, report = self.cfg, self.env, self.built, self.pos, self.report
@@ -173,7 +207,7 @@ class TrainLoop:
             log_now = (pos.step + 1) % cfg.log_every == 0 or pos.step == first_step
             image_now = bool(cfg.image_every) and ((pos.step + 1) % cfg.image_every == 0
                                                    or pos.step == first_step)
-            loss, grad_norm, stats, stats_cu = self._step(loader, log_now or image_now)
+            loss, grad_norm, stats, stats_cu, stop = self._step(loader, log_now or image_now)
             pos.step += 1
             pos.consumed_samples += cfg.global_batch(env.dp_world)
             if not math.isfinite(loss):
@@ -188,6 +222,8 @@ class TrainLoop:
                 clock.reset_window()
                 if built.comm_stats is not None:
                     built.comm_stats.reset()
+            if stop:
+                self._stop_for_signal()
             if (cfg.eval_batches and cfg.eval_every and pos.step % cfg.eval_every == 0
                     and pos.step < cfg.train_steps):
                 self._log_eval()
@@ -200,12 +236,7 @@ class TrainLoop:
         train_time = time.perf_counter() - start
         env.progress.close()
         eval_loss = self._log_eval() if cfg.eval_batches else None
-        if not cfg.save_checkpoints:
-            ckpt = None
-        elif pos.last_saved != pos.step:
-            ckpt = self.save()
-        else:
-            ckpt = os.path.join(self.ckpt.root, tag_for_step(pos.step))
+        ckpt = self._saved_or_save()
         return report.summary(built, pos.step, pos.consumed_samples * cfg.seq_len, train_time, clock.steady_tokens,
                               clock.steady_time, max(0, pos.step - first_step - 1), eval_loss, ckpt, peak)
 

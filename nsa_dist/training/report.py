@@ -37,13 +37,16 @@ class Report:
     """The run's numbers as they come: ``step`` every optimizer step, ``window`` at each log
     step, ``eval``; ``summary`` at the end. TensorBoard only on rank 0 (when configured)."""
 
-    def __init__(self, env: Env):
+    def __init__(self, env: Env, start_step: int = 0):
         self.env, self.cfg, self.progress = env, env.cfg, env.progress
         self.history = History()
         self.tb = None
         if self.cfg.tensorboard and env.rank == 0:
             from .tensorboard import TBLogger
-            self.tb = TBLogger(os.path.join(self.cfg.output_dir, "tensorboard"))
+            # Resumed at start_step: the steps after it that an earlier attempt logged are
+            # replayed now, so TensorBoard drops its events from start_step + 1 on.
+            self.tb = TBLogger(os.path.join(self.cfg.output_dir, "tensorboard"),
+                               purge_step=start_step + 1 if start_step > 0 else None)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: Optional[float]) -> None:
         self.history.losses.append((step, loss))

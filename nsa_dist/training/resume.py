@@ -59,6 +59,29 @@ class ResumePlan:
         return layouts[tp_rank] if layouts else None
 
 
+def _restart_count() -> int:
+    """How often torchrun restarted this worker group after a failure (0: the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def resume_arg(resume: Optional[str]) -> Optional[str]:
+    """``--resume`` as given; without one, a worker that torchrun restarted after a failure
+    resumes ``auto``: from the newest good checkpoint."""
+    return "auto" if resume is None and _restart_count() > 0 else resume
+
+
+def choose_checkpoint(resume: Optional[str], root: str, warn) -> Optional[str]:
+    """``find_resume_checkpoint(resume, root)``, but a restarted worker continues from the
+    newest good checkpoint of this run when there is one, whatever ``--resume`` named (the
+    first attempt may have started from another folder, or from nothing)."""
+    if _restart_count() > 0 and resume != "auto":
+        found = find_resume_checkpoint("auto", root, warn)
+        if found is not None:
+            warn(f"[resume] restart {_restart_count()} by the launcher: continuing this run from {found}")
+            return found
+    return find_resume_checkpoint(resume, root, warn)
+
+
 def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
@@ -67,7 +90,7 @@ def plan_resume(env: Env, data: Data, resume: Optional[str]) -> Optional[ResumeP
     """The checkpoint to resume from, checked against this run before anything heavy is
     built (a bad path or an incompatible checkpoint fails in seconds)."""
     cfg, root = env.cfg, checkpoints_dir(env.cfg.output_dir)
-    path = find_resume_checkpoint(resume, root, warn=env.progress.print)
+    path = _find_on_rank0(env, resume, root)
     if path is None:
         if resume == "auto":
             env.progress.print(f"[resume] no checkpoint under {root}: starting fresh")
@@ -96,6 +119,25 @@ def plan_resume(env: Env, data: Data, resume: Optional[str]) -> Optional[ResumeP
                                  f"keep micro_batch_size and grad_accum_steps when resuming (or "
                                  f"convert it with 'nsa-convert reshard')")
     return plan
+
+
+def _find_on_rank0(env: Env, resume: Optional[str], root: str) -> Optional[str]:
+    """``choose_checkpoint`` on rank 0 (it reads every file for the checksums), its answer or
+    error handed to all ranks."""
+    if env.world_size == 1:
+        return choose_checkpoint(resume, root, env.progress.print)
+    import torch.distributed as dist
+
+    box: list = [None, None]
+    if env.rank == 0:
+        try:
+            box[0] = choose_checkpoint(resume, root, env.progress.print)
+        except (FileNotFoundError, ValueError) as err:
+            box[1] = (isinstance(err, FileNotFoundError), str(err))
+    dist.broadcast_object_list(box, src=0, device=env.device)
+    if box[1] is not None:
+        raise (FileNotFoundError if box[1][0] else ValueError)(box[1][1])
+    return box[0]
 
 
 def _check_full_global_batch(env: Env, path: str, meta: dict) -> None:

@@ -20,13 +20,13 @@ import torch
 BRANCHES = ("cmp", "sel", "win")
 
 
-def _summary_writer(log_dir: str):
+def _summary_writer(log_dir: str, purge_step: Optional[int] = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ImportError("TensorBoard logging needs the 'tensorboard' package: pip install "
                           "tensorboard (or set tensorboard: false in the train YAML)") from err
-    return SummaryWriter(log_dir=log_dir)
+    return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
 
 def selected_blocks_image(selected: torch.Tensor, sel_block: int, max_rows: int = 1024,
@@ -52,11 +52,13 @@ def selected_blocks_image(selected: torch.Tensor, sel_block: int, max_rows: int 
 
 
 class TBLogger:
-    """Thin wrapper over SummaryWriter that does nothing when disabled (other ranks)."""
+    """Thin wrapper over SummaryWriter that does nothing when disabled (other ranks).
+    purge_step: a resumed run's first new step; TensorBoard drops the events an earlier
+    attempt wrote at that step or later (they are written again)."""
 
-    def __init__(self, log_dir: str, enabled: bool = True):
+    def __init__(self, log_dir: str, enabled: bool = True, purge_step: Optional[int] = None):
         self.log_dir = log_dir
-        self.writer = _summary_writer(log_dir) if enabled else None
+        self.writer = _summary_writer(log_dir, purge_step) if enabled else None
 
     def scalars(self, values: dict[str, Optional[float]], step: int) -> None:
         """Write each ``tag -> value`` (None values are skipped)."""

@@ -10,8 +10,9 @@ Each part hands the next an explicit bundle (``Env``, ``Data``, ``ResumePlan``, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
 
 from .build import build, load_data, start
@@ -20,6 +21,27 @@ from .config import TrainConfig
 from .loop import TrainLoop
 from .report import Report
 from .resume import checkpoints_dir, load_resume, plan_resume, plan_schedule
+
+
+def _agree(env) -> Callable[[bool], bool]:
+    """agree(ok): True when ``ok`` holds on every rank (an all-reduce, so also a barrier)."""
+    def agree(ok: bool) -> bool:
+        flag = torch.tensor([1.0 if ok else 0.0], device=env.device)
+        if env.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+    return agree
+
+
+def _gather(env) -> Callable[[object], list]:
+    """gather(obj): every rank's ``obj`` in rank order (an all-gather of picklable objects)."""
+    def gather(obj) -> list:
+        if env.world_size == 1:
+            return [obj]
+        out: list = [None] * env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+    return gather
 
 
 class Trainer:
@@ -36,9 +58,10 @@ class Trainer:
         plan = plan_resume(env, self.data, resume)  # checked before anything heavy is built
         self.built = build(env, plan.record(env.tp_rank) if plan else None, plan.full_weights if plan else None)
         ckpt = CheckpointManager(checkpoints_dir(cfg.output_dir), env.rank, env.world_size, dist.barrier,
-                                 keep=cfg.keep_checkpoints)
+                                 keep=cfg.keep_checkpoints, log=env.progress.print, agree=_agree(env),
+                                 gather=_gather(env))
         pos = load_resume(env, self.built, plan, ckpt)
-        self.report = Report(env)
+        self.report = Report(env, start_step=pos.step)
         self.loop = TrainLoop(env, self.data, self.built, pos, self.report, ckpt, plan_schedule(env, plan))
 
     @property

@@ -172,6 +172,8 @@ def _rename_checkpoint(src: Path, dst: Path) -> int:
         torch.save(sd, f)
         meta["param_layout"][tp_rank] = {names[k]: v for k, v in record.items()}
     meta["files"] = {k: (dst / k).stat().st_size for k in meta["files"]}
+    from nsa_dist.checkpoint.files import sha256_file  # the manifest's checksums follow the edits
+    meta["sha256"] = {k: sha256_file(str(dst / k)) for k in meta["files"]}
     (dst / "nsa_meta.json").write_text(json.dumps(meta))
     return changed
 

@@ -35,6 +35,7 @@ def test_config_typo_names_the_key_and_suggestion(tmp_path):
 @pytest.mark.parametrize("field,value,msg", [
     ("seq_len", 0, "positive integer"), ("min_lr", 1.0, "min_lr"), ("precision", "fp16", "precision"),
     ("betas", [0.9], "betas"), ("eval_every", -1, ">= 0"), ("tensorboard", "yes", "true or false"),
+    ("collective_timeout_s", 1, "collective_timeout_s"), ("collective_timeout_s", "x", "must be a number"),
 ])
 def test_config_rejects_bad_values(field, value, msg):
     with pytest.raises(ValueError, match=msg):
