@@ -67,15 +67,23 @@ def part_ranges(model: nn.Module, classify: Callable[[str, nn.Module], Optional[
             stacks[id(module)].pop().__exit__(None, None, None)
 
     named = [("", model, "model")] + [(n, m, classify(n, m)) for n, m in model.named_modules() if n]
+    wrapped = []
     for _, module, label in named:
         if label is not None:
             handles.append(module.register_forward_pre_hook(enter(label)))
             handles.append(module.register_forward_hook(leave, always_call=True))
+        # Selective recomputation calls an attention layer's parts, not its forward.
+        for part in ("prepare", "attend", "finish") if label == "attention" else ():
+            if hasattr(module, part):
+                setattr(module, part, _ranged(getattr(module, part), label))
+                wrapped.append((module, part))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for module, part in wrapped:
+            delattr(module, part)
 
 
 @dataclass

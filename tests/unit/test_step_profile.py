@@ -70,3 +70,16 @@ def test_the_command_profiles_real_trainer_steps(tmp_path, monkeypatch):
     (row,) = list(csv.DictReader(out.open()))
     assert row["point"] == "nsa 64" and float(row["step_ms"]) > 0
     assert float(row["attention projections"]) > 0 and float(row["MLP"]) > 0 and float(row["optimizer"]) > 0
+
+
+def test_selective_recomputation_is_charged_to_the_attention():
+    """keep_attention calls the layer's prepare / attend / finish, not its forward."""
+    torch.manual_seed(0)
+    model = NSADecoderLM(ModelConfig.from_dict({**CFG, "recompute": "keep_attention"}), backend="reference")
+    model.gradient_checkpointing = True
+    ids = torch.randint(0, 128, (1, 64))
+    with profile(activities=[ProfilerActivity.CPU]) as prof, part_ranges(model):
+        model(ids, labels=ids).loss.backward()
+    p = attribute(prof.events(), set(), steps=1, step_ms=1e6)
+    assert p.counts["attention projections"] > 0 and p.counts["attention other"] > 0, p.counts
+    assert not any("prepare" in vars(m) for m in model.modules())  # the wrappers are gone
