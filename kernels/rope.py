@@ -2,8 +2,9 @@
 
 PyTorch's rotate-half RoPE, ``x * cos + cat(-x2, x1) * sin``, runs five kernels forward
 (negate, concatenate, two broadcast products, a sum) and more backward, each a pass over x
-(``python -m nsa_dist.training.step_profile`` shows their share). Here one program rotates the heads of one (batch, position) row: y1 = x1 c - x2 s,
-y2 = x2 c + x1 s, in fp32, written in x's dtype. The backward is the rotation by -theta.
+(``python -m nsa_dist.training.step_profile`` shows their share). Here one program rotates
+the heads of one (batch, position) row: y1 = x1 c - x2 s, y2 = x2 c + x1 s, in fp32, written
+in x's dtype. The backward is the rotation by -theta.
 x may be a strided view (e.g. the q and k heads of one fused projection's output) as long as
 its last dimension is contiguous; the result is a new contiguous tensor.
 """
