@@ -26,13 +26,13 @@ CASES = {
 }
 
 
-def _inputs(case, dtype=torch.float32, seed=1):
+def _inputs(case, dtype=torch.float32, seed=1, device="cpu"):
     kw, B, S, HQ, H, Dk, Dv, cu = CASES[case]
     cfg = NSAConfig(**kw)
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
     x = random_nsa_inputs(cfg, B=B, S=S, HQ=HQ, H=H, Dk=Dk, Dv=Dv, dtype=dtype, seed=seed, cu_seqlens=cu_t,
-                          requires_grad=True)
-    return cfg, cu_t, x
+                          requires_grad=True, device=device)
+    return cfg, None if cu_t is None else cu_t.to(device), x
 
 
 def _grads(o, x, do):
@@ -41,8 +41,8 @@ def _grads(o, x, do):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_one_call_equals_select_then_attend_and_the_reference(case):
-    kernels_or_skip()
-    cfg, cu, x = _inputs(case)
+    _, device = kernels_or_skip()
+    cfg, cu, x = _inputs(case, device=device)
     B, S, HQ = x["q"].shape[:3]
     H = x["k_sel"].shape[2]
     o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True)
@@ -66,8 +66,8 @@ def test_one_call_equals_select_then_attend_and_the_reference(case):
 def test_one_call_in_fp16_equals_select_then_attend():
     """fp16 (the interpreter mis-reads bf16): the kernels' own selection, the same as
     select_blocks's on the same inputs; o and gradients close to the fp32 reference given it."""
-    kernels_or_skip()
-    cfg, cu, x = _inputs("G2-packed", dtype=torch.float16)
+    _, device = kernels_or_skip()
+    cfg, cu, x = _inputs("G2-packed", dtype=torch.float16, device=device)
     o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True)
     assert o.dtype == torch.float16
     sel = ops.select_blocks(x["q"].detach(), x["k_cmp"].detach(), cfg, cu_seqlens=cu, backend="triton")
@@ -95,10 +95,12 @@ def test_reduce_importance_falls_back_to_select_then_attend(cu):
     """reduce_importance (parallel layouts) cannot enter the fused kernels: the call selects
     with it (the reference importance), then attends; indices and output as the reference's.
     l' = 8, n = 5 over up to 16 blocks: the importance decides two blocks per position."""
-    kernels_or_skip()
+    _, device = kernels_or_skip()
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=5, window=16)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    x = random_nsa_inputs(cfg, B=1, S=128, HQ=4, H=2, Dk=16, seed=4, cu_seqlens=cu, requires_grad=True)
+    x = random_nsa_inputs(cfg, B=1, S=128, HQ=4, H=2, Dk=16, seed=4, cu_seqlens=cu, requires_grad=True,
+                          device=device)
+    cu = None if cu is None else cu.to(device)
     o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True,
                                reduce_importance=_odd_blocks_only)
     o_ref, idx_ref = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference", return_indices=True,
@@ -114,9 +116,8 @@ def test_reduce_importance_falls_back_to_select_then_attend(cu):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_given_indices_come_back_as_given(backend):
-    if backend == "triton":
-        kernels_or_skip()
-    cfg, cu, x = _inputs("G2-packed")
+    device = kernels_or_skip()[1] if backend == "triton" else "cpu"
+    cfg, cu, x = _inputs("G2-packed", device=device)
     sel = ops.select_blocks(x["q"].detach(), x["k_cmp"].detach(), cfg, cu_seqlens=cu, backend="reference")
     o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend=backend, block_indices=sel,
                                canonical_indices=True, return_indices=True)

@@ -15,13 +15,15 @@ NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 
 @pytest.mark.parametrize("dk,dv", [(192, 128), (256, 256)])
 def test_fp32_large_head_dims_match_the_reference(dk, dv):
-    kernels_or_skip()
+    _, device = kernels_or_skip()
     from nsa_dist.kernels.launch import DEFAULT
     from nsa_dist.kernels.nsa import make_geometry
 
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16)
     cu = torch.tensor([0, 45, 96], dtype=torch.int32)
-    x = random_nsa_inputs(cfg, S=96, HQ=8, H=2, Dk=dk, Dv=dv, seed=7, cu_seqlens=cu, requires_grad=True)
+    x = random_nsa_inputs(cfg, S=96, HQ=8, H=2, Dk=dk, Dv=dv, seed=7, cu_seqlens=cu, requires_grad=True,
+                          device=device)
+    cu = cu.to(device)
     geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, cu)
     assert geo.prec == "ieee"  # PyTorch's default fp32 matmul precision: no TF32
     shrunk = [k for k in ("range_dq", "range_dkdv", "sel_dkdv", "sel_dq_split")
@@ -42,7 +44,7 @@ def test_fp32_selection_at_dk_256_and_a_group_of_16_matches_the_reference(monkey
     """16 heads a group at Dk = 256 in fp32: the selection's query rows alone would exceed
     shared memory at 16 positions a program, so it runs 4 positions a program with the
     general chunks (no whole-block chunks below 16 positions); the choice is the reference's."""
-    kernels, _ = kernels_or_skip()
+    kernels, device = kernels_or_skip()
     from nsa_dist.kernels import selection
 
     launched = []
@@ -56,7 +58,7 @@ def test_fp32_selection_at_dk_256_and_a_group_of_16_matches_the_reference(monkey
             return run
     monkeypatch.setattr(selection, "_select_topn", Spy())
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=5, window=0)
-    x = random_nsa_inputs(cfg, S=80, HQ=16, H=1, Dk=256, seed=3)
+    x = random_nsa_inputs(cfg, S=80, HQ=16, H=1, Dk=256, seed=3, device=device)
     got = kernels.select_blocks(x["q"], x["k_cmp"], cfg)
     assert torch.equal(got, ops.select_blocks(x["q"], x["k_cmp"], cfg, backend="reference"))
     assert launched == [(4, False, 2)]
