@@ -61,6 +61,9 @@ class LaunchConfig:
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
     split_bytes: int = 1 << 30  # bound of the block-major per-slot buffers: positions are chunked
     gate_rows: int = 32  # rows per program of the gate combination (gates.py)
+    # the inverted selection's ~90 small torch ops through torch.compile (None: on CUDA); each
+    # call's launches cost host time that short contexts cannot hide
+    compile_tables: Optional[bool] = None
     # --- block selection (selection.py)
     select_rows: int = 64  # rows per program with the general chunks
     select_rows_aligned: int = 128  # rows per program with chunks of whole blocks
@@ -158,7 +161,7 @@ class LaunchConfig:
                         or v[0] not in (1, 2, 4, 8, 16, 32) or v[1] < 1):
                     raise ValueError(f"LaunchConfig.{name} must be (num_warps, num_stages): warps a power of two "
                                      f"1-32, stages >= 1, got {v!r}")
-            elif isinstance(default, bool) or name == "select_merge":
+            elif isinstance(default, bool) or name in ("select_merge", "compile_tables"):
                 if not isinstance(v, bool) and not (v is None and default is None):
                     raise ValueError(f"LaunchConfig.{name} must be True or False, got {v!r}")
             else:  # ints (optional where the default is None)

@@ -286,8 +286,12 @@ def _sel_seg(geo: Geometry, dkdv_only: bool = False) -> int:
 def _sel_work(idx, geo: Geometry, cfg, chunk=None, dkdv_only=False):
     """The inverted selection (``tiles.SelWork``) the block-major kernels walk. It needs no
     host sync, so the host keeps queueing kernels while the GPU builds it."""
+    compiled = geo.launch.compile_tables
+    if compiled is None:
+        compiled = idx.is_cuda
     return tl_tiles.inverted_selection(idx, geo.layout, cfg.sel_block, _sel_seg(geo, dkdv_only), chunk,
-                                       rows_sorted=geo.idx_sorted, skip_forced=geo.forced_split())
+                                       rows_sorted=geo.idx_sorted, skip_forced=geo.forced_split(),
+                                       compiled=compiled)
 
 
 def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) -> dict:

@@ -9,6 +9,7 @@ program sees one document and needs no per-row document lookups.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -147,7 +148,7 @@ def list_bound(positions: int, H: int, n: int, sel_block: int, T: int, ndocs: in
 
 def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: int,
                        chunk: Optional[int] = None, rows_sorted: bool = False,
-                       skip_forced: bool = False) -> SelWork:
+                       skip_forced: bool = False, compiled: bool = False) -> SelWork:
     """Which queries chose each KV block, per chunk of ``chunk`` positions (default: one chunk).
 
     idx: [T, H, n] local block indices (-1 padded). Each (chunk, KV head, block) list of
@@ -166,6 +167,8 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     rows have it last); the kernels only need them to agree with each other.
     ``skip_forced``: leave out each position's forced blocks (0, and the local blocks
     floor(t/l') - 1 and floor(t/l'), t local to the document), which the range kernels run.
+    ``compiled``: build the lists through ``torch.compile`` (``_device_lists``: about 90
+    small torch ops become a few fused kernels, once per shape; the same integers).
     """
     T, H, n = idx.shape
     dev = idx.device
@@ -176,6 +179,25 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     bounds = [0]
     for p in sizes:
         bounds.append(bounds[-1] + item_bound(p, H, n, sel_block, seg, T, ndocs))
+    if T * H * n == 0:
+        valid8 = torch.zeros(T, H, n, dtype=torch.uint8, device=dev)
+        return SelWork(torch.zeros(bounds[-1], 5, dtype=torch.int64, device=dev),
+                       torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int32, device=dev),
+                       bounds, chunk, valid8)
+    nruns = sum(list_bound(p, H, n, sel_block, T, ndocs) for p in sizes) + 1
+    build = _compiled_device_lists() if compiled else _device_lists
+    items, queries, slots, valid8 = build(idx, layout.tok_doc_start, layout.tok_doc_end, sel_block, seg, chunk,
+                                          nchunks, bounds[1], bounds[-1], nruns, rows_sorted, skip_forced)
+    return SelWork(items, queries, slots, bounds, chunk, valid8)
+
+
+def _device_lists(idx, tok_doc_start, tok_doc_end, sel_block: int, seg: int, chunk: int, nchunks: int,
+                  per: int, rows: int, nruns: int, rows_sorted: bool, skip_forced: bool):
+    """The device part of ``inverted_selection``: (items, queries, slots, valid8). ``per``:
+    item rows of every chunk but the last; ``rows``: all item rows; ``nruns``: a bound on the
+    lists (+1 for the sentinel). Plain torch ops on the device, no host sync."""
+    T, H, n = idx.shape
+    dev = idx.device
     # a block listed twice counts once, and one past its document's end not at all; sorting a
     # row puts equal blocks side by side and keeps its slots distinct, which is all the
     # per-slot results need
@@ -185,17 +207,13 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
     t = torch.arange(T, device=dev, dtype=torch.int64)[:, None, None]
     h = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None]
-    start = layout.tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
-    valid &= start < layout.tok_doc_end[:, None, None]
+    start = tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
+    valid &= start < tok_doc_end[:, None, None]
     if skip_forced:
-        cb = ((t - layout.tok_doc_start[:, None, None]) // sel_block).to(idx.dtype)
+        cb = ((t - tok_doc_start[:, None, None]) // sel_block).to(idx.dtype)
         valid &= (idx != 0) & (idx < cb - 1)
     valid8 = valid.to(torch.uint8).contiguous()
     N = T * H * n
-    if N == 0:
-        return SelWork(torch.zeros(bounds[-1], 5, dtype=torch.int64, device=dev),
-                       torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int32, device=dev),
-                       bounds, chunk, valid8)
     # unlisted slots get the largest key, so they sort last (no masked selection: that syncs)
     big = nchunks * H * T
     key = torch.where(valid, ((t // chunk) * H + h) * T + start, big).reshape(-1)
@@ -206,18 +224,16 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     new[1:] = key[1:] != key[:-1]
     # lists (runs of one key): list r starts where the running count of starts reaches r + 1;
     # past the last run the search gives N (then an empty list with the sentinel key)
-    nruns = sum(list_bound(p, H, n, sel_block, T, ndocs) for p in sizes) + 1
     rs = torch.searchsorted(torch.cumsum(new, 0), torch.arange(1, nruns + 2, device=dev))
     cnt = rs[1:] - rs[:-1]
     rs = rs[:-1]
     rkey = torch.where(rs < N, key[rs.clamp(max=N - 1)].to(torch.int64), big)  # ascending
     nseg = torch.where(rkey < big, (cnt + seg - 1) // seg, 0)  # the sentinel run lists nothing
     seg_end = torch.cumsum(nseg, 0)
-    # the items of chunk c: the segments of its lists, in padded rows bounds[c]..
+    # the items of chunk c: the segments of its lists, in padded rows per * c ..
     run0 = torch.searchsorted(rkey, torch.arange(nchunks + 1, device=dev) * (H * T))
     first = torch.cat([seg_end.new_zeros(1), seg_end])[run0]  # segments before chunk c
-    per = bounds[1]  # item rows of every chunk but the last
-    row = torch.arange(bounds[-1], device=dev)
+    row = torch.arange(rows, device=dev)
     c = torch.clamp(row // per, max=nchunks - 1)
     g = first[c] + row - c * per  # the row's segment, if its chunk has that many
     used = g < first[c + 1]
@@ -225,7 +241,14 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     k = (g - (seg_end - nseg)[run]) * seg  # the segment's first query in its list
     u = rkey[run]
     kstart = u % T
-    kend = torch.minimum(kstart + sel_block, layout.tok_doc_end[kstart])
+    kend = torch.minimum(kstart + sel_block, tok_doc_end[kstart])
     items = torch.stack([(u // T) % H, kstart, kend, rs[run] + k, torch.clamp(cnt[run] - k, max=seg)], dim=1)
     items = torch.where(used[:, None], items, 0).contiguous()
-    return SelWork(items, order // (H * n), (order % n).to(torch.int32), bounds, chunk, valid8)
+    return items, order // (H * n), (order % n).to(torch.int32), valid8
+
+
+@functools.cache
+def _compiled_device_lists():
+    """``_device_lists`` through torch.compile (one graph, static shapes: the shapes repeat in
+    every layer and step, so each compiles once)."""
+    return torch.compile(_device_lists, dynamic=False, fullgraph=True)

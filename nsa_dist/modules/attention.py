@@ -115,10 +115,11 @@ class NSAAttention(nn.Module):
             weights = [wq, *kw, *vw, w1]
             rows = [w.shape[0] for w in weights]
             n_qk = 1 + len(kw)  # q and the keys come first: one rotation
-            y = F.linear(x, torch.cat(weights))
-            qk = self.rope.rotate(y[..., :sum(rows[:n_qk])].unflatten(-1, (-1, dk)), cos, sin)
+            # one split (its backward is one cat), not slices (each slice's backward would
+            # write a zero tensor of y's size)
+            qk, *vs, g_pre = F.linear(x, torch.cat(weights)).split([sum(rows[:n_qk]), *rows[n_qk:]], dim=-1)
+            qk = self.rope.rotate(qk.unflatten(-1, (-1, dk)), cos, sin)
             q, *ks = qk.split([r // dk for r in rows[:n_qk]], dim=2)
-            *vs, g_pre = y[..., sum(rows[:n_qk]):].split(rows[n_qk:], dim=-1)
             g_pre = g_pre + b1
         else:
             q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)

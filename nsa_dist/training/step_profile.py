@@ -92,6 +92,7 @@ class StepProfile:
 
     rows: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # kernels per step by row
+    top: dict = field(default_factory=dict)  # (row, kernel name) -> (launches, ms) per step
     step_ms: float = 0.0
     kernel_ms: float = 0.0
     launches: float = 0.0
@@ -99,7 +100,8 @@ class StepProfile:
     def as_row(self) -> dict:
         return {"step_ms": round(self.step_ms, 3), "kernel_ms": round(self.kernel_ms, 3),
                 "launches_per_step": round(self.launches, 1),
-                **{k: round(self.rows.get(k, 0.0), 3) for k in ROWS}}
+                **{k: round(self.rows.get(k, 0.0), 3) for k in ROWS},
+                **{f"launches: {k}": round(self.counts.get(k, 0.0), 1) for k in ROWS[:-2]}}
 
 
 def _part(event, seq_part: dict) -> Optional[str]:
@@ -136,7 +138,7 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
             part = _part(e, {})
             if part is not None:
                 seq_part.setdefault((e.thread, e.sequence_nr), part)
-    rows, counts = defaultdict(float), defaultdict(int)
+    rows, counts, top = defaultdict(float), defaultdict(int), {}
     total, launches = 0.0, 0
     for event, name, us in _kernels(events):
         part = _part(event, seq_part)
@@ -153,9 +155,12 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
             row = "other GPU work"
         rows[row] += us / 1e3
         counts[row] += 1
+        n, ms = top.get((row, short), (0, 0.0))
+        top[(row, short)] = (n + 1, ms + us / 1e3)
         total += us / 1e3
         launches += 1
     prof = StepProfile({k: v / steps for k, v in rows.items()}, {k: v / steps for k, v in counts.items()},
+                       {k: (n / steps, ms / steps) for k, (n, ms) in top.items()},
                        step_ms, total / steps, launches / steps)
     prof.rows["GPU idle"] = max(0.0, step_ms - prof.kernel_ms)
     prof.rows["data"] = data_ms
@@ -195,7 +200,23 @@ def format_table(profiles: dict) -> str:
             v = {"step time": p.step_ms, "kernel launches": p.launches}.get(row, p.rows.get(row, 0.0))
             vals.append(f"{v:>{width + 2}.1f}")
         lines.append(f"{row:26s}" + "".join(vals))
+    lines.append("launches per step")
+    for row in ROWS[:-2]:
+        lines.append(f"  {row:24s}" + "".join(f"{profiles[lab].counts.get(row, 0.0):>{width + 2}.0f}"
+                                              for lab in labels))
     return "\n".join(lines)
+
+
+def format_top(profiles: dict, n: int) -> str:
+    """The ``n`` kernels with the most launches per step of each profile: row, name,
+    launches and milliseconds per step."""
+    out = []
+    for lab, p in profiles.items():
+        out.append(f"[{lab}] top {n} kernels by launches per step")
+        ranked = sorted(p.top.items(), key=lambda kv: -kv[1][0])[:n]
+        for (row, name), (count, ms) in ranked:
+            out.append(f"  {count:8.0f} x {ms:9.2f} ms  {row:24s} {name[:90]}")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------- the command
@@ -261,6 +282,7 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2, help="unprofiled warm-up steps per point")
     p.add_argument("--steps", type=int, default=2, help="timed steps, then as many profiled steps")
     p.add_argument("--out", default="", help="CSV to write (one row per point)")
+    p.add_argument("--top", type=int, default=0, help="also list the N kernels with the most launches per point")
     p.add_argument("overrides", nargs="*", help="train-config overrides key=value")
     return p
 
@@ -306,10 +328,13 @@ def main(argv: Optional[list] = None) -> int:
                     torch.cuda.empty_cache()
     if results:
         print(format_table(results))
+        if args.top:
+            print(format_top(results, args.top))
     if args.out and rows:
         from ..fileio import atomic_open
 
-        fields = ["point", "seq_len", "attention", "step_ms", "kernel_ms", "launches_per_step", *ROWS]
+        fields = ["point", "seq_len", "attention", "step_ms", "kernel_ms", "launches_per_step", *ROWS,
+                  *(f"launches: {r}" for r in ROWS[:-2])]
         with atomic_open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             w.writeheader()

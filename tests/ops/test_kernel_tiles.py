@@ -235,3 +235,17 @@ def test_selection_chunks_fit_their_key_tiles():
                         hi = ((j0 + bj) * ls - 1) // d + 1
                         assert hi - lo <= tokens, (l, d, ls, tokens, j0)
     assert fits > 1000 and not chunk_fits(16, 2, 32, 16)
+
+
+def test_compiled_inverted_selection_equals_the_eager_one():
+    """The torch.compile'd device part (the CUDA default, ``LaunchConfig.compile_tables``)
+    builds the same integers as the eager ops: packed documents, chunks, forced blocks left out."""
+    pytest.importorskip("triton")
+    lay = tiles.make_layout([0, 50, 130, 200], [0, 5, 13, 20])
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, 7, (200, 2, 5), generator=gen)
+    eager = tiles.inverted_selection(idx, lay, 16, 7, chunk=64, skip_forced=True)
+    built = tiles.inverted_selection(idx, lay, 16, 7, chunk=64, skip_forced=True, compiled=True)
+    assert eager.bounds == built.bounds and eager.chunk == built.chunk
+    for name in ("items", "queries", "slots", "valid"):
+        assert torch.equal(getattr(eager, name), getattr(built, name)), name

@@ -5,7 +5,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from nsa_dist.config import ModelConfig
 from nsa_dist.models import NSADecoderLM
-from nsa_dist.training.step_profile import PREFIX, ROWS, attribute, format_table, part_ranges
+from nsa_dist.training.step_profile import PREFIX, ROWS, attribute, format_table, format_top, part_ranges
 
 CFG = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
            intermediate_size=64, max_seq_len=128, attention="nsa",
@@ -39,7 +39,11 @@ def test_every_part_is_charged_and_backward_follows_its_forward():
     # most of the work is inside a named part, not "other"
     assert both.rows.get("other GPU work", 0) < 0.5 * both.kernel_ms
     table = format_table({"nsa 64": both})
-    assert "attention projections" in table and "nsa 64" in table
+    assert "attention projections" in table and "nsa 64" in table and "launches per step" in table
+    # the top list accounts for every launch of its rows
+    assert abs(sum(n for n, _ in both.top.values()) - both.launches) < 1e-6
+    top = format_top({"nsa 64": both}, 5).splitlines()
+    assert top[0].startswith("[nsa 64]") and len(top) == 6
 
 
 def test_hooks_are_removed():
