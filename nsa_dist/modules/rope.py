@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 
@@ -21,18 +22,43 @@ def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int,
     return out if device is None else to_device(out, device)
 
 
+# Every layer of a step asks for the same positions and rotation tables: they are built once
+# (a dozen small kernels a layer otherwise) and shared, read-only. Keys hold what the values
+# depend on; inference tensors are kept apart (autograd refuses to save them).
+_TABLES: "OrderedDict[tuple, object]" = OrderedDict()
+_TABLE_SLOTS = 16
+
+
+def _table(key: tuple, build: Callable[[], object]):
+    key = key + (torch.is_inference_mode_enabled(),)
+    hit = _TABLES.get(key)
+    if hit is None:
+        hit = _TABLES[key] = build()
+        while len(_TABLES) > _TABLE_SLOTS:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return hit
+
+
 def token_positions(seq_len: int, device: torch.device, cu_seqlens: Optional[torch.Tensor] = None,
                     position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RoPE positions of a whole sequence of ``seq_len`` tokens: ``position_ids`` ([S] or
-    [B, S]) as given, else 0.. restarting at every document of ``cu_seqlens``, else 0..S-1."""
+    [B, S]) as given, else 0.. restarting at every document of ``cu_seqlens``, else 0..S-1.
+    The last two are shared between calls with the same arguments (a CPU ``cu_seqlens`` is
+    read on the host for the key); never modify them in place."""
     if position_ids is not None:
         if position_ids.shape[-1] != seq_len:
             raise ValueError(f"position_ids must cover the full sequence ({seq_len}), got "
                              f"{tuple(position_ids.shape)}")
         return position_ids
+    device = torch.device(device)
     if cu_seqlens is not None:
-        return position_ids_from_cu_seqlens(cu_seqlens, seq_len, device)
-    return torch.arange(seq_len, device=device)
+        if cu_seqlens.is_cuda:  # reading it for a key would sync
+            return position_ids_from_cu_seqlens(cu_seqlens, seq_len, device)
+        return _table(("positions", seq_len, str(device), tuple(cu_seqlens.tolist())),
+                      lambda: position_ids_from_cu_seqlens(cu_seqlens, seq_len, device))
+    return _table(("positions", seq_len, str(device)), lambda: torch.arange(seq_len, device=device))
 
 
 @functools.cache
@@ -57,7 +83,15 @@ class RotaryEmbedding(torch.nn.Module):
         self.dim, self.theta = dim, theta
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions: [S] or [B, S] -> cos, sin broadcastable to [B, S, 1, D]."""
+        """positions: [S] or [B, S] -> cos, sin broadcastable to [B, S, 1, D]. For the shared
+        positions of ``token_positions`` the tables are shared too (read-only)."""
+        # keyed by what the positions are (their own key), never by a reusable id
+        source = next((k for k, v in _TABLES.items() if v is positions), None)
+        if source is None:
+            return self._cos_sin(positions, dtype)
+        return _table(("cos_sin", source, dtype, self.dim, self.theta), lambda: self._cos_sin(positions, dtype))
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         exponent = torch.arange(0, self.dim, 2, dtype=torch.float64, device=positions.device) / self.dim
         inv_freq = (1.0 / self.theta ** exponent).to(torch.float32)
         freqs = positions.to(torch.float32)[..., None] * inv_freq
