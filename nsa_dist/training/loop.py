@@ -31,6 +31,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
+def check_finite(loss: float, grad_norm: Optional[float], step: int) -> None:
+    """Stop the run at a non-finite loss or gradient norm, before anything is saved.
+
+    The DeepSpeed configs turn off bf16's per-gradient overflow check (a few kernels per
+    parameter tensor and a host sync before the optimizer, every step); DeepSpeed's gradient
+    norm still sees every gradient and reports a non-finite one as -1 (its sentinel). The step
+    has then been applied, so the weights in memory are not to be trusted: raise, and resume
+    from the last checkpoint."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}; lower lr or check data")
+    if grad_norm is not None and (not math.isfinite(grad_norm) or grad_norm < 0):
+        raise FloatingPointError(
+            f"gradient norm is {'not finite' if grad_norm < 0 else grad_norm} at step {step}: this step's update "
+            f"is not trusted and nothing was saved; resume from the last checkpoint (--resume auto) with a lower "
+            f"lr, or check the data")
+
+
 def _grad_norm(model: torch.nn.Module) -> float:
     """L2 norm of all gradients (each shared parameter once)."""
     grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}
@@ -210,8 +227,7 @@ class TrainLoop:
             loss, grad_norm, stats, stats_cu, stop = self._step(loader, log_now or image_now)
             pos.step += 1
             pos.consumed_samples += cfg.global_batch(env.dp_world)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {pos.step}; lower lr or check data")
+            check_finite(loss, grad_norm, pos.step)
             report.step(pos.step, loss, lr, grad_norm)
             clock.stepped(step_start, steady=pos.step > first_step + 1)  # the first pays warm-up costs
             if stats and image_now:
