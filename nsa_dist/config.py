@@ -126,7 +126,7 @@ class NSAConfig(ConfigBase):
         _require(isinstance(self.shared_kv, bool), "shared_kv", "must be true or false", self.shared_kv)
 
 
-RECOMPUTE = ("full", "keep_attention", "none")
+RECOMPUTE = ("full", "keep_attention", "auto", "none")
 
 
 @dataclass
@@ -153,7 +153,8 @@ class ModelConfig(ConfigBase):
     # what the backward recomputes when activation checkpointing is on (the train config's
     # activation_checkpointing): "full" (each decoder block), "keep_attention" (the attention
     # function's output and saved tensors are kept; projections, norms and MLP recomputed),
-    # "none" (nothing, checkpointing or not)
+    # "auto" (keep_attention where what it keeps fits AUTO_KEEP_FRACTION of the GPU's memory,
+    # else full; full on the CPU), "none" (nothing, checkpointing or not)
     recompute: str = "full"
     nsa: NSAConfig = field(default_factory=NSAConfig)
 

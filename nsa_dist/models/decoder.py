@@ -85,13 +85,34 @@ class DecoderBlock(nn.Module):
         return checkpoint(post, h, o, use_reentrant=False), stats
 
 
+# recompute "auto": keep the attention functions' tensors while, over all layers, they take at
+# most this share of the GPU's memory (the rest holds weights, optimizer state, the MLP's
+# recomputation and the loss)
+AUTO_KEEP_FRACTION = 0.2
+
+
+def recompute_mode(model: nn.Module, h: torch.Tensor, total_memory: Optional[int] = None) -> str:
+    """What the backward recomputes for hidden states h [B, S_in, hidden]: the config's
+    ``recompute``, with "auto" resolved (``AUTO_KEEP_FRACTION`` of ``total_memory``, default
+    h's GPU's; "full" on the CPU). The same on every rank of a layout (same shapes, same GPUs)."""
+    mode = model.config.recompute
+    if mode != "auto":
+        return mode
+    if total_memory is None:
+        if h.device.type != "cuda":
+            return "full"
+        total_memory = torch.cuda.get_device_properties(h.device).total_memory
+    kept = sum(layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype) for layer in model.layers)
+    return "keep_attention" if kept <= AUTO_KEEP_FRACTION * total_memory else "full"
+
+
 def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, return_stats: bool):
     """The decoder stack of ``model`` (its ``layers``; when ``model.gradient_checkpointing``
     and training, the backward recomputes what ``model.config.recompute`` says).
     Returns (h, per-layer stats list)."""
     all_stats = []
     ckpt = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
-    mode = model.config.recompute if ckpt else "none"
+    mode = recompute_mode(model, h) if ckpt else "none"
     for layer in model.layers:
         if mode == "full":
             h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, use_reentrant=False)

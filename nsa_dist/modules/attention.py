@@ -163,6 +163,17 @@ class NSAAttention(nn.Module):
         p["positions"] = positions
         return p
 
+    def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype) -> int:
+        """Bytes ``recompute: keep_attention`` keeps for one call on x [batch, seq_in, hidden]
+        (this rank's heads): q, the selected and window K/V, the three branch outputs and o in
+        ``dtype``; fp32 log-sum-exps, gates, int32 indices (compressed K/V: 1/d, left out)."""
+        dk, dv = self.head_dim, self.v_head_dim
+        hq = self.q_proj.weight.shape[0] // dk
+        h = max(1, hq // (self.num_heads // self.num_kv_heads))
+        el = torch.tensor([], dtype=dtype).element_size()
+        per = el * (hq * (dk + 4 * dv + 3) + 2 * h * (dk + dv)) + 4 * (3 * hq + h * self.config.num_selected)
+        return batch * self.comm.seq_len(seq_in) * per
+
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
         """The NSA function and its selection in one op call (the compressed branch's forward
         feeds the selection). Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""

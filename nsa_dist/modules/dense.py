@@ -174,17 +174,26 @@ class DenseAttention(nn.Module):
         cos, sin = self.rope.cos_sin(c.local_positions(positions), x.dtype)
         wk, wv = c.kv_weights(self.k_proj.weight, self.v_proj.weight)
         if self.fused_projection:
-            y = F.linear(x, torch.cat([self.q_proj.weight, wk, wv]))
             nq, nk = self.q_proj.weight.shape[0], wk.shape[0]
-            qk = self.rope.rotate(y[..., :nq + nk].unflatten(-1, (-1, dk)), cos, sin)
+            # one split: its backward is one cat (slices would each write a zero tensor of y's size)
+            qk, v = F.linear(x, torch.cat([self.q_proj.weight, wk, wv])).split([nq + nk, wv.shape[0]], dim=-1)
+            qk = self.rope.rotate(qk.unflatten(-1, (-1, dk)), cos, sin)
             q, k = qk.split([nq // dk, nk // dk], dim=2)
-            v = y[..., nq + nk:]
         else:
             q = self.rope.rotate(self.q_proj(x).unflatten(-1, (-1, dk)), cos, sin)
             k = self.rope.rotate(bound(self.k_proj, [wk])(x).unflatten(-1, (-1, dk)), cos, sin)
             v = bound(self.v_proj, [wv])(x)
         return {"q": c.to_heads(q), "k": c.to_heads(k, kv=True),
                 "v": c.to_heads(v.unflatten(-1, (-1, self.v_head_dim)), kv=True), "positions": positions}
+
+    def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype) -> int:
+        """Bytes ``recompute: keep_attention`` keeps for one call on x [batch, seq_in, hidden]:
+        q, k, v, o in ``dtype`` and the fp32 log-sum-exp of this rank's heads."""
+        hq = self.q_proj.weight.shape[0] // self.head_dim
+        h = max(1, hq // (self.num_heads // self.num_kv_heads))
+        el = torch.tensor([], dtype=dtype).element_size()
+        per = el * (hq + h) * (self.head_dim + self.v_head_dim) + 4 * hq
+        return batch * self.comm.seq_len(seq_in) * per
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
         """Causal attention within each document: (o [B, S, HQ', Dv], None)."""

@@ -234,8 +234,35 @@ def test_keep_attention_runs_the_attention_function_once():
 
 
 def test_recompute_mode_is_checked():
-    with pytest.raises(ValueError, match="recompute='selective': must be one of 'full', 'keep_attention', 'none'"):
+    with pytest.raises(ValueError, match="recompute='selective': must be one of 'full', 'keep_attention', 'auto', 'none'"):
         ModelConfig(recompute="selective")
+
+
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_auto_recompute_keeps_attention_where_it_fits(attention):
+    """recompute "auto": keep_attention while every layer's kept tensors fit
+    AUTO_KEEP_FRACTION of the GPU's memory, else full; full on the CPU. The kept bytes grow
+    with the tokens and count this model's heads and dims."""
+    from nsa_dist.models.decoder import AUTO_KEEP_FRACTION, recompute_mode
+
+    model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "attention": attention, "recompute": "auto"}),
+                         backend="reference")
+    attn = model.layers[0].attn
+    hq, h = TINY.num_heads, TINY.num_kv_heads
+    dk = dv = TINY.head_dim
+    if attention == "nsa":
+        per = 2 * (hq * (dk + 4 * dv + 3) + 2 * h * (dk + dv)) + 4 * (3 * hq + h * attn.config.num_selected)
+    else:
+        per = 2 * (hq + h) * (dk + dv) + 4 * hq
+    assert attn.kept_bytes(2, 100, torch.bfloat16) == 2 * 100 * per
+    h_small = torch.zeros(2, 100, TINY.hidden_size, dtype=torch.bfloat16)
+    kept = TINY.num_layers * 2 * 100 * per
+    fits = int(kept / AUTO_KEEP_FRACTION) + 1
+    assert recompute_mode(model, h_small, total_memory=fits) == "keep_attention"
+    assert recompute_mode(model, h_small, total_memory=fits // 2) == "full"
+    assert recompute_mode(model, h_small) == "full"  # a CPU tensor: no GPU memory to plan with
+    model.config.recompute = "keep_attention"
+    assert recompute_mode(model, h_small, total_memory=1) == "keep_attention"  # explicit modes stay
 
 
 def _cpu_candidates(q, k, v):
