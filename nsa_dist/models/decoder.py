@@ -98,6 +98,8 @@ def recompute_mode(model: nn.Module, h: torch.Tensor, total_memory: Optional[int
     mode = model.config.recompute
     if mode != "auto":
         return mode
+    if not getattr(model, "allow_keep_attention", True):  # ZeRO-3 gathers weights per forward
+        return "full"
     if total_memory is None:
         if h.device.type != "cuda":
             return "full"

@@ -337,5 +337,6 @@ def _zero3_leaf_attention(model: torch.nn.Module, recompute: str) -> None:
         raise ValueError("model recompute: keep_attention calls the attention layer's parts "
                          "outside its forward, where ZeRO-3 cannot gather its weights: use "
                          "recompute: full with ZeRO-3, or ZeRO stage 0-2")
+    model.allow_keep_attention = False  # recompute "auto" then means full
     # (the attention layers read their projections' weights directly: one fused GEMM)
     set_z3_leaf_modules(model, [NSAAttention, DenseAttention], raise_if_not_found=False)

@@ -261,6 +261,8 @@ def test_auto_recompute_keeps_attention_where_it_fits(attention):
     assert recompute_mode(model, h_small, total_memory=fits) == "keep_attention"
     assert recompute_mode(model, h_small, total_memory=fits // 2) == "full"
     assert recompute_mode(model, h_small) == "full"  # a CPU tensor: no GPU memory to plan with
+    model.allow_keep_attention = False  # set by the trainer under ZeRO-3
+    assert recompute_mode(model, h_small, total_memory=fits) == "full"
     model.config.recompute = "keep_attention"
     assert recompute_mode(model, h_small, total_memory=1) == "keep_attention"  # explicit modes stay
 
