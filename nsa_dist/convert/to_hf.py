@@ -93,6 +93,31 @@ class NSADistForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids}
+
+    def generate(self, inputs=None, generation_config=None, nsa_decode="auto", **kwargs):
+        """transformers' generate(), decoded from per-branch caches when nsa_dist is installed.
+
+        nsa_decode="auto": nsa_dist's decode path (prefill, then the Triton decode kernels and
+        CUDA graphs; nsa_dist.inference.hf_generate) where nsa_dist imports and has decode
+        kernels for this model (CUDA), else transformers' loop over this module's PyTorch
+        model (exact, the whole sequence every step); requests that path does not cover (beam
+        search, logits processors, ...) take transformers' loop too. "hf": always
+        transformers' loop; "reference" / "triton": nsa_dist's PyTorch / kernel decode
+        (nsa_dist needed; an uncovered request is an error).
+        """
+        if nsa_decode != "hf":
+            try:
+                from nsa_dist.inference.hf_generate import hf_generate
+            except ImportError as err:
+                if nsa_decode != "auto":
+                    raise ImportError(f"nsa_decode={nsa_decode!r} needs nsa_dist installed "
+                                      f"(pip install nsa_dist): {err}") from err
+            else:
+                out = hf_generate(self.model, inputs, generation_config, self.generation_config, kwargs,
+                                  nsa_decode)
+                if out is not None:
+                    return out
+        return super().generate(inputs, generation_config, **kwargs)
 '''
 
 

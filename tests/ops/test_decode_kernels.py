@@ -131,3 +131,38 @@ def test_needle_through_generate_on_the_kernels(dk):
     missed = run_generate_needle(1024, 0.35, cfg, device=device, new_tokens=3, backend="triton",
                                  cuda_graphs=False, with_needle=False)
     assert QUERY not in missed.tokens
+
+
+def test_export_generate_takes_the_kernel_path(dk, tmp_path, monkeypatch):
+    """The to-hf export's generate() with nsa_dist installed: decode steps on the kernels
+    (here interpreted, fp32), the same greedy tokens as our generate() on the PyTorch path."""
+    pytest.importorskip("transformers")
+    from hf_export import export_and_load
+    from nsa_dist import ModelConfig
+    from nsa_dist.inference import generate
+    from nsa_dist.inference import hf_generate as hfg
+    from nsa_dist.models import NSADecoderLM
+
+    kernels, device = dk
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                      max_seq_len=64, nsa=NSAConfig(**CFG))
+    torch.manual_seed(0)
+    model = NSADecoderLM(cfg, backend="reference")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model = model.to(device).eval()
+    hf = export_and_load(model, tmp_path)
+    calls = []
+    attend = kernels.decode_attend
+    monkeypatch.setattr(kernels, "decode_attend", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    x = torch.tensor([[1, 2, 3, 4, 5, 6, 7] * 3, [9, 8, 3, 3, 2, 1, 5] * 3], device=device)
+    want = generate(model, x.tolist(), 10, backend="reference").tokens
+    if device == "cpu":  # auto looks for kernels to run on CUDA: show it the interpreted ones
+        monkeypatch.setattr(hfg, "decode_kernels", lambda backend, dev, dtype: kernels)
+    out = hf.generate(x, max_new_tokens=10, do_sample=False)  # nsa_decode="auto"
+    assert len(calls) == 9  # one per decode step (the first token comes from the prefill)
+    assert out[:, 21:].tolist() == want
+    assert torch.equal(hf.generate(x, max_new_tokens=10, do_sample=False, nsa_decode="triton"), out)
+    assert len(calls) == 18
+    assert torch.equal(out, hf.generate(x, max_new_tokens=10, do_sample=False, nsa_decode="hf"))
