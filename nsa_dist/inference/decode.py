@@ -46,6 +46,15 @@ def _check_layer(layer) -> None:
                         "(the decode path covers NSA layers; dense models are not supported)")
 
 
+def _check_like(x: torch.Tensor, weight: torch.Tensor, name: str, dtype: bool = True) -> None:
+    """ValueError when x is not on weight's device (or, with ``dtype``, not in its dtype)."""
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the model on {weight.device}; move one of them")
+    if dtype and x.dtype != weight.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but the model's weights {weight.dtype}; cast the "
+                         "input or the model (model.to(dtype))")
+
+
 def _masked_softmax(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to ``valid``; rows with nothing valid give 0."""
     s = s.masked_fill(~valid, torch.finfo(s.dtype).min)
@@ -84,6 +93,7 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
     if x.dim() != 3:
         raise ValueError(f"x must be [B, P, hidden], got shape {tuple(x.shape)}")
     B, P, _ = x.shape
+    _check_like(x, next(layer.parameters()), "x")
     lengths = _check_prompt(B, P, lengths, max_len or P, x.device)
     heads = layer.project_heads(x, torch.arange(P, device=x.device))
     p = layer.compress_heads(*heads)  # what project() returns, from the same projections
@@ -115,6 +125,7 @@ def check_step_input(layer: NSAAttention, x: torch.Tensor, cache: LayerCache) ->
         raise ValueError(f"x has batch {x.shape[0]} but the cache holds {cache.batch} sequences")
     cache.check_layer(layer.config, layer.num_kv_heads, layer.head_dim, layer.v_head_dim)
     cache.check_input(x)
+    cache.check_input(next(layer.parameters()), "the layer's weights")
     cache.check_room()
     return x
 
@@ -303,6 +314,9 @@ def prefill(model, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = No
     _check_model(model)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    _check_like(input_ids, model.embed.weight, "input_ids", dtype=False)
     B, P = input_ids.shape
     lengths = _check_prompt(B, P, lengths, max_len or model.config.max_seq_len, input_ids.device)
     max_len = max_len or model.config.max_seq_len

@@ -109,15 +109,29 @@ def test_kernel_decode_steps_equal_pytorch_steps_and_full_forward(dk, G, phi):
             assert max_rel(torch.cat(outs[b]), full[0, n:]) < 1e-4
 
 
-def test_kernel_decode_without_reads_and_bad_backend(dk):
+def test_kernel_decode_without_reads_and_bad_input(dk, monkeypatch):
+    """Counters off: nothing counted. Bad input on the kernel path: a clear error before
+    anything is written (every cache tensor and the host count unchanged)."""
+    import nsa_dist.inference.decode as dec
+
     _, device = dk
     m = _layer(2).to(device)
-    x = torch.randn(1, 4, 32).to(device)
+    x = torch.randn(1, 5, 32).to(device)
     _, cache, _ = prefill_layer(m, x[:, :3], max_len=4)
-    y, idx, reads = decode_layer(m, x[:, 3], cache, backend="triton", count_reads=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(dec, "step_reads", lambda *a: pytest.fail("counted with count_reads=False"))
+        y, idx, reads = decode_layer(m, x[:, 3], cache, backend="triton", count_reads=False)
     assert reads is None and idx.shape == (1, 2, 4) and y.shape == (1, 1, 32)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        decode_layer(m, x[:, 3], cache, backend="cuda")
+    snap = {k: v.clone() for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
+    for bad, match in ((lambda: decode_layer(m, x[:, 4], cache, backend="cuda"), "backend must be one of"),
+                       (lambda: decode_layer(m, x[:, 4], cache, backend="triton"), "cannot decode past max_len=4"),
+                       (lambda: decode_layer(m.half(), x[:, 4].half(), cache, backend="triton"), "dtype torch.float16"),
+                       (lambda: decode_layer(m.float(), x[:, 4], cache, backend="triton"), "max_len=4")):
+        with pytest.raises(ValueError, match=match):
+            bad()
+    assert cache.host_max == 4
+    for k, v in snap.items():
+        assert torch.equal(getattr(cache, k), v), f"{k} was written"
 
 
 def test_needle_through_generate_on_the_kernels(dk):
@@ -160,9 +174,12 @@ def test_export_generate_takes_the_kernel_path(dk, tmp_path, monkeypatch):
     want = generate(model, x.tolist(), 10, backend="reference").tokens
     if device == "cpu":  # auto looks for kernels to run on CUDA: show it the interpreted ones
         monkeypatch.setattr(hfg, "decode_kernels", lambda backend, dev, dtype: kernels)
+    # Python launches per generate(): one per decode step (the first token comes from the
+    # prefill); on CUDA the steps replay a CUDA graph: two warm-up steps and the capture
+    launches = 3 if device == "cuda" else 9
     out = hf.generate(x, max_new_tokens=10, do_sample=False)  # nsa_decode="auto"
-    assert len(calls) == 9  # one per decode step (the first token comes from the prefill)
+    assert len(calls) == launches
     assert out[:, 21:].tolist() == want
     assert torch.equal(hf.generate(x, max_new_tokens=10, do_sample=False, nsa_decode="triton"), out)
-    assert len(calls) == 18
+    assert len(calls) == 2 * launches
     assert torch.equal(out, hf.generate(x, max_new_tokens=10, do_sample=False, nsa_decode="hf"))
