@@ -7,7 +7,9 @@ its Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``: ``hf_toke
 model code of this package (config, reference NSA function, layers, decoder) flattened into
 one module, so the export needs neither nsa_dist nor Triton where it is loaded. The flattening
 is mechanical (package-relative imports removed, the ``ops``/``reference`` namespaces rebuilt),
-so the exported model runs exactly the code that was tested here.
+so the exported model runs exactly the code that was tested here. Its ``generate()`` decodes
+through nsa_dist (``inference/hf_generate.py``: caches, decode kernels, CUDA graphs) when
+nsa_dist is installed and has kernels for the model, else through transformers' own loop.
 """
 from __future__ import annotations
 

@@ -311,7 +311,7 @@ def test_generate_cli_loads_pt_and_safetensors(tmp_path, capsys):
     assert tool.main(["--config", cfg_path, "--checkpoint", str(tmp_path / "nope.pt"), "--prompt-ids", "1"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert tool.main(["--config", cfg_path, "--random-weights", "--prompt-ids", "1", "--prompt-ids", "4,5",
-                      "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9"]) == 0
+                      "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
