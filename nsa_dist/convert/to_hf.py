@@ -96,7 +96,7 @@ class NSADistForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids}
 
-    def generate(self, inputs=None, generation_config=None, nsa_decode="auto", **kwargs):
+    def generate(self, inputs=None, generation_config=None, *args, nsa_decode="auto", **kwargs):
         """transformers' generate(), decoded from per-branch caches when nsa_dist is installed.
 
         nsa_decode="auto": nsa_dist's decode path (prefill, then the Triton decode kernels and
@@ -105,9 +105,14 @@ class NSADistForCausalLM(PreTrainedModel, GenerationMixin):
         model (exact, the whole sequence every step); requests that path does not cover (beam
         search, logits processors, ...) take transformers' loop too. "hf": always
         transformers' loop; "reference" / "triton": nsa_dist's PyTorch / kernel decode
-        (nsa_dist needed; an uncovered request is an error).
+        (nsa_dist needed; an uncovered request is an error). Further positional arguments
+        (logits_processor, ...) go to transformers' loop.
         """
-        if nsa_decode != "hf":
+        if nsa_decode not in ("auto", "hf", "reference", "triton"):
+            raise ValueError(f"nsa_decode must be one of auto, hf, reference, triton; got {nsa_decode!r}")
+        if args and nsa_decode != "auto":
+            raise ValueError(f"nsa_decode={nsa_decode!r} takes generate()'s arguments by name only")
+        if nsa_decode != "hf" and not args:
             try:
                 from nsa_dist.inference.hf_generate import hf_generate
             except ImportError as err:
@@ -119,7 +124,7 @@ class NSADistForCausalLM(PreTrainedModel, GenerationMixin):
                                   nsa_decode)
                 if out is not None:
                     return out
-        return super().generate(inputs, generation_config, **kwargs)
+        return super().generate(inputs, generation_config, *args, **kwargs)
 '''
 
 

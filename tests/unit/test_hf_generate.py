@@ -134,3 +134,14 @@ def test_top_k_keeps_the_k_most_likely():
     assert {int(sample_next(logits, 1.0, 1.0, gen, top_k=2)) for _ in range(200)} == {1, 3}
     with pytest.raises(ValueError, match="top_k"):
         sample_next(logits, 1.0, 1.0, top_k=-1)
+
+
+def test_positional_arguments_take_transformers_loop(exported, nsa_calls, monkeypatch):
+    _, hf = exported
+    x = torch.tensor([[1, 2, 3]])
+    monkeypatch.setattr(hfg, "decode_kernels", lambda backend, device, dtype: object())
+    procs = transformers.LogitsProcessorList()
+    out = hf.generate(x, None, procs, max_new_tokens=3, do_sample=False)
+    assert nsa_calls == [] and torch.equal(out, hf.generate(x, max_new_tokens=3, do_sample=False, nsa_decode="hf"))
+    with pytest.raises(ValueError, match="by name only"):
+        hf.generate(x, None, procs, max_new_tokens=3, nsa_decode="reference")
