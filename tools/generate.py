@@ -141,8 +141,8 @@ def _generate(args) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen, backend=args.backend,
-                   cuda_graphs=False if args.no_cuda_graphs else None, count_reads=args.stats)
+                   top_k=args.top_k, stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen,
+                   backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None, count_reads=args.stats)
     seconds = time.perf_counter() - start
     for prompt, new in zip(prompts, out.tokens):
         if tok is not None:
