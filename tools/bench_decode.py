@@ -105,13 +105,14 @@ def nsa_methods(B: int, S: int, shape: Shape, args, device, dtype) -> dict:
     new = {k: rnd(B, H, D) for k in ("k_sel", "v_sel", "k_win", "v_win", "k_raw", "v_raw")}
     q, gates = rnd(B, HQ, D), torch.sigmoid(rnd(B, HQ, 3))
     out = {}
-    kernels = decode_kernels("auto", device, dtype)
+    kernels = decode_kernels(args.nsa_backend, device, dtype)
     if kernels is not None:
         def kernel_step():
             append_step(kernels, cache, new, None, None)
             return attend_step_kernels(kernels, q, gates, cache)
         out["nsa_kernels"] = kernel_step
-        out["nsa_graph"] = lambda: _graphed(kernel_step, device)  # built when timed
+        if device.type == "cuda":
+            out["nsa_graph"] = lambda: _graphed(kernel_step, device)  # built when timed
     if args.pytorch or kernels is None:
         def torch_step():
             cache.append(new, None, None)
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", default="8192,32768,65536,131072", help="comma-separated cache lengths")
     p.add_argument("--quick", action="store_true", help="smoke test: batch 1,2, contexts 1024,2048, 3 iterations")
     p.add_argument("--pytorch", action="store_true", help="also time the PyTorch reference decode path")
+    p.add_argument("--nsa-backend", default="auto", choices=("auto", "reference", "triton"),
+                   help="NSA decode path: auto = the kernels on CUDA, PyTorch elsewhere; triton on a "
+                        "CPU runs them in Triton's interpreter (TRITON_INTERPRET=1, a check, not a timing)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on CUDA, float32 on CPU")

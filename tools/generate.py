@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--stop-token", type=int, default=None, help="default: the tokenizer's EOS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -140,8 +141,8 @@ def _generate(args) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen, backend=args.backend,
-                   cuda_graphs=False if args.no_cuda_graphs else None, count_reads=args.stats)
+                   top_k=args.top_k, stop_token=stop, pad_id=tok.pad_id if tok else 0, generator=gen,
+                   backend=args.backend, cuda_graphs=False if args.no_cuda_graphs else None, count_reads=args.stats)
     seconds = time.perf_counter() - start
     for prompt, new in zip(prompts, out.tokens):
         if tok is not None:

@@ -7,7 +7,9 @@ its Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``: ``hf_toke
 model code of this package (config, reference NSA function, layers, decoder) flattened into
 one module, so the export needs neither nsa_dist nor Triton where it is loaded. The flattening
 is mechanical (package-relative imports removed, the ``ops``/``reference`` namespaces rebuilt),
-so the exported model runs exactly the code that was tested here.
+so the exported model runs exactly the code that was tested here. Its ``generate()`` decodes
+through nsa_dist (``inference/hf_generate.py``: caches, decode kernels, CUDA graphs) when
+nsa_dist is installed and has kernels for the model, else through transformers' own loop.
 """
 from __future__ import annotations
 
@@ -93,6 +95,36 @@ class NSADistForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids}
+
+    def generate(self, inputs=None, generation_config=None, *args, nsa_decode="auto", **kwargs):
+        """transformers' generate(), decoded from per-branch caches when nsa_dist is installed.
+
+        nsa_decode="auto": nsa_dist's decode path (prefill, then the Triton decode kernels and
+        CUDA graphs; nsa_dist.inference.hf_generate) where nsa_dist imports and has decode
+        kernels for this model (CUDA), else transformers' loop over this module's PyTorch
+        model (exact, the whole sequence every step); requests that path does not cover (beam
+        search, logits processors, ...) take transformers' loop too. "hf": always
+        transformers' loop; "reference" / "triton": nsa_dist's PyTorch / kernel decode
+        (nsa_dist needed; an uncovered request is an error). Further positional arguments
+        (logits_processor, ...) go to transformers' loop.
+        """
+        if nsa_decode not in ("auto", "hf", "reference", "triton"):
+            raise ValueError(f"nsa_decode must be one of auto, hf, reference, triton; got {nsa_decode!r}")
+        if args and nsa_decode != "auto":
+            raise ValueError(f"nsa_decode={nsa_decode!r} takes generate()'s arguments by name only")
+        if nsa_decode != "hf" and not args:
+            try:
+                from nsa_dist.inference.hf_generate import hf_generate
+            except ImportError as err:
+                if nsa_decode != "auto":
+                    raise ImportError(f"nsa_decode={nsa_decode!r} needs nsa_dist installed "
+                                      f"(pip install nsa_dist): {err}") from err
+            else:
+                out = hf_generate(self.model, inputs, generation_config, self.generation_config, kwargs,
+                                  nsa_decode)
+                if out is not None:
+                    return out
+        return super().generate(inputs, generation_config, *args, **kwargs)
 '''
 
 

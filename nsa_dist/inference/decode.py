@@ -24,36 +24,35 @@ from .counters import DecodeReads, step_reads
 from .kernel_step import append_step, attend_step_kernels, decode_kernels
 
 # ----------------------------------------------------------------------------- helpers
-def _heads(layer: NSAAttention, x: torch.Tensor, positions: torch.Tensor, one_token: bool = False):
-    """The layer's own projections (``NSAAttention._heads``: q and keys RoPE'd): (q [B, S, HQ,
-    Dk], {k_sel, v_sel, k_win, v_win, k_raw, v_raw} [B, S, H, D], gates [B, S, HQ, 3],
-    (phi_k, phi_v)); the raw keys/values are the compression branch's.
-
-    one_token: a decode step takes the unfused projections: the fused path concatenates every
-    projection weight per call, a copy of them all that costs more than the one-token
-    products themselves (the values are the same products)."""
-    fused = getattr(layer, "fused_projection", False)
-    layer.fused_projection = fused and not one_token
-    try:
-        q, kv, gates, phis = layer._heads(x, positions)
-    finally:
-        layer.fused_projection = fused
+def _raw_kv(kv: dict) -> dict[str, torch.Tensor]:
+    """``project_heads``' {branch: (k, v)} -> {k_sel, v_sel, k_win, v_win, k_raw, v_raw}: the
+    cache's names (the compression branch's keys before phi are the raw ones)."""
     out = {}
     for branch, (k, v) in kv.items():
         key = "raw" if branch == "cmp" else branch
         out[f"k_{key}"], out[f"v_{key}"] = k, v
-    return q, out, gates, phis
+    return out
 
 
 # What the decode path uses of a layer: NSAAttention's interface, so that a copy of the class
 # (the to-hf export bundles the model code into its own module) decodes as well.
-_LAYER_API = ("_heads", "_compress", "attend", "finish", "config", "num_kv_heads", "head_dim", "v_head_dim")
+_LAYER_API = ("project_heads", "compress_heads", "attend", "finish", "config", "num_kv_heads", "head_dim",
+              "v_head_dim")
 
 
 def _check_layer(layer) -> None:
     if not isinstance(layer, NSAAttention) and not all(hasattr(layer, a) for a in _LAYER_API):
         raise TypeError(f"expected an NSAAttention layer, got {type(layer).__name__} "
                         "(the decode path covers NSA layers; dense models are not supported)")
+
+
+def _check_like(x: torch.Tensor, weight: torch.Tensor, name: str, dtype: bool = True) -> None:
+    """ValueError when x is not on weight's device (or, with ``dtype``, not in its dtype)."""
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the model on {weight.device}; move one of them")
+    if dtype and x.dtype != weight.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but the model's weights {weight.dtype}; cast the "
+                         "input or the model (model.to(dtype))")
 
 
 def _masked_softmax(s: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -94,9 +93,10 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
     if x.dim() != 3:
         raise ValueError(f"x must be [B, P, hidden], got shape {tuple(x.shape)}")
     B, P, _ = x.shape
+    _check_like(x, next(layer.parameters()), "x")
     lengths = _check_prompt(B, P, lengths, max_len or P, x.device)
-    heads = layer._heads(x, torch.arange(P, device=x.device))
-    p = layer._compress(*heads, None)  # what project() returns, from the same projections
+    heads = layer.project_heads(x, torch.arange(P, device=x.device))
+    p = layer.compress_heads(*heads)  # what project() returns, from the same projections
     o, idx = layer.attend(p)
     y = layer.finish(o)
     cache = LayerCache.empty(layer.config, B, max_len or P, layer.num_kv_heads, layer.head_dim,
@@ -110,8 +110,8 @@ def prefill_layer(layer: NSAAttention, x: torch.Tensor, lengths: Optional[torch.
 def _project_token(layer: NSAAttention, x: torch.Tensor, pos: torch.Tensor):
     """q [B, HQ, Dk] (RoPE'd), per-branch K/V {name: [B, H, D]}, gates [B, HQ, 3] and
     (phi_k, phi_v) of the token x [B, 1, hidden] at positions pos [B]."""
-    q, kv, gates, phis = _heads(layer, x, pos[:, None], one_token=True)
-    return q[:, 0], {k: v[:, 0] for k, v in kv.items()}, gates[:, 0], phis
+    q, kv, gates, phis = layer.project_heads(x, pos[:, None], fused=False)  # one token: unfused
+    return q[:, 0], {k: v[:, 0] for k, v in _raw_kv(kv).items()}, gates[:, 0], phis
 
 
 def check_step_input(layer: NSAAttention, x: torch.Tensor, cache: LayerCache) -> torch.Tensor:
@@ -125,6 +125,7 @@ def check_step_input(layer: NSAAttention, x: torch.Tensor, cache: LayerCache) ->
         raise ValueError(f"x has batch {x.shape[0]} but the cache holds {cache.batch} sequences")
     cache.check_layer(layer.config, layer.num_kv_heads, layer.head_dim, layer.v_head_dim)
     cache.check_input(x)
+    cache.check_input(next(layer.parameters()), "the layer's weights")
     cache.check_room()
     return x
 
@@ -138,7 +139,7 @@ def layer_step(layer: NSAAttention, x: torch.Tensor, cache: LayerCache, kernels=
     q, kv, gates, (phi_k, phi_v) = _project_token(layer, x, cache.lengths)
     if kernels is None:
         cache.append(kv, phi_k, phi_v)
-        o, idx, reads = attend_step(q, gates, cache)
+        o, idx, reads = attend_step(q, gates, cache, count_reads=count_reads)
     else:
         append_step(kernels, cache, kv, phi_k, phi_v)
         o, idx = attend_step_kernels(kernels, q, gates, cache)
@@ -205,11 +206,13 @@ def block_importance(p: torch.Tensor, Ns: int, config) -> torch.Tensor:
     return (windows * overlap.to(torch.float64)).sum(-1).sum(2)
 
 
-def attend_step(q: torch.Tensor, gates: torch.Tensor, cache: LayerCache, scale: Optional[float] = None):
+def attend_step(q: torch.Tensor, gates: torch.Tensor, cache: LayerCache, scale: Optional[float] = None,
+                count_reads: bool = True):
     """The NSA function for one query per sequence over the caches (token already appended).
 
     q: [B, HQ, Dk] (RoPE'd), gates: [B, HQ, 3]. Returns (o [B, HQ, Dv] in the compute dtype,
-    indices [B, H, n], DecodeReads with what the masks let through).
+    indices [B, H, n], DecodeReads with what the masks let through, or None when
+    count_reads is False: then nothing is counted).
     """
     cfg = cache.config
     B, HQ, Dk = q.shape
@@ -241,7 +244,6 @@ def attend_step(q: torch.Tensor, gates: torch.Tensor, cache: LayerCache, scale: 
     valid = ((idx >= 0)[..., None] & (kpos <= t[:, None, None, None])).reshape(B, H, n * ls)
     s = torch.einsum("bhgd,bhkd->bhgk", qg, kg) * sc
     o_sel = torch.einsum("bhgk,bhkd->bhgd", _masked_softmax(s, valid[:, :, None, :]), vg)
-    sel_reads = valid.sum(-1)  # [B, H]
 
     # sliding window over the ring (slot order does not matter to a softmax)
     w = cfg.window
@@ -250,15 +252,17 @@ def attend_step(q: torch.Tensor, gates: torch.Tensor, cache: LayerCache, scale: 
         s = torch.einsum("bhgd,bwhd->bhgw", qg, cache.k_win.to(cdt)) * sc
         o_win = torch.einsum("bhgw,bwhd->bhgd", _masked_softmax(s, filled[:, None, None, :]),
                              cache.v_win.to(cdt))
-        win_reads = filled.sum(-1)
     else:
         o_win = qg.new_zeros(B, H, G, Dv)
-        win_reads = torch.zeros_like(S)
 
     g = gates.to(cdt).reshape(B, H, G, 3, 1)
     o = g[..., 0, :] * o_cmp + g[..., 1, :] * o_sel + g[..., 2, :] * o_win
-    cmp_reads = _nc(S, cfg)  # [B]: every visible compressed token
-    reads = torch.stack([cmp_reads[:, None].expand(B, H), sel_reads,
+    if not count_reads:
+        return o.reshape(B, HQ, Dv), idx, None
+    # what the masks above let through: every visible compressed token, the valid selected
+    # positions, the filled window slots
+    win_reads = filled.sum(-1) if w else torch.zeros_like(S)
+    reads = torch.stack([_nc(S, cfg)[:, None].expand(B, H), valid.sum(-1),
                          win_reads[:, None].expand(B, H)], dim=-1).long()
     return o.reshape(B, HQ, Dv), idx, DecodeReads(reads)
 
@@ -310,6 +314,9 @@ def prefill(model, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = No
     _check_model(model)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    _check_like(input_ids, model.embed.weight, "input_ids", dtype=False)
     B, P = input_ids.shape
     lengths = _check_prompt(B, P, lengths, max_len or model.config.max_seq_len, input_ids.device)
     max_len = max_len or model.config.max_seq_len

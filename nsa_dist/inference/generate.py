@@ -28,20 +28,32 @@ class GenerateOutput:
     step_stats: list[StepStats] = field(default_factory=list)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token per row of logits [B, V] -> LongTensor [B].
-
-    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), restricted to
-    the smallest set of most likely tokens whose probability reaches top_p (at least one).
-    """
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """ValueError naming the sampling parameter that is out of range."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None, top_k: int = 0) -> torch.Tensor:
+    """Next token per row of logits [B, V] -> LongTensor [B].
+
+    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), restricted
+    first to the top_k most likely tokens (0: all; ties with the k-th are kept), then to the
+    smallest set of most likely tokens whose probability reaches top_p (at least one).
+    """
+    check_sampling(temperature, top_p, top_k)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
@@ -98,11 +110,12 @@ def generate(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_n
              stop_token: Optional[int] = None, pad_id: int = 0,
              generator: Optional[torch.Generator] = None, max_len: Optional[int] = None,
              backend: str = "auto", cuda_graphs: Optional[bool] = None,
-             count_reads: bool = True) -> GenerateOutput:
+             count_reads: bool = True, top_k: int = 0) -> GenerateOutput:
     """Sample up to ``max_new_tokens`` tokens after each prompt.
 
     prompts: a list of token-id lists (right-padded here), or a right-padded LongTensor
-    [B, P] with ``lengths`` [B]. A sequence stops after producing ``stop_token``; the others
+    [B, P] with ``lengths`` [B]. temperature, top_k, top_p: ``sample_next`` (temperature 0:
+    greedy). A sequence stops after producing ``stop_token``; the others
     go on (finished sequences keep stepping, their tokens are dropped). max_len: cache
     capacity, default model.config.max_seq_len; longest prompt + max_new_tokens - 1 must fit.
     backend: "auto" (prefill through the layers' own forward, decode kernels on CUDA),
@@ -112,11 +125,14 @@ def generate(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_n
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_sampling(temperature, top_p, top_k)
     device = next(model.parameters()).device
     if isinstance(prompts, torch.Tensor):
         ids = prompts.to(device)
         if ids.dim() != 2:
             raise ValueError(f"prompt tensor must be [B, P], got shape {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"prompt tensor must hold integer token ids, got dtype {ids.dtype}")
         lengths = (torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long, device=device)
                    if lengths is None else lengths.to(device, torch.long))
     else:
@@ -136,7 +152,7 @@ def generate(model, prompts: Union[Sequence[Sequence[int]], torch.Tensor], max_n
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
         stats, done = [], max_new_tokens
         for k in range(max_new_tokens):
-            nxt = sample_next(last, temperature, top_p, generator)
+            nxt = sample_next(last, temperature, top_p, generator, top_k)
             new[:, k] = nxt
             if stop_token is not None:
                 stopped |= nxt == stop_token

@@ -151,6 +151,31 @@ class NSAAttention(nn.Module):
         """
         return self._compress(*self._heads(x, positions), cu_seqlens)
 
+    # Incremental decoding (nsa_dist/inference) caches the branches' keys before compression
+    # and projects one token per step: the two halves of ``project``, public.
+    def project_heads(self, x: torch.Tensor, positions: torch.Tensor, fused: Optional[bool] = None):
+        """``project`` before compression: x [B, S, hidden] at positions [S] or [B, S] ->
+        (q [B, S, HQ, Dk], {branch: (k [B, S, H, Dk], v [B, S, H, Dv])} for "cmp", "sel" and
+        "win" (keys RoPE'd, "cmp" not yet compressed), gates [B, S, HQ, 3], (phi_k, phi_v):
+        callables [B, N, H, l, D] -> [B, N, H, D], None for mean pooling).
+
+        fused: use (True) or skip (False) the fused input GEMM for this call only (default
+        ``fused_projection``); a single token is cheaper unfused, since the fused path
+        concatenates every projection weight per call. The values are the same products."""
+        if fused is None or fused == self.fused_projection:
+            return self._heads(x, positions)
+        saved, self.fused_projection = self.fused_projection, fused
+        try:
+            return self._heads(x, positions)
+        finally:
+            self.fused_projection = saved
+
+    def compress_heads(self, q: torch.Tensor, kv: dict, gates: torch.Tensor, phis,
+                       cu_seqlens: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """``project_heads``' output -> ``project``'s dict: the "cmp" keys and values
+        compressed with phi to k_cmp/v_cmp [B, Nc, H, D], the others passed through."""
+        return self._compress(q, kv, gates, phis, cu_seqlens)
+
     def prepare(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """The layer up to the NSA function: x [B, S_in, hidden] -> ``project``'s dict (this

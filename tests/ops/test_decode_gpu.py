@@ -121,3 +121,35 @@ def test_generate_with_and_without_graphs_agree():
     b = generate(model, prompts, 40, cuda_graphs=False)
     assert a.tokens == b.tokens and len(a.step_stats) == 39
     assert a.step_stats[-1].per_branch() == b.step_stats[-1].per_branch()
+
+
+def test_graphed_step_refuses_bad_tokens_and_writes_nothing():
+    from nsa_dist.inference import GraphedDecodeStep, prefill
+
+    model = _model("mean")
+    ids = torch.randint(3, 100, (2, 64), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    with torch.no_grad():
+        _, cache = prefill(model, ids, max_len=65)
+    step = GraphedDecodeStep(model, cache)  # its warm-up wrote slot 64 only, which is not visible
+
+    def snapshot():
+        return [({k: v.clone() for k, v in vars(c).items() if isinstance(v, torch.Tensor)}, c.host_max)
+                for c in cache.layers]
+
+    def unchanged(snap):
+        for c, (tensors, host) in zip(cache.layers, snap):
+            assert c.host_max == host
+            for k, v in tensors.items():
+                assert torch.equal(getattr(c, k), v), f"{k} was written"
+    snap = snapshot()
+    for bad, match in ((torch.ones(2, device="cuda"), "integer token ids"),
+                       (torch.ones(3, dtype=torch.long, device="cuda"), "batch 3"),
+                       (torch.ones(2, dtype=torch.long), "tokens are on cpu")):
+        with pytest.raises(ValueError, match=match):
+            step(bad)
+    unchanged(snap)
+    step(torch.ones(2, dtype=torch.long, device="cuda"))  # position 64: the caches are full now
+    snap = snapshot()
+    with pytest.raises(ValueError, match="cannot decode past max_len=65"):
+        step(torch.ones(2, dtype=torch.long, device="cuda"))
+    unchanged(snap)

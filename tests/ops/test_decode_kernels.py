@@ -109,15 +109,29 @@ def test_kernel_decode_steps_equal_pytorch_steps_and_full_forward(dk, G, phi):
             assert max_rel(torch.cat(outs[b]), full[0, n:]) < 1e-4
 
 
-def test_kernel_decode_without_reads_and_bad_backend(dk):
+def test_kernel_decode_without_reads_and_bad_input(dk, monkeypatch):
+    """Counters off: nothing counted. Bad input on the kernel path: a clear error before
+    anything is written (every cache tensor and the host count unchanged)."""
+    import nsa_dist.inference.decode as dec
+
     _, device = dk
     m = _layer(2).to(device)
-    x = torch.randn(1, 4, 32).to(device)
+    x = torch.randn(1, 5, 32).to(device)
     _, cache, _ = prefill_layer(m, x[:, :3], max_len=4)
-    y, idx, reads = decode_layer(m, x[:, 3], cache, backend="triton", count_reads=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(dec, "step_reads", lambda *a: pytest.fail("counted with count_reads=False"))
+        y, idx, reads = decode_layer(m, x[:, 3], cache, backend="triton", count_reads=False)
     assert reads is None and idx.shape == (1, 2, 4) and y.shape == (1, 1, 32)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        decode_layer(m, x[:, 3], cache, backend="cuda")
+    snap = {k: v.clone() for k, v in vars(cache).items() if isinstance(v, torch.Tensor)}
+    for bad, match in ((lambda: decode_layer(m, x[:, 4], cache, backend="cuda"), "backend must be one of"),
+                       (lambda: decode_layer(m, x[:, 4], cache, backend="triton"), "cannot decode past max_len=4"),
+                       (lambda: decode_layer(m.half(), x[:, 4].half(), cache, backend="triton"), "dtype torch.float16"),
+                       (lambda: decode_layer(m.float(), x[:, 4], cache, backend="triton"), "max_len=4")):
+        with pytest.raises(ValueError, match=match):
+            bad()
+    assert cache.host_max == 4
+    for k, v in snap.items():
+        assert torch.equal(getattr(cache, k), v), f"{k} was written"
 
 
 def test_needle_through_generate_on_the_kernels(dk):
@@ -131,3 +145,62 @@ def test_needle_through_generate_on_the_kernels(dk):
     missed = run_generate_needle(1024, 0.35, cfg, device=device, new_tokens=3, backend="triton",
                                  cuda_graphs=False, with_needle=False)
     assert QUERY not in missed.tokens
+
+
+def test_export_generate_takes_the_kernel_path(dk, tmp_path, monkeypatch):
+    """The to-hf export's generate() with nsa_dist installed: decode steps on the kernels
+    (here interpreted, fp32), the same greedy tokens as our generate() on the PyTorch path."""
+    pytest.importorskip("transformers")
+    from hf_export import export_and_load
+    from nsa_dist import ModelConfig
+    from nsa_dist.inference import generate
+    from nsa_dist.inference import hf_generate as hfg
+    from nsa_dist.models import NSADecoderLM
+
+    kernels, device = dk
+    cfg = ModelConfig(vocab_size=40, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                      max_seq_len=64, nsa=NSAConfig(**CFG))
+    torch.manual_seed(0)
+    model = NSADecoderLM(cfg, backend="reference")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model = model.to(device).eval()
+    hf = export_and_load(model, tmp_path)
+    calls = []
+    attend = kernels.decode_attend
+    monkeypatch.setattr(kernels, "decode_attend", lambda *a, **k: calls.append(1) or attend(*a, **k))
+    x = torch.tensor([[1, 2, 3, 4, 5, 6, 7] * 3, [9, 8, 3, 3, 2, 1, 5] * 3], device=device)
+    want = generate(model, x.tolist(), 10, backend="reference").tokens
+    if device == "cpu":  # auto looks for kernels to run on CUDA: show it the interpreted ones
+        monkeypatch.setattr(hfg, "decode_kernels", lambda backend, dev, dtype: kernels)
+    # Python launches per generate(): one per decode step (the first token comes from the
+    # prefill); on CUDA the steps replay a CUDA graph: two warm-up steps and the capture
+    launches = 3 if device == "cuda" else 9
+    out = hf.generate(x, max_new_tokens=10, do_sample=False)  # nsa_decode="auto"
+    assert len(calls) == launches
+    assert out[:, 21:].tolist() == want
+    assert torch.equal(hf.generate(x, max_new_tokens=10, do_sample=False, nsa_decode="triton"), out)
+    assert len(calls) == 2 * launches
+    assert torch.equal(out, hf.generate(x, max_new_tokens=10, do_sample=False, nsa_decode="hf"))
+
+
+def test_bench_decode_runs_the_kernels(dk, tmp_path):
+    """tools/bench_decode.py --nsa-backend triton: the kernel rows (interpreted on a CPU) run,
+    and their first step's read counts equal SPEC's closed form (checked inside the tool)."""
+    import csv
+
+    from toolbox import load_tool
+    from nsa_dist.inference import seed_reads
+
+    _, device = dk
+    out = tmp_path / "bench.csv"
+    assert load_tool("bench_decode").main(
+        ["--nsa-backend", "triton", "--device", device, "--dtype", "float32", "--batches", "2", "--contexts", "256",
+         "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--window", "64", "--num-selected", "4",
+         "--iters", "1", "--warmup", "0", "--csv", str(out)]) == 0
+    rows = {r["method"]: r for r in csv.DictReader(open(out))}
+    assert {"nsa_kernels", "dense_sdpa"} <= set(rows) and ("nsa_graph" in rows) == (device == "cuda")
+    for method in ("nsa_kernels", "nsa_graph") if device == "cuda" else ("nsa_kernels",):
+        assert rows[method]["status"] == "ok" and float(rows[method]["ms_per_step"]) > 0
+        assert int(rows[method]["reads_per_head"]) == seed_reads(256, NSAConfig(window=64, num_selected=4))

@@ -311,7 +311,7 @@ def test_generate_cli_loads_pt_and_safetensors(tmp_path, capsys):
     assert tool.main(["--config", cfg_path, "--checkpoint", str(tmp_path / "nope.pt"), "--prompt-ids", "1"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert tool.main(["--config", cfg_path, "--random-weights", "--prompt-ids", "1", "--prompt-ids", "4,5",
-                      "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9"]) == 0
+                      "--max-new-tokens", "3", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
@@ -457,3 +457,44 @@ def test_generate_decodes_the_to_hf_bundled_model(tmp_path):
     assert type(hf.model.layers[0].attn) is not NSAAttention  # the bundled copy
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
     assert generate(hf.model, prompts, 20).tokens == generate(model, prompts, 20).tokens
+
+
+def test_inputs_that_do_not_fit_the_model_are_refused_before_any_write():
+    m = _layer()
+    with pytest.raises(ValueError, match="x has dtype torch.float64 but the model's weights torch.float32"):
+        prefill_layer(m, torch.randn(1, 4, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x is on meta but the model on cpu"):
+        prefill_layer(m, torch.randn(1, 4, 32, device="meta"))
+    model = _tiny_model()
+    for bad in (lambda: prefill(model, torch.ones(1, 3)), lambda: generate(model, torch.ones(1, 3), 2)):
+        with pytest.raises(ValueError, match="integer token ids"):
+            bad()
+    with pytest.raises(ValueError, match="input_ids is on meta but the model on cpu"):
+        prefill(model, torch.ones(1, 3, dtype=torch.long, device="meta"))
+    # a layer cast after prefill: its input still fits the cache, its weights do not
+    _, cache, _ = prefill_layer(m, torch.randn(2, 5, 32), max_len=12)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match="the layer's weights has dtype torch.bfloat16 but the cache"):
+        decode_layer(m.to(torch.bfloat16), torch.randn(2, 1, 32), cache)
+    _unchanged(cache, snap)
+
+
+def test_counters_off_compute_nothing(monkeypatch):
+    """count_reads=False: no DecodeReads is built and nothing is counted, on every path that
+    runs here (the kernel path: tests/ops/test_decode_kernels.py)."""
+    import nsa_dist.inference.decode as dec
+
+    def refuse(*a, **k):
+        raise AssertionError("a read counter was computed with count_reads=False")
+    model = _tiny_model()
+    counted = generate(model, [[1, 2, 3], [4]], 6)
+    monkeypatch.setattr(dec, "DecodeReads", refuse)
+    monkeypatch.setattr(dec, "step_reads", refuse)
+    out = generate(model, [[1, 2, 3], [4]], 6, count_reads=False)
+    assert out.step_stats == [] and out.tokens == counted.tokens
+    m = _layer()
+    x = torch.randn(1, 6, 32)
+    _, cache, _ = prefill_layer(m, x[:, :4], max_len=6)
+    assert decode_layer(m, x[:, 4], cache, count_reads=False)[2] is None
+    with pytest.raises(AssertionError, match="count_reads=False"):
+        decode_layer(m, x[:, 5], cache)  # the counters are on by default
