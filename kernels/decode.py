@@ -88,12 +88,17 @@ def _group_queries(Q, bq0, DK, G: tl.constexpr, GP: tl.constexpr, BDK: tl.conste
 
 
 @triton.jit
-def _rows(PTR, row, ok, D, BD: tl.constexpr, TRANS: tl.constexpr):
-    """Load rows ``row`` (int64 element offsets / D) of width D: [n, BD], or [BD, n] if TRANS."""
+def _rows(PTR, row, ok, D, BD: tl.constexpr):
+    """Load rows ``row`` (int64 element offsets / D) of width D: [n, BD]."""
     d = tl.arange(0, BD)
-    if TRANS:
-        return tl.load(PTR + row[None, :] * D + d[:, None], mask=ok[None, :] & (d < D)[:, None], other=0.0)
     return tl.load(PTR + row[:, None] * D + d[None, :], mask=ok[:, None] & (d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _rows_t(PTR, row, ok, D, BD: tl.constexpr):
+    """``_rows`` transposed: [BD, n] (the compiler wants one return shape per function)."""
+    d = tl.arange(0, BD)
+    return tl.load(PTR + row[None, :] * D + d[:, None], mask=ok[None, :] & (d < D)[:, None], other=0.0)
 
 
 @triton.jit
@@ -157,8 +162,8 @@ def _append(NEW_KS, NEW_VS, NEW_KW, NEW_VW, NEW_KR, NEW_VR, KS, VS, KW, VW, KR, 
             r = tl.arange(0, LP2)
             others = (r < L) & (r != slot)
             ring = (b * L + r) * H + h
-            ks = tl.sum(_rows(KR, ring, others, DK, BDK, False).to(tl.float32), 0) + k_new.to(tl.float32)
-            vs = tl.sum(_rows(VR, ring, others, DV, BDV, False).to(tl.float32), 0) + v_new.to(tl.float32)
+            ks = tl.sum(_rows(KR, ring, others, DK, BDK).to(tl.float32), 0) + k_new.to(tl.float32)
+            vs = tl.sum(_rows(VR, ring, others, DV, BDV).to(tl.float32), 0) + v_new.to(tl.float32)
             i = (S - L) // DS
             crow = (b * NCAP + i) * H + h
             tl.store(KC + crow * DK + dk, (ks / L).to(KC.dtype.element_ty), mask=kmask & (dk * 0 + i < NCAP))
@@ -191,14 +196,14 @@ def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, scale2, H, NCAP, NSB, NSPLIT, DK
         i = i0 + tl.arange(0, BLOCK_N)
         ok = i < own_hi  # visible; the LEAD tokens before own_lo count for importance only
         row = (b * NCAP + i) * H + h
-        kt = _rows(KC, row, ok, DK, BDK, True)
+        kt = _rows_t(KC, row, ok, DK, BDK)
         sc = tl.where(ok[None, :], tl.dot(q, kt, input_precision=PREC) * scale2, NEG_INF)
         m_new = tl.maximum(m, tl.max(sc, 1))  # finite: every tile holds a visible token
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(sc - m_new[:, None])
         p_own = tl.where((i >= own_lo)[None, :], p, 0.0)
         lsum = lsum * alpha + tl.sum(p_own, 1)
-        v = _rows(VC, row, ok, DV, BDV, False)
+        v = _rows(VC, row, ok, DV, BDV)
         acc = acc * alpha[:, None] + tl.dot(p_own.to(v.dtype), v, input_precision=PREC)
         # Eq. 9 overlap of token i ([i*d, i*d + l)) with block j ([j*l', (j+1)*l')), in strides
         lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
@@ -291,14 +296,14 @@ def _attend_split(Q, KS, VS, KW, VW, IDX, LEN, MP, LP, OP, scale2, H, CAP, W, NS
                 pos = blk * LS + off
                 ok = (pos >= 0) & (off < LS) & (pos < S)  # blk = -1 (padding) gives pos < 0
                 row = (b * CAP + pos) * H + h
-                m, lsum, acc = _online(q, _rows(KS, row, ok, DK, BDK, True), _rows(VS, row, ok, DV, BDV, False),
+                m, lsum, acc = _online(q, _rows_t(KS, row, ok, DK, BDK), _rows(VS, row, ok, DV, BDV),
                                        ok, m, lsum, acc, scale2, PREC)
     else:
         for k in range(UPP):
             slot = ((u - PS) * UPP + k) * BLOCK_K + c
             ok = (slot < W) & (slot < S)  # ring slots holding one of the last min(w, S) positions
             row = (b * W + slot) * H + h
-            m, lsum, acc = _online(q, _rows(KW, row, ok, DK, BDK, True), _rows(VW, row, ok, DV, BDV, False),
+            m, lsum, acc = _online(q, _rows_t(KW, row, ok, DK, BDK), _rows(VW, row, ok, DV, BDV),
                                    ok, m, lsum, acc, scale2, PREC)
     _store_partial(MP, LP, OP, bh * NPART + u, m, lsum, acc, DV, G, GP, BDV)
 
