@@ -155,7 +155,7 @@ class ModelConfig(ConfigBase):
     # function's output and saved tensors are kept; projections, norms and MLP recomputed),
     # "auto" (keep_attention where what it keeps fits AUTO_KEEP_FRACTION of the GPU's memory,
     # else full; full on the CPU), "none" (nothing, checkpointing or not)
-    recompute: str = "full"
+    recompute: str = "auto"
     nsa: NSAConfig = field(default_factory=NSAConfig)
 
     # How the model is computed, not what: a run may resume or convert across them.

@@ -188,11 +188,12 @@ class DenseAttention(nn.Module):
 
     def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype) -> int:
         """Bytes ``recompute: keep_attention`` keeps for one call on x [batch, seq_in, hidden]:
-        q, k, v, o in ``dtype`` and the fp32 log-sum-exp of this rank's heads."""
+        q, k, v, o in ``dtype``, K/V repeated to every query head (cuDNN's SDPA cannot always
+        group them: ``CausalAttention``) and the fp32 log-sum-exp of this rank's heads."""
         hq = self.q_proj.weight.shape[0] // self.head_dim
         h = max(1, hq // (self.num_heads // self.num_kv_heads))
         el = torch.tensor([], dtype=dtype).element_size()
-        per = el * (hq + h) * (self.head_dim + self.v_head_dim) + 4 * hq
+        per = el * (2 * hq + h) * (self.head_dim + self.v_head_dim) + 4 * hq
         return batch * self.comm.seq_len(seq_in) * per
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):

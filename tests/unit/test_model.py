@@ -183,7 +183,7 @@ def test_recompute_modes_equal_no_recomputation(mode, variant):
     as a model that recomputes nothing (fp32, CPU, 1e-5); "none" ignores the switch."""
     nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp")
     base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "attention": variant.split("_")[0]})
-    assert base.recompute == "full"  # the default: today's whole-block checkpointing
+    assert base.recompute == "auto"  # the default: keep_attention where it fits the GPU, else full
     cfg = ModelConfig(**{**base.to_dict(), "recompute": mode})
     none = ModelConfig(**{**base.to_dict(), "recompute": "none"})
 
@@ -253,7 +253,7 @@ def test_auto_recompute_keeps_attention_where_it_fits(attention):
     if attention == "nsa":
         per = 2 * (hq * (dk + 4 * dv + 3) + 2 * h * (dk + dv)) + 4 * (3 * hq + h * attn.config.num_selected)
     else:
-        per = 2 * (hq + h) * (dk + dv) + 4 * hq
+        per = 2 * (2 * hq + h) * (dk + dv) + 4 * hq
     assert attn.kept_bytes(2, 100, torch.bfloat16) == 2 * 100 * per
     h_small = torch.zeros(2, 100, TINY.hidden_size, dtype=torch.bfloat16)
     kept = TINY.num_layers * 2 * 100 * per
