@@ -1,5 +1,7 @@
 """Context parallelism against one device (gloo processes, float64): outputs, input and
 weight gradients, selected blocks, loss, recorded traffic (cp_workers.py asserts them)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from dist_harness import run_world
 from nsa_dist.parallel import ParallelConfig, ParallelState
 from nsa_dist.parallel.context import check_cp_seq_len, gather_sequence, zigzag_chunks, zigzag_shard
 
+ROOT = Path(__file__).parents[2]
 # (world, kwargs). Packed documents cross the zigzag chunk boundaries; at cp=4 a chunk (8
 # positions) is shorter than the window (16).
 LAYOUTS = {
@@ -89,6 +92,10 @@ def test_bad_layouts_name_the_fix():
         ParallelConfig(cp=0)
     with pytest.raises(ValueError, match="NSA attention only"):
         ParallelConfig(cp=2).check_model(W.tiny_config(attention="dense"), 2, 64)
+    from nsa_dist.training.build import check_cp_zero_stage
+    with pytest.raises(ValueError, match="cp=2\\) with ZeRO-3 .* zero_optimization.stage 0, 1 or 2"):
+        check_cp_zero_stage(2, str(ROOT / "configs/deepspeed/zero3.json"))
+    check_cp_zero_stage(2, str(ROOT / "configs/deepspeed/zero1.json"))
     # no process group is touched: the checks are pure arithmetic
     assert not torch.distributed.is_initialized()
 

@@ -69,6 +69,7 @@ def test_cp2_training_consolidates_to_one_device_and_reshards_to_tp2(tiny_data, 
     assert sorted(got) == [3, 4] and max(abs(got[k] - b[k]) for k in got) < 1e-4, (got, b)
 
 
+@pytest.mark.slow
 def test_bad_cp_layouts_are_refused_before_any_group(tiny_data, tmp_path):
     cases = [(dict(parallel={"cp": 2}, seq_len=126), "2*cp = 4 equal chunks; use a multiple of 4"),
              (dict(parallel={"cp": 2}, deepspeed=ZERO3), "context parallel (cp=2) with ZeRO-3"),
