@@ -75,6 +75,12 @@ def _kernels_offset(q_start: int, num_queries: int, seq_len: int, what: str) -> 
             "or cp=1")
 
 
+def kernels_take_query_offsets() -> bool:
+    """Whether the Triton backend computes queries at an offset of the keys (``q_start``),
+    which context parallelism needs; the reference always does."""
+    return False
+
+
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   reduce_importance=None, backend: str = "auto", q_start: int = 0,

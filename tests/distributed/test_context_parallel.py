@@ -92,6 +92,11 @@ def test_bad_layouts_name_the_fix():
         ParallelConfig(cp=0)
     with pytest.raises(ValueError, match="NSA attention only"):
         ParallelConfig(cp=2).check_model(W.tiny_config(attention="dense"), 2, 64)
+    from nsa_dist.parallel.parallelize import check_cp_backend
+    with pytest.raises(NotImplementedError, match="Triton NSA kernels: they have no query row offset"):
+        check_cp_backend("auto", torch.device("cuda"), 2)
+    check_cp_backend("reference", torch.device("cuda"), 2)  # exact, explicit
+    check_cp_backend("auto", torch.device("cpu"), 2)
     from nsa_dist.training.build import check_cp_zero_stage
     with pytest.raises(ValueError, match="cp=2\\) with ZeRO-3 .* zero_optimization.stage 0, 1 or 2"):
         check_cp_zero_stage(2, str(ROOT / "configs/deepspeed/zero3.json"))
