@@ -191,6 +191,17 @@ def kv_allgather_traffic(cfg, B: int, S: int, cp: int, act_bytes: int = 2) -> li
                  group=cp)]
 
 
+def payload_by(rows: list[dict], key) -> dict:
+    """Payload bytes summed per ``key(row)`` (rows of ``layer_traffic`` or ``CommStats.rows``;
+    rows whose key is None are left out): for comparing recorded traffic with the formula."""
+    out: dict = {}
+    for r in rows:
+        k = key(r)
+        if k is not None:
+            out[k] = out.get(k, 0) + r["payload_bytes"]
+    return out
+
+
 def summarize(rows: list[dict]) -> tuple[float, float]:
     """(payload bytes, wire bytes per rank) of a list of layer_traffic rows."""
     return (sum(r["payload_bytes"] for r in rows),

@@ -15,9 +15,10 @@ import torch
 
 from dist_workers import build_model, tiny_config
 from nsa_dist.modules.rope import token_positions
-from nsa_dist.parallel import CommStats, ParallelState, gather_full, grad_norm, parallelize, parallelize_attention
+from nsa_dist.parallel import (CommStats, ParallelState, gather_full, grad_norm, parallelize, parallelize_attention,
+                               sync_grads)
 from nsa_dist.parallel import collectives as C
-from nsa_dist.parallel.comm_stats import layer_traffic
+from nsa_dist.parallel.comm_stats import layer_traffic, payload_by
 from nsa_dist.parallel.context import zigzag_shard
 
 TOL = dict(rtol=0, atol=1e-10)
@@ -102,7 +103,6 @@ def model_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
     torch.testing.assert_close(pout.loss, out.loss, **TOL)
     assert pout.logits.shape == (B, S // (state.cp * state.sp), cfg.vocab_size // state.tp)
     pout.loss.backward()
-    from nsa_dist.parallel import sync_grads
     sync_grads(pm, state)
     err = _assert_grads(gather_full(pm, state, "grad"), full_grads, "model")
     full_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in full_grads.values()]))
@@ -112,18 +112,11 @@ def model_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
             want = zigzag_shard(fs.selected_blocks, 0, state.cp, state.cp_rank)
             assert torch.equal(ps_.selected_blocks, want), f"layer {layer} selection differs"
     if cu is None:  # recorded traffic of layer 0 = the formula (fp64: 8-byte activations)
-        def agg(rows, key):
-            acc = {}
-            for r in rows:
-                k = key(r)
-                if k is not None:
-                    acc[k] = acc.get(k, 0) + r["payload_bytes"]
-            return acc
-        want = agg(layer_traffic(cfg, B, S, state.tp, state.sp, act_bytes=8, param_bytes=8,
-                                 selection_comm=selection_comm, cp=state.cp),
-                   lambda r: (r["component"], r["op"], r["phase"]))
-        got = agg(stats.rows(), lambda r: (r["tag"][len("layers.0."):], r["op"], r["phase"])
-                  if r["tag"].startswith("layers.0.") else None)
+        want = payload_by(layer_traffic(cfg, B, S, state.tp, state.sp, act_bytes=8, param_bytes=8,
+                                        selection_comm=selection_comm, cp=state.cp),
+                          lambda r: (r["component"], r["op"], r["phase"]))
+        got = payload_by(stats.rows(), lambda r: (r["tag"][len("layers.0."):], r["op"], r["phase"])
+                         if r["tag"].startswith("layers.0.") else None)
         assert got == want, (got, want)
         assert ("attn.cp_kv", "all_gather", "fwd") in got
     return {"loss": pout.loss.item(), "loss_err": abs(pout.loss.item() - out.loss.item()), "model_grad_err": err}
