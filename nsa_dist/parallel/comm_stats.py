@@ -180,17 +180,6 @@ def layer_traffic(cfg, B: int, S: int, tp: int = 1, sp: int = 1, megatron_sp: bo
     return out
 
 
-def kv_allgather_traffic(cfg, B: int, S: int, cp: int, act_bytes: int = 2) -> list[dict]:
-    """Context parallel by all-gathering K/V (what public NSA/DSA CP code does): each rank
-    gathers every branch's keys and values of the whole sequence, and reduce-scatters their
-    gradients. Per layer per step."""
-    branches = 1 if cfg.nsa.shared_kv else 3
-    payload = branches * B * S * cfg.num_kv_heads * (cfg.head_dim + cfg.dv) * act_bytes
-    return [dict(component="attn.kv_allgather", op="all_gather", phase="fwd", payload_bytes=payload, group=cp),
-            dict(component="attn.kv_allgather", op="reduce_scatter", phase="bwd", payload_bytes=payload,
-                 group=cp)]
-
-
 def payload_by(rows: list[dict], key) -> dict:
     """Payload bytes summed per ``key(row)`` (rows of ``layer_traffic`` or ``CommStats.rows``;
     rows whose key is None are left out): for comparing recorded traffic with the formula."""
