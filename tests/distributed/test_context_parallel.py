@@ -52,6 +52,14 @@ def test_context_parallel_more_layouts(name):
     _run(name, SLOW_LAYOUTS)
 
 
+@pytest.mark.parametrize("recompute,loss_chunk", [("full", 0), ("keep_attention", 24)])
+def test_data_parallel_on_top_of_cp(recompute, loss_chunk):
+    """CP=2 x DP=2: shards summed, replicas averaged; recomputation repeats the K/V gather;
+    a chunked loss (no full logits) sums over the CP ranks too."""
+    for r in run_world(W.cp_dp_worker, 4, cp=2, recompute=recompute, loss_chunk=loss_chunk):
+        assert r["grad_err"] < 1e-10
+
+
 def test_zigzag_shards_partition_the_sequence():
     S, cp = 48, 3
     assert zigzag_chunks(S, cp, 0) == [(0, 8), (40, 48)]
