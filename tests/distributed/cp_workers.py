@@ -37,9 +37,10 @@ def _rows(t: torch.Tensor, state: ParallelState) -> torch.Tensor:
     return zigzag_shard(t, 1, state.cp, state.cp_rank)
 
 
-def _tokens(t: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """The tokens this rank holds between layers: its Ulysses part of its zigzag shard."""
-    return C.local_chunk(_rows(t, state), 1, state.sp_group)
+def _tokens(t: torch.Tensor, state: ParallelState, megatron_sp: bool = False) -> torch.Tensor:
+    """The tokens this rank holds between layers: its Ulysses (or Megatron SP: TP) part of its
+    zigzag shard."""
+    return C.local_chunk(_rows(t, state), 1, state.tp_group if megatron_sp else state.sp_group)
 
 
 def _assert_grads(par: dict, full: dict, where: str) -> float:
@@ -50,14 +51,14 @@ def _assert_grads(par: dict, full: dict, where: str) -> float:
     return max(float((par[k] - full[k]).abs().max()) for k in full)
 
 
-def layer_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
+def layer_check(state: ParallelState, model, cu, selection_comm: str, megatron_sp: bool = False) -> dict:
     attn = model.layers[0].attn
     hidden = model.config.hidden_size
     B = 1 if cu is not None else 2
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, S, hidden, generator=g, dtype=torch.float64)
     w_out = torch.randn(B, S, hidden, generator=g, dtype=torch.float64)
-    pattn = parallelize_attention(copy.deepcopy(attn), state, selection_comm=selection_comm)
+    pattn = parallelize_attention(copy.deepcopy(attn), state, megatron_sp, selection_comm=selection_comm)
 
     x_full = x.clone().requires_grad_()
     y_full, _ = attn(x_full, cu_seqlens=cu)
@@ -66,11 +67,11 @@ def layer_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
         _, idx_full = attn.attend(attn.project(x, token_positions(S, x.device, cu, None), cu), cu)
     full_grads = {n: p.grad for n, p in attn.named_parameters()}
 
-    x_in = _tokens(x, state).clone().requires_grad_()
+    x_in = _tokens(x, state, megatron_sp).clone().requires_grad_()
     y, idx = pattn(x_in, cu_seqlens=cu, return_indices=True)
-    torch.testing.assert_close(y, _tokens(y_full.detach(), state), **TOL)
-    (y * _tokens(w_out, state)).sum().backward()
-    torch.testing.assert_close(x_in.grad, _tokens(x_full.grad, state), **TOL)
+    torch.testing.assert_close(y, _tokens(y_full.detach(), state, megatron_sp), **TOL)
+    (y * _tokens(w_out, state, megatron_sp)).sum().backward()
+    torch.testing.assert_close(x_in.grad, _tokens(x_full.grad, state, megatron_sp), **TOL)
     for p in pattn.parameters():  # each sequence rank holds its tokens' part of a gradient
         C.all_reduce_(p.grad, state.seq_group)
     err = _assert_grads(gather_full(pattn, state, "grad"), full_grads, "layer")
@@ -80,11 +81,11 @@ def layer_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
     assert idx.shape == want.shape, (idx.shape, want.shape)
     assert torch.equal(idx, want), "selected blocks differ from one device"
     assert (idx_full >= 0).sum(-1).max() == model.config.nsa.num_selected  # chosen by importance too
-    return {"layer_out_err": float((y.detach() - _tokens(y_full.detach(), state)).abs().max()),
+    return {"layer_out_err": float((y.detach() - _tokens(y_full.detach(), state, megatron_sp)).abs().max()),
             "layer_grad_err": err}
 
 
-def model_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
+def model_check(state: ParallelState, model, cu, selection_comm: str, megatron_sp: bool = False) -> dict:
     cfg = model.config
     B = 1 if cu is not None else 2
     g = torch.Generator().manual_seed(2)
@@ -98,7 +99,7 @@ def model_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
     full_grads = {n: p.grad for n, p in model.named_parameters()}
 
     stats = CommStats()
-    pm = parallelize(model, state, comm_stats=stats, selection_comm=selection_comm)
+    pm = parallelize(model, state, megatron_sp, comm_stats=stats, selection_comm=selection_comm)
     pout = pm(ids, labels, cu_seqlens=cu, return_stats=True)
     torch.testing.assert_close(pout.loss, out.loss, **TOL)
     assert pout.logits.shape == (B, S // (state.cp * state.sp), cfg.vocab_size // state.tp)
@@ -112,7 +113,7 @@ def model_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
             want = zigzag_shard(fs.selected_blocks, 0, state.cp, state.cp_rank)
             assert torch.equal(ps_.selected_blocks, want), f"layer {layer} selection differs"
     if cu is None:  # recorded traffic of layer 0 = the formula (fp64: 8-byte activations)
-        want = payload_by(layer_traffic(cfg, B, S, state.tp, state.sp, act_bytes=8, param_bytes=8,
+        want = payload_by(layer_traffic(cfg, B, S, state.tp, state.sp, megatron_sp, act_bytes=8, param_bytes=8,
                                         selection_comm=selection_comm, cp=state.cp),
                           lambda r: (r["component"], r["op"], r["phase"]))
         got = payload_by(stats.rows(), lambda r: (r["tag"][len("layers.0."):], r["op"], r["phase"])
@@ -123,12 +124,13 @@ def model_check(state: ParallelState, model, cu, selection_comm: str) -> dict:
 
 
 def cp_worker(rank: int, world: int, cp: int = 2, tp: int = 1, sp: int = 1, num_heads: int = 4,
-              num_kv_heads: int = 2, packed: bool = False, selection_comm: str = "auto") -> dict:
+              num_kv_heads: int = 2, packed: bool = False, selection_comm: str = "auto",
+              megatron_sp: bool = False) -> dict:
     state = ParallelState(world, rank, tp=tp, sp=sp, cp=cp)
     model = build_model(tiny_config(num_heads, num_kv_heads)).double()
     cu = documents(S) if packed else None
-    out = layer_check(state, model, cu, selection_comm)
-    out.update(model_check(state, model, cu, selection_comm))
+    out = layer_check(state, model, cu, selection_comm, megatron_sp)
+    out.update(model_check(state, model, cu, selection_comm, megatron_sp))
     return out
 
 

@@ -29,6 +29,8 @@ SLOW_LAYOUTS = {
     "cp2_x_tp2_h1_gather_q": (4, dict(cp=2, tp=2, num_heads=4, num_kv_heads=1, selection_comm="gather_q")),
     "cp2_x_tp2_h1_importance_packed": (4, dict(cp=2, tp=2, num_heads=4, num_kv_heads=1, packed=True,
                                                selection_comm="importance")),
+    # Megatron SP inside TP, within each CP shard
+    "cp2_x_tp2_megatron_sp": (4, dict(cp=2, tp=2, megatron_sp=True)),
 }
 
 
