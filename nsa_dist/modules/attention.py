@@ -206,8 +206,8 @@ class NSAAttention(nn.Module):
     def stats(self, gates: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor,
               stats_head: int = 0) -> AttentionStats:
         with torch.no_grad():
-            g = gates.detach().float().reshape(-1, 3)
-            positions = self.comm.query_positions(positions)  # of the rows of idx
+            gates, idx = self.comm.query_rows(gates.detach()), self.comm.query_rows(idx)  # all queries
+            g = gates.float().reshape(-1, 3)
             pos = positions if positions.dim() == 1 else positions[0]
             return AttentionStats(
                 gate_mean=g.mean(0).cpu(), gate_std=g.std(0, unbiased=False).cpu(),

@@ -62,10 +62,11 @@ class AttentionComm(Region):
         """Positions [S] or [B, S] of the whole sequence -> those of this rank's input tokens."""
         return positions
 
-    def query_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Positions of the whole sequence -> those of the queries this rank attends with
-        (context parallelism keeps a shard of the queries; otherwise all of them)."""
-        return positions
+    def query_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-query tensor [B, S_q, ...] of the queries this rank attends with -> [B, S, ...]
+        of the whole sequence in order (context parallelism gathers its shards; statistics
+        only, no gradient)."""
+        return t
 
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
         """[B, S_local, heads, D] -> [B, S, heads', D]: the whole sequence, the heads this

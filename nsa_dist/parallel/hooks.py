@@ -92,11 +92,17 @@ class AttentionPlanComm(TPRegion, AttentionComm):
     def seq_len(self, local_len: int) -> int:
         return local_len * self.sp * self.cp
 
-    def query_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        return zigzag_shard(positions, positions.dim() - 1, self.cp, self.cp_rank)
-
     def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        return C.local_chunk(self.query_positions(positions), positions.dim() - 1, self.sp_group)
+        """The zigzag CP shard's positions, then this rank's Ulysses part of them."""
+        dim = positions.dim() - 1
+        return C.local_chunk(zigzag_shard(positions, dim, self.cp, self.cp_rank), dim, self.sp_group)
+
+    def query_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, S/cp, ...] of the rank's queries -> [B, S, ...] in order (statistics: unmetered)."""
+        if self.cp == 1:
+            return t
+        with torch.no_grad():
+            return gather_sequence(t.contiguous(), 1, self.cp_group)
 
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
         """[B, S/(cp sp), h, D] -> [B, S/cp, h*repeat/sp, D] (Ulysses all-to-all); K/V then
