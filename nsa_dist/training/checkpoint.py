@@ -291,11 +291,12 @@ def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
     then = tuple(par.get(k, 1) for k in keys)
     now = None if layout is None else tuple(layout) + (1,) * (len(keys) - len(layout))
     if meta.get("layout") != "full" and now is not None and now != then:
+        shown = 3 if then[2] != 1 or now[2] != 1 else 2  # cp named when either side uses it
+
         def name(v):
-            return ", ".join(f"{k}={x}" for k, x in zip(keys, v))
+            return ", ".join(f"{k}={x}" for k, x in zip(keys[:shown], v))
         problems.append(f"the layout differs ({name(then)} in the checkpoint, {name(now)} now); its files "
-                        f"are per TP and ZeRO rank: convert it with 'nsa-convert reshard' to resume on "
-                        f"another layout")
+                        f"are per TP rank: convert it with 'nsa-convert reshard' to resume on another layout")
     if os.path.abspath(meta.get("data_prefix", data_prefix)) != os.path.abspath(data_prefix):
         warnings.append(f"data_prefix changed: {meta.get('data_prefix')} -> {data_prefix}")
     if problems:

@@ -127,3 +127,14 @@ def test_state_groups_with_cp():
     st = ParallelState(16, 13, tp=2, sp=2, cp=2, create_groups=False)
     assert (st.tp_rank, st.sp_rank, st.cp_rank, st.dp_rank) == (1, 0, 1, 1)
     assert st.seq_ranks == [9, 11, 13, 15] and st.replica_size == 8
+
+
+def test_resume_on_another_cp_degree_is_refused_naming_reshard():
+    from nsa_dist.training.checkpoint import check_compatible
+    model = W.tiny_config().to_dict()
+    meta = {"tag": "step_00000002", "model_config": model, "seq_len": 64, "world_size": 2,
+            "data_prefix": "/data", "train_config": {"parallel": {"tp": 1, "sp": 1, "cp": 2}}}
+    assert check_compatible(meta, model, None, "/data", 64, 2, layout=(1, 1, 2)) == []
+    with pytest.raises(ValueError, match=r"layout differs \(tp=1, sp=1, cp=2 in the checkpoint, "
+                                         r"tp=2, sp=1, cp=1 now\).*nsa-convert reshard"):
+        check_compatible(meta, model, None, "/data", 64, 2, layout=(2, 1, 1))
