@@ -13,8 +13,7 @@ import copy
 
 import torch
 
-from dist_workers import build_model, tiny_config
-from nsa_dist.modules.rope import token_positions
+from dist_workers import build_model, one_device_layer, sharded_layer, tiny_config
 from nsa_dist.parallel import (CommStats, ParallelState, gather_full, grad_norm, parallelize, parallelize_attention,
                                sync_grads)
 from nsa_dist.parallel import collectives as C
@@ -60,18 +59,9 @@ def layer_check(state: ParallelState, model, cu, selection_comm: str, megatron_s
     w_out = torch.randn(B, S, hidden, generator=g, dtype=torch.float64)
     pattn = parallelize_attention(copy.deepcopy(attn), state, megatron_sp, selection_comm=selection_comm)
 
-    x_full = x.clone().requires_grad_()
-    y_full, _ = attn(x_full, cu_seqlens=cu)
-    (y_full * w_out).sum().backward()
-    with torch.no_grad():
-        _, idx_full = attn.attend(attn.project(x, token_positions(S, x.device, cu, None), cu), cu)
-    full_grads = {n: p.grad for n, p in attn.named_parameters()}
+    y_full, dx_full, idx_full, full_grads = one_device_layer(attn, x, w_out, cu)
 
-    x_in = _tokens(x, state, megatron_sp).clone().requires_grad_()
-    y, idx = pattn(x_in, cu_seqlens=cu, return_indices=True)
-    torch.testing.assert_close(y, _tokens(y_full.detach(), state, megatron_sp), **TOL)
-    (y * _tokens(w_out, state, megatron_sp)).sum().backward()
-    torch.testing.assert_close(x_in.grad, _tokens(x_full.grad, state, megatron_sp), **TOL)
+    y, idx = sharded_layer(pattn, x, w_out, cu, lambda t: _tokens(t, state, megatron_sp), y_full, dx_full, TOL)
     for p in pattn.parameters():  # each sequence rank holds its tokens' part of a gradient
         C.all_reduce_(p.grad, state.seq_group)
     err = _assert_grads(gather_full(pattn, state, "grad"), full_grads, "layer")
@@ -81,7 +71,7 @@ def layer_check(state: ParallelState, model, cu, selection_comm: str, megatron_s
     assert idx.shape == want.shape, (idx.shape, want.shape)
     assert torch.equal(idx, want), "selected blocks differ from one device"
     assert (idx_full >= 0).sum(-1).max() == model.config.nsa.num_selected  # chosen by importance too
-    return {"layer_out_err": float((y.detach() - _tokens(y_full.detach(), state, megatron_sp)).abs().max()),
+    return {"layer_out_err": float((y.detach() - _tokens(y_full, state, megatron_sp)).abs().max()),
             "layer_grad_err": err}
 
 
