@@ -55,8 +55,9 @@ def layer_check(state: ParallelState, model, cu, selection_comm: str, megatron_s
     hidden = model.config.hidden_size
     B = 1 if cu is not None else 2
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, S, hidden, generator=g, dtype=torch.float64)
-    w_out = torch.randn(B, S, hidden, generator=g, dtype=torch.float64)
+    dev = next(model.parameters()).device
+    x = torch.randn(B, S, hidden, generator=g, dtype=torch.float64).to(dev)
+    w_out = torch.randn(B, S, hidden, generator=g, dtype=torch.float64).to(dev)
     pattn = parallelize_attention(copy.deepcopy(attn), state, megatron_sp, selection_comm=selection_comm)
 
     y_full, dx_full, idx_full, full_grads = one_device_layer(attn, x, w_out, cu)
@@ -79,7 +80,7 @@ def model_check(state: ParallelState, model, cu, selection_comm: str, megatron_s
     cfg = model.config
     B = 1 if cu is not None else 2
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g).to(next(model.parameters()).device)
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
     labels[:, 5] = -100
@@ -118,9 +119,13 @@ def model_check(state: ParallelState, model, cu, selection_comm: str, megatron_s
 
 def cp_worker(rank: int, world: int, cp: int = 2, tp: int = 1, sp: int = 1, num_heads: int = 4,
               num_kv_heads: int = 2, packed: bool = False, selection_comm: str = "auto",
-              megatron_sp: bool = False) -> dict:
+              megatron_sp: bool = False, device: str = "cpu") -> dict:
+    """``device="cuda"``: the same checks on GPUs (run_world(..., dist_backend="nccl"); the
+    reference backend, fp64)."""
     state = ParallelState(world, rank, tp=tp, sp=sp, cp=cp)
-    model = build_model(tiny_config(num_heads, num_kv_heads)).double()
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    model = build_model(tiny_config(num_heads, num_kv_heads), device=device).double()
     cu = documents(S) if packed else None
     out = layer_check(state, model, cu, selection_comm, megatron_sp)
     out.update(model_check(state, model, cu, selection_comm, megatron_sp))
