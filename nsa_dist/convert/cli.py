@@ -50,7 +50,7 @@ def cmd_consolidate(a) -> None:
 
 def cmd_reshard(a) -> None:
     from .reshard import reshard
-    tag = reshard(a.input, a.output, reset_optimizer=a.reset_optimizer, tp=a.tp, sp=a.sp,
+    tag = reshard(a.input, a.output, reset_optimizer=a.reset_optimizer, tp=a.tp, sp=a.sp, cp=a.cp,
                   world_size=a.world_size, force=a.force, quiet=a.quiet,
                   allow_batch_change=a.allow_batch_change)
     what = "weights only, optimizer RESET" if a.reset_optimizer else "weights and Adam state"
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "position and LR schedule continue; each step then takes the new batch)")
     sp.add_argument("--tp", type=int, default=1, help="target tensor-parallel size to check the model against")
     sp.add_argument("--sp", type=int, default=1, help="target Ulysses size to check the model against")
-    sp.add_argument("--world-size", type=int, default=None, help="target world size (default tp x sp)")
+    sp.add_argument("--cp", type=int, default=1, help="target context-parallel size to check the model against")
+    sp.add_argument("--world-size", type=int, default=None, help="target world size (default tp x sp x cp)")
     sp.add_argument("--force", action="store_true", help="replace an existing output directory")
     sp.add_argument("--quiet", action="store_true", help="no progress display (also off when stderr is not a terminal)")
     sp.set_defaults(fn=cmd_reshard)

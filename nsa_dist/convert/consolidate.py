@@ -85,14 +85,14 @@ def check_against_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Non
 
 def global_batch(meta: dict) -> Optional[int]:
     """Samples per optimizer step of the run that wrote ``meta`` (None when it does not say):
-    micro_batch_size x grad_accum_steps x data-parallel size (world / (tp x sp))."""
+    micro_batch_size x grad_accum_steps x data-parallel size (world / (tp x sp x cp))."""
     if meta.get("global_batch"):
         return int(meta["global_batch"])
     tc, world = meta.get("train_config") or {}, meta.get("world_size")
     if not world or "micro_batch_size" not in tc:
         return None
     par = tc.get("parallel") or {}
-    return tc["micro_batch_size"] * tc.get("grad_accum_steps", 1) * (world // (par.get("tp", 1) * par.get("sp", 1)))
+    return tc["micro_batch_size"] * tc.get("grad_accum_steps", 1) * (world // (par.get("tp", 1) * par.get("sp", 1) * par.get("cp", 1)))
 
 
 # What of a training checkpoint's metadata travels with its consolidated weights.

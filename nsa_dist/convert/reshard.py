@@ -44,12 +44,12 @@ def _config_and_seq_len(src: str) -> tuple[ModelConfig, Optional[int]]:
 
 
 def check_target_layout(cfg: ModelConfig, seq_len: Optional[int], tp: int, sp: int,
-                        world_size: Optional[int]) -> None:
+                        world_size: Optional[int], cp: int = 1) -> None:
     """ValueError naming the problem when the model cannot be split as asked."""
     from ..parallel.state import ParallelConfig
 
-    world = world_size or tp * sp
-    ParallelConfig(tp=tp, sp=sp).check_model(cfg, world, seq_len)
+    world = world_size or tp * sp * cp
+    ParallelConfig(tp=tp, sp=sp, cp=cp).check_model(cfg, world, seq_len)
 
 
 def _check_moments(params: dict, avg: dict, avg_sq: dict, where: str) -> None:
@@ -89,15 +89,15 @@ def _read_consolidated(src: str, reset_optimizer: bool, quiet: bool):
 
 def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: int = 1,
             world_size: Optional[int] = None, force: bool = False, quiet: bool = True,
-            allow_batch_change: bool = False) -> str:
+            allow_batch_change: bool = False, cp: int = 1) -> str:
     """Write the layout-free checkpoint of ``src`` to ``out``; returns its step folder.
 
-    tp, sp, world_size: the target layout the model is checked against before anything is
+    tp, sp, cp, world_size: the target layout the model is checked against before anything is
     written (the checkpoint itself loads on any layout the model splits over).
     """
     if os.path.exists(out) and not force:
         raise FileExistsError(f"output {os.path.abspath(out)} already exists; pass --force to replace it")
-    check_target_layout(*_config_and_seq_len(src), tp=tp, sp=sp, world_size=world_size)  # before reading tensors
+    check_target_layout(*_config_and_seq_len(src), tp=tp, sp=sp, world_size=world_size, cp=cp)  # before reading tensors
     if _is_consolidated(src):
         cfg, params, moments, meta = _read_consolidated(src, reset_optimizer, quiet)
         meta["source"] = os.path.abspath(src)
@@ -114,6 +114,6 @@ def reshard(src: str, out: str, reset_optimizer: bool = False, tp: int = 1, sp: 
         tag_dir = write_full(tmp, step, params, names, None if moments is None else moments[:2], meta,
                              adam_step=None if moments is None else moments[2],
                              allow_batch_change=bool(allow_batch_change),
-                             checked_layout={"tp": tp, "sp": sp, "world_size": world_size or tp * sp})
+                             checked_layout={"tp": tp, "sp": sp, "cp": cp, "world_size": world_size or tp * sp * cp})
     return os.path.join(out, os.path.basename(tag_dir))
 

@@ -202,16 +202,20 @@ class NSAAttention(nn.Module):
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
         """The NSA function and its selection in one op call (the compressed branch's forward
         feeds the selection). Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
-        args = (p["q"], p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"], p["v_win"], p["gates"])
+        kv = (p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"], p["v_win"])
 
-        def attend(reduce_importance=None, block_indices=None):
-            return ops.nsa_attention(*args, self.config, cu_seqlens=cu_seqlens, backend=self.backend,
+        def attend(reduce_importance=None, block_indices=None, rows=slice(None), q_start=0):
+            # rows/q_start: a chunk of the queries at its offset of the keys (context parallel)
+            return ops.nsa_attention(p["q"][:, rows], *kv, p["gates"][:, rows], self.config,
+                                     cu_seqlens=cu_seqlens, backend=self.backend,
                                      block_indices=block_indices, reduce_importance=reduce_importance,
-                                     canonical_indices=block_indices is not None, return_indices=True)
+                                     canonical_indices=block_indices is not None, return_indices=True,
+                                     q_start=q_start)
 
-        def select(q, reduce_importance):
+        def select(q, reduce_importance, q_start=0):
             return ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
-                                     reduce_importance=reduce_importance, backend=self.backend)
+                                     reduce_importance=reduce_importance, backend=self.backend,
+                                     q_start=q_start, seq_len=p["k_sel"].shape[1])
         return self.comm.attend(p["q"], attend, select)
 
     def finish(self, o: torch.Tensor) -> torch.Tensor:
@@ -239,7 +243,8 @@ class NSAAttention(nn.Module):
     def stats(self, gates: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor,
               stats_head: int = 0) -> AttentionStats:
         with torch.no_grad():
-            g = gates.detach().float().reshape(-1, 3)
+            gates, idx = self.comm.query_rows(gates.detach()), self.comm.query_rows(idx)  # all queries
+            g = gates.float().reshape(-1, 3)
             pos = positions if positions.dim() == 1 else positions[0]
             return AttentionStats(
                 gate_mean=g.mean(0).cpu(), gate_std=g.std(0, unbiased=False).cpu(),

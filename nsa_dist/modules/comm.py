@@ -22,8 +22,10 @@ from torch.func import functional_call
 
 # select(q, reduce_importance) -> block indices [B, S, H, n]: the layer's selection alone.
 SelectFn = Callable[[torch.Tensor, Optional[Callable]], torch.Tensor]
-# attend(reduce_importance=None, block_indices=None) -> (o [B, S, HQ, Dv], indices [B, S, H, n]):
-# the layer's one NSA call, which selects from its compressed branch unless given indices.
+# attend(reduce_importance=None, block_indices=None, rows=None, q_start=0) -> (o [B, S, HQ, Dv],
+# indices [B, S, H, n]): the layer's one NSA call, which selects from its compressed branch
+# unless given indices; ``rows`` (a slice of the query rows) at positions q_start.. of the keys
+# (context parallelism). select(q, reduce_importance, q_start=0): q's rows at positions q_start..
 AttendFn = Callable[..., tuple]
 
 
@@ -60,6 +62,12 @@ class AttentionComm(Region):
         """Positions [S] or [B, S] of the whole sequence -> those of this rank's input tokens."""
         return positions
 
+    def query_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-query tensor [B, S_q, ...] of the queries this rank attends with -> [B, S, ...]
+        of the whole sequence in order (context parallelism gathers its shards; statistics
+        only, no gradient)."""
+        return t
+
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
         """[B, S_local, heads, D] -> [B, S, heads', D]: the whole sequence, the heads this
         rank attends with (``kv``: K/V heads, repeated where ranks outnumber them)."""
@@ -91,7 +99,7 @@ class LMComm(Region):
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy per position: logits [N, V], labels [N] -> [N] float32, 0 at -100."""
-        return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+        return torch.nn.functional.cross_entropy(loss_precision(logits), labels, ignore_index=-100, reduction="none")
 
     def mean(self, total: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A sum of token losses over ``labels`` [N] -> the mean over every non-ignored label."""
@@ -99,8 +107,13 @@ class LMComm(Region):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of logits [B, S, V] against labels [B, S] (-100 ignored)."""
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long(),
+        return torch.nn.functional.cross_entropy(loss_precision(logits).flatten(0, 1), labels.flatten().long(),
                                                  ignore_index=-100)
+
+
+def loss_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in the loss's precision: float32, or float64 for a float64 model (exact tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def bound(module: torch.nn.Module, params: list[torch.Tensor]) -> Callable:

@@ -9,7 +9,7 @@ import torch
 from ..config import NSAConfig
 from . import reference
 from .blocks import compressed_offsets, host_offsets, packed
-from .validation import check_cu_seqlens, check_inputs
+from .validation import check_cu_seqlens, check_inputs, check_query_range
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -49,20 +49,49 @@ def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
     return float(q.shape[-1]) ** -0.5 if scale is None else float(scale)
 
 
-def _documents(cu_seqlens: torch.Tensor, config: NSAConfig):
-    """(token slice, compressed-token slice) of each document."""
+def _documents(cu_seqlens: torch.Tensor, config: NSAConfig, q_start: int = 0, num_queries: Optional[int] = None):
+    """(key slice, compressed-token slice, query-row slice, first query's position in the
+    document) of each document holding some of the queries [q_start, q_start + num_queries)
+    (all of them by default)."""
     c = cu_seqlens.tolist()
     cc = compressed_offsets(c, config)
-    return [(slice(c[i], c[i + 1]), slice(cc[i], cc[i + 1])) for i in range(len(c) - 1)]
+    q_end = c[-1] if num_queries is None else q_start + num_queries
+    out = []
+    for i in range(len(c) - 1):
+        a, b = max(c[i], q_start), min(c[i + 1], q_end)
+        if a < b:
+            out.append((slice(c[i], c[i + 1]), slice(cc[i], cc[i + 1]), slice(a - q_start, b - q_start), a - c[i]))
+    return out
+
+
+def _kernels_offset(q_start: int, num_queries: int, seq_len: int, what: str) -> None:
+    """The Triton kernels compute the whole sequence's queries only."""
+    if q_start or num_queries != seq_len:
+        raise NotImplementedError(
+            f"{what} of queries [{q_start}, {q_start + num_queries}) of a sequence of {seq_len} with "
+            "the Triton backend: the kernels (kernels/range_attn.py, "
+            "selected_attn.py, selection.py, nsa.py) have no query row offset yet, which context "
+            "parallelism (cp > 1) needs; run with backend='reference' (attention_backend: reference) "
+            "or cp=1")
+
+
+def kernels_take_query_offsets() -> bool:
+    """Whether the Triton backend computes queries at an offset of the keys (``q_start``),
+    which context parallelism needs; the reference always does."""
+    return False
 
 
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                  reduce_importance=None, backend: str = "auto") -> torch.Tensor:
+                  reduce_importance=None, backend: str = "auto", q_start: int = 0,
+                  seq_len: Optional[int] = None) -> torch.Tensor:
     """Selected blocks per query and KV head (SPEC: selection branch).
 
-    q: [B, S, HQ, Dk]; k_cmp: [B, Nc, H, Dk] (compressed keys). Block indices count from
+    q: [B, Sq, HQ, Dk]; k_cmp: [B, Nc, H, Dk] (compressed keys). Block indices count from
     each document's start when ``cu_seqlens`` is given.
+    q_start, seq_len: the queries are positions [q_start, q_start + Sq) of a sequence of
+    ``seq_len`` positions (default q_start + Sq; with ``cu_seqlens``, its last value), whose
+    compressed keys are ``k_cmp`` (context parallelism: a rank's query chunk).
     reduce_importance: optional callable on the float64 group importance [B, T, H, Ns] of a
     query tile, applied before top-n (parallel layouts sum partial groups across ranks here);
     the reference computes it (the kernels cannot apply it).
@@ -78,23 +107,35 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
     if q.shape[3] != k_cmp.shape[3]:
         raise ValueError(f"q and k_cmp head dims differ: {q.shape[3]} vs {k_cmp.shape[3]}")
     sc = _scale(q, scale)
+    Sq = q.shape[1]
     cu_seqlens = host_offsets(cu_seqlens)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+        # the whole sequence: seq_len, else the queries' own (q_start = 0), else what it says
+        want = seq_len if seq_len is not None else Sq if q_start == 0 else bounds_end(cu_seqlens)
+        seq_len = check_cu_seqlens(cu_seqlens, q.shape[0], want)[-1]
+    seq_len = q_start + Sq if seq_len is None else seq_len
+    check_query_range(q_start, Sq, seq_len)
     cu_seqlens = packed(cu_seqlens)
     if resolve_backend(backend, q.device, q.dtype) == "triton" and reduce_importance is None:
+        _kernels_offset(q_start, Sq, seq_len, "select_blocks")
         return load_kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens)
     if cu_seqlens is None:
-        return reference.select_blocks_dense(q, k_cmp, config, sc, reduce_importance)
-    parts = [reference.select_blocks_dense(q[:, ts], k_cmp[:, cs], config, sc, reduce_importance)
-             for ts, cs in _documents(cu_seqlens, config)]
+        return reference.select_blocks_dense(q, k_cmp, config, sc, reduce_importance, q_start, seq_len)
+    parts = [reference.select_blocks_dense(q[:, qs], k_cmp[:, cs], config, sc, reduce_importance, q0, ts.stop - ts.start)
+             for ts, cs, qs, q0 in _documents(cu_seqlens, config, q_start, Sq)]
     return torch.cat(parts, dim=1)
+
+
+def bounds_end(cu_seqlens: torch.Tensor) -> int:
+    """The sequence length a (host) ``cu_seqlens`` describes: its last value."""
+    return int(cu_seqlens[-1]) if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() else -1
 
 
 def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   backend: str = "auto", block_indices: Optional[torch.Tensor] = None,
-                  reduce_importance=None, canonical_indices: bool = False, return_indices: bool = False):
+                  reduce_importance=None, canonical_indices: bool = False, return_indices: bool = False,
+                  q_start: int = 0):
     """The NSA function: gated sum of compressed, selected and sliding-window attention.
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, Dk/Dv] (already compressed; packed per
@@ -116,6 +157,11 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     indices with this flag give wrong results.
     return_indices: return (o, indices): the selection attended, LongTensor [B, S, H, n]
     (block_indices itself when given).
+    q_start: the queries are positions [q_start, q_start + Sq) of the key sequence: q, gates
+    (and block_indices, the output, the indices) have Sq rows, k_sel/k_win S >= q_start + Sq,
+    k_cmp the compressed tokens of all S (cu_seqlens describes the S keys). A rank's chunk
+    under context parallelism; the result equals those rows of the full call. The Triton
+    backend does not take it yet (NotImplementedError).
     Returns o [B, S, HQ, Dv] in q's dtype (differentiable in every floating input), or
     (o, indices) with ``return_indices``.
     """
@@ -124,13 +170,14 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     chosen = resolve_backend(backend, q.device, q.dtype)
     cu_seqlens = host_offsets(cu_seqlens)
     check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config, cu_seqlens,
-                 block_indices, check_finite=(chosen == "reference"))
+                 block_indices, check_finite=(chosen == "reference"), q_start=q_start)
     cu_seqlens = packed(cu_seqlens)
     if canonical_indices and block_indices is None:
         raise ValueError("canonical_indices=True describes block_indices, but none were given: pass the "
                          "select_blocks output as block_indices, or drop the flag")
     sc = _scale(q, scale)
     if chosen == "triton":
+        _kernels_offset(q_start, q.shape[1], k_sel.shape[1], "nsa_attention")
         if reduce_importance is not None and block_indices is None:  # not in the fused path
             block_indices = select_blocks(q.detach(), k_cmp.detach(), config, sc, cu_seqlens, reduce_importance,
                                           backend="reference")
@@ -139,13 +186,14 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
                                             sc, cu_seqlens, block_indices, canonical_indices, return_indices)
     args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     if cu_seqlens is None:
-        o, idx = reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance, True)
+        o, idx = reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance, True, q_start)
     else:
         outs = []
-        for ts, cs in _documents(cu_seqlens, config):
-            doc = [t[:, cs] if i in (1, 2) else t[:, ts] for i, t in enumerate(args)]
-            part = None if block_indices is None else block_indices[:, ts]
-            outs.append(reference.nsa_attention_dense(*doc, config, sc, part, reduce_importance, True))
+        for ts, cs, qs, q0 in _documents(cu_seqlens, config, q_start, q.shape[1]):
+            # q and gates by query rows, k_cmp/v_cmp by compressed tokens, the rest by keys
+            doc = [t[:, qs] if i in (0, 7) else t[:, cs] if i in (1, 2) else t[:, ts] for i, t in enumerate(args)]
+            part = None if block_indices is None else block_indices[:, qs]
+            outs.append(reference.nsa_attention_dense(*doc, config, sc, part, reduce_importance, True, q0))
         o, idx = torch.cat([o for o, _ in outs], dim=1), torch.cat([i for _, i in outs], dim=1)
     if not return_indices:
         return o

@@ -7,7 +7,8 @@ checkpointed, so backward keeps only the inputs, not every tile's probabilities.
 
 Shapes: q [B, S, HQ, Dk]; k_cmp/v_cmp [B, Nc, H, D]; k_sel, v_sel, k_win, v_win [B, S, H, D];
 gates [B, S, HQ, 3]; query head g uses KV head g // G with G = HQ / H.
-Positions are 0..S-1 here; packed documents are handled one by one by the caller (api.py).
+Positions are 0..S-1 here (queries may be a slice [q_start, q_start + Sq) of them); packed
+documents are handled one by one by the caller (api.py).
 """
 from __future__ import annotations
 
@@ -214,15 +215,20 @@ def _tile_output(q_t, gates_t, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, idx, t0
 
 
 def select_blocks_dense(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig, scale: float,
-                        reduce_importance: Optional[ImportanceReducer] = None) -> torch.Tensor:
-    """select_blocks for one sequence (no packing): [B, S, HQ, Dk] -> [B, S, H, n]."""
-    B, S, HQ, Dk = q.shape
+                        reduce_importance: Optional[ImportanceReducer] = None, q_start: int = 0,
+                        seq_len: Optional[int] = None) -> torch.Tensor:
+    """select_blocks for one sequence (no packing): [B, Sq, HQ, Dk] -> [B, Sq, H, n].
+
+    The queries are positions [q_start, q_start + Sq) of a sequence of ``seq_len`` positions
+    (default q_start + Sq), whose compressed keys ``k_cmp`` are (context parallelism)."""
+    B, Sq, HQ, Dk = q.shape
+    S = q_start + Sq if seq_len is None else seq_len
     cdt = compute_dtype(q.dtype)
     qc, kc = q.to(cdt), k_cmp.to(cdt)
     T = tile_size(S, B, HQ, k_cmp.shape[2], Dk, Dk, config, q.device)
     out = []
-    for t0 in range(0, S, T):
-        t_pos = torch.arange(t0, min(S, t0 + T), device=q.device)
+    for t0 in range(0, Sq, T):
+        t_pos = torch.arange(q_start + t0, q_start + min(Sq, t0 + T), device=q.device)
         out.append(select_tile(qc[:, t0:t0 + T], kc, t_pos, S, config, scale, reduce_importance))
     if not out:
         return torch.empty(B, 0, k_cmp.shape[2], config.num_selected, dtype=torch.long, device=q.device)
@@ -231,12 +237,15 @@ def select_blocks_dense(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
 
 def nsa_attention_dense(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
                         scale: float, block_indices: Optional[torch.Tensor] = None,
-                        reduce_importance: Optional[ImportanceReducer] = None, return_indices: bool = False):
-    """NSA output for one sequence (no packing): [B, S, HQ, Dv] in q's dtype, and with
-    ``return_indices`` the selection [B, S, H, n] it attended (computed here when
-    ``block_indices`` is None)."""
-    B, S, HQ, Dk = q.shape
-    H, Dv = k_sel.shape[2], v_sel.shape[3]
+                        reduce_importance: Optional[ImportanceReducer] = None, return_indices: bool = False,
+                        q_start: int = 0):
+    """NSA output for one sequence (no packing): [B, Sq, HQ, Dv] in q's dtype, and with
+    ``return_indices`` the selection [B, Sq, H, n] it attended (computed here when
+    ``block_indices`` is None). The queries (and gates) are positions [q_start, q_start + Sq)
+    of the key sequence k_sel/k_win [B, S, H, D] (context parallelism; q_start = 0, Sq = S
+    on one device)."""
+    B, Sq, HQ, Dk = q.shape
+    S, H, Dv = k_sel.shape[1], k_sel.shape[2], v_sel.shape[3]
     cdt = compute_dtype(q.dtype)
     q_c, g_c = q.to(cdt), gates.to(cdt)
     kv = [t.to(cdt) for t in (k_cmp, v_cmp, k_sel, v_sel, k_win, v_win)]
@@ -244,17 +253,18 @@ def nsa_attention_dense(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, conf
     use_ckpt = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates))
     outs, idxs = [], []
-    for t0 in range(0, S, T):
+    for t0 in range(0, Sq, T):
         q_t, g_t = q_c[:, t0:t0 + T], g_c[:, t0:t0 + T]
+        p0 = q_start + t0  # position of the tile's first query
         if block_indices is None:
-            t_pos = torch.arange(t0, t0 + q_t.shape[1], device=q.device)
+            t_pos = torch.arange(p0, p0 + q_t.shape[1], device=q.device)
             idx = select_tile(q_t, kv[0], t_pos, S, config, scale, reduce_importance)
         else:
             idx = block_indices[:, t0:t0 + T].long()
         if use_ckpt:
-            o = checkpoint(_tile_output, q_t, g_t, *kv, idx, t0, config, scale, use_reentrant=False)
+            o = checkpoint(_tile_output, q_t, g_t, *kv, idx, p0, config, scale, use_reentrant=False)
         else:
-            o = _tile_output(q_t, g_t, *kv, idx, t0, config, scale)
+            o = _tile_output(q_t, g_t, *kv, idx, p0, config, scale)
         outs.append(o)
         idxs.append(idx)
     if not outs:

@@ -30,6 +30,18 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list
     return c
 
 
+def check_query_range(q_start: int, num_queries: int, seq_len: int) -> None:
+    """Queries at positions [q_start, q_start + num_queries) must lie in a key sequence of
+    ``seq_len`` positions (``q_start`` an int: it shapes the computation on the host)."""
+    if not isinstance(q_start, int) or isinstance(q_start, bool) or q_start < 0:
+        raise ValueError(f"q_start must be a non-negative int (the first query's position in the key "
+                         f"sequence), got {q_start!r}")
+    if q_start + num_queries > seq_len:
+        raise ValueError(f"queries at positions [{q_start}, {q_start + num_queries}) do not fit in the "
+                         f"key sequence of length {seq_len}: q must be [B, Sq, HQ, Dk] with "
+                         f"q_start + Sq <= S (S = k_sel.shape[1])")
+
+
 def _check_tensor(name: str, t: torch.Tensor, dim: int = 4) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -41,17 +53,19 @@ def _check_tensor(name: str, t: torch.Tensor, dim: int = 4) -> None:
 
 def check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSAConfig,
                  cu_seqlens: Optional[torch.Tensor], block_indices: Optional[torch.Tensor],
-                 check_finite: bool) -> None:
-    """Validate shapes, dtypes, devices and values of ``nsa_attention``'s inputs."""
+                 check_finite: bool, q_start: int = 0) -> None:
+    """Validate shapes, dtypes, devices and values of ``nsa_attention``'s inputs. The Sq
+    queries (gates, block_indices) are positions [q_start, q_start + Sq) of the S keys."""
     if not isinstance(config, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
     named = dict(q=q, k_cmp=k_cmp, v_cmp=v_cmp, k_sel=k_sel, v_sel=v_sel, k_win=k_win,
                  v_win=v_win, gates=gates)
     for name, t in named.items():
         _check_tensor(name, t)
-    B, S, HQ, Dk = q.shape
-    H = k_sel.shape[2]
+    B, Sq, HQ, Dk = q.shape
+    S, H = k_sel.shape[1], k_sel.shape[2]
     Dv = v_sel.shape[3]
+    check_query_range(q_start, Sq, S)
     if H == 0 or HQ % H != 0:
         raise ValueError(f"query heads ({HQ}) must be a multiple of KV heads ({H})")
     for name in ("k_sel", "k_win"):
@@ -69,8 +83,8 @@ def check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSA
                          f"S={S}, l={config.cmp_block}, d={config.cmp_stride}), got {tuple(k_cmp.shape)}")
     if v_cmp.shape != (B, Nc, H, Dv):
         raise ValueError(f"v_cmp must be [B, Nc, H, Dv] = {(B, Nc, H, Dv)}, got {tuple(v_cmp.shape)}")
-    if gates.shape != (B, S, HQ, 3):
-        raise ValueError(f"gates must be [B, S, HQ, 3] = {(B, S, HQ, 3)}, got {tuple(gates.shape)}")
+    if gates.shape != (B, Sq, HQ, 3):
+        raise ValueError(f"gates must be [B, Sq, HQ, 3] = {(B, Sq, HQ, 3)}, got {tuple(gates.shape)}")
     dtypes = {t.dtype for t in named.values()}
     if len(dtypes) != 1:
         raise TypeError(f"all inputs must share one dtype, got {sorted(str(d) for d in dtypes)}")
@@ -80,8 +94,8 @@ def check_inputs(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NSA
     if block_indices is not None:
         if block_indices.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"block_indices must be an integer tensor, got {block_indices.dtype}")
-        if block_indices.dim() != 4 or block_indices.shape[:3] != (B, S, H):
-            raise ValueError(f"block_indices must be [B, S, H, n] with (B, S, H) = {(B, S, H)}, "
+        if block_indices.dim() != 4 or block_indices.shape[:3] != (B, Sq, H):
+            raise ValueError(f"block_indices must be [B, Sq, H, n] with (B, Sq, H) = {(B, Sq, H)}, "
                              f"got {tuple(block_indices.shape)}")
     if check_finite:
         for name, t in named.items():

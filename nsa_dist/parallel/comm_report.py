@@ -6,7 +6,7 @@ backward) and the time at the bus bandwidths measured on H200 (PARALLEL_NOTES.md
 """
 from __future__ import annotations
 
-from .comm_stats import kv_allgather_traffic, layer_traffic, summarize, wire_bytes
+from .comm_stats import layer_traffic, summarize, wire_bytes
 
 # Bus bandwidths measured on 4 H200 (NCCL 2.28, 256 MiB messages; PARALLEL_NOTES.md), GB/s.
 H200_BUS_GBPS = {"all_gather": 325.0, "reduce_scatter": 296.0, "all_reduce": 340.0, "all_to_all": 302.0}
@@ -37,24 +37,25 @@ def main(argv=None) -> None:
           f"Dv={cfg.dv} phi={cfg.nsa.phi}; B={B} S={S}; bf16 activations, fp32 gradients; "
           f"selection_comm={args.selection_comm}")
     print(f"{'layout':<26}{'payload MiB':>12}{'wire MiB/rank':>15}{'ms @H200 bus':>14}   per layer, fwd+bwd")
-    layouts = [(f"TP={g}", g, 1, False), (f"TP={g} + Megatron SP", g, 1, True),
-               (f"TP={g // 2}", g // 2, 1, False), (f"Ulysses={g}", 1, g, False),
-               (f"Ulysses={cfg.num_kv_heads}", 1, cfg.num_kv_heads, False),
-               (f"TP=2 x Ulysses={g // 2}", 2, g // 2, False)]
+    H = cfg.num_kv_heads
+    # (name, tp, sp, megatron_sp, cp)
+    layouts = [(f"TP={g}", g, 1, False, 1), (f"TP={g} + Megatron SP", g, 1, True, 1),
+               (f"TP={g // 2}", g // 2, 1, False, 1), (f"Ulysses={g}", 1, g, False, 1),
+               (f"Ulysses={H}", 1, H, False, 1), (f"TP=2 x Ulysses={g // 2}", 2, g // 2, False, 1),
+               (f"CP={g}", 1, 1, False, g), (f"CP={H}", 1, 1, False, H),
+               (f"Ulysses={H} x CP={g // H}", 1, H, False, g // H), (f"TP=2 x CP={g // 2}", 2, 1, False, g // 2)]
     seen = set()
-    for name, tp, sp, msp in layouts:
-        if (tp, sp, msp) in seen:
+    for name, tp, sp, msp, cp in layouts:
+        if (tp, sp, msp, cp) in seen or tp * sp * cp > g or g % (tp * sp * cp):
             continue
-        seen.add((tp, sp, msp))
+        seen.add((tp, sp, msp, cp))
         try:
             check_model_layout(cfg.num_heads, cfg.num_kv_heads, tp, sp)
         except ValueError as err:
             print(f"{name:<26} invalid: {err}")
             continue
-        rows = layer_traffic(cfg, B, S, tp, sp, msp, selection_comm=args.selection_comm)
+        rows = layer_traffic(cfg, B, S, tp, sp, msp, selection_comm=args.selection_comm, cp=cp)
         _print_row(name, rows)
-    for cp in sorted({g, cfg.num_kv_heads}, reverse=True):
-        _print_row(f"KV all-gather CP={cp}", kv_allgather_traffic(cfg, B, S, cp))
 
 
 def _print_row(name: str, rows: list[dict]) -> None:

@@ -107,19 +107,22 @@ class Meter:
 
 # ----------------------------------------------------------------------------- analytic model
 def layer_traffic(cfg, B: int, S: int, tp: int = 1, sp: int = 1, megatron_sp: bool = False,
-                  act_bytes: int = 2, param_bytes: int = 4, selection_comm: str = "auto") -> list[dict]:
+                  act_bytes: int = 2, param_bytes: int = 4, selection_comm: str = "auto",
+                  cp: int = 1) -> list[dict]:
     """Collectives one decoder layer issues per training step (forward + backward), as
     recorded by CommStats for an unpacked batch: dicts of component (the meter tag under
     ``layers.<i>.``), op, phase, payload_bytes and group size. ``cfg``: ModelConfig.
 
     Activations in ``act_bytes`` (2 for bf16), gradients of replicated parameters in
     ``param_bytes`` (fp32 master gradients). ``selection_comm`` as in ``parallelize``.
+    ``cp``: context parallel degree (each rank's S/cp tokens; K/V all-gathered, "attn.cp_kv").
     The tests check it against recorded traffic.
     """
     n = cfg.nsa
     h, HQ, H, dk, dv = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dv
     P = tp * sp
-    S_l = S // sp
+    S_q = S // cp  # the queries (and tokens) of one CP rank
+    S_l = S_q // sp
     kv_tp = H // tp if tp <= H else 1
     kv_sent = max(kv_tp, sp)  # KV heads per TP rank after the Ulysses repeat
     kv_proj = 1 if n.shared_kv else 3  # distinct K/V projections (one shared by every branch)
@@ -133,7 +136,7 @@ def layer_traffic(cfg, B: int, S: int, tp: int = 1, sp: int = 1, megatron_sp: bo
     act = B * S_l * h * act_bytes
     if tp > 1:
         if megatron_sp:
-            full = B * S * h * act_bytes
+            full = B * S_q * h * act_bytes
             for comp in ("attn.sp_gather", "mlp"):
                 add(comp, "all_gather", "fwd", full, tp)
                 add(comp, "reduce_scatter", "bwd", full, tp)
@@ -160,27 +163,32 @@ def layer_traffic(cfg, B: int, S: int, tp: int = 1, sp: int = 1, megatron_sp: bo
         per_dir = B * S_l * (q_tp * (dk + 3 + dv) + kv_proj * kv_sent * (dk + dv)) * act_bytes
         add("attn.ulysses", "all_to_all", "fwd", per_dir, sp)
         add("attn.ulysses", "all_to_all", "bwd", per_dir, sp)
+    if cp > 1:  # every branch's K and V, the rank's KV heads, the whole sequence
+        kv_local = kv_sent // sp
+        gathered = kv_proj * B * S * kv_local * (dk + dv) * act_bytes
+        add("attn.cp_kv", "all_gather", "fwd", gathered, cp)
+        add("attn.cp_kv", "reduce_scatter", "bwd", gathered, cp)
     if P > H:
         G = HQ // H
         mode = selection_comm
         if mode == "auto":  # the rule of hooks.AttentionPlanComm.selection_mode
             mode = "gather_q" if G * dk * act_bytes < 2 * Ns * 8 else "importance"
         if mode == "gather_q":
-            add("attn.selection_q", "all_gather", "fwd", B * S * G * dk * act_bytes, P // H)
+            add("attn.selection_q", "all_gather", "fwd", B * S_q * G * dk * act_bytes, P // H)
         else:
-            add("attn.importance", "all_reduce", "fwd", B * S * 1 * Ns * 8, P // H)
+            add("attn.importance", "all_reduce", "fwd", B * S_q * 1 * Ns * 8, P // H)
     return out
 
 
-def kv_allgather_traffic(cfg, B: int, S: int, cp: int, act_bytes: int = 2) -> list[dict]:
-    """Context parallel by all-gathering K/V (what public NSA/DSA CP code does): each rank
-    gathers every branch's keys and values of the whole sequence, and reduce-scatters their
-    gradients. Per layer per step."""
-    branches = 1 if cfg.nsa.shared_kv else 3
-    payload = branches * B * S * cfg.num_kv_heads * (cfg.head_dim + cfg.dv) * act_bytes
-    return [dict(component="attn.kv_allgather", op="all_gather", phase="fwd", payload_bytes=payload, group=cp),
-            dict(component="attn.kv_allgather", op="reduce_scatter", phase="bwd", payload_bytes=payload,
-                 group=cp)]
+def payload_by(rows: list[dict], key) -> dict:
+    """Payload bytes summed per ``key(row)`` (rows of ``layer_traffic`` or ``CommStats.rows``;
+    rows whose key is None are left out): for comparing recorded traffic with the formula."""
+    out: dict = {}
+    for r in rows:
+        k = key(r)
+        if k is not None:
+            out[k] = out.get(k, 0) + r["payload_bytes"]
+    return out
 
 
 def summarize(rows: list[dict]) -> tuple[float, float]:

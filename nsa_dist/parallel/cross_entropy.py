@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..modules.comm import loss_precision
 from . import collectives as C
 from .comm_stats import Meter
 
@@ -13,7 +14,7 @@ from .comm_stats import Meter
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, group, meter, ignore_index):
-        x = logits.float()
+        x = loss_precision(logits)
         m = x.max(dim=-1).values
         C.all_reduce_(m, group, meter, "fwd", op=dist.ReduceOp.MAX)
         x = x - m[:, None]
@@ -48,7 +49,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, voc
     """Per-token loss over logits split along the vocabulary.
 
     logits: [N, V/t] this rank's vocabulary slice [vocab_start, vocab_start + V/t);
-    target: [N] global token ids (``ignore_index`` ignored). Returns [N] float32 losses,
+    target: [N] global token ids (``ignore_index`` ignored). Returns [N] float32 losses
+    (float64 for float64 logits),
     zero at ignored positions, identical on every rank of ``group``.
     """
     if logits.dim() != 2 or target.shape != logits.shape[:1]:

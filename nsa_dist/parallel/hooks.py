@@ -9,11 +9,15 @@
   a TP rank has fewer than sp), and the group-consistent selection when tp * sp > H
   ("importance": the float64 group importance all-reduced before top-n; "gather_q": the
   group's queries all-gathered and scored whole on every rank; "auto": the fewer bytes).
-- ``LMPlanComm``: the input's sequence shard, the vocab-parallel embedding and loss.
+  With context parallelism (cp > 1) each rank keeps the queries of its zigzag shard: the
+  branches' K/V are all-gathered over the CP group in global order (``context.py``) and the
+  NSA function runs for the rank's two query chunks at their offsets.
+- ``LMPlanComm``: the input's sequence shard (zigzag over CP, then Ulysses), the
+  vocab-parallel embedding and loss.
 
 Meter tags (``CommStats``) are the layer's name plus: ``attn.tp_input`` / ``attn.tp_output``
 (``attn.sp_gather`` / ``attn.sp_reduce_scatter`` with Megatron SP), ``attn.replicated_grads``,
-``attn.kv_replica_grads``, ``attn.ulysses``, ``attn.importance``, ``attn.selection_q``,
+``attn.kv_replica_grads``, ``attn.ulysses``, ``attn.cp_kv``, ``attn.importance``, ``attn.selection_q``,
 ``mlp``, ``norm_grads``; ``embed`` and ``lm_head`` for the model.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from ..modules.comm import AttendFn, AttentionComm, LMComm, Region, SelectFn
 from . import collectives as C
 from .comm_stats import Meter
+from .context import check_cp_seq_len, gather_sequence, zigzag_chunks, zigzag_shard
 from .cross_entropy import vocab_parallel_cross_entropy
 from .layers import SEQ_DIM, vocab_parallel_embedding
 from .state import HeadLayout, ParallelState, check_seq_len
@@ -65,7 +70,8 @@ class AttentionPlanComm(TPRegion, AttentionComm):
     """The hooks of one attention layer split over ``state``'s TP and Ulysses groups.
 
     Input/output [B, S/tp, hidden] shards of the TP group with Megatron SP, [B, S/sp, hidden]
-    shards of the Ulysses group with sp > 1, else [B, S, hidden] replicated over TP.
+    shards of the Ulysses group with sp > 1, else [B, S, hidden] replicated over TP; with
+    cp > 1 all of that within the rank's zigzag shard of S/cp tokens.
     """
 
     def __init__(self, layout: HeadLayout, state: ParallelState, megatron_sp: bool, meter: Optional[Meter],
@@ -78,23 +84,36 @@ class AttentionPlanComm(TPRegion, AttentionComm):
         self.kv_group = state.kv_share_group(layout.H)[1]  # importance all-reduce / query gather
         self.kv_weight_group = state.tp_kv_share_group(layout.H)[1]  # replicated K/V weights
         self.sel_block, self.head_dim = sel_block, head_dim
+        self.cp, self.cp_rank, self.cp_group = state.cp, state.cp_rank, state.cp_group
 
     def kv_weights(self, *weights: torch.Tensor) -> list[torch.Tensor]:
         return C.reduce_grads(list(weights), self.kv_weight_group, sub(self.meter, "kv_replica_grads"))
 
     def seq_len(self, local_len: int) -> int:
-        return local_len * self.sp
+        return local_len * self.sp * self.cp
 
     def local_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        return C.local_chunk(positions, positions.dim() - 1, self.sp_group)
+        """The zigzag CP shard's positions, then this rank's Ulysses part of them."""
+        dim = positions.dim() - 1
+        return C.local_chunk(zigzag_shard(positions, dim, self.cp, self.cp_rank), dim, self.sp_group)
+
+    def query_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, S/cp, ...] of the rank's queries -> [B, S, ...] in order (statistics: unmetered)."""
+        if self.cp == 1:
+            return t
+        with torch.no_grad():
+            return gather_sequence(t.contiguous(), 1, self.cp_group)
 
     def to_heads(self, t: torch.Tensor, kv: bool = False) -> torch.Tensor:
-        """[B, S/sp, h, D] -> [B, S, h*repeat/sp, D] (Ulysses all-to-all)."""
-        if self.sp == 1:
-            return t
-        if kv and self.layout.kv_repeat > 1:
-            t = t.repeat_interleave(self.layout.kv_repeat, dim=2)
-        return C.all_to_all(t, 2, 1, self.sp_group, sub(self.meter, "ulysses"))
+        """[B, S/(cp sp), h, D] -> [B, S/cp, h*repeat/sp, D] (Ulysses all-to-all); K/V then
+        [B, S, ., D] in global order (all-gather over CP)."""
+        if self.sp > 1:
+            if kv and self.layout.kv_repeat > 1:
+                t = t.repeat_interleave(self.layout.kv_repeat, dim=2)
+            t = C.all_to_all(t, 2, 1, self.sp_group, sub(self.meter, "ulysses"))
+        if kv and self.cp > 1:
+            t = gather_sequence(t, 1, self.cp_group, sub(self.meter, "cp_kv"))
+        return t
 
     def from_heads(self, o: torch.Tensor) -> torch.Tensor:
         """[B, S, HQ_local, Dv] -> [B, S/sp, HQ/tp, Dv]."""
@@ -119,19 +138,34 @@ class AttentionPlanComm(TPRegion, AttentionComm):
         return C.all_reduce_(imp.contiguous().clone(), self.kv_group, sub(self.meter, "importance"))
 
     def attend(self, q: torch.Tensor, attend: AttendFn, select: SelectFn) -> tuple:
-        mode = self.selection_mode(q.shape[1], q.dtype)
+        if self.cp == 1:
+            return self._attend_rows(q, attend, select, q.shape[1])
+        # CP: the rank's two zigzag chunks of queries, each at its offset of the sequence.
+        S, c = q.shape[1] * self.cp, q.shape[1] // 2
+        parts = [self._attend_rows(q, attend, select, S, slice(i * c, (i + 1) * c), start)
+                 for i, (start, _) in enumerate(zigzag_chunks(S, self.cp, self.cp_rank))]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([i for _, i in parts], dim=1)
+
+    def _attend_rows(self, q: torch.Tensor, attend: AttendFn, select: SelectFn, S: int,
+                     rows: Optional[slice] = None, q_start: int = 0) -> tuple:
+        """(o, indices) of the query ``rows`` (all by default), positions [q_start, ...) of S."""
+        at = {} if rows is None else dict(rows=rows, q_start=q_start)
+        mode = self.selection_mode(S, q.dtype)
         if mode == "gather_q":
             # The group's queries in head order (share-group ranks hold consecutive heads).
             with torch.no_grad():
-                q_group = C.all_gather_tensor(q.detach(), 2, self.kv_group, sub(self.meter, "selection_q"))
-            return attend(block_indices=select(q_group, None))
-        return attend(reduce_importance=self.reduce_importance if mode == "importance" else None)
+                q_rows = q.detach() if rows is None else q.detach()[:, rows]
+                q_group = C.all_gather_tensor(q_rows, 2, self.kv_group, sub(self.meter, "selection_q"))
+            sel_at = {} if rows is None else dict(q_start=q_start)
+            return attend(block_indices=select(q_group, None, **sel_at), **at)
+        return attend(reduce_importance=self.reduce_importance if mode == "importance" else None, **at)
 
 
 class LMPlanComm(TPRegion, LMComm):
-    """The LM's hooks: each rank takes its Ulysses shard of the full-sequence inputs; the
-    embedding and the LM head are split over the vocabulary (rows [vocab_start, +V/tp)); the
-    loss is the global mean over non-ignored labels, identical on every TP and Ulysses rank."""
+    """The LM's hooks: each rank takes its shard of the full-sequence inputs (the zigzag CP
+    shard, then its Ulysses part of it); the embedding and the LM head are split over the
+    vocabulary (rows [vocab_start, +V/tp)); the loss is the global mean over non-ignored
+    labels, identical on every TP, Ulysses and CP rank."""
 
     def __init__(self, state: ParallelState, megatron_sp: bool, vocab_start: int, root: Optional[Meter]):
         head = sub(root, "lm_head")
@@ -140,8 +174,11 @@ class LMPlanComm(TPRegion, LMComm):
 
     def shard(self, t: torch.Tensor) -> torch.Tensor:
         st = self.state
-        check_seq_len(t.shape[1], st.tp, st.sp, self.megatron_sp)
-        return C.local_chunk(t, 1, st.sp_group)
+        if st.cp > 1:
+            check_cp_seq_len(t.shape[1], st.cp, st.sp, st.tp, self.megatron_sp)
+        else:
+            check_seq_len(t.shape[1], st.tp, st.sp, self.megatron_sp)
+        return C.local_chunk(zigzag_shard(t, 1, st.cp, st.cp_rank), 1, st.sp_group)
 
     def embed(self, embedding: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_embedding(ids, embedding.weight, self.vocab_start, self.group,
@@ -151,9 +188,9 @@ class LMPlanComm(TPRegion, LMComm):
         return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.group, self.enter_meter)
 
     def mean(self, total: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        sp = self.state.sp_group
-        total = C.reduce_from_region(total, sp, self.enter_meter)
-        return total / C.all_reduce_((labels != -100).sum().to(total.dtype), sp)
+        seq = self.state.seq_group  # every rank holding part of the sequence
+        total = C.reduce_from_region(total, seq, self.enter_meter)
+        return total / C.all_reduce_((labels != -100).sum().to(total.dtype), seq)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         lab = labels.reshape(-1)

@@ -17,7 +17,7 @@ What is split (HQ query heads, H KV heads; ``HeadLayout`` says which ones this r
 - replicated: norms, the gate's first layer, phi.
 
 Gradient contract: after ``loss.backward()`` every parameter's gradient is complete over
-TP (replicated parameters already summed); over Ulysses each rank holds its sequence
+TP (replicated parameters already summed); over Ulysses and CP each rank holds its sequence
 shard's part, summed by the data-parallel reduction over the sequence-data-parallel group
 (DeepSpeed does this when given ``state.mpu()``; without DeepSpeed call ``sync_grads``).
 """
@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .. import ops
 from ..models.decoder import DecoderBlock, NSADecoderLM
 from ..modules.attention import NSAAttention
 from ..modules.comm import AttentionComm, LMComm
@@ -62,8 +63,8 @@ def parallelize(model: NSADecoderLM, state: ParallelState, megatron_sp: bool = F
     check_model_layout(cfg.num_heads, cfg.num_kv_heads, state.tp, state.sp, cfg.vocab_size, None, megatron_sp)
     if megatron_sp and state.sp > 1:
         raise ValueError("megatron_sp=True needs sp=1 (Ulysses already shards the sequence)")
-    if state.head_parallel > 1 and state.tp_group is None:
-        raise ValueError("tp*sp > 1 needs process groups: initialise torch.distributed first")
+    if state.replica_size > 1 and state.tp_group is None:
+        raise ValueError("tp*sp*cp > 1 needs process groups: initialise torch.distributed first")
     if cfg.ffn_size % state.tp:
         raise ValueError(f"MLP width {cfg.ffn_size} is not divisible by tp={state.tp}; set "
                          f"intermediate_size to a multiple of {state.tp}")
@@ -113,6 +114,11 @@ def parallelize_attention(attn: Attention, state: ParallelState, megatron_sp: bo
     if megatron_sp and state.sp > 1:
         raise ValueError("Megatron sequence parallel together with Ulysses (sp > 1) is not "
                          "supported; use megatron_sp=False with sp > 1, or sp=1")
+    if state.cp > 1:
+        if not isinstance(attn, NSAAttention):
+            raise ValueError(f"context parallel (cp={state.cp}) is implemented for NSA attention only, "
+                             f"not {type(attn).__name__}: use cp=1 (TP / Ulysses) for the dense baseline")
+        check_cp_backend(attn.backend, next(attn.parameters()).device, state.cp)
     L = HeadLayout(attn.num_heads, attn.num_kv_heads, state.tp, state.sp, state.tp_rank, state.sp_rank)
     dk, dv = attn.head_dim, attn.v_head_dim
     shard_columnwise_(attn.q_proj, L.q_start * dk, (L.q_start + L.q_per_tp) * dk)
@@ -129,6 +135,18 @@ def parallelize_attention(attn: Attention, state: ParallelState, megatron_sp: bo
     return attn
 
 
+def check_cp_backend(backend: str, device: torch.device, cp: int) -> None:
+    """Context parallel needs an NSA backend that takes query offsets: the reference (any
+    device); the Triton kernels do not yet (NotImplementedError, never a silent fallback).
+    ``backend``: the layers' ("auto", "reference", "triton"); ``device``: where they run."""
+    triton = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
+    if triton and not ops.kernels_take_query_offsets():
+        raise NotImplementedError(
+            f"context parallel (cp={cp}) with the Triton NSA kernels: they have no query row offset yet "
+            "(kernels/range_attn.py, selected_attn.py, selection.py and nsa.py compute the whole "
+            "sequence's queries only); use attention_backend: reference (exact, slow) or cp=1")
+
+
 # The name earlier versions gave the parallel attention (a class then; now the plan for one layer).
 ParallelNSAAttention = parallelize_attention
 
@@ -140,10 +158,10 @@ def _check_selection_comm(selection_comm: str) -> None:
 
 # ---------------------------------------------------------------------- gradients and gathering
 def sync_grads(model: nn.Module, state: ParallelState) -> None:
-    """Without DeepSpeed: sum gradients over Ulysses ranks and average over data parallel
-    (one all-reduce over the sequence-data-parallel group, divided by dp)."""
+    """Without DeepSpeed: sum gradients over Ulysses and CP ranks and average over data
+    parallel (one all-reduce over the sequence-data-parallel group, divided by dp)."""
     for p in model.parameters():
-        if p.grad is not None and state.sp * state.dp > 1:
+        if p.grad is not None and state.sp * state.cp * state.dp > 1:
             C.all_reduce_(p.grad, state.sdp_group)
             p.grad.div_(state.dp)
 

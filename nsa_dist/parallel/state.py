@@ -1,11 +1,13 @@
 """ParallelState: the process groups of one layout, built once and passed explicitly.
 
-Rank order (tensor parallel fastest, then Ulysses sequence parallel, then data parallel)::
+Rank order (tensor parallel fastest, then Ulysses sequence parallel, then context parallel,
+then data parallel)::
 
-    rank = tp_rank + tp * (sp_rank + sp * dp_rank)
+    rank = tp_rank + tp * (sp_rank + sp * (cp_rank + cp * dp_rank))
 
 so the ranks of a TP group are consecutive (kept inside one node's NVLink domain), the Ulysses group
-strides by ``tp`` and the data-parallel group by ``tp * sp``. Everything about the layout is
+strides by ``tp``, the context-parallel group by ``tp * sp`` and the data-parallel group by
+``tp * sp * cp``. Everything about the layout is
 held by one ``ParallelState`` object; nothing is stored at module level, so two layouts can
 live in one process (the tests build several) and no layer reaches a group implicitly.
 """
@@ -21,44 +23,69 @@ from ..config import ConfigBase
 
 @dataclass(frozen=True)
 class Layout:
-    """Pure rank arithmetic of a (tp, sp, dp) layout; no process groups are created."""
+    """Pure rank arithmetic of a (tp, sp, dp, cp) layout; no process groups are created."""
 
     world_size: int
     tp: int
     sp: int
     dp: int
+    cp: int = 1
 
     def coords(self, rank: int) -> tuple[int, int, int]:
-        """rank -> (tp_rank, sp_rank, dp_rank)."""
-        return rank % self.tp, (rank // self.tp) % self.sp, rank // (self.tp * self.sp)
+        """rank -> (tp_rank, sp_rank, dp_rank); the CP coordinate is ``cp_coord``."""
+        return rank % self.tp, (rank // self.tp) % self.sp, rank // (self.tp * self.sp * self.cp)
 
-    def rank_of(self, tp_rank: int, sp_rank: int, dp_rank: int) -> int:
-        return tp_rank + self.tp * (sp_rank + self.sp * dp_rank)
+    def cp_coord(self, rank: int) -> int:
+        return (rank // (self.tp * self.sp)) % self.cp
+
+    def rank_of(self, tp_rank: int, sp_rank: int, dp_rank: int, cp_rank: int = 0) -> int:
+        return tp_rank + self.tp * (sp_rank + self.sp * (cp_rank + self.cp * dp_rank))
+
+    def _groups(self, inner: str) -> list[list[int]]:
+        """Groups that vary the coordinates named in ``inner`` (fastest last letter first:
+        "t", "s", "c", "d"), one group per value of the others; ranks in rank order of the
+        inner coordinates, groups in rank order of the outer ones."""
+        sizes = {"t": self.tp, "s": self.sp, "c": self.cp, "d": self.dp}
+        outer = [k for k in "dcst" if k not in inner]
+        inner_keys = [k for k in "dcst" if k in inner]
+
+        def ranks(fixed: dict) -> list[int]:
+            out = []
+            for combo in _product([sizes[k] for k in inner_keys]):
+                c = {**fixed, **dict(zip(inner_keys, combo))}
+                out.append(self.rank_of(c["t"], c["s"], c["d"], c["c"]))
+            return out
+        return [ranks(dict(zip(outer, combo))) for combo in _product([sizes[k] for k in outer])]
 
     def tp_groups(self) -> list[list[int]]:
-        return [[self.rank_of(t, s, d) for t in range(self.tp)]
-                for d in range(self.dp) for s in range(self.sp)]
+        return self._groups("t")
 
     def sp_groups(self) -> list[list[int]]:
-        return [[self.rank_of(t, s, d) for s in range(self.sp)]
-                for d in range(self.dp) for t in range(self.tp)]
+        return self._groups("s")
+
+    def cp_groups(self) -> list[list[int]]:
+        """Context-parallel groups: the ranks holding the zigzag shards of one sequence."""
+        return self._groups("c")
+
+    def seq_groups(self) -> list[list[int]]:
+        """Ulysses x CP groups: every rank holding part of one replica's sequence (the loss
+        and the gradients are summed over them)."""
+        return self._groups("sc")
 
     def dp_groups(self) -> list[list[int]]:
-        return [[self.rank_of(t, s, d) for d in range(self.dp)]
-                for s in range(self.sp) for t in range(self.tp)]
+        return self._groups("d")
 
     def sdp_groups(self) -> list[list[int]]:
-        """Sequence-data-parallel groups (Ulysses x DP): the ranks holding the same TP shard,
-        over which ZeRO partitions and gradients are reduced."""
-        return [[self.rank_of(t, s, d) for d in range(self.dp) for s in range(self.sp)]
-                for t in range(self.tp)]
+        """Sequence-data-parallel groups (Ulysses x CP x DP): the ranks holding the same TP
+        shard, over which ZeRO partitions and gradients are reduced."""
+        return self._groups("scd")
 
     def head_groups(self) -> list[list[int]]:
-        """TP x Ulysses groups: the ranks that split the attention heads of one replica.
-        Listed in head-rank order ``tp_rank * sp + sp_rank`` (TP splits heads first, Ulysses
-        splits each TP rank's heads again)."""
-        return [[self.rank_of(t, s, d) for t in range(self.tp) for s in range(self.sp)]
-                for d in range(self.dp)]
+        """TP x Ulysses groups: the ranks that split the attention heads of one replica and
+        one CP shard. Listed in head-rank order ``tp_rank * sp + sp_rank`` (TP splits heads
+        first, Ulysses splits each TP rank's heads again)."""
+        return [[self.rank_of(t, s, d, c) for t in range(self.tp) for s in range(self.sp)]
+                for d in range(self.dp) for c in range(self.cp)]
 
     def kv_share_groups(self, num_kv_heads: int) -> list[list[int]]:
         """Groups of ranks whose query heads belong to one KV head (only when tp*sp > H).
@@ -80,25 +107,36 @@ class Layout:
         return [g[i * per:(i + 1) * per] for g in self.tp_groups() for i in range(num_kv_heads)]
 
 
-def check_layout(world_size: int, tp: int, sp: int, dp: Optional[int]) -> Layout:
+def _product(sizes: list[int]) -> list[tuple[int, ...]]:
+    """All index tuples of ``sizes``, the last index fastest."""
+    out = [()]
+    for n in sizes:
+        out = [t + (i,) for t in out for i in range(n)]
+    return out
+
+
+def check_layout(world_size: int, tp: int, sp: int, dp: Optional[int], cp: int = 1) -> Layout:
     """Validate sizes; raise ValueError naming them and what would work."""
-    for name, v in (("world_size", world_size), ("tp", tp), ("sp", sp)):
+    for name, v in (("world_size", world_size), ("tp", tp), ("sp", sp), ("cp", cp)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    inner = tp * sp * cp
+    sym, vals = ("tp*sp*cp", f"{tp}*{sp}*{cp}") if cp > 1 else ("tp*sp", f"{tp}*{sp}")
+    names = f"{sym} = {vals}"
     if dp is None:
-        if world_size % (tp * sp):
+        if world_size % inner:
             raise ValueError(
-                f"world size {world_size} is not divisible by tp*sp = {tp}*{sp} = {tp * sp}; "
-                f"choose tp and sp whose product divides {world_size} "
+                f"world size {world_size} is not divisible by {names} = {inner}; "
+                f"choose {'tp, sp and cp' if cp > 1 else 'tp and sp'} whose product divides {world_size} "
                 f"(divisors: {[d for d in range(1, world_size + 1) if world_size % d == 0]})")
-        dp = world_size // (tp * sp)
+        dp = world_size // inner
     if not isinstance(dp, int) or dp < 1:
         raise ValueError(f"dp must be a positive integer, got {dp!r}")
-    if tp * sp * dp != world_size:
+    if inner * dp != world_size:
         raise ValueError(
-            f"world size {world_size} != tp*sp*dp = {tp}*{sp}*{dp} = {tp * sp * dp}; "
-            f"set dp={world_size // (tp * sp)} (or leave dp unset) when tp*sp divides the world size")
-    return Layout(world_size, tp, sp, dp)
+            f"world size {world_size} != {sym}*dp = {vals}*{dp} = {inner * dp}; "
+            f"set dp={world_size // inner} (or leave dp unset) when {sym} divides the world size")
+    return Layout(world_size, tp, sp, dp, cp)
 
 
 def check_model_layout(num_heads: int, num_kv_heads: int, tp: int, sp: int,
@@ -179,23 +217,25 @@ def check_seq_len(seq_len: int, tp: int, sp: int, megatron_sp: bool) -> None:
 
 
 class ParallelState:
-    """Process groups of a (tp, sp, dp) layout for this rank.
+    """Process groups of a (tp, sp, cp, dp) layout for this rank.
 
-    ``ParallelState(world_size, rank, tp=1, sp=1, dp=None)``: ``dp`` defaults to
-    ``world_size // (tp * sp)``. Groups are created with ``torch.distributed.new_group``
+    ``ParallelState(world_size, rank, tp=1, sp=1, dp=None, cp=1)``: ``dp`` defaults to
+    ``world_size // (tp * sp * cp)``. ``cp``: context parallel (zigzag sequence shards,
+    parallel/context.py); its group is ``cp_group``, and ``seq_group`` spans Ulysses x CP. Groups are created with ``torch.distributed.new_group``
     when the default process group is initialised (every rank must build the same states in
     the same order: ``new_group`` is collective); otherwise only the rank arithmetic is
     available (``create_groups=False`` forces that).
     """
 
     def __init__(self, world_size: int, rank: int, tp: int = 1, sp: int = 1, dp: Optional[int] = None,
-                 create_groups: Optional[bool] = None):
-        self.layout = check_layout(world_size, tp, sp, dp)
+                 create_groups: Optional[bool] = None, cp: int = 1):
+        self.layout = check_layout(world_size, tp, sp, dp, cp)
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
         self.world_size, self.rank = world_size, rank
         self.tp, self.sp, self.dp = self.layout.tp, self.layout.sp, self.layout.dp
         self.tp_rank, self.sp_rank, self.dp_rank = self.layout.coords(rank)
+        self.cp, self.cp_rank = self.layout.cp, self.layout.cp_coord(rank)
         if create_groups is None:
             create_groups = dist.is_available() and dist.is_initialized()
         if create_groups:
@@ -211,6 +251,10 @@ class ParallelState:
         self.dp_ranks, self.dp_group = self._make(L.dp_groups())
         self.sdp_ranks, self.sdp_group = self._make(L.sdp_groups())
         self.head_ranks, self.head_group = self._make(L.head_groups())
+        self.cp_ranks, self.cp_group = self._make(L.cp_groups())
+        # Ulysses x CP: the same as the Ulysses group without CP
+        self.seq_ranks, self.seq_group = ((self.sp_ranks, self.sp_group) if self.cp == 1
+                                          else self._make(L.seq_groups()))
 
     # -------------------------------------------------------------- groups
     def _make(self, groups: list[list[int]]):
@@ -244,14 +288,19 @@ class ParallelState:
         return self.tp * self.sp
 
     @property
+    def replica_size(self) -> int:
+        """Ranks that hold one model replica's work (one data-parallel rank): tp * sp * cp."""
+        return self.tp * self.sp * self.cp
+
+    @property
     def head_rank(self) -> int:
         """This rank's position among the head-splitting ranks: tp_rank * sp + sp_rank."""
         return self.tp_rank * self.sp + self.sp_rank
 
     def __repr__(self) -> str:
         return (f"ParallelState(world_size={self.world_size}, rank={self.rank}, tp={self.tp}, "
-                f"sp={self.sp}, dp={self.dp}; tp_rank={self.tp_rank}, sp_rank={self.sp_rank}, "
-                f"dp_rank={self.dp_rank})")
+                f"sp={self.sp}, cp={self.cp}, dp={self.dp}; tp_rank={self.tp_rank}, sp_rank={self.sp_rank}, "
+                f"cp_rank={self.cp_rank}, dp_rank={self.dp_rank})")
 
     def mpu(self) -> "DeepSpeedMPU":
         """The object ``deepspeed.initialize(mpu=...)`` accepts for this layout."""
@@ -264,10 +313,12 @@ class ParallelState:
 class DeepSpeedMPU:
     """DeepSpeed's ``mpu`` protocol over a ParallelState.
 
-    model parallel = tensor parallel (TP); data parallel = pure DP (ranks with the same TP and
-    Ulysses coordinates); sequence parallel = Ulysses; sequence-data parallel = Ulysses x DP,
-    which ZeRO partitions over and which gradients are reduced over (DeepSpeed sums over the
-    Ulysses ranks: each holds part of the sequence's gradient). No pipeline parallelism.
+    model parallel = tensor parallel (TP); data parallel = pure DP (ranks with the same TP,
+    Ulysses and CP coordinates); sequence parallel = Ulysses x CP (every rank holding part of
+    a replica's sequence); sequence-data parallel = Ulysses x CP x DP, which ZeRO partitions
+    over and which gradients are reduced over (DeepSpeed sums over the sequence-parallel
+    ranks: each holds its tokens' part of the gradient, and averages over DP). No pipeline
+    parallelism.
     """
 
     def __init__(self, state: ParallelState):
@@ -291,14 +342,14 @@ class DeepSpeedMPU:
     def get_data_parallel_group(self): return self.state.dp_group
     def get_data_parallel_group_ranks(self): return list(self.state.dp_ranks)
 
-    # Ulysses sequence parallel
-    def get_sequence_parallel_rank(self): return self.state.sp_rank
-    def get_sequence_parallel_world_size(self): return self.state.sp
-    def get_sequence_parallel_group(self): return self.state.sp_group
+    # Ulysses x context parallel
+    def get_sequence_parallel_rank(self): return self.state.seq_ranks.index(self.state.rank)
+    def get_sequence_parallel_world_size(self): return self.state.sp * self.state.cp
+    def get_sequence_parallel_group(self): return self.state.seq_group
 
-    # Ulysses x data parallel
+    # Ulysses x CP x data parallel
     def get_sequence_data_parallel_rank(self): return self.state.sdp_ranks.index(self.state.rank)
-    def get_sequence_data_parallel_world_size(self): return self.state.sp * self.state.dp
+    def get_sequence_data_parallel_world_size(self): return self.state.sp * self.state.cp * self.state.dp
     def get_sequence_data_parallel_group(self): return self.state.sdp_group
 
     # no pipeline parallelism
@@ -313,17 +364,19 @@ class DeepSpeedMPU:
 @dataclass
 class ParallelConfig(ConfigBase):
     """Config keys of a layout (for a trainer's YAML): ``tp`` (tensor parallel), ``sp``
-    (Ulysses degree), ``megatron_sp`` (shard norms/residuals along the sequence inside TP),
+    (Ulysses degree), ``cp`` (context parallel: zigzag sequence shards, parallel/context.py),
+    ``megatron_sp`` (shard norms/residuals along the sequence inside TP),
     ``selection_comm`` ("auto", "importance" or "gather_q", see hooks.py). Data parallel
     is what remains of the world size."""
 
     tp: int = 1
     sp: int = 1
+    cp: int = 1
     megatron_sp: bool = False
     selection_comm: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("tp", "sp"):
+        for name in ("tp", "sp", "cp"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r}: must be a positive integer")
@@ -336,15 +389,34 @@ class ParallelConfig(ConfigBase):
             raise ValueError(f"selection_comm={self.selection_comm!r}: must be 'auto', 'importance' "
                              "or 'gather_q'")
 
+    @property
+    def replica_size(self) -> int:
+        """Ranks per model replica: tp * sp * cp (the rest of the world is data parallel)."""
+        return self.tp * self.sp * self.cp
+
     def check_model(self, model_cfg, world_size: int, seq_len: Optional[int] = None) -> None:
         """All start-up checks against a ModelConfig and the world size (ValueError)."""
-        check_layout(world_size, self.tp, self.sp, None)
+        check_layout(world_size, self.tp, self.sp, None, self.cp)
         check_model_layout(model_cfg.num_heads, model_cfg.num_kv_heads, self.tp, self.sp,
-                           model_cfg.vocab_size, seq_len, self.megatron_sp)
+                           model_cfg.vocab_size, None if self.cp > 1 else seq_len, self.megatron_sp)
+        if self.cp > 1:
+            check_context_parallel(model_cfg, seq_len, self.cp, self.sp, self.tp, self.megatron_sp)
         inner = model_cfg.ffn_size
         if inner % self.tp:
             raise ValueError(f"MLP width {inner} is not divisible by tp={self.tp}; set "
                              f"intermediate_size to a multiple of {self.tp}")
 
     def build_state(self, world_size: int, rank: int) -> ParallelState:
-        return ParallelState(world_size, rank, tp=self.tp, sp=self.sp)
+        return ParallelState(world_size, rank, tp=self.tp, sp=self.sp, cp=self.cp)
+
+
+def check_context_parallel(model_cfg, seq_len: Optional[int], cp: int, sp: int = 1, tp: int = 1,
+                           megatron_sp: bool = False) -> None:
+    """What context parallelism (cp > 1) needs of the model and the sequence (ValueError)."""
+    from .context import check_cp_seq_len
+
+    if getattr(model_cfg, "attention", "nsa") != "nsa":
+        raise ValueError(f"context parallel (cp={cp}) is implemented for NSA attention only; the "
+                         f"model has attention={model_cfg.attention!r}: use cp=1 (TP / Ulysses) for it")
+    if seq_len is not None:
+        check_cp_seq_len(seq_len, cp, sp, tp, megatron_sp)

@@ -6,7 +6,7 @@
 
 Data parallelism comes from the launcher (``RANK``, ``WORLD_SIZE``, ... set by torchrun or
 the deepspeed launcher); a single process without a launcher runs as a world of one.
-Tensor/sequence-parallel layouts plug in through a ``nsa_dist.parallel.ParallelState``: it
+Tensor / sequence / context-parallel layouts plug in through a ``nsa_dist.parallel.ParallelState``: it
 decides the data-parallel rank that picks the batches, parallelises the model before
 ``deepspeed.initialize`` and is handed to DeepSpeed as ``mpu``.
 """
@@ -172,9 +172,15 @@ class Env:
         return self.parallel_state.head_parallel if self.parallel_state is not None else 1
 
     @property
-    def layout(self) -> tuple[int, int]:
+    def replica_size(self) -> int:
+        """Ranks sharing one replica's work: tp * sp * cp (1 without a layout)."""
+        return self.parallel_state.replica_size if self.parallel_state is not None else 1
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """(tp, sp, cp) of this run."""
         ps = self.parallel_state
-        return (ps.tp, ps.sp) if ps is not None else (1, 1)
+        return (ps.tp, ps.sp, ps.cp) if ps is not None else (1, 1, 1)
 
     @property
     def tp_rank(self) -> int:
@@ -184,7 +190,7 @@ class Env:
 def start(cfg: TrainConfig, parallel_state=None, log_all_ranks: bool = False) -> Env:
     """Device, process groups and seeds of this process; the model config checked against the
     run. ``parallel_state``: a prebuilt layout (the bench reuses its groups), else made from
-    ``cfg.parallel`` when it asks for tp or sp > 1."""
+    ``cfg.parallel`` when it asks for tp, sp or cp > 1."""
     deepspeed = import_deepspeed()
     device = _pick_device()
     init_distributed(deepspeed, device.type, cfg.collective_timeout_s)
@@ -197,8 +203,12 @@ def start(cfg: TrainConfig, parallel_state=None, log_all_ranks: bool = False) ->
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
                          f"{model_cfg.max_seq_len} ({cfg.model})")
     pc = cfg.parallel
-    if parallel_state is None and (pc.tp > 1 or pc.sp > 1):
+    if parallel_state is None and pc.replica_size > 1:
         pc.check_model(model_cfg, world_size, cfg.seq_len)
+        if pc.cp > 1:  # before any group is built
+            check_cp_zero_stage(pc.cp, cfg.deepspeed)
+            from ..parallel.parallelize import check_cp_backend
+            check_cp_backend(cfg.attention_backend, device, pc.cp)
         parallel_state = pc.build_state(world_size, rank)
     return Env(cfg, model_cfg, device, rank, world_size, parallel_state, progress)
 
@@ -244,8 +254,8 @@ class Built:
     ds_config: dict
     flops_per_token: float  # training FLOPs per token of the whole model
     num_parameters: int  # of the whole (single-device) model
-    param_layout: Optional[list]  # per TP rank: the layout record (tp*sp > 1), else None
-    comm_stats: Any  # nsa_dist.parallel.CommStats under tp*sp > 1, else None
+    param_layout: Optional[list]  # per TP rank: the layout record (tp*sp*cp > 1), else None
+    comm_stats: Any  # nsa_dist.parallel.CommStats under tp*sp*cp > 1, else None
 
     @property
     def zero_stage(self) -> int:
@@ -263,15 +273,15 @@ def build(env: Env, record: Optional[dict] = None, full_weights: Optional[str] =
     precision = cfg.resolved_precision(env.device.type,
                                        env.device.type == "cuda" and torch.cuda.is_bf16_supported())
     ds_config = resolve_ds_config(load_ds_json(cfg.deepspeed), cfg, env.dp_world, precision, path=cfg.deepspeed)
-    if zero_stage(ds_config) == 3 and env.head_parallel > 1:
+    if zero_stage(ds_config) == 3 and env.replica_size > 1:
         # The parallel layers call their (partitioned) weights functionally, outside the
         # module hooks through which ZeRO-3 gathers them; TP already shards the weights.
-        raise ValueError(f"ZeRO-3 ({cfg.deepspeed}) with tp*sp = {env.head_parallel} is not "
-                         "supported: use ZeRO 1-2 with tensor / sequence parallelism")
+        raise ValueError(f"ZeRO-3 ({cfg.deepspeed}) with tp*sp*cp = {env.replica_size} is not "
+                         "supported: use ZeRO 1-2 with tensor / sequence / context parallelism")
     model, comm_stats, flops_per_token, num_parameters = _build_model(env, ds_config, full_weights)
     groups = _param_groups(cfg, ordered_parameters(model, record))
     param_layout = None
-    if ps is not None and ps.head_parallel > 1:
+    if ps is not None and ps.replica_size > 1:
         # Which slice of which full parameter each TP rank holds, in the optimizer's order.
         gathered = [None] * env.world_size
         mine = local_layout(model, [p for g in groups for p in g["params"]])
@@ -283,6 +293,15 @@ def build(env: Env, record: Optional[dict] = None, full_weights: Optional[str] =
     engine, _, _, _ = import_deepspeed().initialize(model=model, optimizer=optimizer, config=ds_config,
                                                     mpu=ps.mpu() if ps is not None else None)
     return Built(engine, precision, ds_config, flops_per_token, num_parameters, param_layout, comm_stats)
+
+
+def check_cp_zero_stage(cp: int, deepspeed_json: str) -> None:
+    """Context parallel runs under ZeRO 0-2 (ZeRO-3 is refused for every parallel layout:
+    the parallel layers call their weights outside ZeRO-3's gathering hooks)."""
+    if zero_stage(load_ds_json(deepspeed_json)) == 3:
+        raise ValueError(f"context parallel (cp={cp}) with ZeRO-3 ({deepspeed_json}) is not supported: "
+                         "use a DeepSpeed config with zero_optimization.stage 0, 1 or 2 "
+                         "(e.g. configs/deepspeed/zero1.json), or cp=1")
 
 
 def _param_groups(cfg: TrainConfig, named: list) -> list[dict]:
@@ -310,7 +329,7 @@ def _build_model(env: Env, ds_config: dict, full_weights: Optional[str]):
     flops_per_token = model.flops_per_token(cfg.seq_len)
     num_parameters = model.num_parameters()
     ps, comm_stats = env.parallel_state, None
-    if ps is not None and ps.head_parallel > 1:
+    if ps is not None and ps.replica_size > 1:
         # Every rank built the same full model from the seed; each keeps its slice.
         from ..parallel import CommStats, parallelize
         comm_stats = CommStats()

@@ -262,10 +262,10 @@ def _sizes_ok(tag_dir: str) -> bool:
 
 def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
                      data_prefix: str, seq_len: int, dp_world_size: int,
-                     layout: Optional[tuple[int, int]] = None) -> list[str]:
+                     layout: Optional[tuple[int, ...]] = None) -> list[str]:
     """Raise ValueError when resuming ``meta`` would not continue the same run; return
     warnings for harmless differences. ``dp_world_size``: this run's world size (all ranks);
-    ``layout``: this run's (tp, sp), which a DeepSpeed checkpoint must share (its files are
+    ``layout``: this run's (tp, sp, cp), which a DeepSpeed checkpoint must share (its files are
     per TP rank and per ZeRO rank; a layout-free ``reshard`` output loads on any)."""
     problems, warnings = [], []
     then_cfg = meta.get("model_config") or {}
@@ -287,11 +287,16 @@ def check_compatible(meta: dict, model_cfg: dict, tokenizer_sha: Optional[str],
                         f"checkpoint, {dp_world_size} now); ZeRO shards are per rank: "
                         f"convert it with 'nsa-convert reshard' to resume on another layout")
     par = (meta.get("train_config") or {}).get("parallel") or {}
-    then = (par.get("tp", 1), par.get("sp", 1))
-    if meta.get("layout") != "full" and layout is not None and tuple(layout) != then:
-        problems.append(f"the layout differs (tp={then[0]}, sp={then[1]} in the checkpoint, "
-                        f"tp={layout[0]}, sp={layout[1]} now); its files are per TP rank: convert "
-                        f"it with 'nsa-convert reshard' to resume on another layout")
+    keys = ("tp", "sp", "cp")
+    then = tuple(par.get(k, 1) for k in keys)
+    now = None if layout is None else tuple(layout) + (1,) * (len(keys) - len(layout))
+    if meta.get("layout") != "full" and now is not None and now != then:
+        shown = 3 if then[2] != 1 or now[2] != 1 else 2  # cp named when either side uses it
+
+        def name(v):
+            return ", ".join(f"{k}={x}" for k, x in zip(keys[:shown], v))
+        problems.append(f"the layout differs ({name(then)} in the checkpoint, {name(now)} now); its files "
+                        f"are per TP rank: convert it with 'nsa-convert reshard' to resume on another layout")
     if os.path.abspath(meta.get("data_prefix", data_prefix)) != os.path.abspath(data_prefix):
         warnings.append(f"data_prefix changed: {meta.get('data_prefix')} -> {data_prefix}")
     if problems:

@@ -77,7 +77,7 @@ class TrainLoop:
 
     def _plain_grad_norm(self, model: torch.nn.Module) -> float:
         """Global gradient norm without ZeRO's help (ZeRO-0); TP shards counted once each."""
-        if self.env.head_parallel > 1:
+        if self.env.replica_size > 1:
             from ..parallel import grad_norm
             return float(grad_norm(model, self.env.parallel_state))
         return _grad_norm(model)
@@ -207,7 +207,7 @@ class TrainLoop:
         peak, peak_line = mfu_peak(env.device, built.precision, cfg.peak_tflops)
         env.progress.print(peak_line)
         # Tokens per GPU: the ranks of one TP x Ulysses group share the same samples.
-        clock = _Throughput(cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len / env.head_parallel)
+        clock = _Throughput(cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len / env.replica_size)
         env.progress.print(
             f"[train] {built.num_parameters / 1e6:.2f}M parameters, {env.world_size} rank(s) on "
             f"{env.device.type}, ZeRO-{built.zero_stage}, {built.precision}, global batch "

@@ -95,7 +95,7 @@ class Report:
         pays compilation and warm-up)."""
         env, cfg, h = self.env, self.cfg, self.history
         tps = steady_tokens / steady_time if steady_time > 0 else (h.tokens_per_s[-1] if h.tokens_per_s else 0.0)
-        tp, sp = env.layout
+        tp, sp, cp = env.layout
         summary = {
             "steps": steps, "ranks": env.world_size, "device": env.device.type,
             "zero_stage": built.zero_stage, "precision": built.precision,
@@ -111,7 +111,7 @@ class Report:
             "flops_per_token": built.flops_per_token, "num_parameters": built.num_parameters,
             "attention": env.model_cfg.attention, "seq_len": cfg.seq_len,
             "micro_batch_size": cfg.micro_batch_size,
-            "layout": {"tp": tp, "sp": sp, "dp": env.dp_world},
+            "layout": {"tp": tp, "sp": sp, "cp": cp, "dp": env.dp_world},
             "peak_memory_gb": max(memory_gb(env.device).values()),  # CUDA peak, or peak RSS on CPU
             "checkpoint": os.path.abspath(ckpt) if ckpt else None,
             "tensorboard": os.path.abspath(os.path.join(cfg.output_dir, "tensorboard")),

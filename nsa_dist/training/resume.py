@@ -221,9 +221,9 @@ def _load_full_optimizer(env: Env, built: Built, plan: ResumePlan) -> dict:
                            f"'nsa-convert reshard --reset-optimizer' (Adam starts afresh)")
         return meta
     built.engine.global_steps = int(meta["step"])
-    tp, sp = env.layout
+    tp, sp, cp = env.layout
     env.progress.print(f"[resume] {path}: weights and Adam state cut for this layout "
-                       f"(tp={tp}, sp={sp}, dp={env.dp_world}); RNG states start from the seed")
+                       f"(tp={tp}, sp={sp}, cp={cp}, dp={env.dp_world}); RNG states start from the seed")
     return meta
 
 

@@ -64,6 +64,29 @@ def _assert_grads(par: dict, full: dict, where: str) -> float:
     return _max_err(par, full)
 
 
+def one_device_layer(attn: NSAAttention, x: torch.Tensor, w_out: torch.Tensor, cu) -> tuple:
+    """The single-device side of a layer check, loss sum(y * w_out): (y, dx, the selection,
+    parameter gradients by name)."""
+    x_full = x.clone().requires_grad_()
+    y_full, _ = attn(x_full, cu_seqlens=cu)
+    (y_full * w_out).sum().backward()
+    with torch.no_grad():
+        pos = token_positions(x.shape[1], x.device, cu, None)
+        _, idx_full = attn.attend(attn.project(x, pos, cu), cu)
+    return y_full.detach(), x_full.grad, idx_full, {n: p.grad for n, p in attn.named_parameters()}
+
+
+def sharded_layer(pattn, x, w_out, cu, shard, y_full, dx_full, tol: dict) -> tuple:
+    """The parallel side of a layer check: ``shard(x)`` (this rank's tokens) through ``pattn``,
+    its output and input gradient asserted equal to one device's shard. Returns (y, indices)."""
+    x_in = shard(x).clone().requires_grad_()
+    y, idx = pattn(x_in, cu_seqlens=cu, return_indices=True)
+    torch.testing.assert_close(y, shard(y_full), **tol)
+    (y * shard(w_out)).sum().backward()
+    torch.testing.assert_close(x_in.grad, shard(dx_full), **tol)
+    return y, idx
+
+
 def layer_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, packed: bool,
                 S: int, selection_comm: str = "auto") -> dict:
     """One NSA layer: output, dx, parameter gradients, selected indices."""
@@ -77,19 +100,9 @@ def layer_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     w_out = torch.randn(B, S, cfg.hidden_size, generator=g).to(dev)
     pattn = ParallelNSAAttention(copy.deepcopy(attn), state, megatron_sp, selection_comm=selection_comm)
 
-    x_full = x.clone().requires_grad_()
-    y_full, _ = attn(x_full, cu_seqlens=cu)
-    (y_full * w_out).sum().backward()
-    with torch.no_grad():
-        pos = token_positions(S, x.device, cu, None)
-        _, idx_full = attn.attend(attn.project(x, pos, cu), cu)
-    full_grads = {n: p.grad for n, p in attn.named_parameters()}
+    y_full, dx_full, idx_full, full_grads = one_device_layer(attn, x, w_out, cu)
 
-    x_in = _shard_seq(x, state, megatron_sp).clone().requires_grad_()
-    y, idx = pattn(x_in, cu_seqlens=cu, return_indices=True)
-    torch.testing.assert_close(y, _shard_seq(y_full.detach(), state, megatron_sp), **TOL)
-    (y * _shard_seq(w_out, state, megatron_sp)).sum().backward()
-    torch.testing.assert_close(x_in.grad, _shard_seq(x_full.grad, state, megatron_sp), **TOL)
+    y, idx = sharded_layer(pattn, x, w_out, cu, lambda t: _shard_seq(t, state, megatron_sp), y_full, dx_full, TOL)
     for p in pattn.parameters():  # Ulysses ranks hold their shard's part of each gradient
         C.all_reduce_(p.grad, state.sp_group)
     par_grads = gather_full(pattn, state, "grad")
@@ -104,7 +117,7 @@ def layer_check(state: ParallelState, model: NSADecoderLM, megatron_sp: bool, pa
     assert torch.equal(idx, want), "selected blocks differ from one device"
     # the selection is not trivial: some query picks a non-forced block
     assert (idx_full >= 0).sum() > 0
-    return {"layer_out_err": float((y.detach() - _shard_seq(y_full.detach(), state, megatron_sp)).abs().max()),
+    return {"layer_out_err": float((y.detach() - _shard_seq(y_full, state, megatron_sp)).abs().max()),
             "layer_grad_err": err}
 
 
