@@ -152,6 +152,14 @@ SAMPLES = 10  # timed calls behind each median, at least (--samples)
 LONG_MS = 20.0  # calls at least this long are timed one by one with CUDA events
 
 
+def _read_csv(path) -> list:
+    """The rows of a CSV written by ``_write_csv`` (values as text); none when it is missing."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _bench(fn, grad_inputs=None):
     """Median milliseconds of ``fn()`` (``grad_inputs``' .grad cleared before each call).
 
@@ -657,6 +665,8 @@ def main(argv=None):
                     "against the defaults")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
     ap.add_argument("--tag", default="", help="suffix of the CSV names (kernel_bench<tag>.csv, ...)")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in kernel_bench<tag>.csv "
+                    "(one process per shape, one file)")
     a = ap.parse_args(argv)
     shapes = _names(a.shapes, SHAPES, "--shapes")
     baselines = _names(a.baselines, BASELINES, "--baselines")
@@ -692,7 +702,7 @@ def main(argv=None):
         for name in shapes:
             gaps_shape(name, max(sizes))
     if a.bench:
-        rows = []
+        rows = _read_csv(out("bench")) if a.append else []
         for name in shapes:
             for S in sizes:
                 try:
