@@ -42,7 +42,9 @@ class Timed:
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_(True)
+    """A leaf sharing ``t``'s storage (nothing writes the inputs in place), so that the large
+    shapes do not hold a second copy of every input."""
+    return t.detach().requires_grad_(True)
 
 
 def _first_that_runs(variants):
@@ -134,7 +136,7 @@ def fla_nsa(q, k, v, gates, cfg) -> Timed:
     except Exception as err:  # noqa: BLE001 - any import failure means: not here
         raise Unavailable(f"fla-core not importable ({type(err).__name__}: {err})") from None
     qf, kf, vf = _leaf(q), _leaf(k), _leaf(v)
-    gc, gs = _leaf(gates[..., 0]), _leaf(gates[..., 1])
+    gc, gs = _leaf(gates[..., 0].contiguous()), _leaf(gates[..., 1].contiguous())
     do = torch.randn(*q.shape[:3], v.shape[3], device=q.device, dtype=q.dtype)
 
     def fwd():
