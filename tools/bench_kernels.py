@@ -268,9 +268,9 @@ SWEEP = {
     "acc_regs": [128, 64],
     # the seeds' shape (Dk = 192, padded to 256; G = 4): more warps or smaller tiles for the
     # kernels with large accumulators, fewer chunks of the block-major per-slot buffers
-    "dk192": [{"acc_regs": 128}, {"acc_regs": 64}, {"acc_regs": 128, "sel_dkdv": (8, 2)},
-              {"split_bytes": 1 << 32}, {"acc_regs": 128, "split_bytes": 1 << 32}, {"sel_dq_split_rows": 32},
-              {"range_dq_rows": 32}, {"dkdv_keys": 32}],
+    "dk192": [{"acc_regs": 128}, {"acc_regs": 64}, {"split_bytes": 1 << 32}, {"acc_regs": 64, "split_bytes": 1 << 32},
+              {"acc_regs": 128, "sel_dkdv": (8, 2)}, {"acc_regs": 128, "dkdv_rows": 32, "sel_dkdv_rows": 32},
+              {"dkdv_keys": 32}, {"sel_dq_split_rows": 32}, {"range_dq_rows": 32}],
 }
 # (the selection's own launch grid: tools/bench_selection.py --sweep)
 
@@ -478,9 +478,10 @@ def profile_shape(name, S):
     torch.cuda.empty_cache()
 
 
-def sweep_shape(name, S, keys, rounds=1, rows=None):
+def sweep_shape(name, S, keys, rounds=1, rows=None, csv_path=None):
     """Forward and forward+backward time with one launch setting changed at a time (selection
-    given), printed and, with ``rows``, appended as rows (setting, value, times, peak memory)."""
+    given), printed and, with ``rows``, appended as rows (setting, value, times, peak memory),
+    written to ``csv_path`` after each."""
     from nsa_dist import ops
     from nsa_dist.kernels.nsa import NSAFunction, make_geometry, pack
 
@@ -523,6 +524,8 @@ def sweep_shape(name, S, keys, rounds=1, rows=None):
             print(f"[sweep] {name} S={S} {key}={val}: failed {row['failed']}", flush=True)
         if rows is not None:
             rows.append(row)
+            if csv_path:
+                _write_csv(csv_path, rows)
 
 
 def idle_gaps(intervals):
@@ -613,10 +616,11 @@ def launch_config(settings: dict):
         raise SystemExit(f"launch settings {settings}: {err}") from None
 
 
-def ab_shape(name, S, setting: str, rounds: int, rows=None):
+def ab_shape(name, S, setting: str, rounds: int, rows=None, csv_path=None):
     """The whole function (as --bench, ours only) with the launch settings ``setting``
     ("NAME=VALUE,...", LaunchConfig fields) and with the defaults, A B then B A, for ``rounds``
-    rounds; each run's bench row (with ab_setting / ab_label / ab_round) into ``rows``."""
+    rounds; each run's bench row (with ab_setting / ab_label / ab_round) into ``rows``, written
+    to ``csv_path`` after each."""
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
 
     changed = launch_config(parse_settings(setting))
@@ -629,6 +633,8 @@ def ab_shape(name, S, setting: str, rounds: int, rows=None):
                 bench_shape(name, S, rows, baselines=())
             r = rows[-1]
             r.update(ab_setting=setting, ab_label=label, ab_round=rnd)
+            if csv_path:
+                _write_csv(csv_path, rows)
             print(f"[ab] {name} S={S} round {rnd} {label} {changed.changed()}: fwd {r.get('nsa_fwd_ms')} ms, "
                   f"bwd {r.get('nsa_bwd_ms')} ms", flush=True)
     return rows
@@ -695,13 +701,11 @@ def main(argv=None):
     if a.sweep:
         rows = []
         for name in shapes:
-            sweep_shape(name, max(sizes), sweep_keys, a.rounds, rows)
-            _write_csv(out("sweep"), rows)
+            sweep_shape(name, max(sizes), sweep_keys, a.rounds, rows, out("sweep"))
     if a.ab:
         rows = []
         for name in shapes:
-            ab_shape(name, max(sizes), a.ab, a.rounds, rows)
-            _write_csv(out("ab"), rows)
+            ab_shape(name, max(sizes), a.ab, a.rounds, rows, out("ab"))
     if a.profile:
         for name in shapes:
             profile_shape(name, max(sizes))
