@@ -1,5 +1,6 @@
 """Pure helpers of the benchmark tools (no GPU needed)."""
 import os
+import re
 import sys
 
 import pytest
@@ -147,3 +148,41 @@ def test_the_peer_loads_without_its_package_init_and_with_stand_ins(monkeypatch,
     finally:
         for m in [m for m in sys.modules if m.startswith("flash_nsa")]:
             del sys.modules[m]
+
+
+def test_kernel_spills_types_and_a_bad_setting():
+    """tools/kernel_spills.py: launch arguments map to Triton signature types; a bad launch
+    setting ends the tool before any capture or compile."""
+    import torch
+
+    import kernel_spills
+
+    assert kernel_spills._arg_type(torch.zeros(1, dtype=torch.bfloat16)) == "*bf16"
+    assert kernel_spills._arg_type(torch.zeros(1, dtype=torch.int64)) == "*i64"
+    assert kernel_spills._arg_type(3) == "i32" and kernel_spills._arg_type(1 << 40) == "i64"
+    assert kernel_spills._arg_type(0.5) == "fp32" and kernel_spills._arg_type(True) == "i1"
+    rec = {"kernel": "_range_bwd_dkdv", "constexprs": {"MODE": 0, "BLOCK_M": 64, "BLOCK_N": 64, "G": 4}}
+    assert kernel_spills._label(rec) == "_range_bwd_dkdv MODE=0 BLOCK_M=64 BLOCK_N=64"
+    pytest.importorskip("triton")
+    with pytest.raises(SystemExit, match="did you mean 'acc_regs'"):
+        kernel_spills.main(["--settings", "acc_reg=128"])
+
+
+@pytest.mark.slow
+def test_kernel_spills_compiles_every_recorded_launch_for_hopper():
+    """The whole tool on a small group (its own process: kernels imported under the interpreter
+    cannot be compiled): every attention kernel of a forward + backward is recorded through the
+    interpreter and compiled for sm_90a, with its registers reported."""
+    import subprocess
+
+    pytest.importorskip("triton")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.abspath(root)
+    run = subprocess.run([sys.executable, os.path.join(root, "tools", "kernel_spills.py"), "--group", "2", "--dims",
+                          "32:32", "--settings", ""], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    for name in ("_range_fwd", "_range_bwd_dq", "_range_bwd_dkdv", "_sel_bwd_dkdv", "_select_topn"):
+        assert re.search(rf"{name} .*: +\d+ registers, spills +\d+ / +\d+ B", out), (name, out)
+    assert "failed" not in out
