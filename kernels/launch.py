@@ -74,6 +74,10 @@ class LaunchConfig:
     select: Optional[WarpsStages] = None  # None: 8 warps for merges wider than top-n, 3 stages aligned G < 16
     # --- shared memory: every kernel's tiles are shrunk until their estimate fits (``fit``)
     smem_bytes: int = 232448  # shared memory one program may use: Hopper's 227 KB
+    # --- registers: a kernel whose fp32 accumulators (ACC_TILES) exceed this many registers a
+    # thread runs with twice the warps, up to 8 (``acc_warps``); None: the warps as set. At the
+    # paper's D = 128 no kernel exceeds 128; at Dk = 192 (256 padded) the dK/dV kernels hold 192.
+    acc_regs: Optional[int] = None
     # --- (num_warps, num_stages) per kernel
     range_fwd: WarpsStages = (4, 3)
     range_dq: WarpsStages = (4, 2)
@@ -147,6 +151,19 @@ class LaunchConfig:
             rows, keys, stages = min(steps, key=lambda t: (size(*t), -t[2]))
         return rows, keys, stages
 
+    def acc_warps(self, kernel: str, rows: int, keys: int, bdk: int, bdv: int) -> int:
+        """num_warps of ``kernel`` with BLOCK_M = rows, BLOCK_N = keys and padded head dims bdk /
+        bdv: its own, doubled (up to 8) while its fp32 accumulators (``ACC_TILES``) take more
+        than ``acc_regs`` registers a thread (32 threads a warp, one register per fp32 element)."""
+        warps = getattr(self, kernel)[0]
+        if self.acc_regs is None or kernel not in ACC_TILES:
+            return warps
+        dims = {"m": rows, "n": keys, "k": bdk, "v": bdv}
+        elems = sum(dims[a] * dims[b] for a, b in ACC_TILES[kernel])
+        while warps < 8 and elems > self.acc_regs * 32 * warps:
+            warps *= 2
+        return warps
+
     def _check(self) -> None:
         for f in dataclasses.fields(self):
             name, v = f.name, getattr(self, f.name)
@@ -188,6 +205,15 @@ SMEM_TILES = {
     "sel_dq_split": (("nk", "nv"), ("mk", "mv")),
     "sel_dkdv": (("nk", "nv"), ("mk", "mv")),
     "select": (("mk",), ("nk",)),
+}
+
+
+# fp32 tiles each kernel keeps in registers across its loop (its accumulators), named as in
+# SMEM_TILES: the output (forward), dq (dq kernels), dK and dV (dK/dV kernels).
+ACC_TILES = {
+    "range_fwd": ("mv",), "range_dq": ("mk",), "range_dkdv": ("nk", "nv"),
+    "sel_fwd": ("mv",), "sel_dq": ("mk",), "sel_split": ("mv",), "sel_dq_split": ("mk",),
+    "sel_dkdv": ("nk", "nv"),
 }
 
 

@@ -76,13 +76,14 @@ class Geometry:
         else:  # block-major selected kernels: rows of one block's queries, at most a work item
             m = _pow2(min(getattr(L, f"{kernel}_rows"), _sel_seg(self, dkdv_only) * G))
             n = _pow2(self.sel_block)
-        warps, stages = getattr(L, kernel)
+        stages = getattr(L, kernel)[1]
         fm, fn, stages = L.fit(kernel, m, n, self.bdk(), self.bdv(), self.dtype.itemsize, stages,
                                rows_min=_pow2(G) if kernel in POSITION_MAJOR else 16,
                                fixed="keys" if kernel.startswith("sel") else "")
         if fm != m and kernel in POSITION_MAJOR:  # fewer positions a program
             bt = max(1, fm // G)
             fm = _pow2(bt * G)
+        warps = L.acc_warps(kernel, fm, fn, self.bdk(), self.bdv())  # more warps for large accumulators
         return Tiles(bt, fm, fn, {"num_warps": warps, "num_stages": stages})
 
     def qtiles(self, size: int) -> torch.Tensor:

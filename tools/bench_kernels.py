@@ -1,22 +1,30 @@
-"""GPU correctness check and benchmark of the Triton NSA kernels (issue 5).
+"""GPU correctness check and benchmark of the Triton NSA kernels (issues 5, 25).
 
 Usage (on a CUDA machine, from the repository root):
     python tools/bench_kernels.py --check --bench --out results/
 --check: bf16 kernels against the fp32 PyTorch reference (relative RMS error of the output
 and every gradient; selection agreement), several group sizes, packed sequences.
---bench: medians of triton.testing.do_bench for the issue's shapes (a) paper, (b) FLA's,
-(c) small groups, forward and forward+backward, against dense causal SDPA (flash backend,
-enable_gqa) and FLA's parallel_nsa when fla-core is importable. Prints a table, writes CSV.
-The NSA call timed (--bench, --profile, --gaps) is ``layer_call``: the model layer's one
-call, ops.nsa_attention(..., return_indices=True), selection inside.
+--bench: medians, forward and forward+backward, at the shapes (--shapes: (a) paper, (b) FLA's,
+(c) small groups, (d) the seeds' default Dk = 192 / Dv = 128) and sizes (--sizes), all in one
+process, of: ours (``layer_call``, the model layer's one call, ops.nsa_attention(...,
+return_indices=True), selection inside); dense causal attention through SDPA's cuDNN backend,
+its flash backend and flash-attn (``dense_best``: the faster per direction, which the speed-ups
+are against); FLA's parallel_nsa at (b) when fla-core imports; Scalable-Flash-Native-Sparse-
+Attention's HFNSACore (the "peer", package ``flash_nsa`` on PYTHONPATH) against ours with the
+same branches (one shared K/V, mean compression inside the timed call; the window only where
+the peer can run it: it needs flash-attn). tools/kernel_baselines.py builds the comparisons
+(--baselines chooses them); one that cannot run leaves a note in the row, never a crash.
+Writes kernel_bench<tag>.csv after every row and prints a table.
 --profile: per-kernel CUDA time of one forward and of one forward+backward.
 --gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
 stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
---sweep: one launch setting changed at a time (selection given), --rounds times interleaved.
---ab NAME=VALUE[,...]: the whole function (as --bench) with these LaunchConfig settings
-(kernels/launch.py, e.g. sel_dkdv_seg_rows=1024,range_fwd=(8,3)) and with the defaults, A B
-then B A for --rounds rounds in one process: A/B of a default, free of the spread between
-processes.
+--sweep: one launch setting changed at a time (selection given), --rounds times interleaved;
+kernel_sweep<tag>.csv.
+--ab NAME=VALUE[,...]: the whole function (as --bench, ours only) with these LaunchConfig
+settings (kernels/launch.py, e.g. sel_dkdv_seg_rows=1024,range_fwd=(8,3)) and with the
+defaults, A B then B A for --rounds rounds in one process: A/B of a default, free of the
+spread between processes; kernel_ab<tag>.csv.
+--profile, --gaps, --sweep and --ab run at the largest of --sizes.
 """
 from __future__ import annotations
 
@@ -24,13 +32,16 @@ import argparse
 import ast
 import csv
 import os
+import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # nsa_dist from this checkout when it is not installed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # kernel_baselines beside this file
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,20 +49,28 @@ def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
-def make_inputs(cfg, S, HQ, H, D, dtype, seed=0, cu_seqlens=None, shared_kv=False):
+def device() -> str:
+    """Where the bench puts its tensors: CUDA, or the CPU under TRITON_INTERPRET=1 (tests)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(cfg, S, HQ, H, D, dtype, seed=0, cu_seqlens=None, shared_kv=False, dv=None):
+    """Random NSA inputs (ORDER), keys of head dim D, values of ``dv`` (default D)."""
     from nsa_dist.ops import compress
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.float32)
+    dv = dv or D
+    dev = device()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=torch.float32)
     q = r(1, S, HQ, D)
-    k, v = r(1, S, H, D), r(1, S, H, D)
+    k, v = r(1, S, H, D), r(1, S, H, dv)
     if shared_kv:
         ks, vs, kw, vw, kr, vr = k, v, k, v, k, v
     else:
-        ks, vs, kw, vw, kr, vr = r(1, S, H, D), r(1, S, H, D), r(1, S, H, D), r(1, S, H, D), k, v
+        ks, vs, kw, vw, kr, vr = r(1, S, H, D), r(1, S, H, dv), r(1, S, H, D), r(1, S, H, dv), k, v
     x = dict(q=q, k_cmp=compress(kr, cfg, cu_seqlens=cu_seqlens), v_cmp=compress(vr, cfg, cu_seqlens=cu_seqlens),
              k_sel=ks, v_sel=vs, k_win=kw, v_win=vw,
-             gates=torch.rand(1, S, HQ, 3, generator=g, device="cuda"))
+             gates=torch.rand(1, S, HQ, 3, generator=g, device=dev))
     return {n: t.to(dtype).contiguous() for n, t in x.items()}
 
 
@@ -116,17 +135,40 @@ def run_checks(out_dir):
 
 
 def _write_csv(path, rows):
+    """All rows, every column any row has (in first-seen order), written atomically: the bench
+    rewrites its file after each row, so a run cut short keeps what it measured."""
     if not rows:
         return
     from nsa_dist.fileio import atomic_open
 
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
 
 
+SAMPLES = 10  # timed calls behind each median, at least (--samples)
+LONG_MS = 20.0  # calls at least this long are timed one by one with CUDA events
+
+
+def _read_csv(path) -> list:
+    """The rows of a CSV written by ``_write_csv`` (values as text); none when it is missing."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _bench(fn, grad_inputs=None):
+    """Median milliseconds of ``fn()`` (``grad_inputs``' .grad cleared before each call).
+
+    Calls under LONG_MS: triton.testing.do_bench, which counts its warm-up and repeats in ms
+    divided by its own estimate (5 calls, which come out a little slower): at a fixed 50 / 200
+    ms a 140 ms call was timed once, so both are sized from one timed call, with room for that
+    estimate (>= SAMPLES samples after >= 3 warm-up calls). Longer calls (dense attention at
+    64k: 100-750 ms) are timed one by one after the two first calls: their L2 state does not
+    matter and do_bench's estimate would double the time spent."""
     import triton
 
     def step():
@@ -134,10 +176,6 @@ def _bench(fn, grad_inputs=None):
             for t in grad_inputs:
                 t.grad = None
         fn()
-    # do_bench counts its warm-up and repeats in ms, divided by its own estimate (5 calls,
-    # which come out a little slower): at a fixed 50 / 200 ms a 140 ms call was timed once.
-    # Sized from one timed call, with room for that estimate, every median has >= 10 samples
-    # after >= 3 warm-up calls, however long the call is.
     step()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -146,19 +184,49 @@ def _bench(fn, grad_inputs=None):
     b.record()
     torch.cuda.synchronize()
     est = a.elapsed_time(b)
-    return triton.testing.do_bench(step, warmup=max(50.0, 4 * est), rep=max(200.0, 12 * est),
+    if est >= LONG_MS:
+        times = []
+        for _ in range(SAMPLES):
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    return triton.testing.do_bench(step, warmup=max(50.0, 4 * est), rep=max(200.0, (SAMPLES + 2) * est),
                                    return_mode="median")
 
 
+class Shape(NamedTuple):
+    """A benchmark shape: heads, head dims and the NSA hyper-parameters (l, d, l', n, w);
+    ``shared``: one K/V for every branch, compressed inside the timed call (as FLA)."""
+    HQ: int
+    H: int
+    DK: int
+    DV: int
+    l: int
+    d: int
+    ls: int
+    n: int
+    w: int
+    shared: bool
+
+    def config(self, window=None):
+        from nsa_dist import NSAConfig
+
+        return NSAConfig(cmp_block=self.l, cmp_stride=self.d, sel_block=self.ls, num_selected=self.n,
+                         window=self.w if window is None else window)
+
+
 SHAPES = {
-    # name: (HQ, H, D, l, d, l', n, w, shared K/V)
-    "a_paper": (64, 4, 128, 32, 16, 64, 16, 512, False),
-    "b_fla": (64, 4, 128, 64, 64, 64, 16, 0, True),
-    "c_small_g": (32, 8, 128, 32, 16, 64, 16, 512, False),
+    "a_paper": Shape(64, 4, 128, 128, 32, 16, 64, 16, 512, False),
+    "b_fla": Shape(64, 4, 128, 128, 64, 64, 64, 16, 0, True),
+    "c_small_g": Shape(32, 8, 128, 128, 32, 16, 64, 16, 512, False),  # G = 4: the 1b model's 32:8
+    "d_seeds": Shape(64, 16, 192, 128, 32, 16, 64, 16, 512, False),  # the seeds' default heads
     # group-size sweep of the selected kernels (not in the default table)
-    "g1": (8, 8, 128, 32, 16, 64, 16, 512, False),
-    "g2": (16, 8, 128, 32, 16, 64, 16, 512, False),
-    "g8": (64, 8, 128, 32, 16, 64, 16, 512, False),
+    "g1": Shape(8, 8, 128, 128, 32, 16, 64, 16, 512, False),
+    "g2": Shape(16, 8, 128, 128, 32, 16, 64, 16, 512, False),
+    "g8": Shape(64, 8, 128, 128, 32, 16, 64, 16, 512, False),
 }
 
 # launch settings the sweep tries, one at a time (LaunchConfig fields, or a dict of them)
@@ -196,6 +264,18 @@ SWEEP = {
     "sel_split_rows": [32, 128, {"sel_split_rows": 128, "sel_split": (8, 2)}],
     "sel_dq_split_rows": [32, 128, {"sel_dq_split_rows": 128, "sel_dq_split": (8, 2)}],
     "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
+    # more warps where the fp32 accumulators are large (LaunchConfig.acc_regs)
+    "acc_regs": [128, 64],
+    # the seeds' shape (Dk = 192, padded to 256; G = 4). Triton 3.6's sm_90a build of the default
+    # tiles spills registers in every backward kernel there (docs/kernel_notes.md, "The backward
+    # at Dk = 192"): more warps, fewer rows or keys a step; the forward's spills; fewer chunks
+    "dk192": [{"acc_regs": 128}, {"acc_regs": 64}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
+              {"sel_dq_split_rows": 32}, {"acc_regs": 128, "dkdv_rows": 32, "sel_dkdv_rows": 32},
+              {"acc_regs": 128, "range_dq_rows": 32, "range_dq_keys": 32, "range_dq": (8, 2), "sel_dkdv_rows": 32,
+               "sel_dq_split_rows": 32},
+              {"range_fwd": (8, 3), "sel_split": (8, 2)}, {"split_bytes": 1 << 32},
+              {"acc_regs": 64, "split_bytes": 1 << 32}, {"acc_regs": 128, "sel_dkdv": (8, 2)},
+              {"dkdv_keys": 32, "range_dkdv": (8, 2)}],
 }
 # (the selection's own launch grid: tools/bench_selection.py --sweep)
 
@@ -214,93 +294,158 @@ def layer_call(x: dict, cfg, cu_seqlens=None):
     return ops.nsa_attention(*(x[k] for k in ORDER), cfg, cu_seqlens=cu_seqlens, return_indices=True)
 
 
-def bench_shape(name, S, rows):
-    from nsa_dist import NSAConfig, ops
+BASELINES = ("cudnn", "flash", "flash_attn", "fla", "peer")  # --baselines: what --bench compares with
+
+
+def ours_timed(x: dict, do, cfg, shared: bool):
+    """Our NSA as the bench times it (a ``kernel_baselines.Timed``). shared: one K/V (x's k_sel,
+    v_sel) for every branch, compressed (mean pooling) inside the timed call, as FLA and the
+    peer; else x's own per-branch inputs, compressed already, as the model layer passes them."""
+    from kernel_baselines import Timed
+
     from nsa_dist.ops import compress
 
-    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
-    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
-    x = make_inputs(cfg, S, HQ, H, D, torch.bfloat16, shared_kv=shared)
-    leaves = {k: v.requires_grad_(True) for k, v in x.items()}
-    do = torch.randn(1, S, HQ, D, device="cuda", dtype=torch.bfloat16)
-    res = {}
+    if shared:
+        qq, kk, vv, gg = (x[n].detach().requires_grad_(True) for n in ("q", "k_sel", "v_sel", "gates"))
 
-    if shared:  # one K/V for every branch; compression (mean pooling) inside the timed call, as FLA
-        kk, vv = torch.randn_like(x["k_sel"]).requires_grad_(True), torch.randn_like(x["v_sel"]).requires_grad_(True)
-        qq, gg = leaves["q"], leaves["gates"]
-
-        def nsa():
+        def fwd():
             kc, vc = compress(kk, cfg), compress(vv, cfg)
             return layer_call(dict(q=qq, k_cmp=kc, v_cmp=vc, k_sel=kk, v_sel=vv, k_win=kk, v_win=vv, gates=gg),
                               cfg)[0]
         grads = [qq, kk, vv, gg]
     else:
-        def nsa():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+
+        def fwd():
             return layer_call(leaves, cfg)[0]
         grads = list(leaves.values())
+    return Timed(fwd, lambda: fwd().backward(do), grads)
+
+
+def _measure(build) -> tuple:
+    """(forward ms, forward + backward ms, note) of ``build()``'s Timed; its tensors are freed
+    on return."""
+    t = build()
     with torch.no_grad():
-        res["nsa_select_ms"] = _bench(lambda: ops.select_blocks(x["q"], x["k_cmp"], cfg))
-        idx = ops.select_blocks(x["q"], x["k_cmp"], cfg)
-        res["nsa_fwd_given_idx_ms"] = _bench(lambda: ops.nsa_attention(
-            *(x[k] for k in ORDER), cfg, block_indices=idx, canonical_indices=True))
-        res["nsa_fwd_ms"] = _bench(nsa)
-    res["nsa_fwdbwd_ms"] = _bench(lambda: nsa().backward(do), grads)
-    res["nsa_bwd_ms"] = res["nsa_fwdbwd_ms"] - res["nsa_fwd_ms"]
+        fwd = _bench(t.fwd)
+    return fwd, _bench(t.step, t.grads), t.note
 
-    if name == "b_fla":
-        try:
-            from fla.ops.nsa import parallel_nsa
-        except Exception as err:  # noqa: BLE001 - report and go on
-            print(f"[bench] FLA unavailable: {err}")
-        else:
-            gc_, gs_ = leaves["gates"][..., 0].detach().contiguous().requires_grad_(True), \
-                leaves["gates"][..., 1].detach().contiguous().requires_grad_(True)
 
-            def fla():
-                return parallel_nsa(qq, kk, vv, gc_, gs_, None, block_counts=n, block_size=ls, window_size=0)
-            with torch.no_grad():
-                res["base_fwd_ms"] = _bench(fla)
-            res["base_fwdbwd_ms"] = _bench(lambda: fla().backward(do), [qq, kk, vv, gc_, gs_])
-            res["base_bwd_ms"] = res["base_fwdbwd_ms"] - res["base_fwd_ms"]
-            res["baseline"] = "fla.parallel_nsa"
-    else:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        qd = x["q"].transpose(1, 2).detach().requires_grad_(True)
-        kd = x["k_sel"].transpose(1, 2).detach().requires_grad_(True)
-        vd = x["v_sel"].transpose(1, 2).detach().requires_grad_(True)
-        dod = do.transpose(1, 2)
+def _time_into(row: dict, notes: list, prefix: str, build) -> bool:
+    """Time ``build()``'s Timed into row[prefix_fwd_ms / _bwd_ms / _fwdbwd_ms] (bwd = fwdbwd - fwd);
+    what cannot run (kernel_baselines.Unavailable, out of memory, any error) becomes a note."""
+    from kernel_baselines import Unavailable
 
-        def dense():
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True,
-                                                                        enable_gqa=True)
+    try:
+        fwd, both, note = _measure(build)
+    except Unavailable as err:
+        notes.append(f"{prefix}: {err}")
+        return False
+    except torch.cuda.OutOfMemoryError:
+        notes.append(f"{prefix}: out of memory")
+        return False
+    except Exception as err:  # noqa: BLE001 - keep the other columns of the row
+        notes.append(f"{prefix}: failed {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}")
+        return False
+    finally:
+        torch.cuda.empty_cache()
+    row.update({f"{prefix}_fwd_ms": round(fwd, 3), f"{prefix}_bwd_ms": round(both - fwd, 3),
+                f"{prefix}_fwdbwd_ms": round(both, 3)})
+    if note:
+        row[f"{prefix}_ran"] = note
+    return True
+
+
+def _ratio(row, num: str, den: str):
+    return f"{row[num] / row[den]:.2f}" if num in row and den in row and row[den] > 0 else ""
+
+
+def _dense_best(row: dict) -> None:
+    """dense_best_{fwd,bwd,fwdbwd}: the fastest dense backend per direction, and our speed-ups
+    against it (speedup_* > 1: ours faster)."""
+    names = [n for n in ("dense_cudnn", "dense_flash", "dense_flash_attn") if f"{n}_fwd_ms" in row]
+    for part in ("fwd", "bwd", "fwdbwd"):
+        if names:
+            best = min(names, key=lambda n: row[f"{n}_{part}_ms"])
+            row[f"dense_best_{part}"] = best[len("dense_"):]
+            row[f"dense_best_{part}_ms"] = row[f"{best}_{part}_ms"]
+        row[f"speedup_{part}"] = _ratio(row, f"dense_best_{part}_ms", f"nsa_{part}_ms")
+
+
+def bench_shape(name, S, rows, baselines=BASELINES):
+    """One row of --bench: ours (the model layer's call) and ``baselines`` at shape ``name``,
+    S tokens, into ``rows``. Columns: nsa_* (ours), dense_{cudnn,flash,flash_attn}_* and
+    dense_best_* / speedup_* (against the faster dense per direction); with "peer",
+    nsa_peerlike_* (ours with the peer's branches and one K/V) against peer_*; with "fla" at
+    FLA's own configuration (l = d = l', w = 0, one K/V), fla_*. ``notes``: what did not run."""
+    import kernel_baselines as kb
+
+    from nsa_dist import ops
+
+    sh = SHAPES[name]
+    cfg = sh.config()
+    row = dict(shape=name, S=S, HQ=sh.HQ, H=sh.H, G=sh.HQ // sh.H, Dk=sh.DK, Dv=sh.DV,
+               branches="compression, selection" + (", window" if sh.w else ""),
+               kv="one shared K/V" if sh.shared else "K/V per branch")
+    notes = []
+    x = make_inputs(cfg, S, sh.HQ, sh.H, sh.DK, torch.bfloat16, shared_kv=sh.shared, dv=sh.DV)
+    do = torch.randn(1, S, sh.HQ, sh.DV, device=device(), dtype=torch.bfloat16)
+
+    try:  # the selection alone, and the attention given it (where the forward's time goes)
         with torch.no_grad():
-            res["base_fwd_ms"] = _bench(dense)
-        res["base_fwdbwd_ms"] = _bench(lambda: dense().backward(dod), [qd, kd, vd])
-        res["base_bwd_ms"] = res["base_fwdbwd_ms"] - res["base_fwd_ms"]
-        res["baseline"] = "sdpa_flash_causal"
-    row = dict(shape=name, S=S, HQ=HQ, H=H, D=D, **{k: (f"{v:.3f}" if isinstance(v, float) else v)
-                                                    for k, v in res.items()})
-    if "base_fwd_ms" in res:
-        row["speedup_fwd"] = f"{res['base_fwd_ms'] / res['nsa_fwd_ms']:.2f}"
-        row["speedup_bwd"] = f"{res['base_bwd_ms'] / res['nsa_bwd_ms']:.2f}"
-    # attended keys per query (causal mean, NSA as computed): for (c) vs (a) per-key comparison
-    keys = (S / 2) / d + n * ls + min(w, S)
-    row["nsa_fwd_ns_per_query_key_head"] = f"{res['nsa_fwd_ms'] * 1e6 / (S * HQ * keys):.4f}"
+            row["nsa_select_ms"] = round(_bench(lambda: ops.select_blocks(x["q"], x["k_cmp"], cfg)), 3)
+            idx = ops.select_blocks(x["q"], x["k_cmp"], cfg)
+            row["nsa_fwd_given_idx_ms"] = round(_bench(lambda: ops.nsa_attention(
+                *(x[k] for k in ORDER), cfg, block_indices=idx, canonical_indices=True)), 3)
+            del idx
+    except Exception as err:  # noqa: BLE001 - out of memory at this size, or a failure: a note
+        notes.append(f"nsa_select: failed {type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}")
+        torch.cuda.empty_cache()
+    _time_into(row, notes, "nsa", lambda: ours_timed(x, do, cfg, sh.shared))
+
+    q, k, v, gates = x["q"], x["k_sel"], x["v_sel"], x["gates"]
+    for b in ("cudnn", "flash"):
+        if b in baselines:
+            _time_into(row, notes, f"dense_{b}", lambda: kb.sdpa_dense(b, q, k, v, do))
+    if "flash_attn" in baselines:
+        _time_into(row, notes, "dense_flash_attn", lambda: kb.flash_attn_dense(q, k, v, do))
+    _dense_best(row)
+
+    if "fla" in baselines and sh.shared and sh.l == sh.d == sh.ls and sh.w == 0:  # FLA's own function
+        if _time_into(row, notes, "fla", lambda: kb.fla_nsa(q, k, v, gates, cfg)):
+            for part in ("fwd", "bwd", "fwdbwd"):
+                row[f"speedup_vs_fla_{part}"] = _ratio(row, f"fla_{part}_ms", f"nsa_{part}_ms")
+
+    if "peer" in baselines:
+        window = sh.w > 0 and kb.peer_has_window()
+        pcfg = sh.config(window=sh.w if window else 0)
+        row["peer_branches"] = "compression, selection" + (", window" if window else "")
+        ours = "nsa"
+        if not (sh.shared and pcfg == cfg):  # ours with the peer's branches and one K/V
+            ours = "nsa_peerlike"
+            _time_into(row, notes, ours, lambda: ours_timed(x, do, pcfg, shared=True))
+        if _time_into(row, notes, "peer", lambda: kb.peer_nsa(q, k, v, gates, do, pcfg, window)):
+            for part in ("fwd", "bwd", "fwdbwd"):
+                row[f"speedup_vs_peer_{part}"] = _ratio(row, f"peer_{part}_ms", f"{ours}_{part}_ms")
+
+    if "nsa_fwd_ms" in row:  # attended keys per query (causal mean): (c) against (a) per key
+        keys = (S / 2) / sh.d + sh.n * sh.ls + min(sh.w, S)
+        row["nsa_fwd_ns_per_query_key_head"] = f"{row['nsa_fwd_ms'] * 1e6 / (S * sh.HQ * keys):.4f}"
+    row["notes"] = " | ".join(notes)
+    row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows.append(row)
     print("[bench] " + " ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    del x, leaves
+    del x
     torch.cuda.empty_cache()
 
 
 def _calls(name, S):
     """(forward without grad, forward+backward) of the whole NSA function on the shape's inputs."""
-    from nsa_dist import NSAConfig
-
-    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
-    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
-    x = {k: v.requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
-    do = torch.randn(1, S, HQ, D, device="cuda", dtype=torch.bfloat16)
+    sh = SHAPES[name]
+    cfg = sh.config()
+    x = {k: v.requires_grad_(True) for k, v in make_inputs(cfg, S, sh.HQ, sh.H, sh.DK, torch.bfloat16,
+                                                           dv=sh.DV).items()}
+    do = torch.randn(1, S, sh.HQ, sh.DV, device=device(), dtype=torch.bfloat16)
 
     def fwd():
         with torch.no_grad():
@@ -338,16 +483,19 @@ def profile_shape(name, S):
     torch.cuda.empty_cache()
 
 
-def sweep_shape(name, S, keys, rounds=1):
-    """Forward and forward+backward time with one launch setting changed at a time."""
-    from nsa_dist import NSAConfig, ops
+def sweep_shape(name, S, keys, rounds=1, rows=None, csv_path=None):
+    """Forward and forward+backward time with one launch setting changed at a time (selection
+    given), printed and, with ``rows``, appended as rows (setting, value, times, peak memory),
+    written to ``csv_path`` after each."""
+    from nsa_dist import ops
     from nsa_dist.kernels.nsa import NSAFunction, make_geometry, pack
 
-    HQ, H, D, l, d, ls, n, w, shared = SHAPES[name]
-    cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
-    x = {k: pack(v).requires_grad_(True) for k, v in make_inputs(cfg, S, HQ, H, D, torch.bfloat16).items()}
-    do = torch.randn(S, HQ, D, device="cuda", dtype=torch.bfloat16)
-    sc = D ** -0.5
+    sh = SHAPES[name]
+    cfg = sh.config()
+    x = {k: pack(v).requires_grad_(True)
+         for k, v in make_inputs(cfg, S, sh.HQ, sh.H, sh.DK, torch.bfloat16, dv=sh.DV).items()}
+    do = torch.randn(S, sh.HQ, sh.DV, device=device(), dtype=torch.bfloat16)
+    sc = sh.DK ** -0.5
     idx = ops.select_blocks(x["q"][None].detach(), x["k_cmp"][None].detach(), cfg, backend="triton")[0]
     idx = idx.to(torch.int32)
     options = ([("base", None)] + [(k, v) for k in keys for v in SWEEP[k]]) * rounds
@@ -364,6 +512,7 @@ def sweep_shape(name, S, keys, rounds=1):
             for t in x.values():
                 t.grad = None
             NSAFunction.apply(*(x[k] for k in ORDER), idx, geo, cfg, sc).backward(do)
+        row = dict(shape=name, S=S, setting=key, value=str(val), changed=str(geo.launch.changed()))
         try:
             f = _bench(fwd)
             ms = _bench(step)
@@ -372,10 +521,16 @@ def sweep_shape(name, S, keys, rounds=1):
             step()
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            row.update(fwd_ms=round(f, 3), bwd_ms=round(ms - f, 3), fwdbwd_ms=round(ms, 3), peak_gib=round(peak, 2))
             print(f"[sweep] {name} S={S} {key}={val}: fwd {f:.2f} ms, fwd+bwd {ms:.2f} ms, bwd {ms - f:.2f} ms, "
                   f"peak memory {peak:.2f} GiB (selection given)", flush=True)
         except Exception as err:  # noqa: BLE001 - a setting that does not compile
-            print(f"[sweep] {name} S={S} {key}={val}: failed {type(err).__name__}: {str(err)[:100]}", flush=True)
+            row["failed"] = f"{type(err).__name__}: {str(err)[:100]}"
+            print(f"[sweep] {name} S={S} {key}={val}: failed {row['failed']}", flush=True)
+        if rows is not None:
+            rows.append(row)
+            if csv_path:
+                _write_csv(csv_path, rows)
 
 
 def idle_gaps(intervals):
@@ -466,31 +621,59 @@ def launch_config(settings: dict):
         raise SystemExit(f"launch settings {settings}: {err}") from None
 
 
-def ab_shape(name, S, setting: str, rounds: int):
-    """The whole function (as --bench) with the launch settings ``setting`` ("NAME=VALUE,...",
-    LaunchConfig fields) and with the defaults, A B then B A, for ``rounds`` rounds."""
+def ab_shape(name, S, setting: str, rounds: int, rows=None, csv_path=None):
+    """The whole function (as --bench, ours only) with the launch settings ``setting``
+    ("NAME=VALUE,...", LaunchConfig fields) and with the defaults, A B then B A, for ``rounds``
+    rounds; each run's bench row (with ab_setting / ab_label / ab_round) into ``rows``, written
+    to ``csv_path`` after each."""
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
 
     changed = launch_config(parse_settings(setting))
-    rows = []
+    rows = [] if rows is None else rows
     for rnd in range(rounds):
         # A B, then B A: neither setting always runs first in a round
         order = (("changed", changed), ("default", LaunchConfig()))
         for label, launch in (order if rnd % 2 == 0 else order[::-1]):
             with use_launch(launch):
-                bench_shape(name, S, rows)
+                bench_shape(name, S, rows, baselines=())
             r = rows[-1]
-            print(f"[ab] {name} S={S} round {rnd} {label} {changed.changed()}: fwd {r['nsa_fwd_ms']} ms, "
-                  f"bwd {r['nsa_bwd_ms']} ms, speed-up fwd {r.get('speedup_fwd')} bwd {r.get('speedup_bwd')}",
-                  flush=True)
+            r.update(ab_setting=setting, ab_label=label, ab_round=rnd)
+            if csv_path:
+                _write_csv(csv_path, rows)
+            print(f"[ab] {name} S={S} round {rnd} {label} {changed.changed()}: fwd {r.get('nsa_fwd_ms')} ms, "
+                  f"bwd {r.get('nsa_bwd_ms')} ms", flush=True)
+    return rows
+
+
+def parse_sizes(text: str) -> list[int]:
+    """"16k,65536" -> [16384, 65536]."""
+    try:
+        return [int(t[:-1]) * 1024 if t.lower().endswith("k") else int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise SystemExit(f"--sizes takes token counts such as 32768 or 32k, comma-separated; got {text!r}") from None
+
+
+def _names(text: str, valid, what: str) -> list[str]:
+    names = [t for t in text.split(",") if t]
+    unknown = [t for t in names if t not in valid]
+    if unknown:
+        raise SystemExit(f"{what}: {unknown} unknown; choose from {', '.join(valid)}")
+    return names
+
+
+TABLE = ["shape", "S", "nsa_fwd_ms", "nsa_bwd_ms", "dense_cudnn_fwd_ms", "dense_cudnn_bwd_ms", "dense_flash_fwd_ms",
+         "dense_flash_bwd_ms", "speedup_fwd", "speedup_bwd", "nsa_peerlike_fwd_ms", "nsa_peerlike_bwd_ms", "peer_fwd_ms",
+         "peer_bwd_ms", "speedup_vs_peer_fwd", "speedup_vs_peer_bwd", "fla_fwd_ms", "fla_bwd_ms", "notes"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="correctness against the reference")
     ap.add_argument("--bench", action="store_true", help="timings")
-    ap.add_argument("--sizes", default="8192,16384,32768,65536")
-    ap.add_argument("--shapes", default="a_paper,b_fla,c_small_g")
+    ap.add_argument("--sizes", default="8192,16384,32768,65536", help="tokens, e.g. 32k,64k")
+    ap.add_argument("--shapes", default="a_paper,b_fla,c_small_g,d_seeds", help=f"of {', '.join(SHAPES)}")
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="what --bench compares with ('' for none)")
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="timed calls behind each median")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the largest size")
     ap.add_argument("--gaps", action="store_true", help="GPU idle time in one call at the largest size")
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
@@ -499,43 +682,55 @@ def main(argv=None):
     ap.add_argument("--ab", default="", help="NAME=VALUE[,...]: LaunchConfig settings (kernels/launch.py) "
                     "against the defaults")
     ap.add_argument("--out", default=".", help="folder for the CSV files")
+    ap.add_argument("--tag", default="", help="suffix of the CSV names (kernel_bench<tag>.csv, ...)")
+    ap.add_argument("--append", action="store_true", help="keep the rows already in kernel_bench<tag>.csv "
+                    "(one process per shape, one file)")
     a = ap.parse_args(argv)
+    shapes = _names(a.shapes, SHAPES, "--shapes")
+    baselines = _names(a.baselines, BASELINES, "--baselines")
+    sweep_keys = _names(a.sweep_keys, SWEEP, "--sweep-keys") if a.sweep else []
+    sizes = parse_sizes(a.sizes)
+    if a.ab:
+        launch_config(parse_settings(a.ab))  # a bad setting ends the tool before any GPU work
+    if a.samples < 1:
+        raise SystemExit(f"--samples must be >= 1, got {a.samples}")
+    globals()["SAMPLES"] = a.samples
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA device")
     os.makedirs(a.out, exist_ok=True)
+    out = lambda kind: os.path.join(a.out, f"kernel_{kind}{a.tag}.csv")  # noqa: E731
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     if a.check:
         run_checks(a.out)
     if a.sweep:
-        unknown = sorted(set(a.sweep_keys.split(",")) - set(SWEEP))
-        if unknown:
-            raise SystemExit(f"--sweep-keys: {unknown} not in the sweep table; choose from {', '.join(SWEEP)}")
-        for name in a.shapes.split(","):
-            sweep_shape(name, max(int(s) for s in a.sizes.split(",")), a.sweep_keys.split(","), a.rounds)
-    if a.ab:
-        for name in a.shapes.split(","):
-            ab_shape(name, max(int(s) for s in a.sizes.split(",")), a.ab, a.rounds)
-    if a.profile:
-        for name in a.shapes.split(","):
-            profile_shape(name, max(int(s) for s in a.sizes.split(",")))
-    if a.gaps:
-        for name in a.shapes.split(","):
-            gaps_shape(name, max(int(s) for s in a.sizes.split(",")))
-    if a.bench:
         rows = []
-        for name in a.shapes.split(","):
-            for S in (int(s) for s in a.sizes.split(",")):
+        for name in shapes:
+            sweep_shape(name, max(sizes), sweep_keys, a.rounds, rows, out("sweep"))
+    if a.ab:
+        rows = []
+        for name in shapes:
+            ab_shape(name, max(sizes), a.ab, a.rounds, rows, out("ab"))
+    if a.profile:
+        for name in shapes:
+            profile_shape(name, max(sizes))
+    if a.gaps:
+        for name in shapes:
+            gaps_shape(name, max(sizes))
+    if a.bench:
+        rows = _read_csv(out("bench")) if a.append else []
+        for name in shapes:
+            for S in sizes:
                 try:
-                    bench_shape(name, S, rows)
-                except Exception as err:  # noqa: BLE001 - keep the other sizes
+                    bench_shape(name, S, rows, baselines)
+                except Exception as err:  # noqa: BLE001 - out of memory at this size: a row that says so
+                    rows.append(dict(shape=name, S=S, notes=f"failed: {type(err).__name__}: {str(err)[:200]}"))
                     print(f"[bench] {name} S={S} failed: {type(err).__name__}: {err}", flush=True)
-        _write_csv(os.path.join(a.out, "kernel_bench.csv"), rows)
-        cols = ["shape", "S", "nsa_fwd_ms", "nsa_bwd_ms", "base_fwd_ms", "base_bwd_ms", "speedup_fwd",
-                "speedup_bwd", "nsa_select_ms", "nsa_fwd_given_idx_ms", "nsa_fwd_ns_per_query_key_head"]
-        print(" | ".join(cols))
+                    torch.cuda.empty_cache()
+                _write_csv(out("bench"), rows)
+        print(" | ".join(TABLE))
         for r in rows:
-            print(" | ".join(str(r.get(c, "")) for c in cols))
+            print(" | ".join(str(r.get(c, "")) for c in TABLE))
 
 
 if __name__ == "__main__":

@@ -62,3 +62,27 @@ def test_fp32_selection_at_dk_256_and_a_group_of_16_matches_the_reference(monkey
     got = kernels.select_blocks(x["q"], x["k_cmp"], cfg)
     assert torch.equal(got, ops.select_blocks(x["q"], x["k_cmp"], cfg, backend="reference"))
     assert launched == [(4, False, 2)]
+
+
+def test_wider_launches_of_large_accumulators_match_the_reference():
+    """Dk = 192 / Dv = 128, G = 4 (the seeds' heads) with LaunchConfig.acc_regs low enough that
+    every kernel with accumulators runs 8 warps: the same results as the reference."""
+    _, device = kernels_or_skip()
+    from nsa_dist.kernels.launch import DEFAULT, LaunchConfig, use_launch
+    from nsa_dist.kernels.nsa import make_geometry
+
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16)
+    x = random_nsa_inputs(cfg, S=64, HQ=8, H=2, Dk=192, Dv=128, seed=3, requires_grad=True, device=device)
+    with use_launch(LaunchConfig(acc_regs=16)):
+        geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
+        widened = [k for k in ("range_fwd", "range_dq", "range_dkdv", "sel_split", "sel_dq_split", "sel_dkdv")
+                   if geo.tiles(k).launch["num_warps"] == 8 > DEFAULT.warps(k)["num_warps"]]
+        assert len(widened) == 6, widened
+        o = ops.nsa_attention(*args(x), cfg, backend="triton")
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, args(x), do)
+    o_ref = ops.nsa_attention(*args(x), cfg, backend="reference")
+    grads_ref = torch.autograd.grad(o_ref, args(x), do)
+    assert max_rel(o, o_ref) < 1e-5
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert max_rel(g, g_ref) < 1e-5, f"d{name}: {max_rel(g, g_ref):.2e}"

@@ -176,3 +176,30 @@ def test_every_matrix_product_of_the_kernels_takes_the_precision():
             dots += 1
             assert "input_precision=" in call, (name, call)
     assert dots >= 20
+
+
+def test_acc_regs_doubles_the_warps_of_kernels_with_large_accumulators():
+    """LaunchConfig.acc_regs (off by default): a kernel whose fp32 accumulators exceed that many
+    registers a thread gets twice the warps, up to 8. At the seeds' Dk = 192 (256 padded),
+    Dv = 128 in bf16, acc_regs = 128 widens the two dK/dV kernels (192 registers at 4 warps) and
+    nothing at the paper's D = 128; the defaults change nothing; 8 warps set stay 8."""
+    import torch
+
+    from nsa_dist.kernels.launch import ACC_TILES
+
+    wide = LaunchConfig(acc_regs=128)
+    for G in (4, 16):
+        seeds = _geometry(G, 192, 128, torch.bfloat16, launch=wide)
+        paper = _geometry(G, 128, 128, torch.bfloat16, launch=wide)
+        plain = _geometry(G, 192, 128, torch.bfloat16)
+        for kernel in KERNELS:
+            want = 8 if kernel in ("range_dkdv", "sel_dkdv") else 4
+            assert seeds.tiles(kernel).launch == {"num_warps": want, "num_stages": DEFAULT.warps(kernel)["num_stages"]}
+            assert paper.tiles(kernel).launch == DEFAULT.warps(kernel), (G, kernel)
+            assert plain.tiles(kernel).launch == DEFAULT.warps(kernel), (G, kernel)
+            assert seeds.tiles(kernel)[:3] == plain.tiles(kernel)[:3]  # the tiles themselves are unchanged
+    assert set(ACC_TILES) == set(KERNELS)
+    assert LaunchConfig(acc_regs=1).acc_warps("range_fwd", 64, 32, 128, 128) == 8  # capped at 8
+    assert LaunchConfig(acc_regs=128, sel_dkdv=(8, 3)).acc_warps("sel_dkdv", 64, 64, 128, 128) == 8
+    with pytest.raises(ValueError, match="acc_regs must be a positive int"):
+        LaunchConfig(acc_regs=0)

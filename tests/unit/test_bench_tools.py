@@ -1,5 +1,6 @@
 """Pure helpers of the benchmark tools (no GPU needed)."""
 import os
+import re
 import sys
 
 import pytest
@@ -44,7 +45,8 @@ def test_ab_alternates_a_launch_config_with_the_defaults(monkeypatch):
 
     seen = []
 
-    def fake_bench(name, S, rows):
+    def fake_bench(name, S, rows, baselines=None):
+        assert baselines == ()  # --ab times ours alone
         seen.append(current_launch())
         rows.append({"nsa_fwd_ms": 1.0, "nsa_bwd_ms": 2.0})
     monkeypatch.setattr(bench_kernels, "bench_shape", fake_bench)
@@ -76,3 +78,111 @@ def test_every_sweep_option_is_a_valid_launch_config():
             assert bench_kernels.launch_config(bench_kernels.sweep_settings(key, val)) != LaunchConfig(), (key, val)
     for vals in itertools.product(*bench_selection.GRID.values()):
         LaunchConfig(**dict(zip(bench_selection.GRID, vals)))
+
+
+def test_bench_rows_hold_a_figure_or_a_note_for_every_comparison(monkeypatch, tmp_path):
+    """--bench's row for a shape: ours timed, and every comparison either timed or named in
+    ``notes`` with its reason (here on the CPU: no cuDNN, no peer, FLA refuses G = 2), never a
+    crash; the CSV takes rows with different columns. Timing itself is stubbed (one call)."""
+    import csv
+
+    import torch
+
+    calls = []
+
+    def one_call(fn, grad_inputs=None):
+        calls.append(fn)
+        fn()
+        return 1.0
+    monkeypatch.setattr(bench_kernels, "_bench", one_call)
+    monkeypatch.setitem(bench_kernels.SHAPES, "tiny", bench_kernels.Shape(4, 2, 32, 16, 8, 4, 16, 4, 16, False))
+    monkeypatch.setitem(bench_kernels.SHAPES, "tiny_fla", bench_kernels.Shape(4, 2, 16, 16, 16, 16, 16, 3, 0, True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = []
+    bench_kernels.bench_shape("tiny", 64, rows)
+    bench_kernels.bench_shape("tiny_fla", 48, rows)
+    for row in rows:
+        assert row["nsa_fwd_ms"] == 1.0 and row["nsa_bwd_ms"] == 0.0 and row["nsa_select_ms"] == 1.0
+        for name in ("dense_cudnn", "dense_flash", "dense_flash_attn", "peer"):
+            assert f"{name}_fwd_ms" in row or f"{name}: " in row["notes"], (name, row["notes"])
+        assert "peer: " in row["notes"]  # not importable here
+        assert row["peer_branches"] == "compression, selection"  # no flash-attn: no window for either
+    assert rows[0]["Dk"] == 32 and rows[0]["Dv"] == 16 and rows[0]["kv"] == "K/V per branch"
+    assert "nsa_peerlike_fwd_ms" in rows[0]  # ours again with the peer's branches and one K/V
+    assert "nsa_peerlike_fwd_ms" not in rows[1]  # (b)-like: ours already is
+    assert "fla: FLA needs HQ / H a power of two >= 16, got 2" in rows[1]["notes"]
+    path = tmp_path / "bench.csv"
+    bench_kernels._write_csv(str(path), rows + [{"shape": "x", "S": 1, "notes": "failed: out of memory"}])
+    with open(path) as fh:
+        back = list(csv.DictReader(fh))
+    assert [r["shape"] for r in back] == ["tiny", "tiny_fla", "x"] and back[2]["notes"] == "failed: out of memory"
+
+
+def test_the_peer_loads_without_its_package_init_and_with_stand_ins(monkeypatch, tmp_path):
+    """load_peer imports flash_nsa.modules.hf_level_nsa without running the package __init__
+    files, gives a missing pandas a stand-in during the import only, and turns an import
+    failure into Unavailable with the reason."""
+    import torch
+
+    import kernel_baselines as kb
+
+    pkg = tmp_path / "flash_nsa"
+    (pkg / "modules").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('the package init must not run')\n")
+    (pkg / "modules" / "__init__.py").write_text("raise ImportError('nor this one')\n")
+    (pkg / "utils.py").write_text("VALUE = 7\n")
+    (pkg / "modules" / "hf_level_nsa.py").write_text("import pandas as pd\nfrom ..utils import VALUE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    had_pandas = "pandas" in sys.modules
+    try:
+        hf = kb.load_peer()
+        assert hf.VALUE == 7
+        assert ("pandas" in sys.modules) == had_pandas  # the stand-in is gone after the import
+        (pkg / "utils.py").write_text("raise RuntimeError('broken peer')\n")
+        for m in [m for m in sys.modules if m.startswith("flash_nsa")]:
+            del sys.modules[m]
+        with pytest.raises(kb.Unavailable, match="broken peer"):
+            kb.load_peer()
+        assert not [m for m in sys.modules if m.startswith("flash_nsa")]
+    finally:
+        for m in [m for m in sys.modules if m.startswith("flash_nsa")]:
+            del sys.modules[m]
+
+
+def test_kernel_spills_types_and_a_bad_setting():
+    """tools/kernel_spills.py: launch arguments map to Triton signature types; a bad launch
+    setting ends the tool before any capture or compile."""
+    import torch
+
+    import kernel_spills
+
+    assert kernel_spills._arg_type(torch.zeros(1, dtype=torch.bfloat16)) == "*bf16"
+    assert kernel_spills._arg_type(torch.zeros(1, dtype=torch.int64)) == "*i64"
+    assert kernel_spills._arg_type(3) == "i32" and kernel_spills._arg_type(1 << 40) == "i64"
+    assert kernel_spills._arg_type(0.5) == "fp32" and kernel_spills._arg_type(True) == "i1"
+    rec = {"kernel": "_range_bwd_dkdv", "constexprs": {"MODE": 0, "BLOCK_M": 64, "BLOCK_N": 64, "G": 4}}
+    assert kernel_spills._label(rec) == "_range_bwd_dkdv MODE=0 BLOCK_M=64 BLOCK_N=64"
+    pytest.importorskip("triton")
+    with pytest.raises(SystemExit, match="did you mean 'acc_regs'"):
+        kernel_spills.main(["--settings", "acc_reg=128"])
+
+
+@pytest.mark.slow
+def test_kernel_spills_compiles_every_recorded_launch_for_hopper():
+    """The whole tool on a small group (its own process: kernels imported under the interpreter
+    cannot be compiled): every attention kernel of a forward + backward is recorded through the
+    interpreter and compiled for sm_90a, with its registers reported."""
+    import subprocess
+
+    pytest.importorskip("triton")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.abspath(root)
+    run = subprocess.run([sys.executable, os.path.join(root, "tools", "kernel_spills.py"), "--group", "2", "--dims",
+                          "32:32", "--settings", ""], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    for name in ("_range_fwd", "_range_bwd_dq", "_range_bwd_dkdv", "_sel_bwd_dkdv", "_select_topn"):
+        assert re.search(rf"{name} .*: +\d+ registers, spills +\d+ / +\d+ B", out), (name, out)
+    assert "failed" not in out

@@ -1,0 +1,199 @@
+"""Registers and spills of the NSA kernels as Triton builds them for a GPU, on any machine
+(issue 25: launch settings per shape without spending device time).
+
+Usage (from the repository root; a CPU is enough):
+    python tools/kernel_spills.py --group 4 --dims 192:128 --settings "" --settings acc_regs=128 \
+        [--compile-triton FOLDER]   # e.g. pip install --no-deps --target FOLDER triton==3.6.0
+
+For each ``--settings`` (LaunchConfig settings as --ab takes them, NAME=VALUE,...; "" for the
+defaults) one small forward + backward runs through Triton's interpreter (a child process with
+TRITON_INTERPRET=1) and records every kernel launch: argument types, constexprs, warps and
+stages. Each launch kind is then compiled for ``--arch`` (90: Hopper, sm_90a) by the installed
+Triton, and ptxas -v reports its registers and spill stores / loads: bytes of spill
+instructions in the code (static, not traffic), a sign of register pressure, not a time. The
+group size G = HQ / H and the head dims set the constexprs, so one KV head of G query heads
+stands for any head count. Which setting is faster is the GPU's to say (bench_kernels.py
+--sweep / --ab).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# kernels whose launches are recorded: module -> names (nsa.py imports them by name)
+KERNELS = {
+    "range_attn": ("_range_fwd", "_range_bwd_dq", "_range_bwd_dkdv"),
+    "selected_attn": ("_sel_fwd", "_sel_bwd_dq", "_sel_fwd_split", "_sel_bwd_dq_split", "_sel_bwd_dkdv"),
+    "selection": ("_select_topn",),
+}
+S_TOKENS = 192  # the smallest length with every key kind of the paper's l' = 64 (block 0 past the local ones)
+
+
+def _arg_type(x) -> str:
+    """Triton signature type of one launch argument."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+                      torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8"}[x.dtype]
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i64" if abs(x) >= 2 ** 31 else "i32"
+    if isinstance(x, float):
+        return "fp32"
+    raise TypeError(f"launch argument of type {type(x).__name__}")
+
+
+def capture(group: int, dk: int, dv: int, dtype: str, settings: str) -> list[dict]:
+    """Every distinct kernel launch of one forward + backward (run under TRITON_INTERPRET=1):
+    [{module, kernel, types, constexprs (num_warps / num_stages included)}]."""
+    import torch
+
+    from bench_kernels import launch_config, parse_settings
+
+    from nsa_dist import NSAConfig, ops
+    from nsa_dist.kernels import nsa
+    from nsa_dist.kernels.launch import use_launch
+
+    seen = {}
+
+    def spy(mod, name):
+        real = getattr(mod, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def run(*args, **kw):
+                    key = (name, json.dumps(kw, sort_keys=True))
+                    seen.setdefault(key, dict(module=mod.__name__, kernel=name, types=[_arg_type(a) for a in args],
+                                              constexprs=kw))
+                    return real[grid](*args, **kw)
+                return run
+        setattr(mod, name, Spy())
+        if hasattr(nsa, name):
+            setattr(nsa, name, getattr(mod, name))
+    import importlib
+    for module, names in KERNELS.items():
+        mod = importlib.import_module(f"nsa_dist.kernels.{module}")
+        for name in names:
+            spy(mod, name)
+    cfg = NSAConfig()
+    gen = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    r = lambda *s: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
+    S = S_TOKENS
+    k, v = r(1, S, 1, dk), r(1, S, 1, dv)
+    x = dict(q=r(1, S, group, dk), k_cmp=ops.compress(k, cfg), v_cmp=ops.compress(v, cfg), k_sel=r(1, S, 1, dk),
+             v_sel=r(1, S, 1, dv), k_win=r(1, S, 1, dk), v_win=r(1, S, 1, dv),
+             gates=torch.rand(1, S, group, 3, generator=gen).to(dt))
+    x = {n: t.requires_grad_(True) for n, t in x.items()}
+    with use_launch(launch_config(parse_settings(settings)) if settings else launch_config({})):
+        o = ops.nsa_attention(*x.values(), cfg, backend="triton")
+        o.backward(torch.randn_like(o))
+    return list(seen.values())
+
+
+def compile_usage(rec: dict, arch: int) -> dict:
+    """Registers, spill bytes (stores, loads) and shared memory of one recorded launch."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
+    kw = dict(rec["constexprs"])
+    options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
+    types = iter(rec["types"])
+    sig = {n: "constexpr" if n in kw else next(types) for n in fn.arg_names}
+    const = {(fn.arg_names.index(n),): val for n, val in kw.items()}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as fh:
+            fh.write(kernel.asm["ptx"])
+        out = subprocess.run([get_ptxas(arch).path, f"--gpu-name=sm_{arch}a", "-v", ptx, "-o", os.devnull],
+                             capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    if not spills or not regs:
+        raise RuntimeError(f"ptxas said: {log[-300:]}")
+    return dict(regs=int(regs[1]), spill_stores=int(spills[1]), spill_loads=int(spills[2]),
+                smem=kernel.metadata.shared, **options)
+
+
+def _label(rec: dict) -> str:
+    kw = rec["constexprs"]
+    extra = " ".join(f"{k}={kw[k]}" for k in ("MODE", "ATOMIC", "BLOCK_M", "BLOCK_N", "BT") if k in kw)
+    return f"{rec['kernel']} {extra}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--group", type=int, default=4, help="query heads per KV head (G)")
+    ap.add_argument("--dims", default="192:128", help="Dk:Dv")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--settings", action="append", default=None,
+                    help='LaunchConfig settings NAME=VALUE,... (repeatable; "" the defaults)')
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, 90 = Hopper")
+    ap.add_argument("--compile-triton", default="", help="folder holding another Triton (pip install --target) "
+                    "to compile with, e.g. the GPU machine's version; the capture keeps the installed one, whose "
+                    "interpreter runs the kernels (3.6's does not)")
+    ap.add_argument("--capture", default="", help=argparse.SUPPRESS)  # child: write the launches here
+    a = ap.parse_args(argv)
+    if a.compile_triton:  # before anything imports triton
+        if not os.path.isdir(os.path.join(a.compile_triton, "triton")):
+            raise SystemExit(f"--compile-triton: no triton package in {a.compile_triton}")
+        sys.path.insert(0, a.compile_triton)
+    dk, dv = (int(t) for t in a.dims.split(":"))
+    settings = a.settings if a.settings is not None else [""]
+    if a.capture:
+        recs = capture(a.group, dk, dv, a.dtype, settings[0])
+        with open(a.capture, "w") as fh:
+            json.dump(recs, fh)
+        return
+    from bench_kernels import launch_config, parse_settings
+
+    for s in settings:  # a bad setting ends the tool before the slow part
+        if s:
+            launch_config(parse_settings(s))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run kernel_spills.py without TRITON_INTERPRET=1: it compiles for a GPU itself")
+    import triton
+
+    print(f"G={a.group} Dk={dk} Dv={dv} {a.dtype}, sm_{a.arch}a, Triton {triton.__version__}; spill bytes are "
+          f"static (code), not traffic")
+    for s in settings:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "launches.json")
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            child = subprocess.run([sys.executable, os.path.abspath(__file__), "--capture", path, "--group",
+                                    str(a.group), "--dims", a.dims, "--dtype", a.dtype, "--settings", s], env=env,
+                                    capture_output=True, text=True)
+            if child.returncode:  # the interpreter's run failed: show why
+                raise SystemExit(f"capture under TRITON_INTERPRET=1 failed:\n{child.stderr[-3000:]}")
+            with open(path) as fh:
+                recs = json.load(fh)
+        print(f"\nsettings: {s or 'defaults'}")
+        for rec in recs:
+            try:
+                u = compile_usage(rec, a.arch)
+                print(f"  {_label(rec):58s} warps {u['num_warps']} stages {u['num_stages']}: {u['regs']:3d} registers, "
+                      f"spills {u['spill_stores']:5d} / {u['spill_loads']:5d} B, shared {u['smem']:6d} B", flush=True)
+            except Exception as err:  # noqa: BLE001 - report and go on with the other kernels
+                print(f"  {_label(rec):58s} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
