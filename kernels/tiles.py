@@ -249,6 +249,8 @@ def _device_lists(idx, tok_doc_start, tok_doc_end, sel_block: int, seg: int, chu
 
 @functools.cache
 def _compiled_device_lists():
-    """``_device_lists`` through torch.compile (one graph, static shapes: the shapes repeat in
-    every layer and step, so each compiles once)."""
-    return torch.compile(_device_lists, dynamic=False, fullgraph=True)
+    """``_device_lists`` through torch.compile (one graph). One packing repeats in every layer
+    and step and compiles once with static shapes; packed batches whose document count changes
+    the bounds recompile once more with those sizes symbolic (torch's automatic dynamic
+    shapes), then reuse that graph, rather than compiling per packing."""
+    return torch.compile(_device_lists, fullgraph=True)

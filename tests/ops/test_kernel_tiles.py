@@ -239,13 +239,22 @@ def test_selection_chunks_fit_their_key_tiles():
 
 def test_compiled_inverted_selection_equals_the_eager_one():
     """The torch.compile'd device part (the CUDA default, ``LaunchConfig.compile_tables``)
-    builds the same integers as the eager ops: packed documents, chunks, forced blocks left out."""
+    builds the same integers as the eager ops: packed documents, chunks, forced blocks left out;
+    packings with other document counts reuse one dynamic graph (no compile per packing)."""
     pytest.importorskip("triton")
-    lay = tiles.make_layout([0, 50, 130, 200], [0, 5, 13, 20])
+    from torch._dynamo.utils import counters
+
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(-1, 7, (200, 2, 5), generator=gen)
-    eager = tiles.inverted_selection(idx, lay, 16, 7, chunk=64, skip_forced=True)
-    built = tiles.inverted_selection(idx, lay, 16, 7, chunk=64, skip_forced=True, compiled=True)
-    assert eager.bounds == built.bounds and eager.chunk == built.chunk
-    for name in ("items", "queries", "slots", "valid"):
-        assert torch.equal(getattr(eager, name), getattr(built, name)), name
+    before = counters["stats"]["unique_graphs"]
+    for cu in ([0, 50, 130, 200], [0, 200], [0, 20, 60, 90, 200], [0, 10, 20, 30, 40, 200]):
+        ccu = [0]
+        for a, b in zip(cu[:-1], cu[1:]):
+            ccu.append(ccu[-1] + max(0, (b - a - 16) // 8 + 1))
+        lay = tiles.make_layout(cu, ccu)
+        eager = tiles.inverted_selection(idx, lay, 16, 7, chunk=64, skip_forced=True)
+        built = tiles.inverted_selection(idx, lay, 16, 7, chunk=64, skip_forced=True, compiled=True)
+        assert eager.bounds == built.bounds and eager.chunk == built.chunk
+        for name in ("items", "queries", "slots", "valid"):
+            assert torch.equal(getattr(eager, name), getattr(built, name)), (cu, name)
+    assert counters["stats"]["unique_graphs"] - before <= 2  # static, then one dynamic graph
