@@ -38,7 +38,6 @@ def local_layout(model: nn.Module, params: Optional[Iterable[nn.Parameter]] = No
     params: the optimizer's parameters in its order (the record's order); by default the
     model's registration order. Parameters of the model not among them follow at the end.
     """
-    full = model.full_names() if hasattr(model, "full_names") else {}
     names = _first_names(model)
     order = list(params) if params is not None else []
     order += [p for _, p in model.named_parameters()]
@@ -48,7 +47,7 @@ def local_layout(model: nn.Module, params: Optional[Iterable[nn.Parameter]] = No
         if name in out:
             continue
         shard = getattr(p, "nsa_shard", None)
-        out[name] = [full.get(name, name)] + (list(shard) if shard else [None, None, None])
+        out[name] = [name] + (list(shard) if shard else [None, None, None])
     return out
 
 

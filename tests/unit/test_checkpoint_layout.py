@@ -21,9 +21,13 @@ class Old(nn.Module):
         self.gate_fc1_b = nn.Parameter(torch.randn(4))
         self.q_proj.nsa_shard, self.o_proj.nsa_shard = (0, 2, 4), (1, 2, 4)
 
-    def full_names(self):
-        return {"embed.weight": "embed.weight", "q_proj": "attn.q_proj.weight",
-                "o_proj": "attn.o_proj.weight", "gate_fc1_b": "attn.gate.fc1.bias"}
+    FULL = {"embed.weight": "embed.weight", "q_proj": "attn.q_proj.weight",
+            "o_proj": "attn.o_proj.weight", "gate_fc1_b": "attn.gate.fc1.bias"}
+
+
+def old_layout(old: Old) -> dict:
+    """The record such a model's checkpoint holds (its twin names mapped to full names)."""
+    return {name: [Old.FULL[name], *entry[1:]] for name, entry in local_layout(old).items()}
 
 
 class New(nn.Module):
@@ -63,7 +67,7 @@ def test_record_lists_each_parameter_once_in_the_given_order():
 
 
 def test_old_names_map_to_new_by_full_name_and_slice():
-    old, new = local_layout(Old()), local_layout(New())
+    old, new = old_layout(Old()), local_layout(New())
     assert old["q_proj"] == ["attn.q_proj.weight", 0, 2, 4]
     assert renames(old, new) == {"embed.weight": "embed.weight", "q_proj": "attn.q_proj.weight",
                                  "o_proj": "attn.o_proj.weight", "gate_fc1_b": "attn.gate.fc1.bias"}
@@ -76,7 +80,7 @@ def test_old_names_map_to_new_by_full_name_and_slice():
 
 def test_state_dict_renamed_and_tied_head_filled():
     old, new = Old(), New()
-    state = rename_state_dict(old.state_dict(), renames(local_layout(old), local_layout(new)), new)
+    state = rename_state_dict(old.state_dict(), renames(old_layout(old), local_layout(new)), new)
     new.load_state_dict(state, strict=True)
     assert torch.equal(new.attn.q_proj.weight, old.q_proj) and torch.equal(new.lm_head.weight, old.embed.weight)
 
@@ -90,7 +94,7 @@ def test_adam_state_follows_the_parameters_in_the_checkpoints_order():
     opt = torch.optim.AdamW(_groups(list(old.named_parameters())), lr=0.1)
     sum((p ** 2).sum() * (i + 1) for i, p in enumerate(old.parameters())).backward()
     opt.step()
-    record = local_layout(old)  # what today's trainer records: registration order
+    record = old_layout(old)  # what the twin classes' trainer recorded: registration order
     mapping = renames(record, local_layout(new))
     new.load_state_dict(rename_state_dict(old.state_dict(), mapping, new))
     want = {mapping[n]: opt.state[p]["exp_avg"] for n, p in old.named_parameters()}
