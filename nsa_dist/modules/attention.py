@@ -89,7 +89,7 @@ class NSAAttention(nn.Module):
         self.rope = RotaryEmbedding(dk, rope_theta)
         self.comm = AttentionComm()  # a parallel plan replaces it (modules/comm.py)
 
-    def _heads(self, x: torch.Tensor, positions: torch.Tensor):
+    def _heads(self, x: torch.Tensor, positions: torch.Tensor, fused: Optional[bool] = None):
         """x [B, S_l, hidden] (a region's input), positions of the whole sequence -> (q
         [B, S, HQ', Dk], branch -> (k, v) [B, S, H', D], gates [B, S, HQ', 3], (phi_k, phi_v)):
         the heads this rank attends with over the whole sequence, RoPE on q and the keys.
@@ -111,7 +111,7 @@ class NSAAttention(nn.Module):
             phis = (bound(self.phi_k, phi_params[:n]), bound(self.phi_v, phi_params[n:]))
         cos, sin = self.rope.cos_sin(c.local_positions(positions), x.dtype)
         wq = self.q_proj.weight
-        if self.fused_projection:
+        if self.fused_projection if fused is None else fused:
             weights = [wq, *kw, *vw, w1]
             rows = [w.shape[0] for w in weights]
             n_qk = 1 + len(kw)  # q and the keys come first: one rotation
@@ -162,13 +162,7 @@ class NSAAttention(nn.Module):
         fused: use (True) or skip (False) the fused input GEMM for this call only (default
         ``fused_projection``); a single token is cheaper unfused, since the fused path
         concatenates every projection weight per call. The values are the same products."""
-        if fused is None or fused == self.fused_projection:
-            return self._heads(x, positions)
-        saved, self.fused_projection = self.fused_projection, fused
-        try:
-            return self._heads(x, positions)
-        finally:
-            self.fused_projection = saved
+        return self._heads(x, positions, fused)
 
     def compress_heads(self, q: torch.Tensor, kv: dict, gates: torch.Tensor, phis,
                        cu_seqlens: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
@@ -195,7 +189,7 @@ class NSAAttention(nn.Module):
         dk, dv = self.head_dim, self.v_head_dim
         hq = self.q_proj.weight.shape[0] // dk
         h = max(1, hq // (self.num_heads // self.num_kv_heads))
-        el = torch.tensor([], dtype=dtype).element_size()
+        el = dtype.itemsize
         per = el * (hq * (dk + 4 * dv + 3) + 2 * h * (dk + dv)) + 4 * (3 * hq + h * self.config.num_selected)
         return batch * self.comm.seq_len(seq_in) * per
 

@@ -192,7 +192,7 @@ class DenseAttention(nn.Module):
         group them: ``CausalAttention``) and the fp32 log-sum-exp of this rank's heads."""
         hq = self.q_proj.weight.shape[0] // self.head_dim
         h = max(1, hq // (self.num_heads // self.num_kv_heads))
-        el = torch.tensor([], dtype=dtype).element_size()
+        el = dtype.itemsize
         per = el * (2 * hq + h) * (self.head_dim + self.v_head_dim) + 4 * hq
         return batch * self.comm.seq_len(seq_in) * per
 
