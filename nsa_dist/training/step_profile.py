@@ -14,6 +14,8 @@ the attention layers); attention other (RoPE, phi, gates, casts, layout copies);
 embedding, LM head and loss; optimizer (the caller's ``optimizer`` range); other GPU work
 (DeepSpeed's gradient copies and reductions, memcpy); GPU idle (step time not covered by
 kernels: launch gaps and host waits). ``data`` is the caller's host time to fetch a batch.
+On a GPU the idle time is also split by the row of the kernel each gap ends at ("idle
+before"): the part whose launch the GPU waited for (host work or a host sync before it).
 """
 from __future__ import annotations
 
@@ -96,12 +98,14 @@ class StepProfile:
     step_ms: float = 0.0
     kernel_ms: float = 0.0
     launches: float = 0.0
+    idle: dict = field(default_factory=dict)  # row -> GPU idle ms per step before its kernels
 
     def as_row(self) -> dict:
         return {"step_ms": round(self.step_ms, 3), "kernel_ms": round(self.kernel_ms, 3),
                 "launches_per_step": round(self.launches, 1),
                 **{k: round(self.rows.get(k, 0.0), 3) for k in ROWS},
-                **{f"launches: {k}": round(self.counts.get(k, 0.0), 1) for k in ROWS[:-2]}}
+                **{f"launches: {k}": round(self.counts.get(k, 0.0), 1) for k in ROWS[:-2]},
+                **{f"idle before: {k}": round(self.idle.get(k, 0.0), 3) for k in ROWS[:-2]}}
 
 
 def _part(event, seq_part: dict) -> Optional[str]:
@@ -141,18 +145,7 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
     rows, counts, top = defaultdict(float), defaultdict(int), {}
     total, launches = 0.0, 0
     for event, name, us in _kernels(events):
-        part = _part(event, seq_part)
-        short = name.split("(")[0].split("<")[0].strip().split(" ")[-1]
-        if short in attention_kernels or (part == "attention" and _DENSE_ATTENTION.search(name)):
-            row = "attention kernels"
-        elif part == "attention":
-            row = "attention projections" if _MATMUL.search(name) else "attention other"
-        elif part in ("mlp", "norm", "optimizer"):
-            row = {"mlp": "MLP", "norm": "norms", "optimizer": "optimizer"}[part]
-        elif part in ("head", "model"):
-            row = "embedding, LM head, loss"
-        else:
-            row = "other GPU work"
+        row, short = _row(_part(event, seq_part), name, attention_kernels)
         rows[row] += us / 1e3
         counts[row] += 1
         n, ms = top.get((row, short), (0, 0.0))
@@ -164,7 +157,44 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
                        step_ms, total / steps, launches / steps)
     prof.rows["GPU idle"] = max(0.0, step_ms - prof.kernel_ms)
     prof.rows["data"] = data_ms
+    prof.idle = {k: v / steps for k, v in _idle_before(events, seq_part, attention_kernels).items()}
     return prof
+
+
+def _row(part: Optional[str], name: str, attention_kernels: set) -> tuple[str, str]:
+    """(row, short kernel name) of a kernel launched inside ``part``."""
+    short = name.split("(")[0].split("<")[0].strip().split(" ")[-1]
+    if short in attention_kernels or (part == "attention" and _DENSE_ATTENTION.search(name)):
+        return "attention kernels", short
+    if part == "attention":
+        return ("attention projections" if _MATMUL.search(name) else "attention other"), short
+    if part in ("mlp", "norm", "optimizer"):
+        return {"mlp": "MLP", "norm": "norms", "optimizer": "optimizer"}[part], short
+    if part in ("head", "model"):
+        return "embedding, LM head, loss", short
+    return "other GPU work", short
+
+
+def _idle_before(events, seq_part: dict, attention_kernels: set) -> dict:
+    """GPU idle time (microseconds -> ms) by the row of the kernel that ends each gap: the
+    GPU sat waiting for that kernel's launch (host work, a host sync before it). Device
+    activity of every stream is merged first, so a gap is time no stream was busy. Needs
+    device events with times (a GPU trace); empty for a CPU-only run. The gaps between the
+    profiled steps (the loop's own host work) land on the next step's first kernel."""
+    cuda = torch.autograd.DeviceType.CUDA
+    dev = sorted((e for e in events if e.device_type == cuda), key=lambda e: e.time_range.start)
+    if not dev:
+        return {}
+    launcher = {e.id: e for e in events if e.device_type != cuda and not e.is_async
+                and getattr(e, "linked_correlation_id", 0) == 0}
+    idle, end = defaultdict(float), None
+    for d in dev:
+        start = d.time_range.start
+        if end is not None and start > end:
+            row, _ = _row(_part(launcher.get(d.linked_correlation_id), seq_part), d.name, attention_kernels)
+            idle[row] += (start - end) / 1e3
+        end = d.time_range.end if end is None else max(end, d.time_range.end)
+    return dict(idle)
 
 
 def triton_kernel_names() -> set:
@@ -204,6 +234,11 @@ def format_table(profiles: dict) -> str:
     for row in ROWS[:-2]:
         lines.append(f"  {row:24s}" + "".join(f"{profiles[lab].counts.get(row, 0.0):>{width + 2}.0f}"
                                               for lab in labels))
+    if any(profiles[lab].idle for lab in labels):
+        lines.append("GPU idle ms before kernels of")
+        for row in ROWS[:-2]:
+            lines.append(f"  {row:24s}" + "".join(f"{profiles[lab].idle.get(row, 0.0):>{width + 2}.1f}"
+                                                  for lab in labels))
     return "\n".join(lines)
 
 
@@ -334,7 +369,7 @@ def main(argv: Optional[list] = None) -> int:
         from ..fileio import atomic_open
 
         fields = ["point", "seq_len", "attention", "step_ms", "kernel_ms", "launches_per_step", *ROWS,
-                  *(f"launches: {r}" for r in ROWS[:-2])]
+                  *(f"launches: {r}" for r in ROWS[:-2]), *(f"idle before: {r}" for r in ROWS[:-2])]
         with atomic_open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             w.writeheader()

@@ -87,3 +87,30 @@ def test_selective_recomputation_is_charged_to_the_attention():
     p = attribute(prof.events(), set(), steps=1, step_ms=1e6)
     assert p.counts["attention projections"] > 0 and p.counts["attention other"] > 0, p.counts
     assert not any("prepare" in vars(m) for m in model.modules())  # the wrappers are gone
+
+
+def test_gpu_idle_is_charged_to_the_kernel_that_ends_the_gap():
+    """Device events with times: each gap (no stream busy) goes to the row of the op that
+    launched the kernel after it; overlapping streams leave no gap."""
+    from types import SimpleNamespace as NS
+
+    from nsa_dist.training.step_profile import _idle_before
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def op(i, part):
+        rng = NS(name=PREFIX + part, cpu_parent=None)
+        return NS(id=i, name="aten::mm", cpu_parent=rng, device_type=cpu, is_async=False,
+                  linked_correlation_id=0)
+
+    def kern(op_id, start, end, name="gemm_kernel"):
+        return NS(id=100 + op_id, name=name, device_type=cuda, linked_correlation_id=op_id,
+                  time_range=NS(start=start, end=end), is_async=False)
+
+    events = [op(1, "mlp"), op(2, "attention"), op(3, "optimizer"), op(4, "attention"),
+              kern(1, 0, 100), kern(2, 400, 500, "elementwise"),  # 300 us before attention other
+              kern(3, 450, 900),  # overlaps: no gap
+              kern(4, 1900, 2000, "gemm_kernel")]  # 1000 us before attention projections
+    idle = _idle_before(events, {}, set())
+    assert idle == {"attention other": 0.3, "attention projections": 1.0}, idle
+    assert _idle_before([op(1, "mlp")], {}, set()) == {}  # no device events: nothing to split
