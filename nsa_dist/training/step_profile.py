@@ -130,11 +130,12 @@ def _kernels(events) -> Iterable[tuple]:
             and e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0]
 
 
-def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_ms: float = 0.0
-              ) -> StepProfile:
+def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_ms: float = 0.0,
+              spans: Optional[list] = None) -> StepProfile:
     """Sort the kernels of ``events`` (``prof.events()`` over ``steps`` steps) into ROWS.
 
-    attention_kernels: names of our Triton kernels (``triton_kernel_names()``).
+    attention_kernels: names of our Triton kernels (``triton_kernel_names()``); spans:
+    ``device_spans`` of the same profile, to split the GPU idle time by part.
     """
     seq_part = {}
     for e in events:
@@ -157,7 +158,8 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
                        step_ms, total / steps, launches / steps)
     prof.rows["GPU idle"] = max(0.0, step_ms - prof.kernel_ms)
     prof.rows["data"] = data_ms
-    prof.idle = {k: v / steps for k, v in _idle_before(events, seq_part, attention_kernels).items()}
+    if spans:
+        prof.idle = {k: v / steps for k, v in _idle_before(spans, events, seq_part, attention_kernels).items()}
     return prof
 
 
@@ -175,25 +177,33 @@ def _row(part: Optional[str], name: str, attention_kernels: set) -> tuple[str, s
     return "other GPU work", short
 
 
-def _idle_before(events, seq_part: dict, attention_kernels: set) -> dict:
-    """GPU idle time (microseconds -> ms) by the row of the kernel that ends each gap: the
-    GPU sat waiting for that kernel's launch (host work, a host sync before it). Device
-    activity of every stream is merged first, so a gap is time no stream was busy. Needs
-    device events with times (a GPU trace); empty for a CPU-only run. The gaps between the
-    profiled steps (the loop's own host work) land on the next step's first kernel."""
+def device_spans(prof) -> list:
+    """(start_us, end_us, name, launching op's id) of every device event of a finished
+    ``torch.profiler.profile`` (kernels, copies, memsets); empty without a device trace."""
     cuda = torch.autograd.DeviceType.CUDA
-    dev = sorted((e for e in events if e.device_type == cuda), key=lambda e: e.time_range.start)
-    if not dev:
-        return {}
-    launcher = {e.id: e for e in events if e.device_type != cuda and not e.is_async
-                and getattr(e, "linked_correlation_id", 0) == 0}
+    out = []
+    for k in prof.profiler.kineto_results.events():
+        if k.device_type() == cuda:
+            start = k.start_ns() / 1e3
+            out.append((start, start + k.duration_ns() / 1e3, k.name(), k.linked_correlation_id()))
+    return out
+
+
+def _idle_before(spans, events, seq_part: dict, attention_kernels: set) -> dict:
+    """GPU idle milliseconds by the row of the kernel that ends each gap: the GPU sat
+    waiting for that kernel's launch (host work, or a host sync before it). ``spans``:
+    ``device_spans``; the activity of every stream is merged first, so a gap is time no
+    stream was busy. The gaps between profiled steps (the loop's own host work) land on
+    the next step's first kernel."""
+    # the op a kernel belongs to is the one the profiler appended it to (its id is the
+    # kernel's linked correlation id)
+    launcher = {e.id: e for e in events if e.kernels}
     idle, end = defaultdict(float), None
-    for d in dev:
-        start = d.time_range.start
+    for start, stop, name, op in sorted(spans):
         if end is not None and start > end:
-            row, _ = _row(_part(launcher.get(d.linked_correlation_id), seq_part), d.name, attention_kernels)
+            row, _ = _row(_part(launcher.get(op), seq_part), name, attention_kernels)
             idle[row] += (start - end) / 1e3
-        end = d.time_range.end if end is None else max(end, d.time_range.end)
+        end = stop if end is None else max(end, stop)
     return dict(idle)
 
 
@@ -254,6 +264,78 @@ def format_top(profiles: dict, n: int) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------- memory at the peak
+_OURS = ("/nsa_dist/", "/kernels/", "/deepspeed/")
+
+
+def _where(frames: list) -> str:
+    """A trace entry's origin: the innermost frame in our package, the kernels or DeepSpeed
+    (file:line function), else the innermost Python frame."""
+    frames = [f for f in frames if f.get("filename", "").endswith(".py")]
+    pick = next((f for f in frames if any(k in f["filename"] for k in _OURS)), frames[0] if frames else None)
+    if pick is None:
+        return "?"
+    path = pick["filename"]
+    for k in _OURS:
+        if k in path:
+            path = k.strip("/") + "/" + path.split(k, 1)[1]
+            break
+    return f"{path}:{pick.get('line', 0)} {pick.get('name', '')}"
+
+
+def peak_allocations(trace: list, top: int = 20) -> tuple[int, list]:
+    """The live allocations at the highest point of one allocator trace (``device_traces``
+    of ``torch.cuda.memory._snapshot()``): (peak bytes above the trace's start, [(origin,
+    bytes, blocks)] largest first). Blocks allocated before the trace began are not in it."""
+    live, total, peak, at = {}, 0, 0, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+        if total > peak:
+            peak, at = total, i
+    live = {}
+    for e in trace[:at + 1]:  # replay to the peak: what was live there
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] in ("free_requested", "free_completed"):
+            live.pop(e["addr"], None)
+    groups = defaultdict(lambda: [0, 0])
+    for e in live.values():
+        g = groups[_where(e.get("frames", []))]
+        g[0] += e["size"]
+        g[1] += 1
+    ranked = sorted(((k, b, n) for k, (b, n) in groups.items()), key=lambda r: -r[1])
+    return peak, ranked[:top]
+
+
+def memory_at_peak(trainer, top: int = 20) -> str:
+    """One more training step with the CUDA allocator's history on: the step's peak and
+    what was live there by origin, as text."""
+    from ..data import build_dataloader
+
+    loop, env = trainer.loop, trainer.env
+    loader = iter(build_dataloader(trainer.data.train, loop.cfg.micro_batch_size, env.dp_rank, env.dp_world))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        loop._step(loader, False)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][torch.cuda.current_device()]
+    peak, ranked = peak_allocations(trace, top)
+    lines = [f"allocated before the step {base / 2**30:.2f} GiB; peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+             f"(traced {(base + peak) / 2**30:.2f}); live at the peak, by origin:"]
+    lines += [f"  {b / 2**30:8.3f} GiB {n:5d} blocks  {k}" for k, b, n in ranked]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- the command
 def _ranged(fn: Callable, label: str) -> Callable:
     def call(*args, **kwargs):
@@ -300,7 +382,8 @@ def profile_trainer(trainer, warmup: int, steps: int) -> StepProfile:
             sync()
     finally:
         del engine.step
-    return attribute(prof.events(), triton_kernel_names(), steps, step_ms, data_ms)
+    return attribute(prof.events(), triton_kernel_names(), steps, step_ms, data_ms,
+                     spans=device_spans(prof) if cuda else None)
 
 
 def build_parser():
@@ -318,6 +401,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=2, help="timed steps, then as many profiled steps")
     p.add_argument("--out", default="", help="CSV to write (one row per point)")
     p.add_argument("--top", type=int, default=0, help="also list the N kernels with the most launches per point")
+    p.add_argument("--memory", type=int, default=0, metavar="N",
+                   help="CUDA: after the profile, one more step with the allocator's history on; list the N "
+                        "largest origins of what is live at the step's memory peak")
     p.add_argument("overrides", nargs="*", help="train-config overrides key=value")
     return p
 
@@ -349,6 +435,8 @@ def main(argv: Optional[list] = None) -> int:
                 results[label] = prof = profile_trainer(trainer, args.warmup, args.steps)
                 rows.append({"point": label, "seq_len": S, "attention": attention, **prof.as_row()})
                 print(f"[profile] {label}: {prof.step_ms:.1f} ms/step", flush=True)
+                if args.memory and torch.cuda.is_available():
+                    print(f"[memory] {label}: " + memory_at_peak(trainer, args.memory), flush=True)
             except Exception as err:  # noqa: BLE001 - an out-of-memory point is a result
                 if not _is_oom(err):
                     raise
