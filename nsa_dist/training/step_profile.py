@@ -94,7 +94,7 @@ class StepProfile:
 
     rows: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # kernels per step by row
-    top: dict = field(default_factory=dict)  # (row, kernel name) -> (launches, ms) per step
+    top: dict = field(default_factory=dict)  # (row, "kernel <- launching op") -> (launches, ms) per step
     step_ms: float = 0.0
     kernel_ms: float = 0.0
     launches: float = 0.0
@@ -149,8 +149,9 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
         row, short = _row(_part(event, seq_part), name, attention_kernels)
         rows[row] += us / 1e3
         counts[row] += 1
-        n, ms = top.get((row, short), (0, 0.0))
-        top[(row, short)] = (n + 1, ms + us / 1e3)
+        key = (row, short if event is None or event.name == name else f"{short} <- {event.name}")
+        n, ms = top.get(key, (0, 0.0))
+        top[key] = (n + 1, ms + us / 1e3)
         total += us / 1e3
         launches += 1
     prof = StepProfile({k: v / steps for k, v in rows.items()}, {k: v / steps for k, v in counts.items()},
@@ -252,15 +253,17 @@ def format_table(profiles: dict) -> str:
     return "\n".join(lines)
 
 
-def format_top(profiles: dict, n: int) -> str:
-    """The ``n`` kernels with the most launches per step of each profile: row, name,
+def format_top(profiles: dict, n: int, by: str = "launches") -> str:
+    """The ``n`` kernels (with the op that launched them) of each profile with the most
+    launches (``by="launches"``) or milliseconds (``by="time"``) per step: row, name,
     launches and milliseconds per step."""
     out = []
+    col = 0 if by == "launches" else 1
     for lab, p in profiles.items():
-        out.append(f"[{lab}] top {n} kernels by launches per step")
-        ranked = sorted(p.top.items(), key=lambda kv: -kv[1][0])[:n]
+        out.append(f"[{lab}] top {n} kernels by {by} per step")
+        ranked = sorted(p.top.items(), key=lambda kv: -kv[1][col])[:n]
         for (row, name), (count, ms) in ranked:
-            out.append(f"  {count:8.0f} x {ms:9.2f} ms  {row:24s} {name[:90]}")
+            out.append(f"  {count:8.0f} x {ms:9.2f} ms  {row:24s} {name[:120]}")
     return "\n".join(out)
 
 
@@ -400,7 +403,7 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2, help="unprofiled warm-up steps per point")
     p.add_argument("--steps", type=int, default=2, help="timed steps, then as many profiled steps")
     p.add_argument("--out", default="", help="CSV to write (one row per point)")
-    p.add_argument("--top", type=int, default=0, help="also list the N kernels with the most launches per point")
+    p.add_argument("--top", type=int, default=0, help="also list the N kernels with the most launches, and the N taking the most time, per point")
     p.add_argument("--memory", type=int, default=0, metavar="N",
                    help="CUDA: after the profile, one more step with the allocator's history on; list the N "
                         "largest origins of what is live at the step's memory peak")
@@ -453,6 +456,7 @@ def main(argv: Optional[list] = None) -> int:
         print(format_table(results))
         if args.top:
             print(format_top(results, args.top))
+            print(format_top(results, args.top, by="time"))
     if args.out and rows:
         from ..fileio import atomic_open
 

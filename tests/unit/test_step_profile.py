@@ -44,6 +44,9 @@ def test_every_part_is_charged_and_backward_follows_its_forward():
     assert abs(sum(n for n, _ in both.top.values()) - both.launches) < 1e-6
     top = format_top({"nsa 64": both}, 5).splitlines()
     assert top[0].startswith("[nsa 64]") and len(top) == 6
+    by_time = format_top({"nsa 64": both}, 3, by="time").splitlines()[1:]
+    ms = [float(line.split(" x ")[1].split("ms")[0]) for line in by_time]
+    assert len(ms) == 3 and ms == sorted(ms, reverse=True)
 
 
 def test_hooks_are_removed():
