@@ -128,6 +128,19 @@ def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = No
     return cache[key]
 
 
+def recompute_summary(model: nn.Module) -> str:
+    """What the last training forwards recomputed, for reports: e.g. "keep_attention 6/16"
+    (layers keeping the attention's tensors), "full", "none"; one entry per input shape."""
+    plans = getattr(model, "_recompute_plans", {})
+    if model.config.recompute != "auto" or not plans:
+        return model.config.recompute if getattr(model, "gradient_checkpointing", False) else "none"
+    out = []
+    for plan in plans.values():
+        kept = plan.count("keep_attention")
+        out.append("full" if kept == 0 else f"keep_attention {kept}/{len(plan)}")
+    return ", ".join(out)
+
+
 def free_gpu_memory(device: torch.device) -> int:
     """Bytes free on ``device``, counting what the caching allocator holds unused."""
     free, _ = torch.cuda.mem_get_info(device)

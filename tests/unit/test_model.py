@@ -366,3 +366,15 @@ def test_flash_attn_varlen_packs_batches_and_documents():
     torch.testing.assert_close(fa(q, k, v, [0, 24]), sd(q, k, v, [0, 24]), rtol=1e-6, atol=1e-6)
     qp, kp, vp = (t.reshape(1, 48, *t.shape[2:]) for t in (q, k, v))
     torch.testing.assert_close(fa(qp, kp, vp, [0, 7, 30, 48]), sd(qp, kp, vp, [0, 7, 30, 48]), rtol=1e-6, atol=1e-6)
+
+
+def test_recompute_summary_names_the_kept_layers():
+    from nsa_dist.models.decoder import recompute_plan, recompute_summary
+
+    model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "recompute": "auto"}), backend="reference")
+    assert recompute_summary(model) == "none"  # checkpointing off
+    model.gradient_checkpointing = True
+    assert recompute_summary(model) == "auto"  # no training forward yet
+    h = torch.zeros(1, 40, TINY.hidden_size)
+    recompute_plan(model, h, budget=model.layers[-1].attn.kept_bytes(1, 40, torch.float32))
+    assert recompute_summary(model) == f"keep_attention 1/{TINY.num_layers}"
