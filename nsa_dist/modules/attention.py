@@ -139,8 +139,8 @@ class NSAAttention(nn.Module):
             # one split (its backward is one cat), not slices (each slice's backward would
             # write a zero tensor of y's size)
             qk, *vs, g_pre = F.linear(x, torch.cat(weights)).split([sum(rows[:n_qk]), *rows[n_qk:]], dim=-1)
-            qk = self.rope.rotate(qk.unflatten(-1, (-1, dk)), cos, sin)
-            q, *ks = qk.split([r // dk for r in rows[:n_qk]], dim=2)
+            # each rotated piece contiguous: the kernels take q and the keys without a copy
+            q, *ks = self.rope.rotate_split(qk.unflatten(-1, (-1, dk)), cos, sin, [r // dk for r in rows[:n_qk]])
             g_pre = g_pre + b1
         else:
             q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)
