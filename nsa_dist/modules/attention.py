@@ -101,8 +101,8 @@ class NSAAttention(nn.Module):
         self.k_proj = nn.ModuleDict({b: nn.Linear(hidden_size, num_kv_heads * dk, bias=False) for b in kv_names})
         self.v_proj = nn.ModuleDict({b: nn.Linear(hidden_size, num_kv_heads * dv, bias=False) for b in kv_names})
         if config.phi == "mlp":
-            self.phi_k = MLPCompressor(config.cmp_block, dk, config.phi_hidden)
-            self.phi_v = MLPCompressor(config.cmp_block, dv, config.phi_hidden)
+            self.phi_k = MLPCompressor(config.cmp_block, dk, config.phi_hidden, config.cmp_stride)
+            self.phi_v = MLPCompressor(config.cmp_block, dv, config.phi_hidden, config.cmp_stride)
         else:
             self.phi_k = self.phi_v = None
         self.gate = GateMLP(hidden_size, num_heads, config.gate_hidden)
@@ -158,8 +158,9 @@ class NSAAttention(nn.Module):
         out = {"q": q, "gates": gates}
         for branch, (k, v) in kv.items():
             if branch == "cmp":
-                k = ops.compress(k, self.config, phis[0], cu_seqlens)
-                v = ops.compress(v, self.config, phis[1], cu_seqlens)
+                # phi takes each document's keys whole (MLPCompressor.sequence), not its blocks
+                k = ops.compress(k, self.config, phis[0], cu_seqlens, phi_takes_sequence=phis[0] is not None)
+                v = ops.compress(v, self.config, phis[1], cu_seqlens, phi_takes_sequence=phis[1] is not None)
             out[f"k_{branch}"], out[f"v_{branch}"] = k, v
         return out
 
