@@ -130,7 +130,7 @@ def make_layout(cu_seqlens, ccu, device=None, q_start: int = 0, num_queries: Opt
         return Layout(cu, ccu, tok_start, tok_end)
     s, e = cu[:-1], cu[1:]
     base = s // max(seq, 1) * seq  # the document's sequence's first position
-    lo = torch.maximum(s, base + q_start)
+    lo = torch.minimum(torch.maximum(s, base + q_start), base + q_start + nq)  # empty: at the queries' edge
     hi = torch.maximum(lo, torch.minimum(e, base + q_start + nq))
     off = q_start + s // max(seq, 1) * (seq - nq)
     nrow = hi - lo
