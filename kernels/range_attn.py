@@ -67,6 +67,14 @@ def _key_range(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexp
 
 
 @triton.jit
+def _query_tile(TILES, tile):
+    """Query tile ``tile``'s (t0, t1, ds0, cs0, q_off) (``tiles.py``): positions t0..t1-1 of the
+    document from position ds0 (its compressed tokens from cs0), in query rows t - q_off."""
+    row = TILES + tile * TILE_COLS
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 4), tl.load(row + 7)
+
+
+@triton.jit
 def _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
               KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr,
               LSE_ONLY: tl.constexpr, PREC: tl.constexpr):
@@ -98,11 +106,7 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
-    t0 = tl.load(TILES + tile * TILE_COLS)
-    t1 = tl.load(TILES + tile * TILE_COLS + 1)
-    ds0 = tl.load(TILES + tile * TILE_COLS + 2)
-    cs0 = tl.load(TILES + tile * TILE_COLS + 4)
-    q_off = tl.load(TILES + tile * TILE_COLS + 7)  # position t is query row t - q_off
+    t0, t1, ds0, cs0, q_off = _query_tile(TILES, tile)  # position t is query row t - q_off
     Q -= q_off * (HQ * DK)
     O -= q_off * (HQ * DV)
     LSE -= q_off * HQ
@@ -173,11 +177,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
-    t0 = tl.load(TILES + tile * TILE_COLS)
-    t1 = tl.load(TILES + tile * TILE_COLS + 1)
-    ds0 = tl.load(TILES + tile * TILE_COLS + 2)
-    cs0 = tl.load(TILES + tile * TILE_COLS + 4)
-    q_off = tl.load(TILES + tile * TILE_COLS + 7)
+    t0, t1, ds0, cs0, q_off = _query_tile(TILES, tile)
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // G
     head = h * G + r % G

@@ -27,17 +27,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .range_attn import TILE_COLS
+from .range_attn import TILE_COLS, _query_tile
 
 
 @triton.jit
 def _sel_rows(TILES, tile, h, HQ, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
     """A query tile's rows: positions t (t1: the tile's end; ds0: its document's start), their
     rows (t - q_off) * HQ + head of q and the other per-query tensors, and q_off."""
-    t0 = tl.load(TILES + tile * TILE_COLS)
-    t1 = tl.load(TILES + tile * TILE_COLS + 1)
-    ds0 = tl.load(TILES + tile * TILE_COLS + 2)
-    q_off = tl.load(TILES + tile * TILE_COLS + 7)
+    t0, t1, ds0, _, q_off = _query_tile(TILES, tile)
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // G
     row_ok = (r < BT * G) & (t < t1)

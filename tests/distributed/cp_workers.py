@@ -135,12 +135,14 @@ def cp_worker(rank: int, world: int, cp: int = 2, tp: int = 1, sp: int = 1, num_
 
 
 def cp_triton_worker(rank: int, world: int, cp: int = 2, tp: int = 1, packed: bool = False,
-                     num_kv_heads: int = 2, selection_comm: str = "auto") -> dict:
-    """One NSA layer under CP with the Triton kernels (the CPU interpreter: fp32) against the
-    same layer on one device with the same kernels: output, input and weight gradients within
-    fp32 rounding, the selected blocks identical."""
+                     num_kv_heads: int = 2, selection_comm: str = "auto", device: str = "cpu") -> dict:
+    """One NSA layer under CP with the Triton kernels (the CPU interpreter, or ``device="cuda"``
+    over NCCL: fp32) against the same layer on one device with the same kernels: output, input
+    and weight gradients within fp32 rounding, the selected blocks identical."""
     state = ParallelState(world, rank, tp=tp, cp=cp)
-    model = build_model(tiny_config(num_kv_heads=num_kv_heads, layers=1), backend="triton").float()
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    model = build_model(tiny_config(num_kv_heads=num_kv_heads, layers=1), device=device, backend="triton").float()
     cu = documents(S) if packed else None
     return layer_check(state, model, cu, selection_comm, tol=dict(rtol=1e-4, atol=1e-5))
 
