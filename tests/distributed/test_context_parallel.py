@@ -55,18 +55,22 @@ def test_context_parallel_more_layouts(name):
     _run(name, SLOW_LAYOUTS)
 
 
-# CP on the Triton backend (interpreter: ~12 s a layout on 2 cores)
+# CP on the Triton backend (interpreter: 5-8 s a layout on 2 cores)
 TRITON_LAYOUTS = {
     "cp2_packed": (2, dict(cp=2, packed=True)),
-    "cp2": (2, dict(cp=2)),
+    "cp2": (2, dict(cp=2)),  # B = 2 sequences: each one's chunk at its own row offset
+}
+SLOW_TRITON_LAYOUTS = {
     # the group's heads on two ranks: the reference selects with the importance summed over
     # them, the kernels attend with that selection at the chunk's offset
     "cp2_x_tp2_h1_importance": (4, dict(cp=2, tp=2, num_kv_heads=1, selection_comm="importance")),
+    # or the kernels select from the group's gathered queries at the offset, then attend
+    "cp2_x_tp2_h1_gather_q_packed": (4, dict(cp=2, tp=2, num_kv_heads=1, packed=True, selection_comm="gather_q")),
 }
 
 
-@pytest.mark.parametrize("name", [n if n == "cp2_packed" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in TRITON_LAYOUTS])
+@pytest.mark.parametrize("name", list(TRITON_LAYOUTS) + [pytest.param(n, marks=pytest.mark.slow)
+                                                         for n in SLOW_TRITON_LAYOUTS])
 def test_context_parallel_with_the_triton_kernels(name):
     """CP on the Triton backend (no reference fallback: the kernels take the query chunks'
     offsets), through the CPU interpreter, equals one device with the same kernels."""
@@ -75,7 +79,7 @@ def test_context_parallel_with_the_triton_kernels(name):
         pytest.skip("the interpreter run is for CPU machines; on a GPU see tests/ops/test_kernels_gpu.py")
     if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py switches it on without CUDA
         pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
-    world, kw = TRITON_LAYOUTS[name]
+    world, kw = {**TRITON_LAYOUTS, **SLOW_TRITON_LAYOUTS}[name]
     for r in run_world(W.cp_triton_worker, world, **kw):
         assert r["layer_out_err"] < 1e-5 and r["layer_grad_err"] < 1e-4
 
