@@ -153,8 +153,10 @@ class ModelConfig(ConfigBase):
     # what the backward recomputes when activation checkpointing is on (the train config's
     # activation_checkpointing): "full" (each decoder block), "keep_attention" (the attention
     # function's output and saved tensors are kept; projections, norms and MLP recomputed),
-    # "auto" (keep_attention where what it keeps fits AUTO_KEEP_FRACTION of the GPU's memory,
-    # else full; full on the CPU), "none" (nothing, checkpointing or not)
+    # "auto" (keep_attention in as many of the last layers as what they keep fits
+    # AUTO_KEEP_FRACTION of the GPU memory left after set-up, full in the others; full on the
+    # CPU and under ZeRO-3), "none" (nothing, checkpointing or not). A fully recomputed NSA
+    # layer attends with its forward's block selection instead of selecting again.
     recompute: str = "auto"
     nsa: NSAConfig = field(default_factory=NSAConfig)
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from ..modules import AttentionStats, DenseAttention, LMComm, NSAAttention, Region
+from ..modules import AttentionStats, DenseAttention, LMComm, NSAAttention, Region, SelectionMemo
 from ..modules.comm import bound
 from ..modules.dense import CausalAttention
 from .flops import training_flops_per_token
@@ -60,15 +60,19 @@ class DecoderBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size)
         self.comm = Region()  # ``shared``: the norm weights (a plan sums them under Megatron SP)
 
-    def forward(self, h, cu_seqlens, position_ids, return_stats: bool, keep_attention: bool = False):
+    def forward(self, h, cu_seqlens, position_ids, return_stats: bool, keep_attention: bool = False,
+                memo: Optional[SelectionMemo] = None):
         """h [B, S_in, hidden] -> (h, AttentionStats or None). ``keep_attention``: checkpoint the
         parts before and after the attention function apart, so that the backward recomputes
-        norms, projections and the MLP but keeps the function's output and saved tensors."""
+        norms, projections and the MLP but keeps the function's output and saved tensors.
+        ``memo``: an NSA layer's selections, shared by a checkpointed forward and its
+        recomputation (``SelectionMemo``)."""
         w_attn, w_mlp = self.comm.shared(self.attn_norm.weight, self.mlp_norm.weight)
         attn_norm, mlp_norm = bound(self.attn_norm, [w_attn]), bound(self.mlp_norm, [w_mlp])
         if not keep_attention:  # the attention called as a module (DeepSpeed ZeRO-3 sees the call)
+            extra = {} if memo is None else {"selection_memo": memo}
             a, stats = self.attn(attn_norm(h), cu_seqlens=cu_seqlens, position_ids=position_ids,
-                                 return_stats=return_stats)
+                                 return_stats=return_stats, **extra)
             h = h + a
             return h + self.mlp(mlp_norm(h)), stats
 
@@ -85,39 +89,75 @@ class DecoderBlock(nn.Module):
         return checkpoint(post, h, o, use_reentrant=False), stats
 
 
-# recompute "auto": keep the attention functions' tensors while, over all layers, they take at
-# most this share of the GPU's memory (the rest holds weights, optimizer state, the MLP's
-# recomputation and the loss)
-AUTO_KEEP_FRACTION = 0.2
+# recompute "auto": keep the attention functions' tensors of as many layers as fit this share
+# of the memory left once weights, optimizer state and gradient buffers are in place; the rest
+# holds the checkpoints, one layer's recomputation, the loss and the optimizer's temporaries
+AUTO_KEEP_FRACTION = 0.4
 
 
-def recompute_mode(model: nn.Module, h: torch.Tensor, total_memory: Optional[int] = None) -> str:
-    """What the backward recomputes for hidden states h [B, S_in, hidden]: the config's
-    ``recompute``, with "auto" resolved (``AUTO_KEEP_FRACTION`` of ``total_memory``, default
-    h's GPU's; "full" on the CPU). The same on every rank of a layout (same shapes, same GPUs)."""
+def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = None) -> list[str]:
+    """What the backward recomputes in each layer for hidden states h [B, S_in, hidden]: the
+    config's ``recompute`` for every layer, with "auto" resolved to "keep_attention" for the
+    last k layers and "full" before them, k the most layers whose kept tensors
+    (``attn.kept_bytes``) fit ``budget`` bytes. The last layers, because the backward meets
+    them first and frees what they kept before the fully recomputed layers need room.
+
+    budget: default ``model.recompute_budget`` (the trainer sets it from the memory free
+    after DeepSpeed's set-up, the same on every rank), else ``AUTO_KEEP_FRACTION`` of the
+    GPU memory free at the first call for this shape (kept). "full" on the CPU and under
+    ZeRO-3 (``model.allow_keep_attention = False``)."""
     mode = model.config.recompute
+    n = len(model.layers)
     if mode != "auto":
-        return mode
-    if not getattr(model, "allow_keep_attention", True):  # ZeRO-3 gathers weights per forward
-        return "full"
-    if total_memory is None:
-        if h.device.type != "cuda":
-            return "full"
-        total_memory = torch.cuda.get_device_properties(h.device).total_memory
-    kept = sum(layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype) for layer in model.layers)
-    return "keep_attention" if kept <= AUTO_KEEP_FRACTION * total_memory else "full"
+        return [mode] * n
+    budget = getattr(model, "recompute_budget", None) if budget is None else budget
+    if not getattr(model, "allow_keep_attention", True) or (budget is None and h.device.type != "cuda"):
+        return ["full"] * n  # ZeRO-3 gathers weights per forward; the CPU has no budget to plan
+    cache = model.__dict__.setdefault("_recompute_plans", {})
+    key = (tuple(h.shape), h.dtype, budget)
+    if key not in cache:
+        if budget is None:
+            budget = AUTO_KEEP_FRACTION * free_gpu_memory(h.device)
+        keep = 0
+        for layer in reversed(model.layers):
+            budget -= layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype)
+            if budget < 0:
+                break
+            keep += 1
+        cache[key] = ["full"] * (n - keep) + ["keep_attention"] * keep
+    return cache[key]
+
+
+def recompute_summary(model: nn.Module) -> str:
+    """What the last training forwards recomputed, for reports: e.g. "keep_attention 6/16"
+    (layers keeping the attention's tensors), "full", "none"; one entry per input shape."""
+    plans = getattr(model, "_recompute_plans", {})
+    if model.config.recompute != "auto" or not plans:
+        return model.config.recompute if getattr(model, "gradient_checkpointing", False) else "none"
+    out = []
+    for plan in plans.values():
+        kept = plan.count("keep_attention")
+        out.append("full" if kept == 0 else f"keep_attention {kept}/{len(plan)}")
+    return ", ".join(out)
+
+
+def free_gpu_memory(device: torch.device) -> int:
+    """Bytes free on ``device``, counting what the caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, return_stats: bool):
     """The decoder stack of ``model`` (its ``layers``; when ``model.gradient_checkpointing``
-    and training, the backward recomputes what ``model.config.recompute`` says).
-    Returns (h, per-layer stats list)."""
+    and training, the backward recomputes what ``recompute_plan`` says per layer; a fully
+    recomputed NSA layer reuses its forward's selection). Returns (h, per-layer stats list)."""
     all_stats = []
     ckpt = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
-    mode = recompute_mode(model, h) if ckpt else "none"
-    for layer in model.layers:
+    plan = recompute_plan(model, h) if ckpt else ["none"] * len(model.layers)
+    for layer, mode in zip(model.layers, plan):
         if mode == "full":
-            h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, use_reentrant=False)
+            memo = SelectionMemo() if isinstance(layer.attn, NSAAttention) else None
+            h, stats = checkpoint(layer, h, cu_seqlens, position_ids, return_stats, False, memo, use_reentrant=False)
         else:
             h, stats = layer(h, cu_seqlens, position_ids, return_stats, keep_attention=mode == "keep_attention")
         if stats is not None:

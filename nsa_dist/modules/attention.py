@@ -50,6 +50,27 @@ def tokens_read(indices: torch.Tensor, positions: torch.Tensor, config: NSAConfi
     return torch.stack([cmp.mean(), sel.mean(), win.mean()])
 
 
+class SelectionMemo:
+    """The selections of one layer's forward, kept for its recomputation in the backward
+    (full activation checkpointing recomputes the layer; the blocks it selects are the same,
+    so the recomputation attends with these instead of running the selection again).
+
+    Indices are stored in the narrowest integer type that holds the block count (int16 up
+    to 32767 blocks): [B, S, H, n] at 64k tokens, 8 KV heads and n = 16 is 16 MB per layer."""
+
+    def __init__(self):
+        self._kept: dict = {}
+
+    def get(self, key) -> Optional[torch.Tensor]:
+        idx = self._kept.get(key)
+        return None if idx is None else idx.long()
+
+    def put(self, key, idx: torch.Tensor, num_blocks: int) -> None:
+        if key not in self._kept:
+            small = torch.int16 if num_blocks < 2 ** 15 else torch.int32
+            self._kept[key] = idx.detach().to(small)
+
+
 class NSAAttention(nn.Module):
     """Native Sparse Attention layer (SPEC.md).
 
@@ -80,8 +101,8 @@ class NSAAttention(nn.Module):
         self.k_proj = nn.ModuleDict({b: nn.Linear(hidden_size, num_kv_heads * dk, bias=False) for b in kv_names})
         self.v_proj = nn.ModuleDict({b: nn.Linear(hidden_size, num_kv_heads * dv, bias=False) for b in kv_names})
         if config.phi == "mlp":
-            self.phi_k = MLPCompressor(config.cmp_block, dk, config.phi_hidden)
-            self.phi_v = MLPCompressor(config.cmp_block, dv, config.phi_hidden)
+            self.phi_k = MLPCompressor(config.cmp_block, dk, config.phi_hidden, config.cmp_stride)
+            self.phi_v = MLPCompressor(config.cmp_block, dv, config.phi_hidden, config.cmp_stride)
         else:
             self.phi_k = self.phi_v = None
         self.gate = GateMLP(hidden_size, num_heads, config.gate_hidden)
@@ -118,8 +139,8 @@ class NSAAttention(nn.Module):
             # one split (its backward is one cat), not slices (each slice's backward would
             # write a zero tensor of y's size)
             qk, *vs, g_pre = F.linear(x, torch.cat(weights)).split([sum(rows[:n_qk]), *rows[n_qk:]], dim=-1)
-            qk = self.rope.rotate(qk.unflatten(-1, (-1, dk)), cos, sin)
-            q, *ks = qk.split([r // dk for r in rows[:n_qk]], dim=2)
+            # each rotated piece contiguous: the kernels take q and the keys without a copy
+            q, *ks = self.rope.rotate_split(qk.unflatten(-1, (-1, dk)), cos, sin, [r // dk for r in rows[:n_qk]])
             g_pre = g_pre + b1
         else:
             q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)
@@ -137,8 +158,9 @@ class NSAAttention(nn.Module):
         out = {"q": q, "gates": gates}
         for branch, (k, v) in kv.items():
             if branch == "cmp":
-                k = ops.compress(k, self.config, phis[0], cu_seqlens)
-                v = ops.compress(v, self.config, phis[1], cu_seqlens)
+                # phi takes each document's keys whole (MLPCompressor.sequence), not its blocks
+                k = ops.compress(k, self.config, phis[0], cu_seqlens, phi_takes_sequence=phis[0] is not None)
+                v = ops.compress(v, self.config, phis[1], cu_seqlens, phi_takes_sequence=phis[1] is not None)
             out[f"k_{branch}"], out[f"v_{branch}"] = k, v
         return out
 
@@ -193,23 +215,40 @@ class NSAAttention(nn.Module):
         per = el * (hq * (dk + 4 * dv + 3) + 2 * h * (dk + dv)) + 4 * (3 * hq + h * self.config.num_selected)
         return batch * self.comm.seq_len(seq_in) * per
 
-    def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
+    def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None,
+               memo: Optional[SelectionMemo] = None):
         """The NSA function and its selection in one op call (the compressed branch's forward
-        feeds the selection). Returns (o [B, S, HQ, Dv], indices [B, S, H, n])."""
+        feeds the selection). Returns (o [B, S, HQ, Dv], indices [B, S, H, n]).
+
+        memo: a ``SelectionMemo`` shared by a forward and its recomputation (activation
+        checkpointing): the first call records each selection, the recomputation attends
+        with it instead of selecting again (the same indices: the selection is exact)."""
         kv = (p["k_cmp"], p["v_cmp"], p["k_sel"], p["v_sel"], p["k_win"], p["v_win"])
 
         def attend(reduce_importance=None, block_indices=None, rows=slice(None), q_start=0):
             # rows/q_start: a chunk of the queries at its offset of the keys (context parallel)
-            return ops.nsa_attention(p["q"][:, rows], *kv, p["gates"][:, rows], self.config,
-                                     cu_seqlens=cu_seqlens, backend=self.backend,
-                                     block_indices=block_indices, reduce_importance=reduce_importance,
-                                     canonical_indices=block_indices is not None, return_indices=True,
-                                     q_start=q_start)
+            key = ("attend", rows.start, rows.stop, q_start)
+            if block_indices is None and memo is not None:
+                block_indices = memo.get(key)
+            o, idx = ops.nsa_attention(p["q"][:, rows], *kv, p["gates"][:, rows], self.config,
+                                       cu_seqlens=cu_seqlens, backend=self.backend,
+                                       block_indices=block_indices, reduce_importance=reduce_importance,
+                                       canonical_indices=block_indices is not None, return_indices=True,
+                                       q_start=q_start)
+            if memo is not None:
+                memo.put(key, idx, p["k_sel"].shape[1] // self.config.sel_block)
+            return o, idx
 
         def select(q, reduce_importance, q_start=0):
-            return ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
-                                     reduce_importance=reduce_importance, backend=self.backend,
-                                     q_start=q_start, seq_len=p["k_sel"].shape[1])
+            key = ("select", q_start)
+            if memo is not None and memo.get(key) is not None:
+                return memo.get(key)  # the recomputation skips the selection and its collectives
+            idx = ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
+                                    reduce_importance=reduce_importance, backend=self.backend,
+                                    q_start=q_start, seq_len=p["k_sel"].shape[1])
+            if memo is not None:
+                memo.put(key, idx, p["k_sel"].shape[1] // self.config.sel_block)
+            return idx
         return self.comm.attend(p["q"], attend, select)
 
     def finish(self, o: torch.Tensor) -> torch.Tensor:
@@ -218,17 +257,18 @@ class NSAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, return_stats: bool = False,
-                stats_head: int = 0, return_indices: bool = False):
+                stats_head: int = 0, return_indices: bool = False,
+                selection_memo: Optional[SelectionMemo] = None):
         """x: [B, S_in, hidden] -> (y [B, S_in, hidden], extra).
 
         cu_seqlens / position_ids describe the whole sequence (packed documents: B = 1,
         positions restart per document). S_in is S on one device; under a plan, this rank's
         sequence shard (see ``self.comm``). extra: AttentionStats of the heads this rank
         attends with if ``return_stats``, the selection [B, S, H', n] if ``return_indices``,
-        else None.
+        else None. selection_memo: see ``attend`` (a checkpointed layer's recomputation).
         """
         p = self.prepare(x, cu_seqlens, position_ids)
-        o, idx = self.attend(p, cu_seqlens)
+        o, idx = self.attend(p, cu_seqlens, selection_memo)
         y = self.finish(o)
         if return_stats:
             return y, self.stats(p["gates"], idx, p["positions"], stats_head)

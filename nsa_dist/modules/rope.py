@@ -62,13 +62,19 @@ def token_positions(seq_len: int, device: torch.device, cu_seqlens: Optional[tor
 
 
 @functools.cache
-def _rope_kernel():
-    """The Triton RoPE kernel, or None where triton (or nsa_dist, in a to-hf export) is missing."""
+def _rope_kernels():
+    """The Triton RoPE kernels' module, or None where triton (or nsa_dist, in a to-hf export)
+    is missing."""
     try:  # absolute: this module is also bundled into to-hf exports
-        from nsa_dist.kernels.rope import rope_rotate
+        from nsa_dist.kernels import rope
     except ImportError:
         return None
-    return rope_rotate
+    return rope
+
+
+def _kernels_for(x: torch.Tensor):
+    """The RoPE kernels where they take x (CUDA, 16/32-bit, last dim contiguous), else None."""
+    return _rope_kernels() if x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1 else None
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -107,11 +113,23 @@ class RotaryEmbedding(torch.nn.Module):
         last dim contiguous) one Triton kernel per direction (kernels/rope.py); the PyTorch
         lines below are its reference and the path everywhere else."""
         half = x.shape[-1] // 2
-        kernel = _rope_kernel() if x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1 else None
-        if kernel is not None:
-            return kernel(x, cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float())
+        kernels = _kernels_for(x)
+        if kernels is not None:
+            return kernels.rope_rotate(x, cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float())
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
+
+    @staticmethod
+    def rotate_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sizes: list) -> list:
+        """``rotate(x, cos, sin).split(sizes, dim=2)``: x [B, S, H, D] -> [B, S, h_i, D] per
+        group of ``sizes`` heads. On CUDA each group is written to its own contiguous tensor
+        (the kernels then read it without a copy) and the backward fills one gradient of x."""
+        kernels = _kernels_for(x)
+        if kernels is not None:
+            half = x.shape[-1] // 2
+            return list(kernels.rope_rotate_split(x, cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float(),
+                                                  sizes))
+        return list(RotaryEmbedding.rotate(x, cos, sin).split(sizes, dim=2))
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         if positions is None:

@@ -30,7 +30,7 @@ from typing import Optional
 
 FIELDS = ["attention", "seq_len", "layout", "tp", "sp", "dp", "micro_batch_size", "gpus", "status",
           "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "seconds_per_step", "peak_memory_gb",
-          "activation_checkpointing", "steps", "device", "date"]
+          "activation_checkpointing", "recompute", "steps", "device", "date"]
 _LAYOUT = re.compile(r"^(?:dp|(?:tp(\d+))?(?:sp(\d+))?)(?::mb(\d+))?$")
 
 
@@ -184,7 +184,7 @@ def run_grid(args) -> list[dict]:
                     print(f"[bench] {attention:<5} S={S:<7} {lay.name:<10} {row['status']:<8} "
                           f"{_fmt(row.get('tokens_per_s_per_gpu'), ',.0f')} tok/s/GPU  "
                           f"{_fmt(row.get('tflops_per_gpu'), '.1f')} TFLOP/s  "
-                          f"{_fmt(row.get('peak_memory_gb'), '.1f')} GB", flush=True)
+                          f"{_fmt(row.get('peak_memory_gb'), '.1f')} GB  {row.get('recompute', '')}", flush=True)
     return rows
 
 
@@ -215,7 +215,7 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer, status, summary = None, "ok", {}
+    trainer, status, summary, recompute = None, "ok", {}, ""
     # DeepSpeed keeps the last engine's mpu in a module global and would take its data-parallel
     # group for a later engine built without one.
     from deepspeed.utils import groups as ds_groups
@@ -223,6 +223,8 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
     try:
         trainer = Trainer(cfg, parallel_state=ps)
         summary = trainer.train()
+        from ..models.decoder import recompute_summary
+        recompute = recompute_summary(trainer.engine.module)
     except Exception as err:  # noqa: BLE001 - recorded in the row, the grid goes on
         if not _is_oom(err):
             raise
@@ -250,6 +252,7 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
             "tokens_per_s_per_gpu": summary["tokens_per_s_per_rank"],
             "tflops_per_gpu": summary["tflops_per_rank"], "mfu": summary["mfu"],
             "seconds_per_step": summary["seconds_per_step"], "peak_memory_gb": float(peak[0]),
+            "recompute": recompute,
             "steps": summary["steps"]}
 
 

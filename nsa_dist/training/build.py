@@ -290,7 +290,27 @@ def build(env: Env, record: Optional[dict] = None, full_weights: Optional[str] =
                                   eps=cfg.adam_eps, **extra)
     engine, _, _, _ = import_deepspeed().initialize(model=model, optimizer=optimizer, config=ds_config,
                                                     mpu=ps.mpu() if ps is not None else None)
+    if env.device.type == "cuda":
+        model.recompute_budget = _recompute_budget(engine, model, env)
     return Built(engine, precision, ds_config, flops_per_token, num_parameters, param_layout, comm_stats)
+
+
+def _recompute_budget(engine, model: torch.nn.Module, env: Env) -> int:
+    """Bytes recompute "auto" may keep (``AUTO_KEEP_FRACTION`` of what is free once the
+    optimizer's lazily made state and the gradient buffers exist), the smallest over the
+    ranks: every rank must recompute the same layers, since a recomputed layer repeats its
+    collectives."""
+    from ..models.decoder import AUTO_KEEP_FRACTION, free_gpu_memory
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's wrapper, or torch's
+    # Adam's two fp32 moments per (partitioned) master weight, made at the first step
+    pending = sum(2 * p.numel() * 4 for g in inner.param_groups for p in g["params"] if not inner.state.get(p))
+    pending += sum(p.numel() * p.element_size() for p in model.parameters())  # the gradients
+    budget = torch.tensor([max(0.0, AUTO_KEEP_FRACTION * (free_gpu_memory(env.device) - pending))],
+                          dtype=torch.float64, device=env.device)
+    if env.world_size > 1:
+        dist.all_reduce(budget, op=dist.ReduceOp.MIN)
+    return int(budget.item())
 
 
 def check_cp_zero_stage(cp: int, deepspeed_json: str) -> None:

@@ -14,6 +14,8 @@ the attention layers); attention other (RoPE, phi, gates, casts, layout copies);
 embedding, LM head and loss; optimizer (the caller's ``optimizer`` range); other GPU work
 (DeepSpeed's gradient copies and reductions, memcpy); GPU idle (step time not covered by
 kernels: launch gaps and host waits). ``data`` is the caller's host time to fetch a batch.
+On a GPU the idle time is also split by the row of the kernel each gap ends at ("idle
+before"): the part whose launch the GPU waited for (host work or a host sync before it).
 """
 from __future__ import annotations
 
@@ -92,16 +94,18 @@ class StepProfile:
 
     rows: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # kernels per step by row
-    top: dict = field(default_factory=dict)  # (row, kernel name) -> (launches, ms) per step
+    top: dict = field(default_factory=dict)  # (row, "kernel <- launching op") -> (launches, ms) per step
     step_ms: float = 0.0
     kernel_ms: float = 0.0
     launches: float = 0.0
+    idle: dict = field(default_factory=dict)  # row -> GPU idle ms per step before its kernels
 
     def as_row(self) -> dict:
         return {"step_ms": round(self.step_ms, 3), "kernel_ms": round(self.kernel_ms, 3),
                 "launches_per_step": round(self.launches, 1),
                 **{k: round(self.rows.get(k, 0.0), 3) for k in ROWS},
-                **{f"launches: {k}": round(self.counts.get(k, 0.0), 1) for k in ROWS[:-2]}}
+                **{f"launches: {k}": round(self.counts.get(k, 0.0), 1) for k in ROWS[:-2]},
+                **{f"idle before: {k}": round(self.idle.get(k, 0.0), 3) for k in ROWS[:-2]}}
 
 
 def _part(event, seq_part: dict) -> Optional[str]:
@@ -126,11 +130,12 @@ def _kernels(events) -> Iterable[tuple]:
             and e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0]
 
 
-def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_ms: float = 0.0
-              ) -> StepProfile:
+def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_ms: float = 0.0,
+              spans: Optional[list] = None) -> StepProfile:
     """Sort the kernels of ``events`` (``prof.events()`` over ``steps`` steps) into ROWS.
 
-    attention_kernels: names of our Triton kernels (``triton_kernel_names()``).
+    attention_kernels: names of our Triton kernels (``triton_kernel_names()``); spans:
+    ``device_spans`` of the same profile, to split the GPU idle time by part.
     """
     seq_part = {}
     for e in events:
@@ -141,22 +146,12 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
     rows, counts, top = defaultdict(float), defaultdict(int), {}
     total, launches = 0.0, 0
     for event, name, us in _kernels(events):
-        part = _part(event, seq_part)
-        short = name.split("(")[0].split("<")[0].strip().split(" ")[-1]
-        if short in attention_kernels or (part == "attention" and _DENSE_ATTENTION.search(name)):
-            row = "attention kernels"
-        elif part == "attention":
-            row = "attention projections" if _MATMUL.search(name) else "attention other"
-        elif part in ("mlp", "norm", "optimizer"):
-            row = {"mlp": "MLP", "norm": "norms", "optimizer": "optimizer"}[part]
-        elif part in ("head", "model"):
-            row = "embedding, LM head, loss"
-        else:
-            row = "other GPU work"
+        row, short = _row(_part(event, seq_part), name, attention_kernels)
         rows[row] += us / 1e3
         counts[row] += 1
-        n, ms = top.get((row, short), (0, 0.0))
-        top[(row, short)] = (n + 1, ms + us / 1e3)
+        key = (row, short if event is None or event.name == name else f"{short} <- {event.name}")
+        n, ms = top.get(key, (0, 0.0))
+        top[key] = (n + 1, ms + us / 1e3)
         total += us / 1e3
         launches += 1
     prof = StepProfile({k: v / steps for k, v in rows.items()}, {k: v / steps for k, v in counts.items()},
@@ -164,7 +159,53 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
                        step_ms, total / steps, launches / steps)
     prof.rows["GPU idle"] = max(0.0, step_ms - prof.kernel_ms)
     prof.rows["data"] = data_ms
+    if spans:
+        prof.idle = {k: v / steps for k, v in _idle_before(spans, events, seq_part, attention_kernels).items()}
     return prof
+
+
+def _row(part: Optional[str], name: str, attention_kernels: set) -> tuple[str, str]:
+    """(row, short kernel name) of a kernel launched inside ``part``."""
+    short = name.split("(")[0].split("<")[0].strip().split(" ")[-1]
+    if short in attention_kernels or (part == "attention" and _DENSE_ATTENTION.search(name)):
+        return "attention kernels", short
+    if part == "attention":
+        return ("attention projections" if _MATMUL.search(name) else "attention other"), short
+    if part in ("mlp", "norm", "optimizer"):
+        return {"mlp": "MLP", "norm": "norms", "optimizer": "optimizer"}[part], short
+    if part in ("head", "model"):
+        return "embedding, LM head, loss", short
+    return "other GPU work", short
+
+
+def device_spans(prof) -> list:
+    """(start_us, end_us, name, launching op's id) of every device event of a finished
+    ``torch.profiler.profile`` (kernels, copies, memsets); empty without a device trace."""
+    cuda = torch.autograd.DeviceType.CUDA
+    out = []
+    for k in prof.profiler.kineto_results.events():
+        if k.device_type() == cuda:
+            start = k.start_ns() / 1e3
+            out.append((start, start + k.duration_ns() / 1e3, k.name(), k.linked_correlation_id()))
+    return out
+
+
+def _idle_before(spans, events, seq_part: dict, attention_kernels: set) -> dict:
+    """GPU idle milliseconds by the row of the kernel that ends each gap: the GPU sat
+    waiting for that kernel's launch (host work, or a host sync before it). ``spans``:
+    ``device_spans``; the activity of every stream is merged first, so a gap is time no
+    stream was busy. The gaps between profiled steps (the loop's own host work) land on
+    the next step's first kernel."""
+    # the op a kernel belongs to is the one the profiler appended it to (its id is the
+    # kernel's linked correlation id)
+    launcher = {e.id: e for e in events if e.kernels}
+    idle, end = defaultdict(float), None
+    for start, stop, name, op in sorted(spans):
+        if end is not None and start > end:
+            row, _ = _row(_part(launcher.get(op), seq_part), name, attention_kernels)
+            idle[row] += (start - end) / 1e3
+        end = stop if end is None else max(end, stop)
+    return dict(idle)
 
 
 def triton_kernel_names() -> set:
@@ -204,19 +245,98 @@ def format_table(profiles: dict) -> str:
     for row in ROWS[:-2]:
         lines.append(f"  {row:24s}" + "".join(f"{profiles[lab].counts.get(row, 0.0):>{width + 2}.0f}"
                                               for lab in labels))
+    if any(profiles[lab].idle for lab in labels):
+        lines.append("GPU idle ms before kernels of")
+        for row in ROWS[:-2]:
+            lines.append(f"  {row:24s}" + "".join(f"{profiles[lab].idle.get(row, 0.0):>{width + 2}.1f}"
+                                                  for lab in labels))
     return "\n".join(lines)
 
 
-def format_top(profiles: dict, n: int) -> str:
-    """The ``n`` kernels with the most launches per step of each profile: row, name,
+def format_top(profiles: dict, n: int, by: str = "launches") -> str:
+    """The ``n`` kernels (with the op that launched them) of each profile with the most
+    launches (``by="launches"``) or milliseconds (``by="time"``) per step: row, name,
     launches and milliseconds per step."""
     out = []
+    col = 0 if by == "launches" else 1
     for lab, p in profiles.items():
-        out.append(f"[{lab}] top {n} kernels by launches per step")
-        ranked = sorted(p.top.items(), key=lambda kv: -kv[1][0])[:n]
+        out.append(f"[{lab}] top {n} kernels by {by} per step")
+        ranked = sorted(p.top.items(), key=lambda kv: -kv[1][col])[:n]
         for (row, name), (count, ms) in ranked:
-            out.append(f"  {count:8.0f} x {ms:9.2f} ms  {row:24s} {name[:90]}")
+            out.append(f"  {count:8.0f} x {ms:9.2f} ms  {row:24s} {name[:120]}")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- memory at the peak
+_OURS = ("/nsa_dist/", "/kernels/", "/deepspeed/")
+
+
+def _where(frames: list) -> str:
+    """A trace entry's origin: the innermost frame in our package, the kernels or DeepSpeed
+    (file:line function), else the innermost Python frame."""
+    frames = [f for f in frames if f.get("filename", "").endswith(".py")]
+    pick = next((f for f in frames if any(k in f["filename"] for k in _OURS)), frames[0] if frames else None)
+    if pick is None:
+        return "?"
+    path = pick["filename"]
+    for k in _OURS:
+        if k in path:
+            path = k.strip("/") + "/" + path.split(k, 1)[1]
+            break
+    return f"{path}:{pick.get('line', 0)} {pick.get('name', '')}"
+
+
+def peak_allocations(trace: list, top: int = 20) -> tuple[int, list]:
+    """The live allocations at the highest point of one allocator trace (``device_traces``
+    of ``torch.cuda.memory._snapshot()``): (peak bytes above the trace's start, [(origin,
+    bytes, blocks)] largest first). Blocks allocated before the trace began are not in it."""
+    live, total, peak, at = {}, 0, 0, -1
+    for i, e in enumerate(trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+        if total > peak:
+            peak, at = total, i
+    live = {}
+    for e in trace[:at + 1]:  # replay to the peak: what was live there
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] in ("free_requested", "free_completed"):
+            live.pop(e["addr"], None)
+    groups = defaultdict(lambda: [0, 0])
+    for e in live.values():
+        g = groups[_where(e.get("frames", []))]
+        g[0] += e["size"]
+        g[1] += 1
+    ranked = sorted(((k, b, n) for k, (b, n) in groups.items()), key=lambda r: -r[1])
+    return peak, ranked[:top]
+
+
+def memory_at_peak(trainer, top: int = 20) -> str:
+    """One more training step with the CUDA allocator's history on: the step's peak and
+    what was live there by origin, as text."""
+    from ..data import build_dataloader
+
+    loop, env = trainer.loop, trainer.env
+    loader = iter(build_dataloader(trainer.data.train, loop.cfg.micro_batch_size, env.dp_rank, env.dp_world))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        loop._step(loader, False)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snap["device_traces"][torch.cuda.current_device()]
+    peak, ranked = peak_allocations(trace, top)
+    lines = [f"allocated before the step {base / 2**30:.2f} GiB; peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+             f"(traced {(base + peak) / 2**30:.2f}); live at the peak, by origin:"]
+    lines += [f"  {b / 2**30:8.3f} GiB {n:5d} blocks  {k}" for k, b, n in ranked]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- the command
@@ -265,7 +385,8 @@ def profile_trainer(trainer, warmup: int, steps: int) -> StepProfile:
             sync()
     finally:
         del engine.step
-    return attribute(prof.events(), triton_kernel_names(), steps, step_ms, data_ms)
+    return attribute(prof.events(), triton_kernel_names(), steps, step_ms, data_ms,
+                     spans=device_spans(prof) if cuda else None)
 
 
 def build_parser():
@@ -282,7 +403,10 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2, help="unprofiled warm-up steps per point")
     p.add_argument("--steps", type=int, default=2, help="timed steps, then as many profiled steps")
     p.add_argument("--out", default="", help="CSV to write (one row per point)")
-    p.add_argument("--top", type=int, default=0, help="also list the N kernels with the most launches per point")
+    p.add_argument("--top", type=int, default=0, help="also list the N kernels with the most launches, and the N taking the most time, per point")
+    p.add_argument("--memory", type=int, default=0, metavar="N",
+                   help="CUDA: after the profile, one more step with the allocator's history on; list the N "
+                        "largest origins of what is live at the step's memory peak")
     p.add_argument("overrides", nargs="*", help="train-config overrides key=value")
     return p
 
@@ -314,6 +438,8 @@ def main(argv: Optional[list] = None) -> int:
                 results[label] = prof = profile_trainer(trainer, args.warmup, args.steps)
                 rows.append({"point": label, "seq_len": S, "attention": attention, **prof.as_row()})
                 print(f"[profile] {label}: {prof.step_ms:.1f} ms/step", flush=True)
+                if args.memory and torch.cuda.is_available():
+                    print(f"[memory] {label}: " + memory_at_peak(trainer, args.memory), flush=True)
             except Exception as err:  # noqa: BLE001 - an out-of-memory point is a result
                 if not _is_oom(err):
                     raise
@@ -330,11 +456,12 @@ def main(argv: Optional[list] = None) -> int:
         print(format_table(results))
         if args.top:
             print(format_top(results, args.top))
+            print(format_top(results, args.top, by="time"))
     if args.out and rows:
         from ..fileio import atomic_open
 
         fields = ["point", "seq_len", "attention", "step_ms", "kernel_ms", "launches_per_step", *ROWS,
-                  *(f"launches: {r}" for r in ROWS[:-2])]
+                  *(f"launches: {r}" for r in ROWS[:-2]), *(f"idle before: {r}" for r in ROWS[:-2])]
         with atomic_open(args.out, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
             w.writeheader()

@@ -211,11 +211,12 @@ def test_keep_attention_runs_the_attention_function_once():
         model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "recompute": mode}), backend="reference")
         model.gradient_checkpointing = True
         model.train()
-        count = {"attn": 0, "select": 0}
+        count = {"attn": 0, "select": 0, "given": 0}
         orig_attn, orig_select = ops.nsa_attention, ops.select_blocks
 
         def attn(*a, **k):
             count["attn"] += 1
+            count["given"] += k.get("block_indices") is not None
             return orig_attn(*a, **k)
 
         def select(*a, **k):
@@ -229,8 +230,9 @@ def test_keep_attention_runs_the_attention_function_once():
         calls[mode] = count
     layers = TINY.num_layers
     # one op call per layer selects and attends (no separate selection on one device)
-    assert calls["none"] == calls["keep_attention"] == {"attn": layers, "select": 0}
-    assert calls["full"] == {"attn": 2 * layers, "select": 0}
+    assert calls["none"] == calls["keep_attention"] == {"attn": layers, "select": 0, "given": 0}
+    # full recomputes each layer's call, which attends with the forward's selection
+    assert calls["full"] == {"attn": 2 * layers, "select": 0, "given": layers}
 
 
 def test_recompute_mode_is_checked():
@@ -240,10 +242,10 @@ def test_recompute_mode_is_checked():
 
 @pytest.mark.parametrize("attention", ["nsa", "dense"])
 def test_auto_recompute_keeps_attention_where_it_fits(attention):
-    """recompute "auto": keep_attention while every layer's kept tensors fit
-    AUTO_KEEP_FRACTION of the GPU's memory, else full; full on the CPU. The kept bytes grow
-    with the tokens and count this model's heads and dims."""
-    from nsa_dist.models.decoder import AUTO_KEEP_FRACTION, recompute_mode
+    """recompute "auto": keep_attention in as many of the last layers as their kept tensors
+    fit the budget, full before them; full on the CPU without a budget and under ZeRO-3.
+    The kept bytes grow with the tokens and count this model's heads and dims."""
+    from nsa_dist.models.decoder import recompute_plan
 
     model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "attention": attention, "recompute": "auto"}),
                          backend="reference")
@@ -256,15 +258,43 @@ def test_auto_recompute_keeps_attention_where_it_fits(attention):
         per = 2 * (2 * hq + h) * (dk + dv) + 4 * hq
     assert attn.kept_bytes(2, 100, torch.bfloat16) == 2 * 100 * per
     h_small = torch.zeros(2, 100, TINY.hidden_size, dtype=torch.bfloat16)
-    kept = TINY.num_layers * 2 * 100 * per
-    fits = int(kept / AUTO_KEEP_FRACTION) + 1
-    assert recompute_mode(model, h_small, total_memory=fits) == "keep_attention"
-    assert recompute_mode(model, h_small, total_memory=fits // 2) == "full"
-    assert recompute_mode(model, h_small) == "full"  # a CPU tensor: no GPU memory to plan with
+    layer_bytes, L = 2 * 100 * per, TINY.num_layers
+    assert L >= 2
+    assert recompute_plan(model, h_small, budget=L * layer_bytes) == ["keep_attention"] * L
+    assert recompute_plan(model, h_small, budget=L * layer_bytes - 1) == ["full"] + ["keep_attention"] * (L - 1)
+    assert recompute_plan(model, h_small, budget=layer_bytes) == ["full"] * (L - 1) + ["keep_attention"]
+    assert recompute_plan(model, h_small, budget=layer_bytes - 1) == ["full"] * L
+    assert recompute_plan(model, h_small) == ["full"] * L  # a CPU tensor, no budget: nothing to plan with
+    model.recompute_budget = L * layer_bytes  # what the trainer sets on a GPU
+    assert recompute_plan(model, h_small) == ["keep_attention"] * L
     model.allow_keep_attention = False  # set by the trainer under ZeRO-3
-    assert recompute_mode(model, h_small, total_memory=fits) == "full"
+    assert recompute_plan(model, h_small) == ["full"] * L
     model.config.recompute = "keep_attention"
-    assert recompute_mode(model, h_small, total_memory=1) == "keep_attention"  # explicit modes stay
+    assert recompute_plan(model, h_small, budget=1) == ["keep_attention"] * L  # explicit modes stay
+
+
+def test_a_partly_kept_stack_equals_no_recomputation():
+    """recompute "auto" with a budget for some layers (the last keep_attention, the first
+    full, reusing their forward's selection): loss and gradients equal to recomputing
+    nothing (fp32, CPU, 1e-5)."""
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp")
+    base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa})
+    none = ModelConfig(**{**base.to_dict(), "recompute": "none"})
+
+    def on(m):
+        m.gradient_checkpointing = True
+        m.train()
+        if m.config.recompute == "auto":
+            m.recompute_budget = m.layers[-1].attn.kept_bytes(1, 48, torch.float32)  # the last layer only
+            plans.append(m)
+    plans = []
+    (la, ya, ga), (lb, yb, gb) = _twin_grads(base, none, packed=True, setup=on)
+    (plan,) = plans[0]._recompute_plans.values()
+    assert plan == ["full"] * (TINY.num_layers - 1) + ["keep_attention"], plan
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+        assert gb[n].abs().max() > 0, n
 
 
 def _cpu_candidates(q, k, v):
@@ -336,3 +366,15 @@ def test_flash_attn_varlen_packs_batches_and_documents():
     torch.testing.assert_close(fa(q, k, v, [0, 24]), sd(q, k, v, [0, 24]), rtol=1e-6, atol=1e-6)
     qp, kp, vp = (t.reshape(1, 48, *t.shape[2:]) for t in (q, k, v))
     torch.testing.assert_close(fa(qp, kp, vp, [0, 7, 30, 48]), sd(qp, kp, vp, [0, 7, 30, 48]), rtol=1e-6, atol=1e-6)
+
+
+def test_recompute_summary_names_the_kept_layers():
+    from nsa_dist.models.decoder import recompute_plan, recompute_summary
+
+    model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "recompute": "auto"}), backend="reference")
+    assert recompute_summary(model) == "none"  # checkpointing off
+    model.gradient_checkpointing = True
+    assert recompute_summary(model) == "auto"  # no training forward yet
+    h = torch.zeros(1, 40, TINY.hidden_size)
+    recompute_plan(model, h, budget=model.layers[-1].attn.kept_bytes(1, 40, torch.float32))
+    assert recompute_summary(model) == f"keep_attention 1/{TINY.num_layers}"

@@ -85,3 +85,32 @@ def test_bad_module_arguments():
         NSAAttention(64, 4, 2, 16, config=CFG, backend="flash")
     with pytest.raises(ValueError, match=r"\[B, S, hidden\]"):
         layer()(torch.randn(50, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("block,stride,length", [(8, 4, 40), (8, 4, 43), (8, 2, 30), (6, 4, 30), (8, 8, 24), (8, 4, 7)])
+def test_mlp_phi_over_a_sequence_equals_phi_over_its_blocks(block, stride, length):
+    """MLPCompressor.sequence (chunks of d positions, no overlapping copies when d divides
+    l; the blocks otherwise) equals phi over the unfolded blocks (fp64), gradients included,
+    with a trained-looking (nonzero) position embedding and output layer."""
+    from nsa_dist.modules import MLPCompressor
+
+    torch.manual_seed(0)
+    phi = MLPCompressor(block, 16, stride=stride).double()
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_(0.0, 0.2)
+    k = torch.randn(2, length, 3, 16, dtype=torch.float64, requires_grad=True)
+    nc = max(0, (length - block) // stride + 1)
+    want = phi(k[:, :(nc - 1) * stride + block].unfold(1, block, stride).transpose(-1, -2)) if nc else None
+    if not nc:
+        assert phi.sequence(k).shape == (2, 0, 3, 16)
+        return
+    got = phi.sequence(k)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(want)
+    g_want = torch.autograd.grad(want, [k, *phi.parameters()], gy)
+    g_got = torch.autograd.grad(got, [k, *phi.parameters()], gy)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="stride=d"):
+        MLPCompressor(block, 16).double().sequence(k)

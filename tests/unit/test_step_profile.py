@@ -44,6 +44,9 @@ def test_every_part_is_charged_and_backward_follows_its_forward():
     assert abs(sum(n for n, _ in both.top.values()) - both.launches) < 1e-6
     top = format_top({"nsa 64": both}, 5).splitlines()
     assert top[0].startswith("[nsa 64]") and len(top) == 6
+    by_time = format_top({"nsa 64": both}, 3, by="time").splitlines()[1:]
+    ms = [float(line.split(" x ")[1].split("ms")[0]) for line in by_time]
+    assert len(ms) == 3 and ms == sorted(ms, reverse=True)
 
 
 def test_hooks_are_removed():
@@ -87,3 +90,40 @@ def test_selective_recomputation_is_charged_to_the_attention():
     p = attribute(prof.events(), set(), steps=1, step_ms=1e6)
     assert p.counts["attention projections"] > 0 and p.counts["attention other"] > 0, p.counts
     assert not any("prepare" in vars(m) for m in model.modules())  # the wrappers are gone
+
+
+def test_gpu_idle_is_charged_to_the_kernel_that_ends_the_gap():
+    """Device spans: each gap (no stream busy) goes to the row of the op that launched the
+    kernel after it; overlapping streams leave no gap."""
+    from types import SimpleNamespace as NS
+
+    from nsa_dist.training.step_profile import _idle_before
+
+    def op(i, part):
+        return NS(id=i, name="aten::mm", cpu_parent=NS(name=PREFIX + part, cpu_parent=None), kernels=[1])
+
+    events = [op(1, "mlp"), op(2, "attention"), op(3, "optimizer"), op(4, "attention"),
+              NS(id=5, name="cudaLaunchKernel", cpu_parent=None, kernels=[])]
+    spans = [(0, 100, "gemm_kernel", 1), (400, 500, "elementwise", 2),  # 300 us before attention other
+             (450, 900, "gemm_kernel", 3),  # overlaps the last: no gap
+             (1900, 2000, "gemm_kernel", 4)]  # 1000 us before attention projections
+    idle = _idle_before(spans[::-1], events, {}, set())
+    assert idle == {"attention other": 0.3, "attention projections": 1.0}, idle
+    assert _idle_before([], events, {}, set()) == {}
+
+
+def test_memory_peak_lists_what_is_live_at_the_highest_point():
+    from nsa_dist.training.step_profile import peak_allocations
+
+    def fr(path, line):
+        return [{"filename": "/usr/lib/torch/functional.py", "line": 1, "name": "linear"},
+                {"filename": path, "line": line, "name": "f"}]
+
+    trace = [dict(action="alloc", addr=1, size=100, frames=fr("/x/nsa_dist/modules/attention.py", 10)),
+             dict(action="alloc", addr=2, size=300, frames=fr("/x/kernels/nsa.py", 20)),
+             dict(action="alloc", addr=3, size=50, frames=fr("/x/kernels/nsa.py", 20)),
+             dict(action="free_completed", addr=2, size=300, frames=[]),  # peak (450) was before this
+             dict(action="alloc", addr=4, size=200, frames=fr("/x/nsa_dist/modules/attention.py", 10))]
+    peak, ranked = peak_allocations(trace)
+    assert peak == 450
+    assert ranked == [("kernels/nsa.py:20 f", 350, 2), ("nsa_dist/modules/attention.py:10 f", 100, 1)]
