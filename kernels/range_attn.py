@@ -29,6 +29,14 @@ def _nvis(tloc, L: tl.constexpr, DS: tl.constexpr):
     return tl.where(tloc >= L - 1, (tloc - (L - 1)) // DS + 1, 0)
 
 
+@triton.jit
+def _query_tile(TILES, tile):
+    """Query tile ``tile``'s (t0, t1, ds0, cs0, q_off) (``tiles.py``): positions t0..t1-1 of the
+    document from position ds0 (its compressed tokens from cs0), in query rows t - q_off."""
+    row = TILES + tile * TILE_COLS
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 4), tl.load(row + 7)
+
+
 _LOCAL = tl.constexpr(2)  # key kind: the local selection blocks of each query
 _FIRST = tl.constexpr(3)  # key kind: selection block 0, for the queries it is not local to
 
@@ -64,14 +72,6 @@ def _key_range(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexp
         lo = t0 * 0
         hi = tl.where((t1 - 1 - ds0) // LS >= 2, LS, 0)
     return lo, hi
-
-
-@triton.jit
-def _query_tile(TILES, tile):
-    """Query tile ``tile``'s (t0, t1, ds0, cs0, q_off) (``tiles.py``): positions t0..t1-1 of the
-    document from position ds0 (its compressed tokens from cs0), in query rows t - q_off."""
-    row = TILES + tile * TILE_COLS
-    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 4), tl.load(row + 7)
 
 
 @triton.jit
