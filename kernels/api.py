@@ -26,17 +26,21 @@ def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
 
 
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg, scale: Optional[float] = None,
-                  cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  cu_seqlens: Optional[torch.Tensor] = None, q_start: int = 0,
+                  seq_len: Optional[int] = None) -> torch.Tensor:
     """Selected blocks per position and KV head, computed on the GPU.
 
     q: [B, S, HQ, Dk]; k_cmp: [B, Nc, H, Dk] (per document, concatenated, with cu_seqlens).
+    q_start, seq_len: q's rows are positions [q_start, q_start + S) of sequences of
+    ``seq_len`` positions (default S), whose compressed keys k_cmp are; cu_seqlens describes
+    those (context parallelism's query chunk).
     Returns LongTensor [B, S, H, n], ascending, -1 padded (block indices from each document's
     start). Importance accumulates in fp32, so exact near-ties may break differently from the
     float64 reference.
     """
     B, S = q.shape[:2]
     with torch.no_grad():
-        geo = make_geometry(q, k_cmp, k_cmp, cfg, cu_seqlens)
+        geo = make_geometry(q, k_cmp, k_cmp, cfg, cu_seqlens, q_start, seq_len)
         idx = packed_select(pack(q), pack(k_cmp), geo, cfg, _scale(q, scale))
     return idx.view(B, S, geo.H, cfg.num_selected)
 
@@ -44,7 +48,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg, scale: Optional[flo
 def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   block_indices: Optional[torch.Tensor] = None, canonical: bool = False,
-                  return_indices: bool = False):
+                  return_indices: bool = False, q_start: int = 0):
     """Gated NSA output [B, S, HQ, Dv] (differentiable in q, every K/V and the gates).
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, D] (already compressed); k_sel, v_sel, k_win,
@@ -54,11 +58,14 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
     canonical: block_indices are the selection's own rows (ascending, distinct, -1 last, forced
     blocks present), which the kernels then rely on (``nsa.Geometry.forced_split``).
     return_indices: return (o, indices [B, S, H, n] LongTensor) instead of o.
+    q_start: q and gates have Sq rows, positions [q_start, q_start + Sq) of the keys k_sel /
+    k_win [B, S', H, D] (cu_seqlens and k_cmp describe those; o and the indices have Sq
+    rows): a query chunk (context parallelism). The gradients of every key come back.
     Inputs are expected validated by ``nsa_dist.ops.nsa_attention``.
     """
     B, S, HQ, _ = q.shape
     sc = _scale(q, scale)
-    geo = make_geometry(q, k_cmp, v_sel, cfg, cu_seqlens)
+    geo = make_geometry(q, k_cmp, v_sel, cfg, cu_seqlens, q_start, k_sel.shape[1])
     qp, kc, vc = pack(q), pack(k_cmp), pack(v_cmp)
     pre = None
     if block_indices is None:

@@ -91,6 +91,14 @@ class Geometry:
             self.cache[("q", size)] = self.layout.query_tiles(size)
         return self.cache[("q", size)]
 
+    def ktiles(self, size: int) -> torch.Tensor:
+        """Tiles of ``size`` keys (``qtiles`` itself unless the queries are a chunk of the keys)."""
+        if self.layout.queries is None:
+            return self.qtiles(size)
+        if ("k", size) not in self.cache:
+            self.cache[("k", size)] = self.layout.key_tiles(size)
+        return self.cache[("k", size)]
+
     def first_tiles(self, size: int, sel_block: int) -> torch.Tensor:
         """Tiles of ``size`` positions over each document's selection block 0 (of ``sel_block``)."""
         if ("b0", size, sel_block) not in self.cache:
@@ -118,7 +126,7 @@ class Geometry:
         if lens.numel() == 0 or self.layout.total == 0:
             return 1, 1
         # a document of length L makes ~L / qchunk working chunks per tile and KV head
-        work = self.layout.total * max(1, ntiles) * self.H  # positions x tiles per document x heads
+        work = self.layout.rows * max(1, ntiles) * self.H  # queries x tiles per document x heads
         qchunk = max(self.launch.first_min_chunk, -(-work // (lens.numel() * max(1, want))))
         return qchunk, -(-int(lens.max()) // qchunk)
 
@@ -236,7 +244,7 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else torch.empty_like(v)
     kb = geo.dkdv_keys()
-    kt = geo.ctiles(kb) if mode == 0 else geo.qtiles(kb)
+    kt = geo.ctiles(kb) if mode == 0 else geo.ktiles(kb)
     if kt.shape[0] == 0 or geo.layout.total == 0:
         return dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale)
@@ -258,7 +266,7 @@ def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2
     """The selected branch's dK/dV over its forced blocks, into fp32 dk32 / dv32, which this
     initialises (every key row is stored once by the local-block pass) and the sparse kernel
     then adds to. Block 0, which every later query sees, runs in chunks of queries."""
-    kt = geo.qtiles(geo.dkdv_keys())
+    kt = geo.ktiles(geo.dkdv_keys())
     if kt.shape[0] == 0:
         dk32.zero_(), dv32.zero_()
         return
@@ -272,7 +280,7 @@ def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2
 
 def _sel_prep(idx, geo: Geometry, bt: int):
     qt = geo.qtiles(bt)
-    union, cnt = tl_tiles.selection_union(idx, qt, bt)
+    union, cnt = tl_tiles.selection_union(idx, qt, bt, shifted=geo.layout.queries is not None)
     return qt, union, cnt
 
 
@@ -470,17 +478,20 @@ _GEOMETRY_SLOTS = 8
 
 
 def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg,
-                  cu_seqlens: Optional[torch.Tensor]) -> Geometry:
+                  cu_seqlens: Optional[torch.Tensor], q_start: int = 0, seq_len: Optional[int] = None) -> Geometry:
     """Packed geometry of a call (B sequences of S tokens become B documents).
 
     The document layout and its tile tables depend only on the packing, which repeats in
     every layer and step: they are built once on the host and copied to the device without
     blocking (``ops.blocks.to_device``), then reused. ``cu_seqlens`` is read on the host, so a CPU
     tensor (as ``nsa_dist.ops`` passes it) keeps the whole call free of GPU syncs.
+    q_start, seq_len: q's Sq rows are positions [q_start, q_start + Sq) of each sequence of
+    ``seq_len`` keys (default Sq: the queries are the keys); ``cu_seqlens`` describes the keys.
     """
     from nsa_dist.ops.blocks import compressed_offsets
 
-    B, S, HQ, DK = q.shape
+    B, Sq, HQ, DK = q.shape
+    S = Sq if seq_len is None else seq_len
     dev = q.device
     if cu_seqlens is None:
         bounds = [b * S for b in range(B + 1)]
@@ -488,10 +499,10 @@ def make_geometry(q: torch.Tensor, k_cmp: torch.Tensor, v_sel: torch.Tensor, cfg
     else:
         bounds = cu_seqlens.tolist()
         cbounds = compressed_offsets(bounds, cfg)
-    key = (str(dev), B, S, k_cmp.shape[1], cfg.cmp_block, cfg.cmp_stride, tuple(bounds))
+    key = (str(dev), B, S, k_cmp.shape[1], cfg.cmp_block, cfg.cmp_stride, tuple(bounds), q_start, Sq)
     hit = _GEOMETRIES.get(key)
     if hit is None:
-        hit = (tl_tiles.make_layout(bounds, cbounds, dev), {})
+        hit = (tl_tiles.make_layout(bounds, cbounds, dev, q_start, Sq, S), {})
         _GEOMETRIES[key] = hit
         while len(_GEOMETRIES) > _GEOMETRY_SLOTS:
             _GEOMETRIES.popitem(last=False)

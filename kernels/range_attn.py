@@ -11,6 +11,8 @@ G heads, so every GQA group size fills the matrix units and each K/V tile is loa
 the whole group. Softmax runs in base 2 with the scale folded in; the saved log-sum-exp is
 base 2 as well (+inf for rows that see no key, which makes their probabilities exactly 0).
 All token offsets are int64 (tile tables are int64), so 1M tokens x heads x dims is safe.
+Positions are the keys' (tiles.py); a query's row is its position minus its tile's q_off
+(0 unless the queries are a chunk of the keys: context parallelism).
 """
 from __future__ import annotations
 
@@ -18,12 +20,21 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+TILE_COLS = tl.constexpr(8)  # columns of a tile table (tiles.COLS)
 
 
 @triton.jit
 def _nvis(tloc, L: tl.constexpr, DS: tl.constexpr):
     """Compressed tokens visible at local position tloc: i*DS + L - 1 <= tloc."""
     return tl.where(tloc >= L - 1, (tloc - (L - 1)) // DS + 1, 0)
+
+
+@triton.jit
+def _query_tile(TILES, tile):
+    """Query tile ``tile``'s (t0, t1, ds0, cs0, q_off) (``tiles.py``): positions t0..t1-1 of the
+    document from position ds0 (its compressed tokens from cs0), in query rows t - q_off."""
+    row = TILES + tile * TILE_COLS
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 4), tl.load(row + 7)
 
 
 _LOCAL = tl.constexpr(2)  # key kind: the local selection blocks of each query
@@ -95,10 +106,10 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
-    t0 = tl.load(TILES + tile * 5)
-    t1 = tl.load(TILES + tile * 5 + 1)
-    ds0 = tl.load(TILES + tile * 5 + 2)
-    cs0 = tl.load(TILES + tile * 5 + 4)
+    t0, t1, ds0, cs0, q_off = _query_tile(TILES, tile)  # position t is query row t - q_off
+    Q -= q_off * (HQ * DK)
+    O -= q_off * (HQ * DV)
+    LSE -= q_off * HQ
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // G
     head = h * G + r % G
@@ -166,10 +177,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
-    t0 = tl.load(TILES + tile * 5)
-    t1 = tl.load(TILES + tile * 5 + 1)
-    ds0 = tl.load(TILES + tile * 5 + 2)
-    cs0 = tl.load(TILES + tile * 5 + 4)
+    t0, t1, ds0, cs0, q_off = _query_tile(TILES, tile)
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // G
     head = h * G + r % G
@@ -177,7 +185,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
     tloc = t - ds0
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
-    rq = t * HQ + head
+    rq = (t - q_off) * HQ + head  # query rows: positions - q_off
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
     do_ptr = rq[:, None] * DV + dv[None, :]
     do_msk = row_ok[:, None] & (dv < DV)[None, :]
@@ -223,11 +231,14 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
     h = tl.program_id(1)
     chunk = tl.program_id(2)
     H = HQ // G
-    a0 = tl.load(TILES + tile * 5)
-    a1 = tl.load(TILES + tile * 5 + 1)
-    ds0 = tl.load(TILES + tile * 5 + 2)
-    de0 = tl.load(TILES + tile * 5 + 3)
-    cs0 = tl.load(TILES + tile * 5 + 4)
+    a0 = tl.load(TILES + tile * TILE_COLS)
+    a1 = tl.load(TILES + tile * TILE_COLS + 1)
+    ds0 = tl.load(TILES + tile * TILE_COLS + 2)
+    de0 = tl.load(TILES + tile * TILE_COLS + 3)
+    cs0 = tl.load(TILES + tile * TILE_COLS + 4)
+    q_a = tl.load(TILES + tile * TILE_COLS + 5)  # the document's queries: positions q_a..q_b-1,
+    q_b = tl.load(TILES + tile * TILE_COLS + 6)  # in rows position - q_off (a query chunk: some of
+    q_off = tl.load(TILES + tile * TILE_COLS + 7)  # the keys' positions; otherwise all of them)
     c = a0 + tl.arange(0, BLOCK_N)
     key_ok = c < a1
     dk = tl.arange(0, BDK)
@@ -254,13 +265,15 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         q_hi = doc_len
     q_lo = tl.maximum(q_lo, chunk * QCHUNK)
     q_hi = tl.minimum(q_hi, (chunk + 1) * QCHUNK)
+    q_lo = tl.maximum(q_lo, q_a - ds0)
+    q_hi = tl.minimum(q_hi, q_b - ds0)
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
     for r0 in range(q_lo * G, q_hi * G, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         row_ok = r < q_hi * G
         tloc = r // G
-        rq = (ds0 + tloc) * HQ + h * G + r % G
+        rq = (ds0 + tloc - q_off) * HQ + h * G + r % G
         q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
         do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
                      other=0.0)

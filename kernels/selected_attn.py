@@ -27,17 +27,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .range_attn import TILE_COLS, _query_tile
+
 
 @triton.jit
 def _sel_rows(TILES, tile, h, HQ, G: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr):
-    t0 = tl.load(TILES + tile * 5)
-    t1 = tl.load(TILES + tile * 5 + 1)
-    ds0 = tl.load(TILES + tile * 5 + 2)
+    """A query tile's rows: positions t (t1: the tile's end; ds0: its document's start), their
+    rows (t - q_off) * HQ + head of q and the other per-query tensors, and q_off."""
+    t0, t1, ds0, _, q_off = _query_tile(TILES, tile)
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // G
     row_ok = (r < BT * G) & (t < t1)
-    rq = t * HQ + h * G + r % G
-    return t, t1, ds0, row_ok, rq
+    rq = (t - q_off) * HQ + h * G + r % G
+    return t, t1, ds0, row_ok, rq, q_off
 
 
 @triton.jit
@@ -63,7 +65,8 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G
-    t, t1, ds0, row_ok, rq = _sel_rows(TILES, tile, h, HQ, G, BT, BLOCK_M)
+    t, t1, ds0, row_ok, rq, q_off = _sel_rows(TILES, tile, h, HQ, G, BT, BLOCK_M)
+    IDX -= q_off * (H * NSEL)  # IDX has query rows: position t's is t - q_off
     tloc = t - ds0
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
@@ -86,7 +89,7 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BDV], tl.float32)
-    u0, u1 = _union_range(cnt, tl.load(TILES + tile * 5), ds0, LS, BT, FORCED)
+    u0, u1 = _union_range(cnt, tl.load(TILES + tile * TILE_COLS), ds0, LS, BT, FORCED)
     for u in range(u0, u1):
         b = tl.load(UNION + (tile * H + h) * UMAX + u)
         chosen = tl.sum((sel == b).to(tl.int32), 1) > 0
@@ -123,7 +126,8 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G
-    t, t1, ds0, row_ok, rq = _sel_rows(TILES, tile, h, HQ, G, BT, BLOCK_M)
+    t, t1, ds0, row_ok, rq, q_off = _sel_rows(TILES, tile, h, HQ, G, BT, BLOCK_M)
+    IDX -= q_off * (H * NSEL)  # IDX has query rows: position t's is t - q_off
     tloc = t - ds0
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
@@ -138,7 +142,7 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
     jb = tl.arange(0, BLOCK_N)
     tmax = t1 - 1 - ds0
     dq = tl.zeros([BLOCK_M, BDK], tl.float32)
-    u0, u1 = _union_range(cnt, tl.load(TILES + tile * 5), ds0, LS, BT, FORCED)
+    u0, u1 = _union_range(cnt, tl.load(TILES + tile * TILE_COLS), ds0, LS, BT, FORCED)
     for u in range(u0, u1):
         b = tl.load(UNION + (tile * H + h) * UMAX + u)
         chosen = tl.sum((sel == b).to(tl.int32), 1) > 0
@@ -164,17 +168,18 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
 @triton.jit
 def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Work item ``item`` of the block-major kernels (``tiles.SelWork``): its KV head, the
-    offset and length of its position list, and the key positions / validity / K-V rows of
-    its block."""
-    h = tl.load(ITEMS + item * 5)
-    k0 = tl.load(ITEMS + item * 5 + 1)
-    k1 = tl.load(ITEMS + item * 5 + 2)
-    off = tl.load(ITEMS + item * 5 + 3)
-    n = tl.load(ITEMS + item * 5 + 4)
+    offset and length of its list of query rows, and its block's keys: positions in the
+    rows' frame (position - q_off, compared with the rows for causality), validity, K-V rows."""
+    h = tl.load(ITEMS + item * 6)
+    k0 = tl.load(ITEMS + item * 6 + 1)
+    k1 = tl.load(ITEMS + item * 6 + 2)
+    off = tl.load(ITEMS + item * 6 + 3)
+    n = tl.load(ITEMS + item * 6 + 4)
+    q_off = tl.load(ITEMS + item * 6 + 5)
     jb = tl.arange(0, BLOCK_N)
     kpos = k0 + jb
     key_ok = (jb < LS) & (kpos < k1)
-    return h, off, n, kpos, key_ok, kpos * H + h
+    return h, off, n, kpos - q_off, key_ok, kpos * H + h
 
 
 @triton.jit

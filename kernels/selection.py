@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .range_attn import _nvis
+from .range_attn import _nvis, _query_tile
 
 # tl.topk / tl.bitonic_merge (newer Triton): the top-n merge in log2(NP) stages
 HAS_BITONIC_MERGE = hasattr(tl, "bitonic_merge") and hasattr(tl, "topk")
@@ -118,10 +118,10 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
-    t0 = tl.load(TILES + tile * 5)
-    t1 = tl.load(TILES + tile * 5 + 1)
-    ds0 = tl.load(TILES + tile * 5 + 2)
-    cs0 = tl.load(TILES + tile * 5 + 4)
+    t0, t1, ds0, cs0, q_off = _query_tile(TILES, tile)  # position t is query row t - q_off
+    Q -= q_off * (HQ * DK)
+    LSE -= q_off * HQ
+    OUT -= q_off * (H * NSEL)
     q, lse, nv_r, dk = _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G, GP, BT, L, DS, BDK)
     # positions
     t = t0 + tl.arange(0, BT)

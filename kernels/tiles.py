@@ -1,11 +1,17 @@
 """Bookkeeping of the NSA kernels in plain torch ops: tile tables, selection unions, the inverted selection.
 
 Every kernel works on the packed layout (batch 1, documents concatenated; a plain batch of B
-sequences is B documents). A *tile table* is an int64 tensor [num_tiles, 5] with columns
-(a0, a1, doc_start, doc_end, c_start): the tile covers indices a0..a1-1 (tokens, or compressed
-tokens for the compressed keys' table) of one document whose tokens are doc_start..doc_end-1 and
-whose compressed tokens start at c_start. Tiles never cross a document boundary, so a kernel
-program sees one document and needs no per-row document lookups.
+sequences is B documents). A *tile table* is an int64 tensor [num_tiles, 8] with columns
+(a0, a1, doc_start, doc_end, c_start, q_lo, q_hi, q_off): the tile covers indices a0..a1-1
+(tokens, or compressed tokens for the compressed keys' table) of one document whose tokens are
+doc_start..doc_end-1 and whose compressed tokens start at c_start; the document's queries are its
+positions q_lo..q_hi-1, position t in query row t - q_off. Tiles never cross a document boundary,
+so a kernel program sees one document and needs no per-row document lookups.
+
+Positions are the keys' (the packed K/V rows). The queries may be a part of them (context
+parallelism: ``make_layout(q_start=...)``), each document's a contiguous run of positions
+whose query rows follow one another; without that, every position is a query, in its own row
+(q_lo, q_hi = doc_start, doc_end and q_off = 0).
 """
 from __future__ import annotations
 
@@ -17,12 +23,17 @@ import torch
 
 from nsa_dist.ops.blocks import to_device
 
-COLS = 5
+COLS = 8  # the kernels' TILE_COLS (range_attn.py)
 
 
 def tile_table(starts: torch.Tensor, ends: torch.Tensor, doc_start: torch.Tensor,
-               doc_end: torch.Tensor, c_start: torch.Tensor, size: int) -> torch.Tensor:
-    """Split each range [starts[i], ends[i]) into tiles of ``size``: LongTensor [num_tiles, 5]."""
+               doc_end: torch.Tensor, c_start: torch.Tensor, size: int,
+               queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Split each range [starts[i], ends[i]) into tiles of ``size``: LongTensor [num_tiles, 8].
+    queries: [N, 3] (q_lo, q_hi, q_off) of each range's document; default its every position,
+    in its own row."""
+    if queries is None:
+        queries = torch.stack([doc_start, doc_end, torch.zeros_like(doc_start)], dim=1)
     lens = (ends - starts).clamp(min=0)
     ntiles = (lens + size - 1) // size
     total = int(ntiles.sum())
@@ -33,7 +44,8 @@ def tile_table(starts: torch.Tensor, ends: torch.Tensor, doc_start: torch.Tensor
     k = torch.arange(total, device=starts.device) - first[doc]
     a0 = starts[doc] + k * size
     a1 = torch.minimum(a0 + size, ends[doc])
-    return torch.stack([a0, a1, doc_start[doc], doc_end[doc], c_start[doc]], dim=1).contiguous()
+    return torch.cat([torch.stack([a0, a1, doc_start[doc], doc_end[doc], c_start[doc]], dim=1), queries[doc]],
+                     dim=1).contiguous()
 
 
 @dataclass
@@ -43,15 +55,29 @@ class Layout:
     cu: [N+1] token offsets and ccu: [N+1] compressed-token offsets, int64 on the CPU (tile
     tables are built from them on the host, with no GPU sync); tok_doc_start / tok_doc_end:
     [T] int64 on the inputs' device, the start / end of each token's document.
+    queries: None when every position is a query, in its own row; else [N, 3] int64 on the CPU,
+    each document's (q_lo, q_hi, q_off) (``make_layout``'s q_start), with per query row on the
+    device: row_pos (its position), row_doc_start / row_doc_end (its document's), and per
+    position tok_q_off (its document's q_off).
     """
     cu: torch.Tensor
     ccu: torch.Tensor
     tok_doc_start: torch.Tensor
     tok_doc_end: torch.Tensor
+    queries: Optional[torch.Tensor] = None
+    row_pos: Optional[torch.Tensor] = None
+    row_doc_start: Optional[torch.Tensor] = None
+    row_doc_end: Optional[torch.Tensor] = None
+    tok_q_off: Optional[torch.Tensor] = None
 
     @property
     def total(self) -> int:
         return int(self.tok_doc_start.numel())
+
+    @property
+    def rows(self) -> int:
+        """Query rows (``total`` without an offset)."""
+        return self.total if self.queries is None else int(self.row_pos.numel())
 
     @property
     def device(self) -> torch.device:
@@ -60,36 +86,71 @@ class Layout:
     def query_tiles(self, size: int) -> torch.Tensor:
         """Tiles of ``size`` query positions within documents (on the layout's device)."""
         s, e = self.cu[:-1], self.cu[1:]
-        return to_device(tile_table(s, e, s, e, self.ccu[:-1], size), self.device)
+        lo, hi = (s, e) if self.queries is None else (self.queries[:, 0], self.queries[:, 1])
+        return to_device(tile_table(lo, hi, s, e, self.ccu[:-1], size, self.queries), self.device)
+
+    def key_tiles(self, size: int) -> torch.Tensor:
+        """Tiles of ``size`` key positions within documents: all of them, queries or not (the
+        same table as ``query_tiles`` without an offset)."""
+        s, e = self.cu[:-1], self.cu[1:]
+        return to_device(tile_table(s, e, s, e, self.ccu[:-1], size, self.queries), self.device)
 
     def first_block_tiles(self, size: int, sel_block: int) -> torch.Tensor:
         """Tiles of ``size`` positions covering each document's selection block 0."""
         s, e = self.cu[:-1], self.cu[1:]
-        return to_device(tile_table(s, torch.minimum(s + sel_block, e), s, e, self.ccu[:-1], size), self.device)
+        return to_device(tile_table(s, torch.minimum(s + sel_block, e), s, e, self.ccu[:-1], size, self.queries),
+                         self.device)
 
     def cmp_key_tiles(self, size: int) -> torch.Tensor:
         """Tiles of ``size`` compressed tokens within documents (a0/a1 index compressed tokens)."""
         s, e = self.cu[:-1], self.cu[1:]
-        return to_device(tile_table(self.ccu[:-1], self.ccu[1:], s, e, self.ccu[:-1], size), self.device)
+        return to_device(tile_table(self.ccu[:-1], self.ccu[1:], s, e, self.ccu[:-1], size, self.queries),
+                         self.device)
 
 
-def make_layout(cu_seqlens, ccu, device=None) -> Layout:
+def make_layout(cu_seqlens, ccu, device=None, q_start: int = 0, num_queries: Optional[int] = None,
+                seq_len: Optional[int] = None) -> Layout:
     """Layout from token offsets ``cu_seqlens`` and compressed offsets ``ccu`` ([N+1] each:
-    tensors or int lists), built on the host and moved to ``device`` (default: the CPU)."""
+    tensors or int lists), built on the host and moved to ``device`` (default: the CPU).
+
+    q_start, num_queries, seq_len: the queries are positions [q_start, q_start + num_queries)
+    of each sequence of ``seq_len`` positions (a batch of B sequences packed: seq_len = S;
+    default the whole packing, one sequence), in rows one after the other (context
+    parallelism's query chunk). Default: every position is a query, in its own row.
+    """
     cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu()
     ccu = torch.as_tensor(ccu, dtype=torch.int64).cpu()
     lens = cu[1:] - cu[:-1]
-    tok_start = to_device(torch.repeat_interleave(cu[:-1], lens), device or "cpu")
-    tok_end = to_device(torch.repeat_interleave(cu[1:], lens), device or "cpu")
-    return Layout(cu, ccu, tok_start, tok_end)
+    dev = device or "cpu"
+    tok_start = to_device(torch.repeat_interleave(cu[:-1], lens), dev)
+    tok_end = to_device(torch.repeat_interleave(cu[1:], lens), dev)
+    seq = int(cu[-1]) if seq_len is None else int(seq_len)
+    nq = seq - q_start if num_queries is None else int(num_queries)
+    if q_start == 0 and nq == seq:
+        return Layout(cu, ccu, tok_start, tok_end)
+    s, e = cu[:-1], cu[1:]
+    base = s // max(seq, 1) * seq  # the document's sequence's first position
+    lo = torch.minimum(torch.maximum(s, base + q_start), base + q_start + nq)  # empty: at the queries' edge
+    hi = torch.maximum(lo, torch.minimum(e, base + q_start + nq))
+    off = q_start + s // max(seq, 1) * (seq - nq)
+    nrow = hi - lo
+    if not torch.equal(lo - off, torch.cumsum(nrow, 0) - nrow):
+        raise ValueError(f"queries [{q_start}, {q_start + nq}) of sequences of {seq} positions do not "
+                         f"partition the documents {cu.tolist()} into consecutive rows")
+    rows = int(nrow.sum())
+    row_pos = torch.arange(rows, dtype=torch.int64) + torch.repeat_interleave(off, nrow)
+    return Layout(cu, ccu, tok_start, tok_end, torch.stack([lo, hi, off], dim=1), to_device(row_pos, dev),
+                  to_device(torch.repeat_interleave(s, nrow), dev), to_device(torch.repeat_interleave(e, nrow), dev),
+                  to_device(torch.repeat_interleave(off, lens), dev))
 
 
-def selection_union(idx: torch.Tensor, tiles: torch.Tensor, span: int):
+def selection_union(idx: torch.Tensor, tiles: torch.Tensor, span: int, shifted: bool = False):
     """Union of the blocks chosen by the positions of each query tile.
 
-    idx: [T, H, n] local block indices (-1 padded); tiles: query tile table of ``span``
-    positions. Returns (union int32 [num_tiles, H, span*n] ascending then -1, count int32
-    [num_tiles, H]). With span 1 the union is the position's own list.
+    idx: [T, H, n] local block indices (-1 padded) per query row; tiles: query tile table of
+    ``span`` positions (``shifted``: rows are positions - q_off, the layout has ``queries``).
+    Returns (union int32 [num_tiles, H, span*n] ascending then -1, count int32 [num_tiles, H]).
+    With span 1 the union is the position's own list (tiles are the rows in order).
     """
     T, H, n = idx.shape
     if span == 1:
@@ -97,7 +158,8 @@ def selection_union(idx: torch.Tensor, tiles: torch.Tensor, span: int):
     nt = tiles.shape[0]
     pos = tiles[:, 0:1] + torch.arange(span, device=idx.device)[None, :]
     inside = pos < tiles[:, 1:2]
-    u = idx[pos.clamp(max=max(T - 1, 0))]  # [nt, span, H, n]
+    row = pos - tiles[:, 7:8] if shifted else pos
+    u = idx[row.clamp(min=0, max=max(T - 1, 0))]  # [nt, span, H, n]
     big = torch.iinfo(torch.int32).max
     u = torch.where(inside[:, :, None, None] & (u >= 0), u, big).to(torch.int32)
     u = u.permute(0, 2, 1, 3).reshape(nt, H, span * n)
@@ -113,12 +175,14 @@ def selection_union(idx: torch.Tensor, tiles: torch.Tensor, span: int):
 class SelWork(NamedTuple):
     """The inverted selection: the work list of the block-major selected kernels.
 
-    items: int64 [num_items, 5] = (head, key_start, key_end, list_offset, list_len);
-    queries: int64 [T * H * n] global positions and slots: int32 [T * H * n] where each choice
+    items: int64 [num_items, 6] = (head, key_start, key_end, list_offset, list_len, q_off):
+    the block's keys are positions key_start..key_end-1, its document's query rows are
+    positions - q_off (``Layout.queries``; 0 without an offset);
+    queries: int64 [T * H * n] query rows and slots: int32 [T * H * n] where each choice
     sits in its position's sorted list, grouped by (chunk, head, block), ascending positions
     (the unlisted ones last, never referenced); bounds: the items of position chunk c are
     items[bounds[c]:bounds[c + 1]] (a host list of upper bounds: the rows past a chunk's last
-    item are padding, (0, 0, 0, 0, 0), an empty key range with no queries); chunk: positions
+    item are padding, all 0, an empty key range with no queries); chunk: positions
     per chunk; valid: uint8 [T, H, n], 1 where slot j of (position, head) is listed (a
     per-slot result there is written; the other slots are never touched).
     """
@@ -151,7 +215,8 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
                        skip_forced: bool = False, compiled: bool = False) -> SelWork:
     """Which queries chose each KV block, per chunk of ``chunk`` positions (default: one chunk).
 
-    idx: [T, H, n] local block indices (-1 padded). Each (chunk, KV head, block) list of
+    idx: [T, H, n] local block indices (-1 padded) of the layout's query rows (T =
+    ``layout.rows``; chunks count rows). Each (chunk, KV head, block) list of
     queries is cut into segments of at most ``seg`` positions. ``rows_sorted``: every row of
     idx already holds distinct blocks in ascending order, -1 last (the selection kernel's
     output), so the per-row sort is skipped.
@@ -175,28 +240,35 @@ def inverted_selection(idx: torch.Tensor, layout: Layout, sel_block: int, seg: i
     chunk = max(1, T if chunk is None else min(chunk, T))
     nchunks = -(-T // chunk) if T else 0
     ndocs = layout.cu.numel() - 1
+    keys = layout.total  # the blocks are the keys' (all of them, with a query offset)
     sizes = [min(chunk, T - c * chunk) for c in range(nchunks)]  # positions per chunk
     bounds = [0]
     for p in sizes:
-        bounds.append(bounds[-1] + item_bound(p, H, n, sel_block, seg, T, ndocs))
+        bounds.append(bounds[-1] + item_bound(p, H, n, sel_block, seg, keys, ndocs))
     if T * H * n == 0:
         valid8 = torch.zeros(T, H, n, dtype=torch.uint8, device=dev)
-        return SelWork(torch.zeros(bounds[-1], 5, dtype=torch.int64, device=dev),
+        return SelWork(torch.zeros(bounds[-1], 6, dtype=torch.int64, device=dev),
                        torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int32, device=dev),
                        bounds, chunk, valid8)
-    nruns = sum(list_bound(p, H, n, sel_block, T, ndocs) for p in sizes) + 1
+    nruns = sum(list_bound(p, H, n, sel_block, keys, ndocs) for p in sizes) + 1
     build = _compiled_device_lists() if compiled else _device_lists
-    items, queries, slots, valid8 = build(idx, layout.tok_doc_start, layout.tok_doc_end, sel_block, seg, chunk,
+    lay = layout
+    rows = (lay.tok_doc_start, lay.tok_doc_end, None, None) if lay.queries is None else (
+        lay.row_doc_start, lay.row_doc_end, lay.row_pos, lay.tok_q_off)
+    items, queries, slots, valid8 = build(idx, lay.tok_doc_end, *rows, sel_block, seg, chunk,
                                           nchunks, bounds[1], bounds[-1], nruns, rows_sorted, skip_forced)
     return SelWork(items, queries, slots, bounds, chunk, valid8)
 
 
-def _device_lists(idx, tok_doc_start, tok_doc_end, sel_block: int, seg: int, chunk: int, nchunks: int,
-                  per: int, rows: int, nruns: int, rows_sorted: bool, skip_forced: bool):
+def _device_lists(idx, tok_doc_end, row_doc_start, row_doc_end, row_pos, tok_q_off, sel_block: int, seg: int,
+                  chunk: int, nchunks: int, per: int, rows: int, nruns: int, rows_sorted: bool, skip_forced: bool):
     """The device part of ``inverted_selection``: (items, queries, slots, valid8). ``per``:
     item rows of every chunk but the last; ``rows``: all item rows; ``nruns``: a bound on the
-    lists (+1 for the sentinel). Plain torch ops on the device, no host sync."""
+    lists (+1 for the sentinel). row_doc_start / row_doc_end: each query row's document,
+    row_pos its position (None: the row itself), tok_q_off each key's document's q_off (None:
+    0). Plain torch ops on the device, no host sync."""
     T, H, n = idx.shape
+    TK = tok_doc_end.shape[0]  # keys: block starts are their positions
     dev = idx.device
     # a block listed twice counts once, and one past its document's end not at all; sorting a
     # row puts equal blocks side by side and keeps its slots distinct, which is all the
@@ -207,16 +279,17 @@ def _device_lists(idx, tok_doc_start, tok_doc_end, sel_block: int, seg: int, chu
     valid[..., 1:] &= idx[..., 1:] != idx[..., :-1]
     t = torch.arange(T, device=dev, dtype=torch.int64)[:, None, None]
     h = torch.arange(H, device=dev, dtype=torch.int64)[None, :, None]
-    start = tok_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
-    valid &= start < tok_doc_end[:, None, None]
+    start = row_doc_start[:, None, None] + idx.to(torch.int64) * sel_block
+    valid &= start < row_doc_end[:, None, None]
     if skip_forced:
-        cb = ((t - tok_doc_start[:, None, None]) // sel_block).to(idx.dtype)
+        pos = t if row_pos is None else row_pos[:, None, None]
+        cb = ((pos - row_doc_start[:, None, None]) // sel_block).to(idx.dtype)
         valid &= (idx != 0) & (idx < cb - 1)
     valid8 = valid.to(torch.uint8).contiguous()
     N = T * H * n
     # unlisted slots get the largest key, so they sort last (no masked selection: that syncs)
-    big = nchunks * H * T
-    key = torch.where(valid, ((t // chunk) * H + h) * T + start, big).reshape(-1)
+    big = nchunks * H * TK
+    key = torch.where(valid, ((t // chunk) * H + h) * TK + start, big).reshape(-1)
     if big < 2 ** 31:  # half the radix passes
         key = key.to(torch.int32)
     key, order = torch.sort(key, stable=True)  # flattening is position-major: stable keeps t ascending
@@ -231,7 +304,7 @@ def _device_lists(idx, tok_doc_start, tok_doc_end, sel_block: int, seg: int, chu
     nseg = torch.where(rkey < big, (cnt + seg - 1) // seg, 0)  # the sentinel run lists nothing
     seg_end = torch.cumsum(nseg, 0)
     # the items of chunk c: the segments of its lists, in padded rows per * c ..
-    run0 = torch.searchsorted(rkey, torch.arange(nchunks + 1, device=dev) * (H * T))
+    run0 = torch.searchsorted(rkey, torch.arange(nchunks + 1, device=dev) * (H * TK))
     first = torch.cat([seg_end.new_zeros(1), seg_end])[run0]  # segments before chunk c
     row = torch.arange(rows, device=dev)
     c = torch.clamp(row // per, max=nchunks - 1)
@@ -240,9 +313,10 @@ def _device_lists(idx, tok_doc_start, tok_doc_end, sel_block: int, seg: int, chu
     run = torch.searchsorted(seg_end, g, right=True).clamp(max=nruns - 1)
     k = (g - (seg_end - nseg)[run]) * seg  # the segment's first query in its list
     u = rkey[run]
-    kstart = u % T
+    kstart = u % TK
     kend = torch.minimum(kstart + sel_block, tok_doc_end[kstart])
-    items = torch.stack([(u // T) % H, kstart, kend, rs[run] + k, torch.clamp(cnt[run] - k, max=seg)], dim=1)
+    q_off = torch.zeros_like(kstart) if tok_q_off is None else tok_q_off[kstart]
+    items = torch.stack([(u // TK) % H, kstart, kend, rs[run] + k, torch.clamp(cnt[run] - k, max=seg), q_off], dim=1)
     items = torch.where(used[:, None], items, 0).contiguous()
     return items, order // (H * n), (order % n).to(torch.int32), valid8
 

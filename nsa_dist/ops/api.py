@@ -64,21 +64,11 @@ def _documents(cu_seqlens: torch.Tensor, config: NSAConfig, q_start: int = 0, nu
     return out
 
 
-def _kernels_offset(q_start: int, num_queries: int, seq_len: int, what: str) -> None:
-    """The Triton kernels compute the whole sequence's queries only."""
-    if q_start or num_queries != seq_len:
-        raise NotImplementedError(
-            f"{what} of queries [{q_start}, {q_start + num_queries}) of a sequence of {seq_len} with "
-            "the Triton backend: the kernels (kernels/range_attn.py, "
-            "selected_attn.py, selection.py, nsa.py) have no query row offset yet, which context "
-            "parallelism (cp > 1) needs; run with backend='reference' (attention_backend: reference) "
-            "or cp=1")
-
-
 def kernels_take_query_offsets() -> bool:
     """Whether the Triton backend computes queries at an offset of the keys (``q_start``),
-    which context parallelism needs; the reference always does."""
-    return False
+    which context parallelism needs; the reference always does. (Kept for callers that
+    checked it: the kernels take offsets since their tile tables carry them.)"""
+    return True
 
 
 def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
@@ -117,8 +107,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, config: NSAConfig,
     check_query_range(q_start, Sq, seq_len)
     cu_seqlens = packed(cu_seqlens)
     if resolve_backend(backend, q.device, q.dtype) == "triton" and reduce_importance is None:
-        _kernels_offset(q_start, Sq, seq_len, "select_blocks")
-        return load_kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens)
+        return load_kernels().select_blocks(q, k_cmp, config, sc, cu_seqlens, q_start, seq_len)
     if cu_seqlens is None:
         return reference.select_blocks_dense(q, k_cmp, config, sc, reduce_importance, q_start, seq_len)
     parts = [reference.select_blocks_dense(q[:, qs], k_cmp[:, cs], config, sc, reduce_importance, q0, ts.stop - ts.start)
@@ -160,8 +149,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     q_start: the queries are positions [q_start, q_start + Sq) of the key sequence: q, gates
     (and block_indices, the output, the indices) have Sq rows, k_sel/k_win S >= q_start + Sq,
     k_cmp the compressed tokens of all S (cu_seqlens describes the S keys). A rank's chunk
-    under context parallelism; the result equals those rows of the full call. The Triton
-    backend does not take it yet (NotImplementedError).
+    under context parallelism; the result equals those rows of the full call, with either
+    backend (the kernels' tile tables carry the offset).
     Returns o [B, S, HQ, Dv] in q's dtype (differentiable in every floating input), or
     (o, indices) with ``return_indices``.
     """
@@ -177,13 +166,13 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
                          "select_blocks output as block_indices, or drop the flag")
     sc = _scale(q, scale)
     if chosen == "triton":
-        _kernels_offset(q_start, q.shape[1], k_sel.shape[1], "nsa_attention")
         if reduce_importance is not None and block_indices is None:  # not in the fused path
             block_indices = select_blocks(q.detach(), k_cmp.detach(), config, sc, cu_seqlens, reduce_importance,
-                                          backend="reference")
+                                          backend="reference", q_start=q_start, seq_len=k_sel.shape[1])
             canonical_indices = True
         return load_kernels().nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config,
-                                            sc, cu_seqlens, block_indices, canonical_indices, return_indices)
+                                            sc, cu_seqlens, block_indices, canonical_indices, return_indices,
+                                            q_start)
     args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     if cu_seqlens is None:
         o, idx = reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance, True, q_start)

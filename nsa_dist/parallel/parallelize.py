@@ -28,7 +28,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .. import ops
 from ..models.decoder import DecoderBlock, NSADecoderLM
 from ..modules.attention import NSAAttention
 from ..modules.comm import AttentionComm, LMComm
@@ -118,7 +117,6 @@ def parallelize_attention(attn: Attention, state: ParallelState, megatron_sp: bo
         if not isinstance(attn, NSAAttention):
             raise ValueError(f"context parallel (cp={state.cp}) is implemented for NSA attention only, "
                              f"not {type(attn).__name__}: use cp=1 (TP / Ulysses) for the dense baseline")
-        check_cp_backend(attn.backend, next(attn.parameters()).device, state.cp)
     L = HeadLayout(attn.num_heads, attn.num_kv_heads, state.tp, state.sp, state.tp_rank, state.sp_rank)
     dk, dv = attn.head_dim, attn.v_head_dim
     shard_columnwise_(attn.q_proj, L.q_start * dk, (L.q_start + L.q_per_tp) * dk)
@@ -133,18 +131,6 @@ def parallelize_attention(attn: Attention, state: ParallelState, megatron_sp: bo
     sel_block = attn.config.sel_block if isinstance(attn, NSAAttention) else 1
     attn.comm = AttentionPlanComm(L, state, megatron_sp, meter, selection_comm, sel_block, dk)
     return attn
-
-
-def check_cp_backend(backend: str, device: torch.device, cp: int) -> None:
-    """Context parallel needs an NSA backend that takes query offsets: the reference (any
-    device); the Triton kernels do not yet (NotImplementedError, never a silent fallback).
-    ``backend``: the layers' ("auto", "reference", "triton"); ``device``: where they run."""
-    triton = backend == "triton" or (backend == "auto" and torch.device(device).type == "cuda")
-    if triton and not ops.kernels_take_query_offsets():
-        raise NotImplementedError(
-            f"context parallel (cp={cp}) with the Triton NSA kernels: they have no query row offset yet "
-            "(kernels/range_attn.py, selected_attn.py, selection.py and nsa.py compute the whole "
-            "sequence's queries only); use attention_backend: reference (exact, slow) or cp=1")
 
 
 # The name earlier versions gave the parallel attention (a class then; now the plan for one layer).

@@ -207,8 +207,6 @@ def start(cfg: TrainConfig, parallel_state=None, log_all_ranks: bool = False) ->
         pc.check_model(model_cfg, world_size, cfg.seq_len)
         if pc.cp > 1:  # before any group is built
             check_cp_zero_stage(pc.cp, cfg.deepspeed)
-            from ..parallel.parallelize import check_cp_backend
-            check_cp_backend(cfg.attention_backend, device, pc.cp)
         parallel_state = pc.build_state(world_size, rank)
     return Env(cfg, model_cfg, device, rank, world_size, parallel_state, progress)
 

@@ -42,30 +42,32 @@ def _tokens(t: torch.Tensor, state: ParallelState, megatron_sp: bool = False) ->
     return C.local_chunk(_rows(t, state), 1, state.tp_group if megatron_sp else state.sp_group)
 
 
-def _assert_grads(par: dict, full: dict, where: str) -> float:
+def _assert_grads(par: dict, full: dict, where: str, tol: dict = TOL) -> float:
     assert set(par) == set(full), f"{where}: parameter names differ: {sorted(set(par) ^ set(full))}"
     for k in full:
-        torch.testing.assert_close(par[k], full[k], **TOL, msg=lambda m: f"{where} grad {k}: {m}")
+        torch.testing.assert_close(par[k], full[k], **tol, msg=lambda m: f"{where} grad {k}: {m}")
         assert full[k].abs().max() > 0, f"{where}: gradient of {k} is zero; the test checks nothing"
     return max(float((par[k] - full[k]).abs().max()) for k in full)
 
 
-def layer_check(state: ParallelState, model, cu, selection_comm: str, megatron_sp: bool = False) -> dict:
+def layer_check(state: ParallelState, model, cu, selection_comm: str, megatron_sp: bool = False,
+                tol: dict = TOL) -> dict:
     attn = model.layers[0].attn
     hidden = model.config.hidden_size
     B = 1 if cu is not None else 2
     g = torch.Generator().manual_seed(1)
     dev = next(model.parameters()).device
-    x = torch.randn(B, S, hidden, generator=g, dtype=torch.float64).to(dev)
-    w_out = torch.randn(B, S, hidden, generator=g, dtype=torch.float64).to(dev)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(B, S, hidden, generator=g, dtype=torch.float64).to(dev, dtype)
+    w_out = torch.randn(B, S, hidden, generator=g, dtype=torch.float64).to(dev, dtype)
     pattn = parallelize_attention(copy.deepcopy(attn), state, megatron_sp, selection_comm=selection_comm)
 
     y_full, dx_full, idx_full, full_grads = one_device_layer(attn, x, w_out, cu)
 
-    y, idx = sharded_layer(pattn, x, w_out, cu, lambda t: _tokens(t, state, megatron_sp), y_full, dx_full, TOL)
+    y, idx = sharded_layer(pattn, x, w_out, cu, lambda t: _tokens(t, state, megatron_sp), y_full, dx_full, tol)
     for p in pattn.parameters():  # each sequence rank holds its tokens' part of a gradient
         C.all_reduce_(p.grad, state.seq_group)
-    err = _assert_grads(gather_full(pattn, state, "grad"), full_grads, "layer")
+    err = _assert_grads(gather_full(pattn, state, "grad"), full_grads, "layer", tol)
 
     L = pattn.comm.layout
     want = _rows(idx_full, state)[:, :, L.kv_global_start:L.kv_global_start + L.kv_local]
@@ -130,6 +132,19 @@ def cp_worker(rank: int, world: int, cp: int = 2, tp: int = 1, sp: int = 1, num_
     out = layer_check(state, model, cu, selection_comm, megatron_sp)
     out.update(model_check(state, model, cu, selection_comm, megatron_sp))
     return out
+
+
+def cp_triton_worker(rank: int, world: int, cp: int = 2, tp: int = 1, packed: bool = False,
+                     num_kv_heads: int = 2, selection_comm: str = "auto", device: str = "cpu") -> dict:
+    """One NSA layer under CP with the Triton kernels (the CPU interpreter, or ``device="cuda"``
+    over NCCL: fp32) against the same layer on one device with the same kernels: output, input
+    and weight gradients within fp32 rounding, the selected blocks identical."""
+    state = ParallelState(world, rank, tp=tp, cp=cp)
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    model = build_model(tiny_config(num_kv_heads=num_kv_heads, layers=1), device=device, backend="triton").float()
+    cu = documents(S) if packed else None
+    return layer_check(state, model, cu, selection_comm, tol=dict(rtol=1e-4, atol=1e-5))
 
 
 def cp_dp_worker(rank: int, world: int, cp: int = 2, recompute: str = "full", loss_chunk: int = 0) -> dict:

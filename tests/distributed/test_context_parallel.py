@@ -1,5 +1,6 @@
 """Context parallelism against one device (gloo processes, float64): outputs, input and
 weight gradients, selected blocks, loss, recorded traffic (cp_workers.py asserts them)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,35 @@ def test_context_parallel_more_layouts(name):
     _run(name, SLOW_LAYOUTS)
 
 
+# CP on the Triton backend (interpreter: 5-8 s a layout on 2 cores)
+TRITON_LAYOUTS = {
+    "cp2_packed": (2, dict(cp=2, packed=True)),
+    "cp2": (2, dict(cp=2)),  # B = 2 sequences: each one's chunk at its own row offset
+}
+SLOW_TRITON_LAYOUTS = {
+    # the group's heads on two ranks: the reference selects with the importance summed over
+    # them, the kernels attend with that selection at the chunk's offset
+    "cp2_x_tp2_h1_importance": (4, dict(cp=2, tp=2, num_kv_heads=1, selection_comm="importance")),
+    # or the kernels select from the group's gathered queries at the offset, then attend
+    "cp2_x_tp2_h1_gather_q_packed": (4, dict(cp=2, tp=2, num_kv_heads=1, packed=True, selection_comm="gather_q")),
+}
+
+
+@pytest.mark.parametrize("name", list(TRITON_LAYOUTS) + [pytest.param(n, marks=pytest.mark.slow)
+                                                         for n in SLOW_TRITON_LAYOUTS])
+def test_context_parallel_with_the_triton_kernels(name):
+    """CP on the Triton backend (no reference fallback: the kernels take the query chunks'
+    offsets), through the CPU interpreter, equals one device with the same kernels."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter run is for CPU machines; on a GPU see tests/ops/test_kernels_gpu.py")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py switches it on without CUDA
+        pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    world, kw = {**TRITON_LAYOUTS, **SLOW_TRITON_LAYOUTS}[name]
+    for r in run_world(W.cp_triton_worker, world, **kw):
+        assert r["layer_out_err"] < 1e-5 and r["layer_grad_err"] < 1e-4
+
+
 @pytest.mark.parametrize("recompute,loss_chunk", [("full", 0), ("keep_attention", 24)])
 def test_data_parallel_on_top_of_cp(recompute, loss_chunk):
     """CP=2 x DP=2: shards summed, replicas averaged; recomputation repeats the K/V gather;
@@ -102,11 +132,6 @@ def test_bad_layouts_name_the_fix():
         ParallelConfig(cp=0)
     with pytest.raises(ValueError, match="NSA attention only"):
         ParallelConfig(cp=2).check_model(W.tiny_config(attention="dense"), 2, 64)
-    from nsa_dist.parallel.parallelize import check_cp_backend
-    with pytest.raises(NotImplementedError, match="Triton NSA kernels: they have no query row offset"):
-        check_cp_backend("auto", torch.device("cuda"), 2)
-    check_cp_backend("reference", torch.device("cuda"), 2)  # exact, explicit
-    check_cp_backend("auto", torch.device("cpu"), 2)
     from nsa_dist.training.build import check_cp_zero_stage
     with pytest.raises(ValueError, match="cp=2\\) with ZeRO-3 .* zero_optimization.stage 0, 1 or 2"):
         check_cp_zero_stage(2, str(ROOT / "configs/deepspeed/zero3.json"))

@@ -144,7 +144,7 @@ def test_select_blocks_defaults_to_the_kernels_on_cuda(monkeypatch):
 
     class FakeKernels:
         @staticmethod
-        def select_blocks(q, k_cmp, cfg, scale, cu_seqlens):
+        def select_blocks(q, k_cmp, cfg, scale, cu_seqlens, q_start=0, seq_len=None):
             seen.append("kernels")
             return torch.zeros(*q.shape[:2], k_cmp.shape[2], cfg.num_selected, dtype=torch.long)
 

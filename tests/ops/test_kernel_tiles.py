@@ -13,12 +13,35 @@ def _layout(cu, ccu):
 def test_query_tiles_stay_inside_documents():
     lay = _layout([0, 5, 5, 21], [0, 1, 1, 4])
     t = lay.query_tiles(4)
-    assert t.tolist() == [[0, 4, 0, 5, 0], [4, 5, 0, 5, 0], [5, 9, 5, 21, 1], [9, 13, 5, 21, 1],
-                          [13, 17, 5, 21, 1], [17, 21, 5, 21, 1]]
+    # (a0, a1, doc_start, doc_end, c_start) then the document's queries: every position, in
+    # its own row (q_lo, q_hi, q_off) = (doc_start, doc_end, 0)
+    assert t.tolist() == [[0, 4, 0, 5, 0, 0, 5, 0], [4, 5, 0, 5, 0, 0, 5, 0], [5, 9, 5, 21, 1, 5, 21, 0],
+                          [9, 13, 5, 21, 1, 5, 21, 0], [13, 17, 5, 21, 1, 5, 21, 0], [17, 21, 5, 21, 1, 5, 21, 0]]
+    assert torch.equal(lay.key_tiles(4), t)
     c = lay.cmp_key_tiles(2)
-    assert c.tolist() == [[0, 1, 0, 5, 0], [1, 3, 5, 21, 1], [3, 4, 5, 21, 1]]
+    assert c.tolist() == [[0, 1, 0, 5, 0, 0, 5, 0], [1, 3, 5, 21, 1, 5, 21, 0], [3, 4, 5, 21, 1, 5, 21, 0]]
     f = lay.first_block_tiles(2, 3)  # each document's first 3 positions (its selection block 0)
-    assert f.tolist() == [[0, 2, 0, 5, 0], [2, 3, 0, 5, 0], [5, 7, 5, 21, 1], [7, 8, 5, 21, 1]]
+    assert f.tolist() == [[0, 2, 0, 5, 0, 0, 5, 0], [2, 3, 0, 5, 0, 0, 5, 0], [5, 7, 5, 21, 1, 5, 21, 0],
+                          [7, 8, 5, 21, 1, 5, 21, 0]]
+
+
+def test_query_chunk_tiles_cover_its_positions_with_row_offsets():
+    """Queries [6, 19) of documents [0, 5), [5, 21): tiles over the queries only, keys tiles
+    over all keys, each with its document's query range and q_off = 6 (row = position - 6);
+    a batch of 2 sequences of 10 with queries [3, 7) of each: q_off 3 and 9."""
+    lay = tiles.make_layout([0, 5, 21], [0, 1, 4], q_start=6, num_queries=13)
+    assert lay.rows == 13 and lay.queries.tolist() == [[6, 6, 6], [6, 19, 6]]  # document 0: none
+    assert lay.query_tiles(8).tolist() == [[6, 14, 5, 21, 1, 6, 19, 6], [14, 19, 5, 21, 1, 6, 19, 6]]
+    assert lay.key_tiles(8).tolist() == [[0, 5, 0, 5, 0, 6, 6, 6], [5, 13, 5, 21, 1, 6, 19, 6],
+                                         [13, 21, 5, 21, 1, 6, 19, 6]]
+    assert lay.row_pos.tolist() == list(range(6, 19)) and lay.row_doc_start.tolist() == [5] * 13
+    assert lay.tok_q_off.tolist() == [6] * 21
+    two = tiles.make_layout([0, 10, 20], [0, 2, 4], q_start=3, num_queries=4, seq_len=10)
+    assert two.queries.tolist() == [[3, 7, 3], [13, 17, 9]]
+    assert two.row_pos.tolist() == [3, 4, 5, 6, 13, 14, 15, 16]
+    assert two.query_tiles(4).tolist() == [[3, 7, 0, 10, 0, 3, 7, 3], [13, 17, 10, 20, 2, 13, 17, 9]]
+    with pytest.raises(ValueError, match="consecutive rows"):  # queries past a sequence's end
+        tiles.make_layout([0, 10, 20], [0, 2, 4], q_start=8, num_queries=4, seq_len=10)
 
 
 def test_offsets_beyond_int32_are_kept_exact():
@@ -55,7 +78,7 @@ def test_inverted_selection_lists_every_choice_once():
     real = items[items[:, 4] > 0]
     assert (items[items[:, 4] == 0] == 0).all()  # padding: an empty key range, no queries
     assert torch.equal(items[:len(real)], real)  # the items first, then the padding
-    for h, k0, k1, off, length in real.tolist():
+    for h, k0, k1, off, length, _ in real.tolist():
         assert 0 < length <= seg and k1 - k0 <= ls
         for t, j in zip(qlist[off:off + length].tolist(), slots[off:off + length].tolist()):
             doc_start = 0 if t < 9 else 9
@@ -74,9 +97,9 @@ def test_inverted_selection_drops_blocks_past_the_document():
     lay = _layout([0, 5, 13], [0, 1, 3])
     idx = torch.tensor([[[0, 1, 2]]] * 13)  # block 2 starts past both documents' ends
     items, qlist = tiles.inverted_selection(idx, lay, 4, 16)[:2]
-    spans = sorted((int(k0), int(k1)) for _, k0, k1, _, n in items.tolist() if n > 0)
+    spans = sorted((int(k0), int(k1)) for _, k0, k1, _, n, _ in items.tolist() if n > 0)
     assert spans == [(0, 4), (4, 5), (5, 9), (9, 13)]  # document 0's block 1 is just position 4
-    assert 13 * 2 == sum(length for *_, length in items.tolist())  # two choices listed a position
+    assert 13 * 2 == sum(length for *_, length, _ in items.tolist())  # two choices listed a position
 
 
 def test_inverted_selection_can_leave_out_the_forced_blocks():
@@ -89,7 +112,7 @@ def test_inverted_selection_can_leave_out_the_forced_blocks():
     lay = _layout(cu, [0, 3, 9])
     items, qlist, slots, _, _, valid = tiles.inverted_selection(idx, lay, ls, 3, skip_forced=True)
     seen = set()
-    for h, k0, k1, off, length in items[items[:, 4] > 0].tolist():
+    for h, k0, k1, off, length, _ in items[items[:, 4] > 0].tolist():
         for t in qlist[off:off + length].tolist():
             ds = 0 if t < 13 else 13
             seen.add((t, h, (k0 - ds) // ls))
@@ -123,7 +146,7 @@ def test_inverted_selection_of_kernel_rows_skips_the_row_sort():
         listed = int(ref.items[:, 4].sum())
         assert torch.equal(work.queries[:listed], ref.queries[:listed])
         assert int(work.valid.sum()) == int(ref.valid.sum()) == listed
-        for h, k0, k1, off, length in work.items.tolist():
+        for h, k0, k1, off, length, _ in work.items.tolist():
             for t, j in zip(work.queries[off:off + length].tolist(), work.slots[off:off + length].tolist()):
                 doc_start = 0 if t < 17 else 17
                 assert int(idx[t, h, j]) == (k0 - doc_start) // ls and work.valid[t, h, j] == 1
@@ -143,12 +166,12 @@ def test_inverted_selection_in_chunks_keeps_each_chunk_to_itself():
                for c in range(4))
     pairs = set()
     for c in range(4):
-        for h, k0, k1, off, length in work.items[work.bounds[c]:work.bounds[c + 1]].tolist():
+        for h, k0, k1, off, length, _ in work.items[work.bounds[c]:work.bounds[c + 1]].tolist():
             for t, j in zip(work.queries[off:off + length].tolist(), work.slots[off:off + length].tolist()):
                 assert 7 * c <= t < 7 * (c + 1)
                 pairs.add((t, h, k0, j))
     want = set()
-    for h, k0, k1, off, length in whole.items.tolist():
+    for h, k0, k1, off, length, _ in whole.items.tolist():
         for t, j in zip(whole.queries[off:off + length].tolist(), whole.slots[off:off + length].tolist()):
             want.add((t, h, k0, j))
     assert pairs == want and len(want) > 0
@@ -172,7 +195,7 @@ def test_item_bound_holds_for_crowded_and_sparse_choices():
                 ch = work.chunk
                 for c in range(len(work.bounds) - 1):
                     part = work.items[work.bounds[c]:work.bounds[c + 1]]
-                    for h, k0, k1, off, length in part[part[:, 4] > 0].tolist():
+                    for h, k0, k1, off, length, _ in part[part[:, 4] > 0].tolist():
                         assert all(ch * c <= t < ch * (c + 1) for t in work.queries[off:off + length].tolist())
                 # every listed choice is in exactly one item: no item was lost to the bound
                 assert int(work.items[count, 4].sum()) == int(work.valid.sum())
@@ -258,3 +281,47 @@ def test_compiled_inverted_selection_equals_the_eager_one():
         for name in ("items", "queries", "slots", "valid"):
             assert torch.equal(getattr(eager, name), getattr(built, name)), (cu, name)
     assert counters["stats"]["unique_graphs"] - before <= 2  # static, then one dynamic graph
+
+
+@pytest.mark.parametrize("skip_forced", [False, True])
+def test_inverted_selection_of_a_query_chunk_names_rows_and_key_blocks(skip_forced):
+    """Queries [7, 30) of documents [0, 13), [13, 40): the lists hold query rows (position - 7),
+    the items their blocks' key positions (from the document's start) and q_off = 7; forced
+    blocks come from the position, not the row."""
+    gen = torch.Generator().manual_seed(5)
+    cu, ls, q0, nq = [0, 13, 40], 4, 7, 23
+    H, n = 2, 4
+    idx = torch.randint(-1, 7, (nq, H, n), generator=gen)
+    lay = tiles.make_layout(cu, [0, 3, 9], q_start=q0, num_queries=nq)
+    work = tiles.inverted_selection(idx, lay, ls, 3, chunk=9, skip_forced=skip_forced)
+    seen = set()
+    for h, k0, k1, off, length, q_off in work.items[work.items[:, 4] > 0].tolist():
+        assert q_off == q0 and k1 - k0 <= ls
+        for row in work.queries[off:off + length].tolist():
+            t = row + q0
+            ds = 0 if t < 13 else 13
+            assert ds <= k0 < (13 if t < 13 else 40)  # the block is in the query's document
+            seen.add((row, h, (k0 - ds) // ls))
+    want = set()
+    for row in range(nq):
+        t = row + q0
+        ds, de = (0, 13) if t < 13 else (13, 40)
+        cb = (t - ds) // ls
+        for h in range(H):
+            for b in {int(x) for x in idx[row, h]}:
+                if b >= 0 and ds + b * ls < de and not (skip_forced and (b == 0 or b >= cb - 1)):
+                    want.add((row, h, b))
+    assert seen == want and len(want) > (5 if skip_forced else 20)
+
+
+@pytest.mark.slow
+def test_compiled_inverted_selection_of_a_query_chunk_equals_the_eager_one():
+    """The torch.compile'd lists (the CUDA default) of a query chunk: the same integers (~12 s
+    of compilation on 2 cores)."""
+    idx = torch.randint(-1, 9, (50, 2, 5), generator=torch.Generator().manual_seed(6))
+    lay = tiles.make_layout([0, 30, 64, 100], [0, 6, 13, 21], q_start=20, num_queries=50)
+    eager = tiles.inverted_selection(idx, lay, 4, 3, chunk=16, skip_forced=True)
+    built = tiles.inverted_selection(idx, lay, 4, 3, chunk=16, skip_forced=True, compiled=True)
+    assert eager.bounds == built.bounds and int(eager.items[:, 4].sum()) > 20
+    for name in ("items", "queries", "slots", "valid"):
+        assert torch.equal(getattr(eager, name), getattr(built, name)), name
