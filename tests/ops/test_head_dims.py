@@ -86,3 +86,65 @@ def test_wider_launches_of_large_accumulators_match_the_reference():
     assert max_rel(o, o_ref) < 1e-5
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert max_rel(g, g_ref) < 1e-5, f"d{name}: {max_rel(g, g_ref):.2e}"
+
+
+def test_head_dims_split_into_two_power_of_two_pieces():
+    """A head dim that is a power of two plus a smaller one runs as those two pieces, narrower
+    than one padded tile; powers of two and dims no narrower in two pieces keep one tile."""
+    from nsa_dist.kernels.headdim import split_dim
+
+    assert split_dim(192) == (128, 64) and split_dim(96) == (64, 32) and split_dim(160) == (128, 32)
+    assert split_dim(136) == (128, 16) and split_dim(48) == (32, 16)  # the rest padded to 16
+    for d, whole in ((128, 128), (256, 256), (16, 16), (8, 16), (24, 32), (200, 256), (112, 128)):
+        assert split_dim(d) == (whole, 0), d
+    for d in range(1, 257):
+        first, second = split_dim(d)
+        assert first + second >= d and first & (first - 1) == 0 and first >= 16
+        assert second == 0 or (second & (second - 1) == 0 and 16 <= second < first)
+
+
+# (Dk, Dv, dtype, LaunchConfig settings): position-major selected kernels and the general
+# (overlap-matrix) selection chunks at Dk = 192; block-major ones with atomic query chunks of
+# the compressed dK/dV at Dk = 96; fp16 at 96 = 64 + 32 and 48 = 32 + 16
+TWO_PIECES = {
+    "192-query-general": (192, 128, torch.float32, dict(sel_algo="query", sel_dq_algo="query",
+                                                         select_aligned=False)),
+    "96-block-chunked": (96, 64, torch.float32, dict(dkdv_qchunk=32)),
+    "96-fp16": (96, 64, torch.float16, {}),
+    "48-fp16-query": (48, 32, torch.float16, dict(sel_algo="query", sel_dq_algo="query")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWO_PIECES))
+def test_head_dims_in_two_pieces_match_the_reference(case):
+    """Dk in two column pieces (kernels/headdim.py) in every kernel: selection, forward and all
+    gradients against the reference, fp32 to 1e-5 and fp16 against the fp32 reference as
+    tests/ops/test_kernels_interp.py holds fp16 (packed documents, G = 4)."""
+    _, device = kernels_or_skip()
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    from nsa_dist.kernels.nsa import make_geometry
+
+    dk, dv, dtype, settings = TWO_PIECES[case]
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16)
+    cu = torch.tensor([0, 45, 96], dtype=torch.int32)
+    x = random_nsa_inputs(cfg, S=96, HQ=8, H=2, Dk=dk, Dv=dv, dtype=dtype, seed=5, cu_seqlens=cu,
+                          requires_grad=True, device=device)
+    x32 = {k: v.detach().double().requires_grad_(True) for k, v in x.items()}
+    cu = cu.to(device)
+    with use_launch(LaunchConfig(**settings)):
+        geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, cu)
+        assert geo.dk_pieces()["BDK2"] > 0 and geo.bdk() == dk  # two pieces, no padding
+        o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True)
+        do = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(o, args(x), do.to(dtype))
+    o_ref, idx_ref = ops.nsa_attention(*args(x32), cfg, cu_seqlens=cu, backend="reference", return_indices=True)
+    grads_ref = torch.autograd.grad(o_ref, args(x32), do)
+    if dtype == torch.float32:
+        assert torch.equal(idx, idx_ref)
+    else:  # fp16 queries may break near-ties differently: the selection against the fp16 inputs' own
+        q16, k16 = x["q"].detach().double(), x["k_cmp"].detach().double()
+        assert torch.equal(idx, ops.select_blocks(q16, k16, cfg, cu_seqlens=cu, backend="reference"))
+    o_tol, g_tol = (1e-5, 1e-5) if dtype == torch.float32 else (5e-3, 1e-2)
+    assert max_rel(o, o_ref) < o_tol
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert max_rel(g, g_ref) < g_tol, f"d{name}: {max_rel(g, g_ref):.2e}"
