@@ -177,13 +177,18 @@ class Geometry:
             per_pos = max(per_pos, self.HQ * n * (self.DK * pdt.itemsize + (4 if pdt == torch.float16 else 0)))
         return max(1, self.launch.split_bytes // per_pos)
 
+    def dk_split(self) -> tuple[int, int]:
+        """Widths of the kernels' Dk pieces (``headdim.split_dim``; the second 0 for one piece,
+        always with ``launch.split_head_dims = False``)."""
+        return split_dim(self.DK) if self.launch.split_head_dims else (_pow2(self.DK), 0)
+
     def bdk(self) -> int:
-        """Columns of the kernels' Dk tiles: both pieces of the head dim (``headdim.split_dim``)."""
-        return sum(split_dim(self.DK))
+        """Columns of the kernels' Dk tiles: both pieces."""
+        return sum(self.dk_split())
 
     def dk_pieces(self) -> dict:
-        """The kernels' Dk piece widths: BDK (the first), BDK2 (the second; 0 for one piece)."""
-        first, second = split_dim(self.DK)
+        """The kernels' Dk piece constants: BDK (the first piece), BDK2 (the second, or 0)."""
+        first, second = self.dk_split()
         return dict(BDK=first, BDK2=second)
 
     def bdv(self) -> int:

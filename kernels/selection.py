@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .headdim import dot2, piece2, split_dim
+from .headdim import dot2, piece2
 from .range_attn import _nvis
 
 # tl.topk / tl.bitonic_merge (newer Triton): the top-n merge in log2(NP) stages
@@ -229,7 +229,7 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     # >= 16 positions a program, so that the weight product is a matrix product, unless the
     # group alone fills the rows (G > 16: then the group sum is a broadcast)
     BT = max(rows // GP, 16 if GP <= 16 else 1)
-    BDK, BDK2 = split_dim(DK)
+    BDK, BDK2 = geo.dk_split()
     BJ, BJP = _chunk_blocks(aligned, l, d, ls, BLOCK_N, span, NP)
     # default: 8 warps when a merge's chunk is wider than the top-n; 3 stages with chunks of
     # whole blocks below G = 16 (docs/kernel_notes.md, "Launch configuration")

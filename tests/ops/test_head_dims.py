@@ -105,8 +105,10 @@ def test_head_dims_split_into_two_power_of_two_pieces():
 
 # (Dk, Dv, dtype, LaunchConfig settings): position-major selected kernels and the general
 # (overlap-matrix) selection chunks at Dk = 192; block-major ones with atomic query chunks of
-# the compressed dK/dV at Dk = 96; fp16 at 96 = 64 + 32 and 48 = 32 + 16
+# the compressed dK/dV at Dk = 96; fp16 at 96 = 64 + 32 and 48 = 32 + 16; 96 padded to 128
+# (split_head_dims = False, the A/B's base)
 TWO_PIECES = {
+    "96-padded": (96, 64, torch.float32, dict(split_head_dims=False)),
     "192-query-general": (192, 128, torch.float32, dict(sel_algo="query", sel_dq_algo="query",
                                                          select_aligned=False)),
     "96-block-chunked": (96, 64, torch.float32, dict(dkdv_qchunk=32)),
@@ -117,8 +119,8 @@ TWO_PIECES = {
 
 @pytest.mark.parametrize("case", sorted(TWO_PIECES))
 def test_head_dims_in_two_pieces_match_the_reference(case):
-    """Dk in two column pieces (kernels/headdim.py) in every kernel: selection, forward and all
-    gradients against the reference, fp32 to 1e-5 and fp16 against the fp32 reference as
+    """Dk in two column pieces (kernels/headdim.py) in every kernel, or padded: selection,
+    forward and all gradients against the reference, fp32 to 1e-5 and fp16 against the fp32 reference as
     tests/ops/test_kernels_interp.py holds fp16 (packed documents, G = 4)."""
     _, device = kernels_or_skip()
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
@@ -133,7 +135,10 @@ def test_head_dims_in_two_pieces_match_the_reference(case):
     cu = cu.to(device)
     with use_launch(LaunchConfig(**settings)):
         geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, cu)
-        assert geo.dk_pieces()["BDK2"] > 0 and geo.bdk() == dk  # two pieces, no padding
+        if settings.get("split_head_dims", True):
+            assert geo.dk_pieces()["BDK2"] > 0 and geo.bdk() == dk  # two pieces, no padding
+        else:
+            assert geo.dk_pieces() == {"BDK": 128, "BDK2": 0}
         o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True)
         do = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad(o, args(x), do.to(dtype))
