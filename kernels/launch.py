@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 WarpsStages = tuple[int, int]
 
 _CHOICES = {"sel_algo": ("auto", "block", "query"), "sel_dq_algo": ("auto", "block", "query"),
-            "sel_dq_partial": ("auto", "fp32", "fp16s")}
+            "sel_dq_partial": ("auto", "fp32", "fp16s"), "head_dim_pieces": ("auto", "two", "one")}
 # tile sides that enter tl.arange / tl.dot: powers of two (tl.dot needs >= 16)
 _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_span": 1, "gate_rows": 1,
          "sel_combine_rows": 1, "range_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
@@ -76,11 +76,12 @@ class LaunchConfig:
     smem_bytes: int = 232448  # shared memory one program may use: Hopper's 227 KB
     # --- registers: a kernel whose fp32 accumulators (ACC_TILES) exceed this many registers a
     # thread runs with twice the warps, up to 8 (``acc_warps``); None: the warps as set. At the
-    # paper's D = 128 no kernel exceeds 128; at Dk = 192 (128 + 64) the dK/dV kernels hold 160.
+    # paper's D = 128 no kernel exceeds 128; at Dk = 192 (in pieces) the dK/dV kernels hold 160.
     acc_regs: Optional[int] = None
-    # --- head dims: Dk as two power-of-two column pieces where they are narrower than one padded
-    # tile (192 = 128 + 64: ``headdim.split_dim``); False pads Dk to a power of two (the A/B's base)
-    split_head_dims: bool = True
+    # --- head dims: Dk in power-of-two column pieces (``headdim.split_dim``): "auto" three equal
+    # ones where Dk is 3 x 2^k (192 = 3 x 64), else two where narrower than one padded tile (160 =
+    # 128 + 32); "two" the latter always (192 = 128 + 64); "one" Dk padded (the A/B's base)
+    head_dim_pieces: str = "auto"
     # --- (num_warps, num_stages) per kernel
     range_fwd: WarpsStages = (4, 3)
     range_dq: WarpsStages = (4, 2)
@@ -196,8 +197,8 @@ class LaunchConfig:
 
 
 # Shared-memory tiles of each kernel with matrix products: per tile, its rows ("m": BLOCK_M
-# query rows, "n": BLOCK_N keys) and columns ("k": Dk as its tiles hold it, one power of two or two
-# pieces, ``headdim.split_dim``: 192 is 128 + 64; "v": Dv padded to a power of two).
+# query rows, "n": BLOCK_N keys) and columns ("k": Dk as its tiles hold it, one power of two or its
+# pieces, ``headdim.split_dim``: 192 is 3 x 64; "v": Dv padded to a power of two).
 # Resident tiles are loaded once per program; streamed ones once per pipeline stage.
 SMEM_TILES = {
     # kernel: (resident, streamed)

@@ -177,19 +177,18 @@ class Geometry:
             per_pos = max(per_pos, self.HQ * n * (self.DK * pdt.itemsize + (4 if pdt == torch.float16 else 0)))
         return max(1, self.launch.split_bytes // per_pos)
 
-    def dk_split(self) -> tuple[int, int]:
-        """Widths of the kernels' Dk pieces (``headdim.split_dim``; the second 0 for one piece,
-        always with ``launch.split_head_dims = False``)."""
-        return split_dim(self.DK) if self.launch.split_head_dims else (_pow2(self.DK), 0)
+    def dk_split(self) -> tuple[int, int, int]:
+        """Widths of the kernels' Dk pieces, 0 for none (``headdim.split_dim`` by
+        ``launch.head_dim_pieces``)."""
+        return split_dim(self.DK, self.launch.head_dim_pieces)
 
     def bdk(self) -> int:
-        """Columns of the kernels' Dk tiles: both pieces."""
+        """Columns of the kernels' Dk tiles: all pieces."""
         return sum(self.dk_split())
 
     def dk_pieces(self) -> dict:
-        """The kernels' Dk piece constants: BDK (the first piece), BDK2 (the second, or 0)."""
-        first, second = self.dk_split()
-        return dict(BDK=first, BDK2=second)
+        """The kernels' Dk piece constants: BDK (the first piece), BDK2 and BDK3 (the later ones, or 0)."""
+        return dict(zip(("BDK", "BDK2", "BDK3"), self.dk_split()))
 
     def bdv(self) -> int:
         return max(16, triton.next_power_of_2(self.DV))
