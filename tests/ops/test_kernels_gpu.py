@@ -227,7 +227,7 @@ def test_fp32_head_dims_match_the_reference_without_tf32(dk, dv):
 @pytest.mark.parametrize("dk,dv", [(192, 128), (256, 256), (128, 256), (96, 64), (160, 128)])
 def test_16_bit_head_dims_up_to_256_within_5e3(dtype, dk, dv):
     """Every head dim up to 256 (Dk != Dv) runs in 16 bits, within 5e-3 of the fp32 reference
-    given the kernels' own selection (Dk 192, 96, 160 in two pieces: kernels/headdim.py)."""
+    given the kernels' own selection (Dk 192, 96, 160 in pieces: kernels/headdim.py)."""
     from nsa_dist.ops import nsa_attention
 
     cfg, x = _head_dim_inputs(dtype, dk, dv, seed=1)
