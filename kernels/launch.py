@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 WarpsStages = tuple[int, int]
 
 _CHOICES = {"sel_algo": ("auto", "block", "query"), "sel_dq_algo": ("auto", "block", "query"),
-            "sel_dq_partial": ("auto", "fp32", "fp16s")}
+            "sel_dq_partial": ("auto", "fp32", "fp16s"), "head_dim_pieces": ("auto", "two", "one")}
 # tile sides that enter tl.arange / tl.dot: powers of two (tl.dot needs >= 16)
 _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_span": 1, "gate_rows": 1,
          "sel_combine_rows": 1, "range_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
@@ -76,8 +76,12 @@ class LaunchConfig:
     smem_bytes: int = 232448  # shared memory one program may use: Hopper's 227 KB
     # --- registers: a kernel whose fp32 accumulators (ACC_TILES) exceed this many registers a
     # thread runs with twice the warps, up to 8 (``acc_warps``); None: the warps as set. At the
-    # paper's D = 128 no kernel exceeds 128; at Dk = 192 (256 padded) the dK/dV kernels hold 192.
+    # paper's D = 128 no kernel exceeds 128; at Dk = 192 (in pieces) the dK/dV kernels hold 160.
     acc_regs: Optional[int] = None
+    # --- head dims: Dk in power-of-two column pieces (``headdim.split_dim``): "auto" three equal
+    # ones where Dk is 3 x 2^k (192 = 3 x 64), else two where narrower than one padded tile (160 =
+    # 128 + 32); "two" the latter always (192 = 128 + 64); "one" Dk padded (the A/B's base)
+    head_dim_pieces: str = "auto"
     # --- (num_warps, num_stages) per kernel
     range_fwd: WarpsStages = (4, 3)
     range_dq: WarpsStages = (4, 2)
@@ -127,7 +131,8 @@ class LaunchConfig:
         """(rows, keys, stages) of ``kernel`` whose ``smem_estimate`` fits ``smem_bytes``.
 
         rows / keys: the tiles' BLOCK_M / BLOCK_N (powers of two), halved down to rows_min /
-        keys_min unless named in ``fixed`` ("rows", "keys"); bdk / bdv: padded head dims;
+        keys_min unless named in ``fixed`` ("rows", "keys"); bdk / bdv: the head dims' tile widths
+        (``SMEM_TILES``);
         elsize: bytes per input element. Each step takes the largest saving among halving the
         rows, halving the keys and one stage fewer (two stages kept while a tile can shrink).
         The default tiles of 16-bit inputs up to Dk = 256, Dv = 128 (G <= 16) fit unchanged.
@@ -145,14 +150,14 @@ class LaunchConfig:
             if not steps:
                 raise ValueError(
                     f"{kernel}: no tile fits {self.smem_bytes} B of shared memory with head dims {bdk}/{bdv} "
-                    f"(padded) and {elsize}-byte inputs: {size(rows, keys, stages)} B at {rows} rows, {keys} "
+                    f"(tile widths) and {elsize}-byte inputs: {size(rows, keys, stages)} B at {rows} rows, {keys} "
                     f"keys, 1 stage. Use 16-bit inputs or smaller head dims (or a larger LaunchConfig.smem_bytes "
                     f"on a GPU that has it)")
             rows, keys, stages = min(steps, key=lambda t: (size(*t), -t[2]))
         return rows, keys, stages
 
     def acc_warps(self, kernel: str, rows: int, keys: int, bdk: int, bdv: int) -> int:
-        """num_warps of ``kernel`` with BLOCK_M = rows, BLOCK_N = keys and padded head dims bdk /
+        """num_warps of ``kernel`` with BLOCK_M = rows, BLOCK_N = keys and head-dim tile widths bdk /
         bdv: its own, doubled (up to 8) while its fp32 accumulators (``ACC_TILES``) take more
         than ``acc_regs`` registers a thread (32 threads a warp, one register per fp32 element)."""
         warps = getattr(self, kernel)[0]
@@ -192,7 +197,8 @@ class LaunchConfig:
 
 
 # Shared-memory tiles of each kernel with matrix products: per tile, its rows ("m": BLOCK_M
-# query rows, "n": BLOCK_N keys) and columns ("k": Dk, "v": Dv, padded to powers of two).
+# query rows, "n": BLOCK_N keys) and columns ("k": Dk as its tiles hold it, one power of two or its
+# pieces, ``headdim.split_dim``: 192 is 3 x 64; "v": Dv padded to a power of two).
 # Resident tiles are loaded once per program; streamed ones once per pipeline stage.
 SMEM_TILES = {
     # kernel: (resident, streamed)
@@ -223,9 +229,9 @@ SMEM_SLACK = 4096  # bytes beside the tiles (Triton added 3072 in the case below
 def smem_estimate(kernel: str, rows: int, keys: int, bdk: int, bdv: int, elsize: int, stages: int) -> int:
     """Bytes of shared memory ``kernel`` takes with BLOCK_M = rows, BLOCK_N = keys: resident tiles
     once and streamed tiles ``stages`` times, ``elsize`` bytes an element, plus SMEM_SLACK. For the
-    selection kernel at 128 rows, 64 keys, 3 stages, Dk = 192 (256 padded) in fp32 it gives
-    327680 + 4096 B where Triton reported 330752 (issue 25). The other kernels' figures are the
-    same count, not yet compared with Triton's on a GPU."""
+    selection kernel at 128 rows, 64 keys, 3 stages, Dk = 256 in fp32 (192 before it ran in two
+    pieces) it gives 327680 + 4096 B where Triton reported 330752 (issue 25). The other kernels'
+    figures are the same count (tools/kernel_spills.py prints Triton's for each launch)."""
     dims = {"m": rows, "n": keys, "k": bdk, "v": bdv}
     resident, streamed = SMEM_TILES[kernel]
     count = lambda tiles: sum(dims[a] * dims[b] for a, b in tiles)  # noqa: E731

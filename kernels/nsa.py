@@ -20,6 +20,7 @@ import triton
 
 from . import tiles as tl_tiles
 from .gates import combine, combine_backward
+from .headdim import split_dim
 from .launch import LaunchConfig, current_launch
 from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
@@ -184,8 +185,18 @@ class Geometry:
             per_pos = max(per_pos, self.HQ * n * (self.DK * pdt.itemsize + (4 if pdt == torch.float16 else 0)))
         return max(1, self.launch.split_bytes // per_pos)
 
+    def dk_split(self) -> tuple[int, int, int]:
+        """Widths of the kernels' Dk pieces, 0 for none (``headdim.split_dim`` by
+        ``launch.head_dim_pieces``)."""
+        return split_dim(self.DK, self.launch.head_dim_pieces)
+
     def bdk(self) -> int:
-        return max(16, triton.next_power_of_2(self.DK))
+        """Columns of the kernels' Dk tiles: all pieces."""
+        return sum(self.dk_split())
+
+    def dk_pieces(self) -> dict:
+        """The kernels' Dk piece constants: BDK (the first piece), BDK2 and BDK3 (the later ones, or 0)."""
+        return dict(zip(("BDK", "BDK2", "BDK3"), self.dk_split()))
 
     def bdv(self) -> int:
         return max(16, triton.next_power_of_2(self.DV))
@@ -210,7 +221,7 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
             L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, **t.launch)
+            BLOCK_N=t.block_n, BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, **geo.dk_pieces(), **t.launch)
     return (None if lse_only else o), lse
 
 
@@ -229,7 +240,7 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, ls
             dos[0], dos[2] if win else dos[0], dos[1], lse_c, delta[0], lse_w if win else lse_c, delta[2],
             lse_s, delta[1], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
-            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(), PREC=geo.prec,
+            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec, **geo.dk_pieces(),
             **t.launch)
     return dq32
 
@@ -258,8 +269,8 @@ def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, 
                                                   geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
                                                   LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                                                  BDK=geo.bdk(), BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec,
-                                                  **t.launch)
+                                                  BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec,
+                                                  **geo.dk_pieces(), **t.launch)
 
 
 def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2, scale):
@@ -307,8 +318,8 @@ def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) ->
     """Block-major kernel ``kernel``'s constants and launch keywords; its rows per step:
     ``launch.<kernel>_rows`` (sel_split, sel_dq_split, sel_dkdv), at most a segment."""
     t = geo.tiles(kernel, dkdv_only)
-    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDK=geo.bdk(), BDV=geo.bdv(),
-                PREC=geo.prec, **t.launch)
+    return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(),
+                PREC=geo.prec, **geo.dk_pieces(), **t.launch)
 
 
 def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
@@ -329,8 +340,8 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
     if qt.shape[0]:
         _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
                                        geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
-                                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDK=geo.bdk(),
-                                       BDV=geo.bdv(), FORCED=forced, PREC=geo.prec, **t.launch)
+                                       BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDV=geo.bdv(),
+                                       FORCED=forced, PREC=geo.prec, **geo.dk_pieces(), **t.launch)
     return o, lse, None
 
 
@@ -378,7 +389,7 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
                                       **_sel_block_args(geo, cfg, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], dq[t0:t1], nr,
-                                                     geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=geo.bdk(),
+                                                     geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=_pow2(geo.DK),
                                                      SCALED=scaled, **geo.launch.warps("sel_dq_combine"))
 
 
@@ -407,8 +418,8 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
             _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
                                               LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                                              NPAD=_pow2(n), BDK=geo.bdk(), BDV=geo.bdv(), FORCED=forced,
-                                              PREC=geo.prec, **t.launch)
+                                              NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced, PREC=geo.prec,
+                                              **geo.dk_pieces(), **t.launch)
     # the forward's work list when it made one (its chunks only split segments further)
     if work.items.shape[0]:
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .headdim import rest_acc, rest_dot, rest_load, rest_scale, rest_store, rest_zeros
+
 LOG2E = 1.4426950408889634
 TILE_COLS = tl.constexpr(8)  # columns of a tile table (tiles.COLS)
 
@@ -75,16 +77,18 @@ def _key_range(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexp
 
 
 @triton.jit
-def _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
+def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
               KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr,
-              LSE_ONLY: tl.constexpr, PREC: tl.constexpr):
+              LSE_ONLY: tl.constexpr, PREC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr,
+              BDK3: tl.constexpr):
     """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
         kr = (kbase + c) * H + h
         k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
                     other=0.0)
-        s = tl.dot(q, k, input_precision=PREC) * scale2
+        k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3, TRANS=True)
+        s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
         s = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -102,7 +106,8 @@ def _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc,
 def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
                G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                W: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr, PREC: tl.constexpr):
+               BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr, PREC: tl.constexpr,
+               BDK2: tl.constexpr, BDK3: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -119,24 +124,25 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
     dv = tl.arange(0, BDV)
     q = tl.load(Q + (t * HQ + head)[:, None] * DK + dk[None, :],
                 mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    q_r = rest_load(Q, t * HQ + head, row_ok, DK, q, BDK, BDK2, BDK3)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BDV], tl.float32)
     if MODE == 0:
         lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
-                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY, PREC)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
+                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
     elif MODE == 1:
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY, PREC)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
     else:  # the forced selection blocks
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY, PREC)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY, PREC)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + t * HQ + head, lse, mask=row_ok)
@@ -147,9 +153,11 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
 
 
 @triton.jit
-def _dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
-             KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """dq (unscaled) plus one branch's sum over keys lo..hi of ds k, ds = p (do v - delta)."""
+def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
+             KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+             BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+    """dq (unscaled; its first head-dim piece and the rest) plus one branch's sum over keys lo..hi of ds k,
+    ds = p (do v - delta)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
         kr = (kbase + c) * H + h
@@ -157,11 +165,13 @@ def _dq_keys(dq, q, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, t
                     other=0.0)
         v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
                     other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+        k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3)
+        s = rest_dot(tl.dot(q, tl.trans(k), input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         p = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, v, input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    return dq
+        dq_r = rest_acc(dq_r, ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
+    return dq, dq_r
 
 
 @triton.jit
@@ -169,7 +179,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
                   DQ, TILES, scale2, scale, HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                   W: tl.constexpr, LS: tl.constexpr, HAS_WIN: tl.constexpr, FORCED: tl.constexpr,
                   BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
-                  BDV: tl.constexpr, PREC: tl.constexpr):
+                  BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """dq = scale * sum_keys ds k of the compressed branch, the window (HAS_WIN) and the
     selected branch's forced blocks (FORCED), each with its own do / lse / delta, stored into
     the fp32 buffer DQ: the first writer of every row, so DQ needs no zeroing. One program
@@ -187,40 +197,44 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
     dv = tl.arange(0, BDV)
     rq = (t - q_off) * HQ + head  # query rows: positions - q_off
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
     do_ptr = rq[:, None] * DV + dv[None, :]
     do_msk = row_ok[:, None] & (dv < DV)[None, :]
     dq = tl.zeros([BLOCK_M, BDK], tl.float32)
+    dq_r = rest_zeros(BLOCK_M, dq, BDK2, BDK3)
     do = tl.load(DOC + do_ptr, mask=do_msk, other=0.0)
     lse = tl.load(LSE_C + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
     lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
-    dq = _dq_keys(dq, q, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, lo, hi, tloc, _nvis(tloc, L, DS),
-                  dk, dv, 0, W, LS, BLOCK_N, PREC)
+    dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
+                       _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     if HAS_WIN:
         do = tl.load(DOW + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
-        dq = _dq_keys(dq, q, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                      dk, dv, 1, W, LS, BLOCK_N, PREC)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     if FORCED:
         do = tl.load(DOS + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
-        dq = _dq_keys(dq, q, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                      dk, dv, _FIRST, W, LS, BLOCK_N, PREC)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, _FIRST, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
-        dq = _dq_keys(dq, q, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                      dk, dv, _LOCAL, W, LS, BLOCK_N, PREC)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, _LOCAL, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     tl.store(DQ + rq[:, None] * DK + dk[None, :], dq * scale, mask=row_ok[:, None] & (dk < DK)[None, :])
+    rest_store(DQ, rq, row_ok, DK, rest_scale(dq_r, scale, BDK2, BDK3), BDK, BDK2, BDK3)
 
 
 @triton.jit
 def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV, QCHUNK,
                     G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                     W: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                    BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+                    BDK2: tl.constexpr, BDK3: tl.constexpr):
     """One program per (key tile, chunk of QCHUNK query positions): stream the rows (position,
     head) of the chunk that can see the tile. A compressed key is seen by every later query,
     so without chunks the first tiles' programs stream the whole document while the grid is
@@ -245,6 +259,7 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
     dv = tl.arange(0, BDV)
     kr = c * H + h
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3)
     v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
     doc_len = de0 - ds0
     if MODE == 0:
@@ -268,6 +283,7 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
     q_lo = tl.maximum(q_lo, q_a - ds0)
     q_hi = tl.minimum(q_hi, q_b - ds0)
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
+    acc_k_r = rest_zeros(BLOCK_N, acc_k, BDK2, BDK3)
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
     for r0 in range(q_lo * G, q_hi * G, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
@@ -275,11 +291,13 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         tloc = r // G
         rq = (ds0 + tloc - q_off) * HQ + h * G + r % G
         q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
         do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
                      other=0.0)
         lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale2  # [BLOCK_N, BLOCK_M]
+        st = tl.dot(k, tl.trans(q), input_precision=PREC)
+        st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2  # [BLOCK_N, BLOCK_M]
         if MODE == 0:
             ok = cloc[:, None] * DS + (L - 1) <= tloc[None, :]
         elif MODE == 1:
@@ -294,14 +312,18 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
         acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
+    acc_k_r = rest_scale(acc_k_r, scale, BDK2, BDK3)
     if ATOMIC:
         if q_hi > q_lo:  # chunks before the tile's first query add nothing
             tl.atomic_add(DKo + kr[:, None] * DK + dk[None, :], acc_k * scale,
                           mask=key_ok[:, None] & (dk < DK)[None, :], sem="relaxed")
+            rest_store(DKo, kr, key_ok, DK, acc_k_r, BDK, BDK2, BDK3, ATOMIC=True)
             tl.atomic_add(DVo + kr[:, None] * DV + dv[None, :], acc_v,
                           mask=key_ok[:, None] & (dv < DV)[None, :], sem="relaxed")
     else:
         tl.store(DKo + kr[:, None] * DK + dk[None, :], (acc_k * scale).to(DKo.dtype.element_ty),
                  mask=key_ok[:, None] & (dk < DK)[None, :])
+        rest_store(DKo, kr, key_ok, DK, acc_k_r, BDK, BDK2, BDK3)
         tl.store(DVo + kr[:, None] * DV + dv[None, :], acc_v.to(DVo.dtype.element_ty),
                  mask=key_ok[:, None] & (dv < DV)[None, :])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .headdim import rest_acc, rest_amax, rest_dot, rest_load, rest_scale, rest_store, rest_zeros
 from .range_attn import TILE_COLS, _query_tile
 
 
@@ -58,7 +59,7 @@ def _union_range(cnt, t0, ds0, LS: tl.constexpr, BT: tl.constexpr, FORCED: tl.co
 def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL, UMAX,
              G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-             FORCED: tl.constexpr, PREC: tl.constexpr):
+             FORCED: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """Position-major forward. FORCED: the forced blocks' attention (OF, base-2 log-sum-exp LF,
     from the range kernel; they may be O and LSE themselves, as a program reads its rows'
     state before it writes them) is the starting state, and those blocks are skipped."""
@@ -72,6 +73,7 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
     dv = tl.arange(0, BDV)
     jn = tl.arange(0, NPAD)
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
     sel = tl.load(IDX + (t * H + h)[:, None] * NSEL + jn[None, :],
                   mask=row_ok[:, None] & (jn < NSEL)[None, :], other=-1)
     cnt = tl.load(UCNT + tile * H + h)
@@ -99,8 +101,9 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
         key_ok = (jb < LS) & (pos <= tmax)
         kr = (ds0 + pos) * H + h
         k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
+        k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3, TRANS=True)
         v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=PREC) * scale2
+        s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
         ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -121,7 +124,8 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
 def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale2, scale, HQ, DK, DV,
                 NSEL, UMAX, G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPAD: tl.constexpr,
-                BDK: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr, PREC: tl.constexpr):
+                BDK: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr, PREC: tl.constexpr,
+                BDK2: tl.constexpr, BDK3: tl.constexpr):
     """Position-major dq; FORCED: the forced blocks' part came from the range dq kernel."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -133,6 +137,7 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
     dv = tl.arange(0, BDV)
     jn = tl.arange(0, NPAD)
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
     do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
     lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
@@ -142,6 +147,7 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
     jb = tl.arange(0, BLOCK_N)
     tmax = t1 - 1 - ds0
     dq = tl.zeros([BLOCK_M, BDK], tl.float32)
+    dq_r = rest_zeros(BLOCK_M, dq, BDK2, BDK3)
     u0, u1 = _union_range(cnt, tl.load(TILES + tile * TILE_COLS), ds0, LS, BT, FORCED)
     for u in range(u0, u1):
         b = tl.load(UNION + (tile * H + h) * UMAX + u)
@@ -152,17 +158,21 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
         key_ok = (jb < LS) & (pos <= tmax)
         kr = (ds0 + pos) * H + h
         k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3)
         v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = rest_dot(s, q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, v, input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq_r = rest_acc(dq_r, ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
     # the last dq term: the other branches' sum (fp32 DQ) plus this one, stored in q's dtype
     off = rq[:, None] * DK + dk[None, :]
     msk = row_ok[:, None] & (dk < DK)[None, :]
     tl.store(DQO + off, (tl.load(DQ + off, mask=msk, other=0.0) + dq * scale).to(DQO.dtype.element_ty), mask=msk)
+    rest_store(DQO, rq, row_ok, DK, rest_scale(dq_r, scale, BDK2, BDK3), BDK, BDK2, BDK3, BASE=DQ)
 
 
 @triton.jit
@@ -185,7 +195,8 @@ def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
                    G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
+                   BDK3: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries): each row's attention over
     this one block, normalised, into its slot: OP[row - row0, slot] and its log2-sum-exp2
     LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
@@ -194,6 +205,7 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
+    k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3, TRANS=True)
     v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
     for r0 in range(0, n * G, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
@@ -201,7 +213,8 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
         t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
         rq = t * HQ + h * G + r % G
         q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=PREC) * scale2
+        q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
+        s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
         s = tl.where(row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
         m = tl.max(s, 1)
         ms = tl.where(m == float("-inf"), 0.0, m)
@@ -258,45 +271,52 @@ def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, 
 
 @triton.jit
 def _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV, dk, dv, G: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """Rows r0..r0+BLOCK_M-1 of a work item's n positions x G heads (block-major backward):
-    (r, row_ok, positions t, query rows rq, q, dO, lse, delta), gathered."""
+    (r, row_ok, positions t, query rows rq, q, q's later head-dim pieces, dO, lse, delta), gathered."""
     r = r0 + tl.arange(0, BLOCK_M)
     row_ok = r < n * G
     t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
     rq = t * HQ + h * G + r % G
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
     do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
     lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
-    return r, row_ok, t, rq, q, do, lse, delta
+    return r, row_ok, t, rq, q, q_r, do, lse, delta
 
 
 @triton.jit
 def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr):
+                  BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
+                  BDK3: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3)
     v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
+    acc_k_r = rest_zeros(BLOCK_N, acc_k, BDK2, BDK3)
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
     for r0 in range(0, n * G, BLOCK_M):
-        r, row_ok, t, rq, q, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV,
-                                                            dk, dv, G, BLOCK_M)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * scale2
+        r, row_ok, t, rq, q, q_r, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK,
+                                                                 DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC)
+        st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
         pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
         acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
         acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
+    rest_store(DK32, kr, key_ok, DK, rest_scale(acc_k_r, scale, BDK2, BDK3), BDK, BDK2, BDK3, ATOMIC=True)
     tl.atomic_add(DV32 + kr[:, None] * DV + dv[None, :], acc_v,
                   mask=key_ok[:, None] & (dv < DV)[None, :])
 
@@ -305,7 +325,7 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
 def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
                       NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """Block-major dq: one program per (KV head, block, segment of choosing queries) writes each
     row's dq over this one block, scale * dS K, into its slot DQP[row - row0, slot].
     dS uses the branch's final lse and delta, so a row's dq is the plain sum of its slots
@@ -318,26 +338,32 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3)
     vt = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
     for r0 in range(0, n * G, BLOCK_M):
-        r, row_ok, t, rq, q, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV,
-                                                            dk, dv, G, BLOCK_M)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+        r, row_ok, t, rq, q, q_r, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK,
+                                                                 DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = rest_dot(s, q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
         p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, vt, input_precision=PREC) - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
+        dq_r = rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
+        dq_r = rest_scale(dq_r, scale, BDK2, BDK3)
         slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
         ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
         if SCALED:
-            amax = tl.max(tl.abs(dq), 1)
+            amax = rest_amax(tl.max(tl.abs(dq), 1), dq_r, BDK2, BDK3)
             # scale 1 where the row is all zero or not finite (inf / nan then reach dq as they are)
             fin = (amax > 0) & (amax < float("inf"))
             sc = tl.where(fin, tl.exp2(tl.ceil(tl.log2(tl.where(fin, amax, 1.0))) - 14.0), 1.0)
             tl.store(DQS + ps, sc, mask=row_ok)
             dq = dq / sc[:, None]
+            dq_r = rest_scale(dq_r, 1.0 / sc[:, None], BDK2, BDK3)
         tl.store(DQP + ps[:, None] * DK + dk[None, :], dq.to(DQP.dtype.element_ty),
                  mask=row_ok[:, None] & (dk < DK)[None, :])
+        rest_store(DQP, ps, row_ok, DK, dq_r, BDK, BDK2, BDK3)
 
 
 @triton.jit

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .headdim import rest_dot, rest_load
 from .range_attn import _nvis, _query_tile
 
 # tl.topk / tl.bitonic_merge (newer Triton): the top-n merge in log2(NP) stages
@@ -37,16 +38,18 @@ def _first_part(x, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr, GP: tl.constexpr,
-                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+def _importance(q, q_r, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr, GP: tl.constexpr,
+                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """Importance [BT, len(j)] of blocks j from compressed tokens i0..min(i0+BLOCK_N, i_hi)-1."""
     i = i0 + tl.arange(0, BLOCK_N)
     kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
                  mask=(i < i_hi)[None, :] & (dk < DK)[:, None], other=0.0)
+    kc_r = rest_load(KC, (cs0 + i) * H + h, i < i_hi, DK, kc, BDK, BDK2, BDK3, TRANS=True)
     lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
     hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
     w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, len(j)]
-    s = tl.dot(q, kc, input_precision=PREC) * scale2
+    s = rest_dot(tl.dot(q, kc, input_precision=PREC), q_r, kc_r, BDK2, BDK3, PREC) * scale2
     vis = (i[None, :] < nv_r[:, None]) & (i < i_hi)[None, :]
     p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
@@ -58,8 +61,9 @@ def _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl
 
 
 @triton.jit
-def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
-                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr, PREC: tl.constexpr):
+def _importance_aligned(q, q_r, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
+                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr, PREC: tl.constexpr,
+                        BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """Importance [BT, BJP] of blocks j0..j0+BJP-1 from the R*BJP compressed tokens starting in
     them, where R = l'/d tokens start in each block and a token spans E = l/d <= R strides;
     BT >= 16 positions (the 0/1 products are matrix products).
@@ -72,7 +76,8 @@ def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, 
     i = j0 * R + tl.arange(0, BLOCK_N)
     kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
                  mask=(i < nv_max)[None, :] & (dk < DK)[:, None], other=0.0)
-    s = tl.dot(q, kc, input_precision=PREC) * scale2
+    kc_r = rest_load(KC, (cs0 + i) * H + h, i < nv_max, DK, kc, BDK, BDK2, BDK3, TRANS=True)
+    s = rest_dot(tl.dot(q, kc, input_precision=PREC), q_r, kc_r, BDK2, BDK3, PREC) * scale2
     p = tl.where(i[None, :] < nv_r[:, None], tl.exp2(s - lse[:, None]), 0.0)
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
     jj = tl.arange(0, BJP)
@@ -92,10 +97,10 @@ def _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, 
 
 @triton.jit
 def _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
-                L: tl.constexpr, DS: tl.constexpr, BDK: tl.constexpr):
+                L: tl.constexpr, DS: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """A program's rows (position, head slot) of positions t0..t1-1 (document from ds0), KV head
-    h: queries [BT*GP, BDK], base-2 log-sum-exps and visible compressed tokens [BT*GP], and the
-    head-dim range; masked rows get no tokens."""
+    h: queries [BT*GP, BDK] and their later head-dim pieces (``headdim.rest_load``), base-2 log-sum-exps
+    and visible compressed tokens [BT*GP], and the head-dim range; masked rows get no tokens."""
     r = tl.arange(0, BT * GP)
     tr = t0 + r // GP
     g = r % GP
@@ -103,8 +108,9 @@ def _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G: tl.constexpr, GP: tl.constexp
     rq = tr * HQ + h * G + g
     dk = tl.arange(0, BDK)
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=rok[:, None] & (dk < DK)[None, :], other=0.0)
+    q_r = rest_load(Q, rq, rok, DK, q, BDK, BDK2, BDK3)
     lse = tl.load(LSE + rq, mask=rok, other=float("inf"))
-    return q, lse, tl.where(rok, _nvis(tr - ds0, L, DS), 0), dk
+    return q, q_r, lse, tl.where(rok, _nvis(tr - ds0, L, DS), 0), dk
 
 
 @triton.jit
@@ -113,7 +119,8 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
                  DS: tl.constexpr, LS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
                  BJ: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
                  MERGE: tl.constexpr, SPAN: tl.constexpr, FITS: tl.constexpr,
-                 ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr, PREC: tl.constexpr):
+                 ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
+                 BDK3: tl.constexpr):
     """BT positions x one KV head: stream the blocks in chunks of BJ, keep a running top-n."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -122,7 +129,7 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
     Q -= q_off * (HQ * DK)
     LSE -= q_off * HQ
     OUT -= q_off * (H * NSEL)
-    q, lse, nv_r, dk = _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G, GP, BT, L, DS, BDK)
+    q, q_r, lse, nv_r, dk = _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G, GP, BT, L, DS, BDK, BDK2, BDK3)
     # positions
     t = t0 + tl.arange(0, BT)
     row_ok = t < t1
@@ -140,17 +147,17 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         i_hi = tl.minimum(nv_max, ((j0 + BJ) * LS - 1) // DS + 1)
         imp = tl.zeros([BT, BJP], tl.float32)
         if ALIGNED:
-            imp, carry = _importance_aligned(q, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2,
-                                             BT, GP, R, E, BJP, PREC)
+            imp, carry = _importance_aligned(q, q_r, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2,
+                                             BT, GP, R, E, BJP, PREC, BDK, BDK2, BDK3)
         elif FITS:  # SPAN tiles cover the chunk: no inner loop, so the pipeliner overlaps the
             # next chunk's key loads with this chunk's work (an inner loop of one trip does not)
             for sp in tl.static_range(SPAN):
-                imp += _importance(q, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N, PREC)
+                imp += _importance(q, q_r, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
+                                   BT, GP, L, DS, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
         else:  # one block overlaps more compressed tokens than SPAN tiles hold
             for i0 in range(i_lo, i_hi, BLOCK_N):
-                imp += _importance(q, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N, PREC)
+                imp += _importance(q, q_r, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
+                                   BT, GP, L, DS, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         cand = (j[None, :] <= cur[:, None]) & (jj < BJ)[None, :]
         bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
@@ -223,14 +230,14 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     # >= 16 positions a program, so that the weight product is a matrix product, unless the
     # group alone fills the rows (G > 16: then the group sum is a broadcast)
     BT = max(rows // GP, 16 if GP <= 16 else 1)
-    BDK = max(16, triton.next_power_of_2(DK))
+    BDK, BDK2, BDK3 = geo.dk_split()
     BJ, BJP = _chunk_blocks(aligned, l, d, ls, BLOCK_N, span, NP)
     # default: 8 warps when a merge's chunk is wider than the top-n; 3 stages with chunks of
     # whole blocks below G = 16 (docs/kernel_notes.md, "Launch configuration")
     warps, stages = launch.select or (8 if BJP > NP else 4, 3 if aligned and GP < 16 else 2)
     # the queries and key tiles within shared memory (fp32, large Dk): fewer stages or positions;
     # below 16 positions the general chunks (their weight product is then a broadcast)
-    rows_fit, _, stages = launch.fit("select", BT * GP, BLOCK_N, BDK, 0, q.element_size(), stages,
+    rows_fit, _, stages = launch.fit("select", BT * GP, BLOCK_N, geo.bdk(), 0, q.element_size(), stages,
                                      rows_min=max(16, GP), fixed="keys")
     if rows_fit < BT * GP:
         BT = rows_fit // GP
@@ -241,7 +248,7 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
     merge = HAS_BITONIC_MERGE if launch.select_merge is None else launch.select_merge
     _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
                                       DS=d, LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=BJP, BLOCK_N=BLOCK_N,
-                                      BDK=BDK, MERGE=merge, SPAN=span,
+                                      BDK=BDK, BDK2=BDK2, BDK3=BDK3, MERGE=merge, SPAN=span,
                                       FITS=chunk_fits(l, d, ls, BLOCK_N * span), ALIGNED=aligned,
                                       R=ls // d if aligned else 1, E=l // d if aligned else 1, PREC=geo.prec,
                                       num_warps=warps, num_stages=stages)

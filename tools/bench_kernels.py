@@ -266,10 +266,11 @@ SWEEP = {
     "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
     # more warps where the fp32 accumulators are large (LaunchConfig.acc_regs)
     "acc_regs": [128, 64],
-    # the seeds' shape (Dk = 192, padded to 256; G = 4). Triton 3.6's sm_90a build of the default
-    # tiles spills registers in every backward kernel there (docs/kernel_notes.md, "The backward
-    # at Dk = 192"): more warps, fewer rows or keys a step; the forward's spills; fewer chunks
-    "dk192": [{"acc_regs": 128}, {"acc_regs": 64}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
+    # the seeds' shape (Dk = 192 as 3 x 64; 128 + 64 or padded to 256; G = 4). Triton 3.6's sm_90a
+    # build of the default tiles spills registers in every backward kernel there
+    # (docs/kernel_notes.md, "The backward at Dk = 192"): the head dim's pieces, more warps, fewer
+    # rows or keys a step; the forward's spills; fewer chunks
+    "dk192": [{"head_dim_pieces": "one"}, {"head_dim_pieces": "two"}, {"acc_regs": 128}, {"acc_regs": 64}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
               {"sel_dq_split_rows": 32}, {"acc_regs": 128, "dkdv_rows": 32, "sel_dkdv_rows": 32},
               {"acc_regs": 128, "range_dq_rows": 32, "range_dq_keys": 32, "range_dq": (8, 2), "sel_dkdv_rows": 32,
                "sel_dq_split_rows": 32},

@@ -136,6 +136,8 @@ def compile_usage(rec: dict, arch: int) -> dict:
 def _label(rec: dict) -> str:
     kw = rec["constexprs"]
     extra = " ".join(f"{k}={kw[k]}" for k in ("MODE", "ATOMIC", "BLOCK_M", "BLOCK_N", "BT") if k in kw)
+    if kw.get("BDK2"):  # Dk in pieces (kernels/headdim.py)
+        extra += f" Dk={kw['BDK']}+{kw['BDK2']}" + (f"+{kw['BDK3']}" if kw.get("BDK3") else "")
     return f"{rec['kernel']} {extra}"
 
 

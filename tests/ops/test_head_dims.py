@@ -86,3 +86,77 @@ def test_wider_launches_of_large_accumulators_match_the_reference():
     assert max_rel(o, o_ref) < 1e-5
     for name, g, g_ref in zip(NAMES, grads, grads_ref):
         assert max_rel(g, g_ref) < 1e-5, f"d{name}: {max_rel(g, g_ref):.2e}"
+
+
+def test_head_dims_split_into_power_of_two_pieces():
+    """3 x 2^k runs as three equal pieces; a power of two plus a smaller one as those two where
+    narrower than one padded tile ("two" for every such dim); powers of two, dims no narrower in
+    pieces, and "one" keep one tile."""
+    from nsa_dist.kernels.headdim import split_dim
+
+    assert split_dim(192) == (64, 64, 64) and split_dim(96) == (32, 32, 32) and split_dim(48) == (16, 16, 16)
+    assert split_dim(192, "two") == (128, 64, 0) and split_dim(96, "two") == (64, 32, 0)
+    assert split_dim(160) == (128, 32, 0) and split_dim(136) == (128, 16, 0)  # the rest padded to 16
+    assert split_dim(192, "one") == (256, 0, 0)
+    for d, whole in ((128, 128), (256, 256), (16, 16), (8, 16), (24, 32), (200, 256), (112, 128)):
+        assert split_dim(d) == (whole, 0, 0), d
+    for mode in ("auto", "two", "one"):
+        for d in range(1, 257):
+            w = split_dim(d, mode)
+            assert sum(w) >= d and w[0] >= 16 and all(x & (x - 1) == 0 for x in w), (d, mode, w)
+            assert sum(w) <= max(16, 2 ** (d - 1).bit_length()), (d, mode, w)  # never wider than padded
+            assert w[2] in (0, w[0]) and (w[1] == 0 or 16 <= w[1] <= w[0]), (d, mode, w)
+    with pytest.raises(ValueError, match="one of"):
+        split_dim(192, "three")
+
+
+# case: (Dk, Dv, dtype, LaunchConfig settings, Dk's pieces). Position-major selected kernels and
+# the general (overlap-matrix) selection chunks at 192 = 3 x 64; block-major ones with atomic
+# query chunks of the compressed dK/dV at 96 = 3 x 32; 192 as 128 + 64 ("two"); fp16 at 96 and
+# 48 = 3 x 16; 136 = 128 + 8 (the second piece 16 wide, half masked); 96 padded to 128 ("one",
+# the A/B's base)
+PIECES = {
+    "136-masked": (136, 32, torch.float32, {}, (128, 16, 0)),
+    "96-padded": (96, 64, torch.float32, dict(head_dim_pieces="one"), (128, 0, 0)),
+    "192-query-general": (192, 128, torch.float32, dict(sel_algo="query", sel_dq_algo="query",
+                                                         select_aligned=False), (64, 64, 64)),
+    "192-two": (192, 128, torch.float32, dict(head_dim_pieces="two"), (128, 64, 0)),
+    "96-block-chunked": (96, 64, torch.float32, dict(dkdv_qchunk=32), (32, 32, 32)),
+    "96-fp16": (96, 64, torch.float16, {}, (32, 32, 32)),
+    "48-fp16-query": (48, 32, torch.float16, dict(sel_algo="query", sel_dq_algo="query"), (16, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PIECES))
+def test_head_dims_in_pieces_match_the_reference(case):
+    """Dk in column pieces (kernels/headdim.py) in every kernel, or padded: selection, forward
+    and all gradients against the reference, fp32 to 1e-5 and fp16 against the fp32 reference
+    as tests/ops/test_kernels_interp.py holds fp16 (packed documents, G = 4)."""
+    _, device = kernels_or_skip()
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    from nsa_dist.kernels.nsa import make_geometry
+
+    dk, dv, dtype, settings, pieces = PIECES[case]
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16)
+    cu = torch.tensor([0, 45, 96], dtype=torch.int32)
+    x = random_nsa_inputs(cfg, S=96, HQ=8, H=2, Dk=dk, Dv=dv, dtype=dtype, seed=5, cu_seqlens=cu,
+                          requires_grad=True, device=device)
+    x32 = {k: v.detach().double().requires_grad_(True) for k, v in x.items()}
+    cu = cu.to(device)
+    with use_launch(LaunchConfig(**settings)):
+        geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, cu)
+        assert geo.dk_pieces() == dict(BDK=pieces[0], BDK2=pieces[1], BDK3=pieces[2])
+        o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True)
+        do = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(o, args(x), do.to(dtype))
+    o_ref, idx_ref = ops.nsa_attention(*args(x32), cfg, cu_seqlens=cu, backend="reference", return_indices=True)
+    grads_ref = torch.autograd.grad(o_ref, args(x32), do)
+    if dtype == torch.float32:
+        assert torch.equal(idx, idx_ref)
+    else:  # fp16 queries may break near-ties differently: the selection against the fp16 inputs' own
+        q16, k16 = x["q"].detach().double(), x["k_cmp"].detach().double()
+        assert torch.equal(idx, ops.select_blocks(q16, k16, cfg, cu_seqlens=cu, backend="reference"))
+    o_tol, g_tol = (1e-5, 1e-5) if dtype == torch.float32 else (5e-3, 1e-2)
+    assert max_rel(o, o_ref) < o_tol
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert max_rel(g, g_ref) < g_tol, f"d{name}: {max_rel(g, g_ref):.2e}"

@@ -180,8 +180,8 @@ def test_every_matrix_product_of_the_kernels_takes_the_precision():
 
 def test_acc_regs_doubles_the_warps_of_kernels_with_large_accumulators():
     """LaunchConfig.acc_regs (off by default): a kernel whose fp32 accumulators exceed that many
-    registers a thread gets twice the warps, up to 8. At the seeds' Dk = 192 (256 padded),
-    Dv = 128 in bf16, acc_regs = 128 widens the two dK/dV kernels (192 registers at 4 warps) and
+    registers a thread gets twice the warps, up to 8. At the seeds' Dk = 192 (128 + 64),
+    Dv = 128 in bf16, acc_regs = 128 widens the two dK/dV kernels (160 registers at 4 warps) and
     nothing at the paper's D = 128; the defaults change nothing; 8 warps set stay 8."""
     import torch
 
