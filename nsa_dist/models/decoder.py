@@ -111,10 +111,10 @@ def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = No
     if mode != "auto":
         return [mode] * n
     budget = getattr(model, "recompute_budget", None) if budget is None else budget
-    if not getattr(model, "allow_keep_attention", True) or (budget is None and h.device.type != "cuda"):
-        return ["full"] * n  # ZeRO-3 gathers weights per forward; the CPU has no budget to plan
     cache = model.__dict__.setdefault("_recompute_plans", {})
     key = (tuple(h.shape), h.dtype, budget)
+    if not getattr(model, "allow_keep_attention", True) or (budget is None and h.device.type != "cuda"):
+        cache[key] = ["full"] * n  # ZeRO-3 gathers weights per forward; the CPU has no budget to plan
     if key not in cache:
         if budget is None:
             budget = AUTO_KEEP_FRACTION * free_gpu_memory(h.device)
