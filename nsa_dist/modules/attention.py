@@ -117,7 +117,8 @@ class NSAAttention(nn.Module):
 
         Fused (``fused_projection``): one GEMM over the concatenated weights of q, every
         distinct K/V projection and the gate's first layer (stored apart, hooks applied
-        first), one RoPE call over q and the keys, which lie side by side in its output."""
+        first), one RoPE call over q and the keys, which lie side by side in its output, written
+        back as separate contiguous tensors (``rotate_split``: the kernels then copy nothing)."""
         c = self.comm
         B, S_l, _ = x.shape
         dk, dv = self.head_dim, self.v_head_dim
