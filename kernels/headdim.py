@@ -17,12 +17,15 @@ compile to what they did before.
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
-MODES = ("auto", "two", "one")  # LaunchConfig.dk_pieces
+MODES = ("auto", "two", "one")  # LaunchConfig.head_dim_pieces
 
 
+@functools.lru_cache(maxsize=None)  # asked at every launch
 def split_dim(d: int, mode: str = "auto") -> tuple[int, int, int]:
     """(BD, BD2, BD3): the widths of a head dim's column pieces, powers of two >= 16 (tl.dot's
     least), 0 for no piece. "auto": three equal pieces where d is three times a power of two

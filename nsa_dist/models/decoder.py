@@ -70,9 +70,8 @@ class DecoderBlock(nn.Module):
         w_attn, w_mlp = self.comm.shared(self.attn_norm.weight, self.mlp_norm.weight)
         attn_norm, mlp_norm = bound(self.attn_norm, [w_attn]), bound(self.mlp_norm, [w_mlp])
         if not keep_attention:  # the attention called as a module (DeepSpeed ZeRO-3 sees the call)
-            extra = {} if memo is None else {"selection_memo": memo}
             a, stats = self.attn(attn_norm(h), cu_seqlens=cu_seqlens, position_ids=position_ids,
-                                 return_stats=return_stats, **extra)
+                                 return_stats=return_stats, selection_memo=memo)
             h = h + a
             return h + self.mlp(mlp_norm(h)), stats
 
@@ -111,17 +110,16 @@ def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = No
     if mode != "auto":
         return [mode] * n
     budget = getattr(model, "recompute_budget", None) if budget is None else budget
+    if not getattr(model, "allow_keep_attention", True) or (budget is None and h.device.type != "cuda"):
+        budget = 0  # ZeRO-3 gathers weights per forward; the CPU has no budget to plan
     cache = model.__dict__.setdefault("_recompute_plans", {})
     key = (tuple(h.shape), h.dtype, budget)
-    if not getattr(model, "allow_keep_attention", True) or (budget is None and h.device.type != "cuda"):
-        cache[key] = ["full"] * n  # ZeRO-3 gathers weights per forward; the CPU has no budget to plan
     if key not in cache:
-        if budget is None:
-            budget = AUTO_KEEP_FRACTION * free_gpu_memory(h.device)
+        left = AUTO_KEEP_FRACTION * free_gpu_memory(h.device) if budget is None else budget
         keep = 0
         for layer in reversed(model.layers):
-            budget -= layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype)
-            if budget < 0:
+            left -= layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype)
+            if left < 0:
                 break
             keep += 1
         cache[key] = ["full"] * (n - keep) + ["keep_attention"] * keep

@@ -160,8 +160,8 @@ class NSAAttention(nn.Module):
         for branch, (k, v) in kv.items():
             if branch == "cmp":
                 # phi takes each document's keys whole (MLPCompressor.sequence), not its blocks
-                k = ops.compress(k, self.config, phis[0], cu_seqlens, phi_takes_sequence=phis[0] is not None)
-                v = ops.compress(v, self.config, phis[1], cu_seqlens, phi_takes_sequence=phis[1] is not None)
+                k = ops.compress(k, self.config, phis[0], cu_seqlens, phi_takes_sequence=True)
+                v = ops.compress(v, self.config, phis[1], cu_seqlens, phi_takes_sequence=True)
             out[f"k_{branch}"], out[f"v_{branch}"] = k, v
         return out
 
@@ -229,21 +229,23 @@ class NSAAttention(nn.Module):
         def attend(reduce_importance=None, block_indices=None, rows=slice(None), q_start=0):
             # rows/q_start: a chunk of the queries at its offset of the keys (context parallel)
             key = ("attend", rows.start, rows.stop, q_start)
-            if block_indices is None and memo is not None:
+            selects = block_indices is None  # the call selects: what the memo records
+            if selects and memo is not None:
                 block_indices = memo.get(key)
             o, idx = ops.nsa_attention(p["q"][:, rows], *kv, p["gates"][:, rows], self.config,
                                        cu_seqlens=cu_seqlens, backend=self.backend,
                                        block_indices=block_indices, reduce_importance=reduce_importance,
                                        canonical_indices=block_indices is not None, return_indices=True,
                                        q_start=q_start)
-            if memo is not None:
+            if selects and memo is not None:
                 memo.put(key, idx, p["k_sel"].shape[1] // self.config.sel_block)
             return o, idx
 
         def select(q, reduce_importance, q_start=0):
             key = ("select", q_start)
-            if memo is not None and memo.get(key) is not None:
-                return memo.get(key)  # the recomputation skips the selection and its collectives
+            kept = None if memo is None else memo.get(key)
+            if kept is not None:
+                return kept  # the recomputation skips the selection and its collectives
             idx = ops.select_blocks(q, p["k_cmp"], self.config, cu_seqlens=cu_seqlens,
                                     reduce_importance=reduce_importance, backend=self.backend,
                                     q_start=q_start, seq_len=p["k_sel"].shape[1])

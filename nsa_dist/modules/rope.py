@@ -77,6 +77,12 @@ def _kernels_for(x: torch.Tensor):
     return _rope_kernels() if x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1 else None
 
 
+def _angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """cos/sin [1 or B, S, 1, D] (halves repeated) -> the kernels' fp32 [1 or B, S, D/2]."""
+    half = cos.shape[-1] // 2
+    return cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float()
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotate-half RoPE (Llama convention) on the last dimension of [B, S, heads, D]."""
 
@@ -115,7 +121,7 @@ class RotaryEmbedding(torch.nn.Module):
         half = x.shape[-1] // 2
         kernels = _kernels_for(x)
         if kernels is not None:
-            return kernels.rope_rotate(x, cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float())
+            return kernels.rope_rotate(x, *_angles(cos, sin))
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
@@ -126,9 +132,7 @@ class RotaryEmbedding(torch.nn.Module):
         (the kernels then read it without a copy) and the backward fills one gradient of x."""
         kernels = _kernels_for(x)
         if kernels is not None:
-            half = x.shape[-1] // 2
-            return list(kernels.rope_rotate_split(x, cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float(),
-                                                  sizes))
+            return list(kernels.rope_rotate_split(x, *_angles(cos, sin), sizes))
         return list(RotaryEmbedding.rotate(x, cos, sin).split(sizes, dim=2))
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
