@@ -241,6 +241,9 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+            held = held_memory_report()
+            if held:
+                print(f"[bench] rank {rank}: after {attention} S={S} {lay.name}: {held}", flush=True)
     # Every rank's peak memory; the row keeps the largest.
     peak = torch.tensor([float(summary.get("peak_memory_gb") or 0.0), float(status == "oom")],
                         device="cuda" if cuda else "cpu", dtype=torch.float64)
@@ -254,6 +257,35 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
             "seconds_per_step": summary["seconds_per_step"], "peak_memory_gb": float(peak[0]),
             "recompute": recompute,
             "steps": summary["steps"]}
+
+
+def held_memory_report(min_gb: float = 1.0, top: int = 6) -> str:
+    """What CUDA memory a finished point left allocated, if at least ``min_gb``: the total,
+    the live training objects (trainers, engines, optimizers, modules) and the largest CUDA
+    tensors Python can reach, each with the types of the objects that refer to it. A later
+    point has that much less room (its ``recompute: auto`` keeps fewer layers). "" when less."""
+    import torch
+
+    held = torch.cuda.memory_allocated()
+    if held < min_gb * 2 ** 30:
+        return ""
+    gc.collect()
+    owners, tensors = {}, []
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        if name in ("Trainer", "DeepSpeedEngine", "DeepSpeedZeroOptimizer", "AdamW", "NSADecoderLM"):
+            owners[name] = owners.get(name, 0) + 1
+        elif isinstance(obj, torch.Tensor) and obj.is_cuda:
+            tensors.append(obj)
+    reach = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
+    out = [f"{held / 2 ** 30:.2f} GiB still allocated ({reach / 2 ** 30:.2f} GiB in tensors Python reaches)"]
+    if owners:
+        out.append("live: " + ", ".join(f"{n} x{c}" for n, c in sorted(owners.items())))
+    for t in sorted(tensors, key=lambda t: -t.untyped_storage().nbytes())[:top]:
+        refs = sorted({type(r).__name__ for r in gc.get_referrers(t) if r is not tensors})
+        out.append(f"{tuple(t.shape)} {t.dtype} {t.untyped_storage().nbytes() / 2 ** 20:.0f} MiB <- {', '.join(refs)}")
+    del tensors
+    return "; ".join(out)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
