@@ -48,7 +48,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg, scale: Optional[flo
 def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   block_indices: Optional[torch.Tensor] = None, canonical: bool = False,
-                  return_indices: bool = False, q_start: int = 0):
+                  return_indices: bool = False, q_start: int = 0, forward_memo: Optional[dict] = None):
     """Gated NSA output [B, S, HQ, Dv] (differentiable in q, every K/V and the gates).
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, D] (already compressed); k_sel, v_sel, k_win,
@@ -61,6 +61,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
     q_start: q and gates have Sq rows, positions [q_start, q_start + Sq) of the keys k_sel /
     k_win [B, S', H, D] (cu_seqlens and k_cmp describe those; o and the indices have Sq
     rows): a query chunk (context parallelism). The gradients of every key come back.
+    forward_memo: a dict shared by a forward and its recomputation under activation
+    checkpointing (``NSAFunction``): the recomputation skips the attention kernels.
     Inputs are expected validated by ``nsa_dist.ops.nsa_attention``.
     """
     B, S, HQ, _ = q.shape
@@ -68,6 +70,9 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
     geo = make_geometry(q, k_cmp, v_sel, cfg, cu_seqlens, q_start, k_sel.shape[1])
     qp, kc, vc = pack(q), pack(k_cmp), pack(v_cmp)
     pre = None
+    if forward_memo is not None and "branches" in forward_memo and block_indices is None:
+        raise ValueError("forward_memo holds a forward's results: pass that forward's selection as "
+                         "block_indices (the recomputation must attend with the same blocks)")
     if block_indices is None:
         with torch.no_grad():  # the compressed branch's forward also feeds the selection
             idx, pre = packed_select(qp.detach(), kc.detach(), geo, cfg, sc, v_cmp=vc.detach())
@@ -77,6 +82,6 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
         idx = block_indices.reshape(B * S, geo.H, -1)
         geo.idx_sorted = canonical
     o = NSAFunction.apply(qp, kc, vc, pack(k_sel), pack(v_sel), pack(k_win), pack(v_win),
-                          pack(gates), idx.to(torch.int32).contiguous(), geo, cfg, sc, pre)
+                          pack(gates), idx.to(torch.int32).contiguous(), geo, cfg, sc, pre, forward_memo)
     o = o.view(B, S, HQ, -1)
     return (o, block_indices) if return_indices else o

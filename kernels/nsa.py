@@ -429,15 +429,26 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
 
 
 class NSAFunction(torch.autograd.Function):
-    """Packed NSA: tensors [T, heads, D]; idx [T, H, n] int32 local block indices."""
+    """Packed NSA: tensors [T, heads, D]; idx [T, H, n] int32 local block indices.
+
+    memo: None, or a dict shared by a forward and its recomputation (activation checkpointing).
+    The first call stores the branches' outputs and log-sum-exps (and the selected branch's
+    work list) in it; a call that finds them there runs only the gate combination, and its
+    backward uses them with the recomputed inputs. The inputs must be the same values."""
 
     @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx, geo, cfg, scale, pre=None):
+    def forward(ctx, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx, geo, cfg, scale, pre=None,
+                memo=None):
         scale2 = scale * LOG2E
-        # pre: (o_cmp, lse_cmp) already computed for the selection, or None
-        o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
-        o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
-        o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+        if memo is not None and "branches" in memo:
+            o_c, lse_c, o_s, lse_s, o_w, lse_w, work = memo["branches"]
+        else:
+            # pre: (o_cmp, lse_cmp) already computed for the selection, or None
+            o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
+            o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
+            o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+            if memo is not None:
+                memo["branches"] = (o_c, lse_c, o_s, lse_s, o_w, lse_w, work)
         o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
                               o_c, lse_c, o_s, lse_s, o_w, lse_w)
@@ -462,7 +473,7 @@ class NSAFunction(torch.autograd.Function):
             dkw, dvw = torch.zeros_like(k_win), torch.zeros_like(v_win)
         dq, dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2,
                                      scale, ctx.sel_work)
-        return (dq, dkc, dvc, dks, dvs, dkw, dvw, dg.to(gates.dtype), None, None, None, None, None)
+        return (dq, dkc, dvc, dks, dvs, dkw, dvw, dg.to(gates.dtype), None, None, None, None, None, None)
 
 
 def packed_select(q, k_cmp, geo: Geometry, cfg, scale: float, v_cmp=None):

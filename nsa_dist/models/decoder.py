@@ -67,6 +67,11 @@ class DecoderBlock(nn.Module):
         norms, projections and the MLP but keeps the function's output and saved tensors.
         ``memo``: an NSA layer's selections, shared by a checkpointed forward and its
         recomputation (``SelectionMemo``)."""
+        if keep_attention and isinstance(self.attn, NSAAttention) and self.attn.keeps_outputs(h.device, h.dtype):
+            # the whole block recomputed, but not the attention: its kernels' results are kept
+            # (half the bytes of the split below, which keeps the function's inputs too)
+            return checkpoint(self, h, cu_seqlens, position_ids, return_stats, False,
+                              SelectionMemo(keep_outputs=True), use_reentrant=False)
         w_attn, w_mlp = self.comm.shared(self.attn_norm.weight, self.mlp_norm.weight)
         attn_norm, mlp_norm = bound(self.attn_norm, [w_attn]), bound(self.mlp_norm, [w_mlp])
         if not keep_attention:  # the attention called as a module (DeepSpeed ZeRO-3 sees the call)
@@ -118,7 +123,7 @@ def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = No
         left = AUTO_KEEP_FRACTION * free_gpu_memory(h.device) if budget is None else budget
         keep = 0
         for layer in reversed(model.layers):
-            left -= layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype)
+            left -= layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype, h.device)
             if left < 0:
                 break
             keep += 1

@@ -56,10 +56,19 @@ class SelectionMemo:
     so the recomputation attends with these instead of running the selection again).
 
     Indices are stored in the narrowest integer type that holds the block count (int16 up
-    to 32767 blocks): [B, S, H, n] at 64k tokens, 8 KV heads and n = 16 is 16 MB per layer."""
+    to 32767 blocks): [B, S, H, n] at 64k tokens, 8 KV heads and n = 16 is 16 MB per layer.
 
-    def __init__(self):
+    keep_outputs: also keep the NSA function's results per call (``forward_memo`` of
+    ``ops.nsa_attention``: the branches' outputs and log-sum-exps), so that the recomputation
+    runs no attention kernel (``recompute: keep_attention`` with the Triton kernels)."""
+
+    def __init__(self, keep_outputs: bool = False):
         self._kept: dict = {}
+        self._outputs: Optional[dict] = {} if keep_outputs else None
+
+    def outputs(self, key) -> Optional[dict]:
+        """The forward memo of call ``key`` (made empty on first use), or None without keep_outputs."""
+        return None if self._outputs is None else self._outputs.setdefault(key, {})
 
     def get(self, key) -> Optional[torch.Tensor]:
         idx = self._kept.get(key)
@@ -205,15 +214,25 @@ class NSAAttention(nn.Module):
         p["positions"] = positions
         return p
 
-    def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype) -> int:
+    def keeps_outputs(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether ``recompute: keep_attention`` keeps only the NSA function's results here (the
+        Triton kernels take a ``forward_memo``), not its inputs too (the reference)."""
+        return ops.resolve_backend(self.backend, torch.device(device), dtype) == "triton"
+
+    def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype, device=None) -> int:
         """Bytes ``recompute: keep_attention`` keeps for one call on x [batch, seq_in, hidden]
-        (this rank's heads): q, the selected and window K/V, the three branch outputs and o in
-        ``dtype``; fp32 log-sum-exps, gates, int32 indices (compressed K/V: 1/d, left out)."""
+        (this rank's heads). With the kernels (``keeps_outputs`` on ``device``): the three branch
+        outputs in ``dtype``, their fp32 log-sum-exps, the int16 indices and the selected
+        branch's work list (13 bytes a choice). Else: also q, the selected and window K/V, o and
+        the gates (compressed K/V: 1/d, left out)."""
         dk, dv = self.head_dim, self.v_head_dim
         hq = self.q_proj.weight.shape[0] // dk
         h = max(1, hq // (self.num_heads // self.num_kv_heads))
-        el = dtype.itemsize
-        per = el * (hq * (dk + 4 * dv + 3) + 2 * h * (dk + dv)) + 4 * (3 * hq + h * self.config.num_selected)
+        el, n = dtype.itemsize, self.config.num_selected
+        if device is not None and self.keeps_outputs(device, dtype):
+            per = el * 3 * hq * dv + 4 * 3 * hq + (2 + 13) * h * n
+        else:
+            per = el * (hq * (dk + 4 * dv + 3) + 2 * h * (dk + dv)) + 4 * (3 * hq + h * n)
         return batch * self.comm.seq_len(seq_in) * per
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None,
@@ -236,7 +255,7 @@ class NSAAttention(nn.Module):
                                        cu_seqlens=cu_seqlens, backend=self.backend,
                                        block_indices=block_indices, reduce_importance=reduce_importance,
                                        canonical_indices=block_indices is not None, return_indices=True,
-                                       q_start=q_start)
+                                       q_start=q_start, forward_memo=None if memo is None else memo.outputs(key))
             if selects and memo is not None:
                 memo.put(key, idx, p["k_sel"].shape[1] // self.config.sel_block)
             return o, idx

@@ -186,7 +186,7 @@ class DenseAttention(nn.Module):
         return {"q": c.to_heads(q), "k": c.to_heads(k, kv=True),
                 "v": c.to_heads(v.unflatten(-1, (-1, self.v_head_dim)), kv=True), "positions": positions}
 
-    def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype) -> int:
+    def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype, device=None) -> int:
         """Bytes ``recompute: keep_attention`` keeps for one call on x [batch, seq_in, hidden]:
         q, k, v, o in ``dtype``, K/V repeated to every query head (cuDNN's SDPA cannot always
         group them: ``CausalAttention``) and the fp32 log-sum-exp of this rank's heads."""

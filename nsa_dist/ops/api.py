@@ -124,7 +124,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
                   scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None,
                   backend: str = "auto", block_indices: Optional[torch.Tensor] = None,
                   reduce_importance=None, canonical_indices: bool = False, return_indices: bool = False,
-                  q_start: int = 0):
+                  q_start: int = 0, forward_memo: Optional[dict] = None):
     """The NSA function: gated sum of compressed, selected and sliding-window attention.
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, Dk/Dv] (already compressed; packed per
@@ -151,6 +151,11 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
     k_cmp the compressed tokens of all S (cu_seqlens describes the S keys). A rank's chunk
     under context parallelism; the result equals those rows of the full call, with either
     backend (the kernels' tile tables carry the offset).
+    forward_memo: a dict shared by a forward and its recomputation under activation
+    checkpointing. With the Triton backend the first call keeps the branches' outputs and
+    log-sum-exps in it, and a call that finds them (same inputs, the first call's indices as
+    block_indices) runs no attention kernel; the backward uses them. The reference ignores it
+    (its recomputation runs the function again).
     Returns o [B, S, HQ, Dv] in q's dtype (differentiable in every floating input), or
     (o, indices) with ``return_indices``.
     """
@@ -172,7 +177,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
             canonical_indices = True
         return load_kernels().nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config,
                                             sc, cu_seqlens, block_indices, canonical_indices, return_indices,
-                                            q_start)
+                                            q_start, forward_memo)
     args = (q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates)
     if cu_seqlens is None:
         o, idx = reference.nsa_attention_dense(*args, config, sc, block_indices, reduce_importance, True, q_start)

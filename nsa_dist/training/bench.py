@@ -275,7 +275,11 @@ def held_memory_report(min_gb: float = 1.0, top: int = 6) -> str:
         name = type(obj).__name__
         if name in ("Trainer", "DeepSpeedEngine", "DeepSpeedZeroOptimizer", "AdamW", "NSADecoderLM"):
             owners[name] = owners.get(name, 0) + 1
-        elif isinstance(obj, torch.Tensor) and obj.is_cuda:
+        elif type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda:  # not compile's fake tensors
+            try:
+                obj.untyped_storage().data_ptr()
+            except RuntimeError:
+                continue
             tensors.append(obj)
     reach = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
     out = [f"{held / 2 ** 30:.2f} GiB still allocated ({reach / 2 ** 30:.2f} GiB in tensors Python reaches)"]
