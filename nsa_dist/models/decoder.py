@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from ..modules import AttentionStats, DenseAttention, LMComm, NSAAttention, Region, SelectionMemo
 from ..modules.comm import bound
-from ..modules.dense import CausalAttention
+from ..modules.dense import CausalAttention, keep_attention_outputs
 from .flops import training_flops_per_token
 from .loss import chunked_loss_sum
 
@@ -62,16 +63,21 @@ class DecoderBlock(nn.Module):
 
     def forward(self, h, cu_seqlens, position_ids, return_stats: bool, keep_attention: bool = False,
                 memo: Optional[SelectionMemo] = None):
-        """h [B, S_in, hidden] -> (h, AttentionStats or None). ``keep_attention``: checkpoint the
-        parts before and after the attention function apart, so that the backward recomputes
-        norms, projections and the MLP but keeps the function's output and saved tensors.
+        """h [B, S_in, hidden] -> (h, AttentionStats or None). ``keep_attention``: the backward
+        recomputes norms, projections and the MLP but not the attention. Where the attention
+        can keep its results alone (``attn.keeps_outputs``: NSA on the kernels, dense on SDPA)
+        the whole block is checkpointed with them kept; else the parts before and after the
+        attention function are checkpointed apart and the function keeps its saved tensors.
         ``memo``: an NSA layer's selections, shared by a checkpointed forward and its
         recomputation (``SelectionMemo``)."""
-        if keep_attention and isinstance(self.attn, NSAAttention) and self.attn.keeps_outputs(h.device, h.dtype):
-            # the whole block recomputed, but not the attention: its kernels' results are kept
-            # (half the bytes of the split below, which keeps the function's inputs too)
-            return checkpoint(self, h, cu_seqlens, position_ids, return_stats, False,
-                              SelectionMemo(keep_outputs=True), use_reentrant=False)
+        if keep_attention and self.attn.keeps_outputs(h.device, h.dtype):
+            # the whole block recomputed, but not the attention: its results are kept (a
+            # fraction of the split below, which keeps the attention's inputs too)
+            if isinstance(self.attn, NSAAttention):
+                return checkpoint(self, h, cu_seqlens, position_ids, return_stats, False,
+                                  SelectionMemo(keep_outputs=True), use_reentrant=False)
+            return checkpoint(self, h, cu_seqlens, position_ids, return_stats, False, use_reentrant=False,
+                              context_fn=partial(keep_attention_outputs, self.attn.kernel))
         w_attn, w_mlp = self.comm.shared(self.attn_norm.weight, self.mlp_norm.weight)
         attn_norm, mlp_norm = bound(self.attn_norm, [w_attn]), bound(self.mlp_norm, [w_mlp])
         if not keep_attention:  # the attention called as a module (DeepSpeed ZeRO-3 sees the call)

@@ -83,6 +83,7 @@ class CausalAttention:
         self.chosen: dict[tuple, str] = {}
         self.last: Optional[str] = None
         self.timer = timer
+        self.picking = False  # inside _pick
         self._varlen: Optional[Callable] = None  # flash-attn's function once imported
         self._varlen_missing = False
 
@@ -122,19 +123,45 @@ class CausalAttention:
 
     def _pick(self, runs: dict[str, Attend], q, k, v, bounds) -> str:
         """The fastest candidate, forward + backward on detached copies of the inputs (under
-        identity saved-tensor hooks, so an enclosing activation checkpoint is not involved)."""
+        identity saved-tensor hooks, so an enclosing activation checkpoint is not involved;
+        ``picking`` tells a selective checkpoint's policy to keep none of these results)."""
         times = {}
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-            for name, run in runs.items():
-                try:
-                    times[name] = self.timer(lambda: run(*ins, bounds).sum().backward())
-                except RuntimeError:  # this backend does not take these inputs
-                    continue
+        self.picking = True
+        try:
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                for name, run in runs.items():
+                    try:
+                        times[name] = self.timer(lambda: run(*ins, bounds).sum().backward())
+                    except RuntimeError:  # this backend does not take these inputs
+                        continue
+        finally:
+            self.picking = False
         if not times:
             raise RuntimeError(f"no causal attention implementation runs on q {tuple(q.shape)} {q.dtype}, "
                                f"k {tuple(k.shape)}, v {tuple(v.shape)}")
         return min(times, key=times.get)
+
+
+# SDPA's fused kernels: one op each, whose outputs (o and its log-sum-exp) a selective
+# activation checkpoint can keep while it recomputes q, k and v
+_SDPA_OPS = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def keep_attention_outputs(kernel: CausalAttention):
+    """``context_fn`` of ``torch.utils.checkpoint.checkpoint`` (non-reentrant): the region is
+    recomputed in the backward except SDPA's fused attention ops, whose outputs are kept from
+    the forward (not the ones ``kernel`` runs while it times its candidates)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = {getattr(torch.ops.aten, n).default for n in _SDPA_OPS if hasattr(torch.ops.aten, n)}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in keep and not kernel.picking:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
 
 
 class DenseAttention(nn.Module):
@@ -186,14 +213,24 @@ class DenseAttention(nn.Module):
         return {"q": c.to_heads(q), "k": c.to_heads(k, kv=True),
                 "v": c.to_heads(v.unflatten(-1, (-1, self.v_head_dim)), kv=True), "positions": positions}
 
+    def keeps_outputs(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether ``recompute: keep_attention`` keeps only the attention's output and
+        log-sum-exp (a selective checkpoint of the whole block, ``keep_attention_outputs``):
+        where SDPA runs; flash-attn's function is not one of the ops it keeps."""
+        return not self.kernel._flash_attn() if torch.device(device).type == "cuda" else True
+
     def kept_bytes(self, batch: int, seq_in: int, dtype: torch.dtype, device=None) -> int:
-        """Bytes ``recompute: keep_attention`` keeps for one call on x [batch, seq_in, hidden]:
-        q, k, v, o in ``dtype``, K/V repeated to every query head (cuDNN's SDPA cannot always
-        group them: ``CausalAttention``) and the fp32 log-sum-exp of this rank's heads."""
+        """Bytes ``recompute: keep_attention`` keeps for one call on x [batch, seq_in, hidden]
+        (this rank's heads). Selective checkpoint (``keeps_outputs`` on ``device``): o in
+        ``dtype`` and the fp32 log-sum-exp. Else: q, k, v, o, K/V repeated to every query head
+        (cuDNN's SDPA cannot always group them: ``CausalAttention``) and the log-sum-exp."""
         hq = self.q_proj.weight.shape[0] // self.head_dim
         h = max(1, hq // (self.num_heads // self.num_kv_heads))
         el = dtype.itemsize
-        per = el * (2 * hq + h) * (self.head_dim + self.v_head_dim) + 4 * hq
+        if device is not None and self.keeps_outputs(device, dtype):
+            per = el * hq * self.v_head_dim + 4 * hq
+        else:
+            per = el * (2 * hq + h) * (self.head_dim + self.v_head_dim) + 4 * hq
         return batch * self.comm.seq_len(seq_in) * per
 
     def attend(self, p: dict[str, torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):

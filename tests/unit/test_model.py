@@ -258,6 +258,9 @@ def test_auto_recompute_keeps_attention_where_it_fits(attention):
         per = 2 * (2 * hq + h) * (dk + dv) + 4 * hq
     assert attn.kept_bytes(2, 100, torch.bfloat16) == 2 * 100 * per
     h_small = torch.zeros(2, 100, TINY.hidden_size, dtype=torch.bfloat16)
+    if attention == "dense":  # SDPA's output and lse alone (a selective checkpoint): on any device
+        per = 2 * hq * dv + 4 * hq
+    assert attn.kept_bytes(2, 100, torch.bfloat16, h_small.device) == 2 * 100 * per
     layer_bytes, L = 2 * 100 * per, TINY.num_layers
     assert L >= 2
     assert recompute_plan(model, h_small, budget=L * layer_bytes) == ["keep_attention"] * L
@@ -295,6 +298,46 @@ def test_a_partly_kept_stack_equals_no_recomputation():
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
         assert gb[n].abs().max() > 0, n
+
+
+def test_dense_keep_attention_keeps_sdpa_outputs_and_equals_no_recomputation():
+    """Dense keep_attention: the block is checkpointed whole with SDPA's results kept, so SDPA's
+    attention op runs once per layer (not again in the recomputation, as under "full"); loss
+    and gradients equal recomputing nothing (fp32, CPU, 1e-5)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sdpa = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            self.sdpa += "scaled_dot_product" in name and "backward" not in name
+            return func(*args, **(kwargs or {}))
+
+    base = ModelConfig(**{**TINY.to_dict(), "attention": "dense"})
+    torch.manual_seed(0)
+    models = {mode: NSADecoderLM(ModelConfig(**{**base.to_dict(), "recompute": mode}), backend="reference")
+              for mode in ("keep_attention", "full", "none")}
+    for m in models.values():
+        m.load_state_dict(models["none"].state_dict())
+    ids = torch.randint(0, base.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for mode, m in models.items():
+        m.gradient_checkpointing = True
+        m.train()
+        with Count() as count:
+            loss = m(ids, torch.roll(ids, -1, 1)).loss
+            loss.backward()
+        out[mode] = (count.sdpa, loss.detach(), {n: p.grad for n, p in m.named_parameters()})
+    L = base.num_layers
+    assert [out[m][0] for m in models] == [L, 2 * L, L], {m: out[m][0] for m in models}
+    for mode in ("keep_attention", "full"):
+        torch.testing.assert_close(out[mode][1], out["none"][1], rtol=1e-5, atol=1e-5)
+        for n, g in out["none"][2].items():
+            torch.testing.assert_close(out[mode][2][n], g, rtol=1e-5, atol=1e-5, msg=f"{mode} {n}")
+            assert g.abs().max() > 0, n
 
 
 def _cpu_candidates(q, k, v):
