@@ -237,13 +237,16 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
             engine = getattr(trainer, "engine", None)
             if engine is not None and hasattr(engine, "destroy"):
                 engine.destroy()
+            del engine  # a local left here kept the engine (its weights, optimizer state) into the next point
         del trainer
-        gc.collect()
+        gc.collect()  # DeepSpeed's hooks make cycles: collected now, not at some later point
         if cuda:
             torch.cuda.empty_cache()
-            held = held_memory_report()
-            if held:
-                print(f"[bench] rank {rank}: after {attention} S={S} {lay.name}: {held}", flush=True)
+        held = held_memory_report() if cuda else ""
+        live = live_training_objects()
+        if held or live:
+            print(f"[bench] rank {rank}: after {attention} S={S} {lay.name}: still alive: "
+                  f"{held or ', '.join(f'{n} x{c}' for n, c in sorted(live.items()))}", flush=True)
     # Every rank's peak memory; the row keeps the largest.
     peak = torch.tensor([float(summary.get("peak_memory_gb") or 0.0), float(status == "oom")],
                         device="cuda" if cuda else "cpu", dtype=torch.float64)
@@ -259,6 +262,20 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
             "steps": summary["steps"]}
 
 
+_TRAINING_TYPES = ("Trainer", "DeepSpeedEngine", "DeepSpeedZeroOptimizer", "AdamW", "NSADecoderLM")
+
+
+def live_training_objects() -> dict:
+    """Type name -> count of the training objects (trainers, engines, optimizers, models) still
+    alive: none should be once a point is over."""
+    live = {}
+    for obj in gc.get_objects():
+        name = type(obj).__name__
+        if name in _TRAINING_TYPES:
+            live[name] = live.get(name, 0) + 1
+    return live
+
+
 def held_memory_report(min_gb: float = 1.0, top: int = 6) -> str:
     """What CUDA memory a finished point left allocated, if at least ``min_gb``: the total,
     the live training objects (trainers, engines, optimizers, modules) and the largest CUDA
@@ -270,12 +287,9 @@ def held_memory_report(min_gb: float = 1.0, top: int = 6) -> str:
     if held < min_gb * 2 ** 30:
         return ""
     gc.collect()
-    owners, tensors = {}, []
+    owners, tensors = live_training_objects(), []
     for obj in gc.get_objects():
-        name = type(obj).__name__
-        if name in ("Trainer", "DeepSpeedEngine", "DeepSpeedZeroOptimizer", "AdamW", "NSADecoderLM"):
-            owners[name] = owners.get(name, 0) + 1
-        elif type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda:  # not compile's fake tensors
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda:  # not compile's fake tensors
             try:
                 obj.untyped_storage().data_ptr()
             except RuntimeError:

@@ -42,6 +42,8 @@ def test_grid_under_torchrun_writes_one_row_per_point(tmp_path):
     # no evaluation and no checkpoints were written for any point
     assert not list((tmp_path / "grid" / "runs").glob("*/checkpoints"))
     assert "[bench] nsa" in proc.stdout
+    # nothing of a point (trainer, engine, optimizer, model) outlives it into the next point
+    assert "still alive" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
 
 
 def test_bad_grid_arguments_fail_before_any_run(tmp_path):
