@@ -130,7 +130,8 @@ def test_signature_the_model_layer_builds_against():
     params = list(inspect.signature(ops.nsa_attention).parameters.items())
     assert [(n, p.default) for n, p in params[9:]] == [
         ("scale", None), ("cu_seqlens", None), ("backend", "auto"), ("block_indices", None),
-        ("reduce_importance", None), ("canonical_indices", False), ("return_indices", False), ("q_start", 0)]
+        ("reduce_importance", None), ("canonical_indices", False), ("return_indices", False), ("q_start", 0),
+        ("forward_memo", None)]
     assert [n for n, _ in params[:9]] == list(NAMES) + ["config"]
 
 
