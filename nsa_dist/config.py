@@ -151,8 +151,9 @@ class ModelConfig(ConfigBase):
     # first layer); the weights stay stored apart, so checkpoints do not depend on it
     fused_projection: bool = True
     # what the backward recomputes when activation checkpointing is on (the train config's
-    # activation_checkpointing): "full" (each decoder block), "keep_attention" (the attention
-    # function's output and saved tensors are kept; projections, norms and MLP recomputed),
+    # activation_checkpointing): "full" (each decoder block), "keep_attention" (projections,
+    # norms and MLP recomputed, the attention not: NSA on the kernels and dense on SDPA keep
+    # only its results (outputs, log-sum-exps), elsewhere its saved tensors too),
     # "auto" (keep_attention in as many of the last layers as what they keep fits
     # AUTO_KEEP_FRACTION of the GPU memory left after set-up, full in the others; full on the
     # CPU and under ZeRO-3), "none" (nothing, checkpointing or not). A fully recomputed NSA
