@@ -187,7 +187,8 @@ def test_export_generate_takes_the_kernel_path(dk, tmp_path, monkeypatch):
 
 def test_bench_decode_runs_the_kernels(dk, tmp_path):
     """tools/bench_decode.py --nsa-backend triton: the kernel rows (interpreted on a CPU) run,
-    and their first step's read counts equal SPEC's closed form (checked inside the tool)."""
+    and their first step's read counts equal SPEC's closed form (checked inside the tool);
+    with --ab, one row pair per decode-kernel setting, each naming its setting."""
     import csv
 
     from toolbox import load_tool
@@ -198,9 +199,16 @@ def test_bench_decode_runs_the_kernels(dk, tmp_path):
     assert load_tool("bench_decode").main(
         ["--nsa-backend", "triton", "--device", device, "--dtype", "float32", "--batches", "2", "--contexts", "256",
          "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--window", "64", "--num-selected", "4",
-         "--iters", "1", "--warmup", "0", "--csv", str(out)]) == 0
-    rows = {r["method"]: r for r in csv.DictReader(open(out))}
-    assert {"nsa_kernels", "dense_sdpa"} <= set(rows) and ("nsa_graph" in rows) == (device == "cuda")
-    for method in ("nsa_kernels", "nsa_graph") if device == "cuda" else ("nsa_kernels",):
-        assert rows[method]["status"] == "ok" and float(rows[method]["ms_per_step"]) > 0
-        assert int(rows[method]["reads_per_head"]) == seed_reads(256, NSAConfig(window=64, num_selected=4))
+         "--iters", "1", "--warmup", "0", "--launch", "block_k=32", "--ab", "block_n=16,64", "--kernel-times",
+         "--csv", str(out)]) == 0
+    rows = {(r["method"], r["launch"]): r for r in csv.DictReader(open(out))}
+    labels = ["block_k=32", "block_n=16+block_k=32"]  # block_n=64 is the default: the base already
+    kernel_methods = ("nsa_kernels", "nsa_graph") if device == "cuda" else ("nsa_kernels",)
+    assert set(rows) == {(m, lb) for m in kernel_methods for lb in labels} | {("dense_sdpa", "default")} | (
+        {("dense_sdpa_graph", "default")} if device == "cuda" else set())
+    for (method, label), r in rows.items():
+        assert r["status"] == "ok" and float(r["ms_per_step"]) > 0
+        if method.startswith("nsa"):
+            assert int(r["reads_per_head"]) == seed_reads(256, NSAConfig(window=64, num_selected=4))
+        # per-kernel times on CUDA (eager rows), none from the interpreter
+        assert ("_cmp_split=" in r["kernel_us"]) == (device == "cuda" and method == "nsa_kernels")
