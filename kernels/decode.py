@@ -200,20 +200,22 @@ def _append(NEW_KS, NEW_VS, NEW_KW, NEW_VW, NEW_KR, NEW_VR, KS, VS, KW, VW, KR, 
 
 # ----------------------------------------------------------------------------- 2. compressed split
 @triton.jit
-def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, SPILL, scale2, H, NCAP, NSB, NSPLIT, DK, DV,
+def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, IMP2, MT, scale2, H, NCAP, NSB, NSPLIT, NTILE, DK, DV,
                G: tl.constexpr, GP: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, R: tl.constexpr, LEAD: tl.constexpr,
                BPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr, TB: tl.constexpr,
-               NT: tl.constexpr, PREC: tl.constexpr):
+               PREC: tl.constexpr):
     """Program (b*H + h, split s): compressed attention over the tokens starting in blocks
     s*BPS .. (s+1)*BPS - 1 and the Eq. 9 importance of those blocks per query head.
 
-    BLOCKWISE (R = l'/d a power of two dividing BLOCK_N): a token overlaps the block it starts
-    in and at most the next one (l <= l'), by weights that depend only on where in its block
-    it starts; each tile's probabilities are summed per block in registers ([GP, BPS] own and
-    spill-over sums) and the spill-over of the split's last block goes to SPILL for the top-n
-    kernel, so no token is read twice. Otherwise a [tokens x blocks] overlap-weight product,
-    the l/d - 1 lead tokens of the previous split read again."""
+    BLOCKWISE (R = l'/d a power of two, TB = BLOCK_N / R blocks a tile): a token overlaps the
+    block it starts in and at most the next one (l <= l'), by weights that depend only on
+    where in its block it starts. Each tile stores its probabilities summed per block: IMP[j]
+    the tokens starting in block j, IMP2[j] those of block j - 1 that reach into j, both
+    relative to the running maximum MT of the tile (``_select`` rescales them), so no token is
+    read twice and no importance is held in registers. Otherwise the split's importance in
+    registers by a [tokens x blocks] overlap-weight product, relative to the split's maximum
+    MP, the l/d - 1 lead tokens of the previous split read again."""
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)  # loop bounds and offsets in one integer type
     b = bh // H
@@ -223,18 +225,16 @@ def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, SPILL, scale2, H, NCAP, NSB, NSP
     q, dk = _group_queries(Q, bh * G, DK, G, GP, BDK)
     own_lo = s * (BPS * R)
     own_hi = tl.minimum(own_lo + BPS * R, nv)
+    g = tl.arange(0, GP)
     j = s * BPS + tl.arange(0, BPS)
     m = tl.full([GP], NEG_INF, tl.float32)
     lsum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BDV], tl.float32)
     imp = tl.zeros([GP, BPS], tl.float32)
-    if BLOCKWISE:  # TB = BLOCK_N / R blocks a tile, NT = BPS / TB tiles a split
+    if BLOCKWISE:
         r = tl.arange(0, R) * DS  # where a token starts in its block
         w_own = ((tl.minimum(r + L, LS) - r) // DS).to(tl.float32)
         w_next = (tl.maximum(r + L - LS, 0) // DS).to(tl.float32)
-        kt_of = tl.arange(0, NT)
-        own3 = tl.zeros([GP, NT, TB], tl.float32)
-        next3 = tl.zeros([GP, NT, TB], tl.float32)  # by the block the overlap spills out of
         first = own_lo
     else:
         first = tl.maximum(own_lo - LEAD, 0)
@@ -252,10 +252,12 @@ def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, SPILL, scale2, H, NCAP, NSB, NSP
             lsum = lsum * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             p3 = tl.reshape(p, [GP, TB, R])
-            here = (kt_of == (i0 - own_lo) // BLOCK_N)[None, :, None]
-            own3 = own3 * alpha[:, None, None] + tl.where(here, tl.sum(p3 * w_own[None, None, :], 2)[:, None, :], 0.0)
-            next3 = next3 * alpha[:, None, None] + tl.where(here, tl.sum(p3 * w_next[None, None, :], 2)[:, None, :],
-                                                            0.0)
+            jt = i0 // R + tl.arange(0, TB)  # the tile's blocks
+            gm = (g < G)[:, None]
+            out = (bh * G + g)[:, None] * NSB + jt[None, :]
+            tl.store(IMP + out, tl.sum(p3 * w_own[None, None, :], 2), mask=gm & (jt >= 0)[None, :])
+            tl.store(IMP2 + out + 1, tl.sum(p3 * w_next[None, None, :], 2), mask=gm & (jt + 1 < NSB)[None, :])
+            tl.store(MT + (bh * NTILE + i0 // BLOCK_N) * G + g, m_new, mask=g < G)
         else:
             p_own = tl.where((i >= own_lo)[None, :], p, 0.0)
             lsum = lsum * alpha + tl.sum(p_own, 1)
@@ -266,17 +268,10 @@ def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, SPILL, scale2, H, NCAP, NSB, NSP
             w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
             imp = imp * alpha[:, None] + tl.dot(p, w, input_precision="ieee")
         m = m_new
-    part = bh * NSPLIT + s
-    _store_partial(MP, LP, OP, part, m, lsum, acc, DV, G, GP, BDV)
-    g = tl.arange(0, GP)
-    jj = tl.arange(0, BPS)
-    if BLOCKWISE:
-        nxt = tl.reshape(next3, [GP, BPS])
-        # block jj gets the spill of block jj - 1 (a 0/1 shift matrix: one product per split)
-        shift = (jj[:, None] + 1 == jj[None, :]).to(tl.float32)
-        imp = tl.reshape(own3, [GP, BPS]) + tl.dot(nxt, shift, input_precision="ieee")
-        tl.store(SPILL + part * G + g, tl.sum(tl.where((jj == BPS - 1)[None, :], nxt, 0.0), 1), mask=g < G)
-    tl.store(IMP + (bh * G + g)[:, None] * NSB + j[None, :], imp, mask=(g < G)[:, None] & (jj >= 0)[None, :])
+    _store_partial(MP, LP, OP, bh * NSPLIT + s, m, lsum, acc, DV, G, GP, BDV)
+    if not BLOCKWISE:
+        jj = tl.arange(0, BPS)
+        tl.store(IMP + (bh * G + g)[:, None] * NSB + j[None, :], imp, mask=(g < G)[:, None] & (jj >= 0)[None, :])
 
 
 # ----------------------------------------------------------------------------- 3. top-n
@@ -289,11 +284,21 @@ def _first_of_sorted(key, NP: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _select(MP, LP, IMP, SPILL, LEN, OUT, H, NSB, NSPLIT, G: tl.constexpr, GC: tl.constexpr, NSP: tl.constexpr,
-            LS: tl.constexpr, BPS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr,
-            MERGE: tl.constexpr, SPILLS: tl.constexpr):
-    """Program (b*H + h): group importance of every candidate block and the top-n. SPILLS: a
-    split's first block also gets the previous split's spill-over (``_cmp_split`` BLOCKWISE)."""
+def _weighted(IMP, MX, rows, bh, j, g, jm, mx, inv, NSB, NROW, G: tl.constexpr):
+    """sum over the group of exp2(MX[rows] - mx) / total * IMP[j] ([BJ]): Eq. 10 with each
+    partial importance rescaled from the maximum it was taken against (row ``rows`` of MX)."""
+    part = tl.load(IMP + (bh * G + g)[:, None] * NSB + j[None, :], mask=jm, other=0.0)
+    mj = tl.load(MX + (bh * NROW + rows)[None, :] * G + g[:, None], mask=jm, other=NEG_INF)
+    return tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)
+
+
+@triton.jit
+def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.constexpr, GC: tl.constexpr,
+            NSP: tl.constexpr, LS: tl.constexpr, BPS: tl.constexpr, TB: tl.constexpr, NSEL: tl.constexpr,
+            NP: tl.constexpr, BJ: tl.constexpr, MERGE: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """Program (b*H + h): group importance of every candidate block and the top-n. BLOCKWISE:
+    IMP[j] + IMP2[j] relative to the maxima of their tiles (MT rows j // TB and (j - 1) // TB),
+    else IMP[j] relative to its split's maximum (MP row j // BPS)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     t = tl.load(LEN + b) - 1
@@ -310,16 +315,13 @@ def _select(MP, LP, IMP, SPILL, LEN, OUT, H, NSB, NSPLIT, G: tl.constexpr, GC: t
     top = tl.full([NP], -1, tl.int64)  # the running top-n keys, ascending
     for j0 in range(0, cur + 1, BJ):
         j = j0 + tl.arange(0, BJ)
-        jm = (g < G)[:, None] & (j < NSB)[None, :]
-        part = tl.load(IMP + (bh * G + g)[:, None] * NSB + j[None, :], mask=jm, other=0.0)
-        mj = tl.load(MP + (bh * NSPLIT + j // BPS)[None, :] * G + g[:, None], mask=jm, other=NEG_INF)
-        imp = tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)  # Eq. 10
-        if SPILLS:
-            jm = jm & ((j % BPS == 0) & (j >= BPS))[None, :]
-            prev = (bh * NSPLIT + j // BPS - 1)[None, :] * G + g[:, None]
-            mj = tl.load(MP + prev, mask=jm, other=NEG_INF)
-            part = tl.load(SPILL + prev, mask=jm, other=0.0)
-            imp += tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)
+        # blocks before the current one: the current block is forced (its tile may not have run)
+        jm = (g < G)[:, None] & ((j < cur) & (j < NSB))[None, :]
+        if BLOCKWISE:
+            imp = _weighted(IMP, MT, j // TB, bh, j, g, jm, mx, inv, NSB, NTILE, G)
+            imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, g, jm & (j >= 1)[None, :], mx, inv, NSB, NTILE, G)
+        else:
+            imp = _weighted(IMP, MP, j // BPS, bh, j, g, jm, mx, inv, NSB, NSPLIT, G)
         forced = (j == 0) | (j == cur) | (j == cur - 1)
         bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
         key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
@@ -505,16 +507,17 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     kc, vc = (k_cmp, v_cmp) if ncap else (k_sel, v_sel)  # nothing to read: any valid pointer
     bps, nsplit = _cmp_geometry(ncap, B, H, cfg, launch)
     blockwise, R = _blockwise(cfg, launch), ls // d
-    nsb = bps * nsplit
+    tb = launch.block_n // R if blockwise else 1
+    nsb, ntile = bps * nsplit, bps * nsplit // tb
     mpc, lpc = torch.empty(B * H * nsplit, G, **f32), torch.empty(B * H * nsplit, G, **f32)
-    spill = torch.empty(B * H * nsplit, G, **f32) if blockwise else mpc  # unread without BLOCKWISE
     opc = torch.empty(B * H * nsplit, G, DV, **f32)
     imp = torch.empty(B * H, G, nsb, **f32)
-    tb = launch.block_n // R if blockwise else 1
-    _cmp_split[(B * H, nsplit)](q, kc, vc, lengths, mpc, lpc, opc, imp, spill, scale2, H, max(ncap, 1), nsb, nsplit,
-                                DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV, L=l, DS=d, LS=ls, R=R,
+    # per-tile importance parts and maxima (BLOCKWISE; else never read)
+    imp2, mt = (torch.empty(B * H, G, nsb, **f32), torch.empty(B * H * ntile, G, **f32)) if blockwise else (imp, mpc)
+    _cmp_split[(B * H, nsplit)](q, kc, vc, lengths, mpc, lpc, opc, imp, imp2, mt, scale2, H, max(ncap, 1), nsb,
+                                nsplit, ntile, DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV, L=l, DS=d, LS=ls, R=R,
                                 LEAD=l // d - 1, BPS=bps, BLOCK_N=launch.block_n, BLOCKWISE=blockwise, TB=tb,
-                                NT=bps // tb, PREC=prec, num_warps=launch.cmp_warps or launch.num_warps,
+                                PREC=prec, num_warps=launch.cmp_warps or launch.num_warps,
                                 num_stages=_stages(launch.block_n, BDK, BDV, kc, launch.cmp_stages))
 
     # importance and top-n
@@ -522,9 +525,9 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     GC = _p2(G)
     BJ = max(NP, min(launch.select_chunk, _p2(nsb), max(1, 8192 // GC)))  # [GC, BJ] loads stay in registers
     idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
-    _select[(B * H,)](mpc, lpc, imp, spill, lengths, idx, H, nsb, nsplit, G=G, GC=GC, NSP=_p2(nsplit), LS=ls,
-                      BPS=bps, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
-                      SPILLS=blockwise, num_warps=launch.select_warps or (8 if BJ >= 1024 else 4))
+    _select[(B * H,)](mpc, lpc, imp, imp2, mt, lengths, idx, H, nsb, nsplit, ntile, G=G, GC=GC, NSP=_p2(nsplit),
+                      LS=ls, BPS=bps, TB=tb, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
+                      BLOCKWISE=blockwise, num_warps=launch.select_warps or (8 if BJ >= 1024 else 4))
 
     # selected blocks and window
     block_k = min(launch.block_k, max(16, _p2(ls)))
