@@ -55,11 +55,14 @@ class DecodeLaunch:
     (where l'/d is a power of two), else by a [tokens x blocks] weight product with the
     previous split's lead tokens read again; cmp_max_bps: most selection blocks a split while
     the splits stay within max_splits;
-    attend_upp: selected blocks (or window tiles) a program of the selected/window pass, 0:
+    attend_upp: selected blocks (or window units) a program of the selected/window pass, 0:
     the fewest tile loops (padding included) with about target_programs programs;
+    attend_one_loop: that pass runs selected and window tiles in one loop (one set of
+    pipeline buffers), else in two;
     cmp_warps / attend_warps / select_warps (0: num_warps, num_warps, 8 for a chunk of 1024
     blocks or more else 4) and cmp_stages / attend_stages (0: 3, or 2 where a stage passes
-    48 KiB): per-kernel warps and software-pipeline stages.
+    48 KiB): per-kernel warps and software-pipeline stages; cmp_maxnreg: most registers a
+    thread of the split pass (0: the compiler's choice; fewer fit more programs an SM).
     """
 
     block_n: int = 64
@@ -72,11 +75,13 @@ class DecodeLaunch:
     cmp_blockwise: bool = True
     cmp_max_bps: int = 64
     attend_upp: int = 0
+    attend_one_loop: bool = True
     cmp_warps: int = 0
     attend_warps: int = 0
     select_warps: int = 0
     cmp_stages: int = 0
     attend_stages: int = 0
+    cmp_maxnreg: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "max_splits", "select_chunk", "num_warps", "cmp_max_bps"):
@@ -87,7 +92,7 @@ class DecodeLaunch:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0 or v & (v - 1):
                 raise ValueError(f"DecodeLaunch.{name} must be 0 (automatic) or a power of two, got {v!r}")
-        for name in ("attend_upp", "cmp_stages", "attend_stages"):
+        for name in ("attend_upp", "cmp_stages", "attend_stages", "cmp_maxnreg"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"DecodeLaunch.{name} must be an integer >= 0 (0: automatic), got {v!r}")
@@ -95,7 +100,7 @@ class DecodeLaunch:
             raise ValueError("DecodeLaunch.block_n and block_k must be >= 16 (matrix-product tiles)")
         if not isinstance(self.target_programs, int) or self.target_programs < 1:
             raise ValueError(f"DecodeLaunch.target_programs must be a positive integer, got {self.target_programs!r}")
-        for name in ("topk_merge", "cmp_blockwise"):
+        for name in ("topk_merge", "cmp_blockwise", "attend_one_loop"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DecodeLaunch.{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -345,8 +350,11 @@ def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.conste
 def _attend_split(Q, KS, VS, KW, VW, IDX, LEN, MP, LP, OP, scale2, H, CAP, W, NSEL, PS, NPART, DK, DV,
                   G: tl.constexpr, GP: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                   LS: tl.constexpr, BLOCK_K: tl.constexpr, KT: tl.constexpr, UPP: tl.constexpr,
-                  PREC: tl.constexpr):
-    """Program (b*H + h, u): u < PS takes UPP selected blocks, else UPP window-ring tiles."""
+                  ONE_LOOP: tl.constexpr, PREC: tl.constexpr):
+    """Program (b*H + h, u): u < PS takes UPP selected blocks, else UPP window units (KT
+    tiles of the ring each with ONE_LOOP, else one). ONE_LOOP: both kinds in one loop of
+    UPP * KT tiles from pointers chosen once, so the software pipeline keeps one set of tile
+    buffers (two loops keep two: twice the shared memory, fewer programs an SM)."""
     bh = tl.program_id(0).to(tl.int64)
     u = tl.program_id(1)
     b = bh // H
@@ -357,7 +365,24 @@ def _attend_split(Q, KS, VS, KW, VW, IDX, LEN, MP, LP, OP, scale2, H, CAP, W, NS
     lsum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BDV], tl.float32)
     c = tl.arange(0, BLOCK_K)
-    if u < PS:
+    if ONE_LOOP:
+        sel = u < PS
+        if sel:
+            kb, vb, rows0 = KS, VS, b * CAP
+        else:
+            kb, vb, rows0 = KW, VW, b * W
+        for k in range(UPP * KT):
+            slot = u * UPP + k // KT
+            off = (k % KT) * BLOCK_K + c
+            blk = tl.load(IDX + bh * NSEL + slot, mask=sel & (slot < NSEL), other=-1)
+            pos = blk * LS + off  # selected: blk = -1 (padding) gives pos < 0
+            ring = ((u - PS) * UPP + k // KT) * (KT * BLOCK_K) + off  # window: a ring slot
+            # ring slots hold the last min(w, S) positions
+            ok = tl.where(sel, (pos >= 0) & (off < LS) & (pos < S), (ring < W) & (ring < S))
+            row = (rows0 + tl.where(sel, pos, ring)) * H + h
+            m, lsum, acc = _online(q, _rows_t(kb, row, ok, DK, BDK), _rows(vb, row, ok, DV, BDV),
+                                   ok, m, lsum, acc, scale2, PREC)
+    elif u < PS:
         for k in range(UPP):
             slot = u * UPP + k
             blk = tl.load(IDX + bh * NSEL + slot, mask=slot < NSEL, other=-1)
@@ -518,7 +543,8 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
                                 nsplit, ntile, DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV, L=l, DS=d, LS=ls, R=R,
                                 LEAD=l // d - 1, BPS=bps, BLOCK_N=launch.block_n, BLOCKWISE=blockwise, TB=tb,
                                 PREC=prec, num_warps=launch.cmp_warps or launch.num_warps,
-                                num_stages=_stages(launch.block_n, BDK, BDV, kc, launch.cmp_stages))
+                                num_stages=_stages(launch.block_n, BDK, BDV, kc, launch.cmp_stages),
+                                **({"maxnreg": launch.cmp_maxnreg} if launch.cmp_maxnreg else {}))
 
     # importance and top-n
     NP = max(16, _p2(n))
@@ -531,8 +557,9 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
 
     # selected blocks and window
     block_k = min(launch.block_k, max(16, _p2(ls)))
+    kt = -(-ls // block_k)
     w = cfg.window
-    wtiles = -(-w // block_k) if w else 0
+    wtiles = -(-w // (block_k * (kt if launch.attend_one_loop else 1))) if w else 0
     upp, ps, pw = _attend_geometry(n, wtiles, B, H, launch)
     npart = ps + pw
     mpa, lpa = torch.empty(B * H * npart, G, **f32), torch.empty(B * H * npart, G, **f32)
@@ -540,7 +567,7 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     kw, vw = (k_win, v_win) if w else (k_sel, v_sel)
     _attend_split[(B * H, npart)](q, k_sel, v_sel, kw, vw, idx, lengths, mpa, lpa, opa, scale2, H, cap,
                                   w, n, ps, npart, DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV,
-                                  LS=ls, BLOCK_K=block_k, KT=-(-ls // block_k), UPP=upp, PREC=prec,
+                                  LS=ls, BLOCK_K=block_k, KT=kt, UPP=upp, ONE_LOOP=launch.attend_one_loop, PREC=prec,
                                   num_warps=launch.attend_warps or launch.num_warps,
                                   num_stages=_stages(block_k, BDK, BDV, k_sel, launch.attend_stages))
 

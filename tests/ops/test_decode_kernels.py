@@ -52,7 +52,9 @@ LAUNCHES = [  # every importance path and split geometry of _cmp_split / _select
     dict(target_programs=400, block_n=16, block_k=16),  # short splits: spill-over between splits
     dict(target_programs=4, block_n=32, cmp_max_bps=16, attend_upp=3),  # few programs, padded units
     dict(cmp_blockwise=False, target_programs=400, block_n=16, attend_upp=1),  # the weight product
-    dict(cmp_warps=2, attend_warps=8, select_warps=2, cmp_stages=2, attend_stages=1, select_chunk=32),
+    dict(attend_one_loop=False, target_programs=400, block_k=16),  # two loops, two tiles a block
+    dict(cmp_warps=2, attend_warps=8, select_warps=2, cmp_stages=2, attend_stages=1, select_chunk=32,
+         cmp_maxnreg=168),
 ]
 
 
