@@ -13,17 +13,21 @@ once per group, and reads nothing at or past its sequence's length. Launches per
    when the length S crosses a stride boundary (no host sync; an MLP phi is applied by the
    caller with masked tensor ops).
 2. ``_cmp_split``: flash-decoding split of the compressed cache. Split s owns the tokens
-   starting in selection blocks [s*BPS, (s+1)*BPS) and, in the same pass, accumulates Eq. 9
-   importance of those blocks per query head (a 0/1-overlap weight product; the l/d - 1
-   tokens of the previous block that reach into block s*BPS are read again for it). Partial
-   softmax state and importance are kept relative to the split's running maximum.
+   starting in selection blocks [s*BPS, (s+1)*BPS) and, in the same pass, the Eq. 9
+   importance of those blocks per query head: by default each tile stores, per block, its
+   probabilities weighted by their overlap with the block they start in and with the next
+   one (relative to the tile's running maximum, also stored), so no token is read twice;
+   otherwise a 0/1-overlap weight product per split (the l/d - 1 tokens of the previous
+   block that reach into block s*BPS read again). Partial softmax state is kept relative to
+   the split's running maximum.
 3. ``_select``: per (sequence, KV head): the splits' maxima and sums give each head's
    normaliser; importance = sum over the group of the rescaled partials (Eq. 10); a running
    top-n over chunks of blocks with one int64 key per block (float bits above, 2**31-1-j
    below; forced blocks +inf; non-candidates -1), so equal importance goes to the lower block
    index, exactly as a stable sort does.
 4. ``_attend_split``: selected blocks (each clamped to <= t) and window-ring tiles, spread
-   over programs (``DecodeLaunch.target_programs``) so that batch 1 fills the GPU.
+   over programs (``DecodeLaunch.target_programs``) so that batch 1 fills the GPU; one loop
+   for both kinds, so the software pipeline keeps one set of tile buffers.
 5. ``_combine``: per (sequence, query head): merge the three branches' partials, gate.
 
 Importance accumulates in fp32 (the PyTorch path sums in float64): exact near-ties may
@@ -72,10 +76,12 @@ class DecodeLaunch:
     select_chunk: int = 2048
     num_warps: int = 4
     topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
+    # how the split pass takes importance and sizes its splits; how the attend pass loops
     cmp_blockwise: bool = True
     cmp_max_bps: int = 64
     attend_upp: int = 0
     attend_one_loop: bool = True
+    # per kernel (0: automatic)
     cmp_warps: int = 0
     attend_warps: int = 0
     select_warps: int = 0
