@@ -13,17 +13,21 @@ once per group, and reads nothing at or past its sequence's length. Launches per
    when the length S crosses a stride boundary (no host sync; an MLP phi is applied by the
    caller with masked tensor ops).
 2. ``_cmp_split``: flash-decoding split of the compressed cache. Split s owns the tokens
-   starting in selection blocks [s*BPS, (s+1)*BPS) and, in the same pass, accumulates Eq. 9
-   importance of those blocks per query head (a 0/1-overlap weight product; the l/d - 1
-   tokens of the previous block that reach into block s*BPS are read again for it). Partial
-   softmax state and importance are kept relative to the split's running maximum.
+   starting in selection blocks [s*BPS, (s+1)*BPS) and, in the same pass, the Eq. 9
+   importance of those blocks per query head: by default each tile stores, per block, its
+   probabilities weighted by their overlap with the block they start in and with the next
+   one (relative to the tile's running maximum, also stored), so no token is read twice;
+   otherwise a 0/1-overlap weight product per split (the l/d - 1 tokens of the previous
+   block that reach into block s*BPS read again). Partial softmax state is kept relative to
+   the split's running maximum.
 3. ``_select``: per (sequence, KV head): the splits' maxima and sums give each head's
    normaliser; importance = sum over the group of the rescaled partials (Eq. 10); a running
    top-n over chunks of blocks with one int64 key per block (float bits above, 2**31-1-j
    below; forced blocks +inf; non-candidates -1), so equal importance goes to the lower block
    index, exactly as a stable sort does.
 4. ``_attend_split``: selected blocks (each clamped to <= t) and window-ring tiles, spread
-   over programs (``DecodeLaunch.target_programs``) so that batch 1 fills the GPU.
+   over programs (``DecodeLaunch.target_programs``) so that batch 1 fills the GPU; one loop
+   for both kinds, so the software pipeline keeps one set of tile buffers.
 5. ``_combine``: per (sequence, query head): merge the three branches' partials, gate.
 
 Importance accumulates in fp32 (the PyTorch path sums in float64): exact near-ties may
@@ -50,7 +54,19 @@ class DecodeLaunch:
     at once); select_chunk: most blocks per top-n merge (one merge covers every block up to
     128k tokens at l' = 64: one wide top-k has fewer dependent stages than a chain of merges);
     num_warps: warps of the split kernels;
-    topk_merge: merge the running top-n with tl.topk / tl.bitonic_merge when available.
+    topk_merge: merge the running top-n with tl.topk / tl.bitonic_merge when available;
+    cmp_blockwise: the split pass sums importance per block from each tile's probabilities
+    (where l'/d is a power of two), else by a [tokens x blocks] weight product with the
+    previous split's lead tokens read again; cmp_max_bps: most selection blocks a split while
+    the splits stay within max_splits;
+    attend_upp: selected blocks (or window units) a program of the selected/window pass, 0:
+    the fewest tile loops (padding included) with about target_programs programs;
+    attend_one_loop: that pass runs selected and window tiles in one loop (one set of
+    pipeline buffers), else in two;
+    cmp_warps / attend_warps / select_warps (0: num_warps, num_warps, 8 for a chunk of 1024
+    blocks or more else 4) and cmp_stages / attend_stages (0: 3, or 2 where a stage passes
+    48 KiB): per-kernel warps and software-pipeline stages; cmp_maxnreg: most registers a
+    thread of the split pass (0: the compiler's choice; fewer fit more programs an SM).
     """
 
     block_n: int = 64
@@ -60,16 +76,39 @@ class DecodeLaunch:
     select_chunk: int = 2048
     num_warps: int = 4
     topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
+    # how the split pass takes importance and sizes its splits; how the attend pass loops
+    cmp_blockwise: bool = True
+    cmp_max_bps: int = 64
+    attend_upp: int = 0
+    attend_one_loop: bool = True
+    # per kernel (0: automatic)
+    cmp_warps: int = 0
+    attend_warps: int = 0
+    select_warps: int = 0
+    cmp_stages: int = 0
+    attend_stages: int = 0
+    cmp_maxnreg: int = 0
 
     def __post_init__(self):
-        for name in ("block_n", "block_k", "max_splits", "select_chunk", "num_warps"):
+        for name in ("block_n", "block_k", "max_splits", "select_chunk", "num_warps", "cmp_max_bps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"DecodeLaunch.{name} must be a positive power of two, got {v!r}")
+        for name in ("cmp_warps", "attend_warps", "select_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0 or v & (v - 1):
+                raise ValueError(f"DecodeLaunch.{name} must be 0 (automatic) or a power of two, got {v!r}")
+        for name in ("attend_upp", "cmp_stages", "attend_stages", "cmp_maxnreg"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"DecodeLaunch.{name} must be an integer >= 0 (0: automatic), got {v!r}")
         if self.block_n < 16 or self.block_k < 16:
             raise ValueError("DecodeLaunch.block_n and block_k must be >= 16 (matrix-product tiles)")
         if not isinstance(self.target_programs, int) or self.target_programs < 1:
             raise ValueError(f"DecodeLaunch.target_programs must be a positive integer, got {self.target_programs!r}")
+        for name in ("topk_merge", "cmp_blockwise", "attend_one_loop"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DecodeLaunch.{name} must be True or False, got {getattr(self, name)!r}")
 
 
 DEFAULT_LAUNCH = DecodeLaunch()
@@ -172,12 +211,22 @@ def _append(NEW_KS, NEW_VS, NEW_KW, NEW_VW, NEW_KR, NEW_VR, KS, VS, KW, VW, KR, 
 
 # ----------------------------------------------------------------------------- 2. compressed split
 @triton.jit
-def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, scale2, H, NCAP, NSB, NSPLIT, DK, DV,
+def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, IMP2, MT, scale2, H, NCAP, NSB, NSPLIT, NTILE, DK, DV,
                G: tl.constexpr, GP: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, R: tl.constexpr, LEAD: tl.constexpr,
-               BPS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+               BPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKWISE: tl.constexpr, TB: tl.constexpr,
+               PREC: tl.constexpr):
     """Program (b*H + h, split s): compressed attention over the tokens starting in blocks
-    s*BPS .. (s+1)*BPS - 1 and the Eq. 9 importance of those blocks per query head."""
+    s*BPS .. (s+1)*BPS - 1 and the Eq. 9 importance of those blocks per query head.
+
+    BLOCKWISE (R = l'/d a power of two, TB = BLOCK_N / R blocks a tile): a token overlaps the
+    block it starts in and at most the next one (l <= l'), by weights that depend only on
+    where in its block it starts. Each tile stores its probabilities summed per block: IMP[j]
+    the tokens starting in block j, IMP2[j] those of block j - 1 that reach into j, both
+    relative to the running maximum MT of the tile (``_select`` rescales them), so no token is
+    read twice and no importance is held in registers. Otherwise the split's importance in
+    registers by a [tokens x blocks] overlap-weight product, relative to the split's maximum
+    MP, the l/d - 1 lead tokens of the previous split read again."""
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)  # loop bounds and offsets in one integer type
     b = bh // H
@@ -187,12 +236,20 @@ def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, scale2, H, NCAP, NSB, NSPLIT, DK
     q, dk = _group_queries(Q, bh * G, DK, G, GP, BDK)
     own_lo = s * (BPS * R)
     own_hi = tl.minimum(own_lo + BPS * R, nv)
+    g = tl.arange(0, GP)
     j = s * BPS + tl.arange(0, BPS)
     m = tl.full([GP], NEG_INF, tl.float32)
     lsum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BDV], tl.float32)
     imp = tl.zeros([GP, BPS], tl.float32)
-    for i0 in range(tl.maximum(own_lo - LEAD, 0), own_hi, BLOCK_N):
+    if BLOCKWISE:
+        r = tl.arange(0, R) * DS  # where a token starts in its block
+        w_own = ((tl.minimum(r + L, LS) - r) // DS).to(tl.float32)
+        w_next = (tl.maximum(r + L - LS, 0) // DS).to(tl.float32)
+        first = own_lo
+    else:
+        first = tl.maximum(own_lo - LEAD, 0)
+    for i0 in range(first, own_hi, BLOCK_N):
         i = i0 + tl.arange(0, BLOCK_N)
         ok = i < own_hi  # visible; the LEAD tokens before own_lo count for importance only
         row = (b * NCAP + i) * H + h
@@ -201,21 +258,31 @@ def _cmp_split(Q, KC, VC, LEN, MP, LP, OP, IMP, scale2, H, NCAP, NSB, NSPLIT, DK
         m_new = tl.maximum(m, tl.max(sc, 1))  # finite: every tile holds a visible token
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(sc - m_new[:, None])
-        p_own = tl.where((i >= own_lo)[None, :], p, 0.0)
-        lsum = lsum * alpha + tl.sum(p_own, 1)
         v = _rows(VC, row, ok, DV, BDV)
-        acc = acc * alpha[:, None] + tl.dot(p_own.to(v.dtype), v, input_precision=PREC)
-        # Eq. 9 overlap of token i ([i*d, i*d + l)) with block j ([j*l', (j+1)*l')), in strides
-        lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
-        hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
-        w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
-        imp = imp * alpha[:, None] + tl.dot(p, w, input_precision="ieee")
+        if BLOCKWISE:
+            lsum = lsum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            p3 = tl.reshape(p, [GP, TB, R])
+            jt = i0 // R + tl.arange(0, TB)  # the tile's blocks
+            gm = (g < G)[:, None]
+            out = (bh * G + g)[:, None] * NSB + jt[None, :]
+            tl.store(IMP + out, tl.sum(p3 * w_own[None, None, :], 2), mask=gm & (jt >= 0)[None, :])
+            tl.store(IMP2 + out + 1, tl.sum(p3 * w_next[None, None, :], 2), mask=gm & (jt + 1 < NSB)[None, :])
+            tl.store(MT + (bh * NTILE + i0 // BLOCK_N) * G + g, m_new, mask=g < G)
+        else:
+            p_own = tl.where((i >= own_lo)[None, :], p, 0.0)
+            lsum = lsum * alpha + tl.sum(p_own, 1)
+            acc = acc * alpha[:, None] + tl.dot(p_own.to(v.dtype), v, input_precision=PREC)
+            # Eq. 9 overlap of token i ([i*d, i*d + l)) with block j ([j*l', (j+1)*l')), in strides
+            lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
+            hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
+            w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)
+            imp = imp * alpha[:, None] + tl.dot(p, w, input_precision="ieee")
         m = m_new
-    part = bh * NSPLIT + s
-    _store_partial(MP, LP, OP, part, m, lsum, acc, DV, G, GP, BDV)
-    g = tl.arange(0, GP)
-    jj = tl.arange(0, BPS)
-    tl.store(IMP + (bh * G + g)[:, None] * NSB + j[None, :], imp, mask=(g < G)[:, None] & (jj >= 0)[None, :])
+    _store_partial(MP, LP, OP, bh * NSPLIT + s, m, lsum, acc, DV, G, GP, BDV)
+    if not BLOCKWISE:
+        jj = tl.arange(0, BPS)
+        tl.store(IMP + (bh * G + g)[:, None] * NSB + j[None, :], imp, mask=(g < G)[:, None] & (jj >= 0)[None, :])
 
 
 # ----------------------------------------------------------------------------- 3. top-n
@@ -228,10 +295,21 @@ def _first_of_sorted(key, NP: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _select(MP, LP, IMP, LEN, OUT, H, NSB, NSPLIT, G: tl.constexpr, GC: tl.constexpr, NSP: tl.constexpr,
-            LS: tl.constexpr, BPS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr,
-            MERGE: tl.constexpr):
-    """Program (b*H + h): group importance of every candidate block and the top-n."""
+def _weighted(IMP, MX, rows, bh, j, g, jm, mx, inv, NSB, NROW, G: tl.constexpr):
+    """sum over the group of exp2(MX[rows] - mx) / total * IMP[j] ([BJ]): Eq. 10 with each
+    partial importance rescaled from the maximum it was taken against (row ``rows`` of MX)."""
+    part = tl.load(IMP + (bh * G + g)[:, None] * NSB + j[None, :], mask=jm, other=0.0)
+    mj = tl.load(MX + (bh * NROW + rows)[None, :] * G + g[:, None], mask=jm, other=NEG_INF)
+    return tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)
+
+
+@triton.jit
+def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.constexpr, GC: tl.constexpr,
+            NSP: tl.constexpr, LS: tl.constexpr, BPS: tl.constexpr, TB: tl.constexpr, NSEL: tl.constexpr,
+            NP: tl.constexpr, BJ: tl.constexpr, MERGE: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """Program (b*H + h): group importance of every candidate block and the top-n. BLOCKWISE:
+    IMP[j] + IMP2[j] relative to the maxima of their tiles (MT rows j // TB and (j - 1) // TB),
+    else IMP[j] relative to its split's maximum (MP row j // BPS)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     t = tl.load(LEN + b) - 1
@@ -248,10 +326,13 @@ def _select(MP, LP, IMP, LEN, OUT, H, NSB, NSPLIT, G: tl.constexpr, GC: tl.const
     top = tl.full([NP], -1, tl.int64)  # the running top-n keys, ascending
     for j0 in range(0, cur + 1, BJ):
         j = j0 + tl.arange(0, BJ)
-        jm = (g < G)[:, None] & (j < NSB)[None, :]
-        part = tl.load(IMP + (bh * G + g)[:, None] * NSB + j[None, :], mask=jm, other=0.0)
-        mj = tl.load(MP + (bh * NSPLIT + j // BPS)[None, :] * G + g[:, None], mask=jm, other=NEG_INF)
-        imp = tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)  # Eq. 10
+        # blocks before the current one: the current block is forced (its tile may not have run)
+        jm = (g < G)[:, None] & ((j < cur) & (j < NSB))[None, :]
+        if BLOCKWISE:
+            imp = _weighted(IMP, MT, j // TB, bh, j, g, jm, mx, inv, NSB, NTILE, G)
+            imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, g, jm & (j >= 1)[None, :], mx, inv, NSB, NTILE, G)
+        else:
+            imp = _weighted(IMP, MP, j // BPS, bh, j, g, jm, mx, inv, NSB, NSPLIT, G)
         forced = (j == 0) | (j == cur) | (j == cur - 1)
         bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
         key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
@@ -275,8 +356,11 @@ def _select(MP, LP, IMP, LEN, OUT, H, NSB, NSPLIT, G: tl.constexpr, GC: tl.const
 def _attend_split(Q, KS, VS, KW, VW, IDX, LEN, MP, LP, OP, scale2, H, CAP, W, NSEL, PS, NPART, DK, DV,
                   G: tl.constexpr, GP: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
                   LS: tl.constexpr, BLOCK_K: tl.constexpr, KT: tl.constexpr, UPP: tl.constexpr,
-                  PREC: tl.constexpr):
-    """Program (b*H + h, u): u < PS takes UPP selected blocks, else UPP window-ring tiles."""
+                  ONE_LOOP: tl.constexpr, PREC: tl.constexpr):
+    """Program (b*H + h, u): u < PS takes UPP selected blocks, else UPP window units (KT
+    tiles of the ring each with ONE_LOOP, else one). ONE_LOOP: both kinds in one loop of
+    UPP * KT tiles from pointers chosen once, so the software pipeline keeps one set of tile
+    buffers (two loops keep two: twice the shared memory, fewer programs an SM)."""
     bh = tl.program_id(0).to(tl.int64)
     u = tl.program_id(1)
     b = bh // H
@@ -287,7 +371,24 @@ def _attend_split(Q, KS, VS, KW, VW, IDX, LEN, MP, LP, OP, scale2, H, CAP, W, NS
     lsum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BDV], tl.float32)
     c = tl.arange(0, BLOCK_K)
-    if u < PS:
+    if ONE_LOOP:
+        sel = u < PS
+        if sel:
+            kb, vb, rows0 = KS, VS, b * CAP
+        else:
+            kb, vb, rows0 = KW, VW, b * W
+        for k in range(UPP * KT):
+            slot = u * UPP + k // KT
+            off = (k % KT) * BLOCK_K + c
+            blk = tl.load(IDX + bh * NSEL + slot, mask=sel & (slot < NSEL), other=-1)
+            pos = blk * LS + off  # selected: blk = -1 (padding) gives pos < 0
+            ring = ((u - PS) * UPP + k // KT) * (KT * BLOCK_K) + off  # window: a ring slot
+            # ring slots hold the last min(w, S) positions
+            ok = tl.where(sel, (pos >= 0) & (off < LS) & (pos < S), (ring < W) & (ring < S))
+            row = (rows0 + tl.where(sel, pos, ring)) * H + h
+            m, lsum, acc = _online(q, _rows_t(kb, row, ok, DK, BDK), _rows(vb, row, ok, DV, BDV),
+                                   ok, m, lsum, acc, scale2, PREC)
+    elif u < PS:
         for k in range(UPP):
             slot = u * UPP + k
             blk = tl.load(IDX + bh * NSEL + slot, mask=slot < NSEL, other=-1)
@@ -347,9 +448,12 @@ def _p2(x: int) -> int:
     return triton.next_power_of_2(max(1, int(x)))
 
 
-def _stages(keys: int, bdk: int, bdv: int, t: torch.Tensor) -> int:
-    """Pipeline stages of a split kernel: 3, or 2 where a stage's K and V tiles pass 48 KiB
-    (fp32 at head_dim 128 and up), so that the stages fit a Hopper SM's shared memory."""
+def _stages(keys: int, bdk: int, bdv: int, t: torch.Tensor, asked: int = 0) -> int:
+    """Pipeline stages of a split kernel: ``asked``, or 3, or 2 where a stage's K and V tiles
+    pass 48 KiB (fp32 at head_dim 128 and up), so that the stages fit a Hopper SM's shared
+    memory."""
+    if asked:
+        return asked
     return 2 if keys * (bdk + bdv) * t.element_size() > 48 * 1024 else 3
 
 
@@ -373,6 +477,13 @@ def append_token(new: dict, k_sel, v_sel, k_win, v_win, k_raw, v_raw, k_cmp, v_c
                       BDK=_p2(DK), BDV=_p2(DV), HAS_WIN=has_win, MEAN=mean_pool and nc > 0, num_warps=1)
 
 
+def _blockwise(cfg, launch: DecodeLaunch) -> bool:
+    """Whether the split pass sums importance per block (``_cmp_split`` BLOCKWISE): asked for,
+    and a tile holds whole blocks of token starts (R = l'/d a power of two, at most block_n)."""
+    R = cfg.sel_block // cfg.cmp_stride
+    return launch.cmp_blockwise and R & (R - 1) == 0 and R <= launch.block_n
+
+
 def _cmp_geometry(ncap: int, B: int, H: int, cfg, launch: DecodeLaunch) -> tuple[int, int]:
     """(blocks per split BPS, splits) of the compressed cache: about target_programs programs,
     at most max_splits splits, at least one tile of tokens a split."""
@@ -380,16 +491,23 @@ def _cmp_geometry(ncap: int, B: int, H: int, cfg, launch: DecodeLaunch) -> tuple
     blocks = max(1, -(-ncap // R))  # blocks in which a compressed token starts
     want = max(1, launch.target_programs // (B * H))
     low = max(16, _p2(-(-launch.block_n // R)))  # a matrix-product dimension; one tile of tokens
-    # at most 64 blocks a split while that keeps max_splits: the [G, BPS] importance stays in registers
-    bps = max(low, min(_p2(-(-blocks // want)), 64), _p2(-(-blocks // launch.max_splits)))
+    # at most cmp_max_bps blocks a split while that keeps max_splits: the [G, BPS] importance
+    # stays in registers
+    bps = max(low, min(_p2(-(-blocks // want)), launch.cmp_max_bps), _p2(-(-blocks // launch.max_splits)))
     return bps, -(-blocks // bps)
 
 
 def _attend_geometry(n: int, wtiles: int, B: int, H: int, launch: DecodeLaunch) -> tuple[int, int, int]:
     """(units per program, selected programs, window programs): a unit is one selected block
-    or one window tile."""
-    want = max(1, launch.target_programs // (B * H))
-    upp = max(1, -(-(n + wtiles) // want))
+    or one window tile. ``launch.attend_upp`` or, up to the units that leave about
+    target_programs programs, the most units with the fewest loop passes in all: every
+    program of a kind loops over as many units, padding included (n = 16 and 8 window tiles
+    at one program per (sequence, KV head) wanted: 8 units, three programs, no padding)."""
+    if launch.attend_upp:
+        upp = launch.attend_upp
+    else:
+        most = max(1, -(-(n + wtiles) // max(1, launch.target_programs // (B * H))))
+        upp = min(range(1, most + 1), key=lambda u: ((-(-n // u) + -(-wtiles // u)) * u, -u))
     return upp, -(-n // upp), -(-wtiles // upp)
 
 
@@ -419,28 +537,35 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     ncap = k_cmp.shape[1]
     kc, vc = (k_cmp, v_cmp) if ncap else (k_sel, v_sel)  # nothing to read: any valid pointer
     bps, nsplit = _cmp_geometry(ncap, B, H, cfg, launch)
-    nsb = bps * nsplit
+    blockwise, R = _blockwise(cfg, launch), ls // d
+    tb = launch.block_n // R if blockwise else 1
+    nsb, ntile = bps * nsplit, bps * nsplit // tb
     mpc, lpc = torch.empty(B * H * nsplit, G, **f32), torch.empty(B * H * nsplit, G, **f32)
     opc = torch.empty(B * H * nsplit, G, DV, **f32)
     imp = torch.empty(B * H, G, nsb, **f32)
-    _cmp_split[(B * H, nsplit)](q, kc, vc, lengths, mpc, lpc, opc, imp, scale2, H, max(ncap, 1), nsb, nsplit,
-                                DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV, L=l, DS=d, LS=ls, R=ls // d,
-                                LEAD=l // d - 1, BPS=bps, BLOCK_N=launch.block_n, PREC=prec,
-                                num_warps=launch.num_warps, num_stages=_stages(launch.block_n, BDK, BDV, kc))
+    # per-tile importance parts and maxima (BLOCKWISE; else never read)
+    imp2, mt = (torch.empty(B * H, G, nsb, **f32), torch.empty(B * H * ntile, G, **f32)) if blockwise else (imp, mpc)
+    _cmp_split[(B * H, nsplit)](q, kc, vc, lengths, mpc, lpc, opc, imp, imp2, mt, scale2, H, max(ncap, 1), nsb,
+                                nsplit, ntile, DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV, L=l, DS=d, LS=ls, R=R,
+                                LEAD=l // d - 1, BPS=bps, BLOCK_N=launch.block_n, BLOCKWISE=blockwise, TB=tb,
+                                PREC=prec, num_warps=launch.cmp_warps or launch.num_warps,
+                                num_stages=_stages(launch.block_n, BDK, BDV, kc, launch.cmp_stages),
+                                **({"maxnreg": launch.cmp_maxnreg} if launch.cmp_maxnreg else {}))
 
     # importance and top-n
     NP = max(16, _p2(n))
     GC = _p2(G)
     BJ = max(NP, min(launch.select_chunk, _p2(nsb), max(1, 8192 // GC)))  # [GC, BJ] loads stay in registers
     idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
-    _select[(B * H,)](mpc, lpc, imp, lengths, idx, H, nsb, nsplit, G=G, GC=GC, NSP=_p2(nsplit), LS=ls,
-                      BPS=bps, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
-                      num_warps=8 if BJ >= 1024 else 4)
+    _select[(B * H,)](mpc, lpc, imp, imp2, mt, lengths, idx, H, nsb, nsplit, ntile, G=G, GC=GC, NSP=_p2(nsplit),
+                      LS=ls, BPS=bps, TB=tb, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
+                      BLOCKWISE=blockwise, num_warps=launch.select_warps or (8 if BJ >= 1024 else 4))
 
     # selected blocks and window
     block_k = min(launch.block_k, max(16, _p2(ls)))
+    kt = -(-ls // block_k)
     w = cfg.window
-    wtiles = -(-w // block_k) if w else 0
+    wtiles = -(-w // (block_k * (kt if launch.attend_one_loop else 1))) if w else 0
     upp, ps, pw = _attend_geometry(n, wtiles, B, H, launch)
     npart = ps + pw
     mpa, lpa = torch.empty(B * H * npart, G, **f32), torch.empty(B * H * npart, G, **f32)
@@ -448,8 +573,9 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     kw, vw = (k_win, v_win) if w else (k_sel, v_sel)
     _attend_split[(B * H, npart)](q, k_sel, v_sel, kw, vw, idx, lengths, mpa, lpa, opa, scale2, H, cap,
                                   w, n, ps, npart, DK, DV, G=G, GP=GP, BDK=BDK, BDV=BDV,
-                                  LS=ls, BLOCK_K=block_k, KT=-(-ls // block_k), UPP=upp, PREC=prec,
-                                  num_warps=launch.num_warps, num_stages=_stages(block_k, BDK, BDV, k_sel))
+                                  LS=ls, BLOCK_K=block_k, KT=kt, UPP=upp, ONE_LOOP=launch.attend_one_loop, PREC=prec,
+                                  num_warps=launch.attend_warps or launch.num_warps,
+                                  num_stages=_stages(block_k, BDK, BDV, k_sel, launch.attend_stages))
 
     o = torch.empty(B, HQ, DV, **f32)
     _combine[(B * HQ,)](mpc, lpc, opc, mpa, lpa, opa, gates.contiguous(), o, HQ, nsplit, ps, npart, DV, G=G,

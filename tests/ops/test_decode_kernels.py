@@ -47,6 +47,17 @@ CASES = [  # (config overrides, G, Dk, Dv, lengths)
 ]
 
 
+LAUNCHES = [  # every importance path and split geometry of _cmp_split / _select / _attend_split
+    dict(),
+    dict(target_programs=400, block_n=16, block_k=16),  # short splits: spill-over between splits
+    dict(target_programs=4, block_n=32, cmp_max_bps=16, attend_upp=3),  # few programs, padded units
+    dict(cmp_blockwise=False, target_programs=400, block_n=16, attend_upp=1),  # the weight product
+    dict(attend_one_loop=False, target_programs=400, block_k=16),  # two loops, two tiles a block
+    dict(cmp_warps=2, attend_warps=8, select_warps=2, cmp_stages=2, attend_stages=1, select_chunk=32,
+         cmp_maxnreg=168),
+]
+
+
 @pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: f"case{i}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_decode_attend_equals_pytorch_path(dk, case, dtype):
@@ -60,13 +71,56 @@ def test_decode_attend_equals_pytorch_path(dk, case, dtype):
     gates = torch.rand(len(lengths), H * G, 3, generator=gen).to(device, dtype)
     o_ref, idx_ref, reads_ref = attend_step(q, gates, cache)
     # few programs (long splits, several tiles and merges each; the sort-based merge in odd
-    # cases) and many (short splits)
+    # cases) and many (short splits); in fp32 the other settings of LAUNCHES too
+    more = [kernels.DecodeLaunch(**x) for x in LAUNCHES[2:]] if dtype == torch.float32 else []
     for launch in (kernels.DecodeLaunch(target_programs=4, select_chunk=16, topk_merge=case % 2 == 0),
-                   kernels.DecodeLaunch(target_programs=400, block_n=16, block_k=16)):
+                   kernels.DecodeLaunch(target_programs=400, block_n=16, block_k=16), *more):
         o, idx = attend_step_kernels(kernels, q, gates, cache, launch=launch)
         assert torch.equal(idx, idx_ref), f"{launch}: selection differs"
         assert max_rel(o, o_ref) < (1e-4 if dtype == torch.float32 else 2e-3), launch
         assert torch.equal(step_reads(idx, cache.lengths, cfg).reads, reads_ref.reads)
+
+
+@pytest.mark.parametrize("launch", range(len(LAUNCHES)), ids=lambda i: f"launch{i}")
+def test_importance_spills_into_the_next_block_in_every_launch(dk, launch):
+    """A compressed token that starts in the last stride of a block also counts for the next
+    block (l = 2d): three such tokens, scored far above the rest, where the two blocks share a
+    tile, sit in two tiles, and sit in two splits (block 15 | 16 with 16 blocks a split): both
+    blocks of each are selected, as on the PyTorch path, under every launch setting."""
+    kernels, device = dk
+    cfg = NSAConfig(**{**CFG, "num_selected": 9})  # forced 0, cur - 1, cur and six free
+    G, H, lengths = 2, 2, [600, 700]
+    cache = _cache(cfg, lengths, H, 32, 16, device, torch.float32, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(len(lengths), H * G, 32, generator=gen).to(device)
+    R = cfg.sel_block // cfg.cmp_stride
+    for blk in (5, 7, 15):  # token R*blk + R - 1: strides R*blk + R - 1 and R*(blk + 1)
+        cache.k_cmp[:, R * blk + R - 1] = 6 * q.view(len(lengths), H, G, 32).mean(2)
+    gates = torch.rand(len(lengths), H * G, 3, generator=gen).to(device)
+    o_ref, idx_ref, _ = attend_step(q, gates, cache)
+    for b, n in enumerate(lengths):
+        cur = (n - 1) // cfg.sel_block
+        assert sorted(idx_ref[b, 0].tolist()) == sorted([0, 5, 6, 7, 8, 15, 16, cur - 1, cur])
+    o, idx = attend_step_kernels(kernels, q, gates, cache, launch=kernels.DecodeLaunch(**LAUNCHES[launch]))
+    assert torch.equal(idx, idx_ref)
+    assert max_rel(o, o_ref) < 1e-4
+
+
+def test_attend_geometry_loops_over_no_padding_where_it_can(dk):
+    """_attend_geometry at n = 16 and 8 window tiles: batch 64 x 8 KV heads (one program per
+    (sequence, head) wanted) gets 8 units a program in 2 + 1 programs (before: 24 units, half
+    of every program's passes over padding); batch 1 keeps one unit a program; attend_upp wins."""
+    kernels, _ = dk
+    geo, L = kernels._attend_geometry, kernels.DecodeLaunch
+    assert geo(16, 8, 64, 8, L()) == (8, 2, 1)
+    assert geo(16, 8, 1, 8, L()) == (1, 16, 8)
+    assert geo(16, 8, 8, 8, L()) == (2, 8, 4)
+    assert geo(16, 0, 64, 8, L()) == (16, 1, 0)
+    assert geo(16, 8, 64, 8, L(attend_upp=24)) == (24, 1, 1)
+    with pytest.raises(ValueError, match="attend_upp must be an integer >= 0"):
+        L(attend_upp=-1)
+    with pytest.raises(ValueError, match="cmp_warps must be 0"):
+        L(cmp_warps=3)
 
 
 def _layer(G, phi="mean", Dv=0, **over):
@@ -187,7 +241,8 @@ def test_export_generate_takes_the_kernel_path(dk, tmp_path, monkeypatch):
 
 def test_bench_decode_runs_the_kernels(dk, tmp_path):
     """tools/bench_decode.py --nsa-backend triton: the kernel rows (interpreted on a CPU) run,
-    and their first step's read counts equal SPEC's closed form (checked inside the tool)."""
+    and their first step's read counts equal SPEC's closed form (checked inside the tool);
+    with --ab, one row pair per decode-kernel setting, each naming its setting."""
     import csv
 
     from toolbox import load_tool
@@ -198,9 +253,16 @@ def test_bench_decode_runs_the_kernels(dk, tmp_path):
     assert load_tool("bench_decode").main(
         ["--nsa-backend", "triton", "--device", device, "--dtype", "float32", "--batches", "2", "--contexts", "256",
          "--heads", "4", "--kv-heads", "2", "--head-dim", "32", "--window", "64", "--num-selected", "4",
-         "--iters", "1", "--warmup", "0", "--csv", str(out)]) == 0
-    rows = {r["method"]: r for r in csv.DictReader(open(out))}
-    assert {"nsa_kernels", "dense_sdpa"} <= set(rows) and ("nsa_graph" in rows) == (device == "cuda")
-    for method in ("nsa_kernels", "nsa_graph") if device == "cuda" else ("nsa_kernels",):
-        assert rows[method]["status"] == "ok" and float(rows[method]["ms_per_step"]) > 0
-        assert int(rows[method]["reads_per_head"]) == seed_reads(256, NSAConfig(window=64, num_selected=4))
+         "--iters", "1", "--warmup", "0", "--launch", "block_k=32", "--ab", "block_n=16,64", "--kernel-times",
+         "--csv", str(out)]) == 0
+    rows = {(r["method"], r["launch"]): r for r in csv.DictReader(open(out))}
+    labels = ["block_k=32", "block_n=16+block_k=32"]  # block_n=64 is the default: the base already
+    kernel_methods = ("nsa_kernels", "nsa_graph") if device == "cuda" else ("nsa_kernels",)
+    assert set(rows) == {(m, lb) for m in kernel_methods for lb in labels} | {("dense_sdpa", "default")} | (
+        {("dense_sdpa_graph", "default")} if device == "cuda" else set())
+    for (method, label), r in rows.items():
+        assert r["status"] == "ok" and float(r["ms_per_step"]) > 0
+        if method.startswith("nsa"):
+            assert int(r["reads_per_head"]) == seed_reads(256, NSAConfig(window=64, num_selected=4))
+        # per-kernel times on CUDA (eager rows), none from the interpreter
+        assert ("_cmp_split=" in r["kernel_us"]) == (device == "cuda" and method == "nsa_kernels")

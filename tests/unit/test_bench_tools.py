@@ -186,3 +186,54 @@ def test_kernel_spills_compiles_every_recorded_launch_for_hopper():
     for name in ("_range_fwd", "_range_bwd_dq", "_range_bwd_dkdv", "_sel_bwd_dkdv", "_select_topn"):
         assert re.search(rf"{name} .*: +\d+ registers, spills +\d+ / +\d+ B", out), (name, out)
     assert "failed" not in out
+
+
+# ----------------------------------------------------------------------------- bench_decode
+def test_bench_decode_launch_settings_and_their_errors():
+    """--launch sets the base DecodeLaunch, --ab adds one setting per value (or one changing
+    several fields), labelled by what differs from the defaults; duplicates are dropped; an
+    unknown field, a wrong type, a value DecodeLaunch refuses or bad syntax is a clear error."""
+    pytest.importorskip("triton")
+    import bench_decode
+    from nsa_dist.kernels.decode import DecodeLaunch
+
+    assert bench_decode.launch_variants([], []) == []
+    got = bench_decode.launch_variants(["block_k=32", "topk_merge=false"],
+                                       ["block_n=32,64,128", "num_warps=8+block_k=64", "block_k=32"])
+    base = DecodeLaunch(block_k=32, topk_merge=False)
+    assert [launch for _, launch in got] == [base, DecodeLaunch(block_k=32, topk_merge=False, block_n=32),
+                                            DecodeLaunch(block_k=32, topk_merge=False, block_n=128),
+                                            DecodeLaunch(num_warps=8, topk_merge=False)]
+    assert [label for label, _ in got] == ["block_k=32+topk_merge=False", "block_n=32+block_k=32+topk_merge=False",
+                                           "block_n=128+block_k=32+topk_merge=False", "num_warps=8+topk_merge=False"]
+    assert bench_decode.launch_variants([], ["block_n=64"]) == [("default", DecodeLaunch())]
+    for launch, ab, match in ((["block_nn=32"], [], "unknown DecodeLaunch field 'block_nn'; did you mean 'block_n'"),
+                              ([], ["block_n=lots"], "block_n takes an integer"),
+                              ([], ["topk_merge=maybe"], "topk_merge takes true or false"),
+                              ([], ["block_n=48"], "block_n must be a positive power of two"),
+                              (["block_n"], [], "--launch takes KEY=VALUE"),
+                              ([], ["block_n=32,64+block_k=16"], "a value list")):
+        with pytest.raises(SystemExit, match=match):
+            bench_decode.launch_variants(launch, ab)
+
+
+def test_bench_decode_kernel_times_sum_launches_per_kernel_and_step():
+    import bench_decode
+
+    events = [("_cmp_split", 800.0), ("_select", 60.0), ("_cmp_split", 400.0),
+              ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>(int, T1, T2)", 3.0)]
+    got = bench_decode.summarize_kernels(events, steps=2)
+    assert got == {"_cmp_split": 600.0, "_select": 30.0, "vectorized_elementwise_kernel": 1.5}
+    assert list(got) == ["_cmp_split", "_select", "vectorized_elementwise_kernel"]  # largest first
+    assert bench_decode.kernel_column(got) == "_cmp_split=600.0;_select=30.0;vectorized_elementwise_kernel=1.5"
+
+
+def test_bench_decode_refuses_kernel_settings_without_kernels(tmp_path):
+    """--ab on the PyTorch path would time nothing it names: refused before any work."""
+    pytest.importorskip("triton")
+    import bench_decode
+
+    with pytest.raises(SystemExit, match="use --nsa-backend triton"):
+        bench_decode.main(["--nsa-backend", "reference", "--device", "cpu", "--ab", "block_n=32",
+                           "--csv", str(tmp_path / "x.csv")])
+    assert not (tmp_path / "x.csv").exists()
