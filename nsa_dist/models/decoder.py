@@ -99,10 +99,10 @@ class DecoderBlock(nn.Module):
         return checkpoint(post, h, o, use_reentrant=False), stats
 
 
-# recompute "auto": keep the attention functions' tensors of as many layers as fit this share
+# recompute "auto": keep the attention's results in as many layers as fit this share
 # of the memory left once weights, optimizer state and gradient buffers are in place; the rest
 # holds the checkpoints, one layer's recomputation, the loss and the optimizer's temporaries
-AUTO_KEEP_FRACTION = 0.4
+AUTO_KEEP_FRACTION = 0.5
 
 
 def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = None) -> list[str]:
