@@ -76,18 +76,18 @@ class DecodeLaunch:
     select_chunk: int = 2048
     num_warps: int = 4
     topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
-    # how the split pass takes importance and sizes its splits; how the attend pass loops
+    # the split pass: importance per tile or per split, split size, warps, stages, registers
     cmp_blockwise: bool = True
     cmp_max_bps: int = 64
-    attend_upp: int = 0
-    attend_one_loop: bool = True
-    # per kernel (0: automatic)
     cmp_warps: int = 0
-    attend_warps: int = 0
-    select_warps: int = 0
     cmp_stages: int = 0
-    attend_stages: int = 0
     cmp_maxnreg: int = 0
+    select_warps: int = 0  # the top-n
+    # the selected + window pass: one loop or two, units a program, warps, stages
+    attend_one_loop: bool = True
+    attend_upp: int = 0
+    attend_warps: int = 0
+    attend_stages: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "max_splits", "select_chunk", "num_warps", "cmp_max_bps"):
