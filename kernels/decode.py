@@ -64,7 +64,7 @@ class DecodeLaunch:
     attend_one_loop: that pass runs selected and window tiles in one loop (one set of
     pipeline buffers), else in two;
     cmp_warps / attend_warps / select_warps (0: num_warps, num_warps, 8 for a chunk of 1024
-    blocks or more else 4) and cmp_stages / attend_stages (0: 3, or 2 where a stage passes
+    blocks or more at fewer than target_programs / 4 programs, else 4) and cmp_stages / attend_stages (0: 3, or 2 where a stage passes
     48 KiB): per-kernel warps and software-pipeline stages; cmp_maxnreg: most registers a
     thread of the split pass (0: the compiler's choice; fewer fit more programs an SM).
     """
@@ -295,12 +295,18 @@ def _first_of_sorted(key, NP: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _weighted(IMP, MX, rows, bh, j, g, jm, mx, inv, NSB, NROW, G: tl.constexpr):
-    """sum over the group of exp2(MX[rows] - mx) / total * IMP[j] ([BJ]): Eq. 10 with each
-    partial importance rescaled from the maximum it was taken against (row ``rows`` of MX)."""
-    part = tl.load(IMP + (bh * G + g)[:, None] * NSB + j[None, :], mask=jm, other=0.0)
-    mj = tl.load(MX + (bh * NROW + rows)[None, :] * G + g[:, None], mask=jm, other=NEG_INF)
-    return tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)
+def _weighted(IMP, MX, rows, bh, j, jm, g, mx, inv, NSB, NROW, G: tl.constexpr):
+    """sum over the group of exp2(MX[rows] - mx) / total * IMP[j] ([BJ], blocks ``jm``): Eq. 10
+    with each partial importance rescaled from the maximum it was taken against (row ``rows``
+    of MX); one head at a time, so a wide chunk holds [BJ] vectors, not [G, BJ] tiles."""
+    out = tl.zeros([j.shape[0]], tl.float32)
+    for gi in tl.static_range(G):
+        mg = tl.sum(tl.where(g == gi, mx, 0.0), 0)
+        ig = tl.sum(tl.where(g == gi, inv, 0.0), 0)
+        part = tl.load(IMP + (bh * G + gi) * NSB + j, mask=jm, other=0.0)
+        mj = tl.load(MX + (bh * NROW + rows) * G + gi, mask=jm, other=NEG_INF)
+        out += tl.where(jm, tl.exp2(mj - mg) * ig * part, 0.0)
+    return out
 
 
 @triton.jit
@@ -327,12 +333,12 @@ def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.conste
     for j0 in range(0, cur + 1, BJ):
         j = j0 + tl.arange(0, BJ)
         # blocks before the current one: the current block is forced (its tile may not have run)
-        jm = (g < G)[:, None] & ((j < cur) & (j < NSB))[None, :]
+        jm = (j < cur) & (j < NSB)
         if BLOCKWISE:
-            imp = _weighted(IMP, MT, j // TB, bh, j, g, jm, mx, inv, NSB, NTILE, G)
-            imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, g, jm & (j >= 1)[None, :], mx, inv, NSB, NTILE, G)
+            imp = _weighted(IMP, MT, j // TB, bh, j, jm, g, mx, inv, NSB, NTILE, G)
+            imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, jm & (j >= 1), g, mx, inv, NSB, NTILE, G)
         else:
-            imp = _weighted(IMP, MP, j // BPS, bh, j, g, jm, mx, inv, NSB, NSPLIT, G)
+            imp = _weighted(IMP, MP, j // BPS, bh, j, jm, g, mx, inv, NSB, NSPLIT, G)
         forced = (j == 0) | (j == cur) | (j == cur - 1)
         bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
         key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
@@ -477,6 +483,12 @@ def append_token(new: dict, k_sel, v_sel, k_win, v_win, k_raw, v_raw, k_cmp, v_c
                       BDK=_p2(DK), BDV=_p2(DV), HAS_WIN=has_win, MEAN=mean_pool and nc > 0, num_warps=1)
 
 
+def _select_warps(bj: int, programs: int, launch: DecodeLaunch) -> int:
+    """Warps of the top-n: 8 for a chunk of 1024 blocks or more while its programs are about
+    one per SM or fewer (each program's time is the step's), else 4 (more programs an SM)."""
+    return 8 if bj >= 1024 and 4 * programs < launch.target_programs else 4
+
+
 def _blockwise(cfg, launch: DecodeLaunch) -> bool:
     """Whether the split pass sums importance per block (``_cmp_split`` BLOCKWISE): asked for,
     and a tile holds whole blocks of token starts (R = l'/d a power of two, at most block_n)."""
@@ -559,7 +571,7 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
     _select[(B * H,)](mpc, lpc, imp, imp2, mt, lengths, idx, H, nsb, nsplit, ntile, G=G, GC=GC, NSP=_p2(nsplit),
                       LS=ls, BPS=bps, TB=tb, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
-                      BLOCKWISE=blockwise, num_warps=launch.select_warps or (8 if BJ >= 1024 else 4))
+                      BLOCKWISE=blockwise, num_warps=launch.select_warps or _select_warps(BJ, B * H, launch))
 
     # selected blocks and window
     block_k = min(launch.block_k, max(16, _p2(ls)))
