@@ -53,6 +53,8 @@ class DecodeLaunch:
     most splits of the compressed cache per (sequence, KV head) (the combine loads them all
     at once); select_chunk: most blocks per top-n merge (one merge covers every block up to
     128k tokens at l' = 64: one wide top-k has fewer dependent stages than a chain of merges);
+    select_tail: the blocks after the last whole chunk in chunks of this many (0: one more
+    whole chunk; at 128k + 1 tokens that chunk holds one candidate);
     num_warps: warps of the split kernels;
     topk_merge: merge the running top-n with tl.topk / tl.bitonic_merge when available;
     cmp_blockwise: the split pass sums importance per block from each tile's probabilities
@@ -82,7 +84,8 @@ class DecodeLaunch:
     cmp_warps: int = 0
     cmp_stages: int = 0
     cmp_maxnreg: int = 0
-    select_warps: int = 0  # the top-n
+    select_warps: int = 0  # the top-n: warps, chunk width after the whole chunks (0: whole chunks only)
+    select_tail: int = 0
     # the selected + window pass: one loop or two, units a program, warps, stages
     attend_one_loop: bool = True
     attend_upp: int = 0
@@ -94,10 +97,10 @@ class DecodeLaunch:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"DecodeLaunch.{name} must be a positive power of two, got {v!r}")
-        for name in ("cmp_warps", "attend_warps", "select_warps"):
+        for name in ("cmp_warps", "attend_warps", "select_warps", "select_tail"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0 or v & (v - 1):
-                raise ValueError(f"DecodeLaunch.{name} must be 0 (automatic) or a power of two, got {v!r}")
+                raise ValueError(f"DecodeLaunch.{name} must be 0 (automatic or off) or a power of two, got {v!r}")
         for name in ("attend_upp", "cmp_stages", "attend_stages", "cmp_maxnreg"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -310,10 +313,39 @@ def _weighted(IMP, MX, rows, bh, j, jm, g, mx, inv, NSB, NROW, G: tl.constexpr):
 
 
 @triton.jit
+def _merge_chunk(top, j0, cur, IMP, IMP2, MT, MP, bh, g, mx, inv, NSB, NSPLIT, NTILE, G: tl.constexpr,
+                 BPS: tl.constexpr, TB: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr, MERGE: tl.constexpr,
+                 BLOCKWISE: tl.constexpr):
+    """The running top-n keys ``top`` [NP] merged with the keys of blocks j0 .. j0 + BJ - 1."""
+    j = j0 + tl.arange(0, BJ)
+    # blocks before the current one: the current block is forced (its tile may not have run)
+    jm = (j < cur) & (j < NSB)
+    if BLOCKWISE:
+        imp = _weighted(IMP, MT, j // TB, bh, j, jm, g, mx, inv, NSB, NTILE, G)
+        imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, jm & (j >= 1), g, mx, inv, NSB, NTILE, G)
+    else:
+        imp = _weighted(IMP, MP, j // BPS, bh, j, jm, g, mx, inv, NSB, NSPLIT, G)
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
+    key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
+    # the chunk's NP largest against the running top: their element-wise max holds the NP
+    # largest of both (keys are distinct), sorted by a merge or a sort
+    if MERGE:
+        top = tl.bitonic_merge(tl.maximum(top, tl.topk(key, NP)))
+    else:
+        key = tl.sort(key, descending=True)
+        if BJ > NP:
+            key = _first_of_sorted(key, NP, BJ)
+        top = tl.sort(tl.maximum(top, key))
+    return top
+
+
+@triton.jit
 def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.constexpr, GC: tl.constexpr,
             NSP: tl.constexpr, LS: tl.constexpr, BPS: tl.constexpr, TB: tl.constexpr, NSEL: tl.constexpr,
-            NP: tl.constexpr, BJ: tl.constexpr, MERGE: tl.constexpr, BLOCKWISE: tl.constexpr):
-    """Program (b*H + h): group importance of every candidate block and the top-n. BLOCKWISE:
+            NP: tl.constexpr, BJ: tl.constexpr, TAIL: tl.constexpr, MERGE: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """Program (b*H + h): group importance of every candidate block and the top-n, in chunks
+    of BJ blocks (TAIL > 0: whole chunks of BJ, then the rest in chunks of TAIL). BLOCKWISE:
     IMP[j] + IMP2[j] relative to the maxima of their tiles (MT rows j // TB and (j - 1) // TB),
     else IMP[j] relative to its split's maximum (MP row j // BPS)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -330,27 +362,16 @@ def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.conste
     total = tl.sum(tl.exp2(mm - mx[None, :]) * ll, 0)  # [GC]: each head's softmax denominator
     inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
     top = tl.full([NP], -1, tl.int64)  # the running top-n keys, ascending
-    for j0 in range(0, cur + 1, BJ):
-        j = j0 + tl.arange(0, BJ)
-        # blocks before the current one: the current block is forced (its tile may not have run)
-        jm = (j < cur) & (j < NSB)
-        if BLOCKWISE:
-            imp = _weighted(IMP, MT, j // TB, bh, j, jm, g, mx, inv, NSB, NTILE, G)
-            imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, jm & (j >= 1), g, mx, inv, NSB, NTILE, G)
-        else:
-            imp = _weighted(IMP, MP, j // BPS, bh, j, jm, g, mx, inv, NSB, NSPLIT, G)
-        forced = (j == 0) | (j == cur) | (j == cur - 1)
-        bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
-        key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
-        # the chunk's NP largest against the running top: their element-wise max holds the NP
-        # largest of both (keys are distinct), sorted by a merge or a sort
-        if MERGE:
-            top = tl.bitonic_merge(tl.maximum(top, tl.topk(key, NP)))
-        else:
-            key = tl.sort(key, descending=True)
-            if BJ > NP:
-                key = _first_of_sorted(key, NP, BJ)
-            top = tl.sort(tl.maximum(top, key))
+    whole = cur + 1
+    if TAIL > 0:
+        whole = (cur + 1) // BJ * BJ
+    for j0 in range(0, whole, BJ):
+        top = _merge_chunk(top, j0, cur, IMP, IMP2, MT, MP, bh, g, mx, inv, NSB, NSPLIT, NTILE, G, BPS, TB, NP, BJ,
+                           MERGE, BLOCKWISE)
+    if TAIL > 0:
+        for j0 in range(whole, cur + 1, TAIL):
+            top = _merge_chunk(top, j0, cur, IMP, IMP2, MT, MP, bh, g, mx, inv, NSB, NSPLIT, NTILE, G, BPS, TB, NP,
+                               TAIL, MERGE, BLOCKWISE)
     col = tl.arange(0, NP)
     keep = (top >= 0) & (col >= NP - NSEL)
     blk = tl.sort(tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32))
@@ -568,9 +589,10 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     NP = max(16, _p2(n))
     GC = _p2(G)
     BJ = max(NP, min(launch.select_chunk, _p2(nsb), max(1, 8192 // GC)))  # [GC, BJ] loads stay in registers
+    tail = min(BJ, max(NP, launch.select_tail)) if launch.select_tail else 0
     idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
     _select[(B * H,)](mpc, lpc, imp, imp2, mt, lengths, idx, H, nsb, nsplit, ntile, G=G, GC=GC, NSP=_p2(nsplit),
-                      LS=ls, BPS=bps, TB=tb, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
+                      LS=ls, BPS=bps, TB=tb, NSEL=n, NP=NP, BJ=BJ, TAIL=tail, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
                       BLOCKWISE=blockwise, num_warps=launch.select_warps or _select_warps(BJ, B * H, launch))
 
     # selected blocks and window

@@ -50,7 +50,8 @@ CASES = [  # (config overrides, G, Dk, Dv, lengths)
 LAUNCHES = [  # every importance path and split geometry of _cmp_split / _select / _attend_split
     dict(),
     dict(target_programs=400, block_n=16, block_k=16),  # short splits: spill-over between splits
-    dict(target_programs=4, block_n=32, cmp_max_bps=16, attend_upp=3),  # few programs, padded units
+    # few programs, padded units; whole top-n chunks of 32 blocks, then chunks of 16
+    dict(target_programs=4, block_n=32, cmp_max_bps=16, attend_upp=3, select_chunk=32, select_tail=16),
     dict(cmp_blockwise=False, target_programs=400, block_n=16, attend_upp=1),  # the weight product
     dict(attend_one_loop=False, target_programs=400, block_k=16),  # two loops, two tiles a block
     dict(cmp_warps=2, attend_warps=8, select_warps=2, cmp_stages=2, attend_stages=1, select_chunk=32,
@@ -89,7 +90,7 @@ def test_importance_spills_into_the_next_block_in_every_launch(dk, launch):
     blocks of each are selected, as on the PyTorch path, under every launch setting."""
     kernels, device = dk
     cfg = NSAConfig(**{**CFG, "num_selected": 9})  # forced 0, cur - 1, cur and six free
-    G, H, lengths = 2, 2, [600, 700]
+    G, H, lengths = 2, 2, [600, 1100]
     cache = _cache(cfg, lengths, H, 32, 16, device, torch.float32, seed=7)
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(len(lengths), H * G, 32, generator=gen).to(device)
