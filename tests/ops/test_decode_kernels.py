@@ -107,6 +107,42 @@ def test_importance_spills_into_the_next_block_in_every_launch(dk, launch):
     assert max_rel(o, o_ref) < 1e-4
 
 
+# settings the GPU A/B (tools/bench_decode.py --ab) tries at batch 64, each checked here first
+GPU_LAUNCHES = LAUNCHES + [
+    dict(cmp_blockwise=False, attend_one_loop=False, attend_upp=24, select_warps=8),  # before per-tile importance
+    dict(cmp_warps=8, attend_warps=8), dict(block_n=32, cmp_maxnreg=128, cmp_stages=4), dict(cmp_maxnreg=168),
+    dict(block_n=128, cmp_warps=8), dict(cmp_max_bps=256), dict(block_k=32, attend_stages=2),
+    dict(select_chunk=1024, select_tail=128), dict(select_tail=512),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", range(len(GPU_LAUNCHES)), ids=lambda i: f"launch{i}")
+def test_batch_64_of_the_1b_attention_on_the_gpu(dk, launch):
+    """Batch 64 x 8 KV heads (the geometry of issue 28's batch-64 bar: one program per
+    (sequence, KV head) wanted) at the 1b attention, fp32, lengths up to 2048: the kernels
+    select the PyTorch path's blocks and match its output to 1e-4 under every A/B setting.
+    Compiled kernels only (the interpreter would take minutes)."""
+    kernels, device = dk
+    if device != "cuda":
+        pytest.skip("batch 64 at head_dim 128: compiled kernels only")
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, num_selected=16, window=512)
+    B, H, G, D, T = 64, 8, 4, 128, 2048
+    gen = torch.Generator(device=device).manual_seed(launch)
+    x = {n: torch.randn(B, T, H, D, device=device, generator=gen) for n in BRANCH_NAMES}
+    x["k_cmp"], x["v_cmp"] = compress(x["k_raw"], cfg), compress(x["v_raw"], cfg)
+    lengths = torch.randint(1, T + 1, (B,), device=device, generator=gen)
+    lengths[:4] = torch.tensor([T, T - 1, 1, 64], device=device)
+    cache = LayerCache.empty(cfg, B, T, H, D, D, device, torch.float32)
+    cache.fill(x, lengths)
+    q = torch.randn(B, H * G, D, device=device, generator=gen)
+    gates = torch.rand(B, H * G, 3, device=device, generator=gen)
+    o_ref, idx_ref, _ = attend_step(q, gates, cache)
+    o, idx = attend_step_kernels(kernels, q, gates, cache, launch=kernels.DecodeLaunch(**GPU_LAUNCHES[launch]))
+    assert torch.equal(idx, idx_ref)
+    assert max_rel(o, o_ref) < 1e-4
+
+
 def test_attend_geometry_loops_over_no_padding_where_it_can(dk):
     """_attend_geometry at n = 16 and 8 window tiles: batch 64 x 8 KV heads (one program per
     (sequence, head) wanted) gets 8 units a program in 2 + 1 programs (before: 24 units, half
