@@ -53,6 +53,8 @@ class DecodeLaunch:
     most splits of the compressed cache per (sequence, KV head) (the combine loads them all
     at once); select_chunk: most blocks per top-n merge (one merge covers every block up to
     128k tokens at l' = 64: one wide top-k has fewer dependent stages than a chain of merges);
+    select_tail: the blocks after the last whole chunk in chunks of this many (0: one more
+    whole chunk; at 128k + 1 tokens that chunk holds one candidate);
     num_warps: warps of the split kernels;
     topk_merge: merge the running top-n with tl.topk / tl.bitonic_merge when available;
     cmp_blockwise: the split pass sums importance per block from each tile's probabilities
@@ -64,7 +66,7 @@ class DecodeLaunch:
     attend_one_loop: that pass runs selected and window tiles in one loop (one set of
     pipeline buffers), else in two;
     cmp_warps / attend_warps / select_warps (0: num_warps, num_warps, 8 for a chunk of 1024
-    blocks or more else 4) and cmp_stages / attend_stages (0: 3, or 2 where a stage passes
+    blocks or more at fewer than target_programs / 4 programs, else 4) and cmp_stages / attend_stages (0: 3, or 2 where a stage passes
     48 KiB): per-kernel warps and software-pipeline stages; cmp_maxnreg: most registers a
     thread of the split pass (0: the compiler's choice; fewer fit more programs an SM).
     """
@@ -76,28 +78,29 @@ class DecodeLaunch:
     select_chunk: int = 2048
     num_warps: int = 4
     topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
-    # how the split pass takes importance and sizes its splits; how the attend pass loops
+    # the split pass: importance per tile or per split, split size, warps, stages, registers
     cmp_blockwise: bool = True
     cmp_max_bps: int = 64
-    attend_upp: int = 0
-    attend_one_loop: bool = True
-    # per kernel (0: automatic)
     cmp_warps: int = 0
-    attend_warps: int = 0
-    select_warps: int = 0
     cmp_stages: int = 0
-    attend_stages: int = 0
     cmp_maxnreg: int = 0
+    select_warps: int = 0  # the top-n: warps, chunk width after the whole chunks (0: whole chunks only)
+    select_tail: int = 0
+    # the selected + window pass: one loop or two, units a program, warps, stages
+    attend_one_loop: bool = True
+    attend_upp: int = 0
+    attend_warps: int = 0
+    attend_stages: int = 0
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "max_splits", "select_chunk", "num_warps", "cmp_max_bps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"DecodeLaunch.{name} must be a positive power of two, got {v!r}")
-        for name in ("cmp_warps", "attend_warps", "select_warps"):
+        for name in ("cmp_warps", "attend_warps", "select_warps", "select_tail"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0 or v & (v - 1):
-                raise ValueError(f"DecodeLaunch.{name} must be 0 (automatic) or a power of two, got {v!r}")
+                raise ValueError(f"DecodeLaunch.{name} must be 0 (automatic or off) or a power of two, got {v!r}")
         for name in ("attend_upp", "cmp_stages", "attend_stages", "cmp_maxnreg"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -295,19 +298,54 @@ def _first_of_sorted(key, NP: tl.constexpr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _weighted(IMP, MX, rows, bh, j, g, jm, mx, inv, NSB, NROW, G: tl.constexpr):
-    """sum over the group of exp2(MX[rows] - mx) / total * IMP[j] ([BJ]): Eq. 10 with each
-    partial importance rescaled from the maximum it was taken against (row ``rows`` of MX)."""
-    part = tl.load(IMP + (bh * G + g)[:, None] * NSB + j[None, :], mask=jm, other=0.0)
-    mj = tl.load(MX + (bh * NROW + rows)[None, :] * G + g[:, None], mask=jm, other=NEG_INF)
-    return tl.sum(tl.where(jm, tl.exp2(mj - mx[:, None]) * inv[:, None] * part, 0.0), 0)
+def _weighted(IMP, MX, rows, bh, j, jm, g, mx, inv, NSB, NROW, G: tl.constexpr):
+    """sum over the group of exp2(MX[rows] - mx) / total * IMP[j] ([BJ], blocks ``jm``): Eq. 10
+    with each partial importance rescaled from the maximum it was taken against (row ``rows``
+    of MX); one head at a time, so a wide chunk holds [BJ] vectors, not [G, BJ] tiles."""
+    out = tl.zeros([j.shape[0]], tl.float32)
+    for gi in tl.static_range(G):
+        mg = tl.sum(tl.where(g == gi, mx, 0.0), 0)
+        ig = tl.sum(tl.where(g == gi, inv, 0.0), 0)
+        part = tl.load(IMP + (bh * G + gi) * NSB + j, mask=jm, other=0.0)
+        mj = tl.load(MX + (bh * NROW + rows) * G + gi, mask=jm, other=NEG_INF)
+        out += tl.where(jm, tl.exp2(mj - mg) * ig * part, 0.0)
+    return out
+
+
+@triton.jit
+def _merge_chunk(top, j0, cur, IMP, IMP2, MT, MP, bh, g, mx, inv, NSB, NSPLIT, NTILE, G: tl.constexpr,
+                 BPS: tl.constexpr, TB: tl.constexpr, NP: tl.constexpr, BJ: tl.constexpr, MERGE: tl.constexpr,
+                 BLOCKWISE: tl.constexpr):
+    """The running top-n keys ``top`` [NP] merged with the keys of blocks j0 .. j0 + BJ - 1."""
+    j = j0 + tl.arange(0, BJ)
+    # blocks before the current one: the current block is forced (its tile may not have run)
+    jm = (j < cur) & (j < NSB)
+    if BLOCKWISE:
+        imp = _weighted(IMP, MT, j // TB, bh, j, jm, g, mx, inv, NSB, NTILE, G)
+        imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, jm & (j >= 1), g, mx, inv, NSB, NTILE, G)
+    else:
+        imp = _weighted(IMP, MP, j // BPS, bh, j, jm, g, mx, inv, NSB, NSPLIT, G)
+    forced = (j == 0) | (j == cur) | (j == cur - 1)
+    bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
+    key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
+    # the chunk's NP largest against the running top: their element-wise max holds the NP
+    # largest of both (keys are distinct), sorted by a merge or a sort
+    if MERGE:
+        top = tl.bitonic_merge(tl.maximum(top, tl.topk(key, NP)))
+    else:
+        key = tl.sort(key, descending=True)
+        if BJ > NP:
+            key = _first_of_sorted(key, NP, BJ)
+        top = tl.sort(tl.maximum(top, key))
+    return top
 
 
 @triton.jit
 def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.constexpr, GC: tl.constexpr,
             NSP: tl.constexpr, LS: tl.constexpr, BPS: tl.constexpr, TB: tl.constexpr, NSEL: tl.constexpr,
-            NP: tl.constexpr, BJ: tl.constexpr, MERGE: tl.constexpr, BLOCKWISE: tl.constexpr):
-    """Program (b*H + h): group importance of every candidate block and the top-n. BLOCKWISE:
+            NP: tl.constexpr, BJ: tl.constexpr, TAIL: tl.constexpr, MERGE: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """Program (b*H + h): group importance of every candidate block and the top-n, in chunks
+    of BJ blocks (TAIL > 0: whole chunks of BJ, then the rest in chunks of TAIL). BLOCKWISE:
     IMP[j] + IMP2[j] relative to the maxima of their tiles (MT rows j // TB and (j - 1) // TB),
     else IMP[j] relative to its split's maximum (MP row j // BPS)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -324,27 +362,16 @@ def _select(MP, LP, IMP, IMP2, MT, LEN, OUT, H, NSB, NSPLIT, NTILE, G: tl.conste
     total = tl.sum(tl.exp2(mm - mx[None, :]) * ll, 0)  # [GC]: each head's softmax denominator
     inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
     top = tl.full([NP], -1, tl.int64)  # the running top-n keys, ascending
-    for j0 in range(0, cur + 1, BJ):
-        j = j0 + tl.arange(0, BJ)
-        # blocks before the current one: the current block is forced (its tile may not have run)
-        jm = (g < G)[:, None] & ((j < cur) & (j < NSB))[None, :]
-        if BLOCKWISE:
-            imp = _weighted(IMP, MT, j // TB, bh, j, g, jm, mx, inv, NSB, NTILE, G)
-            imp += _weighted(IMP2, MT, (j - 1) // TB, bh, j, g, jm & (j >= 1)[None, :], mx, inv, NSB, NTILE, G)
-        else:
-            imp = _weighted(IMP, MP, j // BPS, bh, j, g, jm, mx, inv, NSB, NSPLIT, G)
-        forced = (j == 0) | (j == cur) | (j == cur - 1)
-        bits = tl.where(forced, 0x7F800000, imp.to(tl.int32, bitcast=True).to(tl.int64))
-        key = tl.where(j <= cur, bits * 4294967296 + (2147483647 - j), -1)
-        # the chunk's NP largest against the running top: their element-wise max holds the NP
-        # largest of both (keys are distinct), sorted by a merge or a sort
-        if MERGE:
-            top = tl.bitonic_merge(tl.maximum(top, tl.topk(key, NP)))
-        else:
-            key = tl.sort(key, descending=True)
-            if BJ > NP:
-                key = _first_of_sorted(key, NP, BJ)
-            top = tl.sort(tl.maximum(top, key))
+    whole = cur + 1
+    if TAIL > 0:
+        whole = (cur + 1) // BJ * BJ
+    for j0 in range(0, whole, BJ):
+        top = _merge_chunk(top, j0, cur, IMP, IMP2, MT, MP, bh, g, mx, inv, NSB, NSPLIT, NTILE, G, BPS, TB, NP, BJ,
+                           MERGE, BLOCKWISE)
+    if TAIL > 0:
+        for j0 in range(whole, cur + 1, TAIL):
+            top = _merge_chunk(top, j0, cur, IMP, IMP2, MT, MP, bh, g, mx, inv, NSB, NSPLIT, NTILE, G, BPS, TB, NP,
+                               TAIL, MERGE, BLOCKWISE)
     col = tl.arange(0, NP)
     keep = (top >= 0) & (col >= NP - NSEL)
     blk = tl.sort(tl.where(keep, 2147483647 - (top & 0xFFFFFFFF), 2147483647).to(tl.int32))
@@ -477,6 +504,12 @@ def append_token(new: dict, k_sel, v_sel, k_win, v_win, k_raw, v_raw, k_cmp, v_c
                       BDK=_p2(DK), BDV=_p2(DV), HAS_WIN=has_win, MEAN=mean_pool and nc > 0, num_warps=1)
 
 
+def _select_warps(bj: int, programs: int, launch: DecodeLaunch) -> int:
+    """Warps of the top-n: 8 for a chunk of 1024 blocks or more while its programs are about
+    one per SM or fewer (each program's time is the step's), else 4 (more programs an SM)."""
+    return 8 if bj >= 1024 and 4 * programs < launch.target_programs else 4
+
+
 def _blockwise(cfg, launch: DecodeLaunch) -> bool:
     """Whether the split pass sums importance per block (``_cmp_split`` BLOCKWISE): asked for,
     and a tile holds whole blocks of token starts (R = l'/d a power of two, at most block_n)."""
@@ -556,10 +589,11 @@ def decode_attend(q: torch.Tensor, gates: torch.Tensor, k_sel, v_sel, k_win, v_w
     NP = max(16, _p2(n))
     GC = _p2(G)
     BJ = max(NP, min(launch.select_chunk, _p2(nsb), max(1, 8192 // GC)))  # [GC, BJ] loads stay in registers
+    tail = min(BJ, max(NP, launch.select_tail)) if launch.select_tail else 0
     idx = torch.empty(B, H, n, dtype=torch.long, device=dev)
     _select[(B * H,)](mpc, lpc, imp, imp2, mt, lengths, idx, H, nsb, nsplit, ntile, G=G, GC=GC, NSP=_p2(nsplit),
-                      LS=ls, BPS=bps, TB=tb, NSEL=n, NP=NP, BJ=BJ, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
-                      BLOCKWISE=blockwise, num_warps=launch.select_warps or (8 if BJ >= 1024 else 4))
+                      LS=ls, BPS=bps, TB=tb, NSEL=n, NP=NP, BJ=BJ, TAIL=tail, MERGE=HAS_TOPK_MERGE and launch.topk_merge,
+                      BLOCKWISE=blockwise, num_warps=launch.select_warps or _select_warps(BJ, B * H, launch))
 
     # selected blocks and window
     block_k = min(launch.block_k, max(16, _p2(ls)))

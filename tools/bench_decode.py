@@ -324,9 +324,10 @@ def _run(name: str, make, device, args):
         return f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}", None
 
 
-def bench_point(B: int, S: int, shape: Shape, args, device, dtype, launches=()) -> list[dict]:
+def bench_point(B: int, S: int, shape: Shape, args, device, dtype, launches=(), progress=None) -> list[dict]:
     """Rows of one batch x context: every NSA method (per decode-kernel setting of ``launches``)
-    and every dense method."""
+    and every dense method. ``progress(rows)`` after each row (a long A/B keeps what it timed
+    when stopped); the speedup columns are filled at the end."""
     import torch
 
     from nsa_dist.inference.counters import expected_reads, step_reads
@@ -339,6 +340,8 @@ def bench_point(B: int, S: int, shape: Shape, args, device, dtype, launches=()) 
                      "ms_per_step": round(ms, 4) if ms else "", "tokens_per_s": round(B * 1e3 / ms, 1) if ms else "",
                      "reads_per_head": reads, "read_ratio_vs_dense": round(S / reads, 2),
                      "kernel_us": kernel_column(times or {})})
+        if progress:
+            progress(rows)
 
     try:
         methods, cache, start = nsa_methods(B, S, shape, args, device, dtype, launches)
@@ -508,7 +511,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for B in batches:
             for S in contexts:
-                rows += bench_point(B, S, shape, args, device, dtype, launches)
+                rows += bench_point(B, S, shape, args, device, dtype, launches,
+                                    progress=lambda point: write_csv(rows + point, args.csv))
                 write_csv(rows, args.csv)
                 print(markdown_table([r for r in rows if r["batch"] == B and r["context"] == S]).split("\n", 2)[-1],
                       flush=True)

@@ -50,7 +50,8 @@ CASES = [  # (config overrides, G, Dk, Dv, lengths)
 LAUNCHES = [  # every importance path and split geometry of _cmp_split / _select / _attend_split
     dict(),
     dict(target_programs=400, block_n=16, block_k=16),  # short splits: spill-over between splits
-    dict(target_programs=4, block_n=32, cmp_max_bps=16, attend_upp=3),  # few programs, padded units
+    # few programs, padded units; whole top-n chunks of 32 blocks, then chunks of 16
+    dict(target_programs=4, block_n=32, cmp_max_bps=16, attend_upp=3, select_chunk=32, select_tail=16),
     dict(cmp_blockwise=False, target_programs=400, block_n=16, attend_upp=1),  # the weight product
     dict(attend_one_loop=False, target_programs=400, block_k=16),  # two loops, two tiles a block
     dict(cmp_warps=2, attend_warps=8, select_warps=2, cmp_stages=2, attend_stages=1, select_chunk=32,
@@ -71,8 +72,9 @@ def test_decode_attend_equals_pytorch_path(dk, case, dtype):
     gates = torch.rand(len(lengths), H * G, 3, generator=gen).to(device, dtype)
     o_ref, idx_ref, reads_ref = attend_step(q, gates, cache)
     # few programs (long splits, several tiles and merges each; the sort-based merge in odd
-    # cases) and many (short splits); in fp32 the other settings of LAUNCHES too
-    more = [kernels.DecodeLaunch(**x) for x in LAUNCHES[2:]] if dtype == torch.float32 else []
+    # cases) and many (short splits); in fp32 the other settings of LAUNCHES too, from G = 4 on
+    # (no window, l = l' = d, l = l' in two strides)
+    more = [kernels.DecodeLaunch(**x) for x in LAUNCHES[2:]] if dtype == torch.float32 and case >= 2 else []
     for launch in (kernels.DecodeLaunch(target_programs=4, select_chunk=16, topk_merge=case % 2 == 0),
                    kernels.DecodeLaunch(target_programs=400, block_n=16, block_k=16), *more):
         o, idx = attend_step_kernels(kernels, q, gates, cache, launch=launch)
@@ -89,7 +91,7 @@ def test_importance_spills_into_the_next_block_in_every_launch(dk, launch):
     blocks of each are selected, as on the PyTorch path, under every launch setting."""
     kernels, device = dk
     cfg = NSAConfig(**{**CFG, "num_selected": 9})  # forced 0, cur - 1, cur and six free
-    G, H, lengths = 2, 2, [600, 700]
+    G, H, lengths = 2, 2, [600, 1100]
     cache = _cache(cfg, lengths, H, 32, 16, device, torch.float32, seed=7)
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(len(lengths), H * G, 32, generator=gen).to(device)
@@ -102,6 +104,42 @@ def test_importance_spills_into_the_next_block_in_every_launch(dk, launch):
         cur = (n - 1) // cfg.sel_block
         assert sorted(idx_ref[b, 0].tolist()) == sorted([0, 5, 6, 7, 8, 15, 16, cur - 1, cur])
     o, idx = attend_step_kernels(kernels, q, gates, cache, launch=kernels.DecodeLaunch(**LAUNCHES[launch]))
+    assert torch.equal(idx, idx_ref)
+    assert max_rel(o, o_ref) < 1e-4
+
+
+# settings the GPU A/B (tools/bench_decode.py --ab) tries at batch 64, each checked here first
+GPU_LAUNCHES = LAUNCHES + [
+    dict(cmp_blockwise=False, attend_one_loop=False, attend_upp=24, select_warps=8),  # before per-tile importance
+    dict(cmp_warps=8, attend_warps=8), dict(block_n=32, cmp_maxnreg=128, cmp_stages=4), dict(cmp_maxnreg=168),
+    dict(block_n=128, cmp_warps=8), dict(cmp_max_bps=256), dict(block_k=32, attend_stages=2),
+    dict(select_chunk=1024, select_tail=128), dict(select_tail=512),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", range(len(GPU_LAUNCHES)), ids=lambda i: f"launch{i}")
+def test_batch_64_of_the_1b_attention_on_the_gpu(dk, launch):
+    """Batch 64 x 8 KV heads (the geometry of issue 28's batch-64 bar: one program per
+    (sequence, KV head) wanted) at the 1b attention, fp32, lengths up to 2048: the kernels
+    select the PyTorch path's blocks and match its output to 1e-4 under every A/B setting.
+    Compiled kernels only (the interpreter would take minutes)."""
+    kernels, device = dk
+    if device != "cuda":
+        pytest.skip("batch 64 at head_dim 128: compiled kernels only")
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, num_selected=16, window=512)
+    B, H, G, D, T = 64, 8, 4, 128, 2048
+    gen = torch.Generator(device=device).manual_seed(launch)
+    x = {n: torch.randn(B, T, H, D, device=device, generator=gen) for n in BRANCH_NAMES}
+    x["k_cmp"], x["v_cmp"] = compress(x["k_raw"], cfg), compress(x["v_raw"], cfg)
+    lengths = torch.randint(1, T + 1, (B,), device=device, generator=gen)
+    lengths[:4] = torch.tensor([T, T - 1, 1, 64], device=device)
+    cache = LayerCache.empty(cfg, B, T, H, D, D, device, torch.float32)
+    cache.fill(x, lengths)
+    q = torch.randn(B, H * G, D, device=device, generator=gen)
+    gates = torch.rand(B, H * G, 3, device=device, generator=gen)
+    o_ref, idx_ref, _ = attend_step(q, gates, cache)
+    o, idx = attend_step_kernels(kernels, q, gates, cache, launch=kernels.DecodeLaunch(**GPU_LAUNCHES[launch]))
     assert torch.equal(idx, idx_ref)
     assert max_rel(o, o_ref) < 1e-4
 

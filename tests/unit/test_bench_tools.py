@@ -237,3 +237,20 @@ def test_bench_decode_refuses_kernel_settings_without_kernels(tmp_path):
         bench_decode.main(["--nsa-backend", "reference", "--device", "cpu", "--ab", "block_n=32",
                            "--csv", str(tmp_path / "x.csv")])
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_bench_decode_writes_the_csv_after_every_row(monkeypatch, tmp_path):
+    """A long A/B stopped midway keeps every row it timed: the CSV is rewritten after each row
+    (the speedups of a point filled when its last row is in)."""
+    import bench_decode
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    real, sizes = bench_decode.write_csv, []
+    monkeypatch.setattr(bench_decode, "write_csv", lambda rows, path: sizes.append(len(rows)) or real(rows, path))
+    out = tmp_path / "b.csv"
+    assert bench_decode.main(["--batches", "1", "--contexts", "256,512", "--device", "cpu", "--heads", "4",
+                              "--kv-heads", "2", "--head-dim", "16", "--window", "64", "--num-selected", "4",
+                              "--iters", "1", "--warmup", "0", "--csv", str(out)]) == 0
+    # per point: nsa_pytorch, dense_sdpa, then the point's rewrite with its speedups
+    assert sizes == [1, 2, 2, 3, 4, 4]
+    assert out.read_text().count("\n") == 5
