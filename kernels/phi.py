@@ -72,7 +72,7 @@ def _phi_hidden_bwd(Y, BIAS, DOUT, DY, DPRE, R, NC, NCP, H, HID, M: tl.constexpr
         row = ((b * NC + i) * H + h).to(tl.int64)[:, None] * HID + o_u[None, :]
         dout = tl.load(DOUT + row, mask=m_i, other=0.0).to(tl.float32)
         sig = tl.div_rn(1.0, 1.0 + _exp(-pre, PRECISE))
-        dpre = dout * sig * (1.0 + pre * (1.0 - sig))
+        dpre = dout * sig * tl.fma(pre, 1.0 - sig, 1.0)  # as nvcc contracts PyTorch's 1 + x * (1 - s)
         dpre = tl.where(m_i, dpre, 0.0)
         tl.store(p_dy + j, dpre.to(DY.dtype.element_ty), mask=m_r[:, None] & (o_u < HID)[None, :])
         if j == 0:
