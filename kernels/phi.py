@@ -41,6 +41,20 @@ def _exp(x, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def silu(x, PRECISE: tl.constexpr):
+    """PyTorch's SiLU of fp32 x: x / (1 + exp(-x))."""
+    return tl.div_rn(x, 1.0 + _exp(-x, PRECISE))
+
+
+@triton.jit
+def silu_grad(dout, x, PRECISE: tl.constexpr):
+    """PyTorch's SiLU backward in fp32: dout * s * (1 + x * (1 - s)), s = 1 / (1 + exp(-x))
+    (the last product-sum contracted, as nvcc compiles it)."""
+    sig = tl.div_rn(1.0, 1.0 + _exp(-x, PRECISE))
+    return dout * sig * tl.fma(x, 1.0 - sig, 1.0)
+
+
+@triton.jit
 def _phi_hidden_fwd(Y, BIAS, OUT, R, NC, NCP, H, HID, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_U: tl.constexpr,
                     PRECISE: tl.constexpr):
     """OUT [B, NC, H, HID] = silu(pre) in OUT's dtype; rows (b, i, h) of blocks i < NC."""
@@ -49,7 +63,7 @@ def _phi_hidden_fwd(Y, BIAS, OUT, R, NC, NCP, H, HID, M: tl.constexpr, ROWS: tl.
     m_u = (r < R)[:, None] & (o_u < HID)[None, :]
     b, i, h = r // (NC * H), r // H % NC, r % H
     pre = _pre_rows(Y, BIAS, i, b, h, NCP, H, HID, o_u, m_u, M)
-    out = tl.div_rn(pre, 1.0 + _exp(-pre, PRECISE))
+    out = silu(pre, PRECISE)
     tl.store(OUT + r.to(tl.int64)[:, None] * HID + o_u[None, :], out.to(OUT.dtype.element_ty), mask=m_u)
 
 
@@ -71,8 +85,7 @@ def _phi_hidden_bwd(Y, BIAS, DOUT, DY, DPRE, R, NC, NCP, H, HID, M: tl.constexpr
         pre = _pre_rows(Y, BIAS, i, b, h, NCP, H, HID, o_u, m_i, M)
         row = ((b * NC + i) * H + h).to(tl.int64)[:, None] * HID + o_u[None, :]
         dout = tl.load(DOUT + row, mask=m_i, other=0.0).to(tl.float32)
-        sig = tl.div_rn(1.0, 1.0 + _exp(-pre, PRECISE))
-        dpre = dout * sig * tl.fma(pre, 1.0 - sig, 1.0)  # as nvcc contracts PyTorch's 1 + x * (1 - s)
+        dpre = silu_grad(dout, pre, PRECISE)
         dpre = tl.where(m_i, dpre, 0.0)
         tl.store(p_dy + j, dpre.to(DY.dtype.element_ty), mask=m_r[:, None] & (o_u < HID)[None, :])
         if j == 0:

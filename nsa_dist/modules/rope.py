@@ -141,19 +141,24 @@ class RotaryEmbedding(torch.nn.Module):
         return list(RotaryEmbedding.rotate(x, cos, sin).split(sizes, dim=2))
 
     @staticmethod
-    def split_columns(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: list,
-                      rotated: list) -> list:
+    def split_columns(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: list, kinds: list,
+                      bias: Optional[torch.Tensor] = None) -> list:
         """y [B, S, N] (a fused projection's output) -> [B, S, w_i] per group of ``widths``
-        (sum N) columns; groups with ``rotated[i]`` are heads of cos' last dim D, rotated.
-        On CUDA one Triton kernel writes every group to its own contiguous tensor (nothing
-        downstream copies them) and its backward fills y's gradient whole (no concatenation);
-        elsewhere the groups are views of y (the rotated ones new tensors)."""
+        (sum N) columns, by ``kinds[i]``: "copy", "rope" (heads of cos' last dim D, rotated) or
+        "silu" (one group: silu(y + bias), a gate's first layer). On CUDA one Triton kernel
+        writes every group to its own contiguous tensor (nothing downstream copies them) and
+        its backward fills y's gradient whole (no concatenation); elsewhere the PyTorch ops
+        (copied groups are views of y)."""
         kernels = _kernels_for(y)
         D = cos.shape[-1]
         if kernels is not None:
-            return list(kernels.rope_split(y, *_angles(cos, sin), widths, rotated, D))
-        return [RotaryEmbedding.rotate(p.unflatten(-1, (-1, D)), cos, sin).flatten(2) if r else p
-                for p, r in zip(y.split(widths, dim=-1), rotated)]
+            return list(kernels.rope_split(y, *_angles(cos, sin), widths, kinds, D, bias))
+        out = []
+        for p, k in zip(y.split(widths, dim=-1), kinds):
+            if k == "rope":
+                p = RotaryEmbedding.rotate(p.unflatten(-1, (-1, D)), cos, sin).flatten(2)
+            out.append(torch.nn.functional.silu(p + bias) if k == "silu" else p)
+        return out
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         if positions is None:

@@ -39,26 +39,30 @@ def test_phi_kernels_are_the_pytorch_lines_bit_for_bit(block, stride, monkeypatc
         assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
 
 
-def test_split_kernel_is_rope_and_split_bit_for_bit():
+def test_split_kernel_is_rope_split_and_silu_bit_for_bit():
     """A fused projection's output split into q, three keys (rotated), three values and the
-    gate's input: each piece and y's gradient equal the RoPE kernel over the views."""
+    gate's first layer (+ bias, SiLU): each piece and the gradients of y and the bias equal
+    the RoPE kernel over the views and PyTorch's add and SiLU."""
     from nsa_dist.kernels import rope as rope_kernel
 
     torch.manual_seed(0)
     B, S, D = 1, 1024, 128
     widths = [32 * D, 8 * D, 8 * D, 8 * D, 8 * D, 8 * D, 8 * D, 512]
-    rotated = [True] * 4 + [False] * 4
+    kinds = ["rope"] * 4 + ["copy"] * 3 + ["silu"]
     y = torch.randn(B, S, sum(widths), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     rope = RotaryEmbedding(D, 500000.0)
     cos, sin = rope.cos_sin(torch.arange(S, device="cuda"), torch.bfloat16)
-    got = RotaryEmbedding.split_columns(y, cos, sin, widths, rotated)
+    got = RotaryEmbedding.split_columns(y, cos, sin, widths, kinds, bias)
     assert all(p.is_contiguous() for p in got)
     angles = (cos[:, :, 0, :D // 2].float().contiguous(), sin[:, :, 0, :D // 2].float().contiguous())
-    want = [rope_kernel.rope_rotate(p.unflatten(-1, (-1, D)), *angles).flatten(2) if r else p
-            for p, r in zip(y.split(widths, dim=-1), rotated)]
+    want = [rope_kernel.rope_rotate(p.unflatten(-1, (-1, D)), *angles).flatten(2) if k == "rope"
+            else torch.nn.functional.silu(p + bias) if k == "silu" else p
+            for p, k in zip(y.split(widths, dim=-1), kinds)]
     gys = [torch.randn_like(p) for p in got]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    (g_got,) = torch.autograd.grad(got, y, gys)
-    (g_want,) = torch.autograd.grad(want, y, gys)
-    assert torch.equal(g_got, g_want)
+    g_got = torch.autograd.grad(got, [y, bias], gys)
+    g_want = torch.autograd.grad(want, [y, bias], gys)
+    for a, b in zip(g_got, g_want):
+        assert torch.equal(a, b), f"max diff {(a.float() - b.float()).abs().max()}"
