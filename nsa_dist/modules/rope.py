@@ -152,13 +152,14 @@ class RotaryEmbedding(torch.nn.Module):
         kernels = _kernels_for(y)
         D = cos.shape[-1]
         if kernels is not None:
-            return list(kernels.rope_split(y, *_angles(cos, sin), widths, kinds, D, bias))
-        out = []
-        for p, k in zip(y.split(widths, dim=-1), kinds):
-            if k == "rope":
-                p = RotaryEmbedding.rotate(p.unflatten(-1, (-1, D)), cos, sin).flatten(2)
-            out.append(torch.nn.functional.silu(p + bias) if k == "silu" else p)
-        return out
+            if bias is None or bias.dtype == y.dtype:
+                return list(kernels.rope_split(y, *_angles(cos, sin), widths, kinds, D, bias))
+            # a bias of another dtype (mixed precision) promotes: the group copied, then PyTorch's ops
+            parts = kernels.rope_split(y, *_angles(cos, sin), widths, ["copy" if k == "silu" else k for k in kinds], D)
+        else:
+            parts = [RotaryEmbedding.rotate(p.unflatten(-1, (-1, D)), cos, sin).flatten(2) if k == "rope" else p
+                     for p, k in zip(y.split(widths, dim=-1), kinds)]
+        return [torch.nn.functional.silu(p + bias) if k == "silu" else p for p, k in zip(parts, kinds)]
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         if positions is None:

@@ -131,3 +131,26 @@ def test_one_layer_launches_few_small_ops(cuda_path):
     assert sum(fwd.ops.values()) <= 19, dict(fwd.ops)
     assert sum(bwd.ops.values()) <= 51, dict(bwd.ops)
     assert sum(fwd.tiles.values()) <= 86 and not bwd.tiles, (dict(fwd.tiles), dict(bwd.tiles))
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float32])
+def test_split_columns_kernel_equals_pytorch(bias_dtype, cuda_path):
+    """RotaryEmbedding.split_columns through the kernel (fp16 under the interpreter): the
+    pieces and the gradients of y and the bias as the PyTorch lines give them, a bias of
+    another dtype (mixed precision) promoting the gate's group as PyTorch's add does."""
+    torch.manual_seed(0)
+    B, S, D = 2, 11, 16
+    widths, kinds = [3 * D, D, D, 24], ["rope", "rope", "copy", "silu"]
+    y = torch.randn(B, S, sum(widths), dtype=torch.float16, requires_grad=True)
+    bias = torch.randn(24, dtype=bias_dtype, requires_grad=True)
+    cos, sin = rope.RotaryEmbedding(D).cos_sin(torch.arange(S), torch.float16)
+    got = rope.RotaryEmbedding.split_columns(y, cos, sin, widths, kinds, bias)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rope, "_kernels_for", lambda x: None)
+        want = rope.RotaryEmbedding.split_columns(y, cos, sin, widths, kinds, bias)
+    assert got[-1].dtype == want[-1].dtype == torch.promote_types(torch.float16, bias_dtype)
+    gys = [torch.randn(w.shape, dtype=w.dtype) for w in want]
+    for a, b in zip(torch.autograd.grad(got, [y, bias], gys), torch.autograd.grad(want, [y, bias], gys)):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
