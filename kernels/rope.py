@@ -5,8 +5,11 @@ PyTorch's rotate-half RoPE, ``x * cos + cat(-x2, x1) * sin``, runs five kernels 
 (``python -m nsa_dist.training.step_profile`` shows their share). Here one program rotates
 the heads of one (batch, position) row: y1 = x1 c - x2 s, y2 = x2 c + x1 s, in fp32, written
 in x's dtype. The backward is the rotation by -theta.
-x may be a strided view (e.g. the q and k heads of one fused projection's output) as long as
-its last dimension is contiguous; the result is a new contiguous tensor.
+x may be a strided view as long as its last dimension is contiguous; the result is a new
+contiguous tensor. ``rope_split`` takes a fused projection's whole output and writes each of
+its column groups (q and the keys rotated, the values copied, the gate's first layer through
+its bias and SiLU) to its own contiguous tensor in one launch; its backward writes the
+projection's gradient whole in one more (no split views to copy, no concatenation).
 """
 from __future__ import annotations
 
