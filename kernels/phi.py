@@ -22,13 +22,16 @@ ROWS = 4  # (batch, block, head) rows per program
 
 
 @triton.jit
-def _pre_rows(Y, BIAS, i, b, h, NCP, H, HID, o_u, m_u, M: tl.constexpr):
-    """fp32 pre-activation of block i for (batch b, head h), columns o_u: sum_j y[b, i+j, h, u, j] + bias."""
+def _pre_rows(Y, B1, B2, i, b, h, NCP, H, HID, o_u, m_u, M: tl.constexpr):
+    """fp32 pre-activation of block i for (batch b, head h), columns o_u: sum_j y[b, i+j, h, u, j]
+    + (b1 + b2) (the bias's two terms, each exact in fp32)."""
     base = Y + ((b * NCP + i) * H + h).to(tl.int64)[:, None] * (HID * M) + o_u[None, :] * M
     pre = tl.load(base, mask=m_u, other=0.0).to(tl.float32)
     for j in tl.static_range(1, M):
         pre += tl.load(base + j * (H * HID * M) + j, mask=m_u, other=0.0).to(tl.float32)
-    return pre + tl.load(BIAS + o_u, mask=o_u < HID, other=0.0)[None, :]
+    bias = tl.load(B1 + o_u, mask=o_u < HID, other=0.0).to(tl.float32) \
+        + tl.load(B2 + o_u, mask=o_u < HID, other=0.0).to(tl.float32)
+    return pre + bias[None, :]
 
 
 @triton.jit
@@ -55,20 +58,20 @@ def silu_grad(dout, x, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _phi_hidden_fwd(Y, BIAS, OUT, R, NC, NCP, H, HID, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_U: tl.constexpr,
+def _phi_hidden_fwd(Y, B1, B2, OUT, R, NC, NCP, H, HID, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_U: tl.constexpr,
                     PRECISE: tl.constexpr):
     """OUT [B, NC, H, HID] = silu(pre) in OUT's dtype; rows (b, i, h) of blocks i < NC."""
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     o_u = tl.program_id(1) * BLOCK_U + tl.arange(0, BLOCK_U)
     m_u = (r < R)[:, None] & (o_u < HID)[None, :]
     b, i, h = r // (NC * H), r // H % NC, r % H
-    pre = _pre_rows(Y, BIAS, i, b, h, NCP, H, HID, o_u, m_u, M)
+    pre = _pre_rows(Y, B1, B2, i, b, h, NCP, H, HID, o_u, m_u, M)
     out = silu(pre, PRECISE)
     tl.store(OUT + r.to(tl.int64)[:, None] * HID + o_u[None, :], out.to(OUT.dtype.element_ty), mask=m_u)
 
 
 @triton.jit
-def _phi_hidden_bwd(Y, BIAS, DOUT, DY, DPRE, R, NC, NCP, H, HID, M: tl.constexpr, ROWS: tl.constexpr,
+def _phi_hidden_bwd(Y, B1, B2, DOUT, DY, DPRE, R, NC, NCP, H, HID, M: tl.constexpr, ROWS: tl.constexpr,
                     BLOCK_U: tl.constexpr, PRECISE: tl.constexpr):
     """Rows (b, c, h) of y, c < NCP: DY[b, c, h, u, j] = dpre of block c - j (0 where there is
     none) in DY's dtype; DPRE [B, NC, H, HID] fp32 (SiLU's backward of the fp32 pre-activation)
@@ -82,7 +85,7 @@ def _phi_hidden_bwd(Y, BIAS, DOUT, DY, DPRE, R, NC, NCP, H, HID, M: tl.constexpr
         i = c - j
         ok = m_r & (i >= 0) & (i < NC)
         m_i = ok[:, None] & (o_u < HID)[None, :]
-        pre = _pre_rows(Y, BIAS, i, b, h, NCP, H, HID, o_u, m_i, M)
+        pre = _pre_rows(Y, B1, B2, i, b, h, NCP, H, HID, o_u, m_i, M)
         row = ((b * NC + i) * H + h).to(tl.int64)[:, None] * HID + o_u[None, :]
         dout = tl.load(DOUT + row, mask=m_i, other=0.0).to(tl.float32)
         dpre = silu_grad(dout, pre, PRECISE)
@@ -133,21 +136,21 @@ def _block(n: int) -> int:
 
 class _Hidden(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, bias, nc, dtype):
+    def forward(ctx, y, b1, b2, nc, dtype):
         B, NCP, H, HID, M = y.shape
         out = torch.empty(B, nc, H, HID, dtype=dtype, device=y.device)
         R = B * nc * H
         if R:
             bu = _block(HID)
-            _phi_hidden_fwd[(triton.cdiv(R, ROWS), triton.cdiv(HID, bu))](y, bias, out, R, nc, NCP, H, HID, M=M,
+            _phi_hidden_fwd[(triton.cdiv(R, ROWS), triton.cdiv(HID, bu))](y, b1, b2, out, R, nc, NCP, H, HID, M=M,
                                                                          ROWS=ROWS, BLOCK_U=bu, PRECISE=y.is_cuda)
-        ctx.save_for_backward(y, bias)
+        ctx.save_for_backward(y, b1, b2)
         ctx.nc = nc
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        y, bias = ctx.saved_tensors
+        y, b1, b2 = ctx.saved_tensors
         B, NCP, H, HID, M = y.shape
         nc = ctx.nc
         dy = torch.empty_like(y)
@@ -155,11 +158,12 @@ class _Hidden(torch.autograd.Function):
         R = B * NCP * H
         if R:
             bu = _block(HID)
-            _phi_hidden_bwd[(triton.cdiv(R, ROWS), triton.cdiv(HID, bu))](y, bias, dout.contiguous(), dy, dpre, R, nc,
+            _phi_hidden_bwd[(triton.cdiv(R, ROWS), triton.cdiv(HID, bu))](y, b1, b2, dout.contiguous(), dy, dpre, R, nc,
                                                                          NCP, H, HID, M=M, ROWS=ROWS, BLOCK_U=bu,
                                                                          PRECISE=y.is_cuda)
-        # the bias gradient as autograd sums a broadcast add's: one reduction
-        return dy, dpre.sum_to_size(bias.shape), None, None
+        # the bias gradient as autograd sums a broadcast add's (one reduction), cast to each term's dtype
+        dbias = dpre.sum_to_size(b1.shape)
+        return dy, dbias.to(b1.dtype), dbias.to(b2.dtype), None, None
 
 
 class _MeanOut(torch.autograd.Function):
@@ -189,14 +193,14 @@ class _MeanOut(torch.autograd.Function):
         return dsums, dout, None
 
 
-def phi_hidden(y: torch.Tensor, bias: torch.Tensor, nc: int, dtype: torch.dtype) -> torch.Tensor:
-    """silu(sum_j y[:, i+j, :, :, j] + bias) for blocks i < nc, in ``dtype``: y [B, nc+m-1, H,
-    hidden, m] contiguous (16/32-bit), bias [hidden] fp32 -> [B, nc, H, hidden]. Differentiable
-    in y and bias."""
-    if y.dim() != 5 or not y.is_contiguous() or bias.dtype != torch.float32 or bias.shape != y.shape[3:4]:
-        raise ValueError(f"phi_hidden: y must be contiguous [B, N, H, hidden, m] and bias fp32 [hidden], got "
-                         f"{tuple(y.shape)} and {bias.dtype} {tuple(bias.shape)}")
-    return _Hidden.apply(y, bias.contiguous(), nc, dtype)
+def phi_hidden(y: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, nc: int, dtype: torch.dtype) -> torch.Tensor:
+    """silu(sum_j y[:, i+j, :, :, j] + bias) in fp32 for blocks i < nc, in ``dtype``: y [B, nc+m-1,
+    H, hidden, m] contiguous (16/32-bit); bias = b1 + b2 [hidden] summed in fp32 (phi: fc1's bias
+    and fc1 of the position embedding) -> [B, nc, H, hidden]. Differentiable in y, b1 and b2."""
+    if y.dim() != 5 or not y.is_contiguous() or b1.shape != y.shape[3:4] or b2.shape != y.shape[3:4]:
+        raise ValueError(f"phi_hidden: y must be contiguous [B, N, H, hidden, m] and b1, b2 [hidden], got "
+                         f"{tuple(y.shape)}, {tuple(b1.shape)} and {tuple(b2.shape)}")
+    return _Hidden.apply(y, b1.contiguous(), b2.contiguous(), nc, dtype)
 
 
 def phi_mean_out(sums: torch.Tensor, f: torch.Tensor, block: int) -> torch.Tensor:

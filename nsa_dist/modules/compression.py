@@ -61,13 +61,14 @@ class MLPCompressor(nn.Module):
         # y's columns are (unit, j), part j every m-th
         y = F.linear(chunks.reshape(B, nc - 1 + m, H, d * D), w1.view(hidden * m, d * D)).unflatten(-1, (hidden, m))
         acc = torch.promote_types(k.dtype, torch.float32)  # no rounding between the parts
-        # (the bf16 product joins the fp32 bias exactly, as its fp32 copy would)
-        bias = self.fc1.bias.to(acc) + F.linear(self.pos.flatten().to(w1.dtype), w1)
+        w_pos = F.linear(self.pos.flatten().to(w1.dtype), w1)
         sums = chunks.sum(dim=3, dtype=acc)
         kernels = _kernels_for(k)
         if kernels is not None:  # the same values, the elementwise tails one kernel each
-            return kernels.phi_mean_out(sums, self.fc2(kernels.phi_hidden(y, bias, nc, k.dtype)), l)
-        pre = _shifted_sum(y.unbind(-1), nc, acc) + bias
+            h = kernels.phi_hidden(y, self.fc1.bias, w_pos, nc, k.dtype)
+            return kernels.phi_mean_out(sums, self.fc2(h), l)
+        # (the bf16 product joins the fp32 bias exactly, as its fp32 copy would)
+        pre = _shifted_sum(y.unbind(-1), nc, acc) + (self.fc1.bias.to(acc) + w_pos)
         h = F.silu(pre).to(k.dtype)
         mean = (_shifted_sum([sums] * m, nc, acc) / l).to(k.dtype)
         return mean + self.fc2(h)

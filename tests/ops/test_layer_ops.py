@@ -128,8 +128,8 @@ def test_one_layer_launches_few_small_ops(cuda_path):
     # recomputation, their gradients), the indices' int32 copy, two small gradient copies
     assert sum(copies.values()) <= 11, copies
     assert (fwd.ops + bwd.ops)["cat"] <= 2, "one weight concatenation per forward (and its recomputation)"
-    assert sum(fwd.ops.values()) <= 19, dict(fwd.ops)
-    assert sum(bwd.ops.values()) <= 51, dict(bwd.ops)
+    assert sum(fwd.ops.values()) <= 17, dict(fwd.ops)
+    assert sum(bwd.ops.values()) <= 49, dict(bwd.ops)
     assert sum(fwd.tiles.values()) <= 86 and not bwd.tiles, (dict(fwd.tiles), dict(bwd.tiles))
 
 
