@@ -134,6 +134,11 @@ def _block(n: int) -> int:
     return min(triton.next_power_of_2(n), 1024)
 
 
+def _warps(block: int) -> int:
+    """Warps for ROWS x block tiles: about 16 fp32 values of each a thread."""
+    return max(1, min(8, ROWS * block // 512))
+
+
 class _Hidden(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, b1, b2, nc, dtype):
@@ -142,8 +147,9 @@ class _Hidden(torch.autograd.Function):
         R = B * nc * H
         if R:
             bu = _block(HID)
-            _phi_hidden_fwd[(triton.cdiv(R, ROWS), triton.cdiv(HID, bu))](y, b1, b2, out, R, nc, NCP, H, HID, M=M,
-                                                                         ROWS=ROWS, BLOCK_U=bu, PRECISE=y.is_cuda)
+            grid = (triton.cdiv(R, ROWS), triton.cdiv(HID, bu))
+            _phi_hidden_fwd[grid](y, b1, b2, out, R, nc, NCP, H, HID, M=M, ROWS=ROWS, BLOCK_U=bu,
+                                  PRECISE=y.is_cuda, num_warps=_warps(bu))
         ctx.save_for_backward(y, b1, b2)
         ctx.nc = nc
         return out
@@ -158,9 +164,9 @@ class _Hidden(torch.autograd.Function):
         R = B * NCP * H
         if R:
             bu = _block(HID)
-            _phi_hidden_bwd[(triton.cdiv(R, ROWS), triton.cdiv(HID, bu))](y, b1, b2, dout.contiguous(), dy, dpre, R, nc,
-                                                                         NCP, H, HID, M=M, ROWS=ROWS, BLOCK_U=bu,
-                                                                         PRECISE=y.is_cuda)
+            grid = (triton.cdiv(R, ROWS), triton.cdiv(HID, bu))
+            _phi_hidden_bwd[grid](y, b1, b2, dout.contiguous(), dy, dpre, R, nc, NCP, H, HID, M=M, ROWS=ROWS,
+                                  BLOCK_U=bu, PRECISE=y.is_cuda, num_warps=_warps(bu))
         # the bias gradient as autograd sums a broadcast add's (one reduction), cast to each term's dtype
         dbias = dpre.sum_to_size(b1.shape)
         return dy, dbias.to(b1.dtype), dbias.to(b2.dtype), None, None
@@ -176,7 +182,8 @@ class _MeanOut(torch.autograd.Function):
         if R:
             bd = _block(D)
             _phi_mean_fwd[(triton.cdiv(R, ROWS), triton.cdiv(D, bd))](sums, f, out, R, nc, NCP, H, D, inv_l,
-                                                                     M=NCP - nc + 1, ROWS=ROWS, BLOCK_D=bd)
+                                                                     M=NCP - nc + 1, ROWS=ROWS, BLOCK_D=bd,
+                                                                     num_warps=_warps(bd))
         ctx.shape, ctx.inv_l = sums.shape, inv_l
         return out
 
@@ -189,7 +196,8 @@ class _MeanOut(torch.autograd.Function):
         if R:
             bd = _block(D)
             _phi_mean_bwd[(triton.cdiv(R, ROWS), triton.cdiv(D, bd))](dout.contiguous(), dsums, R, nc, NCP, H, D,
-                                                                     ctx.inv_l, M=NCP - nc + 1, ROWS=ROWS, BLOCK_D=bd)
+                                                                     ctx.inv_l, M=NCP - nc + 1, ROWS=ROWS, BLOCK_D=bd,
+                                                                     num_warps=_warps(bd))
         return dsums, dout, None
 
 
