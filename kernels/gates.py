@@ -76,7 +76,9 @@ def combine_backward(do, o_c, o_s, o_w, gates, rows: int):
     R = T * HQ
     dg = torch.empty(T, HQ, 3, dtype=torch.float32, device=do.device)
     dos = [torch.empty_like(o_c, dtype=do.dtype) for _ in range(2 if o_w is None else 3)]
-    delta = torch.zeros(3, T, HQ, dtype=torch.float32, device=do.device)
+    # every row of delta is written, but the window's only with a window branch
+    alloc = torch.empty if o_w is not None else torch.zeros
+    delta = alloc(3, T, HQ, dtype=torch.float32, device=do.device)
     if R:
         _combine_bwd[(triton.cdiv(R, rows),)](do, o_c, o_s, o_c if o_w is None else o_w, gates, dg,
                                               dos[0], dos[1], dos[-1], delta, R, DV,

@@ -5,14 +5,21 @@ PyTorch's rotate-half RoPE, ``x * cos + cat(-x2, x1) * sin``, runs five kernels 
 (``python -m nsa_dist.training.step_profile`` shows their share). Here one program rotates
 the heads of one (batch, position) row: y1 = x1 c - x2 s, y2 = x2 c + x1 s, in fp32, written
 in x's dtype. The backward is the rotation by -theta.
-x may be a strided view (e.g. the q and k heads of one fused projection's output) as long as
-its last dimension is contiguous; the result is a new contiguous tensor.
+x may be a strided view as long as its last dimension is contiguous; the result is a new
+contiguous tensor. ``rope_split`` takes a fused projection's whole output and writes each of
+its column groups (q and the keys rotated, the values copied, the gate's first layer through
+its bias and SiLU) to its own contiguous tensor in one launch; its backward writes the
+projection's gradient whole in one more (no split views to copy, no concatenation).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from nsa_dist.ops.blocks import to_device
+
+from .phi import silu, silu_grad
 
 
 @triton.jit
@@ -67,28 +74,120 @@ class _Rope(torch.autograd.Function):
         return _rotate(dy, cos, sin, -1.0), None, None
 
 
+KINDS = ("copy", "rope", "silu")  # what ``rope_split`` does to a column group
+
+
+@triton.jit
+def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, S, sy_b, sy_s, cos_b, SIGN: tl.constexpr,
+                BACKWARD: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISE: tl.constexpr):
+    """One (batch, position) row of one column group, BLOCK_H "heads" of D columns: the group's
+    columns of Y moved to (BACKWARD: from) its own contiguous [B*S, width] tensor. TABLE row g:
+    (first column in Y, width, kind, the tensor's address), so one launch serves every group.
+    Kinds (``KINDS``): 0 copied; 1 rotated by SIGN * theta (whole heads); 2 (one group) h =
+    silu(y + BIAS), each op rounded to Y's dtype as PyTorch's, with y + BIAS kept in PRE for the
+    backward, which writes the gradient of y + BIAS to Y and to DPRE."""
+    i_row, g, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_s = i_row // S, i_row % S
+    col0 = tl.load(TABLE + g * 4)
+    width = tl.load(TABLE + g * 4 + 1)
+    kind = tl.load(TABLE + g * 4 + 2)
+    part = tl.load(TABLE + g * 4 + 3).to(tl.pointer_type(Y.dtype.element_ty))
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HALF
+    c1 = o_h[:, None] * D + o_d[None, :]  # first halves of the heads; a copied group's last may be partial
+    m1 = m_d[None, :] & (c1 < width)
+    m2 = m_d[None, :] & (c1 + HALF < width)
+    p_y = Y + i_b * sy_b + i_s * sy_s + col0 + c1
+    off = i_row.to(tl.int64) * width + c1  # in the group's tensor
+    p_p = part + off
+    if BACKWARD:
+        p_src, p_dst = p_p, p_y
+    else:
+        p_src, p_dst = p_y, p_p
+    b_x1 = tl.load(p_src, mask=m1, other=0.0).to(tl.float32)
+    b_x2 = tl.load(p_src + HALF, mask=m2, other=0.0).to(tl.float32)
+    if kind == 1:
+        p_cs = (i_b * cos_b + i_s) * HALF + o_d
+        b_c = tl.load(COS + p_cs, mask=m_d, other=0.0)[None, :]
+        b_s = tl.load(SIN + p_cs, mask=m_d, other=0.0)[None, :] * SIGN
+        b_y1 = b_x1 * b_c - b_x2 * b_s
+        b_y2 = b_x2 * b_c + b_x1 * b_s
+    elif kind == 2:
+        p_pre = PRE + off
+        if BACKWARD:  # x: the gradient of h
+            p1 = tl.load(p_pre, mask=m1, other=0.0).to(tl.float32)
+            p2 = tl.load(p_pre + HALF, mask=m2, other=0.0).to(tl.float32)
+            b_y1 = silu_grad(b_x1, p1, PRECISE).to(Y.dtype.element_ty).to(tl.float32)
+            b_y2 = silu_grad(b_x2, p2, PRECISE).to(Y.dtype.element_ty).to(tl.float32)
+            p_dpre = DPRE + off
+            tl.store(p_dpre, b_y1.to(Y.dtype.element_ty), mask=m1)
+            tl.store(p_dpre + HALF, b_y2.to(Y.dtype.element_ty), mask=m2)
+        else:
+            p1 = (b_x1 + tl.load(BIAS + c1, mask=m1, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
+            p2 = (b_x2 + tl.load(BIAS + c1 + HALF, mask=m2, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
+            tl.store(p_pre, p1, mask=m1)
+            tl.store(p_pre + HALF, p2, mask=m2)
+            b_y1 = silu(p1.to(tl.float32), PRECISE)
+            b_y2 = silu(p2.to(tl.float32), PRECISE)
+    else:
+        b_y1, b_y2 = b_x1, b_x2
+    tl.store(p_dst, b_y1.to(Y.dtype.element_ty), mask=m1)
+    tl.store(p_dst + HALF, b_y2.to(Y.dtype.element_ty), mask=m2)
+
+
+def _move_groups(y: torch.Tensor, parts: list, widths: tuple, kinds: tuple, cos, sin, head_dim: int,
+                 backward: bool, silu_tensors: tuple = ()) -> None:
+    """One ``_split_cols`` launch: y [B, S, N] (last dim contiguous) to the contiguous group
+    tensors ``parts`` (backward: the other way, rotation by -theta). silu_tensors: (bias, pre)
+    forward, (pre, dpre) backward, for the "silu" group."""
+    B, S, _ = y.shape
+    if B * S == 0:
+        return
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    table = torch.tensor([[c, w, KINDS.index(k), p.data_ptr()] for c, w, k, p in zip(starts, widths, kinds, parts)],
+                         dtype=torch.int64)
+    table = to_device(table, y.device)
+    heads = max(-(-w // head_dim) for w in widths)
+    block_h = min(triton.next_power_of_2(heads), max(1, 4096 // head_dim))
+    grid = (B * S, len(widths), triton.cdiv(heads, block_h))
+    a, b = silu_tensors or (y, y)
+    bias, pre, dpre = (y, a, b) if backward else (a, b, y)
+    _split_cols[grid](y, table, cos, sin, bias, pre, dpre, S, y.stride(0), y.stride(1), S if cos.shape[0] > 1 else 0,
+                      SIGN=-1.0 if backward else 1.0, BACKWARD=backward, D=head_dim, HALF=head_dim // 2,
+                      BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(head_dim // 2), PRECISE=y.is_cuda)
+
+
 class _RopeSplit(torch.autograd.Function):
-    """Rotation of x's heads into separate contiguous tensors, one per group of heads; the
-    backward writes each group's rotated gradient into its heads of one dx."""
+    """y's column groups as separate contiguous tensors (``rope_split``); the backward writes
+    every group's gradient into one dy. One kernel launch each way."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, sizes):
-        ctx.save_for_backward(cos, sin)
-        ctx.sizes = sizes
-        return tuple(_rotate(part, cos, sin, 1.0) for part in x.split(sizes, dim=2))
+    def forward(ctx, y, cos, sin, bias, widths, kinds, head_dim):
+        ctx.widths, ctx.kinds, ctx.head_dim = widths, kinds, head_dim
+        B, S, _ = y.shape
+        parts = [torch.empty(B, S, w, dtype=y.dtype, device=y.device) for w in widths]
+        pre = None
+        if "silu" in kinds:
+            pre = torch.empty_like(parts[kinds.index("silu")])
+        _move_groups(y, parts, widths, kinds, cos, sin, head_dim, False, () if pre is None else (bias, pre))
+        ctx.save_for_backward(cos, sin, pre)
+        return tuple(parts)
 
     @staticmethod
     def backward(ctx, *dys):
-        cos, sin = ctx.saved_tensors
+        cos, sin, pre = ctx.saved_tensors
         first = next(d for d in dys if d is not None)
-        B, S, _, D = first.shape
-        dx = torch.empty(B, S, sum(ctx.sizes), D, dtype=first.dtype, device=first.device)
-        for dy, part in zip(dys, dx.split(ctx.sizes, dim=2)):
-            if dy is None:
-                part.zero_()
-            else:
-                _rotate(dy, cos, sin, -1.0, out=part)
-        return dx, None, None, None
+        B, S, _ = first.shape
+        dys = [torch.zeros(B, S, w, dtype=first.dtype, device=first.device) if d is None else d.contiguous()
+               for d, w in zip(dys, ctx.widths)]
+        dy = torch.empty(B, S, sum(ctx.widths), dtype=first.dtype, device=first.device)
+        dpre = None if pre is None else torch.empty_like(pre)
+        _move_groups(dy, dys, ctx.widths, ctx.kinds, cos, sin, ctx.head_dim, True, () if pre is None else (pre, dpre))
+        # the bias gradient as autograd reduces a broadcast add's (the same call on the same tensor)
+        dbias = None if dpre is None else dpre.sum_to_size(dpre.shape[-1:])
+        return dy, None, None, dbias, None, None, None
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -117,4 +216,33 @@ def rope_rotate_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, siz
     _check(x, cos, sin)
     if sum(sizes) != x.shape[2]:
         raise ValueError(f"rope_rotate_split: sizes {list(sizes)} must sum to x's {x.shape[2]} heads")
-    return _RopeSplit.apply(x, cos.contiguous(), sin.contiguous(), tuple(sizes))
+    D = x.shape[-1]
+    parts = rope_split(x.flatten(2), cos, sin, [h * D for h in sizes], ["rope"] * len(sizes), D)
+    return tuple(p.unflatten(-1, (h, D)) for p, h in zip(parts, sizes))
+
+
+def rope_split(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: list, kinds: list,
+               head_dim: int, bias: torch.Tensor = None) -> tuple:
+    """y [B, S, N] (last dim contiguous; e.g. a fused projection's output) as one contiguous
+    [B, S, w_i] tensor per group of ``widths`` (sum N) columns, by ``kinds[i]``: "copy";
+    "rope", heads of ``head_dim`` rotated (cos/sin [1 or B, S, head_dim/2] float32); "silu"
+    (one group at most), silu(y + bias) with bias [w_i] in y's dtype, rounded after each op as
+    PyTorch's (a gate's first layer). One kernel launch forward and one backward (which fills
+    dy whole: no concatenation of the groups' gradients). Differentiable in y and bias."""
+    if y.dim() != 3 or head_dim % 2:
+        raise ValueError(f"rope_split: y must be [B, S, N] and head_dim even, got {tuple(y.shape)}, {head_dim}")
+    _check(y[:, :, :head_dim].unflatten(-1, (1, head_dim)), cos, sin)
+    if sum(widths) != y.shape[-1] or len(kinds) != len(widths) or any(k not in KINDS for k in kinds):
+        raise ValueError(f"rope_split: widths {list(widths)} must sum to y's {y.shape[-1]} columns, one kind "
+                         f"of {KINDS} each (got {list(kinds)})")
+    if any(k == "rope" and w % head_dim for w, k in zip(widths, kinds)):
+        raise ValueError(f"rope_split: rotated groups must be whole heads of {head_dim}, got widths {list(widths)}")
+    silu_groups = [w for w, k in zip(widths, kinds) if k == "silu"]
+    if len(silu_groups) > 1 or (silu_groups and (bias is None or tuple(bias.shape) != (silu_groups[0],)
+                                                 or bias.dtype != y.dtype)):
+        raise ValueError(f"rope_split: one \"silu\" group at most, with a bias of its width in y's dtype; got "
+                         f"kinds {list(kinds)}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
+    if y.stride(-1) != 1:
+        y = y.contiguous()
+    return _RopeSplit.apply(y, cos.contiguous(), sin.contiguous(), None if bias is None else bias.contiguous(),
+                            tuple(widths), tuple(kinds), head_dim)

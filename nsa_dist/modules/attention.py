@@ -126,8 +126,9 @@ class NSAAttention(nn.Module):
 
         Fused (``fused_projection``): one GEMM over the concatenated weights of q, every
         distinct K/V projection and the gate's first layer (stored apart, hooks applied
-        first), one RoPE call over q and the keys, which lie side by side in its output, written
-        back as separate contiguous tensors (``rotate_split``: the kernels then copy nothing)."""
+        first), then one call (``split_columns``) that writes q and each key rotated, each value
+        and the gate's activated first layer as separate contiguous tensors (the kernels then
+        copy nothing)."""
         c = self.comm
         B, S_l, _ = x.shape
         dk, dv = self.head_dim, self.v_head_dim
@@ -145,19 +146,22 @@ class NSAAttention(nn.Module):
         if self.fused_projection if fused is None else fused:
             weights = [wq, *kw, *vw, w1]
             rows = [w.shape[0] for w in weights]
-            n_qk = 1 + len(kw)  # q and the keys come first: one rotation
-            # one split (its backward is one cat), not slices (each slice's backward would
-            # write a zero tensor of y's size)
-            qk, *vs, g_pre = F.linear(x, torch.cat(weights)).split([sum(rows[:n_qk]), *rows[n_qk:]], dim=-1)
-            # each rotated piece contiguous: the kernels take q and the keys without a copy
-            q, *ks = self.rope.rotate_split(qk.unflatten(-1, (-1, dk)), cos, sin, [r // dk for r in rows[:n_qk]])
-            g_pre = g_pre + b1
+            n_qk = 1 + len(kw)  # q and the keys come first: rotated; the values copied
+            kinds = ["rope"] * n_qk + ["copy"] * len(vw) + ["silu"]
+            # each piece its own contiguous tensor (the gate's activated) from one kernel, whose
+            # backward writes the projection's whole gradient (no split/cat, and the NSA
+            # kernels take every piece without a copy)
+            q, *ks_vs, h = self.rope.split_columns(F.linear(x, torch.cat(weights)), cos, sin, rows, kinds, b1)
+            q = q.unflatten(-1, (-1, dk))
+            ks = [k.unflatten(-1, (-1, dk)) for k in ks_vs[:n_qk - 1]]
+            vs = ks_vs[n_qk - 1:]
+            gates = self.gate.output(h)
         else:
             q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)
             ks = [self.rope.rotate(F.linear(x, w).unflatten(-1, (-1, dk)), cos, sin) for w in kw]
             vs = [F.linear(x, w) for w in vw]
-            g_pre = F.linear(x, w1, b1)
-        gates = c.to_heads(self.gate.gates(g_pre))
+            gates = self.gate.gates(F.linear(x, w1, b1))
+        gates = c.to_heads(gates)
         kv = {n: (c.to_heads(k, kv=True), c.to_heads(v.unflatten(-1, (-1, dv)), kv=True))
               for n, k, v in zip(names, ks, vs)}
         kv = {b: kv["shared" if self.config.shared_kv else b] for b in BRANCHES}

@@ -1,6 +1,7 @@
 """phi: the learnable compression of a block of keys or values into one token."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -54,15 +55,21 @@ class MLPCompressor(nn.Module):
             return self(k[:, :L - (L - l) % d].unfold(1, l, d).transpose(-1, -2))
         m, nc = l // d, (L - l) // d + 1
         chunks = k[:, :(nc - 1 + m) * d].unflatten(1, (nc - 1 + m, d)).transpose(2, 3)  # [B, nc+m-1, H, d, D]
-        w1 = self.fc1.weight  # [hidden, l * D]: columns (position in the block, dim)
+        w1 = self.fc1.weight  # [hidden, l * D]: columns (chunk of the block, position in it, dim)
         hidden = w1.shape[0]
-        w_chunks = w1.view(hidden, m, d * D).transpose(0, 1).reshape(m * hidden, d * D)
-        y = F.linear(chunks.reshape(B, nc - 1 + m, H, d * D), w_chunks).unflatten(-1, (m, hidden))
+        # W1's rows as (unit, chunk j) rows of d * D columns: a view, no copy of the weight;
+        # y's columns are (unit, j), part j every m-th
+        y = F.linear(chunks.reshape(B, nc - 1 + m, H, d * D), w1.view(hidden * m, d * D)).unflatten(-1, (hidden, m))
         acc = torch.promote_types(k.dtype, torch.float32)  # no rounding between the parts
-        bias = self.fc1.bias.to(acc) + F.linear(self.pos.flatten().to(w1.dtype), w1).to(acc)
-        pre = _shifted_sum(y.unbind(3), nc, acc) + bias
-        h = F.silu(pre).to(k.dtype)
+        w_pos = F.linear(self.pos.flatten().to(w1.dtype), w1)
         sums = chunks.sum(dim=3, dtype=acc)
+        kernels = _kernels_for(k)
+        if kernels is not None:  # the same values, the elementwise tails one kernel each
+            h = kernels.phi_hidden(y, self.fc1.bias, w_pos, nc, k.dtype)
+            return kernels.phi_mean_out(sums, self.fc2(h), l)
+        # (the bf16 product joins the fp32 bias exactly, as its fp32 copy would)
+        pre = _shifted_sum(y.unbind(-1), nc, acc) + (self.fc1.bias.to(acc) + w_pos)
+        h = F.silu(pre).to(k.dtype)
         mean = (_shifted_sum([sums] * m, nc, acc) / l).to(k.dtype)
         return mean + self.fc2(h)
 
@@ -73,3 +80,19 @@ def _shifted_sum(parts, n: int, dtype: torch.dtype) -> torch.Tensor:
     for j in range(1, len(parts)):
         out = out + parts[j][:, j:j + n]
     return out
+
+
+@functools.cache
+def _phi_kernels():
+    """The Triton kernels of phi's elementwise tails, or None where triton (or nsa_dist, in a
+    to-hf export) is missing."""
+    try:  # absolute: this module is also bundled into to-hf exports
+        from nsa_dist.kernels import phi
+    except ImportError:
+        return None
+    return phi
+
+
+def _kernels_for(k: torch.Tensor):
+    """phi's kernels where they take k (CUDA, 16/32-bit), else None (the PyTorch lines)."""
+    return _phi_kernels() if k.is_cuda and k.dtype != torch.float64 else None

@@ -28,5 +28,8 @@ class GateMLP(nn.Module):
     def gates(self, pre: torch.Tensor) -> torch.Tensor:
         """The first layer's output [B, S, gate_hidden] (before its activation) -> gates
         [B, S, heads, 3] (heads: the rows of ``fc2`` this module holds, / 3)."""
-        g = self.fc2(torch.nn.functional.silu(pre))
-        return torch.sigmoid(g).unflatten(-1, (-1, 3))
+        return self.output(torch.nn.functional.silu(pre))
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """The first layer's activation [B, S, gate_hidden] -> gates [B, S, heads, 3]."""
+        return torch.sigmoid(self.fc2(h)).unflatten(-1, (-1, 3))

@@ -78,9 +78,14 @@ def _kernels_for(x: torch.Tensor):
 
 
 def _angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
-    """cos/sin [1 or B, S, 1, D] (halves repeated) -> the kernels' fp32 [1 or B, S, D/2]."""
+    """cos/sin [1 or B, S, 1, D] (halves repeated) -> the kernels' fp32 [1 or B, S, D/2]. Shared
+    tables (``cos_sin``) give shared angles: two conversions fewer per call."""
     half = cos.shape[-1] // 2
-    return cos[:, :, 0, :half].float(), sin[:, :, 0, :half].float()
+    key = next((k for k, v in _TABLES.items() if isinstance(v, tuple) and v[0] is cos and v[1] is sin), None)
+
+    def build():
+        return cos[:, :, 0, :half].float().contiguous(), sin[:, :, 0, :half].float().contiguous()
+    return build() if key is None else _table(("angles",) + key, build)
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -134,6 +139,27 @@ class RotaryEmbedding(torch.nn.Module):
         if kernels is not None:
             return list(kernels.rope_rotate_split(x, *_angles(cos, sin), sizes))
         return list(RotaryEmbedding.rotate(x, cos, sin).split(sizes, dim=2))
+
+    @staticmethod
+    def split_columns(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: list, kinds: list,
+                      bias: Optional[torch.Tensor] = None) -> list:
+        """y [B, S, N] (a fused projection's output) -> [B, S, w_i] per group of ``widths``
+        (sum N) columns, by ``kinds[i]``: "copy", "rope" (heads of cos' last dim D, rotated) or
+        "silu" (one group: silu(y + bias), a gate's first layer). On CUDA one Triton kernel
+        writes every group to its own contiguous tensor (nothing downstream copies them) and
+        its backward fills y's gradient whole (no concatenation); elsewhere the PyTorch ops
+        (copied groups are views of y)."""
+        kernels = _kernels_for(y)
+        D = cos.shape[-1]
+        if kernels is not None:
+            if bias is None or bias.dtype == y.dtype:
+                return list(kernels.rope_split(y, *_angles(cos, sin), widths, kinds, D, bias))
+            # a bias of another dtype (mixed precision) promotes: the group copied, then PyTorch's ops
+            parts = kernels.rope_split(y, *_angles(cos, sin), widths, ["copy" if k == "silu" else k for k in kinds], D)
+        else:
+            parts = [RotaryEmbedding.rotate(p.unflatten(-1, (-1, D)), cos, sin).flatten(2) if k == "rope" else p
+                     for p, k in zip(y.split(widths, dim=-1), kinds)]
+        return [torch.nn.functional.silu(p + bias) if k == "silu" else p for p, k in zip(parts, kinds)]
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         if positions is None:
