@@ -108,6 +108,28 @@ def test_importance_spills_into_the_next_block_in_every_launch(dk, launch):
     assert max_rel(o, o_ref) < 1e-4
 
 
+@pytest.mark.parametrize("over", [dict(cmp_block=32, cmp_stride=8, sel_block=32, num_selected=5),
+                                  dict(cmp_block=16, cmp_stride=16, sel_block=48, num_selected=4)],
+                         ids=["l=4d", "R=3"])
+def test_block_shapes_beyond_the_cases(dk, over):
+    """A token four strides long (three of them can reach into the next block) and l'/d = 3
+    (not a power of two: the split pass takes the weight product whatever cmp_blockwise
+    says): the same blocks and output as the PyTorch path."""
+    kernels, device = dk
+    cfg = NSAConfig(**{**CFG, **over})
+    lengths = [700, 3, 333]
+    cache = _cache(cfg, lengths, 2, 32, 16, device, torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 4, 32, generator=gen).to(device)
+    gates = torch.rand(3, 4, 3, generator=gen).to(device)
+    o_ref, idx_ref, _ = attend_step(q, gates, cache)
+    for launch in (kernels.DecodeLaunch(), kernels.DecodeLaunch(block_n=16, target_programs=400)):
+        assert kernels._blockwise(cfg, launch) == (over["sel_block"] == 32)
+        o, idx = attend_step_kernels(kernels, q, gates, cache, launch=launch)
+        assert torch.equal(idx, idx_ref), launch
+        assert max_rel(o, o_ref) < 1e-4
+
+
 # settings the GPU A/B (tools/bench_decode.py --ab) tries at batch 64, each checked here first
 GPU_LAUNCHES = LAUNCHES + [
     dict(cmp_blockwise=False, attend_one_loop=False, attend_upp=24, select_warps=8),  # before per-tile importance
