@@ -51,8 +51,9 @@ class DecodeLaunch:
     block_n: compressed tokens per tile of the split pass; block_k: selected/window keys per
     tile; target_programs: programs the two split passes aim for (a few per SM); max_splits:
     most splits of the compressed cache per (sequence, KV head) (the combine loads them all
-    at once); select_chunk: most blocks per top-n merge (one merge covers every block up to
-    128k tokens at l' = 64: one wide top-k has fewer dependent stages than a chain of merges);
+    at once); select_chunk: most blocks per top-n merge (1024: two merges at 128k tokens and
+    l' = 64 took 13.1 against 17.1 us at batch 1 and 40.7 against 57.3 us at batch 64 for one
+    2048-wide top-k, H100, docs/inference.md);
     select_tail: the blocks after the last whole chunk in chunks of this many (0: one more
     whole chunk; at 128k + 1 tokens that chunk holds one candidate);
     num_warps: warps of the split kernels;
@@ -75,7 +76,7 @@ class DecodeLaunch:
     block_k: int = 64
     target_programs: int = 528
     max_splits: int = 64
-    select_chunk: int = 2048
+    select_chunk: int = 1024
     num_warps: int = 4
     topk_merge: bool = True  # tl.topk + tl.bitonic_merge where this Triton has them, else sorts
     # the split pass: importance per tile or per split, split size, warps, stages, registers
