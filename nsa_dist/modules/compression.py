@@ -63,7 +63,7 @@ class MLPCompressor(nn.Module):
         acc = torch.promote_types(k.dtype, torch.float32)  # no rounding between the parts
         w_pos = F.linear(self.pos.flatten().to(w1.dtype), w1)
         sums = chunks.sum(dim=3, dtype=acc)
-        kernels = _kernels_for(k)
+        kernels = _phi_kernels_for(k)
         if kernels is not None:  # the same values, the elementwise tails one kernel each
             h = kernels.phi_hidden(y, self.fc1.bias, w_pos, nc, k.dtype)
             return kernels.phi_mean_out(sums, self.fc2(h), l)
@@ -93,6 +93,6 @@ def _phi_kernels():
     return phi
 
 
-def _kernels_for(k: torch.Tensor):
+def _phi_kernels_for(k: torch.Tensor):
     """phi's kernels where they take k (CUDA, 16/32-bit), else None (the PyTorch lines)."""
     return _phi_kernels() if k.is_cuda and k.dtype != torch.float64 else None

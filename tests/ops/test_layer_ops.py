@@ -58,7 +58,7 @@ def cuda_path(monkeypatch):
     """The layer's CUDA path on the CPU: the split/RoPE and phi kernels (interpreter)."""
     kernels_or_skip()
     monkeypatch.setattr(rope, "_kernels_for", lambda x: rope._rope_kernels())
-    monkeypatch.setattr(compression, "_kernels_for", lambda k: compression._phi_kernels())
+    monkeypatch.setattr(compression, "_phi_kernels_for", lambda k: compression._phi_kernels())
 
 
 def _layer(backend: str, fused: bool = True) -> NSAAttention:
@@ -89,7 +89,7 @@ def test_kernel_path_equals_the_pytorch_lines(cuda_path):
     assert all(t.is_contiguous() for k, t in p.items() if k != "gates"), "a piece the kernels would copy"
     with pytest.MonkeyPatch.context() as mp:  # the PyTorch lines
         mp.setattr(rope, "_kernels_for", lambda x: None)
-        mp.setattr(compression, "_kernels_for", lambda k: None)
+        mp.setattr(compression, "_phi_kernels_for", lambda k: None)
         layer.fused_projection = False
         y_ref, g_ref = _grads(layer, x)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)

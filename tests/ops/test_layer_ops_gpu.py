@@ -33,7 +33,7 @@ def test_phi_kernels_are_the_pytorch_lines_bit_for_bit(block, stride, monkeypatc
     out = phi.sequence(k)
     gy = torch.randn_like(out)
     got = _grads(out, inputs, gy)
-    monkeypatch.setattr(compression, "_kernels_for", lambda k: None)
+    monkeypatch.setattr(compression, "_phi_kernels_for", lambda k: None)
     want = _grads(phi.sequence(k), inputs, gy)
     for name, a, b in zip(["out", "k", *(n for n, _ in phi.named_parameters())], got, want):
         assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
