@@ -73,10 +73,11 @@ class DecoderBlock(nn.Module):
         if keep_attention and self.attn.keeps_outputs(h.device, h.dtype):
             # the whole block recomputed, but not the attention: its results are kept (a
             # fraction of the split below, which keeps the attention's inputs too)
+            # (self.forward, not self: the block's module hooks already ran for this call)
             if isinstance(self.attn, NSAAttention):
-                return checkpoint(self, h, cu_seqlens, position_ids, return_stats, False,
+                return checkpoint(self.forward, h, cu_seqlens, position_ids, return_stats, False,
                                   SelectionMemo(keep_outputs=True), use_reentrant=False)
-            return checkpoint(self, h, cu_seqlens, position_ids, return_stats, False, use_reentrant=False,
+            return checkpoint(self.forward, h, cu_seqlens, position_ids, return_stats, False, use_reentrant=False,
                               context_fn=partial(keep_attention_outputs, self.attn.kernel))
         w_attn, w_mlp = self.comm.shared(self.attn_norm.weight, self.mlp_norm.weight)
         attn_norm, mlp_norm = bound(self.attn_norm, [w_attn]), bound(self.mlp_norm, [w_mlp])

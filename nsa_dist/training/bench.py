@@ -242,11 +242,12 @@ def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, st
         gc.collect()  # DeepSpeed's hooks make cycles: collected now, not at some later point
         if cuda:
             torch.cuda.empty_cache()
-        held = held_memory_report() if cuda else ""
         live = live_training_objects()
+        held = held_memory_report() if cuda else ""
         if held or live:
             print(f"[bench] rank {rank}: after {attention} S={S} {lay.name}: still alive: "
-                  f"{held or ', '.join(f'{n} x{c}' for n, c in sorted(live.items()))}", flush=True)
+                  + "; ".join(filter(None, [", ".join(f"{n} x{c}" for n, c in sorted(live.items())), held])),
+                  flush=True)
     # Every rank's peak memory; the row keeps the largest.
     peak = torch.tensor([float(summary.get("peak_memory_gb") or 0.0), float(status == "oom")],
                         device="cuda" if cuda else "cpu", dtype=torch.float64)
@@ -277,17 +278,16 @@ def live_training_objects() -> dict:
 
 
 def held_memory_report(min_gb: float = 1.0, top: int = 6) -> str:
-    """What CUDA memory a finished point left allocated, if at least ``min_gb``: the total,
-    the live training objects (trainers, engines, optimizers, modules) and the largest CUDA
-    tensors Python can reach, each with the types of the objects that refer to it. A later
-    point has that much less room (its ``recompute: auto`` keeps fewer layers). "" when less."""
+    """What CUDA memory a finished point left allocated (after a garbage collection), if at
+    least ``min_gb``: the total and the largest CUDA tensors Python can reach, each with the
+    types of the objects that refer to it. A later point has that much less room (its
+    ``recompute: auto`` keeps fewer layers). "" when less."""
     import torch
 
     held = torch.cuda.memory_allocated()
     if held < min_gb * 2 ** 30:
         return ""
-    gc.collect()
-    owners, tensors = live_training_objects(), []
+    tensors = []
     for obj in gc.get_objects():
         if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.is_cuda:  # not compile's fake tensors
             try:
@@ -297,8 +297,6 @@ def held_memory_report(min_gb: float = 1.0, top: int = 6) -> str:
             tensors.append(obj)
     reach = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in tensors}.values())
     out = [f"{held / 2 ** 30:.2f} GiB still allocated ({reach / 2 ** 30:.2f} GiB in tensors Python reaches)"]
-    if owners:
-        out.append("live: " + ", ".join(f"{n} x{c}" for n, c in sorted(owners.items())))
     for t in sorted(tensors, key=lambda t: -t.untyped_storage().nbytes())[:top]:
         refs = sorted({type(r).__name__ for r in gc.get_referrers(t) if r is not tensors})
         out.append(f"{tuple(t.shape)} {t.dtype} {t.untyped_storage().nbytes() / 2 ** 20:.0f} MiB <- {', '.join(refs)}")
