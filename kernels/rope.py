@@ -13,6 +13,8 @@ projection's gradient whole in one more (no split views to copy, no concatenatio
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -78,29 +80,32 @@ KINDS = ("copy", "rope", "silu")  # what ``rope_split`` does to a column group
 
 
 @triton.jit
-def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, S, sy_b, sy_s, cos_b, SIGN: tl.constexpr,
-                BACKWARD: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_D: tl.constexpr, PRECISE: tl.constexpr):
-    """One (batch, position) row of one column group, BLOCK_H "heads" of D columns: the group's
-    columns of Y moved to (BACKWARD: from) its own contiguous [B*S, width] tensor. TABLE row g:
-    (first column in Y, width, kind, the tensor's address), so one launch serves every group.
-    Kinds (``KINDS``): 0 copied; 1 rotated by SIGN * theta (whole heads); 2 (one group) h =
-    silu(y + BIAS), each op rounded to Y's dtype as PyTorch's, with y + BIAS kept in PRE for the
-    backward, which writes the gradient of y + BIAS to Y and to DPRE."""
-    i_row, g, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_s = i_row // S, i_row % S
-    col0 = tl.load(TABLE + g * 4)
-    width = tl.load(TABLE + g * 4 + 1)
-    kind = tl.load(TABLE + g * 4 + 2)
-    part = tl.load(TABLE + g * 4 + 3).to(tl.pointer_type(Y.dtype.element_ty))
-    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, R, S, sy, cos_b, SIGN: tl.constexpr,
+                BACKWARD: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                ALIGN: tl.constexpr, PTR_ALIGNED: tl.constexpr, PRECISE: tl.constexpr):
+    """BLOCK_R rows (of R = B*S, row stride sy in Y) of one work item, 2*HALF columns of one
+    column group: moved from Y to the group's own contiguous [R, width] tensor (BACKWARD: back).
+    TABLE row per item: (first column in Y, first column in the group, the group's width, kind,
+    the group tensor's address), so one launch serves every group. Kinds (``KINDS``): 0 copied;
+    1 rotated by SIGN * theta (an item is one head); 2 (one group) h = silu(y + BIAS), each op
+    rounded to Y's dtype as PyTorch's, with y + BIAS kept in PRE for the backward, which writes
+    the gradient of y + BIAS to Y and to DPRE. Widths and columns are multiples of ALIGN and the
+    addresses 16-byte aligned (PTR_ALIGNED), so the compiler moves 16 bytes per access."""
+    i_r, item = tl.program_id(0), tl.program_id(1)
+    col_y = tl.multiple_of(tl.load(TABLE + item * 5), ALIGN)
+    col_p = tl.multiple_of(tl.load(TABLE + item * 5 + 1), ALIGN)
+    width = tl.multiple_of(tl.load(TABLE + item * 5 + 2), ALIGN)
+    kind = tl.load(TABLE + item * 5 + 3)
+    part = tl.load(TABLE + item * 5 + 4).to(tl.pointer_type(Y.dtype.element_ty))
+    if PTR_ALIGNED:
+        part = tl.multiple_of(part, 16)
+    r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < HALF
-    c1 = o_h[:, None] * D + o_d[None, :]  # first halves of the heads; a copied group's last may be partial
-    m1 = m_d[None, :] & (c1 < width)
-    m2 = m_d[None, :] & (c1 + HALF < width)
-    p_y = Y + i_b * sy_b + i_s * sy_s + col0 + c1
-    off = i_row.to(tl.int64) * width + c1  # in the group's tensor
+    row_ok = (r < R)[:, None]
+    m1 = row_ok & ((o_d < HALF) & (col_p + o_d < width))[None, :]  # a copied group's last item may be partial
+    m2 = row_ok & ((o_d < HALF) & (col_p + HALF + o_d < width))[None, :]
+    p_y = Y + r[:, None] * sy + col_y + o_d[None, :]
+    off = r[:, None] * width + col_p + o_d[None, :]  # in the group's tensor
     p_p = part + off
     if BACKWARD:
         p_src, p_dst = p_p, p_y
@@ -109,13 +114,15 @@ def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, S, sy_b, sy_s, cos_b, SIGN:
     b_x1 = tl.load(p_src, mask=m1, other=0.0).to(tl.float32)
     b_x2 = tl.load(p_src + HALF, mask=m2, other=0.0).to(tl.float32)
     if kind == 1:
-        p_cs = (i_b * cos_b + i_s) * HALF + o_d
-        b_c = tl.load(COS + p_cs, mask=m_d, other=0.0)[None, :]
-        b_s = tl.load(SIN + p_cs, mask=m_d, other=0.0)[None, :] * SIGN
+        p_cs = ((r // S) * cos_b + r % S)[:, None] * HALF + o_d[None, :]
+        m_cs = row_ok & (o_d < HALF)[None, :]
+        b_c = tl.load(COS + p_cs, mask=m_cs, other=0.0)
+        b_s = tl.load(SIN + p_cs, mask=m_cs, other=0.0) * SIGN
         b_y1 = b_x1 * b_c - b_x2 * b_s
         b_y2 = b_x2 * b_c + b_x1 * b_s
     elif kind == 2:
         p_pre = PRE + off
+        c = col_p + o_d[None, :]
         if BACKWARD:  # x: the gradient of h
             p1 = tl.load(p_pre, mask=m1, other=0.0).to(tl.float32)
             p2 = tl.load(p_pre + HALF, mask=m2, other=0.0).to(tl.float32)
@@ -125,8 +132,8 @@ def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, S, sy_b, sy_s, cos_b, SIGN:
             tl.store(p_dpre, b_y1.to(Y.dtype.element_ty), mask=m1)
             tl.store(p_dpre + HALF, b_y2.to(Y.dtype.element_ty), mask=m2)
         else:
-            p1 = (b_x1 + tl.load(BIAS + c1, mask=m1, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
-            p2 = (b_x2 + tl.load(BIAS + c1 + HALF, mask=m2, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
+            p1 = (b_x1 + tl.load(BIAS + c, mask=m1, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
+            p2 = (b_x2 + tl.load(BIAS + c + HALF, mask=m2, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
             tl.store(p_pre, p1, mask=m1)
             tl.store(p_pre + HALF, p2, mask=m2)
             b_y1 = silu(p1.to(tl.float32), PRECISE)
@@ -137,26 +144,31 @@ def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, S, sy_b, sy_s, cos_b, SIGN:
     tl.store(p_dst + HALF, b_y2.to(Y.dtype.element_ty), mask=m2)
 
 
+SPLIT_ROWS = 32  # rows per ``_split_cols`` program: 2 x 8 KB moved per program at head_dim 128, bf16
+
+
 def _move_groups(y: torch.Tensor, parts: list, widths: tuple, kinds: tuple, cos, sin, head_dim: int,
                  backward: bool, silu_tensors: tuple = ()) -> None:
-    """One ``_split_cols`` launch: y [B, S, N] (last dim contiguous) to the contiguous group
-    tensors ``parts`` (backward: the other way, rotation by -theta). silu_tensors: (bias, pre)
-    forward, (pre, dpre) backward, for the "silu" group."""
-    B, S, _ = y.shape
+    """One ``_split_cols`` launch: y [B, S, N] (contiguous) to the contiguous group tensors
+    ``parts`` (backward: the other way, rotation by -theta). silu_tensors: (bias, pre)
+    forward, (pre, dpre) backward, for the "silu" group. Work items are head_dim columns of
+    one group (a rotated group's heads), so every program moves whole rows of its item."""
+    B, S, N = y.shape
     if B * S == 0:
         return
     starts = [sum(widths[:i]) for i in range(len(widths))]
-    table = torch.tensor([[c, w, KINDS.index(k), p.data_ptr()] for c, w, k, p in zip(starts, widths, kinds, parts)],
-                         dtype=torch.int64)
-    table = to_device(table, y.device)
-    heads = max(-(-w // head_dim) for w in widths)
-    block_h = min(triton.next_power_of_2(heads), max(1, 4096 // head_dim))
-    grid = (B * S, len(widths), triton.cdiv(heads, block_h))
+    items = [[c0 + c, c, w, KINDS.index(k), p.data_ptr()]
+             for c0, w, k, p in zip(starts, widths, kinds, parts) for c in range(0, w, head_dim)]
+    table = to_device(torch.tensor(items, dtype=torch.int64), y.device)
+    align = math.gcd(16, *widths)  # a power of two: every column and width is a multiple of it
     a, b = silu_tensors or (y, y)
     bias, pre, dpre = (y, a, b) if backward else (a, b, y)
-    _split_cols[grid](y, table, cos, sin, bias, pre, dpre, S, y.stride(0), y.stride(1), S if cos.shape[0] > 1 else 0,
-                      SIGN=-1.0 if backward else 1.0, BACKWARD=backward, D=head_dim, HALF=head_dim // 2,
-                      BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(head_dim // 2), PRECISE=y.is_cuda)
+    ptr_aligned = all(t.data_ptr() % 16 == 0 for t in (*parts, y, *silu_tensors))
+    grid = (triton.cdiv(B * S, SPLIT_ROWS), len(items))
+    _split_cols[grid](y, table, cos, sin, bias, pre, dpre, B * S, S, y.stride(1), S if cos.shape[0] > 1 else 0,
+                      SIGN=-1.0 if backward else 1.0, BACKWARD=backward, HALF=head_dim // 2, BLOCK_R=SPLIT_ROWS,
+                      BLOCK_D=triton.next_power_of_2(head_dim // 2), ALIGN=align, PTR_ALIGNED=ptr_aligned,
+                      PRECISE=y.is_cuda)
 
 
 class _RopeSplit(torch.autograd.Function):
@@ -242,7 +254,6 @@ def rope_split(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: li
                                                  or bias.dtype != y.dtype)):
         raise ValueError(f"rope_split: one \"silu\" group at most, with a bias of its width in y's dtype; got "
                          f"kinds {list(kinds)}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
-    if y.stride(-1) != 1:
-        y = y.contiguous()
+    y = y.contiguous()  # rows of one stride (a fused projection's output already is)
     return _RopeSplit.apply(y, cos.contiguous(), sin.contiguous(), None if bias is None else bias.contiguous(),
                             tuple(widths), tuple(kinds), head_dim)

@@ -133,14 +133,15 @@ def test_one_layer_launches_few_small_ops(cuda_path):
     assert sum(fwd.tiles.values()) <= 86 and not bwd.tiles, (dict(fwd.tiles), dict(bwd.tiles))
 
 
-@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float32])
-def test_split_columns_kernel_equals_pytorch(bias_dtype, cuda_path):
+@pytest.mark.parametrize("bias_dtype,copy_width", [(torch.float16, 16), (torch.float32, 16), (torch.float16, 7)])
+def test_split_columns_kernel_equals_pytorch(bias_dtype, copy_width, cuda_path):
     """RotaryEmbedding.split_columns through the kernel (fp16 under the interpreter): the
     pieces and the gradients of y and the bias as the PyTorch lines give them, a bias of
-    another dtype (mixed precision) promoting the gate's group as PyTorch's add does."""
+    another dtype (mixed precision) promoting the gate's group as PyTorch's add does. A copied
+    group of 7 columns puts the next group off every 16-byte boundary (no wide accesses)."""
     torch.manual_seed(0)
     B, S, D = 2, 11, 16
-    widths, kinds = [3 * D, D, D, 24], ["rope", "rope", "copy", "silu"]
+    widths, kinds = [3 * D, D, copy_width, 24], ["rope", "rope", "copy", "silu"]
     y = torch.randn(B, S, sum(widths), dtype=torch.float16, requires_grad=True)
     bias = torch.randn(24, dtype=bias_dtype, requires_grad=True)
     cos, sin = rope.RotaryEmbedding(D).cos_sin(torch.arange(S), torch.float16)
