@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.profiler import record_function
 
 try:
     import triton  # noqa: F401
@@ -19,6 +20,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from .nsa import NSAFunction, make_geometry, pack, packed_select
 
 __all__ = ["nsa_attention", "select_blocks"]
+
+# A profiler range around the selection's kernels: launched from plain Python, outside any
+# op, they would otherwise have no op in a torch.profiler trace to be charged to.
+SELECT_RANGE = "nsa_dist::select_blocks"
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -39,7 +44,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg, scale: Optional[flo
     float64 reference.
     """
     B, S = q.shape[:2]
-    with torch.no_grad():
+    with torch.no_grad(), record_function(SELECT_RANGE):
         geo = make_geometry(q, k_cmp, k_cmp, cfg, cu_seqlens, q_start, seq_len)
         idx = packed_select(pack(q), pack(k_cmp), geo, cfg, _scale(q, scale))
     return idx.view(B, S, geo.H, cfg.num_selected)
@@ -74,7 +79,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
         raise ValueError("forward_memo holds a forward's results: pass that forward's selection as "
                          "block_indices (the recomputation must attend with the same blocks)")
     if block_indices is None:
-        with torch.no_grad():  # the compressed branch's forward also feeds the selection
+        with torch.no_grad(), record_function(SELECT_RANGE):  # the compressed forward also feeds it
             idx, pre = packed_select(qp.detach(), kc.detach(), geo, cfg, sc, v_cmp=vc.detach())
         geo.idx_sorted = True  # the kernel's rows: distinct blocks, ascending, -1 last
         block_indices = idx.view(B, S, geo.H, -1)

@@ -13,7 +13,9 @@ Rows (milliseconds per step): attention kernels; attention projections (matrix p
 the attention layers); attention other (RoPE, phi, gates, casts, layout copies); MLP; norms;
 embedding, LM head and loss; optimizer (the caller's ``optimizer`` range); other GPU work
 (DeepSpeed's gradient copies and reductions, memcpy); GPU idle (step time not covered by
-kernels: launch gaps and host waits). ``data`` is the caller's host time to fetch a batch.
+kernels: launch gaps and host waits). Kernels launched outside any op (Triton kernels called
+from plain Python) are in the device trace only: they are charged by name ("<- (no op)").
+``data`` is the caller's host time to fetch a batch.
 On a GPU the idle time is also split by the row of the kernel each gap ends at ("idle
 before"): the part whose launch the GPU waited for (host work or a host sync before it).
 """
@@ -154,6 +156,16 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
         top[key] = (n + 1, ms + us / 1e3)
         total += us / 1e3
         launches += 1
+    if spans:  # kernels launched outside any op (a Triton launch from plain Python code)
+        for name, (n, us) in _unlinked(events, spans).items():
+            row, short = _row(None, name, attention_kernels)
+            rows[row] += us / 1e3
+            counts[row] += n
+            key = (row, f"{short} <- (no op)")
+            k_n, k_ms = top.get(key, (0, 0.0))
+            top[key] = (k_n + n, k_ms + us / 1e3)
+            total += us / 1e3
+            launches += n
     prof = StepProfile({k: v / steps for k, v in rows.items()}, {k: v / steps for k, v in counts.items()},
                        {k: (n / steps, ms / steps) for k, (n, ms) in top.items()},
                        step_ms, total / steps, launches / steps)
@@ -162,6 +174,28 @@ def attribute(events, attention_kernels: set, steps: int, step_ms: float, data_m
     if spans:
         prof.idle = {k: v / steps for k, v in _idle_before(spans, events, seq_part, attention_kernels).items()}
     return prof
+
+
+def _unlinked(events, spans) -> dict:
+    """Device work with no launching op: name -> (count, microseconds), the spans of a name
+    beyond the kernels that ops account for. torch's profiler links a kernel to the op around
+    its launch; a Triton kernel launched from plain Python code (no op around it) is in the
+    device trace only, and would otherwise count as GPU idle."""
+    linked = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        for k in e.kernels:
+            linked[k.name][0] += 1
+            linked[k.name][1] += k.duration
+    seen = defaultdict(lambda: [0, 0.0])
+    for start, stop, name, _ in spans:
+        seen[name][0] += 1
+        seen[name][1] += stop - start
+    out = {}
+    for name, (n, us) in seen.items():
+        n_l, us_l = linked.get(name, (0, 0.0))
+        if n > n_l:  # the extra launches, at their mean duration
+            out[name] = (n - n_l, max(0.0, us - us_l))
+    return out
 
 
 def _row(part: Optional[str], name: str, attention_kernels: set) -> tuple[str, str]:
@@ -389,6 +423,50 @@ def profile_trainer(trainer, warmup: int, steps: int) -> StepProfile:
                      spans=device_spans(prof) if cuda else None)
 
 
+ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def step_times(trainer, steps: int) -> list[dict]:
+    """``steps`` unprofiled steps of ``trainer``, each timed alone: wall milliseconds (host
+    sync to sync), the host's time to issue its forward, backward and optimizer step (the
+    optimizer's includes DeepSpeed's wait for the gradients), and on CUDA the allocator's
+    device allocations, frees and retries during the step (growth after the first steps
+    would show here)."""
+    import time
+
+    from ..data import build_dataloader
+    from .loop import to_device
+
+    loop, env = trainer.loop, trainer.env
+    engine = loop.engine
+    loader = iter(build_dataloader(trainer.data.train, loop.cfg.micro_batch_size, env.dp_rank, env.dp_world))
+    cuda = env.device.type == "cuda"
+    stats = (lambda: torch.cuda.memory_stats()) if cuda else (lambda: {})
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    engine.train()
+    out = []
+    for i in range(steps):
+        before = stats()
+        sync()
+        t0 = time.perf_counter()
+        b = to_device(next(loader), env.device)
+        res = engine(b["input_ids"], labels=b["labels"], cu_seqlens=b["cu_seqlens"])
+        t1 = time.perf_counter()
+        engine.backward(res.loss)
+        t2 = time.perf_counter()
+        engine.step()
+        t3 = time.perf_counter()
+        float(res.loss)
+        t4 = time.perf_counter()
+        after = stats()
+        row = {"step": i, "wall_ms": (t4 - t0) * 1e3, "issue_forward_ms": (t1 - t0) * 1e3,
+               "issue_backward_ms": (t2 - t1) * 1e3, "issue_optimizer_ms": (t3 - t2) * 1e3}
+        if cuda:
+            row.update({k: after.get(k, 0) - before.get(k, 0) for k in ALLOCATOR_EVENTS})
+        out.append(row)
+    return out
+
+
 def build_parser():
     import argparse
 
@@ -407,6 +485,8 @@ def build_parser():
     p.add_argument("--memory", type=int, default=0, metavar="N",
                    help="CUDA: after the profile, one more step with the allocator's history on; list the N "
                         "largest origins of what is live at the step's memory peak")
+    p.add_argument("--step-times", type=int, default=0, metavar="N",
+                   help="first time N unprofiled steps one by one (wall, host issue time, allocator events)")
     p.add_argument("overrides", nargs="*", help="train-config overrides key=value")
     return p
 
@@ -435,6 +515,9 @@ def main(argv: Optional[list] = None) -> int:
             trainer = None
             try:
                 trainer = Trainer(cfg)
+                for row in step_times(trainer, args.step_times):
+                    print(f"[steps] {label} " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in row.items()), flush=True)
                 results[label] = prof = profile_trainer(trainer, args.warmup, args.steps)
                 rows.append({"point": label, "seq_len": S, "attention": attention, **prof.as_row()})
                 print(f"[profile] {label}: {prof.step_ms:.1f} ms/step", flush=True)

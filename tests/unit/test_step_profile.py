@@ -57,9 +57,9 @@ def test_hooks_are_removed():
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before
 
 
-def test_the_command_profiles_real_trainer_steps(tmp_path, monkeypatch):
+def test_the_command_profiles_real_trainer_steps(tmp_path, monkeypatch, capsys):
     """``python -m nsa_dist.training.step_profile``: a Trainer per point (DeepSpeed on the CPU),
-    one CSV row with every part."""
+    one CSV row with every part; ``--step-times`` prints each timed step first."""
     import csv
     import os
 
@@ -72,8 +72,11 @@ def test_the_command_profiles_real_trainer_steps(tmp_path, monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = tmp_path / "profile.csv"
     assert main(["--config", os.path.join(root, "configs/train/bench_1b.yaml"), "--seq-len", "64",
-                 "--attention", "nsa", "--warmup", "0", "--steps", "1", "--out", str(out),
+                 "--attention", "nsa", "--warmup", "0", "--steps", "1", "--out", str(out), "--step-times", "2",
                  f"model={model}", "precision=fp32", f"output_dir={tmp_path / 'run'}"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[steps] nsa 64 ")]
+    assert [ln.split()[3] for ln in lines] == ["step=0", "step=1"]
+    assert all(float(ln.split("wall_ms=")[1].split()[0]) > 0 for ln in lines)
     (row,) = list(csv.DictReader(out.open()))
     assert row["point"] == "nsa 64" and float(row["step_ms"]) > 0
     assert float(row["attention projections"]) > 0 and float(row["MLP"]) > 0 and float(row["optimizer"]) > 0
@@ -127,3 +130,20 @@ def test_memory_peak_lists_what_is_live_at_the_highest_point():
     peak, ranked = peak_allocations(trace)
     assert peak == 450
     assert ranked == [("kernels/nsa.py:20 f", 350, 2), ("nsa_dist/modules/attention.py:10 f", 100, 1)]
+
+
+def test_kernels_without_an_op_are_charged_by_name_not_counted_idle():
+    """A device span that no op's kernels account for (a Triton launch outside any op) is
+    charged by its kernel's name; only the rest of the step is GPU idle."""
+    from types import SimpleNamespace as NS
+
+    gemm = NS(name="gemm_kernel", duration=100.0)
+    op = NS(id=1, name="aten::mm", cpu_parent=NS(name=PREFIX + "mlp", cpu_parent=None), kernels=[gemm],
+            sequence_nr=-1, thread=0, fwd_thread=0)
+    spans = [(0, 100, "gemm_kernel", 1), (200, 260, "_select_topn", 0), (300, 340, "_select_topn", 0)]
+    p = attribute([op], {"_select_topn"}, steps=1, step_ms=1.0, spans=spans)
+    assert p.rows["MLP"] == 0.1 and abs(p.rows["attention kernels"] - 0.1) < 1e-9
+    assert abs(p.rows["GPU idle"] - 0.8) < 1e-9 and p.launches == 3
+    assert p.top[("attention kernels", "_select_topn <- (no op)")] == (2, 0.1)
+    # without spans (a CPU run) nothing is added
+    assert "attention kernels" not in attribute([op], {"_select_topn"}, steps=1, step_ms=1.0).rows
