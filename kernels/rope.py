@@ -160,7 +160,7 @@ def _move_groups(y: torch.Tensor, parts: list, widths: tuple, kinds: tuple, cos,
     items = [[c0 + c, c, w, KINDS.index(k), p.data_ptr()]
              for c0, w, k, p in zip(starts, widths, kinds, parts) for c in range(0, w, head_dim)]
     table = to_device(torch.tensor(items, dtype=torch.int64), y.device)
-    align = math.gcd(16, *widths)  # a power of two: every column and width is a multiple of it
+    align = math.gcd(16, head_dim, *widths)  # a power of two dividing every column and width
     a, b = silu_tensors or (y, y)
     bias, pre, dpre = (y, a, b) if backward else (a, b, y)
     ptr_aligned = all(t.data_ptr() % 16 == 0 for t in (*parts, y, *silu_tensors))
