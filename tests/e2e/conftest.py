@@ -45,6 +45,20 @@ def tiny_data(tmp_path_factory) -> dict:
             "model": str(model_yaml)}
 
 
+@pytest.fixture(scope="session")
+def one_and_tp2_runs(tiny_data, tmp_path_factory) -> tuple:
+    """(one-rank config, TP=2 config): the same 6 ZeRO-1 steps on one rank (no launcher) and
+    on two tensor-parallel ranks through launch/deepspeed.sh, both finished. Shared read-only
+    by the TP and consolidate tests: copy a run before damaging it."""
+    root = tmp_path_factory.mktemp("one_and_tp2")
+    zero1 = str(ROOT / "configs/deepspeed/zero1.json")
+    one = train_yaml(tiny_data, root / "one", deepspeed=zero1)
+    check(run_pretrain(one))
+    tp = train_yaml(tiny_data, root / "tp", deepspeed=zero1, parallel={"tp": 2})
+    check(run_launcher("deepspeed.sh", tp, launcher_args=("--nproc", "2", "--master-port", str(free_port()))))
+    return one, tp
+
+
 def train_yaml(tiny_data: dict, out_dir: Path, **overrides) -> Path:
     """Write a train YAML for the tiny model into ``out_dir`` and return its path."""
     cfg = {"model": tiny_data["model"], "deepspeed": str(ROOT / "configs/deepspeed/zero2.json"),

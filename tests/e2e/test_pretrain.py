@@ -128,7 +128,8 @@ def test_zero0_with_grad_accumulation(tiny_data, tmp_path):
     assert len(norms) == 3 and all(n > 0 for n in norms)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 over 2 ranks also trains by default in test_reshard.py (z3_run, torchrun)
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_two_ranks_deepspeed_launcher(tiny_data, tmp_path, stage):
     cfg = train_yaml(tiny_data, tmp_path, train_steps=12, eval_every=6, save_every=6, log_every=3,
                      image_every=6, deepspeed=str(Path(__file__).parents[2] / f"configs/deepspeed/zero{stage}.json"))
@@ -159,14 +160,9 @@ def test_torchrun_launcher_resumes_zero3(tiny_data, tmp_path):
     assert [s for s, _ in summary(cfg)["loss_curve"]] == [5, 6]
 
 
-def test_tensor_parallel_run_follows_single_rank(tiny_data, tmp_path):
+def test_tensor_parallel_run_follows_single_rank(one_and_tp2_runs):
     """parallel.tp=2 through the launcher (2 ranks, DP=1) trains the same model as one rank."""
-    one = train_yaml(tiny_data, tmp_path / "one", deepspeed=str(Path(__file__).parents[2] / "configs/deepspeed/zero1.json"))
-    check(run_pretrain(one))
-    tp = train_yaml(tiny_data, tmp_path / "tp", parallel={"tp": 2},
-                    deepspeed=str(Path(__file__).parents[2] / "configs/deepspeed/zero1.json"))
-    proc = run_launcher("deepspeed.sh", tp, launcher_args=("--nproc", "2", "--master-port", str(free_port())))
-    check(proc)
+    one, tp = one_and_tp2_runs
     a, b = summary(one), summary(tp)
     assert b["ranks"] == 2 and [s for s, _ in a["loss_curve"]] == [s for s, _ in b["loss_curve"]]
     for (_, la), (_, lb) in zip(a["loss_curve"], b["loss_curve"]):

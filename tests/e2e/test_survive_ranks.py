@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -149,6 +150,12 @@ def test_a_frozen_rank_is_named_within_two_minutes(tiny_data, tmp_path):
         frozen = time.monotonic()
         launch.wait_for(r"stopped answering", 120)
         named = time.monotonic() - frozen
+        # torchrun now stops the job: SIGTERM to the frozen rank, then SIGKILL after its own
+        # fixed 30 s on this path (not --grace). Once that teardown has begun, the kill is
+        # done here: the job ends as torchrun would end it, without the 30 s wait.
+        launch.wait_for(r"Sending process \d+ closing signal SIGTERM", 60)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
         launch.wait(60)
     finally:
         launch.kill()

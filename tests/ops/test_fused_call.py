@@ -39,7 +39,10 @@ def _grads(o, x, do):
     return dict(zip(NAMES, torch.autograd.grad(o, args(x), do)))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# batch 2 with `-m slow`: the one call at B = 2 also runs by default in test_kernels_interp.py
+# (test_forward_selection_and_grads_match_reference[block-G2-batch2], the kernels selecting)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "G2-batch2" else c
+                                  for c in sorted(CASES)])
 def test_one_call_equals_select_then_attend_and_the_reference(case):
     _, device = kernels_or_skip()
     cfg, cu, x = _inputs(case, device=device)
@@ -90,7 +93,8 @@ def _odd_blocks_only(imp):
     return torch.where(keep, imp, torch.zeros_like(imp))
 
 
-@pytest.mark.parametrize("cu", [None, [0, 50, 128]], ids=["one-sequence", "packed"])
+@pytest.mark.parametrize("cu", [pytest.param(None, marks=pytest.mark.slow), [0, 50, 128]],
+                         ids=["one-sequence", "packed"])
 def test_reduce_importance_falls_back_to_select_then_attend(cu):
     """reduce_importance (parallel layouts) cannot enter the fused kernels: the call selects
     with it (the reference importance), then attends; indices and output as the reference's.

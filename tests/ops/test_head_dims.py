@@ -13,7 +13,8 @@ from _interp import kernels_or_skip, max_rel
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 
 
-@pytest.mark.parametrize("dk,dv", [(192, 128), (256, 256)])
+# Dk = 192 / Dv = 128 with `-m slow`: by default it runs in pieces below (192-two, 192-query-general)
+@pytest.mark.parametrize("dk,dv", [pytest.param(192, 128, marks=pytest.mark.slow), (256, 256)])
 def test_fp32_large_head_dims_match_the_reference(dk, dv):
     _, device = kernels_or_skip()
     from nsa_dist.kernels.launch import DEFAULT
@@ -127,7 +128,9 @@ PIECES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(PIECES))
+# fp16 at 96 with `-m slow`: fp16 pieces by default at 48 (48-fp16-query)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "96-fp16" else c
+                                  for c in sorted(PIECES)])
 def test_head_dims_in_pieces_match_the_reference(case):
     """Dk in column pieces (kernels/headdim.py) in every kernel, or padded: selection, forward
     and all gradients against the reference, fp32 to 1e-5 and fp16 against the fp32 reference

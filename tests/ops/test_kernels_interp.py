@@ -36,7 +36,16 @@ def _run(case, dtype=torch.float32):
     return kernels, cfg, cu_t, x
 
 
-@pytest.fixture(params=["block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq"])
+SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq")
+# (algorithm, case) run by default: every case block-major (the default), every other
+# algorithm on two or more cases; the rest of the product with `-m slow`
+SEL_DEFAULT = {("block", c) for c in CASES} | {
+    ("block-chunked", "G2-packed"), ("block-chunked", "G1"), ("query", "G1"), ("query", "G3-Dv32"),
+    ("query-fwd-block-dq", "G1"), ("query-fwd-block-dq", "G4-fla-cfg-w0"),
+    ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0")}
+
+
+@pytest.fixture
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
     positions, position-major, or one of each."""
@@ -63,7 +72,9 @@ def sel_algo(request, monkeypatch):
         assert chunks and max(chunks) > 1, chunks
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("sel_algo,case", [
+    pytest.param(a, c, marks=() if (a, c) in SEL_DEFAULT else pytest.mark.slow) for a in SEL_ALGOS
+    for c in sorted(CASES)], indirect=["sel_algo"])
 def test_forward_selection_and_grads_match_reference(case, sel_algo):
     _, cfg, cu, x = _run(case)
     idx_ref = select_blocks(x["q"].detach(), x["k_cmp"].detach(), cfg, cu_seqlens=cu, backend="reference")
@@ -82,7 +93,7 @@ def test_forward_selection_and_grads_match_reference(case, sel_algo):
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 
 
-@pytest.mark.parametrize("case", ["G1", "G2-batch2", "G2-packed"])
+@pytest.mark.parametrize("case", ["G1", pytest.param("G2-batch2", marks=pytest.mark.slow), "G2-packed"])
 def test_chunked_compressed_and_first_block_dkdv_match_reference(case, monkeypatch):
     """The dK/dV of keys every later query sees, split over query chunks (fp32 atomic sums),
     as at long context: the compressed branch's in chunks of 16 positions, selection block
@@ -120,7 +131,7 @@ def test_fp16_forward_and_grads_close_to_fp32_reference():
         assert max_rel(a, b) < 1e-2, f"d{name}: {max_rel(a, b):.2e}"
 
 
-@pytest.mark.parametrize("mag", [1e-25, 1.0, 1e25])
+@pytest.mark.parametrize("mag", [1e-25, pytest.param(1.0, marks=pytest.mark.slow), 1e25])
 def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatch):
     """The block-major dq's per-slot results as fp16 with a power-of-two scale per (row, slot):
     fp16 precision whatever the gradient's magnitude (plain fp16 would flush 1e-25 to zero and
@@ -154,7 +165,9 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatc
     # n well above the 3 forced blocks so that the importance decides
     (16, 32, 1, True, 1, 4, 2, 4, 6, True),
     (64, 64, 1, False, 3, 3, 1, 4, 7, True),
-    (16, 32, 1, True, 32, 4, 2, 4, 6, False),  # G = 32: the general chunks (< 16 positions a program)
+    # G = 32: the general chunks (< 16 positions a program); by default at G = 16 (4 positions a
+    # program) in test_head_dims.py's test_fp32_selection_at_dk_256_and_a_group_of_16_...
+    pytest.param(16, 32, 1, True, 32, 4, 2, 4, 6, False, marks=pytest.mark.slow),
     (16, 64, 1, True, 2, 4, 4, 4, 20, True),  # l = l' = d: one token a block (the identity product)
     (16, 64, 1, True, 16, 4, 4, 4, 6, True),
     (32, 64, 1, True, 4, 4, 1, 4, 7, True),

@@ -70,8 +70,8 @@ KCASES = {
 
 
 @pytest.mark.parametrize("case,algo", [
-    ("G4-packed", "block"), ("G4-packed", "query"), ("G1-batch2-short", "block-chunked"),
-    ("G2-packed-inside", "query"),
+    ("G4-packed", "block"), ("G1-batch2-short", "block-chunked"), ("G2-packed-inside", "query"),
+    pytest.param("G4-packed", "query", marks=pytest.mark.slow),
     pytest.param("G1-batch2-short", "query", marks=pytest.mark.slow),
     pytest.param("G2-packed-inside", "block", marks=pytest.mark.slow),
 ])
