@@ -7,6 +7,7 @@ tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -22,8 +23,13 @@ from .nsa import NSAFunction, make_geometry, pack, packed_select
 __all__ = ["nsa_attention", "select_blocks"]
 
 # A profiler range around the selection's kernels: launched from plain Python, outside any
-# op, they would otherwise have no op in a torch.profiler trace to be charged to.
+# op, they would otherwise have no op in a torch.profiler trace to be charged to. Opened only
+# while a profiler runs (a range is two more dispatched ops per call).
 SELECT_RANGE = "nsa_dist::select_blocks"
+
+
+def _select_range():
+    return record_function(SELECT_RANGE) if torch.autograd._profiler_enabled() else nullcontext()
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -44,7 +50,7 @@ def select_blocks(q: torch.Tensor, k_cmp: torch.Tensor, cfg, scale: Optional[flo
     float64 reference.
     """
     B, S = q.shape[:2]
-    with torch.no_grad(), record_function(SELECT_RANGE):
+    with torch.no_grad(), _select_range():
         geo = make_geometry(q, k_cmp, k_cmp, cfg, cu_seqlens, q_start, seq_len)
         idx = packed_select(pack(q), pack(k_cmp), geo, cfg, _scale(q, scale))
     return idx.view(B, S, geo.H, cfg.num_selected)
@@ -79,7 +85,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
         raise ValueError("forward_memo holds a forward's results: pass that forward's selection as "
                          "block_indices (the recomputation must attend with the same blocks)")
     if block_indices is None:
-        with torch.no_grad(), record_function(SELECT_RANGE):  # the compressed forward also feeds it
+        with torch.no_grad(), _select_range():  # the compressed forward also feeds it
             idx, pre = packed_select(qp.detach(), kc.detach(), geo, cfg, sc, v_cmp=vc.detach())
         geo.idx_sorted = True  # the kernel's rows: distinct blocks, ascending, -1 last
         block_indices = idx.view(B, S, geo.H, -1)

@@ -456,7 +456,7 @@ def step_times(trainer, steps: int) -> list[dict]:
         t2 = time.perf_counter()
         engine.step()
         t3 = time.perf_counter()
-        float(res.loss)
+        float(res.loss.detach())
         t4 = time.perf_counter()
         after = stats()
         row = {"step": i, "wall_ms": (t4 - t0) * 1e3, "issue_forward_ms": (t1 - t0) * 1e3,

@@ -254,3 +254,24 @@ def test_bench_decode_writes_the_csv_after_every_row(monkeypatch, tmp_path):
     # per point: nsa_pytorch, dense_sdpa, then the point's rewrite with its speedups
     assert sizes == [1, 2, 2, 3, 4, 4]
     assert out.read_text().count("\n") == 5
+
+
+@pytest.mark.slow
+def test_kernel_accesses_builds_every_launch_of_a_layer_for_hopper():
+    """tools/kernel_accesses.py: every Triton launch of one layer forward + backward, built for
+    sm_90 as a launch specialises it; the split kernel's stores are all vector stores."""
+    import subprocess
+
+    pytest.importorskip("triton")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.abspath(root)
+    run = subprocess.run([sys.executable, os.path.join(root, "tools", "kernel_accesses.py")], capture_output=True,
+                         text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines()[1:]}
+    for name in ("_split_cols", "_range_fwd", "_select_topn", "_sel_fwd_split", "_range_bwd_dkdv", "_sel_bwd_dkdv"):
+        assert name in rows, (name, run.stdout)
+    assert "failed" not in run.stdout
+    loads, vloads, stores, vstores, _ = (int(v) for v in rows["_split_cols"])
+    assert stores > 0 and vstores == stores and vloads > 0

@@ -1,0 +1,137 @@
+"""Global memory accesses of every Triton kernel one NSA layer launches, as built for a GPU, on
+any machine (a CPU is enough): does each kernel move its wide tensors with vector accesses?
+
+    python tools/kernel_accesses.py [--heads 8:2] [--dims 128:128] [--seq 256] [--arch 90]
+
+One forward + backward of an ``NSAAttention`` layer on its CUDA code path (every Triton kernel
+it launches) runs through Triton's interpreter in a child process, which records every
+distinct launch: argument types, and which arguments a real launch would specialise as
+divisible by 16 (16-byte aligned tensors, integers that are multiples of 16). Each launch is
+then compiled here for ``--arch`` and its PTX counted: global loads and stores, and how many of
+them are 2- or 4-wide vector accesses, plus cp.async copies. A kernel whose wide tensors move
+with scalar accesses only (the split kernel once: docs/kernel_notes.md) stands out. Counts are
+of instructions in the code, not of traffic; which is faster is the GPU's to say.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int64": "i64", "int32": "i32",
+           "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+def capture(hq: int, h: int, dk: int, dv: int, seq: int) -> list:
+    """[module, kernel, {arg: [type, divisible by 16]}, constexprs] of every distinct launch of
+    one layer forward + backward (run under TRITON_INTERPRET=1, fp16)."""
+    import torch
+    import triton.runtime.interpreter as interp
+
+    from nsa_dist.config import NSAConfig
+    from nsa_dist.modules import compression, rope
+    from nsa_dist.modules.attention import NSAAttention
+
+    seen = {}
+    real = interp.InterpretedFunction.__getitem__
+
+    def spy(self, grid):
+        run = real(self, grid)
+
+        def record(*args, **kw):
+            code = self.fn.__code__
+            args_of = {}
+            for name, a in zip(code.co_varnames[:code.co_argcount], args):
+                if isinstance(a, torch.Tensor):
+                    args_of[name] = ["*" + _DTYPES[str(a.dtype).split(".")[-1]], a.data_ptr() % 16 == 0]
+                elif isinstance(a, bool):
+                    args_of[name] = ["i1", False]
+                elif isinstance(a, int):
+                    args_of[name] = ["i64" if abs(a) >= 2 ** 31 else "i32", a != 0 and a % 16 == 0]
+                elif isinstance(a, float):
+                    args_of[name] = ["fp32", False]
+            key = (self.fn.__module__, self.fn.__name__, json.dumps(kw, sort_keys=True, default=str))
+            seen.setdefault(key, [self.fn.__module__, self.fn.__name__, args_of, kw])
+            return run(*args, **kw)
+        return record
+
+    interp.InterpretedFunction.__getitem__ = spy
+    rope._kernels_for = lambda x: rope._rope_kernels()  # the CUDA path's kernels on CPU tensors
+    compression._phi_kernels_for = lambda k: compression._phi_kernels()
+    torch.manual_seed(0)
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, num_selected=4, window=64)
+    layer = NSAAttention(256, hq, h, dk, v_head_dim=dv, config=cfg, backend="triton").to(torch.float16)
+    x = torch.randn(1, seq, 256, dtype=torch.float16, requires_grad=True)
+    y = layer(x)
+    (y[0] if isinstance(y, tuple) else y).float().sum().backward()
+    return list(seen.values())
+
+
+def accesses(rec: list, arch: int) -> dict:
+    """Global loads / stores (and their vector share) and cp.async copies of one launch's PTX."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, args_of, kw = rec
+    fn = getattr(importlib.import_module(module), name)
+    kw = dict(kw)
+    options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
+    sig = {n: "constexpr" if n in kw else args_of[n][0] for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in kw and args_of[n][1]}
+    const = {(fn.arg_names.index(n),): v for n, v in kw.items()}
+    ptx = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                         options=options).asm["ptx"]
+    count = lambda pattern: len(re.findall(pattern, ptx))  # noqa: E731
+    return dict(loads=count(r"ld\.global"), vector_loads=count(r"ld\.global[.\w]*\.v[24]"),
+                stores=count(r"st\.global"), vector_stores=count(r"st\.global[.\w]*\.v[24]"),
+                cp_async=count(r"cp\.async\.c"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", default="8:2", help="query:KV heads of the layer")
+    ap.add_argument("--dims", default="128:128", help="Dk:Dv")
+    ap.add_argument("--seq", type=int, default=256, help="positions (a multiple of 16, as real lengths are)")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, 90 = Hopper")
+    ap.add_argument("--capture", default="", help=argparse.SUPPRESS)  # child: write the launches here
+    a = ap.parse_args(argv)
+    hq, h = (int(t) for t in a.heads.split(":"))
+    dk, dv = (int(t) for t in a.dims.split(":"))
+    if a.capture:
+        with open(a.capture, "w") as fh:
+            json.dump(capture(hq, h, dk, dv, a.seq), fh)
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run kernel_accesses.py without TRITON_INTERPRET=1: it compiles for a GPU itself")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+        run = subprocess.run([sys.executable, os.path.abspath(__file__), "--heads", a.heads, "--dims", a.dims,
+                              "--seq", str(a.seq), "--capture", out], env=env, capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"the capture failed:\n{run.stderr[-2000:]}")
+        with open(out) as fh:
+            recs = json.load(fh)
+    print(f"{'kernel':22s} {'loads':>6s} {'vector':>7s} {'stores':>7s} {'vector':>7s} {'cp.async':>9s}")
+    for rec in recs:
+        try:
+            n = accesses(rec, a.arch)
+            print(f"{rec[1]:22s} {n['loads']:6d} {n['vector_loads']:7d} {n['stores']:7d} {n['vector_stores']:7d} "
+                  f"{n['cp_async']:9d}")
+        except Exception as err:  # noqa: BLE001 - one kernel's failure is a row, not the end
+            print(f"{rec[1]:22s} failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
