@@ -18,12 +18,11 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int64": "i64", "int32": "i32",
            "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
@@ -113,15 +112,9 @@ def main(argv=None) -> int:
         return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run kernel_accesses.py without TRITON_INTERPRET=1: it compiles for a GPU itself")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "launches.json")
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-        run = subprocess.run([sys.executable, os.path.abspath(__file__), "--heads", a.heads, "--dims", a.dims,
-                              "--seq", str(a.seq), "--capture", out], env=env, capture_output=True, text=True)
-        if run.returncode:
-            raise SystemExit(f"the capture failed:\n{run.stderr[-2000:]}")
-        with open(out) as fh:
-            recs = json.load(fh)
+    from kernel_spills import captured
+
+    recs = captured(__file__, ["--heads", a.heads, "--dims", a.dims, "--seq", str(a.seq)])
     print(f"{'kernel':22s} {'loads':>6s} {'vector':>7s} {'stores':>7s} {'vector':>7s} {'cp.async':>9s}")
     for rec in recs:
         try:

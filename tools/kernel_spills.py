@@ -102,6 +102,20 @@ def capture(group: int, dk: int, dv: int, dtype: str, settings: str) -> list[dic
     return list(seen.values())
 
 
+def captured(script: str, args: list) -> list:
+    """The launches ``script --capture FILE *args`` records in a child process under
+    TRITON_INTERPRET=1 (kernels imported under the interpreter cannot be compiled here)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        child = subprocess.run([sys.executable, os.path.abspath(script), "--capture", path, *args], env=env,
+                               capture_output=True, text=True)
+        if child.returncode:  # the interpreter's run failed: show why
+            raise SystemExit(f"capture under TRITON_INTERPRET=1 failed:\n{child.stderr[-3000:]}")
+        with open(path) as fh:
+            return json.load(fh)
+
+
 def compile_usage(rec: dict, arch: int) -> dict:
     """Registers, spill bytes (stores, loads) and shared memory of one recorded launch."""
     import importlib
@@ -177,16 +191,7 @@ def main(argv=None):
     print(f"G={a.group} Dk={dk} Dv={dv} {a.dtype}, sm_{a.arch}a, Triton {triton.__version__}; spill bytes are "
           f"static (code), not traffic")
     for s in settings:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "launches.json")
-            env = dict(os.environ, TRITON_INTERPRET="1")
-            child = subprocess.run([sys.executable, os.path.abspath(__file__), "--capture", path, "--group",
-                                    str(a.group), "--dims", a.dims, "--dtype", a.dtype, "--settings", s], env=env,
-                                    capture_output=True, text=True)
-            if child.returncode:  # the interpreter's run failed: show why
-                raise SystemExit(f"capture under TRITON_INTERPRET=1 failed:\n{child.stderr[-3000:]}")
-            with open(path) as fh:
-                recs = json.load(fh)
+        recs = captured(__file__, ["--group", str(a.group), "--dims", a.dims, "--dtype", a.dtype, "--settings", s])
         print(f"\nsettings: {s or 'defaults'}")
         for rec in recs:
             try:
