@@ -163,7 +163,8 @@ def _move_groups(y: torch.Tensor, parts: list, widths: tuple, kinds: tuple, cos,
     align = math.gcd(16, head_dim, *widths)  # a power of two dividing every column and width
     a, b = silu_tensors or (y, y)
     bias, pre, dpre = (y, a, b) if backward else (a, b, y)
-    ptr_aligned = all(t.data_ptr() % 16 == 0 for t in (*parts, y, *silu_tensors))
+    # the table's addresses only: y, bias and pre are arguments, which the launcher specialises itself
+    ptr_aligned = all(p.data_ptr() % 16 == 0 for p in parts)
     grid = (triton.cdiv(B * S, SPLIT_ROWS), len(items))
     _split_cols[grid](y, table, cos, sin, bias, pre, dpre, B * S, S, y.stride(1), S if cos.shape[0] > 1 else 0,
                       SIGN=-1.0 if backward else 1.0, BACKWARD=backward, HALF=head_dim // 2, BLOCK_R=SPLIT_ROWS,

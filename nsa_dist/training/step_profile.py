@@ -193,7 +193,7 @@ def _unlinked(events, spans) -> dict:
     out = {}
     for name, (n, us) in seen.items():
         n_l, us_l = linked.get(name, (0, 0.0))
-        if n > n_l:  # the extra launches, at their mean duration
+        if n > n_l:  # launches no op accounts for, and the time beyond the linked ones'
             out[name] = (n - n_l, max(0.0, us - us_l))
     return out
 
@@ -431,7 +431,8 @@ def step_times(trainer, steps: int) -> list[dict]:
     sync to sync), the host's time to issue its forward, backward and optimizer step (the
     optimizer's includes DeepSpeed's wait for the gradients), and on CUDA the allocator's
     device allocations, frees and retries during the step (growth after the first steps
-    would show here)."""
+    would show here). Each is one micro-batch: with ``grad_accum_steps`` > 1 DeepSpeed applies
+    the optimizer on every ``grad_accum_steps``-th."""
     import time
 
     from ..data import build_dataloader
@@ -441,7 +442,7 @@ def step_times(trainer, steps: int) -> list[dict]:
     engine = loop.engine
     loader = iter(build_dataloader(trainer.data.train, loop.cfg.micro_batch_size, env.dp_rank, env.dp_world))
     cuda = env.device.type == "cuda"
-    stats = (lambda: torch.cuda.memory_stats()) if cuda else (lambda: {})
+    stats = torch.cuda.memory_stats if cuda else dict
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     engine.train()
     out = []
