@@ -60,6 +60,11 @@ class LaunchConfig:
     sel_combine_rows: int = 32  # rows per program of the per-slot merges (forward and dq)
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
     split_bytes: int = 1 << 30  # bound of the block-major per-slot buffers: positions are chunked
+    # --- streams (CUDA): the selected branch's kernels (memory- and latency-bound at small G)
+    # on a second stream beside the compressed / window kernels (compute-bound), forward and
+    # backward; side_priority: that stream's CUDA priority (0 normal, -1 high)
+    overlap_branches: bool = False
+    side_priority: int = 0
     gate_rows: int = 32  # rows per program of the gate combination (gates.py)
     # the inverted selection's ~90 small torch ops through torch.compile (None: on CUDA); each
     # call's launches cost host time that short contexts cannot hide
@@ -183,6 +188,9 @@ class LaunchConfig:
                         or v[0] not in (1, 2, 4, 8, 16, 32) or v[1] < 1):
                     raise ValueError(f"LaunchConfig.{name} must be (num_warps, num_stages): warps a power of two "
                                      f"1-32, stages >= 1, got {v!r}")
+            elif name == "side_priority":
+                if not _is_int(v) or v not in (0, -1):
+                    raise ValueError(f"LaunchConfig.side_priority must be 0 (normal) or -1 (high), got {v!r}")
             elif isinstance(default, bool) or name in ("select_merge", "compile_tables"):
                 if not isinstance(v, bool) and not (v is None and default is None):
                     raise ValueError(f"LaunchConfig.{name} must be True or False, got {v!r}")

@@ -22,6 +22,7 @@ from . import tiles as tl_tiles
 from .gates import combine, combine_backward
 from .headdim import split_dim
 from .launch import LaunchConfig, current_launch
+from .streams import Overlap
 from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
                             _sel_fwd, _sel_fwd_split)
@@ -55,6 +56,7 @@ class Geometry:
     sel_block: int = 64  # l': keys per tile of the selected kernels
     prec: str = "ieee"  # tl.dot input precision (``dot_precision``)
     fits: dict = field(default_factory=dict, repr=False)  # Tiles per kernel of this call
+    forked: bool = False  # a second stream is running this call's kernels (``Overlap``)
 
     def tiles(self, kernel: str, dkdv_only: bool = False) -> Tiles:
         """``kernel``'s tiles: the launch config's, shrunk where their shared-memory estimate
@@ -87,24 +89,30 @@ class Geometry:
         warps = L.acc_warps(kernel, fm, fn, self.bdk(), self.bdv())  # more warps for large accumulators
         return Tiles(bt, fm, fn, {"num_warps": warps, "num_stages": stages})
 
+    def _table(self, key: tuple, build):
+        """A tile table of this packing, built on first use (host-built, copied to the device
+        without blocking on the current stream). While two streams run (``forked``) a table
+        first made on one could be read by the other before its copy lands: the host then
+        waits for the copy. The fork points build what they need beforehand (``Overlap``)."""
+        table = self.cache.get(key)
+        if table is None:
+            table = self.cache[key] = build()
+            if self.forked and table.is_cuda:
+                torch.cuda.current_stream(table.device).synchronize()
+        return table
+
     def qtiles(self, size: int) -> torch.Tensor:
-        if ("q", size) not in self.cache:
-            self.cache[("q", size)] = self.layout.query_tiles(size)
-        return self.cache[("q", size)]
+        return self._table(("q", size), lambda: self.layout.query_tiles(size))
 
     def ktiles(self, size: int) -> torch.Tensor:
         """Tiles of ``size`` keys (``qtiles`` itself unless the queries are a chunk of the keys)."""
         if self.layout.queries is None:
             return self.qtiles(size)
-        if ("k", size) not in self.cache:
-            self.cache[("k", size)] = self.layout.key_tiles(size)
-        return self.cache[("k", size)]
+        return self._table(("k", size), lambda: self.layout.key_tiles(size))
 
     def first_tiles(self, size: int, sel_block: int) -> torch.Tensor:
         """Tiles of ``size`` positions over each document's selection block 0 (of ``sel_block``)."""
-        if ("b0", size, sel_block) not in self.cache:
-            self.cache[("b0", size, sel_block)] = self.layout.first_block_tiles(size, sel_block)
-        return self.cache[("b0", size, sel_block)]
+        return self._table(("b0", size, sel_block), lambda: self.layout.first_block_tiles(size, sel_block))
 
     def dkdv_keys(self) -> int:
         """Keys per program of the range dK/dV kernel."""
@@ -132,9 +140,7 @@ class Geometry:
         return qchunk, -(-int(lens.max()) // qchunk)
 
     def ctiles(self, size: int) -> torch.Tensor:
-        if ("c", size) not in self.cache:
-            self.cache[("c", size)] = self.layout.cmp_key_tiles(size)
-        return self.cache[("c", size)]
+        return self._table(("c", size), lambda: self.layout.cmp_key_tiles(size))
 
     @property
     def G(self) -> int:
@@ -393,12 +399,12 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
                                                      SCALED=scaled, **geo.launch.warps("sel_dq_combine"))
 
 
-def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2, scale, work=None):
-    """(dq, dk, dv): dq = dq32 (the other branches) + the selected branch's, in q's dtype."""
+def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, work=None, out=None):
+    """The selected branch's (dk, dv, work list): dK/dV in k's / v's dtype (into ``out`` = (dk,
+    dv) when given), and the block-major work list (the forward's, else built here; the dq
+    walks it too)."""
     n = idx.shape[-1]
-    dq = torch.empty_like(q)
-    forced = geo.forced_split()
-    if forced:  # the forced blocks' part first: it initialises the buffers
+    if geo.forced_split():  # the forced blocks' part first: it initialises the buffers
         dk32 = torch.empty(k.shape, dtype=torch.float32, device=k.device)
         dv32 = torch.empty(v.shape, dtype=torch.float32, device=v.device)
         _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
@@ -409,23 +415,57 @@ def _sel_backward(q, k, v, do, lse, delta, dq32, idx, geo: Geometry, cfg, scale2
     dkdv_only = work is None and not block_dq  # the list is the selected dK/dV's alone
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
         work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None, dkdv_only)
-    if block_dq:
-        _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo, cfg, scale2, scale)
-    else:
-        t = geo.tiles("sel_dq")
-        qt, union, cnt = _sel_prep(idx, geo, t.bt)
-        if qt.shape[0]:
-            _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt,
-                                              scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
-                                              LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                                              NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced, PREC=geo.prec,
-                                              **geo.dk_pieces(), **t.launch)
     # the forward's work list when it made one (its chunks only split segments further)
     if work.items.shape[0]:
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
                                               **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    if out is None:
+        return dk32.to(k.dtype), dv32.to(v.dtype), work
+    out[0].copy_(dk32), out[1].copy_(dv32)
+    return out[0], out[1], work
+
+
+def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, dq32, work, out=None):
+    """dq = dq32 (the other branches, fp32) + the selected branch's, in q's dtype (into ``out``)."""
+    n = idx.shape[-1]
+    dq = torch.empty_like(q) if out is None else out
+    if geo.sel_dq_block_major():
+        _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo, cfg, scale2, scale)
+        return dq
+    t = geo.tiles("sel_dq")
+    qt, union, cnt = _sel_prep(idx, geo, t.bt)
+    if qt.shape[0]:
+        _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt,
+                                          scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
+                                          LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                                          NPAD=_pow2(n), BDV=geo.bdv(), FORCED=geo.forced_split(), PREC=geo.prec,
+                                          **geo.dk_pieces(), **t.launch)
+    return dq
+
+
+def _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta, geo: Geometry, cfg, scale2,
+                         scale):
+    """(dk_cmp, dv_cmp, dk_win, dv_win) of the compressed and window branches."""
+    dkc, dvc = _range_dkdv(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], geo, cfg, scale2, scale)
+    if cfg.window > 0:
+        dkw, dvw = _range_dkdv(1, q, k_win, v_win, dos[2], lse_w, delta[2], geo, cfg, scale2, scale)
+    else:
+        dkw, dvw = torch.zeros_like(k_win), torch.zeros_like(v_win)
+    return dkc, dvc, dkw, dvw
+
+
+def _backward_tables(geo: Geometry, cfg) -> None:
+    """Build every tile table the backward's kernels read before its streams fork (each
+    stream then only reads them; ``Geometry._table``)."""
+    geo.qtiles(geo.tiles("range_dq").bt)
+    kb = geo.dkdv_keys()
+    geo.ctiles(kb)
+    geo.ktiles(kb)
+    if geo.forced_split():
+        geo.first_tiles(kb, cfg.sel_block)
+    if not geo.sel_dq_block_major():
+        geo.qtiles(geo.tiles("sel_dq").bt)
 
 
 class NSAFunction(torch.autograd.Function):
@@ -445,8 +485,21 @@ class NSAFunction(torch.autograd.Function):
         else:
             # pre: (o_cmp, lse_cmp) already computed for the selection, or None
             o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
-            o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
-            o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+            o_w = lse_w = None
+            ov = Overlap(geo, q.device, enabled=cfg.window > 0)
+            if cfg.window > 0:
+                # the window (compute-bound) on the side stream beside the selected branch's
+                # work list, split and merge; its outputs are made on the main stream first
+                o_w = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+                lse_w = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
+                geo.qtiles(geo.tiles("range_fwd").bt)  # its tile table, before the fork
+                ov.fork()
+                with ov.on_side():
+                    _range_forward(1, q, k_win, v_win, geo, cfg, scale2, out=(o_w, lse_w))
+            try:
+                o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+            finally:
+                ov.join()
             if memo is not None:
                 memo["branches"] = (o_c, lse_c, o_s, lse_s, o_w, lse_w, work)
         o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)
@@ -462,17 +515,34 @@ class NSAFunction(torch.autograd.Function):
         geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
         scale2 = scale * LOG2E
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates, geo.launch.gate_rows)
-        # dq: the compressed and window branches store it (fp32), the selected branch adds its
-        # part and writes q's dtype, so dq needs no zeroing and no conversion pass
-        dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo, cfg,
-                         scale2, scale)
-        dkc, dvc = _range_dkdv(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], geo, cfg, scale2, scale)
-        if cfg.window > 0:
-            dkw, dvw = _range_dkdv(1, q, k_win, v_win, dos[2], lse_w, delta[2], geo, cfg, scale2, scale)
+        sel = (q, k_sel, v_sel, dos[1], lse_s, delta[1], idx, geo, cfg, scale2, scale)
+        ov = Overlap(geo, q.device)
+        if ov.active:
+            # the selected branch's dK/dV, then its dq, on the side stream; the range kernels
+            # on the main one. The side's dq adds to the range dq's buffer: it waits for that.
+            dq, dks, dvs = torch.empty_like(q), torch.empty_like(k_sel), torch.empty_like(v_sel)
+            _backward_tables(geo, cfg)
+            ov.fork()
+            try:
+                with ov.on_side():
+                    _, _, work = _sel_keys_backward(*sel, ctx.sel_work, out=(dks, dvs))
+                dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo,
+                                 cfg, scale2, scale)
+                with ov.on_side(after=ov.mark()):
+                    _sel_dq_backward(*sel, dq32, work, out=dq)
+                dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta,
+                                                          geo, cfg, scale2, scale)
+            finally:
+                ov.join()
         else:
-            dkw, dvw = torch.zeros_like(k_win), torch.zeros_like(v_win)
-        dq, dks, dvs = _sel_backward(q, k_sel, v_sel, dos[1], lse_s, delta[1], dq32, idx, geo, cfg, scale2,
-                                     scale, ctx.sel_work)
+            # dq: the compressed and window branches store it (fp32), the selected branch adds its
+            # part and writes q's dtype, so dq needs no zeroing and no conversion pass
+            dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo, cfg,
+                             scale2, scale)
+            dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta,
+                                                      geo, cfg, scale2, scale)
+            dks, dvs, work = _sel_keys_backward(*sel, ctx.sel_work)
+            dq = _sel_dq_backward(*sel, dq32, work)
         return (dq, dkc, dvc, dks, dvs, dkw, dvw, dg.to(gates.dtype), None, None, None, None, None, None)
 
 

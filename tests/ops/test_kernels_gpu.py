@@ -133,12 +133,61 @@ def test_selection_inside_the_call_matches_the_given_selection(G):
     assert max(errs.values()) <= 2.5e-3, errs
 
 
+@pytest.mark.parametrize("G,cu,window,algo", [(4, None, 512, "auto"), (16, None, 512, "auto"),
+                                               (4, [0, 1000, 1003, 3000, 4096], 512, "auto"), (4, None, 0, "auto"),
+                                               (16, None, 512, "query"), (4, None, 512, "query")])
+@pytest.mark.parametrize("priority", [0, -1], ids=["normal", "high"])
+def test_overlapped_streams_bf16(G, cu, window, algo, priority):
+    """The selected branch on a second stream beside the range kernels (``overlap_branches``):
+    within 5e-3 of the fp32 reference, the model's canonical selection and a given one, with
+    packed documents, without a window, with the position-major kernels."""
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    with use_launch(LaunchConfig(overlap_branches=True, side_priority=priority, sel_algo=algo, sel_dq_algo=algo)):
+        for inside in ("canonical", False):
+            errs, _ = _case(G, S=4096 if cu else 8192, cu=cu, window=window, inside=inside)
+            assert max(errs.values()) <= 5e-3, (inside, errs)
+
+
 @pytest.mark.parametrize("G", [4, 16])
-def test_forward_and_backward_queue_without_a_host_sync(G):
+def test_overlapped_streams_match_one_stream(G):
+    """Two streams run the same kernels as one: the output is bit-identical, the gradients
+    equal up to the order of fp32 atomic sums (dK/dV), over repeated calls."""
+    from nsa_dist import NSAConfig
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    from nsa_dist.ops import compress, nsa_attention
+
+    cfg = NSAConfig()
+    S, H, D = 8192, 2, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    x = dict(q=r(1, S, G * H, D), k_cmp=compress(r(1, S, H, D), cfg), v_cmp=compress(r(1, S, H, D), cfg),
+             k_sel=r(1, S, H, D), v_sel=r(1, S, H, D), k_win=r(1, S, H, D), v_win=r(1, S, H, D),
+             gates=torch.rand(1, S, G * H, 3, generator=gen, device="cuda").bfloat16())
+    do = torch.randn(1, S, G * H, D, generator=gen, device="cuda").bfloat16()
+
+    def run(overlap):
+        xs = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
+        with use_launch(LaunchConfig(overlap_branches=overlap)):
+            o = nsa_attention(*(xs[k] for k in NAMES), cfg, backend="triton")
+            o.backward(do)
+        return o.detach(), {k: xs[k].grad for k in NAMES}
+
+    o1, g1 = run(False)
+    for _ in range(3):
+        o2, g2 = run(True)
+        assert torch.equal(o1, o2)
+        errs = {k: _rel_rms(g2[k], g1[k]) for k in NAMES}
+        assert max(errs.values()) <= 1e-3, errs
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "two-streams"])
+@pytest.mark.parametrize("G", [4, 16])
+def test_forward_and_backward_queue_without_a_host_sync(G, overlap):
     """Once the packing's tile tables exist, a forward and backward (selection, work list,
     every kernel) never waits for the GPU: torch's sync debug mode turns any synchronising
-    call into an error."""
+    call into an error. The same with the selected branch on a second stream."""
     from nsa_dist import NSAConfig
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
     from nsa_dist.ops import compress, nsa_attention
 
     cfg = NSAConfig()
@@ -150,14 +199,15 @@ def test_forward_and_backward_queue_without_a_host_sync(G):
              gates=torch.rand(2, S, G * H, 3, generator=gen, device="cuda").bfloat16())
     x = {k: v.requires_grad_(True) for k, v in x.items()}
     do = torch.randn(2, S, G * H, D, generator=gen, device="cuda").bfloat16()
-    nsa_attention(*(x[k] for k in NAMES), cfg, backend="triton").backward(do)  # builds the tile tables
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        o = nsa_attention(*(x[k] for k in NAMES), cfg, backend="triton")
-        o.backward(do)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    with use_launch(LaunchConfig(overlap_branches=overlap)):
+        nsa_attention(*(x[k] for k in NAMES), cfg, backend="triton").backward(do)  # builds the tile tables
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            o = nsa_attention(*(x[k] for k in NAMES), cfg, backend="triton")
+            o.backward(do)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(o).all() and all(torch.isfinite(x[k].grad).all() for k in NAMES)
 
 

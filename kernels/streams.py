@@ -1,0 +1,86 @@
+"""A second CUDA stream for one NSA call (``LaunchConfig.overlap_branches``).
+
+The selected branch's kernels at small GQA groups are bound by memory traffic and latency
+(per-slot partial results, gathered rows, a work list built from ~90 small ops), the
+compressed and window kernels by the matrix units. On two streams the GPU can run one beside
+the other instead of one after the other. ``Overlap`` forks a side stream off the current
+one, runs blocks of launches on it, and joins it back; inactive (CPU, or the setting off),
+every method is a no-op and the launches stay on the current stream in program order.
+
+Memory rules kept by the callers (the caching allocator ties a block to the stream that
+allocated it): every tensor that outlives the fork is allocated on the main stream before
+it; the side stream's own temporaries are freed on it; the main stream joins the side
+stream before any tensor the side stream reads can be freed.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Iterator, Optional
+
+import torch
+
+_SIDE: dict = {}  # (device index, priority) -> the side stream, made once
+
+
+def side_stream(device: torch.device, priority: int = 0) -> "torch.cuda.Stream":
+    """The side stream of ``device`` with CUDA ``priority`` (0 normal, -1 high), made once."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    key = (index, priority)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(device=index, priority=priority)
+    return _SIDE[key]
+
+
+class Overlap:
+    """Fork / join of a side stream for one call's kernels (see the module's docstring).
+
+    geo: the call's ``nsa.Geometry`` (its launch config says whether to overlap; its
+    ``forked`` flag makes a tile table first built while forked wait for its copy);
+    device: the inputs' device; enabled: the caller's own condition (e.g. there is a window
+    branch to overlap with)."""
+
+    def __init__(self, geo, device: torch.device, enabled: bool = True):
+        self.geo = geo
+        self.active = bool(enabled and geo.launch.overlap_branches and torch.device(device).type == "cuda")
+        self.main: Optional["torch.cuda.Stream"] = None
+        self.side: Optional["torch.cuda.Stream"] = None
+        if self.active:
+            self.main = torch.cuda.current_stream(device)
+            self.side = side_stream(device, geo.launch.side_priority)
+
+    def fork(self) -> None:
+        """Start the side stream after everything queued on the main stream so far."""
+        if self.active:
+            self.side.wait_stream(self.main)
+            self.geo.forked = True
+
+    @contextmanager
+    def on_side(self, after: Optional["torch.cuda.Event"] = None) -> Iterator[None]:
+        """Launch the body's kernels on the side stream (after ``after``, an event of the
+        main stream, when given); inactive: on the current stream."""
+        if not self.active:
+            yield
+            return
+        with torch.cuda.stream(self.side):
+            if after is not None:
+                self.side.wait_event(after)
+            yield
+
+    def mark(self) -> Optional["torch.cuda.Event"]:
+        """An event after the main stream's work queued so far (None when inactive)."""
+        if not self.active:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.main)
+        return event
+
+    def join(self) -> None:
+        """The main stream waits for the side stream's work; the call is one stream again."""
+        if self.active and self.geo.forked:
+            self.main.wait_stream(self.side)
+            self.geo.forked = False
+
+    def on_main(self):
+        """The main stream as the current one (a context); inactive: nothing changes."""
+        return torch.cuda.stream(self.main) if self.active else nullcontext()
