@@ -65,10 +65,6 @@ class LaunchConfig:
     # backward; side_priority: that stream's CUDA priority (0 normal, -1 high)
     overlap_branches: bool = False
     side_priority: int = 0
-    # the side stream's block-major selected kernels as this many persistent programs per SM
-    # (each walks work items program_id, program_id + programs, ...), so that every SM keeps
-    # room for a main-stream program beside them; 0: one program per work item
-    side_programs_per_sm: int = 0
     gate_rows: int = 32  # rows per program of the gate combination (gates.py)
     # the inverted selection's ~90 small torch ops through torch.compile (None: on CUDA); each
     # call's launches cost host time that short contexts cannot hide
@@ -192,9 +188,6 @@ class LaunchConfig:
                         or v[0] not in (1, 2, 4, 8, 16, 32) or v[1] < 1):
                     raise ValueError(f"LaunchConfig.{name} must be (num_warps, num_stages): warps a power of two "
                                      f"1-32, stages >= 1, got {v!r}")
-            elif name == "side_programs_per_sm":
-                if not _is_int(v) or v < 0:
-                    raise ValueError(f"LaunchConfig.side_programs_per_sm must be an int >= 0, got {v!r}")
             elif name == "side_priority":
                 if not _is_int(v) or v not in (0, -1):
                     raise ValueError(f"LaunchConfig.side_priority must be 0 (normal) or -1 (high), got {v!r}")

@@ -22,7 +22,7 @@ from . import tiles as tl_tiles
 from .gates import combine, combine_backward
 from .headdim import split_dim
 from .launch import LaunchConfig, current_launch
-from .streams import Overlap, sm_count
+from .streams import Overlap
 from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
                             _sel_fwd, _sel_fwd_split)
@@ -328,28 +328,13 @@ def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) ->
                 PREC=geo.prec, **geo.dk_pieces(), **t.launch)
 
 
-def _item_grid(n_items: int, geo: Geometry, device) -> tuple[tuple, dict]:
-    """(grid, NITEMS / PERSISTENT keywords) of a block-major kernel over ``n_items`` work items:
-    one program per item, or, on the side stream of an overlapped call with
-    ``launch.side_programs_per_sm`` set, that many persistent programs per SM."""
-    per_sm = geo.launch.side_programs_per_sm
-    if geo.forked and per_sm and torch.device(device).type == "cuda":
-        programs = min(n_items, per_sm * sm_count(device))
-        return (max(1, programs),), dict(NITEMS=n_items, PERSISTENT=True)
-    return (n_items,), dict(NITEMS=n_items, PERSISTENT=False)
-
-
-def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2, out=None):
-    """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None); (o, lse) into
-    ``out`` when given."""
+def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
+    """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None)."""
     T = q.shape[0]
     n = idx.shape[-1]
     forced = geo.forced_split()
-    if out is not None:
-        o, lse = out
-    else:
-        o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
-        lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
+    o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     # the forced blocks' attention and lse (MODE 2), with full tiles, in the output buffers:
     # the sparse kernels read each row's forced state before they write that row's result
     if forced:
@@ -382,9 +367,8 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]
         lp.fill_(float("-inf"))
-        grid, items = _item_grid(i1 - i0, geo, q.device)
-        _sel_fwd_split[grid](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
-                             geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **items, **_sel_block_args(geo, cfg, "sel_split"))
+        _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
+                                   geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
@@ -406,10 +390,9 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]  # every chunk has item rows (tiles.item_bound >= 1)
-        grid, items = _item_grid(i1 - i0, geo, q.device)
-        _sel_bwd_dq_split[grid](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
-                                work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
-                                **items, **_sel_block_args(geo, cfg, "sel_dq_split"))
+        _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
+                                      work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
+                                      **_sel_block_args(geo, cfg, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], dq[t0:t1], nr,
                                                      geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=_pow2(geo.DK),
@@ -434,9 +417,9 @@ def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2,
         work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None, dkdv_only)
     # the forward's work list when it made one (its chunks only split segments further)
     if work.items.shape[0]:
-        grid, items = _item_grid(work.items.shape[0], geo, q.device)
-        _sel_bwd_dkdv[grid](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries, scale2, scale, geo.HQ,
-                            geo.DK, geo.DV, **items, **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
+        _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
+                                              scale2, scale, geo.HQ, geo.DK, geo.DV,
+                                              **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
     if out is None:
         return dk32.to(k.dtype), dv32.to(v.dtype), work
     out[0].copy_(dk32), out[1].copy_(dv32)
@@ -502,26 +485,21 @@ class NSAFunction(torch.autograd.Function):
         else:
             # pre: (o_cmp, lse_cmp) already computed for the selection, or None
             o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
+            o_w = lse_w = None
             ov = Overlap(geo, q.device, enabled=cfg.window > 0)
-            if ov.active:
-                # the selected branch (work list, per-slot split and merge: memory- and
-                # latency-bound) on the side stream beside the window (compute-bound); its
-                # outputs and the tile tables are made before the fork
-                o_s = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
-                lse_s = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
-                geo.qtiles(geo.tiles("range_fwd").bt)
-                if not geo.sel_block_major():
-                    geo.qtiles(geo.tiles("sel_fwd").bt)
+            if cfg.window > 0:
+                # the window (compute-bound) on the side stream beside the selected branch's
+                # work list, split and merge; its outputs are made on the main stream first
+                o_w = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+                lse_w = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
+                geo.qtiles(geo.tiles("range_fwd").bt)  # its tile table, before the fork
                 ov.fork()
-                try:
-                    with ov.on_side():
-                        _, _, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2, out=(o_s, lse_s))
-                    o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2)
-                finally:
-                    ov.join()
-            else:
-                o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
+                with ov.on_side():
+                    _range_forward(1, q, k_win, v_win, geo, cfg, scale2, out=(o_w, lse_w))
+            try:
                 o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+            finally:
+                ov.join()
             if memo is not None:
                 memo["branches"] = (o_c, lse_c, o_s, lse_s, o_w, lse_w, work)
         o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)

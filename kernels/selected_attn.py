@@ -193,15 +193,15 @@ def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _sel_fwd_split_item(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
-                        G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                        BDK3: tl.constexpr, item):
+def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
+                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
+                   BDK3: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries): each row's attention over
     this one block, normalised, into its slot: OP[row - row0, slot] and its log2-sum-exp2
     LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
     H = HQ // G
-    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, item, H, LS, BLOCK_N)
+    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
@@ -226,23 +226,6 @@ def _sel_fwd_split_item(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV
         tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok)
         tl.store(OP + ps[:, None] * DV + dv[None, :], acc.to(OP.dtype.element_ty),
                  mask=row_ok[:, None] & (dv < DV)[None, :])
-
-
-@triton.jit
-def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
-                   G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                   BDK3: tl.constexpr, NITEMS, PERSISTENT: tl.constexpr):
-    """``_sel_fwd_split_item`` for work item program_id, or (PERSISTENT) for items program_id,
-    program_id + programs, ... of NITEMS: a grid that leaves room on each SM for another
-    stream's kernel (``LaunchConfig.side_programs_per_sm``)."""
-    if PERSISTENT:
-        for item in range(tl.program_id(0), NITEMS, tl.num_programs(0)):
-            _sel_fwd_split_item(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0, G, LS, BLOCK_M,
-                                BLOCK_N, BDK, BDV, PREC, BDK2, BDK3, item)
-    else:
-        _sel_fwd_split_item(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0, G, LS, BLOCK_M,
-                            BLOCK_N, BDK, BDV, PREC, BDK2, BDK3, tl.program_id(0).to(tl.int64))
 
 
 @triton.jit
@@ -304,13 +287,13 @@ def _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV, dk, dv, G
 
 
 @triton.jit
-def _sel_bwd_dkdv_item(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
-                       G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                       BDK3: tl.constexpr, item):
+def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
+                  G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
+                  BDK3: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
     H = HQ // G
-    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, item, H, LS, BLOCK_N)
+    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
@@ -339,27 +322,10 @@ def _sel_bwd_dkdv_item(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2
 
 
 @triton.jit
-def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
-                  G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                  BDK3: tl.constexpr, NITEMS, PERSISTENT: tl.constexpr):
-    """``_sel_bwd_dkdv_item`` for work item program_id, or (PERSISTENT) for items program_id,
-    program_id + programs, ... of NITEMS: a grid that leaves room on each SM for another
-    stream's kernel (``LaunchConfig.side_programs_per_sm``)."""
-    if PERSISTENT:
-        for item in range(tl.program_id(0), NITEMS, tl.num_programs(0)):
-            _sel_bwd_dkdv_item(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV, G, LS,
-                               BLOCK_M, BLOCK_N, BDK, BDV, PREC, BDK2, BDK3, item)
-    else:
-        _sel_bwd_dkdv_item(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV, G, LS,
-                           BLOCK_M, BLOCK_N, BDK, BDV, PREC, BDK2, BDK3, tl.program_id(0).to(tl.int64))
-
-
-@triton.jit
-def _sel_bwd_dq_split_item(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
-                           NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr,
-                           PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, item):
+def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
+                      NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr,
+                      PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """Block-major dq: one program per (KV head, block, segment of choosing queries) writes each
     row's dq over this one block, scale * dS K, into its slot DQP[row - row0, slot].
     dS uses the branch's final lse and delta, so a row's dq is the plain sum of its slots
@@ -368,7 +334,7 @@ def _sel_bwd_dq_split_item(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIS
     the row's largest |dq| near 2^14: half the bytes of fp32 with fp16's 11-bit precision
     (bf16's 8 bits cost a visible part of the dq error budget)."""
     H = HQ // G
-    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, item, H, LS, BLOCK_N)
+    h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
     dv = tl.arange(0, BDV)
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
@@ -398,25 +364,6 @@ def _sel_bwd_dq_split_item(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIS
         tl.store(DQP + ps[:, None] * DK + dk[None, :], dq.to(DQP.dtype.element_ty),
                  mask=row_ok[:, None] & (dk < DK)[None, :])
         rest_store(DQP, ps, row_ok, DK, dq_r, BDK, BDK2, BDK3)
-
-
-@triton.jit
-def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
-                      NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr,
-                      PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, NITEMS, PERSISTENT: tl.constexpr):
-    """``_sel_bwd_dq_split_item`` for work item program_id, or (PERSISTENT) for items program_id,
-    program_id + programs, ... of NITEMS: a grid that leaves room on each SM for another
-    stream's kernel (``LaunchConfig.side_programs_per_sm``)."""
-    if PERSISTENT:
-        for item in range(tl.program_id(0), NITEMS, tl.num_programs(0)):
-            _sel_bwd_dq_split_item(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
-                                   NSEL, row0, G, LS, BLOCK_M, BLOCK_N, BDK, BDV, SCALED, PREC, BDK2, BDK3,
-                                   item)
-    else:
-        _sel_bwd_dq_split_item(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
-                               NSEL, row0, G, LS, BLOCK_M, BLOCK_N, BDK, BDV, SCALED, PREC, BDK2, BDK3,
-                               tl.program_id(0).to(tl.int64))
 
 
 @triton.jit

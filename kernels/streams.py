@@ -14,24 +14,12 @@ stream before any tensor the side stream reads can be freed.
 """
 from __future__ import annotations
 
-import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
 
 _SIDE: dict = {}  # (device index, priority) -> the side stream, made once
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA ``device``."""
-    index = torch.device(device).index
-    return _sm_count(torch.cuda.current_device() if index is None else index)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def side_stream(device: torch.device, priority: int = 0) -> "torch.cuda.Stream":
@@ -92,3 +80,7 @@ class Overlap:
         if self.active and self.geo.forked:
             self.main.wait_stream(self.side)
             self.geo.forked = False
+
+    def on_main(self):
+        """The main stream as the current one (a context); inactive: nothing changes."""
+        return torch.cuda.stream(self.main) if self.active else nullcontext()

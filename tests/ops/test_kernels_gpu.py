@@ -137,15 +137,13 @@ def test_selection_inside_the_call_matches_the_given_selection(G):
 @pytest.mark.parametrize("G,cu,window,algo", [(4, None, 512, "auto"), (16, None, 512, "auto"),
                                                (4, [0, 1000, 1003, 3000, 4096], 512, "auto"), (4, None, 0, "auto"),
                                                (16, None, 512, "query"), (4, None, 512, "query")])
-@pytest.mark.parametrize("priority,per_sm", [(0, 0), (-1, 0), (-1, 1)], ids=["normal", "high", "high-persistent"])
-def test_overlapped_streams_bf16(G, cu, window, algo, priority, per_sm):
-    """The selected branch on a second stream beside the range kernels (``overlap_branches``),
-    its block-major kernels also as one persistent program per SM: within 5e-3 of the fp32
-    reference, the model's canonical selection and a given one, with packed documents,
-    without a window, with the position-major kernels."""
+@pytest.mark.parametrize("priority", [0, -1], ids=["normal", "high"])
+def test_overlapped_streams_bf16(G, cu, window, algo, priority):
+    """The selected branch on a second stream beside the range kernels (``overlap_branches``):
+    within 5e-3 of the fp32 reference, the model's canonical selection and a given one, with
+    packed documents, without a window, with the position-major kernels."""
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
-    with use_launch(LaunchConfig(overlap_branches=True, side_priority=priority, side_programs_per_sm=per_sm,
-                                 sel_algo=algo, sel_dq_algo=algo)):
+    with use_launch(LaunchConfig(overlap_branches=True, side_priority=priority, sel_algo=algo, sel_dq_algo=algo)):
         for inside in ("canonical", False):
             errs, _ = _case(G, S=4096 if cu else 8192, cu=cu, window=window, inside=inside)
             assert max(errs.values()) <= 5e-3, (inside, errs)
@@ -153,9 +151,8 @@ def test_overlapped_streams_bf16(G, cu, window, algo, priority, per_sm):
 
 @pytest.mark.parametrize("G", [4, 16])
 def test_overlapped_streams_match_one_stream(G):
-    """Two streams run the same kernels as one (the block-major ones also as persistent
-    programs): the output is bit-identical, the gradients equal up to the order of fp32
-    atomic sums (dK/dV), over repeated calls."""
+    """Two streams run the same kernels as one: the output is bit-identical, the gradients
+    equal up to the order of fp32 atomic sums (dK/dV), over repeated calls."""
     from nsa_dist import NSAConfig
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     from nsa_dist.ops import compress, nsa_attention
@@ -169,16 +166,16 @@ def test_overlapped_streams_match_one_stream(G):
              gates=torch.rand(1, S, G * H, 3, generator=gen, device="cuda").bfloat16())
     do = torch.randn(1, S, G * H, D, generator=gen, device="cuda").bfloat16()
 
-    def run(overlap, per_sm=0):
+    def run(overlap, priority=0):
         xs = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
-        with use_launch(LaunchConfig(overlap_branches=overlap, side_priority=-1, side_programs_per_sm=per_sm)):
+        with use_launch(LaunchConfig(overlap_branches=overlap, side_priority=priority)):
             o = nsa_attention(*(xs[k] for k in NAMES), cfg, backend="triton")
             o.backward(do)
         return o.detach(), {k: xs[k].grad for k in NAMES}
 
     o1, g1 = run(False)
-    for per_sm in (0, 1, 1, 2):
-        o2, g2 = run(True, per_sm)
+    for priority in (0, -1, 0):
+        o2, g2 = run(True, priority)
         assert torch.equal(o1, o2)
         errs = {k: _rel_rms(g2[k], g1[k]) for k in NAMES}
         assert max(errs.values()) <= 1e-3, errs

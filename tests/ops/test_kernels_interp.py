@@ -287,31 +287,3 @@ def test_selection_block_change_on_the_same_packing_keeps_dkdv_right():
             grads.append({k: x[k].grad.clone() for k in ("k_sel", "v_sel")})
         for k in ("k_sel", "v_sel"):
             assert max_rel(grads[1][k], grads[0][k]) < 1e-5, (ls, k)
-
-
-@pytest.mark.parametrize("case", ["G2-packed", "G4-fla-cfg-w0"])
-def test_persistent_block_major_kernels_cover_every_item(case, monkeypatch):
-    """The block-major kernels as a few persistent programs (``side_programs_per_sm`` on a
-    second stream, which the CPU has not: forced here), each walking items program_id,
-    program_id + programs, ...: the same output and gradients as the reference, and the
-    grids really were smaller than the item counts."""
-    _, cfg, cu, x = _run(case)
-    from nsa_dist.kernels import nsa
-    grids = []
-
-    def few_programs(n_items, geo, device):
-        grids.append((n_items, min(n_items, 3)))
-        return (max(1, min(n_items, 3)),), dict(NITEMS=n_items, PERSISTENT=True)
-    monkeypatch.setattr(nsa, "_item_grid", few_programs)
-    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(sel_algo="block", sel_dq_algo="block")):
-        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-    assert max_rel(o_tri, o_ref) < 1e-5
-    do = torch.randn_like(o_ref)
-    names = [n for n in NAMES if not (cfg.window == 0 and n.endswith("_win"))]
-    keep = [NAMES.index(n) for n in names]
-    g_ref = torch.autograd.grad(o_ref, [args(x)[i] for i in keep], do)
-    g_tri = torch.autograd.grad(o_tri, [args(x)[i] for i in keep], do)
-    for name, a, b in zip(names, g_tri, g_ref):
-        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
-    assert len(grids) >= 3 and any(n > p for n, p in grids), grids  # split, dq split, dK/dV; fewer programs
