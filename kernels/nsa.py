@@ -328,13 +328,17 @@ def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) ->
                 PREC=geo.prec, **geo.dk_pieces(), **t.launch)
 
 
-def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2):
-    """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None)."""
+def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2, out=None):
+    """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None); (o, lse) into
+    ``out`` when given."""
     T = q.shape[0]
     n = idx.shape[-1]
     forced = geo.forced_split()
-    o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
-    lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
+    if out is not None:
+        o, lse = out
+    else:
+        o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+        lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     # the forced blocks' attention and lse (MODE 2), with full tiles, in the output buffers:
     # the sparse kernels read each row's forced state before they write that row's result
     if forced:
@@ -485,21 +489,26 @@ class NSAFunction(torch.autograd.Function):
         else:
             # pre: (o_cmp, lse_cmp) already computed for the selection, or None
             o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
-            o_w = lse_w = None
             ov = Overlap(geo, q.device, enabled=cfg.window > 0)
-            if cfg.window > 0:
-                # the window (compute-bound) on the side stream beside the selected branch's
-                # work list, split and merge; its outputs are made on the main stream first
-                o_w = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
-                lse_w = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
-                geo.qtiles(geo.tiles("range_fwd").bt)  # its tile table, before the fork
+            if ov.active:
+                # the selected branch (work list, per-slot split and merge: memory- and
+                # latency-bound) on the side stream beside the window (compute-bound); its
+                # outputs and the tile tables are made before the fork
+                o_s = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+                lse_s = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
+                geo.qtiles(geo.tiles("range_fwd").bt)
+                if not geo.sel_block_major():
+                    geo.qtiles(geo.tiles("sel_fwd").bt)
                 ov.fork()
-                with ov.on_side():
-                    _range_forward(1, q, k_win, v_win, geo, cfg, scale2, out=(o_w, lse_w))
-            try:
+                try:
+                    with ov.on_side():
+                        _, _, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2, out=(o_s, lse_s))
+                    o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2)
+                finally:
+                    ov.join()
+            else:
+                o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
                 o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
-            finally:
-                ov.join()
             if memo is not None:
                 memo["branches"] = (o_c, lse_c, o_s, lse_s, o_w, lse_w, work)
         o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)

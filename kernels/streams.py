@@ -14,7 +14,7 @@ stream before any tensor the side stream reads can be freed.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -80,7 +80,3 @@ class Overlap:
         if self.active and self.geo.forked:
             self.main.wait_stream(self.side)
             self.geo.forked = False
-
-    def on_main(self):
-        """The main stream as the current one (a context); inactive: nothing changes."""
-        return torch.cuda.stream(self.main) if self.active else nullcontext()
