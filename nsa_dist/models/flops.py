@@ -41,6 +41,18 @@ def attention_flops_per_token(seq_len: int, cfg: ModelConfig) -> float:
     return flops * cfg.num_layers
 
 
+def selection_flops_per_token(seq_len: int, cfg: ModelConfig) -> float:
+    """Forward FLOPs per token, all layers, of NSA's block scoring: the selection scores every
+    visible compressed key again (q.k for each query head, from the compressed branch's
+    log-sum-exp) to rank the blocks. No gradient flows through it: it has no backward."""
+    if cfg.attention != "nsa":
+        return 0.0
+    cmp = attended_keys_per_query(seq_len, cfg)["cmp"]
+    return 2.0 * cfg.num_heads * cfg.head_dim * cmp * cfg.num_layers
+
+
 def training_flops_per_token(seq_len: int, cfg: ModelConfig, matmul_params: int) -> float:
-    """Forward + backward (3x forward): 6 * matmul parameters + 3 * attention."""
-    return 6.0 * matmul_params + 3.0 * attention_flops_per_token(seq_len, cfg)
+    """Forward + backward (3x forward): 6 * matmul parameters + 3 * attention, plus NSA's block
+    scoring once (forward only)."""
+    return (6.0 * matmul_params + 3.0 * attention_flops_per_token(seq_len, cfg)
+            + selection_flops_per_token(seq_len, cfg))

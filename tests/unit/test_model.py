@@ -62,6 +62,13 @@ def test_flops_count_nsa_sparse_and_dense():
     nsa_model, dense_model = NSADecoderLM(cfg), NSADecoderLM(dense)
     assert nsa_model.flops_per_token(65536) < dense_model.flops_per_token(65536)
     assert nsa_model.flops_per_token(64) > 6 * dense_model.matmul_parameters()
+    # the block scoring (q.k over the visible compressed keys, forward only) is counted once
+    from nsa_dist.models import attention_flops_per_token, selection_flops_per_token
+    sel = selection_flops_per_token(65536, cfg)
+    assert sel == pytest.approx(2 * 4 * 64 * keys["cmp"])
+    assert selection_flops_per_token(65536, dense) == 0.0
+    assert nsa_model.flops_per_token(65536) == pytest.approx(
+        6 * nsa_model.matmul_parameters() + 3 * attention_flops_per_token(65536, cfg) + sel)
 
 
 def test_dense_attention_variant_trains_and_respects_documents():
