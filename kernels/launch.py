@@ -61,8 +61,10 @@ class LaunchConfig:
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
     split_bytes: int = 1 << 30  # bound of the block-major per-slot buffers: positions are chunked
     # --- streams (CUDA): the selected branch's kernels (memory- and latency-bound at small G)
-    # on a second stream beside the compressed / window kernels (compute-bound), forward and
-    # backward; side_priority: that stream's CUDA priority (0 normal, -1 high)
+    # on a second stream: in the forward beside the window kernel (with a window), in the
+    # backward beside the range dq and dK/dV; about 1% at G = 4 on an H100, and the side
+    # stream's temporaries (up to split_bytes) live beside the main one's (docs/kernel_notes.md,
+    # "Two streams for the branches"); side_priority: its CUDA priority (0 normal, -1 high)
     overlap_branches: bool = False
     side_priority: int = 0
     gate_rows: int = 32  # rows per program of the gate combination (gates.py)

@@ -93,7 +93,8 @@ class Geometry:
         """A tile table of this packing, built on first use (host-built, copied to the device
         without blocking on the current stream). While two streams run (``forked``) a table
         first made on one could be read by the other before its copy lands: the host then
-        waits for the copy. The fork points build what they need beforehand (``Overlap``)."""
+        waits for the copy. ``NSAFunction.forward`` and ``_backward_tables`` build what the
+        forked kernels read beforehand."""
         table = self.cache.get(key)
         if table is None:
             table = self.cache[key] = build()
@@ -426,7 +427,8 @@ def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2,
                                               **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
     if out is None:
         return dk32.to(k.dtype), dv32.to(v.dtype), work
-    out[0].copy_(dk32), out[1].copy_(dv32)
+    out[0].copy_(dk32)
+    out[1].copy_(dv32)
     return out[0], out[1], work
 
 
@@ -490,10 +492,10 @@ class NSAFunction(torch.autograd.Function):
             # pre: (o_cmp, lse_cmp) already computed for the selection, or None
             o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
             ov = Overlap(geo, q.device, enabled=cfg.window > 0)
-            if ov.active:
+            if ov.requested:
                 # the selected branch (work list, per-slot split and merge: memory- and
-                # latency-bound) on the side stream beside the window (compute-bound); its
-                # outputs and the tile tables are made before the fork
+                # latency-bound) on the side stream beside the window (compute-bound), which
+                # is queued first; the selected outputs and the tile tables are made before the fork
                 o_s = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
                 lse_s = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
                 geo.qtiles(geo.tiles("range_fwd").bt)
@@ -501,9 +503,11 @@ class NSAFunction(torch.autograd.Function):
                     geo.qtiles(geo.tiles("sel_fwd").bt)
                 ov.fork()
                 try:
+                    o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2)
                     with ov.on_side():
                         _, _, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2, out=(o_s, lse_s))
-                    o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2)
+                    if work is not None:  # kept for the backward (and a recomputation's memo)
+                        ov.hand_over(work.items, work.queries, work.slots, work.valid)
                 finally:
                     ov.join()
             else:
@@ -526,18 +530,20 @@ class NSAFunction(torch.autograd.Function):
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates, geo.launch.gate_rows)
         sel = (q, k_sel, v_sel, dos[1], lse_s, delta[1], idx, geo, cfg, scale2, scale)
         ov = Overlap(geo, q.device)
-        if ov.active:
-            # the selected branch's dK/dV, then its dq, on the side stream; the range kernels
-            # on the main one. The side's dq adds to the range dq's buffer: it waits for that.
+        if ov.requested:
+            # the range kernels on the main stream; the selected branch's dK/dV, then its dq, on
+            # the side stream (the dq adds to the range dq's buffer: it waits for that). The
+            # outputs the side writes are made on the main stream before the fork.
             dq, dks, dvs = torch.empty_like(q), torch.empty_like(k_sel), torch.empty_like(v_sel)
             _backward_tables(geo, cfg)
             ov.fork()
             try:
-                with ov.on_side():
-                    _, _, work = _sel_keys_backward(*sel, ctx.sel_work, out=(dks, dvs))
                 dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo,
                                  cfg, scale2, scale)
-                with ov.on_side(after=ov.mark()):
+                dq32_done = ov.mark()
+                with ov.on_side():
+                    _, _, work = _sel_keys_backward(*sel, ctx.sel_work, out=(dks, dvs))
+                with ov.on_side(after=dq32_done):
                     _sel_dq_backward(*sel, dq32, work, out=dq)
                 dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta,
                                                           geo, cfg, scale2, scale)

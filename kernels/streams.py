@@ -7,10 +7,14 @@ the other instead of one after the other. ``Overlap`` forks a side stream off th
 one, runs blocks of launches on it, and joins it back; inactive (CPU, or the setting off),
 every method is a no-op and the launches stay on the current stream in program order.
 
-Memory rules kept by the callers (the caching allocator ties a block to the stream that
-allocated it): every tensor that outlives the fork is allocated on the main stream before
-it; the side stream's own temporaries are freed on it; the main stream joins the side
-stream before any tensor the side stream reads can be freed.
+Memory (the caching allocator returns a freed block to the pool of the stream that allocated
+it, and reuses it for that stream's later allocations only): tensors the side stream writes
+and the main stream reads are allocated on the main stream before the fork; a tensor the side
+stream allocates and that outlives the join is handed over (``hand_over``: the allocator then
+also waits for the main stream's use); the main stream joins the side stream before anything
+the side stream reads can be freed. Tile tables are built before the fork (one first built
+while forked makes the host wait for its copy: ``nsa.Geometry._table``). One main stream per
+device is assumed: the side stream of a device is shared by every call on it.
 """
 from __future__ import annotations
 
@@ -42,9 +46,13 @@ class Overlap:
 
     def __init__(self, geo, device: torch.device, enabled: bool = True):
         self.geo = geo
-        self.active = bool(enabled and geo.launch.overlap_branches and torch.device(device).type == "cuda")
+        # requested: the caller runs its two-stream order of launches (on the CPU too, where
+        # they then run one after the other); active: there really are two streams
+        self.requested = bool(enabled and geo.launch.overlap_branches)
+        self.active = self.requested and torch.device(device).type == "cuda"
         self.main: Optional["torch.cuda.Stream"] = None
         self.side: Optional["torch.cuda.Stream"] = None
+        self._forked = False
         if self.active:
             self.main = torch.cuda.current_stream(device)
             self.side = side_stream(device, geo.launch.side_priority)
@@ -53,7 +61,7 @@ class Overlap:
         """Start the side stream after everything queued on the main stream so far."""
         if self.active:
             self.side.wait_stream(self.main)
-            self.geo.forked = True
+            self.geo.forked = self._forked = True
 
     @contextmanager
     def on_side(self, after: Optional["torch.cuda.Event"] = None) -> Iterator[None]:
@@ -75,8 +83,16 @@ class Overlap:
         event.record(self.main)
         return event
 
+    def hand_over(self, *tensors) -> None:
+        """Tensors the side stream allocated that outlive the join: their memory is reused
+        only after the main stream's work queued on them too (``Tensor.record_stream``)."""
+        if self.active:
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(self.main)
+
     def join(self) -> None:
         """The main stream waits for the side stream's work; the call is one stream again."""
-        if self.active and self.geo.forked:
+        if self._forked:
             self.main.wait_stream(self.side)
-            self.geo.forked = False
+            self.geo.forked = self._forked = False

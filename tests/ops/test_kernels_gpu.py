@@ -134,25 +134,45 @@ def test_selection_inside_the_call_matches_the_given_selection(G):
     assert max(errs.values()) <= 2.5e-3, errs
 
 
-@pytest.mark.parametrize("G,cu,window,algo", [(4, None, 512, "auto"), (16, None, 512, "auto"),
-                                               (4, [0, 1000, 1003, 3000, 4096], 512, "auto"), (4, None, 0, "auto"),
-                                               (16, None, 512, "query"), (4, None, 512, "query")])
+def _count_forks(monkeypatch) -> list:
+    """Forks of a real second stream (``streams.Overlap.fork`` while active), one entry each."""
+    from nsa_dist.kernels import streams
+    forks, fork = [], streams.Overlap.fork
+
+    def counted(self):
+        if self.active:
+            forks.append(1)
+        return fork(self)
+    monkeypatch.setattr(streams.Overlap, "fork", counted)
+    return forks
+
+
+@pytest.mark.parametrize("G,cu,window,settings", [
+    (4, None, 512, {}), (16, None, 512, {}), (4, [0, 1000, 1003, 3000, 4096], 512, {}), (4, None, 0, {}),
+    (4, None, 512, dict(sel_algo="query", sel_dq_algo="query")),
+    (4, None, 512, dict(sel_algo="query", sel_dq_algo="block")),  # the backward builds the work list on the side
+    (4, None, 512, dict(split_bytes=1 << 24))],  # the block-major kernels in 16 chunks of positions
+    ids=["g4", "g16", "packed", "no-window", "position-major", "mixed", "chunked"])
 @pytest.mark.parametrize("priority", [0, -1], ids=["normal", "high"])
-def test_overlapped_streams_bf16(G, cu, window, algo, priority):
+def test_overlapped_streams_bf16(G, cu, window, settings, priority, monkeypatch):
     """The selected branch on a second stream beside the range kernels (``overlap_branches``):
     within 5e-3 of the fp32 reference, the model's canonical selection and a given one, with
-    packed documents, without a window, with the position-major kernels."""
+    packed documents, without a window, position-major, mixed and chunked; the second stream
+    really forked (forward with a window, and backward, of each call)."""
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
-    with use_launch(LaunchConfig(overlap_branches=True, side_priority=priority, sel_algo=algo, sel_dq_algo=algo)):
+    forks = _count_forks(monkeypatch)
+    with use_launch(LaunchConfig(overlap_branches=True, side_priority=priority, **settings)):
         for inside in ("canonical", False):
             errs, _ = _case(G, S=4096 if cu else 8192, cu=cu, window=window, inside=inside)
             assert max(errs.values()) <= 5e-3, (inside, errs)
+    assert len(forks) == 2 * (2 if window else 1), forks
 
 
 @pytest.mark.parametrize("G", [4, 16])
-def test_overlapped_streams_match_one_stream(G):
-    """Two streams run the same kernels as one: the output is bit-identical, the gradients
-    equal up to the order of fp32 atomic sums (dK/dV), over repeated calls."""
+def test_overlapped_streams_match_one_stream(G, monkeypatch):
+    """Two streams run the same kernels as one, over repeated calls: the output and the
+    gradients without atomic sums (q, the gates, the window's K/V) are bit-identical, the
+    others (compressed and selected K/V: fp32 atomics) equal up to the order of the sums."""
     from nsa_dist import NSAConfig
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     from nsa_dist.ops import compress, nsa_attention
@@ -174,11 +194,15 @@ def test_overlapped_streams_match_one_stream(G):
         return o.detach(), {k: xs[k].grad for k in NAMES}
 
     o1, g1 = run(False)
+    forks = _count_forks(monkeypatch)
+    exact = ("q", "gates", "k_win", "v_win")
     for priority in (0, -1, 0):
         o2, g2 = run(True, priority)
         assert torch.equal(o1, o2)
+        assert all(torch.equal(g2[k], g1[k]) for k in exact), {k: _rel_rms(g2[k], g1[k]) for k in exact}
         errs = {k: _rel_rms(g2[k], g1[k]) for k in NAMES}
         assert max(errs.values()) <= 1e-3, errs
+    assert len(forks) == 6, forks  # forward and backward of three calls
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["one-stream", "two-streams"])
