@@ -134,6 +134,20 @@ def test_selection_inside_the_call_matches_the_given_selection(G):
     assert max(errs.values()) <= 2.5e-3, errs
 
 
+def _bf16_inputs(G, B, S, seed, H=2, D=128):
+    """(config, the NSA function's bf16 inputs [B, S, ...] by name, an output gradient)."""
+    from nsa_dist import NSAConfig
+    from nsa_dist.ops import compress
+
+    cfg = NSAConfig()
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    x = dict(q=r(B, S, G * H, D), k_cmp=compress(r(B, S, H, D), cfg), v_cmp=compress(r(B, S, H, D), cfg),
+             k_sel=r(B, S, H, D), v_sel=r(B, S, H, D), k_win=r(B, S, H, D), v_win=r(B, S, H, D),
+             gates=torch.rand(B, S, G * H, 3, generator=gen, device="cuda").bfloat16())
+    return cfg, x, torch.randn(B, S, G * H, D, generator=gen, device="cuda").bfloat16()
+
+
 def _count_forks(monkeypatch) -> list:
     """Forks of a real second stream (``streams.Overlap.fork`` while active), one entry each."""
     from nsa_dist.kernels import streams
@@ -173,18 +187,10 @@ def test_overlapped_streams_match_one_stream(G, monkeypatch):
     """Two streams run the same kernels as one, over repeated calls: the output and the
     gradients without atomic sums (q, the gates, the window's K/V) are bit-identical, the
     others (compressed and selected K/V: fp32 atomics) equal up to the order of the sums."""
-    from nsa_dist import NSAConfig
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
-    from nsa_dist.ops import compress, nsa_attention
+    from nsa_dist.ops import nsa_attention
 
-    cfg = NSAConfig()
-    S, H, D = 8192, 2, 128
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    x = dict(q=r(1, S, G * H, D), k_cmp=compress(r(1, S, H, D), cfg), v_cmp=compress(r(1, S, H, D), cfg),
-             k_sel=r(1, S, H, D), v_sel=r(1, S, H, D), k_win=r(1, S, H, D), v_win=r(1, S, H, D),
-             gates=torch.rand(1, S, G * H, 3, generator=gen, device="cuda").bfloat16())
-    do = torch.randn(1, S, G * H, D, generator=gen, device="cuda").bfloat16()
+    cfg, x, do = _bf16_inputs(G, B=1, S=8192, seed=11)
 
     def run(overlap, priority=0):
         xs = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
@@ -211,19 +217,11 @@ def test_forward_and_backward_queue_without_a_host_sync(G, overlap):
     """Once the packing's tile tables exist, a forward and backward (selection, work list,
     every kernel) never waits for the GPU: torch's sync debug mode turns any synchronising
     call into an error. The same with the selected branch on a second stream."""
-    from nsa_dist import NSAConfig
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
-    from nsa_dist.ops import compress, nsa_attention
+    from nsa_dist.ops import nsa_attention
 
-    cfg = NSAConfig()
-    S, H, D = 4096, 2, 128
-    gen = torch.Generator(device="cuda").manual_seed(9)
-    r = lambda *s: torch.randn(*s, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    x = dict(q=r(2, S, G * H, D), k_cmp=compress(r(2, S, H, D), cfg), v_cmp=compress(r(2, S, H, D), cfg),
-             k_sel=r(2, S, H, D), v_sel=r(2, S, H, D), k_win=r(2, S, H, D), v_win=r(2, S, H, D),
-             gates=torch.rand(2, S, G * H, 3, generator=gen, device="cuda").bfloat16())
+    cfg, x, do = _bf16_inputs(G, B=2, S=4096, seed=9)
     x = {k: v.requires_grad_(True) for k, v in x.items()}
-    do = torch.randn(2, S, G * H, D, generator=gen, device="cuda").bfloat16()
     with use_launch(LaunchConfig(overlap_branches=overlap)):
         nsa_attention(*(x[k] for k in NAMES), cfg, backend="triton").backward(do)  # builds the tile tables
         torch.cuda.synchronize()
