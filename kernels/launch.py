@@ -85,6 +85,12 @@ class LaunchConfig:
     # thread runs with twice the warps, up to 8 (``acc_warps``); None: the warps as set. At the
     # paper's D = 128 no kernel exceeds 128; at Dk = 192 (in pieces) the dK/dV kernels hold 160.
     acc_regs: Optional[int] = None
+    # --- register cap (ptxas .maxnreg) of the block-major selected split kernels, forward and
+    # dq: every kernel builds at 255 registers a thread, two programs an SM; at 168 three fit
+    # (with spills: `tools/kernel_spills.py`), more loads in flight for these memory-bound
+    # kernels. None: the compiler's choice
+    sel_split_regs: Optional[int] = None
+    sel_dq_split_regs: Optional[int] = None
     # --- head dims: Dk in power-of-two column pieces (``headdim.split_dim``): "auto" three equal
     # ones where Dk is 3 x 2^k (192 = 3 x 64), else two where narrower than one padded tile (160 =
     # 128 + 32); "two" the latter always (192 = 128 + 64); "one" Dk padded (the A/B's base)
@@ -132,6 +138,12 @@ class LaunchConfig:
         """``num_warps`` / ``num_stages`` keywords of ``kernel``'s launch."""
         w, s = getattr(self, kernel)
         return {"num_warps": w, "num_stages": s}
+
+    def reg_cap(self, kernel: str) -> dict:
+        """``maxnreg`` launch keyword of ``kernel`` where a register cap is set (``<kernel>_regs``),
+        else none (the compiler's choice)."""
+        cap = getattr(self, f"{kernel}_regs", None)
+        return {} if cap is None else {"maxnreg": cap}
 
     def fit(self, kernel: str, rows: int, keys: int, bdk: int, bdv: int, elsize: int, stages: int,
             rows_min: int = 16, keys_min: int = 16, fixed: str = "") -> tuple[int, int, int]:
@@ -190,6 +202,10 @@ class LaunchConfig:
                         or v[0] not in (1, 2, 4, 8, 16, 32) or v[1] < 1):
                     raise ValueError(f"LaunchConfig.{name} must be (num_warps, num_stages): warps a power of two "
                                      f"1-32, stages >= 1, got {v!r}")
+            elif name in ("sel_split_regs", "sel_dq_split_regs"):
+                if v is not None and (not _is_int(v) or not 24 <= v <= 255):
+                    raise ValueError(f"LaunchConfig.{name} must be None or an int 24-255 (registers a thread), "
+                                     f"got {v!r}")
             elif name == "side_priority":
                 if not _is_int(v) or v not in (0, -1):
                     raise ValueError(f"LaunchConfig.side_priority must be 0 (normal) or -1 (high), got {v!r}")

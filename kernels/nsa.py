@@ -87,7 +87,7 @@ class Geometry:
             bt = max(1, fm // G)
             fm = _pow2(bt * G)
         warps = L.acc_warps(kernel, fm, fn, self.bdk(), self.bdv())  # more warps for large accumulators
-        return Tiles(bt, fm, fn, {"num_warps": warps, "num_stages": stages})
+        return Tiles(bt, fm, fn, {"num_warps": warps, "num_stages": stages, **L.reg_cap(kernel)})
 
     def _table(self, key: tuple, build):
         """A tile table of this packing, built on first use (host-built, copied to the device

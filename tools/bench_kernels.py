@@ -266,6 +266,9 @@ SWEEP = {
     "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
     # more warps where the fp32 accumulators are large (LaunchConfig.acc_regs)
     "acc_regs": [128, 64],
+    # a register cap on the block-major split kernels: three programs an SM at 168 (with spills)
+    "sel_split_regs": [168, 128, {"sel_split_regs": 168, "sel_dq_split_regs": 168}],
+    "sel_dq_split_regs": [168, 128],
     # the seeds' shape (Dk = 192 as 3 x 64; 128 + 64 or padded to 256; G = 4). Triton 3.6's sm_90a
     # build of the default tiles spills registers in every backward kernel there
     # (docs/kernel_notes.md, "The backward at Dk = 192"): the head dim's pieces, more warps, fewer

@@ -128,6 +128,8 @@ def compile_usage(rec: dict, arch: int) -> dict:
     fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
     kw = dict(rec["constexprs"])
     options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
+    if "maxnreg" in kw:  # a register cap (LaunchConfig.<kernel>_regs) is a compile option too
+        options["maxnreg"] = kw.pop("maxnreg")
     types = iter(rec["types"])
     sig = {n: "constexpr" if n in kw else next(types) for n in fn.arg_names}
     const = {(fn.arg_names.index(n),): val for n, val in kw.items()}

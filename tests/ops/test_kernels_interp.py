@@ -313,3 +313,25 @@ def test_two_stream_order_matches_reference(case, algos, monkeypatch):
             continue
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
     assert built, "the backward did not take the two-stream order"
+
+
+def test_register_capped_split_kernels_match_reference(monkeypatch):
+    """``sel_split_regs`` / ``sel_dq_split_regs`` reach the block-major split launches as
+    ``maxnreg`` (a compile option; the interpreter runs the same code) and change no result."""
+    _, cfg, cu, x = _run("G2-packed")
+    from nsa_dist.kernels import nsa
+    seen = []
+    args_of = nsa._sel_block_args
+    monkeypatch.setattr(nsa, "_sel_block_args", lambda geo, c, k, *a: seen.append((k, args_of(geo, c, k, *a)))
+                        or seen[-1][1])
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    with use_launch(LaunchConfig(sel_algo="block", sel_dq_algo="block", sel_split_regs=168, sel_dq_split_regs=128)):
+        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+        do = torch.randn_like(o_ref)
+        g_tri = torch.autograd.grad(o_tri, args(x), do)
+    g_ref = torch.autograd.grad(o_ref, args(x), do)
+    assert max_rel(o_tri, o_ref) < 1e-5
+    for name, a, b in zip(NAMES, g_tri, g_ref):
+        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+    caps = {k: kw.get("maxnreg") for k, kw in seen}
+    assert caps == {"sel_split": 168, "sel_dq_split": 128, "sel_dkdv": None}, caps

@@ -26,6 +26,7 @@ def test_unknown_setting_names_the_closest_and_the_valid_ones():
     (dict(sel_forced="yes"), "sel_forced must be True or False"),
     (dict(overlap_branches=1), "overlap_branches must be True or False"),
     (dict(side_priority=1), "side_priority must be 0 .normal. or -1 .high."),
+    (dict(sel_split_regs=300), "sel_split_regs must be None or an int 24-255"),
 ])
 def test_bad_values_are_refused_at_construction(bad, message):
     with pytest.raises(ValueError, match=message):
