@@ -4,8 +4,9 @@ The selected branch's kernels at small GQA groups are bound by memory traffic an
 (per-slot partial results, gathered rows, a work list built from ~90 small ops), the
 compressed and window kernels by the matrix units. On two streams the GPU can run one beside
 the other instead of one after the other. ``Overlap`` forks a side stream off the current
-one, runs blocks of launches on it, and joins it back; inactive (CPU, or the setting off),
-every method is a no-op and the launches stay on the current stream in program order.
+one, runs blocks of launches on it, and joins it back. Inactive (the setting off, or a CPU,
+where a caller that ``requested`` it still issues its launches in the two-stream order),
+every method is a no-op and the launches run on the current stream as issued.
 
 Memory (the caching allocator returns a freed block to the pool of the stream that allocated
 it, and reuses it for that stream's later allocations only): tensors the side stream writes
