@@ -329,17 +329,11 @@ def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) ->
                 PREC=geo.prec, **geo.dk_pieces(), **t.launch)
 
 
-def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2, out=None):
-    """Selected branch: (o [T, HQ, Dv], lse [T, HQ] base 2, work list or None); (o, lse) into
-    ``out`` when given."""
-    T = q.shape[0]
+def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
+    """Selected branch into o [T, HQ, Dv] and lse [T, HQ] (base 2); returns the block-major
+    work list (the backward walks it too) or None."""
     n = idx.shape[-1]
     forced = geo.forced_split()
-    if out is not None:
-        o, lse = out
-    else:
-        o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
-        lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
     # the forced blocks' attention and lse (MODE 2), with full tiles, in the output buffers:
     # the sparse kernels read each row's forced state before they write that row's result
     if forced:
@@ -353,13 +347,13 @@ def _sel_forward(q, k, v, idx, geo: Geometry, cfg, scale2, out=None):
                                        geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
                                        BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDV=geo.bdv(),
                                        FORCED=forced, PREC=geo.prec, **geo.dk_pieces(), **t.launch)
-    return o, lse, None
+    return None
 
 
 def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     """Block-major: per-slot results of each chunk of positions, then their merge into (o, lse),
     which under ``forced_split`` hold the forced blocks' (o, lse) on entry (the merge reads a
-    row's before it writes it)."""
+    row's before it writes it). Returns the work list."""
     T = q.shape[0]
     n = idx.shape[-1]
     work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
@@ -379,7 +373,7 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
                                                   NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,
                                                   **geo.launch.warps("sel_combine"))
-    return o, lse, work
+    return work
 
 
 def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg, scale2, scale):
@@ -404,10 +398,9 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
                                                      SCALED=scaled, **geo.launch.warps("sel_dq_combine"))
 
 
-def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, work=None, out=None):
-    """The selected branch's (dk, dv, work list): dK/dV in k's / v's dtype (into ``out`` = (dk,
-    dv) when given), and the block-major work list (the forward's, else built here; the dq
-    walks it too)."""
+def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, work, dk, dv):
+    """The selected branch's dK/dV into dk / dv (k's / v's dtype); returns the block-major work
+    list (the forward's, or built here when it made none: the dq walks it too)."""
     n = idx.shape[-1]
     if geo.forced_split():  # the forced blocks' part first: it initialises the buffers
         dk32 = torch.empty(k.shape, dtype=torch.float32, device=k.device)
@@ -425,20 +418,17 @@ def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2,
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
                                               **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
-    if out is None:
-        return dk32.to(k.dtype), dv32.to(v.dtype), work
-    out[0].copy_(dk32)
-    out[1].copy_(dv32)
-    return out[0], out[1], work
+    dk.copy_(dk32)
+    dv.copy_(dv32)
+    return work
 
 
-def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, dq32, work, out=None):
-    """dq = dq32 (the other branches, fp32) + the selected branch's, in q's dtype (into ``out``)."""
+def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, dq32, work, dq):
+    """dq = dq32 (the other branches, fp32) + the selected branch's, into dq (q's dtype)."""
     n = idx.shape[-1]
-    dq = torch.empty_like(q) if out is None else out
     if geo.sel_dq_block_major():
         _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo, cfg, scale2, scale)
-        return dq
+        return
     t = geo.tiles("sel_dq")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
@@ -447,7 +437,6 @@ def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, s
                                           LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                           NPAD=_pow2(n), BDV=geo.bdv(), FORCED=geo.forced_split(), PREC=geo.prec,
                                           **geo.dk_pieces(), **t.launch)
-    return dq
 
 
 def _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta, geo: Geometry, cfg, scale2,
@@ -491,28 +480,25 @@ class NSAFunction(torch.autograd.Function):
         else:
             # pre: (o_cmp, lse_cmp) already computed for the selection, or None
             o_c, lse_c = pre if pre is not None else _range_forward(0, q, k_cmp, v_cmp, geo, cfg, scale2)
+            # with ``overlap_branches`` on CUDA the selected branch (work list, per-slot split and
+            # merge: memory- and latency-bound) runs on a side stream beside the window
+            # (compute-bound), queued first; else the same launches on one stream. Its outputs
+            # and the tile tables are made before the fork.
             ov = Overlap(geo, q.device, enabled=cfg.window > 0)
-            if ov.requested:
-                # the selected branch (work list, per-slot split and merge: memory- and
-                # latency-bound) on the side stream beside the window (compute-bound), which
-                # is queued first; the selected outputs and the tile tables are made before the fork
-                o_s = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
-                lse_s = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
-                geo.qtiles(geo.tiles("range_fwd").bt)
-                if not geo.sel_block_major():
-                    geo.qtiles(geo.tiles("sel_fwd").bt)
-                ov.fork()
-                try:
-                    o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2)
-                    with ov.on_side():
-                        _, _, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2, out=(o_s, lse_s))
-                    if work is not None:  # kept for the backward (and a recomputation's memo)
-                        ov.hand_over(work.items, work.queries, work.slots, work.valid)
-                finally:
-                    ov.join()
-            else:
+            o_s = torch.empty(q.shape[0], geo.HQ, geo.DV, dtype=q.dtype, device=q.device)
+            lse_s = torch.empty(q.shape[0], geo.HQ, dtype=torch.float32, device=q.device)
+            geo.qtiles(geo.tiles("range_fwd").bt)
+            if not geo.sel_block_major():
+                geo.qtiles(geo.tiles("sel_fwd").bt)
+            ov.fork()
+            try:
                 o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
-                o_s, lse_s, work = _sel_forward(q, k_sel, v_sel, idx, geo, cfg, scale2)
+                with ov.on_side():
+                    work = _sel_forward(q, k_sel, v_sel, idx, o_s, lse_s, geo, cfg, scale2)
+                if work is not None:  # kept for the backward (and a recomputation's memo)
+                    ov.hand_over(work.items, work.queries, work.slots, work.valid)
+            finally:
+                ov.join()
             if memo is not None:
                 memo["branches"] = (o_c, lse_c, o_s, lse_s, o_w, lse_w, work)
         o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)
@@ -529,35 +515,27 @@ class NSAFunction(torch.autograd.Function):
         scale2 = scale * LOG2E
         dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates, geo.launch.gate_rows)
         sel = (q, k_sel, v_sel, dos[1], lse_s, delta[1], idx, geo, cfg, scale2, scale)
+        # the range kernels on the main stream; the selected branch's dK/dV, then its dq, on the
+        # side stream with ``overlap_branches`` on CUDA, else after them on one stream. dq: the
+        # range dq stores the compressed and window branches' part (fp32), the selected dq adds
+        # its own and writes q's dtype (so it waits for the range dq). The outputs the side
+        # stream writes and the tile tables are made before the fork.
         ov = Overlap(geo, q.device)
-        if ov.requested:
-            # the range kernels on the main stream; the selected branch's dK/dV, then its dq, on
-            # the side stream (the dq adds to the range dq's buffer: it waits for that). The
-            # outputs the side writes are made on the main stream before the fork.
-            dq, dks, dvs = torch.empty_like(q), torch.empty_like(k_sel), torch.empty_like(v_sel)
-            _backward_tables(geo, cfg)
-            ov.fork()
-            try:
-                dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo,
-                                 cfg, scale2, scale)
-                dq32_done = ov.mark()
-                with ov.on_side():
-                    _, _, work = _sel_keys_backward(*sel, ctx.sel_work, out=(dks, dvs))
-                with ov.on_side(after=dq32_done):
-                    _sel_dq_backward(*sel, dq32, work, out=dq)
-                dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta,
-                                                          geo, cfg, scale2, scale)
-            finally:
-                ov.join()
-        else:
-            # dq: the compressed and window branches store it (fp32), the selected branch adds its
-            # part and writes q's dtype, so dq needs no zeroing and no conversion pass
-            dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo, cfg,
-                             scale2, scale)
+        dq, dks, dvs = torch.empty_like(q), torch.empty_like(k_sel), torch.empty_like(v_sel)
+        _backward_tables(geo, cfg)
+        ov.fork()
+        try:
+            dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo,
+                             cfg, scale2, scale)
+            dq32_done = ov.mark()
+            with ov.on_side():
+                work = _sel_keys_backward(*sel, ctx.sel_work, dks, dvs)
+            with ov.on_side(after=dq32_done):
+                _sel_dq_backward(*sel, dq32, work, dq)
             dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta,
                                                       geo, cfg, scale2, scale)
-            dks, dvs, work = _sel_keys_backward(*sel, ctx.sel_work)
-            dq = _sel_dq_backward(*sel, dq32, work)
+        finally:
+            ov.join()
         return (dq, dkc, dvc, dks, dvs, dkw, dvw, dg.to(gates.dtype), None, None, None, None, None, None)
 
 

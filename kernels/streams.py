@@ -4,9 +4,9 @@ The selected branch's kernels at small GQA groups are bound by memory traffic an
 (per-slot partial results, gathered rows, a work list built from ~90 small ops), the
 compressed and window kernels by the matrix units. On two streams the GPU can run one beside
 the other instead of one after the other. ``Overlap`` forks a side stream off the current
-one, runs blocks of launches on it, and joins it back. Inactive (the setting off, or a CPU,
-where a caller that ``requested`` it still issues its launches in the two-stream order),
-every method is a no-op and the launches run on the current stream as issued.
+one, runs blocks of launches on it, and joins it back. Inactive (the setting off, or a CPU),
+every method is a no-op: the caller issues the same launches in the same order, and they run
+on the current stream one after the other.
 
 Memory (the caching allocator returns a freed block to the pool of the stream that allocated
 it, and reuses it for that stream's later allocations only): tensors the side stream writes
@@ -47,10 +47,7 @@ class Overlap:
 
     def __init__(self, geo, device: torch.device, enabled: bool = True):
         self.geo = geo
-        # requested: the caller runs its two-stream order of launches (on the CPU too, where
-        # they then run one after the other); active: there really are two streams
-        self.requested = bool(enabled and geo.launch.overlap_branches)
-        self.active = self.requested and torch.device(device).type == "cuda"
+        self.active = bool(enabled and geo.launch.overlap_branches and torch.device(device).type == "cuda")
         self.main: Optional["torch.cuda.Stream"] = None
         self.side: Optional["torch.cuda.Stream"] = None
         self._forked = False

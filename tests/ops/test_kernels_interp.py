@@ -292,9 +292,9 @@ def test_selection_block_change_on_the_same_packing_keeps_dkdv_right():
 @pytest.mark.parametrize("case,algos", [("G2-packed", ("block", "block")), ("G4-fla-cfg-w0", ("block", "block")),
                                         ("G1", ("query", "block"))])
 def test_two_stream_order_matches_reference(case, algos, monkeypatch):
-    """``overlap_branches``: the two-stream order of launches (outputs made before the fork,
-    the backward's tables built first, the selected dK/dV and dq into given buffers) on the
-    CPU, where it runs on one stream: the same results as the reference."""
+    """``overlap_branches`` set on the CPU (no second stream there: the same launches on one
+    stream, the backward's tables built before the fork point): the same results as the
+    reference."""
     _, cfg, cu, x = _run(case)
     from nsa_dist.kernels import nsa
     built = []
