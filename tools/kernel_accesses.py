@@ -81,12 +81,11 @@ def accesses(rec: list, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kernel_spills import compile_options
+
     module, name, args_of, kw = rec
     fn = getattr(importlib.import_module(module), name)
-    kw = dict(kw)
-    options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
-    if "maxnreg" in kw:  # a register cap (LaunchConfig.<kernel>_regs) is a compile option too
-        options["maxnreg"] = kw.pop("maxnreg")
+    options, kw = compile_options(kw)
     sig = {n: "constexpr" if n in kw else args_of[n][0] for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in kw and args_of[n][1]}
     const = {(fn.arg_names.index(n),): v for n, v in kw.items()}

@@ -116,6 +116,16 @@ def captured(script: str, args: list) -> list:
             return json.load(fh)
 
 
+def compile_options(constexprs: dict) -> tuple[dict, dict]:
+    """A recorded launch's keywords -> (Triton compile options: num_warps, num_stages and a
+    register cap ``maxnreg`` where set, the kernel's constexprs)."""
+    kw = dict(constexprs)
+    options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
+    if "maxnreg" in kw:  # a register cap (LaunchConfig.<kernel>_regs)
+        options["maxnreg"] = kw.pop("maxnreg")
+    return options, kw
+
+
 def compile_usage(rec: dict, arch: int) -> dict:
     """Registers, spill bytes (stores, loads) and shared memory of one recorded launch."""
     import importlib
@@ -126,10 +136,7 @@ def compile_usage(rec: dict, arch: int) -> dict:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
-    kw = dict(rec["constexprs"])
-    options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
-    if "maxnreg" in kw:  # a register cap (LaunchConfig.<kernel>_regs) is a compile option too
-        options["maxnreg"] = kw.pop("maxnreg")
+    options, kw = compile_options(rec["constexprs"])
     types = iter(rec["types"])
     sig = {n: "constexpr" if n in kw else next(types) for n in fn.arg_names}
     const = {(fn.arg_names.index(n),): val for n, val in kw.items()}
