@@ -402,13 +402,14 @@ def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2,
     """The selected branch's dK/dV into dk / dv (k's / v's dtype); returns the block-major work
     list (the forward's, or built here when it made none: the dq walks it too)."""
     n = idx.shape[-1]
+    # fp32 sums (atomic adds), in dk / dv themselves when they are fp32
+    dk32 = dk if dk.dtype == torch.float32 else torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    dv32 = dv if dv.dtype == torch.float32 else torch.empty(v.shape, dtype=torch.float32, device=v.device)
     if geo.forced_split():  # the forced blocks' part first: it initialises the buffers
-        dk32 = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-        dv32 = torch.empty(v.shape, dtype=torch.float32, device=v.device)
         _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo, cfg, scale2, scale)
     else:
-        dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk32.zero_()
+        dv32.zero_()
     block_dq = geo.sel_dq_block_major()
     dkdv_only = work is None and not block_dq  # the list is the selected dK/dV's alone
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
@@ -418,8 +419,10 @@ def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2,
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
                                               scale2, scale, geo.HQ, geo.DK, geo.DV,
                                               **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
-    dk.copy_(dk32)
-    dv.copy_(dv32)
+    if dk32 is not dk:
+        dk.copy_(dk32)
+    if dv32 is not dv:
+        dv.copy_(dv32)
     return work
 
 
