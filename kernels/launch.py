@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 # (num_warps, num_stages) of one kernel launch
 WarpsStages = tuple[int, int]
 
-_CHOICES = {"sel_algo": ("auto", "block", "query"), "sel_dq_algo": ("auto", "block", "query"),
+_CHOICES = {"sel_algo": ("auto", "block", "query"), "sel_dq_algo": ("auto", "block", "query", "fused"),
             "sel_dq_partial": ("auto", "fp32", "fp16s"), "head_dim_pieces": ("auto", "two", "one")}
 # tile sides that enter tl.arange / tl.dot: powers of two (tl.dot needs >= 16)
 _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_span": 1, "gate_rows": 1,
@@ -48,7 +48,10 @@ class LaunchConfig:
     # --- selected branch (selected_attn.py)
     sel_algo: str = "auto"  # selected forward: "block"-major, "query"(position)-major, or by G
     sel_query_min_g: int = 16  # "auto": position-major from this group size (K/V reuse per tile)
-    sel_dq_algo: str = "auto"  # the same choice for the selected dq
+    # the same choice for the selected dq, or "fused": block-major, its per-slot dq written by the
+    # selected dK/dV kernel (one gather of q / dO for both, one more product and a [rows, Dk]
+    # temporary there; ``sel_dkdv_dq`` launch settings)
+    sel_dq_algo: str = "auto"
     sel_dq_query_min_g: int = 16  # "auto": position-major dq from this group size
     sel_forced: bool = True  # forced blocks (0, the two local) in the range kernels with full tiles
     sel_rows: int = 16  # rows per program of the position-major selected forward / dq
@@ -57,6 +60,7 @@ class LaunchConfig:
     sel_split_rows: int = 64  # rows per step of the block-major forward
     sel_dq_split_rows: int = 64  # rows per step of the block-major dq
     sel_dkdv_rows: int = 64  # rows per step of the selected dK/dV
+    sel_dkdv_dq_rows: int = 64  # the same for the fused dK/dV + dq kernel
     sel_combine_rows: int = 32  # rows per program of the per-slot merges (forward and dq)
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
     split_bytes: int = 1 << 30  # bound of the block-major per-slot buffers: positions are chunked
@@ -106,6 +110,7 @@ class LaunchConfig:
     sel_combine: WarpsStages = (4, 1)
     sel_dq_split: WarpsStages = (4, 2)
     sel_dq_combine: WarpsStages = (4, 1)
+    sel_dkdv_dq: WarpsStages = (8, 2)  # fused: dK, dV held with a dq temporary (8 warps: fewer spills)
 
     def __init__(self, **overrides):
         names = field_names()
@@ -236,6 +241,7 @@ SMEM_TILES = {
     "sel_split": (("nk", "nv"), ("mk",)),
     "sel_dq_split": (("nk", "nv"), ("mk", "mv")),
     "sel_dkdv": (("nk", "nv"), ("mk", "mv")),
+    "sel_dkdv_dq": (("nk", "nv"), ("mk", "mv")),
     "select": (("mk",), ("nk",)),
 }
 
@@ -245,7 +251,7 @@ SMEM_TILES = {
 ACC_TILES = {
     "range_fwd": ("mv",), "range_dq": ("mk",), "range_dkdv": ("nk", "nv"),
     "sel_fwd": ("mv",), "sel_dq": ("mk",), "sel_split": ("mv",), "sel_dq_split": ("mk",),
-    "sel_dkdv": ("nk", "nv"),
+    "sel_dkdv": ("nk", "nv"), "sel_dkdv_dq": ("nk", "nv"),
 }
 
 

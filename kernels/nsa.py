@@ -171,7 +171,12 @@ class Geometry:
         re-read per position) or position-major? ``launch.sel_dq_algo`` overrides the choice by
         ``launch.sel_dq_query_min_g``."""
         algo = self.launch.sel_dq_algo
-        return self.G < self.launch.sel_dq_query_min_g if algo == "auto" else algo == "block"
+        return self.G < self.launch.sel_dq_query_min_g if algo == "auto" else algo in ("block", "fused")
+
+    def sel_dq_fused(self) -> bool:
+        """Block-major selected dq written by the selected dK/dV kernel itself (``launch.sel_dq_algo
+        = "fused"``): q and dO gathered once for both, one more product per step there."""
+        return self.launch.sel_dq_algo == "fused"
 
     def dq_partial_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Per-slot dq of the block-major dq: fp16 with a power-of-two scale per (row, slot)
@@ -376,9 +381,10 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     return work
 
 
-def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg, scale2, scale):
+def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg, scale2, scale, dkdv=None):
     """Block-major selected dq: per-slot dq of each chunk of positions, then their sum plus dq32
-    into dq (q's dtype)."""
+    into dq (q's dtype). dkdv: (dk32, dv32) with the fused dq (``sel_dq_algo="fused"``): the
+    dK/dV kernel writes the slots while it adds into dk32 / dv32 (one pass over q and dO)."""
     T = q.shape[0]
     pdt = geo.dq_partial_dtype(q.dtype)
     scaled = pdt == torch.float16
@@ -389,18 +395,25 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]  # every chunk has item rows (tiles.item_bound >= 1)
-        _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
-                                      work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, SCALED=scaled,
-                                      **_sel_block_args(geo, cfg, "sel_dq_split"))
+        if dkdv is not None:
+            _sel_bwd_dkdv[(i1 - i0,)](q, k, v, do, lse, delta, *dkdv, work.items[i0:i1], work.queries, dqp, dqs,
+                                      work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ,
+                                      DQ_SLOTS=True, SCALED=scaled, **_sel_block_args(geo, cfg, "sel_dkdv_dq"))
+        else:
+            _sel_bwd_dq_split[(i1 - i0,)](q, k, v, do, lse, delta, dqp, dqs, work.items[i0:i1], work.queries,
+                                          work.slots, scale2, scale, geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ,
+                                          SCALED=scaled, **_sel_block_args(geo, cfg, "sel_dq_split"))
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], dq[t0:t1], nr,
                                                      geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=_pow2(geo.DK),
                                                      SCALED=scaled, **geo.launch.warps("sel_dq_combine"))
 
 
-def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, work, dk, dv):
+def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, work, dk, dv, dq_out=None):
     """The selected branch's dK/dV into dk / dv (k's / v's dtype); returns the block-major work
-    list (the forward's, or built here when it made none: the dq walks it too)."""
+    list (the forward's, or built here when it made none: the dq walks it too).
+    dq_out: (dq32, dq) with the fused dq (``Geometry.sel_dq_fused``): the same kernel writes the
+    per-slot dq, summed with dq32 (the other branches) into dq (q's dtype)."""
     n = idx.shape[-1]
     # fp32 sums (atomic adds), in dk / dv themselves when they are fp32
     dk32 = dk if dk.dtype == torch.float32 else torch.empty(k.shape, dtype=torch.float32, device=k.device)
@@ -415,10 +428,13 @@ def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2,
     if work is None:  # the forward made no work list (position-major); chunks bound the dq's buffer
         work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype) if block_dq else None, dkdv_only)
     # the forward's work list when it made one (its chunks only split segments further)
-    if work.items.shape[0]:
+    if dq_out is not None:
+        _sel_dq_block(q, k, v, do, lse, delta, *dq_out, n, work, geo, cfg, scale2, scale, dkdv=(dk32, dv32))
+    elif work.items.shape[0]:
+        z = work.items  # no dq slots: any tensor stands for their pointers
         _sel_bwd_dkdv[(work.items.shape[0],)](q, k, v, do, lse, delta, dk32, dv32, work.items, work.queries,
-                                              scale2, scale, geo.HQ, geo.DK, geo.DV,
-                                              **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
+                                              z, z, z, scale2, scale, geo.HQ, geo.DK, geo.DV, n, 0, DQ_SLOTS=False,
+                                              SCALED=False, **_sel_block_args(geo, cfg, "sel_dkdv", dkdv_only))
     if dk32 is not dk:
         dk.copy_(dk32)
     if dv32 is not dv:
@@ -531,10 +547,14 @@ class NSAFunction(torch.autograd.Function):
             dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo,
                              cfg, scale2, scale)
             dq32_done = ov.mark()
-            with ov.on_side():
-                work = _sel_keys_backward(*sel, ctx.sel_work, dks, dvs)
-            with ov.on_side(after=dq32_done):
-                _sel_dq_backward(*sel, dq32, work, dq)
+            if geo.sel_dq_fused():  # one kernel for the selected dK/dV and dq: it waits for dq32
+                with ov.on_side(after=dq32_done):
+                    _sel_keys_backward(*sel, ctx.sel_work, dks, dvs, dq_out=(dq32, dq))
+            else:
+                with ov.on_side():
+                    work = _sel_keys_backward(*sel, ctx.sel_work, dks, dvs)
+                with ov.on_side(after=dq32_done):
+                    _sel_dq_backward(*sel, dq32, work, dq)
             dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta,
                                                       geo, cfg, scale2, scale)
         finally:

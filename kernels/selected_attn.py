@@ -287,11 +287,15 @@ def _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV, dk, dv, G
 
 
 @triton.jit
-def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, scale, HQ, DK, DV,
-                  G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, SLIST, scale2, scale, HQ, DK, DV,
+                  NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                  BDK3: tl.constexpr):
-    """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV."""
+                  BDK3: tl.constexpr, DQ_SLOTS: tl.constexpr, SCALED: tl.constexpr):
+    """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV.
+    DQ_SLOTS (``sel_dq_algo="fused"``): each step also writes its rows' dq over this block,
+    dS K, into their slots as ``_sel_bwd_dq_split`` does (same arguments DQP, DQS, SLIST, NSEL,
+    row0, SCALED): one pass over the gathered q / dO rows instead of two, one more product
+    (a [rows, Dk] temporary, not an accumulator)."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
@@ -314,11 +318,40 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, scale2, sca
         dst = pt * (dpt - delta[None, :])
         acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
         acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
+        if DQ_SLOTS:
+            ds = tl.trans(dst.to(k.dtype))
+            dq = tl.dot(ds, k, input_precision=PREC) * scale
+            dq_r = rest_scale(rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds, k_r, BDK2, BDK3, PREC), scale,
+                              BDK2, BDK3)
+            _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r, G, SCALED, BDK, BDK2,
+                           BDK3)
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     rest_store(DK32, kr, key_ok, DK, rest_scale(acc_k_r, scale, BDK2, BDK3), BDK, BDK2, BDK3, ATOMIC=True)
     tl.atomic_add(DV32 + kr[:, None] * DV + dv[None, :], acc_v,
                   mask=key_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r, G: tl.constexpr,
+                   SCALED: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+    """Rows r's dq over one block (dq [rows, BDK] fp32 and its later Dk pieces dq_r) into their
+    slots DQP[row - row0, slot]; SCALED: fp16 holding dq / DQS[slot], DQS a per-(row, slot)
+    power of two that puts the row's largest |dq| near 2^14 (``_sel_bwd_dq_split``)."""
+    dk = tl.arange(0, BDK)
+    slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
+    ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
+    if SCALED:
+        amax = rest_amax(tl.max(tl.abs(dq), 1), dq_r, BDK2, BDK3)
+        # scale 1 where the row is all zero or not finite (inf / nan then reach dq as they are)
+        fin = (amax > 0) & (amax < float("inf"))
+        sc = tl.where(fin, tl.exp2(tl.ceil(tl.log2(tl.where(fin, amax, 1.0))) - 14.0), 1.0)
+        tl.store(DQS + ps, sc, mask=row_ok)
+        dq = dq / sc[:, None]
+        dq_r = rest_scale(dq_r, 1.0 / sc[:, None], BDK2, BDK3)
+    tl.store(DQP + ps[:, None] * DK + dk[None, :], dq.to(DQP.dtype.element_ty),
+             mask=row_ok[:, None] & (dk < DK)[None, :])
+    rest_store(DQP, ps, row_ok, DK, dq_r, BDK, BDK2, BDK3)
 
 
 @triton.jit
@@ -351,19 +384,7 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
         dq_r = rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
         dq_r = rest_scale(dq_r, scale, BDK2, BDK3)
-        slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
-        ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
-        if SCALED:
-            amax = rest_amax(tl.max(tl.abs(dq), 1), dq_r, BDK2, BDK3)
-            # scale 1 where the row is all zero or not finite (inf / nan then reach dq as they are)
-            fin = (amax > 0) & (amax < float("inf"))
-            sc = tl.where(fin, tl.exp2(tl.ceil(tl.log2(tl.where(fin, amax, 1.0))) - 14.0), 1.0)
-            tl.store(DQS + ps, sc, mask=row_ok)
-            dq = dq / sc[:, None]
-            dq_r = rest_scale(dq_r, 1.0 / sc[:, None], BDK2, BDK3)
-        tl.store(DQP + ps[:, None] * DK + dk[None, :], dq.to(DQP.dtype.element_ty),
-                 mask=row_ok[:, None] & (dk < DK)[None, :])
-        rest_store(DQP, ps, row_ok, DK, dq_r, BDK, BDK2, BDK3)
+        _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r, G, SCALED, BDK, BDK2, BDK3)
 
 
 @triton.jit

@@ -238,6 +238,11 @@ SWEEP = {
                       {"sel_dq_algo": "block", "sel_dq_partial": "fp16s"}],
     "sel_dq_split": [(4, 3), (8, 2)],
     "sel_dq_combine": [(8, 1)],
+    # the selected dq from the dK/dV kernel (one gather of q / dO): its warps, stages and rows
+    "sel_dq_fused": [{"sel_dq_algo": "fused"}, {"sel_dq_algo": "fused", "sel_dkdv_dq": (4, 2)},
+                     {"sel_dq_algo": "fused", "sel_dkdv_dq": (8, 3)},
+                     {"sel_dq_algo": "fused", "sel_dkdv_dq_rows": 32},
+                     {"sel_dq_algo": "fused", "split_bytes": 1 << 32}],
     # segment lengths: of lists the block-major forward / dq walk too (G < 16), and of a list
     # the selected dK/dV walks alone (G >= 16), with two of its launch variants
     "sel_seg_rows": [256, 2048, 4096, 8192, 16384],

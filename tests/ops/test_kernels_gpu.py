@@ -90,6 +90,16 @@ def test_both_selected_layouts_bf16(G, algo, inside):
     assert max(errs.values()) <= 5e-3, errs
 
 
+@pytest.mark.parametrize("G,warps", [(1, (8, 2)), (4, (8, 2)), (4, (4, 2)), (16, (8, 2))])
+def test_fused_selected_dq_bf16(G, warps):
+    """The selected dq written by the dK/dV kernel (``sel_dq_algo="fused"``), packed documents."""
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    with use_launch(LaunchConfig(sel_dq_algo="fused", sel_dkdv_dq=warps)):
+        errs, _ = _case(G, S=4096, cu=[0, 1000, 1003, 3000, 4096], inside=True)
+    assert max(errs.values()) <= 5e-3, errs
+
+
+
 @pytest.mark.parametrize("algo,partial", [("block", "fp32"), ("block", "fp16s"), ("query", "auto")])
 @pytest.mark.parametrize("G", [4, 16])
 def test_both_selected_dq_layouts_bf16(G, algo, partial):

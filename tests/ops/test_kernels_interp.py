@@ -36,24 +36,28 @@ def _run(case, dtype=torch.float32):
     return kernels, cfg, cu_t, x
 
 
-SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq")
+SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq", "block-fused",
+             "block-fused-chunked", "query-fwd-fused-dq")
 # (algorithm, case) run by default: every case block-major (the default), every other
 # algorithm on two or more cases; the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
     ("block-chunked", "G2-packed"), ("block-chunked", "G1"), ("query", "G1"), ("query", "G3-Dv32"),
     ("query-fwd-block-dq", "G1"), ("query-fwd-block-dq", "G4-fla-cfg-w0"),
-    ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0")}
+    ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0"),
+    ("block-fused", "G1"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
+    ("query-fwd-fused-dq", "G1")}
 
 
 @pytest.fixture
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
-    positions, position-major, or one of each."""
+    positions, position-major, one of each, or the dq fused into the dK/dV kernel."""
     kernels_or_skip()
     from nsa_dist.kernels import nsa
     fwd_query = request.param.startswith("query")
     dq_query = request.param == "query" or request.param.endswith("query-dq")
-    launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo="query" if dq_query else "block")
+    dq_algo = "fused" if "fused" in request.param else "query" if dq_query else "block"
+    launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
     chunks = []
@@ -131,17 +135,19 @@ def test_fp16_forward_and_grads_close_to_fp32_reference():
         assert max_rel(a, b) < 1e-2, f"d{name}: {max_rel(a, b):.2e}"
 
 
-@pytest.mark.parametrize("mag", [1e-25, pytest.param(1.0, marks=pytest.mark.slow), 1e25])
-def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, monkeypatch):
+@pytest.mark.parametrize("mag,dq_algo", [(1e-25, "block"), pytest.param(1.0, "block", marks=pytest.mark.slow),
+                                         (1e25, "block"), (1e25, "fused")])
+def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, dq_algo, monkeypatch):
     """The block-major dq's per-slot results as fp16 with a power-of-two scale per (row, slot):
     fp16 precision whatever the gradient's magnitude (plain fp16 would flush 1e-25 to zero and
-    overflow at 1e25), over several chunks of positions (the scales' offsets per chunk)."""
+    overflow at 1e25), over several chunks of positions (the scales' offsets per chunk); from
+    the dq kernel or from the dK/dV kernel (``sel_dq_algo="fused"``)."""
     kernels, cfg, cu, x = _run("G2-packed")
     from nsa_dist.kernels import nsa
     chunks, work = [], nsa._sel_work
     monkeypatch.setattr(nsa, "_sel_work", lambda *a, **kw: chunks.append(work(*a, **kw)) or chunks[-1])
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(sel_dq_algo="block", sel_dq_partial="fp16s", split_bytes=20000)):
+    with use_launch(LaunchConfig(sel_dq_algo=dq_algo, sel_dq_partial="fp16s", split_bytes=20000)):
         o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
     do = torch.randn_like(o_ref) * mag
     dq_ref, = torch.autograd.grad(o_ref, x["q"], do)

@@ -93,7 +93,8 @@ def _geometry(G, dk, dv, dtype, sel_block=64, launch=DEFAULT):
     return Geometry(lay, HQ=2 * G, H=2, DK=dk, DV=dv, dtype=dtype, sel_block=sel_block, launch=launch)
 
 
-KERNELS = ("range_fwd", "range_dq", "range_dkdv", "sel_fwd", "sel_dq", "sel_split", "sel_dq_split", "sel_dkdv")
+KERNELS = ("range_fwd", "range_dq", "range_dkdv", "sel_fwd", "sel_dq", "sel_split", "sel_dq_split", "sel_dkdv",
+           "sel_dkdv_dq")
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
@@ -196,7 +197,7 @@ def test_acc_regs_doubles_the_warps_of_kernels_with_large_accumulators():
         paper = _geometry(G, 128, 128, torch.bfloat16, launch=wide)
         plain = _geometry(G, 192, 128, torch.bfloat16)
         for kernel in KERNELS:
-            want = 8 if kernel in ("range_dkdv", "sel_dkdv") else 4
+            want = 8 if kernel in ("range_dkdv", "sel_dkdv", "sel_dkdv_dq") else 4
             assert seeds.tiles(kernel).launch == {"num_warps": want, "num_stages": DEFAULT.warps(kernel)["num_stages"]}
             assert paper.tiles(kernel).launch == DEFAULT.warps(kernel), (G, kernel)
             assert plain.tiles(kernel).launch == DEFAULT.warps(kernel), (G, kernel)
