@@ -64,6 +64,10 @@ class LaunchConfig:
     sel_combine_rows: int = 32  # rows per program of the per-slot merges (forward and dq)
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
     split_bytes: int = 1 << 30  # bound of the block-major per-slot buffers: positions are chunked
+    # L2 eviction hints in the block-major kernels: gathered q / dO rows "evict_last", per-slot
+    # buffers "evict_first" (with small chunks a chunk's q can stay in L2 across the blocks
+    # its positions chose); off: the hardware's default policy
+    sel_l2_hints: bool = False
     # --- streams (CUDA): the selected branch's kernels (memory- and latency-bound at small G)
     # on a second stream: in the forward beside the window kernel (with a window), in the
     # backward beside the range dq and dK/dV; about 1% at G = 4 on an H100, and the side

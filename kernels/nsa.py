@@ -331,7 +331,15 @@ def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) ->
     ``launch.<kernel>_rows`` (sel_split, sel_dq_split, sel_dkdv), at most a segment."""
     t = geo.tiles(kernel, dkdv_only)
     return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(),
-                PREC=geo.prec, **geo.dk_pieces(), **t.launch)
+                PREC=geo.prec, **geo.dk_pieces(), **_l2_hints(geo), **t.launch)
+
+
+def _l2_hints(geo: Geometry) -> dict:
+    """L2 eviction policies of the block-major kernels (``launch.sel_l2_hints``): the gathered q /
+    dO rows kept ("evict_last", each is read once per block its position chose), the per-slot
+    buffers streamed ("evict_first", written once and read once); "" the hardware's default."""
+    on = geo.launch.sel_l2_hints
+    return {"EVQ": "evict_last" if on else "", "EVS": "evict_first" if on else ""}
 
 
 def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
@@ -376,7 +384,7 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
-                                                  NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,
+                                                  NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced, EVS=_l2_hints(geo)["EVS"],
                                                   **geo.launch.warps("sel_combine"))
     return work
 
@@ -406,7 +414,8 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
         nr = (t1 - t0) * geo.HQ
         _sel_dq_combine[(triton.cdiv(nr, block_r),)](dqp, dqs, work.valid[t0:t1], dq32[t0:t1], dq[t0:t1], nr,
                                                      geo.HQ, n, geo.DK, G=geo.G, BLOCK_R=block_r, BDK=_pow2(geo.DK),
-                                                     SCALED=scaled, **geo.launch.warps("sel_dq_combine"))
+                                                     SCALED=scaled, EVS=_l2_hints(geo)["EVS"],
+                                                     **geo.launch.warps("sel_dq_combine"))
 
 
 def _sel_keys_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, scale, work, dk, dv, dq_out=None):

@@ -196,10 +196,12 @@ def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
                    G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                   BDK3: tl.constexpr):
+                   BDK3: tl.constexpr, EVQ: tl.constexpr, EVS: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries): each row's attention over
     this one block, normalised, into its slot: OP[row - row0, slot] and its log2-sum-exp2
-    LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots."""
+    LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots.
+    EVQ / EVS: L2 eviction policies of the gathered query rows / the slot stores ("": normal;
+    ``LaunchConfig.sel_l2_hints``)."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
@@ -212,7 +214,8 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
         row_ok = r < n * G
         t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
         rq = t * HQ + h * G + r % G
-        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0,
+                    eviction_policy=EVQ)
         q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
         s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
         s = tl.where(row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
@@ -223,14 +226,15 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
         acc = tl.dot(p.to(v.dtype), v, input_precision=PREC) / tl.maximum(l, 1.0)[:, None]
         slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
         ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
-        tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok)
+        tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok,
+                 eviction_policy=EVS)
         tl.store(OP + ps[:, None] * DV + dv[None, :], acc.to(OP.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv < DV)[None, :])
+                 mask=row_ok[:, None] & (dv < DV)[None, :], eviction_policy=EVS)
 
 
 @triton.jit
 def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl.constexpr,
-                 BDV: tl.constexpr, FORCED: tl.constexpr):
+                 BDV: tl.constexpr, FORCED: tl.constexpr, EVS: tl.constexpr):
     """Merge each row's per-slot results: lse = log2-sum-exp2 of LP, o = sum_j 2^(LP_j - lse) OP_j,
     with FORCED one more term, the forced blocks' (OF, LF: +inf where nothing was visible).
     Rows that saw nothing get lse = +inf and o = 0."""
@@ -239,7 +243,7 @@ def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, 
     jn = tl.arange(0, NPAD)
     dv = tl.arange(0, BDV)
     lp = tl.load(LP + r[:, None] * NSEL + jn[None, :], mask=row_ok[:, None] & (jn < NSEL)[None, :],
-                 other=float("-inf"))
+                 other=float("-inf"), eviction_policy=EVS)
     m = tl.max(lp, 1)
     if FORCED:
         lf = tl.load(LF + r, mask=row_ok, other=float("inf"))
@@ -263,7 +267,7 @@ def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, 
         wj = tl.sum(tl.where(jn[None, :] == j, w, 0.0), 1)
         ok = row_ok & (wj > 0)  # unwritten slots hold garbage: never read them
         oj = tl.load(OP + (r * NSEL + j)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
-                     other=0.0)
+                     other=0.0, eviction_policy=EVS)
         acc += wj[:, None] * oj.to(tl.float32)
     tl.store(LSE + r, lse, mask=row_ok)
     tl.store(O + r[:, None] * DV + dv[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
@@ -271,16 +275,19 @@ def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, 
 
 @triton.jit
 def _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV, dk, dv, G: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
+                  EVQ: tl.constexpr):
     """Rows r0..r0+BLOCK_M-1 of a work item's n positions x G heads (block-major backward):
     (r, row_ok, positions t, query rows rq, q, q's later head-dim pieces, dO, lse, delta), gathered."""
     r = r0 + tl.arange(0, BLOCK_M)
     row_ok = r < n * G
     t = tl.load(QLIST + off + r // G, mask=row_ok, other=0)
     rq = t * HQ + h * G + r % G
-    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+    q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0,
+                eviction_policy=EVQ)
     q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
-    do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0)
+    do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0,
+                 eviction_policy=EVQ)
     lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
     return r, row_ok, t, rq, q, q_r, do, lse, delta
@@ -290,7 +297,8 @@ def _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK, DV, dk, dv, G
 def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, SLIST, scale2, scale, HQ, DK, DV,
                   NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                  BDK3: tl.constexpr, DQ_SLOTS: tl.constexpr, SCALED: tl.constexpr):
+                  BDK3: tl.constexpr, DQ_SLOTS: tl.constexpr, SCALED: tl.constexpr, EVQ: tl.constexpr,
+                  EVS: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV.
     DQ_SLOTS (``sel_dq_algo="fused"``): each step also writes its rows' dq over this block,
     dS K, into their slots as ``_sel_bwd_dq_split`` does (same arguments DQP, DQS, SLIST, NSEL,
@@ -308,7 +316,7 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
     for r0 in range(0, n * G, BLOCK_M):
         r, row_ok, t, rq, q, q_r, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK,
-                                                                 DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3)
+                                                                 DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3, EVQ)
         st = tl.dot(k, tl.trans(q), input_precision=PREC)
         st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
@@ -324,7 +332,7 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
             dq_r = rest_scale(rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds, k_r, BDK2, BDK3, PREC), scale,
                               BDK2, BDK3)
             _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r, G, SCALED, BDK, BDK2,
-                           BDK3)
+                           BDK3, EVS)
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     rest_store(DK32, kr, key_ok, DK, rest_scale(acc_k_r, scale, BDK2, BDK3), BDK, BDK2, BDK3, ATOMIC=True)
@@ -334,7 +342,8 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
 
 @triton.jit
 def _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r, G: tl.constexpr,
-                   SCALED: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+                   SCALED: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
+                   EVS: tl.constexpr):
     """Rows r's dq over one block (dq [rows, BDK] fp32 and its later Dk pieces dq_r) into their
     slots DQP[row - row0, slot]; SCALED: fp16 holding dq / DQS[slot], DQS a per-(row, slot)
     power of two that puts the row's largest |dq| near 2^14 (``_sel_bwd_dq_split``)."""
@@ -346,11 +355,11 @@ def _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r
         # scale 1 where the row is all zero or not finite (inf / nan then reach dq as they are)
         fin = (amax > 0) & (amax < float("inf"))
         sc = tl.where(fin, tl.exp2(tl.ceil(tl.log2(tl.where(fin, amax, 1.0))) - 14.0), 1.0)
-        tl.store(DQS + ps, sc, mask=row_ok)
+        tl.store(DQS + ps, sc, mask=row_ok, eviction_policy=EVS)
         dq = dq / sc[:, None]
         dq_r = rest_scale(dq_r, 1.0 / sc[:, None], BDK2, BDK3)
     tl.store(DQP + ps[:, None] * DK + dk[None, :], dq.to(DQP.dtype.element_ty),
-             mask=row_ok[:, None] & (dk < DK)[None, :])
+             mask=row_ok[:, None] & (dk < DK)[None, :], eviction_policy=EVS)
     rest_store(DQP, ps, row_ok, DK, dq_r, BDK, BDK2, BDK3)
 
 
@@ -358,7 +367,8 @@ def _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r
 def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, scale2, scale, HQ, DK, DV,
                       NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr,
-                      PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+                      PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, EVQ: tl.constexpr,
+                      EVS: tl.constexpr):
     """Block-major dq: one program per (KV head, block, segment of choosing queries) writes each
     row's dq over this one block, scale * dS K, into its slot DQP[row - row0, slot].
     dS uses the branch's final lse and delta, so a row's dq is the plain sum of its slots
@@ -375,7 +385,7 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
     vt = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
     for r0 in range(0, n * G, BLOCK_M):
         r, row_ok, t, rq, q, q_r, do, lse, delta = _sel_bwd_rows(Q, DO, LSE, DELTA, QLIST, off, n, r0, h, HQ, DK,
-                                                                 DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3)
+                                                                 DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3, EVQ)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         s = rest_dot(s, q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
@@ -384,12 +394,13 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
         dq_r = rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
         dq_r = rest_scale(dq_r, scale, BDK2, BDK3)
-        _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r, G, SCALED, BDK, BDK2, BDK3)
+        _store_dq_slot(DQP, DQS, SLIST, off, r, row_ok, rq, row0, NSEL, DK, dq, dq_r, G, SCALED, BDK, BDK2, BDK3,
+                       EVS)
 
 
 @triton.jit
 def _sel_dq_combine(DQP, DQS, VALID, DQ, DQO, rows, HQ, NSEL, DK, G: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BDK: tl.constexpr, SCALED: tl.constexpr):
+                    BDK: tl.constexpr, SCALED: tl.constexpr, EVS: tl.constexpr):
     """DQO[r] = DQ[r] (fp32, the other branches) + the sum of row r's written dq slots, in DQO's
     dtype (VALID [positions, H, NSEL] marks the slots; the others hold garbage and are never
     read), times their DQS scales when SCALED. r counts rows (position x query head) of a chunk."""
@@ -403,9 +414,9 @@ def _sel_dq_combine(DQP, DQS, VALID, DQ, DQO, rows, HQ, NSEL, DK, G: tl.constexp
     for j in range(NSEL):
         ok = tl.load(VALID + vrow + j, mask=row_ok, other=0) != 0
         part = tl.load(DQP + (r * NSEL + j)[:, None] * DK + dk[None, :], mask=ok[:, None] & (dk < DK)[None, :],
-                       other=0.0).to(tl.float32)
+                       other=0.0, eviction_policy=EVS).to(tl.float32)
         if SCALED:
-            part = part * tl.load(DQS + r * NSEL + j, mask=ok, other=0.0)[:, None]
+            part = part * tl.load(DQS + r * NSEL + j, mask=ok, other=0.0, eviction_policy=EVS)[:, None]
         acc += part
     off = r[:, None] * DK + dk[None, :]
     tl.store(DQO + off, (tl.load(DQ + off, mask=msk, other=0.0) + acc).to(DQO.dtype.element_ty), mask=msk)

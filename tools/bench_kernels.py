@@ -243,6 +243,9 @@ SWEEP = {
                      {"sel_dq_algo": "fused", "sel_dkdv_dq": (8, 3)},
                      {"sel_dq_algo": "fused", "sel_dkdv_dq_rows": 32},
                      {"sel_dq_algo": "fused", "split_bytes": 1 << 32}],
+    # L2 eviction hints (keep gathered q / dO, stream the slots), with smaller chunks of positions
+    "sel_l2_hints": [True, {"sel_l2_hints": True, "split_bytes": 1 << 28},
+                     {"sel_l2_hints": True, "split_bytes": 1 << 29, "sel_dq_algo": "fused"}],
     # segment lengths: of lists the block-major forward / dq walk too (G < 16), and of a list
     # the selected dK/dV walks alone (G >= 16), with two of its launch variants
     "sel_seg_rows": [256, 2048, 4096, 8192, 16384],

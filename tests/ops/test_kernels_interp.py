@@ -37,7 +37,7 @@ def _run(case, dtype=torch.float32):
 
 
 SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq", "block-fused",
-             "block-fused-chunked", "query-fwd-fused-dq")
+             "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked")
 # (algorithm, case) run by default: every case block-major (the default), every other
 # algorithm on two or more cases; the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
@@ -45,19 +45,20 @@ SEL_DEFAULT = {("block", c) for c in CASES} | {
     ("query-fwd-block-dq", "G1"), ("query-fwd-block-dq", "G4-fla-cfg-w0"),
     ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0"),
     ("block-fused", "G1"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
-    ("query-fwd-fused-dq", "G1")}
+    ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed")}
 
 
 @pytest.fixture
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
-    positions, position-major, one of each, or the dq fused into the dK/dV kernel."""
+    positions, position-major, one of each, the dq fused into the dK/dV kernel, or with L2 hints."""
     kernels_or_skip()
     from nsa_dist.kernels import nsa
     fwd_query = request.param.startswith("query")
     dq_query = request.param == "query" or request.param.endswith("query-dq")
     dq_algo = "fused" if "fused" in request.param else "query" if dq_query else "block"
-    launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo)
+    launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo,
+                          sel_l2_hints="hints" in request.param)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
     chunks = []
