@@ -233,8 +233,10 @@ def test_selected_dq_layout_and_partial_dtype_choices():
     # the chunk bounds the larger per-slot buffer: fp32 dq (16 * 4 B) over bf16 o + lse (16 * 2 + 4 B)
     assert fp32.split_chunk(4, torch.bfloat16) == split_bytes // (8 * 4 * 16 * 4)
     assert small.split_chunk(4, torch.bfloat16) == split_bytes // (8 * 4 * (16 * 2 + 4))
+    fused = Geometry(lay, 32, 2, 16, 16, launch=LaunchConfig(sel_dq_algo="fused"))
+    assert fused.sel_dq_block_major() and fused.sel_dq_fused() and not small.sel_dq_fused()
     with pytest.raises(ValueError, match="sel_dq_algo"):
-        LaunchConfig(sel_dq_algo="fused")
+        LaunchConfig(sel_dq_algo="fuse")
     with pytest.raises(ValueError, match="sel_dq_partial"):
         LaunchConfig(sel_dq_partial="bf16")
 
