@@ -124,6 +124,8 @@ PIECES = {
     "192-two": (192, 128, torch.float32, dict(head_dim_pieces="two"), (128, 64, 0)),
     "96-block-chunked": (96, 64, torch.float32, dict(dkdv_qchunk=32), (32, 32, 32)),
     "96-fp16": (96, 64, torch.float16, {}, (32, 32, 32)),
+    "96-fused-fp16": (96, 64, torch.float16, dict(sel_dq_algo="fused", sel_l2_hints=True), (32, 32, 32)),
+    "192-fused": (192, 128, torch.float32, dict(sel_dq_algo="fused"), (64, 64, 64)),
     "48-fp16-query": (48, 32, torch.float16, dict(sel_algo="query", sel_dq_algo="query"), (16, 16, 16)),
 }
 
