@@ -384,8 +384,8 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
         nr = (t1 - t0) * geo.HQ
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
                                                   o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
-                                                  NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced, EVS=_l2_hints(geo)["EVS"],
-                                                  **geo.launch.warps("sel_combine"))
+                                                  NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,
+                                                  EVS=_l2_hints(geo)["EVS"], **geo.launch.warps("sel_combine"))
     return work
 
 
