@@ -99,7 +99,6 @@ def test_fused_selected_dq_bf16(G, warps):
     assert max(errs.values()) <= 5e-3, errs
 
 
-
 @pytest.mark.parametrize("algo,partial", [("block", "fp32"), ("block", "fp16s"), ("query", "auto")])
 @pytest.mark.parametrize("G", [4, 16])
 def test_both_selected_dq_layouts_bf16(G, algo, partial):

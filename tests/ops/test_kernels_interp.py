@@ -324,7 +324,8 @@ def test_two_stream_order_matches_reference(case, algos, monkeypatch):
 
 def test_register_capped_split_kernels_match_reference(monkeypatch):
     """``sel_split_regs`` / ``sel_dq_split_regs`` reach the block-major split launches as
-    ``maxnreg`` (a compile option; the interpreter runs the same code) and change no result."""
+    ``maxnreg`` (a compile option; the interpreter runs the same code) and ``sel_l2_hints`` every
+    block-major launch as its eviction policies (the interpreter ignores them); no result changes."""
     _, cfg, cu, x = _run("G2-packed")
     from nsa_dist.kernels import nsa
     seen = []
@@ -332,7 +333,8 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
     monkeypatch.setattr(nsa, "_sel_block_args", lambda geo, c, k, *a: seen.append((k, args_of(geo, c, k, *a)))
                         or seen[-1][1])
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(sel_algo="block", sel_dq_algo="block", sel_split_regs=168, sel_dq_split_regs=128)):
+    with use_launch(LaunchConfig(sel_algo="block", sel_dq_algo="block", sel_split_regs=168, sel_dq_split_regs=128,
+                                 sel_l2_hints=True)):
         o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
         do = torch.randn_like(o_ref)
         g_tri = torch.autograd.grad(o_tri, args(x), do)
@@ -342,3 +344,5 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
     caps = {k: kw.get("maxnreg") for k, kw in seen}
     assert caps == {"sel_split": 168, "sel_dq_split": 128, "sel_dkdv": None}, caps
+    hints = {(kw["EVQ"], kw["EVS"]) for _, kw in seen}
+    assert hints == {("evict_last", "evict_first")}, hints
