@@ -53,6 +53,10 @@ class LaunchConfig:
     # temporary there; ``sel_dkdv_dq`` launch settings)
     sel_dq_algo: str = "auto"
     sel_dq_query_min_g: int = 16  # "auto": position-major dq from this group size
+    # "auto": block-major dq fused into the dK/dV kernel from this key head dim (the wider q and
+    # dO rows cost more to gather twice): (d) Dk = 192, G = 4, 64k backward 314.6 -> 213.7 ms
+    # with acc_regs = 128; at Dk = 128 ((c), the 1b model) no gain (docs/kernel_notes.md)
+    sel_dq_fused_min_dk: int = 160
     sel_forced: bool = True  # forced blocks (0, the two local) in the range kernels with full tiles
     sel_rows: int = 16  # rows per program of the position-major selected forward / dq
     sel_seg_rows: int = 1024  # rows per work item of the block-major selected kernels
@@ -91,8 +95,10 @@ class LaunchConfig:
     smem_bytes: int = 232448  # shared memory one program may use: Hopper's 227 KB
     # --- registers: a kernel whose fp32 accumulators (ACC_TILES) exceed this many registers a
     # thread runs with twice the warps, up to 8 (``acc_warps``); None: the warps as set. At the
-    # paper's D = 128 no kernel exceeds 128; at Dk = 192 (in pieces) the dK/dV kernels hold 160.
-    acc_regs: Optional[int] = None
+    # paper's D = 128 no kernel exceeds 128 (128 changes nothing there); at Dk = 192 (in pieces)
+    # the dK/dV kernels hold 160 and spill at 4 warps: 8 warps measured faster (with the fused
+    # dq: (d) 64k backward 213.7 ms at 128, 225.5 at 64, 244 with the warps as set)
+    acc_regs: Optional[int] = 128
     # --- register cap (ptxas .maxnreg) of the block-major selected split kernels, forward and
     # dq: every kernel builds at 255 registers a thread, two programs an SM; at 168 three fit
     # (with spills: `tools/kernel_spills.py`), more loads in flight for these memory-bound
@@ -221,8 +227,8 @@ class LaunchConfig:
             elif isinstance(default, bool) or name in ("select_merge", "compile_tables"):
                 if not isinstance(v, bool) and not (v is None and default is None):
                     raise ValueError(f"LaunchConfig.{name} must be True or False, got {v!r}")
-            else:  # ints (optional where the default is None)
-                if v is None and default is None:
+            else:  # ints (None allowed where the field is Optional)
+                if v is None and str(f.type).startswith("Optional"):
                     continue
                 if not _is_int(v) or v < 1:
                     raise ValueError(f"LaunchConfig.{name} must be a positive int, got {v!r}")

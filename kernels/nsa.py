@@ -174,9 +174,14 @@ class Geometry:
         return self.G < self.launch.sel_dq_query_min_g if algo == "auto" else algo in ("block", "fused")
 
     def sel_dq_fused(self) -> bool:
-        """Block-major selected dq written by the selected dK/dV kernel itself (``launch.sel_dq_algo
-        = "fused"``): q and dO gathered once for both, one more product per step there."""
-        return self.launch.sel_dq_algo == "fused"
+        """Block-major selected dq written by the selected dK/dV kernel itself: q and dO gathered
+        once for both, one more product per step there. ``launch.sel_dq_algo`` "fused", or "auto"
+        with a block-major dq and Dk >= ``launch.sel_dq_fused_min_dk`` (wide rows: the second
+        gather costs more than the fused kernel's extra product)."""
+        algo = self.launch.sel_dq_algo
+        if algo == "auto":
+            return self.sel_dq_block_major() and self.DK >= self.launch.sel_dq_fused_min_dk
+        return algo == "fused"
 
     def dq_partial_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """Per-slot dq of the block-major dq: fp16 with a power-of-two scale per (row, slot)

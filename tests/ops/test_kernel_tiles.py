@@ -235,6 +235,14 @@ def test_selected_dq_layout_and_partial_dtype_choices():
     assert small.split_chunk(4, torch.bfloat16) == split_bytes // (8 * 4 * (16 * 2 + 4))
     fused = Geometry(lay, 32, 2, 16, 16, launch=LaunchConfig(sel_dq_algo="fused"))
     assert fused.sel_dq_block_major() and fused.sel_dq_fused() and not small.sel_dq_fused()
+    # "auto" fuses the block-major dq into the dK/dV kernel from sel_dq_fused_min_dk (192: yes, 128: no,
+    # G >= 16: position-major, never fused); "block" keeps the two kernels at any Dk
+    min_dk = LaunchConfig().sel_dq_fused_min_dk
+    assert Geometry(lay, 8, 2, 192, 128).sel_dq_fused() and Geometry(lay, 8, 2, min_dk, 128).sel_dq_fused()
+    assert not Geometry(lay, 8, 2, 128, 128).sel_dq_fused() and not Geometry(lay, 8, 2, min_dk - 1, 128).sel_dq_fused()
+    assert not Geometry(lay, 32, 2, 192, 128).sel_dq_fused()
+    assert not Geometry(lay, 8, 2, 192, 128, launch=LaunchConfig(sel_dq_algo="block")).sel_dq_fused()
+    assert not Geometry(lay, 8, 2, 192, 128, launch=LaunchConfig(sel_dq_fused_min_dk=256)).sel_dq_fused()
     with pytest.raises(ValueError, match="sel_dq_algo"):
         LaunchConfig(sel_dq_algo="fuse")
     with pytest.raises(ValueError, match="sel_dq_partial"):

@@ -123,13 +123,18 @@ def test_every_head_dim_up_to_256_fits_shared_memory(dtype_name):
 @pytest.mark.parametrize("G", [1, 2, 4, 8, 16])
 def test_16_bit_defaults_are_unchanged_up_to_dk_256_dv_128(G):
     """The fitting changes nothing where the defaults fit: 16-bit inputs, the paper's head dims
-    and the seeds' (Dk = 192, Dv = 128), every kernel at the launch config's own tiles."""
+    and the seeds' (Dk = 192, Dv = 128), every kernel at the launch config's own tiles; the warps
+    are the config's own but where acc_regs widens a kernel with large accumulators (Dk > 128)."""
     import torch
 
+    off = DEFAULT.replace(acc_regs=None)
     for dk, dv in ((64, 64), (128, 128), (192, 128), (256, 128)):
-        geo = _geometry(G, dk, dv, torch.bfloat16)
+        geo, plain = _geometry(G, dk, dv, torch.bfloat16), _geometry(G, dk, dv, torch.bfloat16, launch=off)
         for kernel in KERNELS:
-            assert geo.tiles(kernel).launch == DEFAULT.warps(kernel), (dk, dv, kernel)
+            assert plain.tiles(kernel).launch == DEFAULT.warps(kernel), (dk, dv, kernel)
+            assert geo.tiles(kernel)[:3] == plain.tiles(kernel)[:3], (dk, dv, kernel)
+            if dk <= 128:
+                assert geo.tiles(kernel).launch == DEFAULT.warps(kernel), (dk, dv, kernel)
         assert geo.tiles("range_fwd")[:3] == (max(1, 64 // G), max(16, 64 // G * G), 32)
         assert geo.tiles("range_dkdv")[1:3] == (64, 64)
         assert geo.tiles("sel_dkdv").block_m == 64
@@ -183,19 +188,20 @@ def test_every_matrix_product_of_the_kernels_takes_the_precision():
 
 
 def test_acc_regs_doubles_the_warps_of_kernels_with_large_accumulators():
-    """LaunchConfig.acc_regs (off by default): a kernel whose fp32 accumulators exceed that many
-    registers a thread gets twice the warps, up to 8. At the seeds' Dk = 192 (128 + 64),
-    Dv = 128 in bf16, acc_regs = 128 widens the two dK/dV kernels (160 registers at 4 warps) and
-    nothing at the paper's D = 128; the defaults change nothing; 8 warps set stay 8."""
+    """LaunchConfig.acc_regs (128 by default): a kernel whose fp32 accumulators exceed that many
+    registers a thread gets twice the warps, up to 8. At the seeds' Dk = 192 (in pieces),
+    Dv = 128 in bf16, 128 widens the three dK/dV kernels (160 registers at 4 warps) and
+    nothing at the paper's D = 128; None changes nothing; 8 warps set stay 8."""
     import torch
 
     from nsa_dist.kernels.launch import ACC_TILES
 
-    wide = LaunchConfig(acc_regs=128)
+    wide, off = LaunchConfig(acc_regs=128), LaunchConfig(acc_regs=None)
+    assert DEFAULT.acc_regs == 128
     for G in (4, 16):
         seeds = _geometry(G, 192, 128, torch.bfloat16, launch=wide)
-        paper = _geometry(G, 128, 128, torch.bfloat16, launch=wide)
-        plain = _geometry(G, 192, 128, torch.bfloat16)
+        paper = _geometry(G, 128, 128, torch.bfloat16)
+        plain = _geometry(G, 192, 128, torch.bfloat16, launch=off)
         for kernel in KERNELS:
             want = 8 if kernel in ("range_dkdv", "sel_dkdv", "sel_dkdv_dq") else 4
             assert seeds.tiles(kernel).launch == {"num_warps": want, "num_stages": DEFAULT.warps(kernel)["num_stages"]}
