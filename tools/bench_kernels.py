@@ -227,6 +227,8 @@ SHAPES = {
     "g1": Shape(8, 8, 128, 128, 32, 16, 64, 16, 512, False),
     "g2": Shape(16, 8, 128, 128, 32, 16, 64, 16, 512, False),
     "g8": Shape(64, 8, 128, 128, 32, 16, 64, 16, 512, False),
+    # configs/model/paper.yaml's heads: Dk = 192 at G = 16 (position-major selected kernels)
+    "e_paper_yaml": Shape(64, 4, 192, 128, 32, 16, 64, 16, 512, False),
 }
 
 # launch settings the sweep tries, one at a time (LaunchConfig fields, or a dict of them)

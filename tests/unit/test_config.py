@@ -58,7 +58,7 @@ def test_missing_yaml_file(tmp_path):
         ModelConfig.from_yaml(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("name", ["tiny", "125m", "1b", "paper"])
+@pytest.mark.parametrize("name", ["tiny", "125m", "1b", "1b_shared_kv", "paper"])
 def test_shipped_model_configs_load(name):
     cfg = ModelConfig.from_yaml(f"configs/model/{name}.yaml")
     assert cfg.num_heads % cfg.num_kv_heads == 0
