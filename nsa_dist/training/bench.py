@@ -84,11 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _derived_model_yaml(base_path: str, attention: str, seq_len: int, out_dir: str) -> str:
-    """The base model YAML with ``attention`` and (if needed) ``max_seq_len`` replaced."""
+def _derived_model_yaml(base, attention: str, seq_len: int, out_dir: str) -> str:
+    """The model YAML of train config ``base`` (with its ``model_overrides``) with ``attention``
+    and (if needed) ``max_seq_len`` replaced; runs name it with ``model_overrides={}``."""
     from ..config import ModelConfig
 
-    cfg = ModelConfig.from_yaml(base_path).to_dict()
+    base_path = base.model
+    cfg = base.model_config().to_dict()
     cfg["attention"] = attention
     cfg["max_seq_len"] = max(int(cfg["max_seq_len"]), seq_len)
     ModelConfig.from_dict(cfg, where=base_path)  # validate before anyone reads it
@@ -129,7 +131,6 @@ def run_grid(args) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from ..config import ModelConfig
     from .config import TrainConfig
     from .build import import_deepspeed, init_distributed
     from .trainer import Trainer
@@ -174,8 +175,7 @@ def run_grid(args) -> list[dict]:
                     if rank == 0:
                         _append_row(args.out, row)
                     continue
-                row.update(_run_point(base, args, lay, attention, S, out_dir, states, Trainer,
-                                      ModelConfig, world, rank))
+                row.update(_run_point(base, args, lay, attention, S, out_dir, states, Trainer, world, rank))
                 if row["status"] == "oom" and args.stop_on_oom:  # longer contexts come later
                     oom_after[(lay, attention)] = S
                 rows.append(row)
@@ -189,21 +189,21 @@ def run_grid(args) -> list[dict]:
 
 
 def _run_point(base, args, lay: Layout, attention: str, S: int, out_dir: str, states: dict,
-               Trainer, ModelConfig, world: int, rank: int) -> dict:
+               Trainer, world: int, rank: int) -> dict:
     import torch
     import torch.distributed as dist
 
     mb = lay.micro_batch or base.micro_batch_size
     model_yaml = None
     if rank == 0:
-        model_yaml = _derived_model_yaml(base.model, attention, S, out_dir)
+        model_yaml = _derived_model_yaml(base, attention, S, out_dir)
     holder = [model_yaml]
     dist.broadcast_object_list(holder, src=0)
     cfg = base.apply_overrides([f"seq_len={S}", f"parallel.tp={lay.tp}", f"parallel.sp={lay.sp}",
-                                f"micro_batch_size={mb}", f"model={holder[0]}",
+                                f"micro_batch_size={mb}", f"model={holder[0]}", "model_overrides={}",
                                 f"output_dir={os.path.join(out_dir, 'runs', f'{attention}_{S}_{lay.name}'.replace(':', '_'))}"])
     try:
-        cfg.parallel.check_model(ModelConfig.from_yaml(cfg.model), world, S)
+        cfg.parallel.check_model(cfg.model_config(), world, S)
     except ValueError as err:
         return {"status": f"invalid: {err}"}
     ps = None

@@ -198,7 +198,7 @@ def start(cfg: TrainConfig, parallel_state=None, log_all_ranks: bool = False) ->
     progress = Progress(cfg.train_steps, rank, log_all_ranks)
     _limit_cpu_threads(device)
     _seed_everything(cfg.seed)
-    model_cfg = ModelConfig.from_yaml(cfg.model)
+    model_cfg = cfg.model_config()
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
                          f"{model_cfg.max_seq_len} ({cfg.model})")

@@ -7,10 +7,11 @@ the shipped configs), so the same file works from the launchers and from tests.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ConfigBase, _positive_int, _require
+from ..config import ConfigBase, ModelConfig, _positive_int, _require
 from ..parallel.state import ParallelConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -24,6 +25,9 @@ class TrainConfig(ConfigBase):
 
     # What to train on.
     model: str = "configs/model/tiny.yaml"  # ModelConfig YAML
+    # fields of that YAML changed for this run, nested as in it: {num_layers: 8, nsa: {shared_kv:
+    # true}}; on the command line model.num_layers=8 model.nsa.shared_kv=true (``model_config``)
+    model_overrides: dict = field(default_factory=dict)
     deepspeed: str = "configs/deepspeed/zero2.json"  # DeepSpeed JSON ("auto" fields filled from here)
     data_prefix: str = "data_cache/stdlib"  # PackedDataset prefix (tools/preprocess_data.py output)
     mock_data: bool = False  # random tokens, one document per sample (throughput runs; no data or tokenizer read)
@@ -100,6 +104,10 @@ class TrainConfig(ConfigBase):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
                      "must be an integer >= 0", value)
+        _require(isinstance(self.model_overrides, dict), "model_overrides",
+                 "must be a mapping of model YAML fields (e.g. {nsa: {shared_kv: true}})", self.model_overrides)
+        if self.model_overrides and os.path.isfile(self.model):
+            self.model_config()  # a misspelt or ill-typed model field fails here, naming it
         for name in ("model", "deepspeed", "data_prefix", "tokenizer", "output_dir"):
             _require(isinstance(getattr(self, name), str) and getattr(self, name), name,
                      "must be a non-empty path string", getattr(self, name))
@@ -137,8 +145,18 @@ class TrainConfig(ConfigBase):
             return self.precision
         return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
 
+    def model_config(self) -> ModelConfig:
+        """The run's ``ModelConfig``: the ``model`` YAML with ``model_overrides`` merged in
+        (nested keys one by one), validated; an unknown key names the override."""
+        base = ModelConfig.from_yaml(self.model)
+        if not self.model_overrides:
+            return base
+        data = _merged(base.to_dict(), self.model_overrides)
+        return ModelConfig.from_dict(data, where=f"{os.path.basename(self.model)} with model_overrides")
+
     def apply_overrides(self, overrides: Optional[list[str]]) -> "TrainConfig":
-        """A new config with ``key=value`` overrides (values parsed as YAML scalars)."""
+        """A new config with ``key=value`` overrides (values parsed as YAML scalars); keys under
+        ``model.`` change fields of the model YAML (``model_overrides``), ``model=`` its path."""
         import yaml
 
         data = self.to_dict()
@@ -147,8 +165,12 @@ class TrainConfig(ConfigBase):
                 raise ValueError(f"override {item!r} must look like key=value (e.g. train_steps=20)")
             key, value = item.split("=", 1)
             *parents, leaf = key.strip().split(".")  # parallel.tp=2 sets a nested field
+            if parents and parents[0] == "model":  # model.nsa.shared_kv=true: a model YAML field
+                parents[0] = "model_overrides"
             node = data
-            for name in parents:
+            for i, name in enumerate(parents):
+                if i and parents[0] == "model_overrides" and name not in node:
+                    node[name] = {}  # model_overrides holds only the fields changed
                 if not isinstance(node.get(name), dict):
                     raise ValueError(f"override {item!r}: {name!r} is not a section of the train config")
                 node = node[name]
@@ -157,3 +179,14 @@ class TrainConfig(ConfigBase):
             except yaml.YAMLError:
                 raise ValueError(f"override {item!r}: {value!r} is not a valid YAML value") from None
         return TrainConfig.from_dict(data, where="override")
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` merged in: nested mappings key by key, other values replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -510,7 +510,7 @@ def main(argv: Optional[list] = None) -> int:
     for S in _csv_ints(args.seq_len, "seq-len"):
         for attention in [a.strip() for a in args.attention.split(",") if a.strip()]:
             label = f"{attention} {S // 1024}k" if S % 1024 == 0 else f"{attention} {S}"
-            cfg = base.apply_overrides([f"seq_len={S}", f"model={_derived_model_yaml(base.model, attention, S, work)}",
+            cfg = base.apply_overrides([f"seq_len={S}", f"model={_derived_model_yaml(base, attention, S, work)}", "model_overrides={}",
                                         f"output_dir={os.path.join(work, label.replace(' ', '_'))}",
                                         "tensorboard=false", "save_checkpoints=false", "eval_batches=0"])
             trainer = None

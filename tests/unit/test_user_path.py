@@ -72,6 +72,33 @@ def test_bench_overrides_after_options():
     assert args.overrides == ["seq_len=64", "lr=1e-3"] and args.layouts == "dp"
 
 
+def test_model_overrides_change_fields_of_the_model_yaml(tmp_path):
+    """model.X=V on the command line (or model_overrides in the train YAML) changes one field of
+    the model YAML for this run; the rest of the YAML stays; a misspelt field is named."""
+    from nsa_dist.training.bench import _derived_model_yaml
+    from nsa_dist.training.config import TrainConfig
+
+    cfg = TrainConfig(model="configs/model/1b.yaml").apply_overrides(
+        ["model.nsa.shared_kv=true", "model.num_layers=2", "train_steps=3"])
+    assert cfg.model == "configs/model/1b.yaml" and cfg.train_steps == 3
+    assert cfg.model_overrides == {"nsa": {"shared_kv": True}, "num_layers": 2}
+    mc, base = cfg.model_config(), ModelConfig.from_yaml("configs/model/1b.yaml")
+    assert mc.nsa.shared_kv and mc.num_layers == 2 and not base.nsa.shared_kv
+    assert (mc.hidden_size, mc.nsa.window, mc.nsa.phi) == (base.hidden_size, base.nsa.window, base.nsa.phi)
+    assert TrainConfig.from_dict({"model": "configs/model/1b.yaml", "model_overrides": {"nsa": {"shared_kv": True}}}
+                                 ).model_config().nsa.shared_kv
+    with pytest.raises(ValueError, match=r"model_overrides\.nsa: unknown key 'sharedkv'; did you mean 'shared_kv'"):
+        TrainConfig(model="configs/model/1b.yaml").apply_overrides(["model.nsa.sharedkv=true"])
+    with pytest.raises(ValueError, match="model_overrides: unknown key 'num_layer'"):
+        TrainConfig(model="configs/model/1b.yaml", model_overrides={"num_layer": 2})
+    with pytest.raises(ValueError, match=r"model_overrides=\[2\]: must be a mapping"):
+        TrainConfig(model_overrides=[2])
+    # the benchmark's derived model YAML carries the overrides, then stands alone
+    path = _derived_model_yaml(cfg, "dense", 128, str(tmp_path))
+    derived = ModelConfig.from_yaml(path)
+    assert derived.attention == "dense" and derived.nsa.shared_kv and derived.num_layers == 2
+
+
 # ------------------------------------------------------------------ defect 1: generate from consolidate --optimizer
 
 TINY = {"vocab_size": 64, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
