@@ -274,8 +274,8 @@ SWEEP = {
     "sel_split_rows": [32, 128, {"sel_split_rows": 128, "sel_split": (8, 2)}],
     "sel_dq_split_rows": [32, 128, {"sel_dq_split_rows": 128, "sel_dq_split": (8, 2)}],
     "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
-    # more warps where the fp32 accumulators are large (LaunchConfig.acc_regs)
-    "acc_regs": [128, 64],
+    # more warps where the fp32 accumulators are large (LaunchConfig.acc_regs, 128 by default)
+    "acc_regs": [{"acc_regs": None}, 64],  # (a bare None is the sweep's own defaults row)
     # a register cap on the block-major split kernels: three programs an SM at 168 (with spills)
     "sel_split_regs": [168, 128, {"sel_split_regs": 168, "sel_dq_split_regs": 168}],
     "sel_dq_split_regs": [168, 128],
@@ -283,7 +283,8 @@ SWEEP = {
     # build of the default tiles spills registers in every backward kernel there
     # (docs/kernel_notes.md, "The backward at Dk = 192"): the head dim's pieces, more warps, fewer
     # rows or keys a step; the forward's spills; fewer chunks
-    "dk192": [{"head_dim_pieces": "one"}, {"head_dim_pieces": "two"}, {"acc_regs": 128}, {"acc_regs": 64}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
+    "dk192": [{"head_dim_pieces": "one"}, {"head_dim_pieces": "two"}, {"acc_regs": None}, {"acc_regs": 64},
+              {"sel_dq_algo": "block"}, {"split_bytes": 1 << 31}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
               {"sel_dq_split_rows": 32}, {"acc_regs": 128, "dkdv_rows": 32, "sel_dkdv_rows": 32},
               {"acc_regs": 128, "range_dq_rows": 32, "range_dq_keys": 32, "range_dq": (8, 2), "sel_dkdv_rows": 32,
                "sel_dq_split_rows": 32},
