@@ -104,13 +104,13 @@ class TrainConfig(ConfigBase):
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
                      "must be an integer >= 0", value)
+        for name in ("model", "deepspeed", "data_prefix", "tokenizer", "output_dir"):
+            _require(isinstance(getattr(self, name), str) and getattr(self, name), name,
+                     "must be a non-empty path string", getattr(self, name))
         _require(isinstance(self.model_overrides, dict), "model_overrides",
                  "must be a mapping of model YAML fields (e.g. {nsa: {shared_kv: true}})", self.model_overrides)
         if self.model_overrides and os.path.isfile(self.model):
             self.model_config()  # a misspelt or ill-typed model field fails here, naming it
-        for name in ("model", "deepspeed", "data_prefix", "tokenizer", "output_dir"):
-            _require(isinstance(getattr(self, name), str) and getattr(self, name), name,
-                     "must be a non-empty path string", getattr(self, name))
         _require(self.lr > 0, "lr", "must be > 0", self.lr)
         _require(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr, "min_lr",
                  f"must be in [0, lr={self.lr}]", self.min_lr)
