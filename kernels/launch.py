@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -228,13 +229,17 @@ class LaunchConfig:
                 if not isinstance(v, bool) and not (v is None and default is None):
                     raise ValueError(f"LaunchConfig.{name} must be True or False, got {v!r}")
             else:  # ints (None allowed where the field is Optional)
-                if v is None and str(f.type).startswith("Optional"):
+                if v is None and name in _OPTIONAL:
                     continue
                 if not _is_int(v) or v < 1:
                     raise ValueError(f"LaunchConfig.{name} must be a positive int, got {v!r}")
                 low = _POW2.get(name)
                 if low is not None and (v & (v - 1) or v < low):
                     raise ValueError(f"LaunchConfig.{name} must be a power of two >= {low}, got {v!r}")
+
+
+# fields that take None (``Optional[...]``)
+_OPTIONAL = {name for name, hint in typing.get_type_hints(LaunchConfig).items() if type(None) in typing.get_args(hint)}
 
 
 # Shared-memory tiles of each kernel with matrix products: per tile, its rows ("m": BLOCK_M

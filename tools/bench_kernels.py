@@ -285,11 +285,11 @@ SWEEP = {
     # rows or keys a step; the forward's spills; fewer chunks
     "dk192": [{"head_dim_pieces": "one"}, {"head_dim_pieces": "two"}, {"acc_regs": None}, {"acc_regs": 64},
               {"sel_dq_algo": "block"}, {"split_bytes": 1 << 31}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
-              {"sel_dq_split_rows": 32}, {"acc_regs": 128, "dkdv_rows": 32, "sel_dkdv_rows": 32},
-              {"acc_regs": 128, "range_dq_rows": 32, "range_dq_keys": 32, "range_dq": (8, 2), "sel_dkdv_rows": 32,
+              {"sel_dq_split_rows": 32}, {"dkdv_rows": 32, "sel_dkdv_rows": 32},
+              {"range_dq_rows": 32, "range_dq_keys": 32, "range_dq": (8, 2), "sel_dkdv_rows": 32,
                "sel_dq_split_rows": 32},
               {"range_fwd": (8, 3), "sel_split": (8, 2)}, {"split_bytes": 1 << 32},
-              {"acc_regs": 64, "split_bytes": 1 << 32}, {"acc_regs": 128, "sel_dkdv": (8, 2)},
+              {"acc_regs": 64, "split_bytes": 1 << 32}, {"sel_dkdv": (8, 2)},
               {"dkdv_keys": 32, "range_dkdv": (8, 2)}],
 }
 # (the selection's own launch grid: tools/bench_selection.py --sweep)

@@ -2,7 +2,7 @@
 (issue 25: launch settings per shape without spending device time).
 
 Usage (from the repository root; a CPU is enough):
-    python tools/kernel_spills.py --group 4 --dims 192:128 --settings "" --settings acc_regs=128 \
+    python tools/kernel_spills.py --group 4 --dims 192:128 --settings "" --settings acc_regs=None \
         [--compile-triton FOLDER]   # e.g. pip install --no-deps --target FOLDER triton==3.6.0
 
 For each ``--settings`` (LaunchConfig settings as --ab takes them, NAME=VALUE,...; "" for the

@@ -94,7 +94,13 @@ def _derived_model_yaml(base, attention: str, seq_len: int, out_dir: str) -> str
     cfg["attention"] = attention
     cfg["max_seq_len"] = max(int(cfg["max_seq_len"]), seq_len)
     ModelConfig.from_dict(cfg, where=base_path)  # validate before anyone reads it
-    name = f"{os.path.splitext(os.path.basename(base_path))[0]}_{attention}_{cfg['max_seq_len']}.yaml"
+    tag = ""
+    if base.model_overrides:  # runs with other overrides in the same folder keep their own file
+        import hashlib
+        import json
+
+        tag = "_" + hashlib.sha1(json.dumps(base.model_overrides, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{os.path.splitext(os.path.basename(base_path))[0]}_{attention}_{cfg['max_seq_len']}{tag}.yaml"
     os.makedirs(os.path.join(out_dir, "models"), exist_ok=True)
     path = os.path.join(out_dir, "models", name)
     import yaml

@@ -121,11 +121,12 @@ PIECES = {
     "96-padded": (96, 64, torch.float32, dict(head_dim_pieces="one"), (128, 0, 0)),
     "192-query-general": (192, 128, torch.float32, dict(sel_algo="query", sel_dq_algo="query",
                                                          select_aligned=False), (64, 64, 64)),
-    "192-two": (192, 128, torch.float32, dict(head_dim_pieces="two"), (128, 64, 0)),
+    # (the unfused block-major dq at Dk >= sel_dq_fused_min_dk: the dK/dV kernel, then the dq kernel)
+    "192-two": (192, 128, torch.float32, dict(head_dim_pieces="two", sel_dq_algo="block"), (128, 64, 0)),
     "96-block-chunked": (96, 64, torch.float32, dict(dkdv_qchunk=32), (32, 32, 32)),
     "96-fp16": (96, 64, torch.float16, {}, (32, 32, 32)),
     "96-fused-fp16": (96, 64, torch.float16, dict(sel_dq_algo="fused", sel_l2_hints=True), (32, 32, 32)),
-    "192-fused": (192, 128, torch.float32, dict(sel_dq_algo="fused"), (64, 64, 64)),
+    "192-fused": (192, 128, torch.float32, dict(sel_dq_algo="fused"), (64, 64, 64)),  # the default there
     "48-fp16-query": (48, 32, torch.float16, dict(sel_algo="query", sel_dq_algo="query"), (16, 16, 16)),
 }
 

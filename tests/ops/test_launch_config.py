@@ -22,6 +22,8 @@ def test_unknown_setting_names_the_closest_and_the_valid_ones():
     (dict(dkdv_keys=8), "dkdv_keys must be a power of two >= 16"),
     (dict(select_rows=96), "select_rows must be a power of two >= 1"),
     (dict(sel_seg_rows=0), "sel_seg_rows must be a positive int"),
+    (dict(range_rows=None), "range_rows must be a positive int"),  # None only where the field is Optional
+    (dict(acc_regs=True), "acc_regs must be a positive int"),
     (dict(split_bytes=True), "split_bytes must be a positive int"),
     (dict(sel_forced="yes"), "sel_forced must be True or False"),
     (dict(overlap_branches=1), "overlap_branches must be True or False"),

@@ -29,10 +29,17 @@ def test_invalid_nsa_config_names_field_and_rule(kwargs, field, rule):
     (dict(attention="linear"), "attention"),
     (dict(hidden_size=0), "hidden_size"),
     (dict(norm_eps=0.0), "norm_eps"),
+    (dict(nsa=True), "nsa=True: must be a mapping"),
+    (dict(rope_theta="abc"), "rope_theta='abc': must be a number"),
 ])
 def test_invalid_model_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**kwargs)
+
+
+def test_yaml_exponent_floats_are_numbers():
+    """YAML 1.1 reads 5e5 (no dot) as a string; the float fields take it as the number."""
+    assert ModelConfig(rope_theta="5e5", norm_eps="1e-6").rope_theta == 5e5
 
 
 def test_yaml_round_trip(tmp_path):

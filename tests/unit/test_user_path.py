@@ -97,6 +97,8 @@ def test_model_overrides_change_fields_of_the_model_yaml(tmp_path):
     path = _derived_model_yaml(cfg, "dense", 128, str(tmp_path))
     derived = ModelConfig.from_yaml(path)
     assert derived.attention == "dense" and derived.nsa.shared_kv and derived.num_layers == 2
+    plain = _derived_model_yaml(TrainConfig(model="configs/model/1b.yaml"), "dense", 128, str(tmp_path))
+    assert plain != path and not ModelConfig.from_yaml(plain).nsa.shared_kv  # no file shared between them
 
 
 # ------------------------------------------------------------------ defect 1: generate from consolidate --optimizer
