@@ -82,6 +82,19 @@ def _require(cond: bool, name: str, rule: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r}: {rule}")
 
 
+def _numbers(obj: Any, *names: str) -> None:
+    """Float fields: YAML 1.1 reads "1e-3" / "5e5" (no dot) as a string, taken here as the number."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, str):
+            try:
+                setattr(obj, name, float(value))
+            except ValueError:
+                raise ValueError(f"{name}={value!r}: must be a number") from None
+        _require(isinstance(getattr(obj, name), (int, float)) and not isinstance(getattr(obj, name), bool),
+                 name, "must be a number", value)
+
+
 def _positive_int(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -174,16 +187,7 @@ class ModelConfig(ConfigBase):
             self.nsa = NSAConfig.from_dict(self.nsa, where="nsa")
         _require(isinstance(self.nsa, NSAConfig), "nsa",
                  "must be a mapping of NSA fields (e.g. {cmp_block: 32, window: 512})", self.nsa)
-        # YAML 1.1 reads "5e5" (no dot) as a string: accept it for the float fields
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    raise ValueError(f"{name}={value!r}: must be a number") from None
-            _require(isinstance(getattr(self, name), (int, float)) and not isinstance(getattr(self, name), bool),
-                     name, "must be a number", value)
+        _numbers(self, "rope_theta", "norm_eps", "init_std")
         _positive_int(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                       "head_dim", "max_seq_len")
         _require(self.num_heads % self.num_kv_heads == 0, "num_heads",

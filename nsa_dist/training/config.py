@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import ConfigBase, ModelConfig, _positive_int, _require
+from ..config import ConfigBase, ModelConfig, _numbers, _positive_int, _require
 from ..parallel.state import ParallelConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -85,17 +85,8 @@ class TrainConfig(ConfigBase):
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        # YAML 1.1 reads "1e-3" (no dot) as a string: accept it for the float fields.
-        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "grad_clip", "max_minutes",
-                     "peak_tflops", "collective_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                try:
-                    setattr(self, name, float(value))
-                except ValueError:
-                    raise ValueError(f"{name}={value!r}: must be a number") from None
-            _require(isinstance(getattr(self, name), (int, float))
-                     and not isinstance(getattr(self, name), bool), name, "must be a number", value)
+        _numbers(self, "lr", "min_lr", "weight_decay", "adam_eps", "grad_clip", "max_minutes", "peak_tflops",
+                 "collective_timeout_s")
         _positive_int(self, "seq_len", "micro_batch_size", "grad_accum_steps", "train_steps",
                       "log_every")
         for name in ("warmup_steps", "decay_steps", "eval_every", "eval_batches", "save_every",
