@@ -30,7 +30,7 @@ from typing import Optional
 
 FIELDS = ["attention", "seq_len", "layout", "tp", "sp", "dp", "micro_batch_size", "gpus", "status",
           "tokens_per_s_per_gpu", "tflops_per_gpu", "mfu", "seconds_per_step", "peak_memory_gb",
-          "activation_checkpointing", "recompute", "steps", "device", "date"]
+          "activation_checkpointing", "recompute", "steps", "device", "date", "model"]
 _LAYOUT = re.compile(r"^(?:dp|(?:tp(\d+))?(?:sp(\d+))?)(?::mb(\d+))?$")
 
 
@@ -118,13 +118,27 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def _model_label(cfg) -> str:
+    """The model column: the model YAML's name and the run's model overrides, if any."""
+    label = os.path.basename(cfg.model)
+
+    def flat(d, prefix="model."):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}={v}"]
+    return " ".join([label, *flat(cfg.model_overrides)])
+
+
 def _append_row(path: str, row: dict) -> None:
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    fields = FIELDS
+    if not new:  # a CSV begun by an older version keeps its own columns
+        with open(path, newline="") as fh:
+            fields = next(csv.reader(fh), None) or FIELDS
     with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w = csv.DictWriter(fh, fieldnames=fields)
         if new:
             w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
+        w.writerow({k: row.get(k, "") for k in fields})
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -171,7 +185,7 @@ def run_grid(args) -> list[dict]:
                     if rank == 0:
                         print(f"[bench] --max-minutes {args.max_minutes} reached; stopping", flush=True)
                     return rows
-                row = {"attention": attention, "seq_len": S, "layout": lay.name, "tp": lay.tp,
+                row = {"attention": attention, "model": _model_label(base), "seq_len": S, "layout": lay.name, "tp": lay.tp,
                        "sp": lay.sp, "dp": world // (lay.tp * lay.sp) if world % (lay.tp * lay.sp) == 0 else "",
                        "gpus": world, "device": device_name, "date": time.strftime("%Y-%m-%d"),
                        "activation_checkpointing": base.activation_checkpointing}

@@ -39,6 +39,7 @@ def test_grid_under_torchrun_writes_one_row_per_point(tmp_path, layouts):
         assert r["status"] == "ok", r
         assert float(r["tokens_per_s_per_gpu"]) > 0 and float(r["seconds_per_step"]) > 0
         assert int(r["tp"]) * int(r["sp"]) * int(r["dp"]) == 2
+        assert r["model"] == "model.yaml"  # the model YAML the grid ran (no overrides)
     by = {(r["layout"], r["attention"], r["seq_len"]): r for r in rows}
     assert by[("tp2:mb2", "nsa", "128")]["micro_batch_size"] == "2"
     assert by[("sp2", "nsa", "256")]["sp"] == "2" and by[("tp2:mb2", "dense", "256")]["tp"] == "2"

@@ -101,6 +101,26 @@ def test_model_overrides_change_fields_of_the_model_yaml(tmp_path):
     assert plain != path and not ModelConfig.from_yaml(plain).nsa.shared_kv  # no file shared between them
 
 
+def test_bench_rows_name_the_model_and_old_csvs_keep_their_columns(tmp_path):
+    """The bench's CSV says which model (YAML and overrides) each row ran; appending to a CSV
+    begun with fewer columns keeps that file's columns."""
+    import csv
+
+    from nsa_dist.training.bench import FIELDS, _append_row, _model_label
+    from nsa_dist.training.config import TrainConfig
+
+    cfg = TrainConfig(model="configs/model/1b.yaml").apply_overrides(["model.nsa.shared_kv=true", "model.num_layers=2"])
+    assert _model_label(cfg) == "1b.yaml model.nsa.shared_kv=True model.num_layers=2"
+    assert _model_label(TrainConfig(model="configs/model/1b.yaml")) == "1b.yaml"
+    new, old = tmp_path / "new.csv", tmp_path / "old.csv"
+    _append_row(str(new), {"attention": "nsa", "model": _model_label(cfg)})
+    rows = list(csv.DictReader(open(new)))
+    assert list(rows[0]) == FIELDS and rows[0]["model"] == _model_label(cfg)
+    old.write_text("attention,seq_len\ndense,8\n")
+    _append_row(str(old), {"attention": "nsa", "seq_len": 16, "model": "1b.yaml"})
+    assert old.read_text().splitlines() == ["attention,seq_len", "dense,8", "nsa,16"]
+
+
 # ------------------------------------------------------------------ defect 1: generate from consolidate --optimizer
 
 TINY = {"vocab_size": 64, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
