@@ -17,8 +17,9 @@ chunks. Block-major dq (small groups) is the same pattern in a kernel of its own
 dS K over one block into its slot (fp16 with a per-slot power-of-two scale for 16-bit inputs),
 then a plain sum. Computing dS K inside the dK/dV kernel instead (fp32 atomics, or the same
 slots) measured slower on the H100 and the H200 at 4 warps (docs/kernel_notes.md); the same
-slots written from the dK/dV kernel at 8 warps (``DQ_SLOTS``, ``sel_dq_algo="fused"``: q and dO
-gathered once for both) is an option, off by default until timed.
+slots written from the dK/dV kernel at 8 warps (``DQ_SLOTS``: q and dO gathered once for both)
+are the default from Dk = 160 (``sel_dq_fused_min_dk``: 32% off the backward at Dk = 192, no
+gain at 128; ``sel_dq_algo="fused"`` forces them).
 FORCED (``nsa.Geometry.forced_split``): the forced blocks ran in the range kernels; the
 position-major kernels skip them (and start from their (o, lse)), the work list leaves them
 out, and the merge takes their (o, lse) as one more slot.

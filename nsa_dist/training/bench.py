@@ -178,6 +178,7 @@ def run_grid(args) -> list[dict]:
     dist.barrier()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     start, rows, states, oom_after = time.perf_counter(), [], {}, {}
+    model = _model_label(base)
     for lay in layouts:  # layout outermost: each process-group layout is set up once
         for S in seqs:
             for attention in attentions:
@@ -185,7 +186,7 @@ def run_grid(args) -> list[dict]:
                     if rank == 0:
                         print(f"[bench] --max-minutes {args.max_minutes} reached; stopping", flush=True)
                     return rows
-                row = {"attention": attention, "model": _model_label(base), "seq_len": S, "layout": lay.name, "tp": lay.tp,
+                row = {"attention": attention, "model": model, "seq_len": S, "layout": lay.name, "tp": lay.tp,
                        "sp": lay.sp, "dp": world // (lay.tp * lay.sp) if world % (lay.tp * lay.sp) == 0 else "",
                        "gpus": world, "device": device_name, "date": time.strftime("%Y-%m-%d"),
                        "activation_checkpointing": base.activation_checkpointing}
