@@ -346,3 +346,98 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
     assert caps == {"sel_split": 168, "sel_dq_split": 128, "sel_dkdv": None}, caps
     hints = {(kw["EVQ"], kw["EVS"]) for _, kw in seen}
     assert hints == {("evict_last", "evict_first")}, hints
+
+
+def test_range_steps_without_the_mask_equal_the_masked_ones(monkeypatch):
+    """``LaunchConfig.range_interior``: the range kernels' steps that every row of a tile sees
+    whole (key tiles of the forward and dq, query rows of the dK/dV) run without the visibility
+    mask. With 16-wide tiles, a 48-token window and packed documents such steps exist in every
+    kernel (counted through the interpreter), and the results equal the all-masked run's and
+    the reference's."""
+    kernels, device = kernels_or_skip()
+    if device != "cpu":
+        pytest.skip("counts the unmasked steps through the interpreter")
+    import inspect
+    from nsa_dist.kernels import range_attn
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=3, window=48)
+    cu = torch.tensor([0, 100, 160], dtype=torch.int32)
+    x = random_nsa_inputs(cfg, B=1, S=160, HQ=4, H=2, Dk=16, Dv=16, seed=3, cu_seqlens=cu, requires_grad=True)
+    unmasked = {"_fwd_keys": 0, "_dq_keys": 0, "_dkdv_rows": 0}
+    for name in unmasked:
+        fn = getattr(range_attn, name)
+        params = list(inspect.signature(fn.fn).parameters)
+        lo_name, hi_name = ("r_from", "r_to") if name == "_dkdv_rows" else ("lo", "hi")
+
+        def spy(*a, _fn=fn, _name=name, _params=params, _lo=lo_name, _hi=hi_name, **kw):
+            bound = dict(zip(_params, a), **kw)
+            if not bool(bound.get("MASKED", True)) and int(bound[_hi]) > int(bound[_lo]):
+                unmasked[_name] += 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(range_attn, name, spy)
+    small = LaunchConfig(range_rows=16, range_fwd_keys=16, range_dq_keys=16, dkdv_keys=16, dkdv_rows=16)
+    do = torch.randn(1, 160, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).float()
+    results = {}
+    for interior in (True, False):
+        with use_launch(small.replace(range_interior=interior)):
+            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+        results[interior] = (o, *torch.autograd.grad(o, args(x), do))
+    assert all(n > 0 for n in unmasked.values()), unmasked
+    for name, a, b in zip(("o",) + NAMES, results[True], results[False]):
+        assert max_rel(a, b) < 1e-6, f"{name}: unmasked steps differ from masked ones by {max_rel(a, b):.2e}"
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    assert max_rel(results[True][0], o_ref) < 1e-5
+    g_ref = torch.autograd.grad(o_ref, args(x), do)
+    for name, a, b in zip(NAMES, results[True][1:], g_ref):
+        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+
+
+
+def _sees(kind: int, c: int, t: int, l: int, d: int, w: int, ls: int) -> bool:
+    """SPEC's visibility of key c (local index of its kind) to local position t: 0 compressed
+    token, 1 window, 2 the local selection blocks, 3 selection block 0 past the local ones."""
+    if kind == 0:
+        return c * d + l - 1 <= t
+    if kind == 1:
+        return t - w < c <= t
+    if kind == 2:
+        return c <= t and c // ls >= t // ls - 1
+    return c < ls and t // ls >= 2
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3], ids=["compressed", "window", "local", "first"])
+def test_range_interior_bounds_only_hold_visible_pairs(kind):
+    """The bounds behind the unmasked steps (``_interior`` for a query tile, ``_interior_queries``
+    for a dK/dV key tile), from a probe kernel over many tiles, hold only (key, position) pairs
+    that SPEC makes visible, and are not empty where long ranges are."""
+    _, device = kernels_or_skip()
+    if device != "cpu":
+        pytest.skip("a probe kernel through the interpreter")
+    l, d, w, ls = 8, 4, 24, 16
+
+    gen = torch.Generator().manual_seed(kind)
+    rows = []
+    for _ in range(300):
+        ds0 = int(torch.randint(0, 50, (1,), generator=gen))
+        t0 = ds0 + int(torch.randint(0, 120, (1,), generator=gen))
+        t1 = t0 + int(torch.randint(1, 9, (1,), generator=gen))
+        a0 = int(torch.randint(0, 40 if kind != 3 else ls, (1,), generator=gen))
+        a1 = min(a0 + int(torch.randint(1, 9, (1,), generator=gen)), ls) if kind == 3 else \
+            a0 + int(torch.randint(1, 9, (1,), generator=gen))
+        q_lo = int(torch.randint(0, 60, (1,), generator=gen))
+        rows.append((t0, t1, ds0, a0, a1, q_lo, q_lo + int(torch.randint(0, 120, (1,), generator=gen))))
+    argt = torch.tensor(rows, dtype=torch.int64).flatten()
+    out = torch.zeros(len(rows) * 4, dtype=torch.int64)
+    from _interior_probe import probe
+    probe[(len(rows),)](argt, out, KIND=kind, L=l, DS=d, W=w, LS=ls)
+    out = out.view(-1, 4).tolist()
+    tiles = queries = 0
+    for (t0, t1, ds0, a0, a1, q_lo, q_hi), (f_lo, f_hi, g_lo, g_hi) in zip(rows, out):
+        for c in range(max(f_lo, 0), f_hi):  # keys every position of the query tile sees
+            tiles += 1
+            for t in range(t0 - ds0, t1 - ds0):
+                assert _sees(kind, c, t, l, d, w, ls), (kind, c, t, rows)
+        for t in range(max(g_lo, q_lo), min(g_hi, q_hi)):  # positions that see every key of the tile
+            queries += 1
+            for c in range(a0, a1):
+                assert _sees(kind, c, t, l, d, w, ls), (kind, c, t)
+    assert tiles > 0 and queries > 0, (tiles, queries)
