@@ -46,12 +46,9 @@ class LaunchConfig:
     dkdv_qchunk: int = 4096  # query positions per program of the compressed dK/dV (fp32 atomics)
     first_programs: int = 512  # programs wanted for block 0's dK/dV, or its few key tiles idle most SMs
     first_min_chunk: int = 256  # positions, at least, per query chunk of block 0's dK/dV
-    # the steps that every row of a tile sees whole (key tiles of the forward and dq, query
-    # rows of the dK/dV) run without the visibility mask; the boundary steps keep it (False:
-    # every step masked, one loop per key kind)
-    range_fwd_interior: bool = True
-    range_dq_interior: bool = True
-    range_dkdv_interior: bool = True
+    # the steps (key tiles forward / dq, query rows dK/dV) that every row of a tile sees whole
+    # run without the visibility mask; the boundary steps keep it (False: every step masked)
+    range_interior: bool = True
     # --- selected branch (selected_attn.py)
     sel_algo: str = "auto"  # selected forward: "block"-major, "query"(position)-major, or by G
     sel_query_min_g: int = 16  # "auto": position-major from this group size (K/V reuse per tile)

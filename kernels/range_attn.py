@@ -166,9 +166,8 @@ def _fwd_kind(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, t0, t1, 
     if INTERIOR:
         f_lo, f_hi = _interior(t0, t1, ds0, KIND, L, DS, W, LS)
         a, b = _split_steps(lo, hi, f_lo, f_hi, BLOCK_N)
-        if KIND % 3 != 0:  # compressed tokens and block 0: from key 0 on every row sees them (a = lo)
-            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, a, tloc,
-                                      row_hi, dk, dv, KIND, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, a, tloc, row_hi,
+                                  dk, dv, KIND, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, a, b, tloc, row_hi,
                                   dk, dv, KIND, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, MASKED=False)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, b, hi, tloc, row_hi,
@@ -262,9 +261,8 @@ def _dq_kind(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase
     if INTERIOR:
         f_lo, f_hi = _interior(t0, t1, ds0, KIND, L, DS, W, LS)
         a, b = _split_steps(lo, hi, f_lo, f_hi, BLOCK_N)
-        if KIND % 3 != 0:  # as in _fwd_kind: a = lo for compressed tokens and block 0
-            dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, a, tloc,
-                                row_hi, dk, dv, KIND, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, a, tloc,
+                            row_hi, dk, dv, KIND, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
         dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, a, b, tloc,
                             row_hi, dk, dv, KIND, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, MASKED=False)
         dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, b, hi, tloc,
@@ -431,18 +429,15 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         # query positions every key of the tile sees (f_lo..f_hi), in whole steps of rows
         f_lo, f_hi = _interior_queries(a0, a1, ds0, cs0, q_lo, q_hi, MODE, L, DS, W, LS)
         ra, rb = _split_steps(r_lo, r_hi, f_lo * G, f_hi * G, BLOCK_M)
-        if MODE == 0:  # every query from f_lo on sees the tile: the unmasked steps run to the end
-            rb = r_hi  # (a last partial step's rows past r_hi load lse = +inf: p = 0)
         acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
                                            scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, r_lo, ra, r_hi, G, MODE, L,
                                            DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3)
         acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
                                            scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, ra, rb, r_hi, G, MODE, L,
                                            DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3, MASKED=False)
-        if MODE != 0:
-            acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
-                                               scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, rb, r_hi, r_hi, G, MODE,
-                                               L, DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3)
+        acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
+                                           scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, rb, r_hi, r_hi, G, MODE, L,
+                                           DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3)
     else:
         acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
                                            scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, r_lo, r_hi, r_hi, G, MODE, L,

@@ -266,10 +266,6 @@ SWEEP = {
     "sel_fwd": [(4, 2), (8, 3)],
     "dkdv_qchunk": [2048, 8192, 1 << 30],
     "first_programs": [128, 2048],
-    # the range kernels' steps that every row sees whole without the visibility mask (default
-    # on in each): off per kernel, then off in all three
-    "range_interior": [{"range_fwd_interior": False}, {"range_dq_interior": False}, {"range_dkdv_interior": False},
-                       {"range_fwd_interior": False, "range_dq_interior": False, "range_dkdv_interior": False}],
     # rows / keys per step of one kernel (the range forward and dq; each block-major kernel)
     "range_fwd_rows": [32, 128, {"range_fwd_rows": 128, "range_fwd": (8, 3)}],
     "range_fwd_keys": [16, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],

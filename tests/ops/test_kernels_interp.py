@@ -349,7 +349,7 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
 
 
 def test_range_steps_without_the_mask_equal_the_masked_ones(monkeypatch):
-    """``LaunchConfig.range_*_interior``: the range kernels' steps that every row of a tile sees
+    """``LaunchConfig.range_interior``: the range kernels' steps that every row of a tile sees
     whole (key tiles of the forward and dq, query rows of the dK/dV) run without the visibility
     mask. With 16-wide tiles, a 48-token window and packed documents such steps exist in every
     kernel (counted through the interpreter), and the results equal the all-masked run's and
@@ -378,8 +378,7 @@ def test_range_steps_without_the_mask_equal_the_masked_ones(monkeypatch):
     do = torch.randn(1, 160, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4)).float()
     results = {}
     for interior in (True, False):
-        with use_launch(small.replace(range_fwd_interior=interior, range_dq_interior=interior,
-                                      range_dkdv_interior=interior)):
+        with use_launch(small.replace(range_interior=interior)):
             o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
         results[interior] = (o, *torch.autograd.grad(o, args(x), do))
     assert all(n > 0 for n in unmasked.values()), unmasked
