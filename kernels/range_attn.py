@@ -99,26 +99,6 @@ def _interior(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexpr
 
 
 @triton.jit
-def _interior_queries(a0, a1, ds0, cs0, q_lo, q_hi, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
-                      W: tl.constexpr, LS: tl.constexpr):
-    """(f_lo, f_hi): the local query positions (of q_lo..q_hi) that see every key a0..a1-1 of a
-    dK/dV key tile of kind MODE (compressed keys from cs0, the others from ds0)."""
-    if MODE == 0:
-        f_lo = (a1 - 1 - cs0) * DS + (L - 1)
-        f_hi = q_hi
-    elif MODE == 1:
-        f_lo = a1 - 1 - ds0
-        f_hi = a0 - ds0 + W
-    elif MODE == 2:
-        f_lo = a1 - 1 - ds0
-        f_hi = ((a0 - ds0) // LS + 2) * LS
-    else:
-        f_lo = tl.maximum(q_lo, 2 * LS)
-        f_hi = tl.where(a1 - 1 - ds0 < LS, q_hi, f_lo)
-    return f_lo, f_hi
-
-
-@triton.jit
 def _split_steps(lo, hi, f_lo, f_hi, STEP: tl.constexpr):
     """Steps of STEP from lo to hi: (a, b) with lo..a and b..hi the steps that may reach outside
     f_lo..f_hi (masked) and a..b, whole steps, inside it (unmasked)."""
@@ -427,7 +407,19 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
     r_hi = q_hi * G
     if INTERIOR:
         # query positions every key of the tile sees (f_lo..f_hi), in whole steps of rows
-        f_lo, f_hi = _interior_queries(a0, a1, ds0, cs0, q_lo, q_hi, MODE, L, DS, W, LS)
+        # (the tile's first and last key, local: a0 - base and a1 - 1 - base)
+        if MODE == 0:
+            f_lo = (a1 - 1 - cs0) * DS + (L - 1)
+            f_hi = q_hi
+        elif MODE == 1:
+            f_lo = a1 - 1 - ds0
+            f_hi = a0 - ds0 + W
+        elif MODE == 2:
+            f_lo = a1 - 1 - ds0
+            f_hi = ((a0 - ds0) // LS + 2) * LS
+        else:
+            f_lo = q_lo
+            f_hi = tl.where(a1 - 1 - ds0 < LS, q_hi, q_lo)
         ra, rb = _split_steps(r_lo, r_hi, f_lo * G, f_hi * G, BLOCK_M)
         acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
                                            scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, r_lo, ra, r_hi, G, MODE, L,
