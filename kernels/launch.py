@@ -46,9 +46,6 @@ class LaunchConfig:
     dkdv_qchunk: int = 4096  # query positions per program of the compressed dK/dV (fp32 atomics)
     first_programs: int = 512  # programs wanted for block 0's dK/dV, or its few key tiles idle most SMs
     first_min_chunk: int = 256  # positions, at least, per query chunk of block 0's dK/dV
-    # the steps (key tiles forward / dq, query rows dK/dV) that every row of a tile sees whole
-    # run without the visibility mask; the boundary steps keep it (False: every step masked)
-    range_interior: bool = True
     # --- selected branch (selected_attn.py)
     sel_algo: str = "auto"  # selected forward: "block"-major, "query"(position)-major, or by G
     sel_query_min_g: int = 16  # "auto": position-major from this group size (K/V reuse per tile)

@@ -238,8 +238,7 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
             L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec,
-            INTERIOR=geo.launch.range_interior, **geo.dk_pieces(), **t.launch)
+            BLOCK_N=t.block_n, BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, **geo.dk_pieces(), **t.launch)
     return (None if lse_only else o), lse
 
 
@@ -258,8 +257,8 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, ls
             dos[0], dos[2] if win else dos[0], dos[1], lse_c, delta[0], lse_w if win else lse_c, delta[2],
             lse_s, delta[1], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
-            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec,
-            INTERIOR=geo.launch.range_interior, **geo.dk_pieces(), **t.launch)
+            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec, **geo.dk_pieces(),
+            **t.launch)
     return dq32
 
 
@@ -288,7 +287,6 @@ def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, 
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
                                                   LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                                   BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec,
-                                                  INTERIOR=geo.launch.range_interior,
                                                   **geo.dk_pieces(), **t.launch)
 
 

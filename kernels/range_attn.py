@@ -77,43 +77,11 @@ def _key_range(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexp
 
 
 @triton.jit
-def _interior(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, W: tl.constexpr,
-              LS: tl.constexpr):
-    """(f_lo, f_hi): the keys of kind KIND that every position t0..t1-1 sees (document start
-    ds0), a sub-range of ``_key_range``'s; tiles inside it need no visibility mask."""
-    a = t0 - ds0
-    b = t1 - 1 - ds0
-    if KIND == 0:
-        f_lo = a * 0
-        f_hi = _nvis(a, L, DS)
-    elif KIND == 1:
-        f_lo = b - W + 1
-        f_hi = a + 1
-    elif KIND == 2:
-        f_lo = (b // LS - 1) * LS
-        f_hi = a + 1
-    else:
-        f_lo = a * 0
-        f_hi = tl.where(a // LS >= 2, LS, 0)
-    return f_lo, f_hi
-
-
-@triton.jit
-def _split_steps(lo, hi, f_lo, f_hi, STEP: tl.constexpr):
-    """Steps of STEP from lo to hi: (a, b) with lo..a and b..hi the steps that may reach outside
-    f_lo..f_hi (masked) and a..b, whole steps, inside it (unmasked)."""
-    a = tl.minimum(lo + tl.cdiv(tl.maximum(f_lo - lo, 0), STEP) * STEP, hi)
-    b = a + tl.maximum(tl.minimum(f_hi, hi) - a, 0) // STEP * STEP
-    return a, b
-
-
-@triton.jit
 def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
               KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr,
               LSE_ONLY: tl.constexpr, PREC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr,
-              BDK3: tl.constexpr, MASKED: tl.constexpr = True):
-    """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l). MASKED=False:
-    every row sees every key of lo..hi (``_interior``), so no visibility mask."""
+              BDK3: tl.constexpr):
+    """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
         kr = (kbase + c) * H + h
@@ -121,8 +89,7 @@ def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, hi, 
                     other=0.0)
         k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3, TRANS=True)
         s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
-        if MASKED:
-            s = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), s, float("-inf"))
+        s = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -136,34 +103,11 @@ def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, hi, 
 
 
 @triton.jit
-def _fwd_kind(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, t0, t1, ds0, tloc, row_hi, dk, dv,
-              KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, W: tl.constexpr, LS: tl.constexpr,
-              BLOCK_N: tl.constexpr, LSE_ONLY: tl.constexpr, PREC: tl.constexpr, BDK: tl.constexpr,
-              BDK2: tl.constexpr, BDK3: tl.constexpr, INTERIOR: tl.constexpr):
-    """``_fwd_keys`` over every key of kind KIND the tile's rows see; INTERIOR: the steps every
-    row sees whole run without the mask."""
-    lo, hi = _key_range(t0, t1, ds0, KIND, L, DS, W, LS)
-    if INTERIOR:
-        f_lo, f_hi = _interior(t0, t1, ds0, KIND, L, DS, W, LS)
-        a, b = _split_steps(lo, hi, f_lo, f_hi, BLOCK_N)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, a, tloc, row_hi,
-                                  dk, dv, KIND, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, a, b, tloc, row_hi,
-                                  dk, dv, KIND, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, MASKED=False)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, b, hi, tloc, row_hi,
-                                  dk, dv, KIND, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
-    else:
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi,
-                                  dk, dv, KIND, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
                G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                W: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr, PREC: tl.constexpr,
-               BDK2: tl.constexpr, BDK3: tl.constexpr, INTERIOR: tl.constexpr = True):
+               BDK2: tl.constexpr, BDK3: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -185,17 +129,20 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BDV], tl.float32)
     if MODE == 0:
-        acc, m_i, l_i = _fwd_kind(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, cs0, t0, t1, ds0, tloc,
-                                  _nvis(tloc, L, DS), dk, dv, 0, L, DS, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2,
-                                  BDK3, INTERIOR)
+        lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
+                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
     elif MODE == 1:
-        acc, m_i, l_i = _fwd_kind(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, t0, t1, ds0, tloc, tloc,
-                                  dk, dv, 1, L, DS, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, INTERIOR)
+        lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
     else:  # the forced selection blocks
-        acc, m_i, l_i = _fwd_kind(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, t0, t1, ds0, tloc, tloc,
-                                  dk, dv, _FIRST, L, DS, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, INTERIOR)
-        acc, m_i, l_i = _fwd_kind(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, t0, t1, ds0, tloc, tloc,
-                                  dk, dv, _LOCAL, L, DS, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, INTERIOR)
+        lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
+        lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + t * HQ + head, lse, mask=row_ok)
@@ -208,10 +155,9 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
 @triton.jit
 def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
              KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-             BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, MASKED: tl.constexpr = True):
+             BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """dq (unscaled; its first head-dim piece and the rest) plus one branch's sum over keys lo..hi of ds k,
-    ds = p (do v - delta). MASKED=False: every row sees every key of lo..hi (rows that are not
-    the tile's have lse = +inf, so p = 0 there too)."""
+    ds = p (do v - delta)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
         kr = (kbase + c) * H + h
@@ -221,35 +167,10 @@ def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase
                     other=0.0)
         k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3)
         s = rest_dot(tl.dot(q, tl.trans(k), input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
-        if MASKED:
-            p = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), tl.exp2(s - lse[:, None]), 0.0)
-        else:
-            p = tl.exp2(s - lse[:, None])
+        p = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, v, input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         dq_r = rest_acc(dq_r, ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
-    return dq, dq_r
-
-
-@triton.jit
-def _dq_kind(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, t0, t1, ds0, tloc, row_hi, dk, dv,
-             KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, W: tl.constexpr, LS: tl.constexpr,
-             BLOCK_N: tl.constexpr, PREC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
-             INTERIOR: tl.constexpr):
-    """``_dq_keys`` over every key of kind KIND the tile's rows see (INTERIOR: as ``_fwd_kind``)."""
-    lo, hi = _key_range(t0, t1, ds0, KIND, L, DS, W, LS)
-    if INTERIOR:
-        f_lo, f_hi = _interior(t0, t1, ds0, KIND, L, DS, W, LS)
-        a, b = _split_steps(lo, hi, f_lo, f_hi, BLOCK_N)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, a, tloc,
-                            row_hi, dk, dv, KIND, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, a, b, tloc,
-                            row_hi, dk, dv, KIND, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, MASKED=False)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, b, hi, tloc,
-                            row_hi, dk, dv, KIND, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
-    else:
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc,
-                            row_hi, dk, dv, KIND, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     return dq, dq_r
 
 
@@ -258,8 +179,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
                   DQ, TILES, scale2, scale, HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                   W: tl.constexpr, LS: tl.constexpr, HAS_WIN: tl.constexpr, FORCED: tl.constexpr,
                   BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
-                  BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
-                  INTERIOR: tl.constexpr = True):
+                  BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """dq = scale * sum_keys ds k of the compressed branch, the window (HAS_WIN) and the
     selected branch's forced blocks (FORCED), each with its own do / lse / delta, stored into
     the fp32 buffer DQ: the first writer of every row, so DQ needs no zeroing. One program
@@ -285,66 +205,28 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
     do = tl.load(DOC + do_ptr, mask=do_msk, other=0.0)
     lse = tl.load(LSE_C + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
-    dq, dq_r = _dq_kind(dq, dq_r, q, q_r, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, t0, t1, ds0, tloc,
-                        _nvis(tloc, L, DS), dk, dv, 0, L, DS, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, INTERIOR)
+    lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
+    dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
+                       _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     if HAS_WIN:
         do = tl.load(DOW + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
-        dq, dq_r = _dq_kind(dq, dq_r, q, q_r, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, t0, t1, ds0, tloc,
-                            tloc, dk, dv, 1, L, DS, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, INTERIOR)
+        lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     if FORCED:
         do = tl.load(DOS + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
-        dq, dq_r = _dq_kind(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, t0, t1, ds0, tloc,
-                            tloc, dk, dv, _FIRST, L, DS, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, INTERIOR)
-        dq, dq_r = _dq_kind(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, t0, t1, ds0, tloc,
-                            tloc, dk, dv, _LOCAL, L, DS, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, INTERIOR)
+        lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, _FIRST, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+        lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, _LOCAL, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     tl.store(DQ + rq[:, None] * DK + dk[None, :], dq * scale, mask=row_ok[:, None] & (dk < DK)[None, :])
     rest_store(DQ, rq, row_ok, DK, rest_scale(dq_r, scale, BDK2, BDK3), BDK, BDK2, BDK3)
-
-
-@triton.jit
-def _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA, scale2, ds0, q_off, HQ, h,
-               DK, DV, dk, dv, r_from, r_to, r_end, G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr,
-               DS: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr,
-               BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, MASKED: tl.constexpr = True):
-    """One key tile's dK/dV sums over query rows r_from..r_to (rows r_end and later are past the
-    tile's queries). MASKED=False: every row sees every key of the tile; keys past the tile's
-    end (``key_ok``) then get sums that are never stored, and rows past r_end have lse = +inf."""
-    for r0 in range(r_from, r_to, BLOCK_M):
-        r = r0 + tl.arange(0, BLOCK_M)
-        row_ok = r < r_end
-        tloc = r // G
-        rq = (ds0 + tloc - q_off) * HQ + h * G + r % G
-        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
-        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
-                     other=0.0)
-        lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC)
-        st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2  # [BLOCK_N, BLOCK_M]
-        if MASKED:
-            if MODE == 0:
-                ok = cloc[:, None] * DS + (L - 1) <= tloc[None, :]
-            elif MODE == 1:
-                ok = (cloc[:, None] <= tloc[None, :]) & (cloc[:, None] > tloc[None, :] - W)
-            elif MODE == 2:
-                ok = (cloc[:, None] <= tloc[None, :]) & (cloc[:, None] // LS >= tloc[None, :] // LS - 1)
-            else:
-                ok = cloc[:, None] < LS
-            ok = ok & key_ok[:, None] & row_ok[None, :]
-            pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
-        else:
-            pt = tl.exp2(st - lse[None, :])
-        acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-        acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
-    return acc_k, acc_k_r, acc_v
 
 
 @triton.jit
@@ -352,7 +234,7 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
                     G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                     W: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
-                    BDK2: tl.constexpr, BDK3: tl.constexpr, INTERIOR: tl.constexpr = True):
+                    BDK2: tl.constexpr, BDK3: tl.constexpr):
     """One program per (key tile, chunk of QCHUNK query positions): stream the rows (position,
     head) of the chunk that can see the tile. A compressed key is seen by every later query,
     so without chunks the first tiles' programs stream the whole document while the grid is
@@ -403,37 +285,34 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
     acc_k_r = rest_zeros(BLOCK_N, acc_k, BDK2, BDK3)
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
-    r_lo = q_lo * G
-    r_hi = q_hi * G
-    if INTERIOR:
-        # query positions every key of the tile sees (f_lo..f_hi), in whole steps of rows
-        # (the tile's first and last key, local: a0 - base and a1 - 1 - base)
+    for r0 in range(q_lo * G, q_hi * G, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        row_ok = r < q_hi * G
+        tloc = r // G
+        rq = (ds0 + tloc - q_off) * HQ + h * G + r % G
+        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+        q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
+        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC)
+        st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2  # [BLOCK_N, BLOCK_M]
         if MODE == 0:
-            f_lo = (a1 - 1 - cs0) * DS + (L - 1)
-            f_hi = q_hi
+            ok = cloc[:, None] * DS + (L - 1) <= tloc[None, :]
         elif MODE == 1:
-            f_lo = a1 - 1 - ds0
-            f_hi = a0 - ds0 + W
+            ok = (cloc[:, None] <= tloc[None, :]) & (cloc[:, None] > tloc[None, :] - W)
         elif MODE == 2:
-            f_lo = a1 - 1 - ds0
-            f_hi = ((a0 - ds0) // LS + 2) * LS
+            ok = (cloc[:, None] <= tloc[None, :]) & (cloc[:, None] // LS >= tloc[None, :] // LS - 1)
         else:
-            f_lo = q_lo
-            f_hi = tl.where(a1 - 1 - ds0 < LS, q_hi, q_lo)
-        ra, rb = _split_steps(r_lo, r_hi, f_lo * G, f_hi * G, BLOCK_M)
-        acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
-                                           scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, r_lo, ra, r_hi, G, MODE, L,
-                                           DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3)
-        acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
-                                           scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, ra, rb, r_hi, G, MODE, L,
-                                           DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3, MASKED=False)
-        acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
-                                           scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, rb, r_hi, r_hi, G, MODE, L,
-                                           DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3)
-    else:
-        acc_k, acc_k_r, acc_v = _dkdv_rows(acc_k, acc_k_r, acc_v, k, k_r, v, cloc, key_ok, Q, DO, LSE, DELTA,
-                                           scale2, ds0, q_off, HQ, h, DK, DV, dk, dv, r_lo, r_hi, r_hi, G, MODE, L,
-                                           DS, W, LS, BLOCK_M, PREC, BDK, BDK2, BDK3)
+            ok = cloc[:, None] < LS
+        ok = ok & key_ok[:, None] & row_ok[None, :]
+        pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
+        acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
     acc_k_r = rest_scale(acc_k_r, scale, BDK2, BDK3)
     if ATOMIC:
         if q_hi > q_lo:  # chunks before the tile's first query add nothing
