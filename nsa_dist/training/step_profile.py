@@ -212,13 +212,22 @@ def _row(part: Optional[str], name: str, attention_kernels: set) -> tuple[str, s
     return "other GPU work", short
 
 
+def _annotation(k) -> bool:
+    """Whether a kineto event is a ``record_function`` range (its GPU-timeline copy included:
+    "gpu_user_annotation"), not device work: counted as work it would hide the GPU's idle time."""
+    if getattr(k, "is_user_annotation", None) is not None and k.is_user_annotation():
+        return True
+    kind = k.activity_type() if hasattr(k, "activity_type") else ""
+    return "annotation" in str(kind).lower()
+
+
 def device_spans(prof) -> list:
     """(start_us, end_us, name, launching op's id) of every device event of a finished
     ``torch.profiler.profile`` (kernels, copies, memsets); empty without a device trace."""
     cuda = torch.autograd.DeviceType.CUDA
     out = []
     for k in prof.profiler.kineto_results.events():
-        if k.device_type() == cuda:
+        if k.device_type() == cuda and not _annotation(k):
             start = k.start_ns() / 1e3
             out.append((start, start + k.duration_ns() / 1e3, k.name(), k.linked_correlation_id()))
     return out

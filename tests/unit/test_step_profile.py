@@ -115,6 +115,31 @@ def test_gpu_idle_is_charged_to_the_kernel_that_ends_the_gap():
     assert _idle_before([], events, {}, set()) == {}
 
 
+def test_device_spans_leave_out_record_function_ranges():
+    """``record_function`` ranges appear on the GPU timeline too ("gpu_user_annotation"): they
+    are not device work, and counted as work they covered the idle time (the 32k profiles of
+    2026-12-06 showed 0 ms idle and 800 ms of "other GPU work")."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from nsa_dist.training.step_profile import device_spans
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, device, kind, annotation=None):
+        k = NS(name=lambda: name, device_type=lambda: device, activity_type=lambda: kind,
+               start_ns=lambda: 1000, duration_ns=lambda: 2000, linked_correlation_id=lambda: 7)
+        if annotation is not None:
+            k.is_user_annotation = lambda: annotation
+        return k
+    events = [ev("_range_fwd", cuda, "kernel", False), ev(PREFIX + "attention", cuda, "gpu_user_annotation", True),
+              ev(PREFIX + "mlp", cuda, "gpu_user_annotation"),  # an older torch: only the activity type
+              ev("Memcpy DtoD", cuda, "gpu_memcpy"), ev("aten::mm", cpu, "cpu_op", False)]
+    prof = NS(profiler=NS(kineto_results=NS(events=lambda: events)))
+    assert device_spans(prof) == [(1.0, 3.0, "_range_fwd", 7), (1.0, 3.0, "Memcpy DtoD", 7)]
+
+
 def test_memory_peak_lists_what_is_live_at_the_highest_point():
     from nsa_dist.training.step_profile import peak_allocations
 
