@@ -26,6 +26,15 @@ _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_s
          "sel_combine_rows": 1, "range_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
 
 
+# per-slot buffer bounds of the block-major kernels (``LaunchConfig.split_bytes`` None): 1 GiB;
+# 2 GiB with the fused selected dq, where fewer, longer chunks measured faster: (d) Dk = 192,
+# G = 4, 64k, one H100: backward 214 -> 196 ms, forward 69.5 -> 67.7 ms, +1 GB of peak memory
+# (docs/benchmarks.md, eighth session); at (c) (Dk = 128, where the dq is not fused by default)
+# 4 GiB with the fused dq lost: 60.1 against 57.7 ms
+SPLIT_BYTES = 1 << 30
+SPLIT_BYTES_FUSED = 1 << 31
+
+
 @dataclass(frozen=True, init=False)
 class LaunchConfig:
     """Tile sizes, algorithm choices and (num_warps, num_stages) of every NSA kernel.
@@ -68,7 +77,9 @@ class LaunchConfig:
     sel_dkdv_dq_rows: int = 64  # the same for the fused dK/dV + dq kernel
     sel_combine_rows: int = 32  # rows per program of the per-slot merges (forward and dq)
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
-    split_bytes: int = 1 << 30  # bound of the block-major per-slot buffers: positions are chunked
+    # bound of the block-major per-slot buffers (positions are chunked); None: SPLIT_BYTES, or
+    # SPLIT_BYTES_FUSED where the selected dq is fused into the dK/dV kernel (``sel_dq_algo``)
+    split_bytes: Optional[int] = None
     # L2 eviction hints in the block-major kernels: gathered q / dO rows "evict_last", per-slot
     # buffers "evict_first" (with small chunks a chunk's q can stay in L2 across the blocks
     # its positions chose); off: the hardware's default policy

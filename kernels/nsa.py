@@ -21,7 +21,7 @@ import triton
 from . import tiles as tl_tiles
 from .gates import combine, combine_backward
 from .headdim import split_dim
-from .launch import LaunchConfig, current_launch
+from .launch import SPLIT_BYTES, SPLIT_BYTES_FUSED, LaunchConfig, current_launch
 from .streams import Overlap
 from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
@@ -195,12 +195,19 @@ class Geometry:
 
     def split_chunk(self, n: int, dtype: torch.dtype) -> int:
         """Positions per chunk of the block-major kernels, so that their per-slot buffers
-        (forward: o and lse; dq: dq) stay within ``launch.split_bytes``."""
+        (forward: o and lse; dq: dq) stay within ``split_bytes()``."""
         per_pos = self.HQ * n * (self.DV * dtype.itemsize + 4)
         if self.sel_dq_block_major():
             pdt = self.dq_partial_dtype(dtype)
             per_pos = max(per_pos, self.HQ * n * (self.DK * pdt.itemsize + (4 if pdt == torch.float16 else 0)))
-        return max(1, self.launch.split_bytes // per_pos)
+        return max(1, self.split_bytes() // per_pos)
+
+    def split_bytes(self) -> int:
+        """Bound of each block-major per-slot buffer: ``launch.split_bytes``, else 2 GiB with
+        the fused selected dq and 1 GiB without (``launch.SPLIT_BYTES*``)."""
+        if self.launch.split_bytes is not None:
+            return self.launch.split_bytes
+        return SPLIT_BYTES_FUSED if self.sel_dq_fused() else SPLIT_BYTES
 
     def dk_split(self) -> tuple[int, int, int]:
         """Widths of the kernels' Dk pieces, 0 for none (``headdim.split_dim`` by
