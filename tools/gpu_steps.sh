@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Benchmark and GPU-test steps for one call on a lent GPU machine (docs/benchmarks.md gives the
+# figures each step produced). Run from the repository root there:
+#   TREE=<commit> STEPS="tests m32 kd" OUT=<folder> bash tools/gpu_steps.sh
+# Steps run in the order given; each has a time limit and writes its log (and CSVs) under $OUT.
+# Packages the machine lacks travel as wheels in .whl/ (git-ignored), built here with:
+#   python -m pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core annotated-types \
+#       typing-inspection typing_extensions hjson
+set -u
+OUT=${OUT:?set OUT to the folder for logs and CSVs}
+TREE=${TREE:-tree}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >/dev/null 2>&1 || { echo "installing .whl/ failed"; exit 3; }
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+T0=$(date +%s)
+nvidia-smi --query-gpu=name --format=csv,noheader
+B="python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m nsa_dist.training.bench --config configs/train/bench_1b.yaml"
+K="python3 tools/bench_kernels.py"
+run() {  # name limit_s command
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name $(date -u +%H:%M:%S) (after $(( $(date +%s) - T0 )) s)"
+  timeout "$limit" bash -c "$*" 2>&1 | tee "$OUT/$name.log" | grep -v "Warning\|warn(\|^  outs = \|^  o = \|^  return func" | tail -40
+  echo "=== $name rc=${PIPESTATUS[0]} $(date -u +%H:%M:%S)"
+}
+for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
+  # GPU kernel tests (bf16 against the fp32 reference, every G; packed documents; wide heads)
+  tests) run tests 300 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k 'bf16_within or packed_documents_bf16 or long_sequence or (16_bit_head_dims and bf16) or (fused_selected and 4-)'" ;;
+  # the 1b model, NSA against dense (SDPA's fastest backend), tokens/s per GPU
+  m8) run m8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/m8.csv train_steps=8" ;;
+  m32) run m32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/m32.csv" ;;
+  m64) run m64 400 "$B --seq-len 64k --attention nsa,dense --out $OUT/m64.csv" ;;
+  # where the step goes (per part and per kernel)
+  sp8) run sp8 300 "python3 -m nsa_dist.training.step_profile --config configs/train/bench_1b.yaml --seq-len 8k --top 30 --out $OUT/sp8.csv" ;;
+  sp32) run sp32 300 "python3 -m nsa_dist.training.step_profile --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa --top 30 --out $OUT/sp32.csv" ;;
+  # kernels against cuDNN / flash (and the peer where installed), the shapes
+  ka) run ka 300 "$K --bench --shapes a_paper,c_small_g --sizes 32k,64k --out $OUT --tag _${TREE}_ac" ;;
+  kd) run kd 200 "$K --bench --shapes d_seeds --sizes 32k,64k --out $OUT --tag _${TREE}_d" ;;
+  # launch-setting sweeps at 64k (selection given), one key each
+  ksweep_range) run ksweep_range 300 "$K --sweep --sweep-keys range_dq,range_dq_rows,range_dq_keys,range_dkdv --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_range" ;;
+  ksplit_c) run ksplit_c 200 "$K --ab split_bytes=2147483648 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_c_split" ;;
+  *) echo "unknown step $s" ;;
+esac; done
+echo "done after $(( $(date +%s) - T0 )) s"
