@@ -354,6 +354,29 @@ def _cpu_candidates(q, k, v):
             "sdpa_math_expanded": sdpa_causal("math", expand_kv=True)}
 
 
+def test_dense_attention_pick_keeps_the_candidates_warnings_to_itself():
+    """SDPA explains in UserWarnings why a backend cannot take the inputs before it raises; the
+    pick drops those candidates quietly (a bench log showed six such warnings per dense point)."""
+    import warnings
+
+    from nsa_dist.modules.dense import CausalAttention
+
+    def refusing(q, k, v, bounds):
+        warnings.warn("cuDNN attention kernel not used because: ...", UserWarning)
+        raise RuntimeError("no available kernel")
+
+    def working(q, k, v, bounds):
+        warnings.warn("Memory efficient kernel not used because: ...", UserWarning)
+        return q * 1.0
+    ca = CausalAttention(timer=lambda run: (run(), 1.0)[1])
+    ca.candidates = lambda q, k, v: {"refusing": refusing, "working": working}
+    q = torch.randn(1, 8, 2, 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert ca._pick(ca.candidates(q, q, q), q, q, q, [0, 8]) == "working"
+    assert not seen, [str(w.message) for w in seen]
+
+
 def test_dense_attention_picks_the_fastest_candidate_once_per_shape():
     """CausalAttention times each candidate that runs (fwd + bwd) on the first call of a shape,
     keeps the fastest, reports it, and gives SDPA's result; on a CPU it runs SDPA unmeasured.
