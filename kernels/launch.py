@@ -28,9 +28,10 @@ _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_s
 
 # per-slot buffer bounds of the block-major kernels (``LaunchConfig.split_bytes`` None): 1 GiB;
 # 2 GiB with the fused selected dq, where fewer, longer chunks measured faster: (d) Dk = 192,
-# G = 4, 64k, one H100: backward 214 -> 196 ms, forward 69.5 -> 67.7 ms, +1 GB of peak memory
-# (docs/benchmarks.md, eighth session); at (c) (Dk = 128, where the dq is not fused by default)
-# 4 GiB with the fused dq lost: 60.1 against 57.7 ms
+# G = 4, 64k, one H100: backward 214 -> 196 ms, forward 69.5 -> 67.7 ms (docs/benchmarks.md,
+# eighth session), peak memory 18.6 -> 19.6 GiB (seventh session). At (c) (Dk = 128, where the
+# dq is not fused by default) the fused dq with 4 GiB took 60.1 ms against 63.2 with 1 GiB and
+# 58.3 unfused; the unfused dq's bound at (c) has not been timed at 2 GiB
 SPLIT_BYTES = 1 << 30
 SPLIT_BYTES_FUSED = 1 << 31
 

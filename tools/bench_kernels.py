@@ -282,9 +282,10 @@ SWEEP = {
     # the seeds' shape (Dk = 192 as 3 x 64; 128 + 64 or padded to 256; G = 4). Triton 3.6's sm_90a
     # build of the default tiles spills registers in every backward kernel there
     # (docs/kernel_notes.md, "The backward at Dk = 192"): the head dim's pieces, more warps, fewer
-    # rows or keys a step; the forward's spills; fewer chunks
+    # rows or keys a step; the forward's spills; the chunk bound (1 GiB, the bound before the
+    # fused dq's 2 GiB default; 4 GiB)
     "dk192": [{"head_dim_pieces": "one"}, {"head_dim_pieces": "two"}, {"acc_regs": None}, {"acc_regs": 64},
-              {"sel_dq_algo": "block"}, {"split_bytes": 1 << 31}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
+              {"sel_dq_algo": "block"}, {"split_bytes": 1 << 30}, {"range_dq_rows": 32, "range_dq_keys": 32}, {"dkdv_keys": 32},
               {"sel_dq_split_rows": 32}, {"dkdv_rows": 32, "sel_dkdv_rows": 32},
               {"range_dq_rows": 32, "range_dq_keys": 32, "range_dq": (8, 2), "sel_dkdv_rows": 32,
                "sel_dq_split_rows": 32},

@@ -126,25 +126,28 @@ class CausalAttention:
         """The fastest candidate, forward + backward on detached copies of the inputs (under
         identity saved-tensor hooks, so an enclosing activation checkpoint is not involved;
         ``picking`` tells a selective checkpoint's policy to keep none of these results)."""
-        times = {}
+        times, refused = {}, {}
         self.picking = True
         try:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
                 for name, run in runs.items():
-                    try:
-                        # a backend that cannot take these inputs says why in UserWarnings
-                        # before it raises: the pick reports its choice, not six warnings
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore", UserWarning)
+                    # a backend that cannot take these inputs says why in UserWarnings before it
+                    # raises: kept for the error below, not printed (six per dense bench point);
+                    # a warning torch gives once per process, if given here, is not seen later
+                    with warnings.catch_warnings(record=True) as said:
+                        warnings.simplefilter("always", UserWarning)
+                        try:
                             times[name] = self.timer(lambda: run(*ins, bounds).sum().backward())
-                    except RuntimeError:  # this backend does not take these inputs
-                        continue
+                        except RuntimeError as err:  # this backend does not take these inputs
+                            why = [str(w.message).split(" (Triggered")[0] for w in said] + [str(err)]
+                            refused[name] = "; ".join(dict.fromkeys(why))
         finally:
             self.picking = False
         if not times:
             raise RuntimeError(f"no causal attention implementation runs on q {tuple(q.shape)} {q.dtype}, "
-                               f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+                               f"k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                               + " | ".join(f"{n}: {w}" for n, w in refused.items()))
         return min(times, key=times.get)
 
 

@@ -356,7 +356,8 @@ def _cpu_candidates(q, k, v):
 
 def test_dense_attention_pick_keeps_the_candidates_warnings_to_itself():
     """SDPA explains in UserWarnings why a backend cannot take the inputs before it raises; the
-    pick drops those candidates quietly (a bench log showed six such warnings per dense point)."""
+    pick drops those candidates quietly (a bench log showed six such warnings per dense point)
+    and names the reasons only when no candidate runs."""
     import warnings
 
     from nsa_dist.modules.dense import CausalAttention
@@ -375,6 +376,10 @@ def test_dense_attention_pick_keeps_the_candidates_warnings_to_itself():
         warnings.simplefilter("always")
         assert ca._pick(ca.candidates(q, q, q), q, q, q, [0, 8]) == "working"
     assert not seen, [str(w.message) for w in seen]
+    # when nothing runs, the error says why each candidate refused (its warnings and its error)
+    with pytest.raises(RuntimeError, match=r"refusing: cuDNN attention kernel not used because: \.\.\.; "
+                                           r"no available kernel"):
+        ca._pick({"refusing": refusing}, q, q, q, [0, 8])
 
 
 def test_dense_attention_picks_the_fastest_candidate_once_per_shape():
