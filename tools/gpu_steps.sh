@@ -17,6 +17,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+# the peer baseline (never vendored): mdy666/Scalable-Flash-Native-Sparse-Attention's flash_nsa/
+# (commit fcf117c) copied under .peer/ (git-ignored), carried with the call
+if [ -d .peer/flash_nsa ]; then export PYTHONPATH=$PWD/.peer:$PYTHONPATH; fi
 T0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
 B="python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m nsa_dist.training.bench --config configs/train/bench_1b.yaml"
@@ -40,6 +43,7 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   sp32) run sp32 300 "python3 -m nsa_dist.training.step_profile --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa --top 30 --out $OUT/sp32.csv" ;;
   # kernels against cuDNN / flash (and the peer where installed), the shapes
   ka) run ka 300 "$K --bench --shapes a_paper,c_small_g --sizes 32k,64k --out $OUT --tag _${TREE}_ac" ;;
+  kpeer) run kpeer 300 "$K --bench --samples 5 --shapes a_paper --sizes 32k,64k --baselines cudnn,peer --out $OUT --tag _${TREE}_peer" ;;
   kd) run kd 200 "$K --bench --shapes d_seeds --sizes 32k,64k --out $OUT --tag _${TREE}_d" ;;
   # launch-setting sweeps at 64k (selection given), one key each
   ksweep_range) run ksweep_range 300 "$K --sweep --sweep-keys range_dq,range_dq_rows,range_dq_keys,range_dkdv --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_range" ;;
