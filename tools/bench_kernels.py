@@ -16,6 +16,8 @@ the peer can run it: it needs flash-attn). tools/kernel_baselines.py builds the 
 (--baselines chooses them); one that cannot run leaves a note in the row, never a crash.
 Writes kernel_bench<tag>.csv after every row and prints a table.
 --profile: per-kernel CUDA time of one forward and of one forward+backward.
+--ncu: one forward+backward (after two for warm-up) between cudaProfilerStart / Stop, for
+``ncu --profile-from-start off`` (hardware counters of each kernel of the call).
 --gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
 stream), from a torch.profiler trace, with the longest gaps and the kernels around them.
 --sweep: one launch setting changed at a time (selection given), --rounds times interleaved;
@@ -24,7 +26,7 @@ kernel_sweep<tag>.csv.
 settings (kernels/launch.py, e.g. sel_dkdv_seg_rows=1024,range_fwd=(8,3)) and with the
 defaults, A B then B A for --rounds rounds in one process: A/B of a default, free of the
 spread between processes; kernel_ab<tag>.csv.
---profile, --gaps, --sweep and --ab run at the largest of --sizes.
+--profile, --ncu, --gaps, --sweep and --ab run at the largest of --sizes.
 """
 from __future__ import annotations
 
@@ -499,6 +501,25 @@ def profile_shape(name, S):
     torch.cuda.empty_cache()
 
 
+def ncu_shape(name, S, setting: str = ""):
+    """One forward+backward inside a CUDA profiler range (``ncu --profile-from-start off``
+    profiles only its kernels), after two that compile and warm up; ``setting``: launch
+    settings ("NAME=VALUE,...") over the defaults."""
+    from nsa_dist.kernels.launch import use_launch
+
+    _, step = _calls(name, S)
+    with use_launch(launch_config(parse_settings(setting) if setting else {})):
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+    print(f"[ncu] {name} S={S} {setting or 'defaults'}: one forward+backward in the profiler range", flush=True)
+    torch.cuda.empty_cache()
+
+
 def sweep_shape(name, S, keys, rounds=1, rows=None, csv_path=None):
     """Forward and forward+backward time with one launch setting changed at a time (selection
     given), printed and, with ``rows``, appended as rows (setting, value, times, peak memory),
@@ -691,6 +712,8 @@ def main(argv=None):
     ap.add_argument("--baselines", default=",".join(BASELINES), help="what --bench compares with ('' for none)")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="timed calls behind each median")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the largest size")
+    ap.add_argument("--ncu", action="store_true", help="one call in a CUDA profiler range (for ncu)")
+    ap.add_argument("--launch", default="", help="NAME=VALUE[,...]: LaunchConfig settings of the --ncu call")
     ap.add_argument("--gaps", action="store_true", help="GPU idle time in one call at the largest size")
     ap.add_argument("--sweep", action="store_true", help="launch-setting sweep at the largest size")
     ap.add_argument("--sweep-keys", default=",".join(SWEEP), help="which launch settings to sweep")
@@ -706,8 +729,9 @@ def main(argv=None):
     baselines = _names(a.baselines, BASELINES, "--baselines")
     sweep_keys = _names(a.sweep_keys, SWEEP, "--sweep-keys") if a.sweep else []
     sizes = parse_sizes(a.sizes)
-    if a.ab:
-        launch_config(parse_settings(a.ab))  # a bad setting ends the tool before any GPU work
+    for text in (a.ab, a.launch):
+        if text:
+            launch_config(parse_settings(text))  # a bad setting ends the tool before any GPU work
     if a.samples < 1:
         raise SystemExit(f"--samples must be >= 1, got {a.samples}")
     globals()["SAMPLES"] = a.samples
@@ -730,6 +754,9 @@ def main(argv=None):
     if a.profile:
         for name in shapes:
             profile_shape(name, max(sizes))
+    if a.ncu:
+        for name in shapes:
+            ncu_shape(name, max(sizes), a.launch)
     if a.gaps:
         for name in shapes:
             gaps_shape(name, max(sizes))

@@ -24,6 +24,9 @@ T0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
 B="python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m nsa_dist.training.bench --config configs/train/bench_1b.yaml"
 K="python3 tools/bench_kernels.py"
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+NCU_ARGS="--clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy --section LaunchStats \
+  --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats"
 run() {  # name limit_s command
   local name=$1 limit=$2
   shift 2
@@ -48,6 +51,10 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # launch-setting sweeps at 64k (selection given), one key each
   ksweep_range) run ksweep_range 300 "$K --sweep --sweep-keys range_dq,range_dq_rows,range_dq_keys,range_dkdv --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_range" ;;
   ksplit_c) run ksplit_c 200 "$K --ab split_bytes=2147483648 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_c_split" ;;
+  # hardware counters of every Triton kernel of one (c) 32k forward+backward (ncu; Firecracker
+  # machines read them, gVisor ones do not: docs of the device); ncu_cf: with the fused dq
+  ncu_c) run ncu_c 420 "$NCU $NCU_ARGS -k regex:'^_' python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k" ;;
+  ncu_cf) run ncu_cf 300 "$NCU $NCU_ARGS -k regex:'^_sel_bwd' python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k --launch sel_dq_algo=fused" ;;
   *) echo "unknown step $s" ;;
 esac; done
 echo "done after $(( $(date +%s) - T0 )) s"
