@@ -9,7 +9,8 @@ For each ``--settings`` (LaunchConfig settings as --ab takes them, NAME=VALUE,..
 defaults) one small forward + backward runs through Triton's interpreter (a child process with
 TRITON_INTERPRET=1) and records every kernel launch: argument types, constexprs, warps and
 stages. Each launch kind is then compiled for ``--arch`` (90: Hopper, sm_90a) by the installed
-Triton, and ptxas -v reports its registers and spill stores / loads: bytes of spill
+Triton (with the launcher's specialization: addresses and ints divisible by 16, ints equal to
+1), and ptxas -v reports its registers and spill stores / loads: bytes of spill
 instructions in the code (static, not traffic), a sign of register pressure, not a time. The
 group size G = HQ / H and the head dims set the constexprs, so one KV head of G query heads
 stands for any head count. Which setting is faster is the GPU's to say (bench_kernels.py
@@ -54,6 +55,19 @@ def _arg_type(x) -> str:
     raise TypeError(f"launch argument of type {type(x).__name__}")
 
 
+def _arg_spec(x) -> str:
+    """How Triton's launcher specializes an argument, as a real launch on the GPU would: "D"
+    (divisible by 16: a tensor's address, an int's value; the loads and stores built on it can
+    be vectorized, and only then pipelined), "1" (an int equal to 1: a constant), or ""."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return "D" if x.data_ptr() % 16 == 0 else ""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return "1" if x == 1 else "D" if x % 16 == 0 else ""
+    return ""
+
+
 def capture(group: int, dk: int, dv: int, dtype: str, settings: str) -> list[dict]:
     """Every distinct kernel launch of one forward + backward (run under TRITON_INTERPRET=1):
     [{module, kernel, types, constexprs (num_warps / num_stages included)}]."""
@@ -75,7 +89,7 @@ def capture(group: int, dk: int, dv: int, dtype: str, settings: str) -> list[dic
                 def run(*args, **kw):
                     key = (name, json.dumps(kw, sort_keys=True))
                     seen.setdefault(key, dict(module=mod.__name__, kernel=name, types=[_arg_type(a) for a in args],
-                                              constexprs=kw))
+                                              spec=[_arg_spec(a) for a in args], constexprs=kw))
                     return real[grid](*args, **kw)
                 return run
         setattr(mod, name, Spy())
@@ -126,8 +140,9 @@ def compile_options(constexprs: dict) -> tuple[dict, dict]:
     return options, kw
 
 
-def compile_usage(rec: dict, arch: int) -> dict:
-    """Registers, spill bytes (stores, loads) and shared memory of one recorded launch."""
+def compile_usage(rec: dict, arch: int, dump: str = "") -> dict:
+    """Registers, spill bytes (stores, loads) and shared memory of one recorded launch; ``dump``:
+    a file stem to write its Triton GPU IR (.ttgir: the layouts each tile takes) and PTX to."""
     import importlib
 
     import triton
@@ -137,10 +152,20 @@ def compile_usage(rec: dict, arch: int) -> dict:
 
     fn = getattr(importlib.import_module(rec["module"]), rec["kernel"])
     options, kw = compile_options(rec["constexprs"])
-    types = iter(rec["types"])
-    sig = {n: "constexpr" if n in kw else next(types) for n in fn.arg_names}
+    # the launcher's specialization (``_arg_spec``): constants equal to 1, divisibility by 16
+    args = [n for n in fn.arg_names if n not in kw]
+    spec = rec.get("spec") or [""] * len(args)
+    kw.update({n: 1 for n, sp in zip(args, spec) if sp == "1"})
+    types = dict(zip(args, rec["types"]))
+    sig = {n: "constexpr" if n in kw else types[n] for n in fn.arg_names}
     const = {(fn.arg_names.index(n),): val for n, val in kw.items()}
-    kernel = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", arch, 32), options=options)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, sp in zip(args, spec) if sp == "D"}
+    kernel = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+                            options=options)
+    if dump:
+        for ext in ("ttgir", "ptx"):
+            with open(f"{dump}.{ext}", "w") as fh:
+                fh.write(kernel.asm[ext])
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as fh:
@@ -175,6 +200,7 @@ def main(argv=None):
     ap.add_argument("--compile-triton", default="", help="folder holding another Triton (pip install --target) "
                     "to compile with, e.g. the GPU machine's version; the capture keeps the installed one, whose "
                     "interpreter runs the kernels (3.6's does not)")
+    ap.add_argument("--dump", default="", help="folder to write each build's Triton GPU IR and PTX to")
     ap.add_argument("--capture", default="", help=argparse.SUPPRESS)  # child: write the launches here
     a = ap.parse_args(argv)
     if a.compile_triton:  # before anything imports triton
@@ -199,12 +225,15 @@ def main(argv=None):
 
     print(f"G={a.group} Dk={dk} Dv={dv} {a.dtype}, sm_{a.arch}a, Triton {triton.__version__}; spill bytes are "
           f"static (code), not traffic")
-    for s in settings:
+    if a.dump:
+        os.makedirs(a.dump, exist_ok=True)
+    for i, s in enumerate(settings):
         recs = captured(__file__, ["--group", str(a.group), "--dims", a.dims, "--dtype", a.dtype, "--settings", s])
         print(f"\nsettings: {s or 'defaults'}")
-        for rec in recs:
+        for j, rec in enumerate(recs):
             try:
-                u = compile_usage(rec, a.arch)
+                stem = os.path.join(a.dump, f"s{i}_{j:02d}{rec['kernel']}") if a.dump else ""
+                u = compile_usage(rec, a.arch, stem)
                 print(f"  {_label(rec):58s} warps {u['num_warps']} stages {u['num_stages']}: {u['regs']:3d} registers, "
                       f"spills {u['spill_stores']:5d} / {u['spill_loads']:5d} B, shared {u['smem']:6d} B", flush=True)
             except Exception as err:  # noqa: BLE001 - report and go on with the other kernels
