@@ -85,6 +85,11 @@ class LaunchConfig:
     # buffers "evict_first" (with small chunks a chunk's q can stay in L2 across the blocks
     # its positions chose); off: the hardware's default policy
     sel_l2_hints: bool = False
+    # block-major selected kernels (forward split, dq split, dK/dV): load the next step's
+    # gathered rows (and the positions of the one after) before this step's products, in
+    # registers; Triton's pipeliner keeps a gathered (index-dependent) load one step ahead at
+    # most, with a wait for it at the top of each step (docs/kernel_notes.md)
+    sel_prefetch: bool = False
     # --- streams (CUDA): the selected branch's kernels (memory- and latency-bound at small G)
     # on a second stream: in the forward beside the window kernel (with a window), in the
     # backward beside the range dq and dK/dV; about 1% at G = 4 on an H100, and the side

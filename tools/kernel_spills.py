@@ -237,7 +237,7 @@ def main(argv=None):
                 print(f"  {_label(rec):58s} warps {u['num_warps']} stages {u['num_stages']}: {u['regs']:3d} registers, "
                       f"spills {u['spill_stores']:5d} / {u['spill_loads']:5d} B, shared {u['smem']:6d} B", flush=True)
             except Exception as err:  # noqa: BLE001 - report and go on with the other kernels
-                print(f"  {_label(rec):58s} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                print(f"  {_label(rec):58s} failed: {type(err).__name__}: {str(err)[-700:]}", flush=True)
 
 
 if __name__ == "__main__":

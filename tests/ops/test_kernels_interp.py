@@ -23,6 +23,10 @@ CASES = {
     "G4-fla-cfg-w0": (dict(cmp_block=16, cmp_stride=16, sel_block=16, num_selected=3, window=0), 1, 64, 4, 1, 16, 16, None),
     "G2-packed": (dict(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16), 1, 100, 4, 2, 16, 16,
                   [0, 37, 40, 100]),
+    # three free choices a position past the forced blocks: selected work items of up to ~260
+    # rows, many steps of 16 (the prefetching loops' rotation)
+    "G2-long": (dict(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=6, window=16), 1, 160, 4, 2, 16, 16,
+                None),
 }
 
 
@@ -37,7 +41,8 @@ def _run(case, dtype=torch.float32):
 
 
 SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq", "block-fused",
-             "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked")
+             "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked", "block-prefetch",
+             "block-fused-prefetch-chunked")
 # (algorithm, case) run by default: every case block-major (the default), every other
 # algorithm on two or more cases; the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
@@ -45,13 +50,15 @@ SEL_DEFAULT = {("block", c) for c in CASES} | {
     ("query-fwd-block-dq", "G1"), ("query-fwd-block-dq", "G4-fla-cfg-w0"),
     ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0"),
     ("block-fused", "G1"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
-    ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed")}
+    ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed"), ("block-prefetch", "G2-long"),
+    ("block-fused-prefetch-chunked", "G2-long")}
 
 
 @pytest.fixture
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
-    positions, position-major, one of each, the dq fused into the dK/dV kernel, or with L2 hints."""
+    positions, position-major, one of each, the dq fused into the dK/dV kernel, with L2 hints, or
+    with the next step's rows prefetched (16 rows a step: many steps per work item)."""
     kernels_or_skip()
     from nsa_dist.kernels import nsa
     fwd_query = request.param.startswith("query")
@@ -59,6 +66,9 @@ def sel_algo(request, monkeypatch):
     dq_algo = "fused" if "fused" in request.param else "query" if dq_query else "block"
     launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo,
                           sel_l2_hints="hints" in request.param)
+    if "prefetch" in request.param:
+        launch = launch.replace(sel_prefetch=True, sel_split_rows=16, sel_dq_split_rows=16, sel_dkdv_rows=16,
+                                sel_dkdv_dq_rows=16)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
     chunks = []
