@@ -53,7 +53,7 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   ksplit_c) run ksplit_c 200 "$K --ab split_bytes=2147483648 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_c_split" ;;
   # hardware counters of every Triton kernel of one (c) 32k forward+backward (ncu; Firecracker
   # machines read them, gVisor ones do not: docs of the device); ncu_cf: with the fused dq
-  ncu_c) run ncu_c 420 "$NCU $NCU_ARGS -k regex:'^_' python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k" ;;
+  ncu_c) run ncu_c 420 "$NCU $NCU_ARGS -k regex:'^_(sel_bwd_dkdv|sel_bwd_dq_split|sel_fwd_split|range_bwd_dkdv|range_bwd_dq)$' -c 12 python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k" ;;
   ncu_cf) run ncu_cf 300 "$NCU $NCU_ARGS -k regex:'^_sel_bwd' python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k --launch sel_dq_algo=fused" ;;
   # the next step's gathered rows loaded before this step's products (sel_prefetch), one process each
   kpf) run kpf 240 "$K --ab sel_prefetch=True --rounds 2 --shapes c_small_g,a_paper --sizes 64k --out $OUT --tag _${TREE}_prefetch" ;;
