@@ -224,17 +224,17 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
             t_nn = _sel_pos(QLIST, off, n, r0 + 2 * BLOCK_M, G, BLOCK_M)
             ok_n, rq_n, q_n, q_r_n, slot_n = _sel_fwd_gather(Q, SLIST, t_n, off, r0 + BLOCK_M, n, h, HQ, DK, dk,
                                                                   G, BLOCK_M, BDK, BDK2, BDK3, EVQ, True)
-            _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, k, k_r, v, kpos, key_ok, dv, scale2, DV, NSEL,
-                                row0, PREC, BDK2, BDK3, EVS)
+            _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv,
+                                scale2, DV, NSEL, row0, G, BLOCK_M, PREC, BDK2, BDK3, EVS)
             t, row_ok, rq, q, q_r, slot = t_n, ok_n, rq_n, q_n, q_r_n, slot_n
             t_n = t_nn
     else:
         for r0 in range(0, n * G, BLOCK_M):
             t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
-            row_ok, rq, q, q_r, slot = _sel_fwd_gather(Q, SLIST, t, off, r0, n, h, HQ, DK, dk, G, BLOCK_M, BDK,
-                                                          BDK2, BDK3, EVQ, True)
-            _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, k, k_r, v, kpos, key_ok, dv, scale2, DV, NSEL,
-                                row0, PREC, BDK2, BDK3, EVS)
+            row_ok, rq, q, q_r, _ = _sel_fwd_gather(Q, SLIST, t, off, r0, n, h, HQ, DK, dk, G, BLOCK_M, BDK, BDK2,
+                                                    BDK3, EVQ, False)
+            _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, None, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv,
+                                scale2, DV, NSEL, row0, G, BLOCK_M, PREC, BDK2, BDK3, EVS)
 
 
 @triton.jit
@@ -257,16 +257,25 @@ def _sel_fwd_gather(Q, SLIST, t, off, r0, n, h, HQ, DK, dk, G: tl.constexpr, BLO
                 eviction_policy=EVQ)
     q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
     if SLOTS:
-        slot = tl.load(SLIST + off + r // G, mask=row_ok, other=0)
+        slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
     else:
         slot = tl.zeros([BLOCK_M], tl.int32)
     return row_ok, rq, q, q_r, slot
 
 
 @triton.jit
-def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, k, k_r, v, kpos, key_ok, dv, scale2, DV, NSEL, row0,
-                        PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, EVS: tl.constexpr):
-    """One step of ``_sel_fwd_split``: these rows' attention over the block into their slots."""
+def _sel_slot(SLIST, off, r0, row_ok, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The slots (place in their position's list) of rows r0..r0+BLOCK_M-1 of a work item."""
+    return tl.load(SLIST + off + (r0 + tl.arange(0, BLOCK_M)) // G, mask=row_ok, other=0)
+
+
+@triton.jit
+def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv, scale2, DV,
+                        NSEL, row0, G: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
+                        BDK3: tl.constexpr, EVS: tl.constexpr):
+    """One step of ``_sel_fwd_split``: these rows' attention over the block into their slots
+    (``slot``, or None: read here, after the products, from SLIST at the item's offset off
+    and step r0)."""
     s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
     s = tl.where(row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
     m = tl.max(s, 1)
@@ -274,6 +283,8 @@ def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, k, k_r, v, kpos, ke
     p = tl.exp2(s - ms[:, None])
     l = tl.sum(p, 1)  # >= 1 where any key is visible
     acc = tl.dot(p.to(v.dtype), v, input_precision=PREC) / tl.maximum(l, 1.0)[:, None]
+    if slot is None:
+        slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
     ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
     tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok,
              eviction_policy=EVS)
@@ -371,21 +382,23 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
             ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, delta_n = _sel_bwd_gather(
                 Q, DO, LSE, DELTA, SLIST, t_n, off, r0 + BLOCK_M, n, h, HQ, DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2,
                 BDK3, EVQ, DQ_SLOTS)
-            acc_k, acc_k_r, acc_v = _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, do, lse,
-                                                   delta, k, k_r, v, kpos, key_ok, DQP, DQS, row0, NSEL, DK, scale2,
-                                                   scale, BLOCK_M, BDK, PREC, BDK2, BDK3, DQ_SLOTS, SCALED, EVS)
+            acc_k, acc_k_r, acc_v = _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, SLIST, off, r0,
+                                                   do, lse, delta, k, k_r, v, kpos, key_ok, DQP, DQS, row0, NSEL, DK,
+                                                   scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, DQ_SLOTS, SCALED,
+                                                   EVS)
             t, row_ok, rq, q, q_r, slot, do, lse, delta = t_n, ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, \
                 delta_n
             t_n = t_nn
     else:
         for r0 in range(0, n * G, BLOCK_M):
             t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
-            row_ok, rq, q, q_r, slot, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, r0, n, h,
-                                                                          HQ, DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2,
-                                                                          BDK3, EVQ, DQ_SLOTS)
-            acc_k, acc_k_r, acc_v = _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, do, lse,
-                                                   delta, k, k_r, v, kpos, key_ok, DQP, DQS, row0, NSEL, DK, scale2,
-                                                   scale, BLOCK_M, BDK, PREC, BDK2, BDK3, DQ_SLOTS, SCALED, EVS)
+            row_ok, rq, q, q_r, _, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, r0, n, h, HQ, DK,
+                                                                    DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3, EVQ,
+                                                                    False)
+            acc_k, acc_k_r, acc_v = _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, None, SLIST, off, r0,
+                                                   do, lse, delta, k, k_r, v, kpos, key_ok, DQP, DQS, row0, NSEL, DK,
+                                                   scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, DQ_SLOTS, SCALED,
+                                                   EVS)
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     rest_store(DK32, kr, key_ok, DK, rest_scale(acc_k_r, scale, BDK2, BDK3), BDK, BDK2, BDK3, ATOMIC=True)
@@ -394,12 +407,14 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
 
 
 @triton.jit
-def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, do, lse, delta, k, k_r, v, kpos, key_ok, DQP,
-                   DQS, row0, NSEL, DK, scale2, scale, BLOCK_M: tl.constexpr, BDK: tl.constexpr,
+def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, do, lse, delta, k, k_r, v,
+                   kpos, key_ok, DQP, DQS, row0, NSEL, DK, scale2, scale, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BDK: tl.constexpr,
                    PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, DQ_SLOTS: tl.constexpr,
                    SCALED: tl.constexpr, EVS: tl.constexpr):
     """One step of ``_sel_bwd_dkdv``: these rows' part of dK (unscaled) and dV, and with DQ_SLOTS
-    their dq over the block into their slots."""
+    their dq over the block into their slots (``slot``, or None: read from SLIST as
+    ``_sel_fwd_split_step`` does)."""
     st = tl.dot(k, tl.trans(q), input_precision=PREC)
     st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
     ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
@@ -414,13 +429,15 @@ def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, do, lse, 
         dq = tl.dot(ds, k, input_precision=PREC) * scale
         dq_r = rest_scale(rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds, k_r, BDK2, BDK3, PREC), scale,
                           BDK2, BDK3)
+        if slot is None:
+            slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
         _store_dq_slot(DQP, DQS, slot, row_ok, rq, row0, NSEL, DK, dq, dq_r, SCALED, BDK, BDK2, BDK3, EVS)
     return acc_k, acc_k_r, acc_v
 
 
 @triton.jit
-def _store_dq_slot(DQP, DQS, slot, row_ok, rq, row0, NSEL, DK, dq, dq_r, SCALED: tl.constexpr, BDK: tl.constexpr,
-                   BDK2: tl.constexpr, BDK3: tl.constexpr, EVS: tl.constexpr):
+def _store_dq_slot(DQP, DQS, slot, row_ok, rq, row0, NSEL, DK, dq, dq_r, SCALED: tl.constexpr,
+                   BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, EVS: tl.constexpr):
     """Query rows rq's dq over one block (dq [rows, BDK] fp32 and its later Dk pieces dq_r) into
     their slots DQP[row - row0, slot] (``_sel_fwd_gather``'s slots); SCALED: fp16 holding dq / DQS[slot], DQS a per-(row, slot)
     power of two that puts the row's largest |dq| near 2^14 (``_sel_bwd_dq_split``)."""
@@ -471,26 +488,30 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
             ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, delta_n = _sel_bwd_gather(
                 Q, DO, LSE, DELTA, SLIST, t_n, off, r0 + BLOCK_M, n, h, HQ, DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2,
                 BDK3, EVQ, True)
-            _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, do, lse, delta, k, k_r, vt, kpos, key_ok, row0,
-                               NSEL, DK, scale2, scale, BLOCK_M, BDK, PREC, BDK2, BDK3, SCALED, EVS)
+            _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, do, lse, delta, k, k_r, vt,
+                               kpos, key_ok, row0, NSEL, DK, scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, SCALED,
+                               EVS)
             t, row_ok, rq, q, q_r, slot, do, lse, delta = t_n, ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, \
                 delta_n
             t_n = t_nn
     else:
         for r0 in range(0, n * G, BLOCK_M):
             t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
-            row_ok, rq, q, q_r, slot, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, r0, n, h,
-                                                                          HQ, DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2,
-                                                                          BDK3, EVQ, True)
-            _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, do, lse, delta, k, k_r, vt, kpos, key_ok, row0,
-                               NSEL, DK, scale2, scale, BLOCK_M, BDK, PREC, BDK2, BDK3, SCALED, EVS)
+            row_ok, rq, q, q_r, _, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, r0, n, h, HQ, DK,
+                                                                    DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3, EVQ,
+                                                                    False)
+            _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, None, SLIST, off, r0, do, lse, delta, k, k_r, vt,
+                               kpos, key_ok, row0, NSEL, DK, scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, SCALED,
+                               EVS)
 
 
 @triton.jit
-def _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, do, lse, delta, k, k_r, vt, kpos, key_ok, row0, NSEL,
-                       DK, scale2, scale, BLOCK_M: tl.constexpr, BDK: tl.constexpr, PREC: tl.constexpr,
-                       BDK2: tl.constexpr, BDK3: tl.constexpr, SCALED: tl.constexpr, EVS: tl.constexpr):
-    """One step of ``_sel_bwd_dq_split``: these rows' dq over the block into their slots."""
+def _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, do, lse, delta, k, k_r, vt, kpos,
+                       key_ok, row0, NSEL, DK, scale2, scale, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BDK: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
+                       SCALED: tl.constexpr, EVS: tl.constexpr):
+    """One step of ``_sel_bwd_dq_split``: these rows' dq over the block into their slots
+    (``slot``, or None: read from SLIST as ``_sel_fwd_split_step`` does)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     s = rest_dot(s, q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
     ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
@@ -499,6 +520,8 @@ def _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, do, lse, delta, k,
     dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
     dq_r = rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
     dq_r = rest_scale(dq_r, scale, BDK2, BDK3)
+    if slot is None:
+        slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
     _store_dq_slot(DQP, DQS, slot, row_ok, rq, row0, NSEL, DK, dq, dq_r, SCALED, BDK, BDK2, BDK3, EVS)
 
 

@@ -23,7 +23,7 @@ CASES = {
     "G4-fla-cfg-w0": (dict(cmp_block=16, cmp_stride=16, sel_block=16, num_selected=3, window=0), 1, 64, 4, 1, 16, 16, None),
     "G2-packed": (dict(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16), 1, 100, 4, 2, 16, 16,
                   [0, 37, 40, 100]),
-    # three free choices a position past the forced blocks: selected work items of up to ~260
+    # three free choices a position past the forced blocks: selected work items of up to 180
     # rows, many steps of 16 (the prefetching loops' rotation)
     "G2-long": (dict(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=6, window=16), 1, 160, 4, 2, 16, 16,
                 None),
@@ -42,7 +42,7 @@ def _run(case, dtype=torch.float32):
 
 SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq", "block-fused",
              "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked", "block-prefetch",
-             "block-fused-prefetch-chunked")
+             "block-fused-prefetch", "block-fused-prefetch-chunked")
 # (algorithm, case) run by default: every case block-major (the default), every other
 # algorithm on two or more cases; the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
@@ -51,7 +51,7 @@ SEL_DEFAULT = {("block", c) for c in CASES} | {
     ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0"),
     ("block-fused", "G1"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
     ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed"), ("block-prefetch", "G2-long"),
-    ("block-fused-prefetch-chunked", "G2-long")}
+    ("block-fused-prefetch", "G2-long"), ("block-fused-prefetch-chunked", "G2-long")}
 
 
 @pytest.fixture
