@@ -58,11 +58,11 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # the next step's gathered rows loaded before this step's products (sel_prefetch), one process each
   kpf) run kpf 240 "$K --ab sel_prefetch=True --rounds 2 --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch" ;;
   kpf32) run kpf32 200 "$K --ab sel_prefetch=True,sel_dkdv_rows=32 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_prefetch32" ;;
-  # the 1b model's NSA with launch settings (.scratch/with_launch.py, carried): M32PF="NAME=VALUE,..."
-  # m32pf only where kpf's (c) fwd+bwd gained >= 2% (.scratch/gain.py, carried)
-  m32pf_if) if python3 .scratch/gain.py $OUT/kernel_ab_${TREE}_prefetch.csv; then STEPS_NEXT=m32pf; else STEPS_NEXT=""; fi
-    for s2 in $STEPS_NEXT; do run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 .scratch/with_launch.py '${M32PF:-sel_prefetch=True}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; done ;;
-  m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 .scratch/with_launch.py '${M32PF:-sel_prefetch=True}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
+  # the 1b model's NSA with launch settings (tools/with_launch.py, carried): M32PF="NAME=VALUE,..."
+  # m32pf only where kpf's (c) fwd+bwd gained >= 2% (tools/ab_gain.py)
+  m32pf_if) if python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_prefetch.csv; then STEPS_NEXT=m32pf; else STEPS_NEXT=""; fi
+    for s2 in $STEPS_NEXT; do run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=True}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; done ;;
+  m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=True}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
   *) echo "unknown step $s" ;;
 esac; done
 echo "done after $(( $(date +%s) - T0 )) s"

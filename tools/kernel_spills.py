@@ -12,9 +12,9 @@ stages. Each launch kind is then compiled for ``--arch`` (90: Hopper, sm_90a) by
 Triton (with the launcher's specialization: addresses and ints divisible by 16, ints equal to
 1), and ptxas -v reports its registers and spill stores / loads: bytes of spill
 instructions in the code (static, not traffic), a sign of register pressure, not a time. The
-group size G = HQ / H and the head dims set the constexprs, so one KV head of G query heads
-stands for any head count. Which setting is faster is the GPU's to say (bench_kernels.py
---sweep / --ab).
+group size G = HQ / H and the head dims set the constexprs; the capture uses enough KV heads
+that HQ is a multiple of 16, as the launcher sees in real models. Which setting is faster is
+the GPU's to say (bench_kernels.py --sweep / --ab).
 """
 from __future__ import annotations
 
@@ -87,9 +87,10 @@ def capture(group: int, dk: int, dv: int, dtype: str, settings: str) -> list[dic
         class Spy:
             def __getitem__(self, grid):
                 def run(*args, **kw):
-                    key = (name, json.dumps(kw, sort_keys=True))
+                    spec = [_arg_spec(a) for a in args]  # a new specialization is a new build
+                    key = (name, json.dumps(kw, sort_keys=True), tuple(spec))
                     seen.setdefault(key, dict(module=mod.__name__, kernel=name, types=[_arg_type(a) for a in args],
-                                              spec=[_arg_spec(a) for a in args], constexprs=kw))
+                                              spec=spec, constexprs=kw))
                     return real[grid](*args, **kw)
                 return run
         setattr(mod, name, Spy())
@@ -105,10 +106,14 @@ def capture(group: int, dk: int, dv: int, dtype: str, settings: str) -> list[dic
     dt = getattr(torch, dtype)
     r = lambda *s: torch.randn(*s, generator=gen).to(dt)  # noqa: E731
     S = S_TOKENS
-    k, v = r(1, S, 1, dk), r(1, S, 1, dv)
-    x = dict(q=r(1, S, group, dk), k_cmp=ops.compress(k, cfg), v_cmp=ops.compress(v, cfg), k_sel=r(1, S, 1, dk),
-             v_sel=r(1, S, 1, dv), k_win=r(1, S, 1, dk), v_win=r(1, S, 1, dv),
-             gates=torch.rand(1, S, group, 3, generator=gen).to(dt))
+    # KV heads so that the query heads (HQ = H * G) are a multiple of 16, as in real models:
+    # HQ is a launch argument whose divisibility the launcher specializes on (a lone head
+    # would make HQ = G, and HQ = 1 a constant)
+    H = max(1, 16 // group) if 16 % group == 0 else 16
+    k, v = r(1, S, H, dk), r(1, S, H, dv)
+    x = dict(q=r(1, S, H * group, dk), k_cmp=ops.compress(k, cfg), v_cmp=ops.compress(v, cfg),
+             k_sel=r(1, S, H, dk), v_sel=r(1, S, H, dv), k_win=r(1, S, H, dk), v_win=r(1, S, H, dv),
+             gates=torch.rand(1, S, H * group, 3, generator=gen).to(dt))
     x = {n: t.requires_grad_(True) for n, t in x.items()}
     with use_launch(launch_config(parse_settings(settings)) if settings else launch_config({})):
         o = ops.nsa_attention(*x.values(), cfg, backend="triton")

@@ -168,6 +168,47 @@ def test_kernel_spills_types_and_a_bad_setting():
         kernel_spills.main(["--settings", "acc_reg=128"])
 
 
+def test_kernel_spills_specializes_as_the_launcher_does():
+    """Arguments are marked as Triton's launcher marks them on a GPU: ints divisible by 16 and
+    16-byte-aligned addresses "D", ints equal to 1 constants; without that no tile load of the
+    offline builds was vectorized or pipelined (docs/kernel_notes.md)."""
+    import torch
+
+    import kernel_spills
+
+    assert [kernel_spills._arg_spec(v) for v in (128, 32, 0, 1, 4, 3, True, 0.5)] == ["D", "D", "D", "1", "", "",
+                                                                                      "", ""]
+    t = torch.zeros(64, dtype=torch.float32)
+    assert kernel_spills._arg_spec(t) == ("D" if t.data_ptr() % 16 == 0 else "")
+    assert kernel_spills._arg_spec(t[1:]) == ""  # 4 bytes past an aligned start
+
+
+def test_ab_gain_compares_medians_of_the_first_shape(tmp_path):
+    """tools/ab_gain.py: exit 0 only where the changed setting's fwd+bwd median beats the
+    defaults' by the asked fraction; a file without timed rows is an error that says so."""
+    import ab_gain
+
+    path = tmp_path / "ab.csv"
+    rows = ["shape,ab_label,nsa_fwd_ms,nsa_bwd_ms", "c,changed,10,40", "c,default,11,44", "c,changed,10,41",
+            "c,default,11,45", "a,changed,1,1", "a,default,9,9"]
+    path.write_text("\n".join(rows) + "\n")
+    assert ab_gain.medians(str(path)) == ("c", 50.5, 55.5)
+    assert ab_gain.main([str(path), "--min-gain", "0.05"]) == 0
+    assert ab_gain.main([str(path), "--min-gain", "0.2"]) == 1
+    path.write_text("shape,ab_label,nsa_fwd_ms,nsa_bwd_ms\nc,default,1,2\n")
+    with pytest.raises(SystemExit, match="no timed 'changed' row"):
+        ab_gain.medians(str(path))
+
+
+def test_with_launch_refuses_a_bad_setting_before_the_module_runs():
+    import with_launch
+
+    with pytest.raises(SystemExit, match="did you mean 'sel_prefetch'"):
+        with_launch.main(["sel_prefetc=True", "nsa_dist.training.bench", "--help"])
+    with pytest.raises(SystemExit, match="usage"):
+        with_launch.main(["sel_prefetch=True"])
+
+
 @pytest.mark.slow
 def test_kernel_spills_compiles_every_recorded_launch_for_hopper():
     """The whole tool on a small group (its own process: kernels imported under the interpreter
