@@ -56,7 +56,7 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   ncu_c) run ncu_c 420 "$NCU $NCU_ARGS -k regex:'^_(sel_bwd_dkdv|sel_bwd_dq_split|sel_fwd_split|range_bwd_dkdv|range_bwd_dq)$' -c 12 python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k" ;;
   ncu_cf) run ncu_cf 300 "$NCU $NCU_ARGS -k regex:'^_sel_bwd' python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k --launch sel_dq_algo=fused" ;;
   # the next step's gathered rows loaded before this step's products (sel_prefetch), one process each
-  kpf) run kpf 240 "$K --ab sel_prefetch=True --rounds 2 --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch" ;;
+  kpf) run kpf 240 "$K --ab sel_prefetch=True --rounds ${KPF_ROUNDS:-2} --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch" ;;
   kpf32) run kpf32 200 "$K --ab sel_prefetch=True,sel_dkdv_rows=32 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_prefetch32" ;;
   # the 1b model's NSA with launch settings (tools/with_launch.py, carried): M32PF="NAME=VALUE,..."
   # m32pf only where kpf's (c) fwd+bwd gained >= 2% (tools/ab_gain.py)
