@@ -55,14 +55,19 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # machines read them, gVisor ones do not: docs of the device); ncu_cf: with the fused dq
   ncu_c) run ncu_c 420 "$NCU $NCU_ARGS -k regex:'^_(sel_bwd_dkdv|sel_bwd_dq_split|sel_fwd_split|range_bwd_dkdv|range_bwd_dq)$' -c 12 python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k" ;;
   ncu_cf) run ncu_cf 300 "$NCU $NCU_ARGS -k regex:'^_sel_bwd' python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k --launch sel_dq_algo=fused" ;;
-  # the next step's gathered rows loaded before this step's products (sel_prefetch), one process each
-  kpf) run kpf 240 "$K --ab sel_prefetch=True --rounds ${KPF_ROUNDS:-2} --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch" ;;
-  kpf32) run kpf32 200 "$K --ab sel_prefetch=True,sel_dkdv_rows=32 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_prefetch32" ;;
-  # the 1b model's NSA with launch settings (tools/with_launch.py, carried): M32PF="NAME=VALUE,..."
-  # m32pf only where kpf's (c) fwd+bwd gained >= 2% (tools/ab_gain.py)
-  m32pf_if) if python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_prefetch.csv; then STEPS_NEXT=m32pf; else STEPS_NEXT=""; fi
-    for s2 in $STEPS_NEXT; do run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=True}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; done ;;
-  m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=True}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
+  # the next step's gathered rows loaded before this step's products (sel_prefetch): all three
+  # block-major selected kernels, the forward and dq split only ("split"), "all" at 32 dK/dV rows
+  kpf) run kpf 240 "$K --ab sel_prefetch=all --rounds ${KPF_ROUNDS:-2} --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch" ;;
+  kpfs) run kpfs 240 "$K --ab sel_prefetch=split --rounds ${KPF_ROUNDS:-2} --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch_split" ;;
+  kpf32) run kpf32 200 "$K --ab sel_prefetch=all,sel_dkdv_rows=32 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_prefetch32" ;;
+  # the 1b model's NSA under launch settings against dense, one process (tools/with_launch.py):
+  # m32pf with M32PF="NAME=VALUE,..."; m32pf_if with the prefetch setting that gained >= 2% in
+  # kpf / kpfs (tools/ab_gain.py), none if neither did
+  m32pf_if) M=""
+    if [ -f $OUT/kernel_ab_${TREE}_prefetch.csv ] && python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_prefetch.csv; then M=sel_prefetch=all
+    elif [ -f $OUT/kernel_ab_${TREE}_prefetch_split.csv ] && python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_prefetch_split.csv; then M=sel_prefetch=split; fi
+    if [ -n "$M" ]; then run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '$M' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; fi ;;
+  m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=all}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
   *) echo "unknown step $s" ;;
 esac; done
 echo "done after $(( $(date +%s) - T0 )) s"

@@ -67,7 +67,7 @@ def sel_algo(request, monkeypatch):
     launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo,
                           sel_l2_hints="hints" in request.param)
     if "prefetch" in request.param:
-        launch = launch.replace(sel_prefetch=True, sel_split_rows=16, sel_dq_split_rows=16, sel_dkdv_rows=16,
+        launch = launch.replace(sel_prefetch="all", sel_split_rows=16, sel_dq_split_rows=16, sel_dkdv_rows=16,
                                 sel_dkdv_dq_rows=16)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
@@ -356,3 +356,29 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
     assert caps == {"sel_split": 168, "sel_dq_split": 128, "sel_dkdv": None}, caps
     hints = {(kw["EVQ"], kw["EVS"]) for _, kw in seen}
     assert hints == {("evict_last", "evict_first")}, hints
+
+
+def test_prefetch_split_reaches_only_the_split_kernels(monkeypatch):
+    """``sel_prefetch="split"`` prefetches in the block-major forward and dq split kernels and
+    not in the dK/dV kernel (which holds dK and dV across its steps); results unchanged."""
+    _, cfg, cu, x = _run("G2-long")
+    from nsa_dist.kernels import nsa
+    seen = {}
+    args_of = nsa._sel_block_args
+
+    def spy(geo, c, kernel, *a):
+        kw = args_of(geo, c, kernel, *a)
+        seen[kernel] = kw["PREFETCH"]
+        return kw
+    monkeypatch.setattr(nsa, "_sel_block_args", spy)
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    with use_launch(LaunchConfig(sel_algo="block", sel_dq_algo="block", sel_prefetch="split", sel_split_rows=16,
+                                 sel_dq_split_rows=16)):
+        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+        do = torch.randn_like(o_ref)
+        g_tri = torch.autograd.grad(o_tri, args(x), do)
+    g_ref = torch.autograd.grad(o_ref, args(x), do)
+    assert seen == {"sel_split": True, "sel_dq_split": True, "sel_dkdv": False}, seen
+    assert max_rel(o_tri, o_ref) < 1e-5
+    for name, a, b in zip(NAMES, g_tri, g_ref):
+        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"

@@ -204,9 +204,9 @@ def test_with_launch_refuses_a_bad_setting_before_the_module_runs():
     import with_launch
 
     with pytest.raises(SystemExit, match="did you mean 'sel_prefetch'"):
-        with_launch.main(["sel_prefetc=True", "nsa_dist.training.bench", "--help"])
+        with_launch.main(["sel_prefetc=all", "nsa_dist.training.bench", "--help"])
     with pytest.raises(SystemExit, match="usage"):
-        with_launch.main(["sel_prefetch=True"])
+        with_launch.main(["sel_prefetch=all"])
 
 
 @pytest.mark.slow
