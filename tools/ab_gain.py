@@ -1,8 +1,10 @@
-"""Exit 0 where an ``bench_kernels.py --ab`` CSV shows the changed setting's forward+backward
+"""Exit 0 where a ``bench_kernels.py --ab`` CSV shows the changed setting's forward+backward
 median at least --min-gain faster than the defaults' at its first shape (else 1); prints both.
-Used by tools/gpu_steps.sh to run a model A/B only after a kernel gain.
+With --pick LABEL=CSV ..., prints the label whose CSV gained most (at least --min-gain; nothing
+if none did). Used by tools/gpu_steps.sh to run a model A/B only after a kernel gain.
 
     python tools/ab_gain.py kernel_ab_TAG.csv --min-gain 0.02
+    python tools/ab_gain.py --pick sel_prefetch=all=A.csv sel_prefetch=split=B.csv
 """
 from __future__ import annotations
 
@@ -30,12 +32,40 @@ def medians(path: str) -> tuple[str, float, float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv")
+    ap.add_argument("csv", nargs="?")
     ap.add_argument("--min-gain", type=float, default=0.02, help="fraction of the default's time")
+    ap.add_argument("--pick", nargs="+", default=None, metavar="LABEL=CSV",
+                    help="print the label of the CSV that gained most (the last '=' splits label and path)")
     a = ap.parse_args(argv)
+    if a.pick:
+        return pick(a.pick, a.min_gain)
+    if not a.csv:
+        raise SystemExit("ab_gain.py: give a CSV or --pick LABEL=CSV ...")
     shape, changed, default = medians(a.csv)
     print(f"[ab_gain] {shape}: changed {changed:.2f} ms, defaults {default:.2f} ms, {default / changed:.3f}x")
     return 0 if changed <= (1 - a.min_gain) * default else 1
+
+
+def pick(pairs: list, min_gain: float) -> int:
+    """Print the label of the pair whose CSV gained most (missing files skipped); exit 0 if any
+    gained at least min_gain, else print nothing and exit 1."""
+    import os
+    import sys
+
+    best = None
+    for pair in pairs:
+        label, _, path = pair.rpartition("=")
+        if not label or not os.path.exists(path):
+            continue
+        shape, changed, default = medians(path)
+        gain = 1 - changed / default
+        print(f"[ab_gain] {label} at {shape}: {default / changed:.3f}x", file=sys.stderr)
+        if gain >= min_gain and (best is None or gain > best[0]):
+            best = (gain, label)
+    if best is None:
+        return 1
+    print(best[1])
+    return 0
 
 
 if __name__ == "__main__":

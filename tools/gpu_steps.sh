@@ -61,12 +61,11 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   kpfs) run kpfs 240 "$K --ab sel_prefetch=split --rounds ${KPF_ROUNDS:-2} --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch_split" ;;
   kpf32) run kpf32 200 "$K --ab sel_prefetch=all,sel_dkdv_rows=32 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_prefetch32" ;;
   # the 1b model's NSA under launch settings against dense, one process (tools/with_launch.py):
-  # m32pf with M32PF="NAME=VALUE,..."; m32pf_if with the prefetch setting that gained >= 2% in
-  # kpf / kpfs (tools/ab_gain.py), none if neither did
-  m32pf_if) M=""
-    if [ -f $OUT/kernel_ab_${TREE}_prefetch.csv ] && python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_prefetch.csv; then M=sel_prefetch=all
-    elif [ -f $OUT/kernel_ab_${TREE}_prefetch_split.csv ] && python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_prefetch_split.csv; then M=sel_prefetch=split; fi
-    if [ -n "$M" ]; then run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '$M' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; fi ;;
+  # m32pf with M32PF="NAME=VALUE,..."; m32pf_if with the prefetch setting that gained most (>= 2%)
+  # in kpf / kpfs (tools/ab_gain.py --pick), none if neither did
+  m32pf_if) M=$(python3 tools/ab_gain.py --pick sel_prefetch=all=$OUT/kernel_ab_${TREE}_prefetch.csv \
+      sel_prefetch=split=$OUT/kernel_ab_${TREE}_prefetch_split.csv)
+    if [ -n "$M" ]; then run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '$M' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; else echo "m32pf_if: no prefetch setting gained"; fi ;;
   m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=all}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
   *) echo "unknown step $s" ;;
 esac; done

@@ -183,7 +183,7 @@ def test_kernel_spills_specializes_as_the_launcher_does():
     assert kernel_spills._arg_spec(t[1:]) == ""  # 4 bytes past an aligned start
 
 
-def test_ab_gain_compares_medians_of_the_first_shape(tmp_path):
+def test_ab_gain_compares_medians_of_the_first_shape(tmp_path, capsys):
     """tools/ab_gain.py: exit 0 only where the changed setting's fwd+bwd median beats the
     defaults' by the asked fraction; a file without timed rows is an error that says so."""
     import ab_gain
@@ -195,6 +195,12 @@ def test_ab_gain_compares_medians_of_the_first_shape(tmp_path):
     assert ab_gain.medians(str(path)) == ("c", 50.5, 55.5)
     assert ab_gain.main([str(path), "--min-gain", "0.05"]) == 0
     assert ab_gain.main([str(path), "--min-gain", "0.2"]) == 1
+    other = tmp_path / "ab2.csv"
+    other.write_text("shape,ab_label,nsa_fwd_ms,nsa_bwd_ms\nc,changed,9,40\nc,default,11,44\n")
+    capsys.readouterr()  # main's lines
+    assert ab_gain.pick([f"s=all={path}", f"s=split={other}", f"x={tmp_path / 'missing.csv'}"], 0.05) == 0
+    assert capsys.readouterr().out.strip() == "s=split"  # 49 ms against 50.5: the larger gain
+    assert ab_gain.pick([f"s=all={path}"], 0.2) == 1 and capsys.readouterr().out == ""
     path.write_text("shape,ab_label,nsa_fwd_ms,nsa_bwd_ms\nc,default,1,2\n")
     with pytest.raises(SystemExit, match="no timed 'changed' row"):
         ab_gain.medians(str(path))
