@@ -230,6 +230,20 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
 
 
 @triton.jit
+def dkdv_update(acc_k, acc_k_r, acc_v, pt, q, q_r, do, v, delta, BDK2: tl.constexpr, BDK3: tl.constexpr,
+                PREC: tl.constexpr):
+    """One step of a dK/dV kernel, keys x rows: given P^T (pt [keys, rows], masked), dV += P^T dO
+    and dK += dS^T Q (unscaled; acc_k_r: dK's later head-dim pieces), dS^T = P^T * (V dO^T -
+    delta). Returns (acc_k, acc_k_r, acc_v, dS^T) (the fused selected dq reuses dS)."""
+    acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dst = pt * (dpt - delta[None, :])
+    acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
+    return acc_k, acc_k_r, acc_v, dst
+
+
+@triton.jit
 def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV, QCHUNK,
                     G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                     W: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -308,11 +322,7 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
             ok = cloc[:, None] < LS
         ok = ok & key_ok[:, None] & row_ok[None, :]
         pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
-        acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-        acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
+        acc_k, acc_k_r, acc_v, _ = dkdv_update(acc_k, acc_k_r, acc_v, pt, q, q_r, do, v, delta, BDK2, BDK3, PREC)
     acc_k_r = rest_scale(acc_k_r, scale, BDK2, BDK3)
     if ATOMIC:
         if q_hi > q_lo:  # chunks before the tile's first query add nothing

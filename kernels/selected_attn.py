@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .headdim import rest_acc, rest_amax, rest_dot, rest_load, rest_scale, rest_store, rest_zeros
-from .range_attn import TILE_COLS, _query_tile
+from .range_attn import TILE_COLS, _query_tile, dkdv_update
 
 
 @triton.jit
@@ -419,11 +419,7 @@ def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, SLIST, of
     st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
     ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
     pt = tl.where(ok, tl.exp2(st - lse[None, :]), 0.0)
-    acc_v += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dst = pt * (dpt - delta[None, :])
-    acc_k += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    acc_k_r = rest_acc(acc_k_r, dst.to(q.dtype), q_r, BDK2, BDK3, PREC)
+    acc_k, acc_k_r, acc_v, dst = dkdv_update(acc_k, acc_k_r, acc_v, pt, q, q_r, do, v, delta, BDK2, BDK3, PREC)
     if DQ_SLOTS:
         ds = tl.trans(dst.to(k.dtype))
         dq = tl.dot(ds, k, input_precision=PREC) * scale

@@ -37,6 +37,8 @@ run() {  # name limit_s command
 for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # GPU kernel tests (bf16 against the fp32 reference, every G; packed documents; wide heads)
   tests) run tests 300 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k 'bf16_within or packed_documents_bf16 or long_sequence or (16_bit_head_dims and bf16 and 192) or (fused_selected and 4-)'" ;;
+  # the prefetching selected kernels (sel_prefetch) compiled, against the reference
+  tests_pf) run tests_pf 240 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k prefetched" ;;
   # the 1b model, NSA against dense (SDPA's fastest backend), tokens/s per GPU
   m8) run m8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/m8.csv train_steps=8" ;;
   m32) run m32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/m32.csv" ;;
