@@ -731,6 +731,9 @@ def main(argv=None):
     baselines = _names(a.baselines, BASELINES, "--baselines")
     sweep_keys = _names(a.sweep_keys, SWEEP, "--sweep-keys") if a.sweep else []
     sizes = parse_sizes(a.sizes)
+    if a.launch and not a.ncu:
+        raise SystemExit("--launch sets the launch settings of the --ncu call only: add --ncu, or use --ab "
+                         "NAME=VALUE to time settings against the defaults")
     for text in (a.ab, a.launch):
         if text:
             launch_config(parse_settings(text))  # a bad setting ends the tool before any GPU work

@@ -24,15 +24,14 @@ def main(argv=None) -> None:
         raise SystemExit("usage: with_launch.py 'NAME=VALUE,...' MODULE [ARGS...]")
     from bench_kernels import launch_config, parse_settings
 
-    from nsa_dist.kernels import launch
+    from nsa_dist.kernels.launch import use_launch
 
     settings, module = argv[0], argv[1]
     config = launch_config(parse_settings(settings)) if settings else launch_config({})
-    # the context variable's value in this thread: every kernel call the module makes reads it
-    launch._current.set(config)
     print(f"[with_launch] {module} with {config.changed()}", flush=True)
     sys.argv = [module, *argv[2:]]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    with use_launch(config):  # every kernel call the module makes in this thread reads it
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

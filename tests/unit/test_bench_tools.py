@@ -206,6 +206,11 @@ def test_ab_gain_compares_medians_of_the_first_shape(tmp_path, capsys):
         ab_gain.medians(str(path))
 
 
+def test_bench_kernels_launch_needs_ncu():
+    with pytest.raises(SystemExit, match="add --ncu"):
+        bench_kernels.main(["--launch", "sel_prefetch=all"])
+
+
 def test_with_launch_refuses_a_bad_setting_before_the_module_runs():
     import with_launch
 
