@@ -259,6 +259,11 @@ SWEEP = {
     "sel_split": [(4, 3), (8, 2)],
     "sel_combine": [(8, 1)],
     "sel_dkdv": [(4, 2), (8, 2)],
+    # the selected dK/dV's registers: its (c) build at (4, 3), 64 rows spills inside the step loop
+    # (Nsight Compute, ninth/tenth session: 47M local-memory requests in 6.8 ms at 32k); more
+    # warps halve the dK / dV accumulators a thread holds, fewer rows shrink the products
+    "sel_dkdv_regs": [{"sel_dkdv": (8, 2)}, {"sel_dkdv": (8, 3)}, {"sel_dkdv_rows": 32},
+                      {"sel_dkdv_rows": 32, "sel_dkdv": (4, 4)}, {"sel_dkdv_rows": 32, "sel_dkdv": (8, 3)}],
     "sel_rows": [8, 32],
     "sel_dq": [(4, 2), (8, 2), (8, 3)],
     "dkdv_keys": [32, 128],

@@ -69,6 +69,12 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
       sel_prefetch=split=$OUT/kernel_ab_${TREE}_prefetch_split.csv)
     if [ -n "$M" ]; then run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '$M' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; else echo "m32pf_if: no prefetch setting gained"; fi ;;
   m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=all}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
+  # the selected dK/dV's warps, stages and rows at (c) 64k (its default build spills in the loop)
+  ksel_dkdv) run ksel_dkdv 300 "$K --sweep --sweep-keys sel_dkdv_regs --rounds ${KSD_ROUNDS:-2} --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_sel_dkdv" ;;
+  # registers, stack and local (spill) bytes of every kernel Triton built in this call (cuobjdump)
+  res) CUOBJ=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
+    for f in $(ls -t ~/.triton/cache/*/*.cubin 2>/dev/null); do echo "== $(basename $f)"; $CUOBJ -res-usage $f 2>&1 | grep -i "function\|reg"; done > $OUT/res_usage.txt
+    tail -60 $OUT/res_usage.txt ;;
   *) echo "unknown step $s" ;;
 esac; done
 echo "done after $(( $(date +%s) - T0 )) s"
