@@ -20,8 +20,7 @@ from typing import Iterator, Optional
 WarpsStages = tuple[int, int]
 
 _CHOICES = {"sel_algo": ("auto", "block", "query"), "sel_dq_algo": ("auto", "block", "query", "fused"),
-            "sel_dq_partial": ("auto", "fp32", "fp16s"), "head_dim_pieces": ("auto", "two", "one"),
-            "sel_prefetch": ("off", "split", "all")}
+            "sel_dq_partial": ("auto", "fp32", "fp16s"), "head_dim_pieces": ("auto", "two", "one")}
 # tile sides that enter tl.arange / tl.dot: powers of two (tl.dot needs >= 16)
 _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_span": 1, "gate_rows": 1,
          "sel_combine_rows": 1, "range_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
@@ -86,13 +85,6 @@ class LaunchConfig:
     # buffers "evict_first" (with small chunks a chunk's q can stay in L2 across the blocks
     # its positions chose); off: the hardware's default policy
     sel_l2_hints: bool = False
-    # block-major selected kernels: load the next step's gathered rows (and the positions of
-    # the one after) before this step's products, in registers; Triton's pipeliner keeps a
-    # gathered (index-dependent) load one step ahead at most, with a wait for it at the top of
-    # each step (docs/kernel_notes.md). "split": the forward and dq split kernels (no
-    # accumulator across steps: registers to spare); "all": the dK/dV kernel too (it spills);
-    # "off": none (untimed on a GPU so far)
-    sel_prefetch: str = "off"
     # --- streams (CUDA): the selected branch's kernels (memory- and latency-bound at small G)
     # on a second stream: in the forward beside the window kernel (with a window), in the
     # backward beside the range dq and dK/dV; about 1% at G = 4 on an H100, and the side

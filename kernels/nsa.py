@@ -342,10 +342,8 @@ def _sel_block_args(geo: Geometry, cfg, kernel: str, dkdv_only: bool = False) ->
     """Block-major kernel ``kernel``'s constants and launch keywords; its rows per step:
     ``launch.<kernel>_rows`` (sel_split, sel_dq_split, sel_dkdv), at most a segment."""
     t = geo.tiles(kernel, dkdv_only)
-    pre = geo.launch.sel_prefetch
-    prefetch = pre == "all" or (pre == "split" and kernel in ("sel_split", "sel_dq_split"))
     return dict(G=geo.G, LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(),
-                PREC=geo.prec, PREFETCH=prefetch, **geo.dk_pieces(), **_l2_hints(geo), **t.launch)
+                PREC=geo.prec, **geo.dk_pieces(), **_l2_hints(geo), **t.launch)
 
 
 def _l2_hints(geo: Geometry) -> dict:

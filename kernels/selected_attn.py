@@ -198,15 +198,12 @@ def _sel_item(ITEMS, item, H, LS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSEL, row0,
                    G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                   BDK3: tl.constexpr, EVQ: tl.constexpr, EVS: tl.constexpr, PREFETCH: tl.constexpr):
+                   BDK3: tl.constexpr, EVQ: tl.constexpr, EVS: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries): each row's attention over
     this one block, normalised, into its slot: OP[row - row0, slot] and its log2-sum-exp2
     LP[...] (-inf where no key is visible). ``_sel_combine`` merges a row's slots.
     EVQ / EVS: L2 eviction policies of the gathered query rows / the slot stores ("": normal;
-    ``LaunchConfig.sel_l2_hints``). PREFETCH (``LaunchConfig.sel_prefetch``): the next step's
-    rows are loaded (and the one after's positions) before this step computes, so their
-    latency overlaps its products (the compiler's pipeliner keeps a gathered load one step
-    ahead at most)."""
+    ``LaunchConfig.sel_l2_hints``)."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
@@ -214,27 +211,11 @@ def _sel_fwd_split(Q, K, V, OP, LP, ITEMS, QLIST, SLIST, scale2, HQ, DK, DV, NSE
     k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
     k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3, TRANS=True)
     v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
-    if PREFETCH:
-        z = n * 0  # step offsets in n's type: the loop carries them
-        t = _sel_pos(QLIST, off, n, z, G, BLOCK_M)
-        row_ok, rq, q, q_r, slot = _sel_fwd_gather(Q, SLIST, t, off, z, n, h, HQ, DK, dk, G, BLOCK_M, BDK, BDK2,
-                                                      BDK3, EVQ, True)
-        t_n = _sel_pos(QLIST, off, n, z + BLOCK_M, G, BLOCK_M)
-        for r0 in range(0, n * G, BLOCK_M):
-            t_nn = _sel_pos(QLIST, off, n, r0 + 2 * BLOCK_M, G, BLOCK_M)
-            ok_n, rq_n, q_n, q_r_n, slot_n = _sel_fwd_gather(Q, SLIST, t_n, off, r0 + BLOCK_M, n, h, HQ, DK, dk,
-                                                                  G, BLOCK_M, BDK, BDK2, BDK3, EVQ, True)
-            _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv,
-                                scale2, DV, NSEL, row0, G, BLOCK_M, PREC, BDK2, BDK3, EVS)
-            t, row_ok, rq, q, q_r, slot = t_n, ok_n, rq_n, q_n, q_r_n, slot_n
-            t_n = t_nn
-    else:
-        for r0 in range(0, n * G, BLOCK_M):
-            t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
-            row_ok, rq, q, q_r, _ = _sel_fwd_gather(Q, SLIST, t, off, r0, n, h, HQ, DK, dk, G, BLOCK_M, BDK, BDK2,
-                                                    BDK3, EVQ, False)
-            _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, None, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv,
-                                scale2, DV, NSEL, row0, G, BLOCK_M, PREC, BDK2, BDK3, EVS)
+    for r0 in range(0, n * G, BLOCK_M):
+        t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
+        row_ok, rq, q, q_r = _sel_fwd_gather(Q, t, r0, n, h, HQ, DK, dk, G, BLOCK_M, BDK, BDK2, BDK3, EVQ)
+        _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv,
+                            scale2, DV, NSEL, row0, G, BLOCK_M, PREC, BDK2, BDK3, EVS)
 
 
 @triton.jit
@@ -245,22 +226,17 @@ def _sel_pos(QLIST, off, n, r0, G: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _sel_fwd_gather(Q, SLIST, t, off, r0, n, h, HQ, DK, dk, G: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, EVQ: tl.constexpr,
-                    SLOTS: tl.constexpr):
+def _sel_fwd_gather(Q, t, r0, n, h, HQ, DK, dk, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, EVQ: tl.constexpr):
     """Rows r0.. of a work item at positions t (``_sel_pos``): (row_ok, query rows rq, q, q's
-    later head-dim pieces, their slots in SLIST where SLOTS (else 0)), gathered."""
+    later head-dim pieces), gathered."""
     r = r0 + tl.arange(0, BLOCK_M)
     row_ok = r < n * G
     rq = t * HQ + h * G + r % G
     q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0,
                 eviction_policy=EVQ)
     q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
-    if SLOTS:
-        slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
-    else:
-        slot = tl.zeros([BLOCK_M], tl.int32)
-    return row_ok, rq, q, q_r, slot
+    return row_ok, rq, q, q_r
 
 
 @triton.jit
@@ -270,12 +246,11 @@ def _sel_slot(SLIST, off, r0, row_ok, G: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv, scale2, DV,
+def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, SLIST, off, r0, k, k_r, v, kpos, key_ok, dv, scale2, DV,
                         NSEL, row0, G: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
                         BDK3: tl.constexpr, EVS: tl.constexpr):
-    """One step of ``_sel_fwd_split``: these rows' attention over the block into their slots
-    (``slot``, or None: read here, after the products, from SLIST at the item's offset off
-    and step r0)."""
+    """One step of ``_sel_fwd_split``: these rows' attention over the block into their slots,
+    read after the products from SLIST at the item's offset off and step r0."""
     s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
     s = tl.where(row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None]), s, float("-inf"))
     m = tl.max(s, 1)
@@ -283,8 +258,7 @@ def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, k, 
     p = tl.exp2(s - ms[:, None])
     l = tl.sum(p, 1)  # >= 1 where any key is visible
     acc = tl.dot(p.to(v.dtype), v, input_precision=PREC) / tl.maximum(l, 1.0)[:, None]
-    if slot is None:
-        slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
+    slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
     ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)
     tl.store(LP + ps, tl.where(l > 0, ms + tl.log2(tl.maximum(l, 1.0)), float("-inf")), mask=row_ok,
              eviction_policy=EVS)
@@ -334,19 +308,18 @@ def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, 
 
 
 @triton.jit
-def _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, r0, n, h, HQ, DK, DV, dk, dv, G: tl.constexpr,
+def _sel_bwd_gather(Q, DO, LSE, DELTA, t, r0, n, h, HQ, DK, DV, dk, dv, G: tl.constexpr,
                     BLOCK_M: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
-                    EVQ: tl.constexpr, SLOTS: tl.constexpr):
+                    EVQ: tl.constexpr):
     """Rows r0..r0+BLOCK_M-1 of a work item's n positions x G heads at positions t
     (``_sel_pos``; block-major backward): (row_ok, query rows rq, q, q's later head-dim
-    pieces, slots (``_sel_fwd_gather``), dO, lse, delta), gathered."""
-    row_ok, rq, q, q_r, slot = _sel_fwd_gather(Q, SLIST, t, off, r0, n, h, HQ, DK, dk, G, BLOCK_M, BDK, BDK2,
-                                                  BDK3, EVQ, SLOTS)
+    pieces, dO, lse, delta), gathered."""
+    row_ok, rq, q, q_r = _sel_fwd_gather(Q, t, r0, n, h, HQ, DK, dk, G, BLOCK_M, BDK, BDK2, BDK3, EVQ)
     do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :], other=0.0,
                  eviction_policy=EVQ)
     lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
-    return row_ok, rq, q, q_r, slot, do, lse, delta
+    return row_ok, rq, q, q_r, do, lse, delta
 
 
 @triton.jit
@@ -354,12 +327,12 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
                   NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
                   BDK3: tl.constexpr, DQ_SLOTS: tl.constexpr, SCALED: tl.constexpr, EVQ: tl.constexpr,
-                  EVS: tl.constexpr, PREFETCH: tl.constexpr):
+                  EVS: tl.constexpr):
     """One program per (KV head, block, segment of choosing queries); adds into fp32 dK/dV.
     DQ_SLOTS (``sel_dq_algo="fused"``): each step also writes its rows' dq over this block,
     dS K, into their slots as ``_sel_bwd_dq_split`` does (same arguments DQP, DQS, SLIST, NSEL,
     row0, SCALED): one pass over the gathered q / dO rows instead of two, one more product
-    (a [rows, Dk] temporary, not an accumulator). PREFETCH: as ``_sel_fwd_split``'s."""
+    (a [rows, Dk] temporary, not an accumulator)."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
@@ -370,35 +343,13 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
     acc_k = tl.zeros([BLOCK_N, BDK], tl.float32)
     acc_k_r = rest_zeros(BLOCK_N, acc_k, BDK2, BDK3)
     acc_v = tl.zeros([BLOCK_N, BDV], tl.float32)
-    if PREFETCH:
-        z = n * 0  # step offsets in n's type: the loop carries them
-        t = _sel_pos(QLIST, off, n, z, G, BLOCK_M)
-        row_ok, rq, q, q_r, slot, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, z, n, h, HQ,
-                                                                      DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3,
-                                                                      EVQ, DQ_SLOTS)
-        t_n = _sel_pos(QLIST, off, n, z + BLOCK_M, G, BLOCK_M)
-        for r0 in range(0, n * G, BLOCK_M):
-            t_nn = _sel_pos(QLIST, off, n, r0 + 2 * BLOCK_M, G, BLOCK_M)
-            ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, delta_n = _sel_bwd_gather(
-                Q, DO, LSE, DELTA, SLIST, t_n, off, r0 + BLOCK_M, n, h, HQ, DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2,
-                BDK3, EVQ, DQ_SLOTS)
-            acc_k, acc_k_r, acc_v = _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, SLIST, off, r0,
-                                                   do, lse, delta, k, k_r, v, kpos, key_ok, DQP, DQS, row0, NSEL, DK,
-                                                   scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, DQ_SLOTS, SCALED,
-                                                   EVS)
-            t, row_ok, rq, q, q_r, slot, do, lse, delta = t_n, ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, \
-                delta_n
-            t_n = t_nn
-    else:
-        for r0 in range(0, n * G, BLOCK_M):
-            t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
-            row_ok, rq, q, q_r, _, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, r0, n, h, HQ, DK,
-                                                                    DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3, EVQ,
-                                                                    False)
-            acc_k, acc_k_r, acc_v = _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, None, SLIST, off, r0,
-                                                   do, lse, delta, k, k_r, v, kpos, key_ok, DQP, DQS, row0, NSEL, DK,
-                                                   scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, DQ_SLOTS, SCALED,
-                                                   EVS)
+    for r0 in range(0, n * G, BLOCK_M):
+        t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
+        row_ok, rq, q, q_r, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, t, r0, n, h, HQ, DK, DV, dk, dv, G,
+                                                             BLOCK_M, BDK, BDK2, BDK3, EVQ)
+        acc_k, acc_k_r, acc_v = _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, SLIST, off, r0, do, lse,
+                                               delta, k, k_r, v, kpos, key_ok, DQP, DQS, row0, NSEL, DK, scale2, scale,
+                                               G, BLOCK_M, BDK, PREC, BDK2, BDK3, DQ_SLOTS, SCALED, EVS)
     tl.atomic_add(DK32 + kr[:, None] * DK + dk[None, :], acc_k * scale,
                   mask=key_ok[:, None] & (dk < DK)[None, :])
     rest_store(DK32, kr, key_ok, DK, rest_scale(acc_k_r, scale, BDK2, BDK3), BDK, BDK2, BDK3, ATOMIC=True)
@@ -407,14 +358,13 @@ def _sel_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK32, DV32, ITEMS, QLIST, DQP, DQS, S
 
 
 @triton.jit
-def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, do, lse, delta, k, k_r, v,
+def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, SLIST, off, r0, do, lse, delta, k, k_r, v,
                    kpos, key_ok, DQP, DQS, row0, NSEL, DK, scale2, scale, G: tl.constexpr, BLOCK_M: tl.constexpr,
                    BDK: tl.constexpr,
                    PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, DQ_SLOTS: tl.constexpr,
                    SCALED: tl.constexpr, EVS: tl.constexpr):
     """One step of ``_sel_bwd_dkdv``: these rows' part of dK (unscaled) and dV, and with DQ_SLOTS
-    their dq over the block into their slots (``slot``, or None: read from SLIST as
-    ``_sel_fwd_split_step`` does)."""
+    their dq over the block into their slots (read from SLIST as ``_sel_fwd_split_step`` does)."""
     st = tl.dot(k, tl.trans(q), input_precision=PREC)
     st = rest_dot(st, k_r, q_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
     ok = key_ok[:, None] & row_ok[None, :] & (kpos[:, None] <= t[None, :])
@@ -425,8 +375,7 @@ def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, slot, SLIST, of
         dq = tl.dot(ds, k, input_precision=PREC) * scale
         dq_r = rest_scale(rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds, k_r, BDK2, BDK3, PREC), scale,
                           BDK2, BDK3)
-        if slot is None:
-            slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
+        slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
         _store_dq_slot(DQP, DQS, slot, row_ok, rq, row0, NSEL, DK, dq, dq_r, SCALED, BDK, BDK2, BDK3, EVS)
     return acc_k, acc_k_r, acc_v
 
@@ -457,14 +406,14 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
                       NSEL, row0, G: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, SCALED: tl.constexpr,
                       PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, EVQ: tl.constexpr,
-                      EVS: tl.constexpr, PREFETCH: tl.constexpr):
+                      EVS: tl.constexpr):
     """Block-major dq: one program per (KV head, block, segment of choosing queries) writes each
     row's dq over this one block, scale * dS K, into its slot DQP[row - row0, slot].
     dS uses the branch's final lse and delta, so a row's dq is the plain sum of its slots
     (``_sel_dq_combine``). K/V are read once per segment, not once per position.
     SCALED: DQP is fp16 holding dq / DQS[slot], DQS a per-(row, slot) power of two that puts
     the row's largest |dq| near 2^14: half the bytes of fp32 with fp16's 11-bit precision
-    (bf16's 8 bits cost a visible part of the dq error budget). PREFETCH: as ``_sel_fwd_split``'s."""
+    (bf16's 8 bits cost a visible part of the dq error budget)."""
     H = HQ // G
     h, off, n, kpos, key_ok, kr = _sel_item(ITEMS, tl.program_id(0).to(tl.int64), H, LS, BLOCK_N)
     dk = tl.arange(0, BDK)
@@ -472,42 +421,21 @@ def _sel_bwd_dq_split(Q, K, V, DO, LSE, DELTA, DQP, DQS, ITEMS, QLIST, SLIST, sc
     k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
     k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3)
     vt = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
-    if PREFETCH:
-        z = n * 0  # step offsets in n's type: the loop carries them
-        t = _sel_pos(QLIST, off, n, z, G, BLOCK_M)
-        row_ok, rq, q, q_r, slot, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, z, n, h, HQ,
-                                                                      DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3,
-                                                                      EVQ, True)
-        t_n = _sel_pos(QLIST, off, n, z + BLOCK_M, G, BLOCK_M)
-        for r0 in range(0, n * G, BLOCK_M):
-            t_nn = _sel_pos(QLIST, off, n, r0 + 2 * BLOCK_M, G, BLOCK_M)
-            ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, delta_n = _sel_bwd_gather(
-                Q, DO, LSE, DELTA, SLIST, t_n, off, r0 + BLOCK_M, n, h, HQ, DK, DV, dk, dv, G, BLOCK_M, BDK, BDK2,
-                BDK3, EVQ, True)
-            _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, do, lse, delta, k, k_r, vt,
-                               kpos, key_ok, row0, NSEL, DK, scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, SCALED,
-                               EVS)
-            t, row_ok, rq, q, q_r, slot, do, lse, delta = t_n, ok_n, rq_n, q_n, q_r_n, slot_n, do_n, lse_n, \
-                delta_n
-            t_n = t_nn
-    else:
-        for r0 in range(0, n * G, BLOCK_M):
-            t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
-            row_ok, rq, q, q_r, _, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, SLIST, t, off, r0, n, h, HQ, DK,
-                                                                    DV, dk, dv, G, BLOCK_M, BDK, BDK2, BDK3, EVQ,
-                                                                    False)
-            _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, None, SLIST, off, r0, do, lse, delta, k, k_r, vt,
-                               kpos, key_ok, row0, NSEL, DK, scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, SCALED,
-                               EVS)
+    for r0 in range(0, n * G, BLOCK_M):
+        t = _sel_pos(QLIST, off, n, r0, G, BLOCK_M)
+        row_ok, rq, q, q_r, do, lse, delta = _sel_bwd_gather(Q, DO, LSE, DELTA, t, r0, n, h, HQ, DK, DV, dk, dv, G,
+                                                             BLOCK_M, BDK, BDK2, BDK3, EVQ)
+        _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, SLIST, off, r0, do, lse, delta, k, k_r, vt, kpos, key_ok,
+                           row0, NSEL, DK, scale2, scale, G, BLOCK_M, BDK, PREC, BDK2, BDK3, SCALED, EVS)
 
 
 @triton.jit
-def _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, do, lse, delta, k, k_r, vt, kpos,
+def _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, SLIST, off, r0, do, lse, delta, k, k_r, vt, kpos,
                        key_ok, row0, NSEL, DK, scale2, scale, G: tl.constexpr, BLOCK_M: tl.constexpr,
                        BDK: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
                        SCALED: tl.constexpr, EVS: tl.constexpr):
-    """One step of ``_sel_bwd_dq_split``: these rows' dq over the block into their slots
-    (``slot``, or None: read from SLIST as ``_sel_fwd_split_step`` does)."""
+    """One step of ``_sel_bwd_dq_split``: these rows' dq over the block into their slots (read
+    from SLIST as ``_sel_fwd_split_step`` does)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     s = rest_dot(s, q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
     ok = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= t[:, None])
@@ -516,8 +444,7 @@ def _sel_dq_split_step(DQP, DQS, row_ok, t, rq, q, q_r, slot, SLIST, off, r0, do
     dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
     dq_r = rest_acc(rest_zeros(BLOCK_M, dq, BDK2, BDK3), ds.to(k.dtype), k_r, BDK2, BDK3, PREC)
     dq_r = rest_scale(dq_r, scale, BDK2, BDK3)
-    if slot is None:
-        slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
+    slot = _sel_slot(SLIST, off, r0, row_ok, G, BLOCK_M)
     _store_dq_slot(DQP, DQS, slot, row_ok, rq, row0, NSEL, DK, dq, dq_r, SCALED, BDK, BDK2, BDK3, EVS)
 
 

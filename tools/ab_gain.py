@@ -1,10 +1,10 @@
 """Exit 0 where a ``bench_kernels.py --ab`` CSV shows the changed setting's forward+backward
 median at least --min-gain faster than the defaults' at its first shape (else 1); prints both.
 With --pick LABEL=CSV ..., prints the label whose CSV gained most (at least --min-gain; nothing
-if none did). Used by tools/gpu_steps.sh to run a model A/B only after a kernel gain.
+if none did). For running a model A/B only after a kernel gain (tools/gpu_steps.sh steps chain them).
 
     python tools/ab_gain.py kernel_ab_TAG.csv --min-gain 0.02
-    python tools/ab_gain.py --pick sel_prefetch=all=A.csv sel_prefetch=split=B.csv
+    python tools/ab_gain.py --pick split_bytes=2147483648=A.csv sel_l2_hints=True=B.csv
 """
 from __future__ import annotations
 

@@ -281,8 +281,6 @@ SWEEP = {
     "sel_split_rows": [32, 128, {"sel_split_rows": 128, "sel_split": (8, 2)}],
     "sel_dq_split_rows": [32, 128, {"sel_dq_split_rows": 128, "sel_dq_split": (8, 2)}],
     "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
-    "sel_prefetch": ["split", "all", {"sel_prefetch": "all", "sel_dkdv_rows": 32},
-                     {"sel_prefetch": "all", "sel_dq_algo": "fused"}],
     # more warps where the fp32 accumulators are large (LaunchConfig.acc_regs, 128 by default)
     "acc_regs": [{"acc_regs": None}, 64],  # (a bare None is the sweep's own defaults row)
     # a register cap on the block-major split kernels: three programs an SM at 168 (with spills)

@@ -37,8 +37,6 @@ run() {  # name limit_s command
 for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # GPU kernel tests (bf16 against the fp32 reference, every G; packed documents; wide heads)
   tests) run tests 300 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k 'bf16_within or packed_documents_bf16 or long_sequence or (16_bit_head_dims and bf16 and 192) or (fused_selected and 4-)'" ;;
-  # the prefetching selected kernels (sel_prefetch) compiled, against the reference
-  tests_pf) run tests_pf 240 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k prefetched" ;;
   # the 1b model, NSA against dense (SDPA's fastest backend), tokens/s per GPU
   m8) run m8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/m8.csv train_steps=8" ;;
   m32) run m32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/m32.csv" ;;
@@ -57,18 +55,9 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # machines read them, gVisor ones do not: docs of the device); ncu_cf: with the fused dq
   ncu_c) run ncu_c 420 "$NCU $NCU_ARGS -k regex:'^_(sel_bwd_dkdv|sel_bwd_dq_split|sel_fwd_split|range_bwd_dkdv|range_bwd_dq)$' -c 12 python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k" ;;
   ncu_cf) run ncu_cf 300 "$NCU $NCU_ARGS -k regex:'^_sel_bwd' python3 tools/bench_kernels.py --ncu --shapes c_small_g --sizes 32k --launch sel_dq_algo=fused" ;;
-  # the next step's gathered rows loaded before this step's products (sel_prefetch): all three
-  # block-major selected kernels, the forward and dq split only ("split"), "all" at 32 dK/dV rows
-  kpf) run kpf 240 "$K --ab sel_prefetch=all --rounds ${KPF_ROUNDS:-2} --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch" ;;
-  kpfs) run kpfs 240 "$K --ab sel_prefetch=split --rounds ${KPF_ROUNDS:-2} --shapes ${KPF_SHAPES:-c_small_g} --sizes 64k --out $OUT --tag _${TREE}_prefetch_split" ;;
-  kpf32) run kpf32 200 "$K --ab sel_prefetch=all,sel_dkdv_rows=32 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_prefetch32" ;;
-  # the 1b model's NSA under launch settings against dense, one process (tools/with_launch.py):
-  # m32pf with M32PF="NAME=VALUE,..."; m32pf_if with the prefetch setting that gained most (>= 2%)
-  # in kpf / kpfs (tools/ab_gain.py --pick), none if neither did
-  m32pf_if) M=$(python3 tools/ab_gain.py --pick sel_prefetch=all=$OUT/kernel_ab_${TREE}_prefetch.csv \
-      sel_prefetch=split=$OUT/kernel_ab_${TREE}_prefetch_split.csv)
-    if [ -n "$M" ]; then run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '$M' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv"; else echo "m32pf_if: no prefetch setting gained"; fi ;;
-  m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:-sel_prefetch=all}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
+  # the 1b model's NSA under launch settings M32PF="NAME=VALUE,..." against dense, one process
+  # (tools/with_launch.py: the training configs do not carry launch settings)
+  m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:?set M32PF to the launch settings}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
   # the selected dK/dV's warps, stages and rows at (c) 64k (its default build spills in the loop)
   ksel_dkdv) run ksel_dkdv 300 "$K --sweep --sweep-keys sel_dkdv_regs --rounds ${KSD_ROUNDS:-2} --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_sel_dkdv" ;;
   # registers, stack and local (spill) bytes of every kernel Triton built in this call (cuobjdump)

@@ -2,7 +2,7 @@
 
 Usage (from the repository root; e.g. the 1b model's throughput with one setting changed):
     python -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py \
-        'sel_prefetch=all' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k ...
+        'split_bytes=2147483648' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k ...
 Settings are LaunchConfig fields as ``tools/bench_kernels.py --ab`` takes them (NAME=VALUE,...); a
 bad name or value ends the run before the module starts. For A/B runs of a setting in the model
 (the training configs do not carry launch settings: the defaults are the product's).

@@ -99,19 +99,6 @@ def test_fused_selected_dq_bf16(G, warps):
     assert max(errs.values()) <= 5e-3, errs
 
 
-@pytest.mark.parametrize("G,extra", [(4, {}), (4, {"sel_dq_algo": "fused"}), (4, {"sel_dkdv_rows": 32}),
-                                     (1, {}), (16, {})])
-@pytest.mark.parametrize("mode", ["split", "all"])
-def test_prefetched_selected_kernels_bf16(G, extra, mode):
-    """``sel_prefetch``: the block-major selected kernels with the next step's gathered rows
-    loaded before the current step's products (the compiled loops, which the interpreter does
-    not build), packed documents; at G = 16 the dK/dV is the only block-major kernel."""
-    from nsa_dist.kernels.launch import LaunchConfig, use_launch
-    with use_launch(LaunchConfig(sel_prefetch=mode, **extra)):
-        errs, _ = _case(G, S=4096, cu=[0, 1000, 1003, 3000, 4096], inside=True)
-    assert max(errs.values()) <= 5e-3, errs
-
-
 @pytest.mark.parametrize("algo,partial", [("block", "fp32"), ("block", "fp16s"), ("query", "auto")])
 @pytest.mark.parametrize("G", [4, 16])
 def test_both_selected_dq_layouts_bf16(G, algo, partial):

@@ -24,7 +24,7 @@ CASES = {
     "G2-packed": (dict(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16), 1, 100, 4, 2, 16, 16,
                   [0, 37, 40, 100]),
     # three free choices a position past the forced blocks: selected work items of up to 180
-    # rows, many steps of 16 (the prefetching loops' rotation)
+    # rows, many steps of 16 rows (the "steps16" algorithms)
     "G2-long": (dict(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=6, window=16), 1, 160, 4, 2, 16, 16,
                 None),
 }
@@ -41,8 +41,8 @@ def _run(case, dtype=torch.float32):
 
 
 SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq", "block-fused",
-             "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked", "block-prefetch",
-             "block-fused-prefetch", "block-fused-prefetch-chunked")
+             "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked", "block-steps16",
+             "block-fused-steps16", "block-fused-steps16-chunked")
 # (algorithm, case) run by default: every case block-major (the default), every other
 # algorithm on two or more cases; the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
@@ -50,15 +50,15 @@ SEL_DEFAULT = {("block", c) for c in CASES} | {
     ("query-fwd-block-dq", "G1"), ("query-fwd-block-dq", "G4-fla-cfg-w0"),
     ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0"),
     ("block-fused", "G1"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
-    ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed"), ("block-prefetch", "G2-long"),
-    ("block-fused-prefetch", "G2-long"), ("block-fused-prefetch-chunked", "G2-long")}
+    ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed"), ("block-steps16", "G2-long"),
+    ("block-fused-steps16", "G2-long"), ("block-fused-steps16-chunked", "G2-long")}
 
 
 @pytest.fixture
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
     positions, position-major, one of each, the dq fused into the dK/dV kernel, with L2 hints, or
-    with the next step's rows prefetched (16 rows a step: many steps per work item)."""
+    with 16 rows a step (many steps per work item)."""
     kernels_or_skip()
     from nsa_dist.kernels import nsa
     fwd_query = request.param.startswith("query")
@@ -66,8 +66,8 @@ def sel_algo(request, monkeypatch):
     dq_algo = "fused" if "fused" in request.param else "query" if dq_query else "block"
     launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo,
                           sel_l2_hints="hints" in request.param)
-    if "prefetch" in request.param:
-        launch = launch.replace(sel_prefetch="all", sel_split_rows=16, sel_dq_split_rows=16, sel_dkdv_rows=16,
+    if "steps16" in request.param:
+        launch = launch.replace(sel_split_rows=16, sel_dq_split_rows=16, sel_dkdv_rows=16,
                                 sel_dkdv_dq_rows=16)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
@@ -356,29 +356,3 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
     assert caps == {"sel_split": 168, "sel_dq_split": 128, "sel_dkdv": None}, caps
     hints = {(kw["EVQ"], kw["EVS"]) for _, kw in seen}
     assert hints == {("evict_last", "evict_first")}, hints
-
-
-def test_prefetch_split_reaches_only_the_split_kernels(monkeypatch):
-    """``sel_prefetch="split"`` prefetches in the block-major forward and dq split kernels and
-    not in the dK/dV kernel (which holds dK and dV across its steps); results unchanged."""
-    _, cfg, cu, x = _run("G2-long")
-    from nsa_dist.kernels import nsa
-    seen = {}
-    args_of = nsa._sel_block_args
-
-    def spy(geo, c, kernel, *a):
-        kw = args_of(geo, c, kernel, *a)
-        seen[kernel] = kw["PREFETCH"]
-        return kw
-    monkeypatch.setattr(nsa, "_sel_block_args", spy)
-    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(sel_algo="block", sel_dq_algo="block", sel_prefetch="split", sel_split_rows=16,
-                                 sel_dq_split_rows=16)):
-        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-        do = torch.randn_like(o_ref)
-        g_tri = torch.autograd.grad(o_tri, args(x), do)
-    g_ref = torch.autograd.grad(o_ref, args(x), do)
-    assert seen == {"sel_split": True, "sel_dq_split": True, "sel_dkdv": False}, seen
-    assert max_rel(o_tri, o_ref) < 1e-5
-    for name, a, b in zip(NAMES, g_tri, g_ref):
-        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"

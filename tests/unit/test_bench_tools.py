@@ -208,16 +208,16 @@ def test_ab_gain_compares_medians_of_the_first_shape(tmp_path, capsys):
 
 def test_bench_kernels_launch_needs_ncu():
     with pytest.raises(SystemExit, match="add --ncu"):
-        bench_kernels.main(["--launch", "sel_prefetch=all"])
+        bench_kernels.main(["--launch", "sel_algo=block"])
 
 
 def test_with_launch_refuses_a_bad_setting_before_the_module_runs():
     import with_launch
 
-    with pytest.raises(SystemExit, match="did you mean 'sel_prefetch'"):
-        with_launch.main(["sel_prefetc=all", "nsa_dist.training.bench", "--help"])
+    with pytest.raises(SystemExit, match="did you mean 'sel_l2_hints'"):
+        with_launch.main(["sel_l2_hint=True", "nsa_dist.training.bench", "--help"])
     with pytest.raises(SystemExit, match="usage"):
-        with_launch.main(["sel_prefetch=all"])
+        with_launch.main(["sel_algo=block"])
 
 
 @pytest.mark.slow
