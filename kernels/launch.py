@@ -26,14 +26,12 @@ _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_s
          "sel_combine_rows": 1, "range_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
 
 
-# per-slot buffer bounds of the block-major kernels (``LaunchConfig.split_bytes`` None): 1 GiB;
-# 2 GiB with the fused selected dq, where fewer, longer chunks measured faster: (d) Dk = 192,
-# G = 4, 64k, one H100: backward 214 -> 196 ms, forward 69.5 -> 67.7 ms (docs/benchmarks.md,
-# eighth session), peak memory 18.6 -> 19.6 GiB (seventh session). At (c) (Dk = 128, where the
-# dq is not fused by default) the fused dq with 4 GiB took 60.1 ms against 63.2 with 1 GiB and
-# 58.3 unfused; the unfused dq's bound at (c) has not been timed at 2 GiB
-SPLIT_BYTES = 1 << 30
-SPLIT_BYTES_FUSED = 1 << 31
+# per-slot buffer bound of the block-major kernels (``LaunchConfig.split_bytes`` None): fewer,
+# longer chunks of positions measured faster than 1 GiB (one H100, 64k): (d) Dk = 192 with the
+# fused dq, backward 214 -> 196 ms (eighth session); (c) Dk = 128, forward + backward 87.8 ->
+# 86.0 ms (tenth session; docs/benchmarks.md). Peak memory: +1 GiB where a call fills it
+# ((d) 64k: 18.6 -> 19.6 GiB, seventh session)
+SPLIT_BYTES = 1 << 31
 
 
 @dataclass(frozen=True, init=False)
@@ -78,8 +76,7 @@ class LaunchConfig:
     sel_dkdv_dq_rows: int = 64  # the same for the fused dK/dV + dq kernel
     sel_combine_rows: int = 32  # rows per program of the per-slot merges (forward and dq)
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input
-    # bound of the block-major per-slot buffers (positions are chunked); None: SPLIT_BYTES, or
-    # SPLIT_BYTES_FUSED where the selected dq is fused into the dK/dV kernel (``sel_dq_algo``)
+    # bound of the block-major per-slot buffers (positions are chunked); None: SPLIT_BYTES (2 GiB)
     split_bytes: Optional[int] = None
     # L2 eviction hints in the block-major kernels: gathered q / dO rows "evict_last", per-slot
     # buffers "evict_first" (with small chunks a chunk's q can stay in L2 across the blocks

@@ -21,7 +21,7 @@ import triton
 from . import tiles as tl_tiles
 from .gates import combine, combine_backward
 from .headdim import split_dim
-from .launch import SPLIT_BYTES, SPLIT_BYTES_FUSED, LaunchConfig, current_launch
+from .launch import SPLIT_BYTES, LaunchConfig, current_launch
 from .streams import Overlap
 from .range_attn import _FIRST, _LOCAL, LOG2E, _range_bwd_dkdv, _range_bwd_dq, _range_fwd
 from .selected_attn import (_sel_bwd_dkdv, _sel_bwd_dq, _sel_bwd_dq_split, _sel_combine, _sel_dq_combine,
@@ -203,11 +203,9 @@ class Geometry:
         return max(1, self.split_bytes() // per_pos)
 
     def split_bytes(self) -> int:
-        """Bound of each block-major per-slot buffer: ``launch.split_bytes``, else 2 GiB with
-        the fused selected dq and 1 GiB without (``launch.SPLIT_BYTES*``)."""
-        if self.launch.split_bytes is not None:
-            return self.launch.split_bytes
-        return SPLIT_BYTES_FUSED if self.sel_dq_fused() else SPLIT_BYTES
+        """Bound of each block-major per-slot buffer: ``launch.split_bytes``, else
+        ``launch.SPLIT_BYTES`` (2 GiB)."""
+        return SPLIT_BYTES if self.launch.split_bytes is None else self.launch.split_bytes
 
     def dk_split(self) -> tuple[int, int, int]:
         """Widths of the kernels' Dk pieces, 0 for none (``headdim.split_dim`` by

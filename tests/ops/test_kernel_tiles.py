@@ -220,7 +220,7 @@ def test_selected_dq_layout_and_partial_dtype_choices():
     from nsa_dist.kernels.nsa import Geometry
 
     lay = _layout([0, 8], [0, 1])
-    from nsa_dist.kernels.launch import SPLIT_BYTES, SPLIT_BYTES_FUSED
+    from nsa_dist.kernels.launch import SPLIT_BYTES
     split_bytes = SPLIT_BYTES
     small = Geometry(lay, HQ=4 * 2, H=2, DK=16, DV=16)
     big = Geometry(lay, HQ=LaunchConfig().sel_dq_query_min_g * 2, H=2, DK=16, DV=16)
@@ -236,9 +236,9 @@ def test_selected_dq_layout_and_partial_dtype_choices():
     assert small.split_chunk(4, torch.bfloat16) == split_bytes // (8 * 4 * (16 * 2 + 4))
     fused = Geometry(lay, 32, 2, 16, 16, launch=LaunchConfig(sel_dq_algo="fused"))
     assert fused.sel_dq_block_major() and fused.sel_dq_fused() and not small.sel_dq_fused()
-    # the per-slot bound: twice as large with the fused dq unless set; a set bound holds everywhere
-    assert small.split_bytes() == SPLIT_BYTES and fused.split_bytes() == SPLIT_BYTES_FUSED == 2 * SPLIT_BYTES
-    assert fused.split_chunk(4, torch.bfloat16) == SPLIT_BYTES_FUSED // (32 * 4 * (16 * 2 + 4))
+    # the per-slot bound: 2 GiB with or without the fused dq unless set; a set bound holds everywhere
+    assert small.split_bytes() == fused.split_bytes() == SPLIT_BYTES == 1 << 31
+    assert fused.split_chunk(4, torch.bfloat16) == SPLIT_BYTES // (32 * 4 * (16 * 2 + 4))
     for geo in (small, fused):
         geo.launch = LaunchConfig(sel_dq_algo=geo.launch.sel_dq_algo, split_bytes=4096)
         assert geo.split_bytes() == 4096
