@@ -72,7 +72,10 @@ class LaunchConfig:
     sel_dkdv_seg_rows: int = 8192  # the same for a list only the selected dK/dV walks (G >= 16)
     sel_split_rows: int = 64  # rows per step of the block-major forward
     sel_dq_split_rows: int = 64  # rows per step of the block-major dq
-    sel_dkdv_rows: int = 64  # rows per step of the selected dK/dV
+    # rows per step of the selected dK/dV: 32 beat 64 on an H100 (backward at 64k: (c) 56.8 -> 55.6
+    # ms, (a) 88.6 -> 85.7; docs/benchmarks.md, tenth session); 8 warps at 64 rows, which
+    # builds without the 4-warp build's spills, lost 11%
+    sel_dkdv_rows: int = 32
     sel_dkdv_dq_rows: int = 64  # the same for the fused dK/dV + dq kernel
     sel_combine_rows: int = 32  # rows per program of the per-slot merges (forward and dq)
     sel_dq_partial: str = "auto"  # block-major dq's per-slot dtype: "fp32", "fp16s" (scaled), or by input

@@ -139,7 +139,7 @@ def test_16_bit_defaults_are_unchanged_up_to_dk_256_dv_128(G):
                 assert geo.tiles(kernel).launch == DEFAULT.warps(kernel), (dk, dv, kernel)
         assert geo.tiles("range_fwd")[:3] == (max(1, 64 // G), max(16, 64 // G * G), 32)
         assert geo.tiles("range_dkdv")[1:3] == (64, 64)
-        assert geo.tiles("sel_dkdv").block_m == 64
+        assert geo.tiles("sel_dkdv").block_m == DEFAULT.sel_dkdv_rows == 32
 
 
 def test_a_tile_that_cannot_fit_is_refused_by_name():
