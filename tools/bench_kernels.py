@@ -259,11 +259,12 @@ SWEEP = {
     "sel_split": [(4, 3), (8, 2)],
     "sel_combine": [(8, 1)],
     "sel_dkdv": [(4, 2), (8, 2)],
-    # the selected dK/dV's registers: its (c) build at (4, 3), 64 rows spills inside the step loop
-    # (Nsight Compute, ninth/tenth session: 47M local-memory requests in 6.8 ms at 32k); more
-    # warps halve the dK / dV accumulators a thread holds, fewer rows shrink the products
-    "sel_dkdv_regs": [{"sel_dkdv": (8, 2)}, {"sel_dkdv": (8, 3)}, {"sel_dkdv_rows": 32},
-                      {"sel_dkdv_rows": 32, "sel_dkdv": (4, 4)}, {"sel_dkdv_rows": 32, "sel_dkdv": (8, 3)}],
+    # the selected dK/dV's registers: its (c) build at (4, 3), 64 rows spilled inside the step loop
+    # (Nsight Compute, tenth session: 47M local-memory requests in 6.8 ms at 32k); more warps
+    # halve the dK / dV accumulators a thread holds (they lost 10-19% there); 32 rows, now the
+    # default, gained 2%
+    "sel_dkdv_regs": [{"sel_dkdv": (8, 2)}, {"sel_dkdv": (8, 3)}, {"sel_dkdv_rows": 64},
+                      {"sel_dkdv": (4, 4)}, {"sel_dkdv_rows": 64, "sel_dkdv": (8, 3)}],
     "sel_rows": [8, 32],
     "sel_dq": [(4, 2), (8, 2), (8, 3)],
     "dkdv_keys": [32, 128],
@@ -280,7 +281,7 @@ SWEEP = {
     "range_dq_keys": [32, 128],
     "sel_split_rows": [32, 128, {"sel_split_rows": 128, "sel_split": (8, 2)}],
     "sel_dq_split_rows": [32, 128, {"sel_dq_split_rows": 128, "sel_dq_split": (8, 2)}],
-    "sel_dkdv_rows": [32, 128, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
+    "sel_dkdv_rows": [16, 64, {"sel_dkdv_rows": 128, "sel_dkdv": (8, 2)}],
     # more warps where the fp32 accumulators are large (LaunchConfig.acc_regs, 128 by default)
     "acc_regs": [{"acc_regs": None}, 64],  # (a bare None is the sweep's own defaults row)
     # a register cap on the block-major split kernels: three programs an SM at 168 (with spills)
