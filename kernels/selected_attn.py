@@ -384,7 +384,7 @@ def _sel_dkdv_step(acc_k, acc_k_r, acc_v, row_ok, t, rq, q, q_r, SLIST, off, r0,
 def _store_dq_slot(DQP, DQS, slot, row_ok, rq, row0, NSEL, DK, dq, dq_r, SCALED: tl.constexpr,
                    BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, EVS: tl.constexpr):
     """Query rows rq's dq over one block (dq [rows, BDK] fp32 and its later Dk pieces dq_r) into
-    their slots DQP[row - row0, slot] (``_sel_fwd_gather``'s slots); SCALED: fp16 holding dq / DQS[slot], DQS a per-(row, slot)
+    their slots DQP[row - row0, slot] (``_sel_slot``); SCALED: fp16 holding dq / DQS[slot], DQS a per-(row, slot)
     power of two that puts the row's largest |dq| near 2^14 (``_sel_bwd_dq_split``)."""
     dk = tl.arange(0, BDK)
     ps = (rq - row0) * NSEL + slot  # row0 = first position of the chunk x HQ (host int: 64-bit when large)

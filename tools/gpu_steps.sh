@@ -58,13 +58,13 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # the 1b model's NSA under launch settings M32PF="NAME=VALUE,..." against dense, one process
   # (tools/with_launch.py: the training configs do not carry launch settings)
   m32pf) run m32pf 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${M32PF:?set M32PF to the launch settings}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32pf.csv" ;;
-  # the selected dK/dV at 8 warps (offline sm_90a build: 218 registers, no spill, against 255 and
-  # spills at 4), then the 1b model at 32k with it against dense if it gained >= 2% (tenth
-  # session, 64 rows a step then: it lost 11% at (c) 64k)
-  kdkv8) run kdkv8 200 "$K --ab 'sel_dkdv=(8,2)' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_dkdv8" ;;
-  m32_dkdv8_if) if python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_dkdv8.csv --min-gain 0.02; then
-      run m32dkdv8 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py 'sel_dkdv=(8,2)' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32_dkdv8.csv"
-    else echo "m32_dkdv8_if: no gain"; fi ;;
+  # one launch-setting A/B at (c) 64k, AB="NAME=VALUE,..." (tenth session: AB='sel_dkdv=(8,2)',
+  # then the step kdkv8: 11% slower), then the 1b model at 32k with it against dense, in one
+  # process, only if the kernels gained >= 2% (tools/ab_gain.py)
+  kab) run kab 200 "$K --ab '${AB:?set AB to the launch settings}' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_ab" ;;
+  m32ab_if) if python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_ab.csv --min-gain 0.02; then
+      run m32ab 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32ab.csv"
+    else echo "m32ab_if: no kernel gain, no model run"; fi ;;
   # the backward kernels that spill at (c): selected dK/dV, range dq, selected dq split; one round
   kspill) run kspill 240 "$K --sweep --sweep-keys sel_dkdv_regs,range_dq,sel_dq_split --rounds 1 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_spill" ;;
   # rows per step of the block-major selected kernels (the dK/dV's 32 rows gained 2-3% in the
@@ -72,6 +72,7 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   krows) run krows 300 "$K --sweep --sweep-keys sel_dkdv_rows,sel_dq_split_rows,sel_split_rows --rounds ${KROWS_ROUNDS:-2} --shapes c_small_g,a_paper --sizes 64k --out $OUT --tag _${TREE}_rows" ;;
   # registers, stack and local (spill) bytes of every kernel Triton built in this call (cuobjdump)
   res) CUOBJ=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
+    [ -n "$CUOBJ" ] || { echo "res: no cuobjdump on this machine (CUDA toolkit's bin/)"; continue; }
     for f in $(ls -t ~/.triton/cache/*/*.cubin 2>/dev/null); do echo "== $(basename $f)"; $CUOBJ -res-usage $f 2>&1 | grep -i "function\|reg"; done > $OUT/res_usage.txt
     tail -60 $OUT/res_usage.txt ;;
   *) echo "unknown step $s" ;;
