@@ -14,6 +14,7 @@ projection's gradient whole in one more (no split views to copy, no concatenatio
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -77,6 +78,7 @@ class _Rope(torch.autograd.Function):
 
 
 KINDS = ("copy", "rope", "silu")  # what ``rope_split`` does to a column group
+TABLE_COLS = tl.constexpr(7)  # columns of ``_split_cols``' item table
 
 
 @triton.jit
@@ -86,17 +88,22 @@ def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, R, S, sy, cos_b, SIGN: tl.c
     """BLOCK_R rows (of R = B*S, row stride sy in Y) of one work item, 2*HALF columns of one
     column group: moved from Y to the group's own contiguous [R, width] tensor (BACKWARD: back).
     TABLE row per item: (first column in Y, first column in the group, the group's width, kind,
-    the group tensor's address), so one launch serves every group. Kinds (``KINDS``): 0 copied;
+    the group tensor's address, its chunk CH, its unit U), so one launch serves every group. A
+    group is stored [R, width] (CH = 1, U = width) or, chunked, [R / CH, width / U, CH, U]: CH
+    rows of each unit (head) of U columns together, an item then being one unit (phi's input
+    chunks, ``rope_split``'s ``chunks``). Kinds (``KINDS``): 0 copied;
     1 rotated by SIGN * theta (an item is one head); 2 (one group) h = silu(y + BIAS), each op
     rounded to Y's dtype as PyTorch's, with y + BIAS kept in PRE for the backward, which writes
     the gradient of y + BIAS to Y and to DPRE. Widths and columns are multiples of ALIGN and the
     addresses 16-byte aligned (PTR_ALIGNED), so the compiler moves 16 bytes per access."""
     i_r, item = tl.program_id(0), tl.program_id(1)
-    col_y = tl.multiple_of(tl.load(TABLE + item * 5), ALIGN)
-    col_p = tl.multiple_of(tl.load(TABLE + item * 5 + 1), ALIGN)
-    width = tl.multiple_of(tl.load(TABLE + item * 5 + 2), ALIGN)
-    kind = tl.load(TABLE + item * 5 + 3)
-    part = tl.load(TABLE + item * 5 + 4).to(tl.pointer_type(Y.dtype.element_ty))
+    col_y = tl.multiple_of(tl.load(TABLE + item * TABLE_COLS), ALIGN)
+    col_p = tl.multiple_of(tl.load(TABLE + item * TABLE_COLS + 1), ALIGN)
+    width = tl.multiple_of(tl.load(TABLE + item * TABLE_COLS + 2), ALIGN)
+    kind = tl.load(TABLE + item * TABLE_COLS + 3)
+    part = tl.load(TABLE + item * TABLE_COLS + 4).to(tl.pointer_type(Y.dtype.element_ty))
+    ch = tl.load(TABLE + item * TABLE_COLS + 5)
+    unit = tl.multiple_of(tl.load(TABLE + item * TABLE_COLS + 6), ALIGN)
     if PTR_ALIGNED:
         part = tl.multiple_of(part, 16)
     r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -105,7 +112,10 @@ def _split_cols(Y, TABLE, COS, SIN, BIAS, PRE, DPRE, R, S, sy, cos_b, SIGN: tl.c
     m1 = row_ok & ((o_d < HALF) & (col_p + o_d < width))[None, :]  # a copied group's last item may be partial
     m2 = row_ok & ((o_d < HALF) & (col_p + HALF + o_d < width))[None, :]
     p_y = Y + r[:, None] * sy + col_y + o_d[None, :]
-    off = r[:, None] * width + col_p + o_d[None, :]  # in the group's tensor
+    # in the group's tensor: row r's chunk, the item's unit, r's row in the chunk, the column
+    # (plain groups: ch = 1, unit = width, so r * width + col_p)
+    u = col_p // unit
+    off = ((r // ch) * (width * ch) + (r % ch) * unit)[:, None] + (u * (ch * unit) + col_p - u * unit) + o_d[None, :]
     p_p = part + off
     if BACKWARD:
         p_src, p_dst = p_p, p_y
@@ -148,17 +158,19 @@ SPLIT_ROWS = 32  # rows per ``_split_cols`` program: 2 x 8 KB moved per program 
 
 
 def _move_groups(y: torch.Tensor, parts: list, widths: tuple, kinds: tuple, cos, sin, head_dim: int,
-                 backward: bool, silu_tensors: tuple = ()) -> None:
+                 backward: bool, silu_tensors: tuple = (), chunks: tuple = ()) -> None:
     """One ``_split_cols`` launch: y [B, S, N] (contiguous) to the contiguous group tensors
     ``parts`` (backward: the other way, rotation by -theta). silu_tensors: (bias, pre)
-    forward, (pre, dpre) backward, for the "silu" group. Work items are head_dim columns of
-    one group (a rotated group's heads), so every program moves whole rows of its item."""
+    forward, (pre, dpre) backward, for the "silu" group. chunks: each group's chunk of
+    positions (``rope_split``; 1 or empty: plain). Work items are head_dim columns of one
+    group (a rotated group's heads), so every program moves whole rows of its item."""
     B, S, N = y.shape
     if B * S == 0:
         return
+    chunks = chunks or (1,) * len(widths)
     starts = [sum(widths[:i]) for i in range(len(widths))]
-    items = [[c0 + c, c, w, KINDS.index(k), p.data_ptr()]
-             for c0, w, k, p in zip(starts, widths, kinds, parts) for c in range(0, w, head_dim)]
+    items = [[c0 + c, c, w, KINDS.index(k), p.data_ptr(), ch, w if ch == 1 else head_dim]
+             for c0, w, k, p, ch in zip(starts, widths, kinds, parts, chunks) for c in range(0, w, head_dim)]
     table = to_device(torch.tensor(items, dtype=torch.int64), y.device)
     align = math.gcd(16, head_dim, *widths)  # a power of two dividing every column and width
     a, b = silu_tensors or (y, y)
@@ -172,19 +184,27 @@ def _move_groups(y: torch.Tensor, parts: list, widths: tuple, kinds: tuple, cos,
                       PRECISE=y.is_cuda)
 
 
+def _group_shape(B: int, S: int, width: int, chunk: int, head_dim: int) -> tuple:
+    """A group tensor's shape: [B, S, width], or chunked [B, S / chunk, width / head_dim,
+    chunk, head_dim] (``rope_split``'s ``chunks``)."""
+    return (B, S, width) if chunk == 1 else (B, S // chunk, width // head_dim, chunk, head_dim)
+
+
 class _RopeSplit(torch.autograd.Function):
     """y's column groups as separate contiguous tensors (``rope_split``); the backward writes
     every group's gradient into one dy. One kernel launch each way."""
 
     @staticmethod
-    def forward(ctx, y, cos, sin, bias, widths, kinds, head_dim):
-        ctx.widths, ctx.kinds, ctx.head_dim = widths, kinds, head_dim
+    def forward(ctx, y, cos, sin, bias, widths, kinds, head_dim, chunks):
+        ctx.widths, ctx.kinds, ctx.head_dim, ctx.chunks = widths, kinds, head_dim, chunks
         B, S, _ = y.shape
-        parts = [torch.empty(B, S, w, dtype=y.dtype, device=y.device) for w in widths]
+        ctx.B, ctx.S = B, S
+        parts = [torch.empty(_group_shape(B, S, w, c, head_dim), dtype=y.dtype, device=y.device)
+                 for w, c in zip(widths, chunks)]
         pre = None
         if "silu" in kinds:
             pre = torch.empty_like(parts[kinds.index("silu")])
-        _move_groups(y, parts, widths, kinds, cos, sin, head_dim, False, () if pre is None else (bias, pre))
+        _move_groups(y, parts, widths, kinds, cos, sin, head_dim, False, () if pre is None else (bias, pre), chunks)
         ctx.save_for_backward(cos, sin, pre)
         return tuple(parts)
 
@@ -192,15 +212,16 @@ class _RopeSplit(torch.autograd.Function):
     def backward(ctx, *dys):
         cos, sin, pre = ctx.saved_tensors
         first = next(d for d in dys if d is not None)
-        B, S, _ = first.shape
-        dys = [torch.zeros(B, S, w, dtype=first.dtype, device=first.device) if d is None else d.contiguous()
-               for d, w in zip(dys, ctx.widths)]
+        B, S = ctx.B, ctx.S
+        dys = [torch.zeros(_group_shape(B, S, w, c, ctx.head_dim), dtype=first.dtype, device=first.device)
+               if d is None else d.contiguous() for d, w, c in zip(dys, ctx.widths, ctx.chunks)]
         dy = torch.empty(B, S, sum(ctx.widths), dtype=first.dtype, device=first.device)
         dpre = None if pre is None else torch.empty_like(pre)
-        _move_groups(dy, dys, ctx.widths, ctx.kinds, cos, sin, ctx.head_dim, True, () if pre is None else (pre, dpre))
+        _move_groups(dy, dys, ctx.widths, ctx.kinds, cos, sin, ctx.head_dim, True, () if pre is None else (pre, dpre),
+                     ctx.chunks)
         # the bias gradient as autograd reduces a broadcast add's (the same call on the same tensor)
         dbias = None if dpre is None else dpre.sum_to_size(dpre.shape[-1:])
-        return dy, None, None, dbias, None, None, None
+        return dy, None, None, dbias, None, None, None, None
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -235,13 +256,16 @@ def rope_rotate_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, siz
 
 
 def rope_split(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: list, kinds: list,
-               head_dim: int, bias: torch.Tensor = None) -> tuple:
+               head_dim: int, bias: torch.Tensor = None, chunks: Optional[list] = None) -> tuple:
     """y [B, S, N] (last dim contiguous; e.g. a fused projection's output) as one contiguous
     [B, S, w_i] tensor per group of ``widths`` (sum N) columns, by ``kinds[i]``: "copy";
     "rope", heads of ``head_dim`` rotated (cos/sin [1 or B, S, head_dim/2] float32); "silu"
     (one group at most), silu(y + bias) with bias [w_i] in y's dtype, rounded after each op as
     PyTorch's (a gate's first layer). One kernel launch forward and one backward (which fills
-    dy whole: no concatenation of the groups' gradients). Differentiable in y and bias."""
+    dy whole: no concatenation of the groups' gradients). Differentiable in y and bias.
+    chunks: per group, c > 1 returns it as [B, S / c, w_i / head_dim, c, head_dim]: each head's
+    c consecutive positions together, what phi's chunks are (``MLPCompressor.from_chunks``), so
+    no transposing copy follows ("copy" or "rope" groups of whole heads, S a multiple of c)."""
     if y.dim() != 3 or head_dim % 2:
         raise ValueError(f"rope_split: y must be [B, S, N] and head_dim even, got {tuple(y.shape)}, {head_dim}")
     _check(y[:, :, :head_dim].unflatten(-1, (1, head_dim)), cos, sin)
@@ -255,6 +279,13 @@ def rope_split(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: li
                                                  or bias.dtype != y.dtype)):
         raise ValueError(f"rope_split: one \"silu\" group at most, with a bias of its width in y's dtype; got "
                          f"kinds {list(kinds)}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
+    chunks = tuple(chunks or (1,) * len(widths))
+    if len(chunks) != len(widths) or any(
+            c != 1 and (c < 1 or k == "silu" or w % head_dim or y.shape[1] % c)
+            for c, w, k in zip(chunks, widths, kinds)):
+        raise ValueError(f"rope_split: chunks {list(chunks)} must give each group 1 or a c > 1 dividing the "
+                         f"{y.shape[1]} positions, for \"copy\" / \"rope\" groups of whole heads of {head_dim} "
+                         f"(widths {list(widths)}, kinds {list(kinds)})")
     y = y.contiguous()  # rows of one stride (a fused projection's output already is)
     return _RopeSplit.apply(y, cos.contiguous(), sin.contiguous(), None if bias is None else bias.contiguous(),
-                            tuple(widths), tuple(kinds), head_dim)
+                            tuple(widths), tuple(kinds), head_dim, chunks)

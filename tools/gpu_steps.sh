@@ -37,6 +37,16 @@ run() {  # name limit_s command
 for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # GPU kernel tests (bf16 against the fp32 reference, every G; packed documents; wide heads)
   tests) run tests 300 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k 'bf16_within or packed_documents_bf16 or long_sequence or (16_bit_head_dims and bf16 and 192) or (fused_selected and 4-)'" ;;
+  # the layer's split (RoPE, phi's chunks) and phi kernels against the PyTorch lines, bf16
+  tlayer) run tlayer 200 "python3 -m pytest -q -x tests/ops/test_layer_ops_gpu.py" ;;
+  # the 1b model's NSA at 32k, this tree against a base tree in .base/ (git-ignored, carried:
+  # git archive BASE | tar -x -C .base), 8 steps each, alternating this, base, this, base;
+  # then dense once (this tree)
+  mbase32) for i in 1 2; do
+      run mbase32_this$i 200 "$B --seq-len 32k --attention nsa --out $OUT/mbase32_this$i.csv train_steps=8"
+      run mbase32_base$i 200 "cd .base && PYTHONPATH=$PWD/.base:/tmp/site python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa --out $OUT/mbase32_base$i.csv train_steps=8"
+    done
+    run mbase32_dense 200 "$B --seq-len 32k --attention dense --out $OUT/mbase32_dense.csv train_steps=8" ;;
   # the 1b model, NSA against dense (SDPA's fastest backend), tokens/s per GPU
   m8) run m8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/m8.csv train_steps=8" ;;
   m32) run m32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/m32.csv" ;;

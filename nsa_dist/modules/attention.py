@@ -119,7 +119,7 @@ class NSAAttention(nn.Module):
         self.rope = RotaryEmbedding(dk, rope_theta)
         self.comm = AttentionComm()  # a parallel plan replaces it (modules/comm.py)
 
-    def _heads(self, x: torch.Tensor, positions: torch.Tensor, fused: Optional[bool] = None):
+    def _heads(self, x: torch.Tensor, positions: torch.Tensor, fused: Optional[bool] = None, cmp_chunk: int = 1):
         """x [B, S_l, hidden] (a region's input), positions of the whole sequence -> (q
         [B, S, HQ', Dk], branch -> (k, v) [B, S, H', D], gates [B, S, HQ', 3], (phi_k, phi_v)):
         the heads this rank attends with over the whole sequence, RoPE on q and the keys.
@@ -128,7 +128,9 @@ class NSAAttention(nn.Module):
         distinct K/V projection and the gate's first layer (stored apart, hooks applied
         first), then one call (``split_columns``) that writes q and each key rotated, each value
         and the gate's activated first layer as separate contiguous tensors (the kernels then
-        copy nothing)."""
+        copy nothing). cmp_chunk > 1 (``_cmp_chunk``; fused only): the compressed branch's k
+        and v come as phi's chunks [B, S / d, H', d, D] instead, which phi's GEMM takes
+        without the transposing copy (forward, recomputation and their gradients)."""
         c = self.comm
         B, S_l, _ = x.shape
         dk, dv = self.head_dim, self.v_head_dim
@@ -148,22 +150,24 @@ class NSAAttention(nn.Module):
             rows = [w.shape[0] for w in weights]
             n_qk = 1 + len(kw)  # q and the keys come first: rotated; the values copied
             kinds = ["rope"] * n_qk + ["copy"] * len(vw) + ["silu"]
+            chunked = [cmp_chunk > 1 and n == "cmp" for n in names]
+            chunks = [1] + [cmp_chunk if c else 1 for c in chunked] * 2 + [1]
             # each piece its own contiguous tensor (the gate's activated) from one kernel, whose
             # backward writes the projection's whole gradient (no split/cat, and the NSA
             # kernels take every piece without a copy)
-            q, *ks_vs, h = self.rope.split_columns(F.linear(x, torch.cat(weights)), cos, sin, rows, kinds, b1)
+            q, *ks_vs, h = self.rope.split_columns(F.linear(x, torch.cat(weights)), cos, sin, rows, kinds, b1, chunks)
             q = q.unflatten(-1, (-1, dk))
-            ks = [k.unflatten(-1, (-1, dk)) for k in ks_vs[:n_qk - 1]]
-            vs = ks_vs[n_qk - 1:]
+            ks = [k if c else k.unflatten(-1, (-1, dk)) for k, c in zip(ks_vs[:n_qk - 1], chunked)]
+            vs = [v if c else v.unflatten(-1, (-1, dv)) for v, c in zip(ks_vs[n_qk - 1:], chunked)]
             gates = self.gate.output(h)
         else:
             q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)
             ks = [self.rope.rotate(F.linear(x, w).unflatten(-1, (-1, dk)), cos, sin) for w in kw]
-            vs = [F.linear(x, w) for w in vw]
+            vs = [F.linear(x, w).unflatten(-1, (-1, dv)) for w in vw]
             gates = self.gate.gates(F.linear(x, w1, b1))
         gates = c.to_heads(gates)
-        kv = {n: (c.to_heads(k, kv=True), c.to_heads(v.unflatten(-1, (-1, dv)), kv=True))
-              for n, k, v in zip(names, ks, vs)}
+        # (chunked K/V only where to_heads leaves K/V as they are: ``_cmp_chunk``)
+        kv = {n: (c.to_heads(k, kv=True), c.to_heads(v, kv=True)) for n, k, v in zip(names, ks, vs)}
         kv = {b: kv["shared" if self.config.shared_kv else b] for b in BRANCHES}
         return c.to_heads(q), kv, gates, phis
 
@@ -171,7 +175,9 @@ class NSAAttention(nn.Module):
         """The NSA function's inputs: the cmp branch's keys and values compressed with phi."""
         out = {"q": q, "gates": gates}
         for branch, (k, v) in kv.items():
-            if branch == "cmp":
+            if branch == "cmp" and k.dim() == 5:  # phi's chunks (``_heads``' cmp_chunk)
+                k, v = phis[0](k, True), phis[1](v, True)
+            elif branch == "cmp":
                 # phi takes each document's keys whole (MLPCompressor.sequence), not its blocks
                 k = ops.compress(k, self.config, phis[0], cu_seqlens, phi_takes_sequence=True)
                 v = ops.compress(v, self.config, phis[1], cu_seqlens, phi_takes_sequence=True)
@@ -185,7 +191,19 @@ class NSAAttention(nn.Module):
         x: [B, S, hidden]; positions: [S] or [B, S]. Returns q [B, S, HQ, Dk], k_cmp/v_cmp
         [B, Nc, H, D], k_sel/v_sel/k_win/v_win [B, S, H, D], gates [B, S, HQ, 3].
         """
-        return self._compress(*self._heads(x, positions), cu_seqlens)
+        return self._compress(*self._heads(x, positions, cmp_chunk=self._cmp_chunk(x.shape[1], cu_seqlens)),
+                              cu_seqlens)
+
+    def _cmp_chunk(self, seq_in: int, cu_seqlens: Optional[torch.Tensor]) -> int:
+        """The stride d where the fused projection may write the compressed branch's K/V as
+        phi's chunks (``_heads``), else 1: phi an MLP over blocks of whole chunks, one
+        document (d dividing its length), its own K/V (not shared with the other branches),
+        equal head dims (the split's items are heads), K/V not moved by the plan."""
+        cfg, d = self.config, self.config.cmp_stride
+        ok = (self.fused_projection and self.phi_k is not None and cfg.cmp_block % d == 0 and not cfg.shared_kv
+              and cu_seqlens is None and seq_in % d == 0 and self.head_dim == self.v_head_dim
+              and self.comm.kv_local())
+        return d if ok else 1
 
     # Incremental decoding (nsa_dist/inference) caches the branches' keys before compression
     # and projects one token per step: the two halves of ``project``, public.

@@ -77,6 +77,11 @@ class AttentionComm(Region):
         """The inverse of ``to_heads`` on the attention output [B, S, heads', Dv]."""
         return o
 
+    def kv_local(self) -> bool:
+        """Whether ``to_heads(t, kv=True)`` returns t itself (no all-to-all or gather), so the
+        layer may hand K/V to its branches in any layout (phi's chunks)."""
+        return True
+
     def attend(self, q: torch.Tensor, attend: AttendFn, select: SelectFn) -> tuple:
         """(o, indices) of the NSA function on q [B, S, HQ', Dk], with a selection that is the
         same for every query head of a group even when the group's heads are spread over

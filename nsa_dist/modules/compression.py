@@ -30,8 +30,11 @@ class MLPCompressor(nn.Module):
         nn.init.zeros_(self.fc2.bias)
         self.fc2.zero_init = True  # model-wide initialisation leaves it at zero
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """blocks [B, Nc, H, l, D] or (with ``stride``) a sequence [B, L, H, D] -> [B, Nc, H, D]."""
+    def forward(self, x: torch.Tensor, chunks: bool = False) -> torch.Tensor:
+        """blocks [B, Nc, H, l, D] or (with ``stride``) a sequence [B, L, H, D] -> [B, Nc, H, D];
+        ``chunks``: x is a sequence's chunks [B, n, H, d, D] (``from_chunks``)."""
+        if chunks:
+            return self.from_chunks(x)
         if x.dim() == 4:
             return self.sequence(x)
         x, blocks = x + self.pos.to(x.dtype), x
@@ -54,23 +57,38 @@ class MLPCompressor(nn.Module):
         if l % d:  # blocks that do not split into whole chunks: phi over the blocks
             return self(k[:, :L - (L - l) % d].unfold(1, l, d).transpose(-1, -2))
         m, nc = l // d, (L - l) // d + 1
-        chunks = k[:, :(nc - 1 + m) * d].unflatten(1, (nc - 1 + m, d)).transpose(2, 3)  # [B, nc+m-1, H, d, D]
+        return self.from_chunks(k[:, :(nc - 1 + m) * d].unflatten(1, (nc - 1 + m, d)).transpose(2, 3))
+
+    def from_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
+        """``sequence`` from k's chunks of d = ``stride`` positions, chunks [B, n, H, d, D] (k
+        [B, n * d, H, D] as ``k.unflatten(1, (n, d)).transpose(2, 3)``; d must divide the block
+        l) -> [B, n - l/d + 1, H, D]. Contiguous chunks (a fused projection writes them so:
+        ``RotaryEmbedding.split_columns``' ``chunks``) enter the GEMM without a copy."""
+        l, d = self.block, self.stride
+        B, n, H, _, D = chunks.shape
+        if d is None or l % d or chunks.shape[3] != d:
+            raise ValueError(f"MLPCompressor.from_chunks: chunks [B, n, H, d, D] of d = stride ({d}) positions, d "
+                             f"dividing the block ({l}), got {tuple(chunks.shape)}")
+        m = l // d
+        nc = n - m + 1
+        if nc <= 0:
+            return chunks.new_zeros(B, 0, H, D)
         w1 = self.fc1.weight  # [hidden, l * D]: columns (chunk of the block, position in it, dim)
         hidden = w1.shape[0]
         # W1's rows as (unit, chunk j) rows of d * D columns: a view, no copy of the weight;
         # y's columns are (unit, j), part j every m-th
         y = F.linear(chunks.reshape(B, nc - 1 + m, H, d * D), w1.view(hidden * m, d * D)).unflatten(-1, (hidden, m))
-        acc = torch.promote_types(k.dtype, torch.float32)  # no rounding between the parts
+        acc = torch.promote_types(chunks.dtype, torch.float32)  # no rounding between the parts
         w_pos = F.linear(self.pos.flatten().to(w1.dtype), w1)
         sums = chunks.sum(dim=3, dtype=acc)
-        kernels = _phi_kernels_for(k)
+        kernels = _phi_kernels_for(chunks)
         if kernels is not None:  # the same values, the elementwise tails one kernel each
-            h = kernels.phi_hidden(y, self.fc1.bias, w_pos, nc, k.dtype)
+            h = kernels.phi_hidden(y, self.fc1.bias, w_pos, nc, chunks.dtype)
             return kernels.phi_mean_out(sums, self.fc2(h), l)
         # (the bf16 product joins the fp32 bias exactly, as its fp32 copy would)
         pre = _shifted_sum(y.unbind(-1), nc, acc) + (self.fc1.bias.to(acc) + w_pos)
-        h = F.silu(pre).to(k.dtype)
-        mean = (_shifted_sum([sums] * m, nc, acc) / l).to(k.dtype)
+        h = F.silu(pre).to(chunks.dtype)
+        mean = (_shifted_sum([sums] * m, nc, acc) / l).to(chunks.dtype)
         return mean + self.fc2(h)
 
 

@@ -142,23 +142,34 @@ class RotaryEmbedding(torch.nn.Module):
 
     @staticmethod
     def split_columns(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: list, kinds: list,
-                      bias: Optional[torch.Tensor] = None) -> list:
+                      bias: Optional[torch.Tensor] = None, chunks: Optional[list] = None) -> list:
         """y [B, S, N] (a fused projection's output) -> [B, S, w_i] per group of ``widths``
         (sum N) columns, by ``kinds[i]``: "copy", "rope" (heads of cos' last dim D, rotated) or
         "silu" (one group: silu(y + bias), a gate's first layer). On CUDA one Triton kernel
         writes every group to its own contiguous tensor (nothing downstream copies them) and
         its backward fills y's gradient whole (no concatenation); elsewhere the PyTorch ops
-        (copied groups are views of y)."""
+        (copied groups are views of y). chunks: per group 1, or c > 1 for a "copy" / "rope"
+        group of whole heads returned as [B, S / c, heads, c, D] (contiguous: phi's chunks,
+        which the kernel writes in that order, so no transposing copy of them follows)."""
         kernels = _kernels_for(y)
         D = cos.shape[-1]
+        chunks = list(chunks or [1] * len(widths))
+        if len(chunks) != len(widths) or any(c != 1 and (c < 1 or k == "silu" or w % D or y.shape[1] % c)
+                                             for c, w, k in zip(chunks, widths, kinds)):
+            raise ValueError(f"split_columns: chunks {chunks} must give each group 1 or a c > 1 dividing the "
+                             f"{y.shape[1]} positions, for \"copy\" / \"rope\" groups of whole heads of {D} "
+                             f"(widths {list(widths)}, kinds {list(kinds)})")
         if kernels is not None:
             if bias is None or bias.dtype == y.dtype:
-                return list(kernels.rope_split(y, *_angles(cos, sin), widths, kinds, D, bias))
+                return list(kernels.rope_split(y, *_angles(cos, sin), widths, kinds, D, bias, chunks))
             # a bias of another dtype (mixed precision) promotes: the group copied, then PyTorch's ops
-            parts = kernels.rope_split(y, *_angles(cos, sin), widths, ["copy" if k == "silu" else k for k in kinds], D)
+            parts = kernels.rope_split(y, *_angles(cos, sin), widths, ["copy" if k == "silu" else k for k in kinds], D,
+                                       chunks=chunks)
         else:
             parts = [RotaryEmbedding.rotate(p.unflatten(-1, (-1, D)), cos, sin).flatten(2) if k == "rope" else p
                      for p, k in zip(y.split(widths, dim=-1), kinds)]
+            parts = [p if c == 1 else p.unflatten(1, (-1, c)).unflatten(-1, (-1, D)).transpose(2, 3).contiguous()
+                     for p, c in zip(parts, chunks)]
         return [torch.nn.functional.silu(p + bias) if k == "silu" else p for p, k in zip(parts, kinds)]
 
     def forward(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -115,6 +115,9 @@ class AttentionPlanComm(TPRegion, AttentionComm):
             t = gather_sequence(t, 1, self.cp_group, sub(self.meter, "cp_kv"))
         return t
 
+    def kv_local(self) -> bool:
+        return self.sp == 1 and self.cp == 1
+
     def from_heads(self, o: torch.Tensor) -> torch.Tensor:
         """[B, S, HQ_local, Dv] -> [B, S/sp, HQ/tp, Dv]."""
         return o if self.sp == 1 else C.all_to_all(o, 1, 2, self.sp_group, sub(self.meter, "ulysses"))

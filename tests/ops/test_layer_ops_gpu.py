@@ -66,3 +66,33 @@ def test_split_kernel_is_rope_split_and_silu_bit_for_bit():
     g_want = torch.autograd.grad(want, [y, bias], gys)
     for a, b in zip(g_got, g_want):
         assert torch.equal(a, b), f"max diff {(a.float() - b.float()).abs().max()}"
+
+
+def test_split_kernel_writes_phis_chunks_bit_for_bit():
+    """The 1b shape's compressed-branch K (rotated) and V (copied) written as phi's chunks
+    [B, S / 16, 8, 16, 128]: the plain pieces rearranged, bit for bit; phi of the chunks and
+    its gradients (y, the bias, phi's weights) as phi of the plain keys gives them (the same
+    GEMM operands; the chunk sums reduce in another memory order: one bf16 rounding apart)."""
+    torch.manual_seed(0)
+    B, S, D, c = 1, 1024, 128, 16
+    widths, kinds = [32 * D, 8 * D, 8 * D, 512], ["rope", "rope", "copy", "silu"]
+    y = torch.randn(B, S, sum(widths), device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = RotaryEmbedding(D, 500000.0).cos_sin(torch.arange(S, device="cuda"), torch.bfloat16)
+    phi = MLPCompressor(32, D, stride=c).cuda().bfloat16()
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.normal_(0.0, 0.05)
+    plain = RotaryEmbedding.split_columns(y, cos, sin, widths, kinds, bias)
+    got = RotaryEmbedding.split_columns(y, cos, sin, widths, kinds, bias, [1, c, c, 1])
+    as_chunks = lambda p: p.unflatten(1, (S // c, c)).unflatten(-1, (-1, D)).transpose(2, 3)
+    for a, b in zip(got, [plain[0], as_chunks(plain[1]), as_chunks(plain[2]), plain[3]]):
+        assert a.shape == b.shape and torch.equal(a, b)
+    outs_got = [got[0], phi(got[1], True), phi(got[2], True), got[3]]
+    outs_want = [plain[0], phi.sequence(plain[1].unflatten(-1, (-1, D))),
+                 phi.sequence(plain[2].unflatten(-1, (-1, D))), plain[3]]
+    gys = [torch.randn_like(o) for o in outs_want]
+    inputs = [y, bias, *phi.parameters()]
+    for a, b in zip([*outs_got, *torch.autograd.grad(outs_got, inputs, gys)],
+                    [*outs_want, *torch.autograd.grad(outs_want, inputs, gys)]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=8e-3, atol=1e-3 * b.float().abs().max().item())
