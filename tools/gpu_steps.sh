@@ -78,6 +78,9 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # then the step kdkv8: 11% slower), then the 1b model at 32k with it against dense, in one
   # process, only if the kernels gained >= 2% (tools/ab_gain.py)
   kab) run kab 200 "$K --ab '${AB:?set AB to the launch settings}' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_ab" ;;
+  # the same A/B at the paper shape (a) 64k; AB2 (optional) a second setting in the same step
+  kab_a) run kab_a 240 "$K --ab '${AB:?set AB}' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a"
+    if [ -n "${AB2:-}" ]; then run kab_a2 240 "$K --ab '$AB2' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a2"; fi ;;
   m32ab_if) if python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_ab.csv --min-gain 0.02; then
       run m32ab 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32ab.csv"
     else echo "m32ab_if: no kernel gain, no model run"; fi ;;
