@@ -52,6 +52,10 @@ class LaunchConfig:
     dkdv_keys: int = 64  # keys per program of the range dK/dV
     dkdv_rows: int = 64  # query rows per step of the range dK/dV
     dkdv_qchunk: int = 4096  # query positions per program of the compressed dK/dV (fp32 atomics)
+    # programs wanted for the compressed dK/dV: where its grid would have fewer working ones
+    # (short sequences: 8 key tiles a KV head at 8k), shorter query chunks, down to
+    # first_min_chunk positions; None: dkdv_qchunk always (not yet timed on a GPU)
+    dkdv_programs: Optional[int] = None
     first_programs: int = 512  # programs wanted for block 0's dK/dV, or its few key tiles idle most SMs
     first_min_chunk: int = 256  # positions, at least, per query chunk of block 0's dK/dV
     # --- selected branch (selected_attn.py)

@@ -119,10 +119,20 @@ class Geometry:
         """Keys per program of the range dK/dV kernel."""
         return self.tiles("range_dkdv").block_n
 
-    def dkdv_chunks(self) -> tuple[int, int]:
-        """(positions per query chunk, chunks) of the compressed keys' dK/dV, whose keys every
-        later query sees (block 0 of the selection has its own: ``first_chunks``)."""
-        qchunk = self.launch.dkdv_qchunk
+    def dkdv_chunks(self, ntiles: int = 0) -> tuple[int, int]:
+        """(positions per query chunk, chunks) of the compressed keys' dK/dV over ``ntiles`` key
+        tiles (of all documents), whose keys every later query sees (block 0 of the selection
+        has its own: ``first_chunks``): ``launch.dkdv_qchunk`` positions, or with
+        ``launch.dkdv_programs`` fewer where that would leave fewer programs with queries to
+        stream, at least ``launch.first_min_chunk``. Host arithmetic on the offsets."""
+        qchunk, want = self.launch.dkdv_qchunk, self.launch.dkdv_programs
+        lens = self.layout.cu[1:] - self.layout.cu[:-1]
+        if want and ntiles and self.layout.total:
+            # a tile's keys are seen by about half its document's queries (tiles per document
+            # in proportion to its length)
+            per_tile = int((lens.double() ** 2).sum() / lens.sum()) // 2
+            work = ntiles * self.H * max(1, per_tile)  # (tile, KV head, query position) triples
+            qchunk = min(qchunk, max(self.launch.first_min_chunk, -(-work // want)))
         return qchunk, -(-self.layout.total // qchunk)
 
     def first_chunks(self, ntiles: int) -> tuple[int, int]:
@@ -272,12 +282,12 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
     # Compressed keys: split each tile's queries into chunks (fp32 atomic sums) so the grid
     # is wide enough for the few KV heads a TP / Ulysses rank holds. Window keys see at most
     # BLOCK_N + w queries: one chunk, plain stores.
-    qchunk, nchunk = geo.dkdv_chunks() if mode == 0 else (1 << 62, 1)
+    kb = geo.dkdv_keys()
+    kt = geo.ctiles(kb) if mode == 0 else geo.ktiles(kb)
+    qchunk, nchunk = geo.dkdv_chunks(kt.shape[0]) if mode == 0 else (1 << 62, 1)
     atomic = nchunk > 1
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else torch.empty_like(v)
-    kb = geo.dkdv_keys()
-    kt = geo.ctiles(kb) if mode == 0 else geo.ktiles(kb)
     if kt.shape[0] == 0 or geo.layout.total == 0:
         return dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale)

@@ -273,6 +273,8 @@ SWEEP = {
     "range_dq": [(4, 3), (8, 2)],
     "sel_fwd": [(4, 2), (8, 3)],
     "dkdv_qchunk": [2048, 8192, 1 << 30],
+    # shorter query chunks for the compressed dK/dV where its grid is narrow (short sequences)
+    "dkdv_programs": [512, 1024, {"dkdv_programs": 512, "first_min_chunk": 128}],
     "first_programs": [128, 2048],
     # rows / keys per step of one kernel (the range forward and dq; each block-major kernel)
     "range_fwd_rows": [32, 128, {"range_fwd_rows": 128, "range_fwd": (8, 3)}],

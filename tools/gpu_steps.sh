@@ -78,6 +78,11 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # then the step kdkv8: 11% slower), then the 1b model at 32k with it against dense, in one
   # process, only if the kernels gained >= 2% (tools/ab_gain.py)
   kab) run kab 200 "$K --ab '${AB:?set AB to the launch settings}' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_ab" ;;
+  # short sequences: a launch-setting A/B of (c) at 8k, then 16k (eleventh session, prepared:
+  # AB=dkdv_programs=512, shorter compressed dK/dV query chunks where its grid is narrow), then
+  # the 1b model at 8k with it against dense, in one process
+  kab8) run kab8 200 "$K --ab '${AB:?set AB}' --rounds 2 --shapes c_small_g --sizes 8k --out $OUT --tag _${TREE}_ab8 && $K --ab '$AB' --rounds 2 --shapes c_small_g --sizes 16k --out $OUT --tag _${TREE}_ab16" ;;
+  m8ab) run m8ab 200 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 8k --attention nsa,dense --out $OUT/m8ab.csv train_steps=8" ;;
   # the same A/B at the paper shape (a) 64k; AB2 (optional) a second setting in the same step
   kab_a) run kab_a 240 "$K --ab '${AB:?set AB}' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a"
     if [ -n "${AB2:-}" ]; then run kab_a2 240 "$K --ab '$AB2' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a2"; fi ;;

@@ -150,15 +150,15 @@ class NSAAttention(nn.Module):
             rows = [w.shape[0] for w in weights]
             n_qk = 1 + len(kw)  # q and the keys come first: rotated; the values copied
             kinds = ["rope"] * n_qk + ["copy"] * len(vw) + ["silu"]
-            chunked = [cmp_chunk > 1 and n == "cmp" for n in names]
-            chunks = [1] + [cmp_chunk if c else 1 for c in chunked] * 2 + [1]
+            chunked = [cmp_chunk > 1 and n == "cmp" for n in names]  # per K/V projection
+            chunks = [1] + [cmp_chunk if is_c else 1 for is_c in chunked] * 2 + [1]
             # each piece its own contiguous tensor (the gate's activated) from one kernel, whose
             # backward writes the projection's whole gradient (no split/cat, and the NSA
             # kernels take every piece without a copy)
             q, *ks_vs, h = self.rope.split_columns(F.linear(x, torch.cat(weights)), cos, sin, rows, kinds, b1, chunks)
             q = q.unflatten(-1, (-1, dk))
-            ks = [k if c else k.unflatten(-1, (-1, dk)) for k, c in zip(ks_vs[:n_qk - 1], chunked)]
-            vs = [v if c else v.unflatten(-1, (-1, dv)) for v, c in zip(ks_vs[n_qk - 1:], chunked)]
+            ks = [k if is_c else k.unflatten(-1, (-1, dk)) for k, is_c in zip(ks_vs[:n_qk - 1], chunked)]
+            vs = [v if is_c else v.unflatten(-1, (-1, dv)) for v, is_c in zip(ks_vs[n_qk - 1:], chunked)]
             gates = self.gate.output(h)
         else:
             q = self.rope.rotate(F.linear(x, wq).unflatten(-1, (-1, dk)), cos, sin)

@@ -131,6 +131,28 @@ def test_chunked_compressed_and_first_block_dkdv_match_reference(case, monkeypat
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 
 
+@pytest.mark.parametrize("case", ["G1", "G2-packed"])
+def test_compressed_dkdv_chunked_for_programs_matches_reference(case, monkeypatch):
+    """``dkdv_programs``: the compressed dK/dV's query chunks shrink (from dkdv_qchunk's 4096 to
+    at least first_min_chunk's 8 positions) until about that many programs have queries: the
+    chunks came out shorter than the sequence, and dK/dV still equal the reference."""
+    kernels, cfg, cu, x = _run(case)
+    from nsa_dist.kernels import nsa
+    chunks = []
+    orig = nsa.Geometry.dkdv_chunks
+    monkeypatch.setattr(nsa.Geometry, "dkdv_chunks", lambda self, n=0: chunks.append(orig(self, n)) or chunks[-1])
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    with use_launch(LaunchConfig(dkdv_programs=4096, first_min_chunk=8)):
+        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, args(x)[1:3], do)
+    g_tri = torch.autograd.grad(o_tri, args(x)[1:3], do)
+    assert chunks and chunks[-1][1] > 1 and 8 <= chunks[-1][0] < 4096, chunks
+    for name, a, b in zip(("k_cmp", "v_cmp"), g_tri, g_ref):
+        assert float(b.abs().max()) > 0
+        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+
+
 def test_fp16_forward_and_grads_close_to_fp32_reference():
     _, cfg, cu, x = _run("G2-batch2", dtype=torch.float16)
     x32 = {k: v.detach().float().requires_grad_(True) for k, v in x.items()}
