@@ -26,8 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 
 # LaunchConfig settings, every combination; the sort-only merge and spans > 1 lost in every
-# earlier sweep (docs/kernel_notes.md)
-GRID = {"select_aligned": (True, False), "select_rows": (64, 128), "select": ((4, 2), (8, 2), (4, 3))}
+# earlier sweep (docs/kernel_notes.md). The chunks of whole blocks (select_aligned, the
+# default where (l, d, l') allow it) with their own rows per program and compressed tokens
+# per product; --sweep-grid general: the earlier grid
+GRIDS = {
+    "aligned": {"select_rows_aligned": (64, 128, 256), "select_keys": (32, 64, 128), "select": ((4, 2), (8, 2), (4, 3))},
+    "general": {"select_aligned": (True, False), "select_rows": (64, 128), "select": ((4, 2), (8, 2), (4, 3))},
+}
 
 
 def _load_other(path: str):
@@ -42,9 +47,10 @@ def _load_other(path: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="a_paper,b_fla,c_small_g")
-    ap.add_argument("--sizes", default="32768,65536")
+    ap.add_argument("--sizes", default="32768,65536", help="tokens, e.g. 32k,64k")
     ap.add_argument("--against", help="a kernels/ folder of another revision")
     ap.add_argument("--sweep", action="store_true", help="launch-setting grid at the largest size")
+    ap.add_argument("--sweep-grid", default="aligned", choices=sorted(GRIDS), help="which grid --sweep times")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_selection.py needs a CUDA device")
@@ -59,7 +65,7 @@ def main(argv=None):
           f"bitonic merge {selection.HAS_BITONIC_MERGE} "
           f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")  # noqa: E731
-    sizes = [int(s) for s in a.sizes.split(",")]
+    sizes = bk.parse_sizes(a.sizes)
     rows = []
     for name in a.shapes.split(","):
         for S in sizes:
@@ -83,10 +89,11 @@ def main(argv=None):
                     row["rows_differing"] = float((theirs != mine).any(-1).float().mean())
                 if a.sweep and S == max(sizes):
                     best = (row["new_ms"], "defaults")
-                    for vals in itertools.product(*GRID.values()):
+                    grid = GRIDS[a.sweep_grid]
+                    for vals in itertools.product(*grid.values()):
                         g2 = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
-                        g2.launch = bk.launch_config(dict(zip(GRID, vals)))
-                        tag = " ".join(f"{k}={v}" for k, v in zip(GRID, vals))
+                        g2.launch = bk.launch_config(dict(zip(grid, vals)))
+                        tag = " ".join(f"{k}={v}" for k, v in zip(grid, vals))
                         try:
                             f = lambda: selection.select_from_lse(q, kc, lse, g2, cfg, sc)  # noqa: E731
                             same = torch.equal(f(), mine)

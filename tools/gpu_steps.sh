@@ -60,6 +60,10 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   ka) run ka 300 "$K --bench --shapes a_paper,c_small_g --sizes 32k,64k --out $OUT --tag _${TREE}_ac" ;;
   kpeer) run kpeer 300 "$K --bench --samples 5 --shapes a_paper --sizes 32k,64k --baselines cudnn,peer --out $OUT --tag _${TREE}_peer" ;;
   kd) run kd 200 "$K --bench --shapes d_seeds --sizes 32k,64k --out $OUT --tag _${TREE}_d" ;;
+  # the block selection alone at (c) 64k and its launch grid (rows per program, compressed
+  # tokens per product, warps / stages of the chunks of whole blocks): 7.1 ms of (c)'s 28.7 ms
+  # forward at 64k (eleventh session)
+  ksel) run ksel 300 "python3 tools/bench_selection.py --shapes c_small_g,a_paper --sizes 8k,64k --sweep" ;;
   # launch-setting sweeps at 64k (selection given), one key each
   ksweep_range) run ksweep_range 300 "$K --sweep --sweep-keys range_dq,range_dq_rows,range_dq_keys,range_dkdv --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_range" ;;
   # the paper shape's own kernels (G = 16: position-major selected forward / dq, long dK/dV

@@ -76,8 +76,9 @@ def test_every_sweep_option_is_a_valid_launch_config():
     for key, values in bench_kernels.SWEEP.items():
         for val in values:
             assert bench_kernels.launch_config(bench_kernels.sweep_settings(key, val)) != LaunchConfig(), (key, val)
-    for vals in itertools.product(*bench_selection.GRID.values()):
-        LaunchConfig(**dict(zip(bench_selection.GRID, vals)))
+    for grid in bench_selection.GRIDS.values():
+        for vals in itertools.product(*grid.values()):
+            LaunchConfig(**dict(zip(grid, vals)))
 
 
 def test_bench_rows_hold_a_figure_or_a_note_for_every_comparison(monkeypatch, tmp_path):
