@@ -126,11 +126,11 @@ class Geometry:
         ``launch.dkdv_programs`` fewer where that would leave fewer programs with queries to
         stream, at least ``launch.first_min_chunk``. Host arithmetic on the offsets."""
         qchunk, want = self.launch.dkdv_qchunk, self.launch.dkdv_programs
-        lens = self.layout.cu[1:] - self.layout.cu[:-1]
         if want and ntiles and self.layout.total:
             # a tile's keys are seen by about half its document's queries (tiles per document
             # in proportion to its length)
-            per_tile = int((lens.double() ** 2).sum() / lens.sum()) // 2
+            lens = (self.layout.cu[1:] - self.layout.cu[:-1]).double()
+            per_tile = int((lens ** 2).sum() / lens.sum()) // 2
             work = ntiles * self.H * max(1, per_tile)  # (tile, KV head, query position) triples
             qchunk = min(qchunk, max(self.launch.first_min_chunk, -(-work // want)))
         return qchunk, -(-self.layout.total // qchunk)
