@@ -108,27 +108,37 @@ def test_forward_selection_and_grads_match_reference(case, sel_algo):
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 
 
+def _chunked_dkdv_matches_reference(case, monkeypatch, method: str, settings: dict, names: tuple) -> list:
+    """Run ``case`` under launch ``settings``, recording ``nsa.Geometry.<method>``'s (positions
+    per chunk, chunks); the gradients of ``names`` (k_cmp, v_cmp, k_sel, v_sel: a prefix) equal
+    the reference's. Returns the recorded chunkings."""
+    kernels, cfg, cu, x = _run(case)
+    from nsa_dist.kernels import nsa
+    chunks = []
+    orig = getattr(nsa.Geometry, method)
+    monkeypatch.setattr(nsa.Geometry, method, lambda self, n=0: chunks.append(orig(self, n)) or chunks[-1])
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    with use_launch(LaunchConfig(**settings)):
+        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, args(x)[1:1 + len(names)], do)
+    g_tri = torch.autograd.grad(o_tri, args(x)[1:1 + len(names)], do)
+    for name, a, b in zip(names, g_tri, g_ref):
+        assert float(b.abs().max()) > 0
+        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+    return chunks
+
+
 @pytest.mark.parametrize("case", ["G1", pytest.param("G2-batch2", marks=pytest.mark.slow), "G2-packed"])
 def test_chunked_compressed_and_first_block_dkdv_match_reference(case, monkeypatch):
     """The dK/dV of keys every later query sees, split over query chunks (fp32 atomic sums),
     as at long context: the compressed branch's in chunks of 16 positions, selection block
     0's (the kernels select, so the forced blocks run in the range kernels) in chunks of 8
     (in G1 and G2-batch2 the last chunk ends exactly at the document's end)."""
-    kernels, cfg, cu, x = _run(case)
-    from nsa_dist.kernels import nsa
-    chunks = []
-    first = nsa.Geometry.first_chunks
-    monkeypatch.setattr(nsa.Geometry, "first_chunks", lambda self, n: chunks.append(first(self, n)) or chunks[-1])
-    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(dkdv_qchunk=16, first_min_chunk=8)):
-        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-    do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, args(x)[1:5], do)
-    g_tri = torch.autograd.grad(o_tri, args(x)[1:5], do)
+    chunks = _chunked_dkdv_matches_reference(case, monkeypatch, "first_chunks",
+                                             dict(dkdv_qchunk=16, first_min_chunk=8),
+                                             ("k_cmp", "v_cmp", "k_sel", "v_sel"))
     assert chunks and chunks[-1][1] > 1, chunks  # block 0's queries did span several chunks
-    for name, a, b in zip(("k_cmp", "v_cmp", "k_sel", "v_sel"), g_tri, g_ref):
-        assert float(b.abs().max()) > 0
-        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 
 
 @pytest.mark.parametrize("case", ["G1", "G2-packed"])
@@ -136,21 +146,9 @@ def test_compressed_dkdv_chunked_for_programs_matches_reference(case, monkeypatc
     """``dkdv_programs``: the compressed dK/dV's query chunks shrink (from dkdv_qchunk's 4096 to
     at least first_min_chunk's 8 positions) until about that many programs have queries: the
     chunks came out shorter than the sequence, and dK/dV still equal the reference."""
-    kernels, cfg, cu, x = _run(case)
-    from nsa_dist.kernels import nsa
-    chunks = []
-    orig = nsa.Geometry.dkdv_chunks
-    monkeypatch.setattr(nsa.Geometry, "dkdv_chunks", lambda self, n=0: chunks.append(orig(self, n)) or chunks[-1])
-    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(dkdv_programs=4096, first_min_chunk=8)):
-        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-    do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, args(x)[1:3], do)
-    g_tri = torch.autograd.grad(o_tri, args(x)[1:3], do)
+    chunks = _chunked_dkdv_matches_reference(case, monkeypatch, "dkdv_chunks",
+                                             dict(dkdv_programs=4096, first_min_chunk=8), ("k_cmp", "v_cmp"))
     assert chunks and chunks[-1][1] > 1 and 8 <= chunks[-1][0] < 4096, chunks
-    for name, a, b in zip(("k_cmp", "v_cmp"), g_tri, g_ref):
-        assert float(b.abs().max()) > 0
-        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 
 
 def test_fp16_forward_and_grads_close_to_fp32_reference():
