@@ -3,6 +3,8 @@
 # figures each step produced). Run from the repository root there:
 #   TREE=<commit> STEPS="tests m32 kd" OUT=<folder> bash tools/gpu_steps.sh
 # Steps run in the order given; each has a time limit and writes its log (and CSVs) under $OUT.
+# TREE names the files: give this checkout's commit from here (the device copy's git HEAD may
+# be an older commit: `git rev-parse` there named 07f5234 for da9d960's files once).
 # Packages the machine lacks travel as wheels in .whl/ (git-ignored), built here with:
 #   python -m pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -60,7 +62,7 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   ka) run ka 300 "$K --bench --shapes a_paper,c_small_g --sizes 32k,64k --out $OUT --tag _${TREE}_ac" ;;
   kpeer) run kpeer 300 "$K --bench --samples 5 --shapes a_paper --sizes 32k,64k --baselines cudnn,peer --out $OUT --tag _${TREE}_peer" ;;
   kd) run kd 200 "$K --bench --shapes d_seeds --sizes 32k,64k --out $OUT --tag _${TREE}_d" ;;
-  # the block selection alone at (c) 64k and its launch grid (rows per program, compressed
+  # the block selection alone at (c) and (a), 8k and 64k, and its launch grid at 64k (rows per program, compressed
   # tokens per product, warps / stages of the chunks of whole blocks): 7.1 ms of (c)'s 28.7 ms
   # forward at 64k (eleventh session)
   ksel) run ksel 300 "python3 tools/bench_selection.py --shapes c_small_g,a_paper --sizes 8k,64k --sweep" ;;
