@@ -62,6 +62,9 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   ka) run ka 300 "$K --bench --shapes a_paper,c_small_g --sizes 32k,64k --out $OUT --tag _${TREE}_ac" ;;
   kpeer) run kpeer 300 "$K --bench --samples 5 --shapes a_paper --sizes 32k,64k --baselines cudnn,peer --out $OUT --tag _${TREE}_peer" ;;
   kd) run kd 200 "$K --bench --shapes d_seeds --sizes 32k,64k --out $OUT --tag _${TREE}_d" ;;
+  # per-kernel times of one (a) and one (c) forward + backward at 64k (the (a) forward runs at
+  # about a third of cuDNN's rate per attended key: where its 45 ms go)
+  kprof) run kprof 240 "$K --profile --shapes a_paper --sizes 64k && $K --profile --shapes c_small_g --sizes 64k" ;;
   # the block selection alone at (c) and (a), 8k and 64k, and its launch grid at 64k (rows per program, compressed
   # tokens per product, warps / stages of the chunks of whole blocks): 7.1 ms of (c)'s 28.7 ms
   # forward at 64k (eleventh session)
