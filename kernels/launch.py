@@ -23,7 +23,7 @@ _CHOICES = {"sel_algo": ("auto", "block", "query"), "sel_dq_algo": ("auto", "blo
             "sel_dq_partial": ("auto", "fp32", "fp16s"), "head_dim_pieces": ("auto", "two", "one")}
 # tile sides that enter tl.arange / tl.dot: powers of two (tl.dot needs >= 16)
 _POW2 = {"select_rows": 1, "select_rows_aligned": 1, "select_keys": 1, "select_span": 1, "gate_rows": 1,
-         "sel_combine_rows": 1, "range_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
+         "sel_combine_rows": 1, "range_fwd_keys": 16, "range_cmp_fwd_keys": 16, "range_dq_keys": 16, "dkdv_keys": 16, "dkdv_rows": 16}
 
 
 # per-slot buffer bound of the block-major kernels (``LaunchConfig.split_bytes`` None): fewer,
@@ -48,6 +48,11 @@ class LaunchConfig:
     range_fwd_rows: Optional[int] = None  # the range forward's own rows (None: range_rows)
     range_dq_rows: Optional[int] = None  # the range dq's own rows (None: range_rows)
     range_fwd_keys: int = 32  # keys per step of the range forward: 32 beat 64 at (c) 64k
+    # the compressed branch's forward alone (its long key ranges, where the window's and the
+    # forced blocks' are short), rows / keys per step / (warps, stages); None: the range
+    # forward's (prepared in the eleventh session, not timed: ``ksweep_cmp``)
+    range_cmp_fwd_rows: Optional[int] = None
+    range_cmp_fwd_keys: Optional[int] = None
     range_dq_keys: int = 64  # keys per step of the range dq
     dkdv_keys: int = 64  # keys per program of the range dK/dV
     dkdv_rows: int = 64  # query rows per step of the range dK/dV
@@ -128,6 +133,7 @@ class LaunchConfig:
     head_dim_pieces: str = "auto"
     # --- (num_warps, num_stages) per kernel
     range_fwd: WarpsStages = (4, 3)
+    range_cmp_fwd: Optional[WarpsStages] = None  # None: range_fwd's
     range_dq: WarpsStages = (4, 2)
     range_dkdv: WarpsStages = (4, 2)
     sel_fwd: WarpsStages = (4, 3)
@@ -166,9 +172,14 @@ class LaunchConfig:
         """The settings that differ from the defaults."""
         return {k: v for k, v in self.to_dict().items() if v != _DEFAULTS[k]}
 
+    def warps_stages(self, kernel: str) -> WarpsStages:
+        """``kernel``'s (num_warps, num_stages); ``range_cmp_fwd`` falls back on ``range_fwd``'s."""
+        ws = getattr(self, kernel)
+        return self.range_fwd if ws is None and kernel == "range_cmp_fwd" else ws
+
     def warps(self, kernel: str) -> dict:
         """``num_warps`` / ``num_stages`` keywords of ``kernel``'s launch."""
-        w, s = getattr(self, kernel)
+        w, s = self.warps_stages(kernel)
         return {"num_warps": w, "num_stages": s}
 
     def reg_cap(self, kernel: str) -> dict:
@@ -211,7 +222,7 @@ class LaunchConfig:
         """num_warps of ``kernel`` with BLOCK_M = rows, BLOCK_N = keys and head-dim tile widths bdk /
         bdv: its own, doubled (up to 8) while its fp32 accumulators (``ACC_TILES``) take more
         than ``acc_regs`` registers a thread (32 threads a warp, one register per fp32 element)."""
-        warps = getattr(self, kernel)[0]
+        warps = self.warps_stages(kernel)[0]
         if self.acc_regs is None or kernel not in ACC_TILES:
             return warps
         dims = {"m": rows, "n": keys, "k": bdk, "v": bdv}
@@ -227,8 +238,8 @@ class LaunchConfig:
             if name in _CHOICES:
                 if v not in _CHOICES[name]:
                     raise ValueError(f"LaunchConfig.{name} must be one of {_CHOICES[name]}, got {v!r}")
-            elif isinstance(default, tuple) or name == "select":
-                if v is None and name == "select":
+            elif isinstance(default, tuple) or name in ("select", "range_cmp_fwd"):
+                if v is None and name in ("select", "range_cmp_fwd"):
                     continue
                 if (not isinstance(v, tuple) or len(v) != 2 or not all(_is_int(x) for x in v)
                         or v[0] not in (1, 2, 4, 8, 16, 32) or v[1] < 1):
@@ -265,6 +276,7 @@ _OPTIONAL = {name for name, hint in typing.get_type_hints(LaunchConfig).items() 
 SMEM_TILES = {
     # kernel: (resident, streamed)
     "range_fwd": (("mk",), ("nk", "nv")),
+    "range_cmp_fwd": (("mk",), ("nk", "nv")),
     "range_dq": (("mk", "mv"), ("nk", "nv")),
     "range_dkdv": (("nk", "nv"), ("mk", "mv")),
     "sel_fwd": (("mk",), ("nk", "nv")),
@@ -280,7 +292,7 @@ SMEM_TILES = {
 # fp32 tiles each kernel keeps in registers across its loop (its accumulators), named as in
 # SMEM_TILES: the output (forward), dq (dq kernels), dK and dV (dK/dV kernels).
 ACC_TILES = {
-    "range_fwd": ("mv",), "range_dq": ("mk",), "range_dkdv": ("nk", "nv"),
+    "range_fwd": ("mv",), "range_cmp_fwd": ("mv",), "range_dq": ("mk",), "range_dkdv": ("nk", "nv"),
     "sel_fwd": ("mv",), "sel_dq": ("mk",), "sel_split": ("mv",), "sel_dq_split": ("mk",),
     "sel_dkdv": ("nk", "nv"), "sel_dkdv_dq": ("nk", "nv"),
 }

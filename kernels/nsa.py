@@ -36,7 +36,7 @@ class Tiles(NamedTuple):
     launch: dict  # num_warps, num_stages
 
 
-POSITION_MAJOR = ("range_fwd", "range_dq", "sel_fwd", "sel_dq")  # BT positions x G heads a program
+POSITION_MAJOR = ("range_fwd", "range_cmp_fwd", "range_dq", "sel_fwd", "sel_dq")  # BT positions x G heads a program
 
 
 @dataclass
@@ -69,17 +69,19 @@ class Geometry:
     def _fit(self, kernel: str, dkdv_only: bool) -> Tiles:
         L, G, bt = self.launch, self.G, 1
         if kernel in POSITION_MAJOR:
-            part = kernel.split("_")[1]
+            part = kernel.split("_")[-1]
             rows = (getattr(L, f"range_{part}_rows") or L.range_rows) if kernel.startswith("range") else L.sel_rows
+            n = getattr(L, f"range_{part}_keys") if kernel.startswith("range") else _pow2(self.sel_block)
+            if kernel == "range_cmp_fwd":  # the compressed branch's own, where set
+                rows, n = L.range_cmp_fwd_rows or rows, L.range_cmp_fwd_keys or n
             bt = max(1, rows // G)
             m = _pow2(bt * G)
-            n = getattr(L, f"range_{part}_keys") if kernel.startswith("range") else _pow2(self.sel_block)
         elif kernel == "range_dkdv":
             m, n = L.dkdv_rows, L.dkdv_keys
         else:  # block-major selected kernels: rows of one block's queries, at most a work item
             m = _pow2(min(getattr(L, f"{kernel}_rows"), _sel_seg(self, dkdv_only) * G))
             n = _pow2(self.sel_block)
-        stages = getattr(L, kernel)[1]
+        stages = L.warps_stages(kernel)[1]
         fm, fn, stages = L.fit(kernel, m, n, self.bdk(), self.bdv(), self.dtype.itemsize, stages,
                                rows_min=_pow2(G) if kernel in POSITION_MAJOR else 16,
                                fixed="keys" if kernel.startswith("sel") else "")
@@ -247,7 +249,7 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     else:
         o = torch.empty(T, geo.HQ, geo.DV, dtype=q.dtype, device=q.device) if not lse_only else q
         lse = torch.empty(T, geo.HQ, dtype=torch.float32, device=q.device)
-    t = geo.tiles("range_fwd")
+    t = geo.tiles("range_cmp_fwd" if mode == 0 else "range_fwd")
     qt = geo.qtiles(t.bt)
     if qt.shape[0]:
         _range_fwd[(qt.shape[0], geo.H)](

@@ -75,6 +75,9 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # lists) and the range kernels at (a) 64k, one round (the (a) backward was 3.90x cuDNN on
   # 2026-12-07, the bar 4x)
   ksweep_a) run ksweep_a 300 "$K --sweep --sweep-keys sel_fwd,sel_dq,sel_rows,sel_dkdv_seg_rows,sel_dkdv,range_dkdv,range_dq,range_fwd,dkdv_qchunk,first_programs,dkdv_keys --rounds 1 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_a" ;;
+  # the compressed branch's forward with tiles of its own (range_cmp_fwd_*; prepared in the
+  # eleventh session) at (a) and (c) 64k, two rounds
+  ksweep_cmp) run ksweep_cmp 300 "$K --sweep --sweep-keys range_cmp_fwd_keys,range_cmp_fwd_rows --rounds 2 --shapes a_paper,c_small_g --sizes 64k --out $OUT --tag _${TREE}_cmp" ;;
   ksplit_c) run ksplit_c 200 "$K --ab split_bytes=2147483648 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_c_split" ;;
   # hardware counters of every Triton kernel of one (c) 32k forward+backward (ncu; Firecracker
   # machines read them, gVisor ones do not: docs of the device); ncu_cf: with the fused dq

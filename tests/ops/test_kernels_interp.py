@@ -376,3 +376,30 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
     assert caps == {"sel_split": 168, "sel_dq_split": 128, "sel_dkdv": None}, caps
     hints = {(kw["EVQ"], kw["EVS"]) for _, kw in seen}
     assert hints == {("evict_last", "evict_first")}, hints
+
+
+def test_compressed_forward_tiles_of_its_own_match_reference(monkeypatch):
+    """``range_cmp_fwd_rows`` / ``_keys`` / ``range_cmp_fwd`` reach the compressed branch's
+    forward only (MODE 0: the selection's and the attention's), the window and forced-block
+    forwards keep ``range_fwd``'s; the output, the selection and every gradient stay the
+    reference's."""
+    _, cfg, cu, x = _run("G2-packed")
+    from nsa_dist.kernels import nsa
+    seen = []
+    launch = nsa._range_fwd.__getitem__
+    monkeypatch.setattr(nsa, "_range_fwd", type("K", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: seen.append((kw["MODE"], kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))
+        or launch(grid)(*a, **kw))})())
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    with use_launch(LaunchConfig(range_cmp_fwd_rows=16, range_cmp_fwd_keys=16, range_cmp_fwd=(2, 2))):
+        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+        do = torch.randn_like(o_ref)
+        g_tri = torch.autograd.grad(o_tri, args(x), do)
+    g_ref = torch.autograd.grad(o_ref, args(x), do)
+    assert max_rel(o_tri, o_ref) < 1e-5
+    for name, a, b in zip(NAMES, g_tri, g_ref):
+        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+    default = LaunchConfig()
+    assert {s[1:] for s in seen if s[0] == 0} == {(16, 16, 2, 2)}, seen
+    assert all(s[1:] != (16, 16, 2, 2) for s in seen if s[0] != 0), seen
+    assert any(s[2] == default.range_fwd_keys and s[3:] == default.range_fwd for s in seen if s[0] != 0), seen
