@@ -29,6 +29,9 @@ def test_unknown_setting_names_the_closest_and_the_valid_ones():
     (dict(overlap_branches=1), "overlap_branches must be True or False"),
     (dict(side_priority=1), "side_priority must be 0 .normal. or -1 .high."),
     (dict(sel_split_regs=300), "sel_split_regs must be None or an int 24-255"),
+    (dict(range_cmp_fwd=(4, 0)), "range_cmp_fwd must be .num_warps, num_stages."),
+    (dict(range_cmp_fwd_keys=24), "range_cmp_fwd_keys must be a power of two >= 16"),
+    (dict(dkdv_programs=0), "dkdv_programs must be a positive int"),
 ])
 def test_bad_values_are_refused_at_construction(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -95,8 +98,8 @@ def _geometry(G, dk, dv, dtype, sel_block=64, launch=DEFAULT):
     return Geometry(lay, HQ=2 * G, H=2, DK=dk, DV=dv, dtype=dtype, sel_block=sel_block, launch=launch)
 
 
-KERNELS = ("range_fwd", "range_dq", "range_dkdv", "sel_fwd", "sel_dq", "sel_split", "sel_dq_split", "sel_dkdv",
-           "sel_dkdv_dq")
+KERNELS = ("range_fwd", "range_cmp_fwd", "range_dq", "range_dkdv", "sel_fwd", "sel_dq", "sel_split", "sel_dq_split",
+           "sel_dkdv", "sel_dkdv_dq")
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
@@ -118,7 +121,7 @@ def test_every_head_dim_up_to_256_fits_shared_memory(dtype_name):
                                  t.launch["num_stages"])
             assert size <= DEFAULT.smem_bytes, (G, dk, dv, ls, kernel, t)
             assert t.block_m >= 16 and t.block_n >= 16 and t.launch["num_stages"] >= 1
-            if kernel in ("range_fwd", "range_dq", "sel_fwd", "sel_dq"):
+            if kernel in ("range_fwd", "range_cmp_fwd", "range_dq", "sel_fwd", "sel_dq"):
                 assert t.bt >= 1 and t.bt * G <= t.block_m  # a program's rows fit its tile
 
 
@@ -138,6 +141,7 @@ def test_16_bit_defaults_are_unchanged_up_to_dk_256_dv_128(G):
             if dk <= 128:
                 assert geo.tiles(kernel).launch == DEFAULT.warps(kernel), (dk, dv, kernel)
         assert geo.tiles("range_fwd")[:3] == (max(1, 64 // G), max(16, 64 // G * G), 32)
+        assert geo.tiles("range_cmp_fwd") == geo.tiles("range_fwd")  # unset: the range forward's
         assert geo.tiles("range_dkdv")[1:3] == (64, 64)
         assert geo.tiles("sel_dkdv").block_m == DEFAULT.sel_dkdv_rows == 32
 
