@@ -238,8 +238,8 @@ class LaunchConfig:
             if name in _CHOICES:
                 if v not in _CHOICES[name]:
                     raise ValueError(f"LaunchConfig.{name} must be one of {_CHOICES[name]}, got {v!r}")
-            elif isinstance(default, tuple) or name in ("select", "range_cmp_fwd"):
-                if v is None and name in ("select", "range_cmp_fwd"):
+            elif name in _WARPS_STAGES:
+                if v is None and name in _OPTIONAL:
                     continue
                 if (not isinstance(v, tuple) or len(v) != 2 or not all(_is_int(x) for x in v)
                         or v[0] not in (1, 2, 4, 8, 16, 32) or v[1] < 1):
@@ -265,8 +265,10 @@ class LaunchConfig:
                     raise ValueError(f"LaunchConfig.{name} must be a power of two >= {low}, got {v!r}")
 
 
-# fields that take None (``Optional[...]``)
-_OPTIONAL = {name for name, hint in typing.get_type_hints(LaunchConfig).items() if type(None) in typing.get_args(hint)}
+# fields that take None (``Optional[...]``), and the (num_warps, num_stages) fields
+_HINTS = typing.get_type_hints(LaunchConfig)
+_OPTIONAL = {name for name, hint in _HINTS.items() if type(None) in typing.get_args(hint)}
+_WARPS_STAGES = {name for name, hint in _HINTS.items() if hint == WarpsStages or WarpsStages in typing.get_args(hint)}
 
 
 # Shared-memory tiles of each kernel with matrix products: per tile, its rows ("m": BLOCK_M

@@ -121,14 +121,14 @@ class Geometry:
         """Keys per program of the range dK/dV kernel."""
         return self.tiles("range_dkdv").block_n
 
-    def dkdv_chunks(self, ntiles: int = 0) -> tuple[int, int]:
+    def dkdv_chunks(self, ntiles: int) -> tuple[int, int]:
         """(positions per query chunk, chunks) of the compressed keys' dK/dV over ``ntiles`` key
         tiles (of all documents), whose keys every later query sees (block 0 of the selection
         has its own: ``first_chunks``): ``launch.dkdv_qchunk`` positions, or with
         ``launch.dkdv_programs`` fewer where that would leave fewer programs with queries to
         stream, at least ``launch.first_min_chunk``. Host arithmetic on the offsets."""
         qchunk, want = self.launch.dkdv_qchunk, self.launch.dkdv_programs
-        if want and ntiles and self.layout.total:
+        if want and self.layout.total:
             # a tile's keys are seen by about half its document's queries (tiles per document
             # in proportion to its length)
             lens = (self.layout.cu[1:] - self.layout.cu[:-1]).double()

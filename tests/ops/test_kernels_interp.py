@@ -108,24 +108,28 @@ def test_forward_selection_and_grads_match_reference(case, sel_algo):
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 
 
-def _chunked_dkdv_matches_reference(case, monkeypatch, method: str, settings: dict, names: tuple) -> list:
-    """Run ``case`` under launch ``settings``, recording ``nsa.Geometry.<method>``'s (positions
-    per chunk, chunks); the gradients of ``names`` (k_cmp, v_cmp, k_sel, v_sel: a prefix) equal
-    the reference's. Returns the recorded chunkings."""
-    kernels, cfg, cu, x = _run(case)
-    from nsa_dist.kernels import nsa
-    chunks = []
-    orig = getattr(nsa.Geometry, method)
-    monkeypatch.setattr(nsa.Geometry, method, lambda self, n=0: chunks.append(orig(self, n)) or chunks[-1])
+def _matches_reference_under(case: str, settings: dict, names: tuple = NAMES) -> None:
+    """``case`` through the kernels under launch ``settings``: the output and the gradients of
+    ``names`` (a prefix of NAMES) equal the reference's (each nonzero, so the check checks)."""
+    _, cfg, cu, x = _run(case)
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
     with use_launch(LaunchConfig(**settings)):
         o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-    do = torch.randn_like(o_ref)
-    g_ref = torch.autograd.grad(o_ref, args(x)[1:1 + len(names)], do)
-    g_tri = torch.autograd.grad(o_tri, args(x)[1:1 + len(names)], do)
+        do = torch.randn_like(o_ref)
+        g_tri = torch.autograd.grad(o_tri, args(x)[:len(names)], do)
+    g_ref = torch.autograd.grad(o_ref, args(x)[:len(names)], do)
+    assert max_rel(o_tri, o_ref) < 1e-5
     for name, a, b in zip(names, g_tri, g_ref):
-        assert float(b.abs().max()) > 0
+        assert float(b.abs().max()) > 0, f"d{name} is zero: the comparison checks nothing"
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+
+
+def _record_chunks(monkeypatch, method: str) -> list:
+    """The (positions per chunk, chunks) each call of ``nsa.Geometry.<method>`` returns."""
+    from nsa_dist.kernels import nsa
+    chunks = []
+    orig = getattr(nsa.Geometry, method)
+    monkeypatch.setattr(nsa.Geometry, method, lambda self, n: chunks.append(orig(self, n)) or chunks[-1])
     return chunks
 
 
@@ -135,9 +139,8 @@ def test_chunked_compressed_and_first_block_dkdv_match_reference(case, monkeypat
     as at long context: the compressed branch's in chunks of 16 positions, selection block
     0's (the kernels select, so the forced blocks run in the range kernels) in chunks of 8
     (in G1 and G2-batch2 the last chunk ends exactly at the document's end)."""
-    chunks = _chunked_dkdv_matches_reference(case, monkeypatch, "first_chunks",
-                                             dict(dkdv_qchunk=16, first_min_chunk=8),
-                                             ("k_cmp", "v_cmp", "k_sel", "v_sel"))
+    chunks = _record_chunks(monkeypatch, "first_chunks")
+    _matches_reference_under(case, dict(dkdv_qchunk=16, first_min_chunk=8), NAMES[:5])
     assert chunks and chunks[-1][1] > 1, chunks  # block 0's queries did span several chunks
 
 
@@ -146,8 +149,8 @@ def test_compressed_dkdv_chunked_for_programs_matches_reference(case, monkeypatc
     """``dkdv_programs``: the compressed dK/dV's query chunks shrink (from dkdv_qchunk's 4096 to
     at least first_min_chunk's 8 positions) until about that many programs have queries: the
     chunks came out shorter than the sequence, and dK/dV still equal the reference."""
-    chunks = _chunked_dkdv_matches_reference(case, monkeypatch, "dkdv_chunks",
-                                             dict(dkdv_programs=4096, first_min_chunk=8), ("k_cmp", "v_cmp"))
+    chunks = _record_chunks(monkeypatch, "dkdv_chunks")
+    _matches_reference_under(case, dict(dkdv_programs=4096, first_min_chunk=8), NAMES[:3])
     assert chunks and chunks[-1][1] > 1 and 8 <= chunks[-1][0] < 4096, chunks
 
 
@@ -356,26 +359,31 @@ def test_register_capped_split_kernels_match_reference(monkeypatch):
     """``sel_split_regs`` / ``sel_dq_split_regs`` reach the block-major split launches as
     ``maxnreg`` (a compile option; the interpreter runs the same code) and ``sel_l2_hints`` every
     block-major launch as its eviction policies (the interpreter ignores them); no result changes."""
-    _, cfg, cu, x = _run("G2-packed")
     from nsa_dist.kernels import nsa
     seen = []
     args_of = nsa._sel_block_args
     monkeypatch.setattr(nsa, "_sel_block_args", lambda geo, c, k, *a: seen.append((k, args_of(geo, c, k, *a)))
                         or seen[-1][1])
-    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(sel_algo="block", sel_dq_algo="block", sel_split_regs=168, sel_dq_split_regs=128,
-                                 sel_l2_hints=True)):
-        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-        do = torch.randn_like(o_ref)
-        g_tri = torch.autograd.grad(o_tri, args(x), do)
-    g_ref = torch.autograd.grad(o_ref, args(x), do)
-    assert max_rel(o_tri, o_ref) < 1e-5
-    for name, a, b in zip(NAMES, g_tri, g_ref):
-        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+    _matches_reference_under("G2-packed", dict(sel_algo="block", sel_dq_algo="block", sel_split_regs=168,
+                                               sel_dq_split_regs=128, sel_l2_hints=True))
     caps = {k: kw.get("maxnreg") for k, kw in seen}
     assert caps == {"sel_split": 168, "sel_dq_split": 128, "sel_dkdv": None}, caps
     hints = {(kw["EVQ"], kw["EVS"]) for _, kw in seen}
     assert hints == {("evict_last", "evict_first")}, hints
+
+
+class _RecordLaunches:
+    """Stands in for a Triton kernel: records each launch's (MODE, BLOCK_M, BLOCK_N, warps,
+    stages), then launches the kernel."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*a, **kw):
+            self.seen.append((kw["MODE"], kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))
+            return self.kernel[grid](*a, **kw)
+        return launch
 
 
 def test_compressed_forward_tiles_of_its_own_match_reference(monkeypatch):
@@ -383,22 +391,10 @@ def test_compressed_forward_tiles_of_its_own_match_reference(monkeypatch):
     forward only (MODE 0: the selection's and the attention's), the window and forced-block
     forwards keep ``range_fwd``'s; the output, the selection and every gradient stay the
     reference's."""
-    _, cfg, cu, x = _run("G2-packed")
     from nsa_dist.kernels import nsa
     seen = []
-    launch = nsa._range_fwd.__getitem__
-    monkeypatch.setattr(nsa, "_range_fwd", type("K", (), {"__getitem__": lambda self, grid: (
-        lambda *a, **kw: seen.append((kw["MODE"], kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))
-        or launch(grid)(*a, **kw))})())
-    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    with use_launch(LaunchConfig(range_cmp_fwd_rows=16, range_cmp_fwd_keys=16, range_cmp_fwd=(2, 2))):
-        o_tri = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-        do = torch.randn_like(o_ref)
-        g_tri = torch.autograd.grad(o_tri, args(x), do)
-    g_ref = torch.autograd.grad(o_ref, args(x), do)
-    assert max_rel(o_tri, o_ref) < 1e-5
-    for name, a, b in zip(NAMES, g_tri, g_ref):
-        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+    monkeypatch.setattr(nsa, "_range_fwd", _RecordLaunches(nsa._range_fwd, seen))
+    _matches_reference_under("G2-packed", dict(range_cmp_fwd_rows=16, range_cmp_fwd_keys=16, range_cmp_fwd=(2, 2)))
     default = LaunchConfig()
     assert {s[1:] for s in seen if s[0] == 0} == {(16, 16, 2, 2)}, seen
     assert all(s[1:] != (16, 16, 2, 2) for s in seen if s[0] != 0), seen
