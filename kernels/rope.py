@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nsa_dist.modules.rope import check_chunks
 from nsa_dist.ops.blocks import to_device
 
 from .phi import silu, silu_grad
@@ -279,13 +280,7 @@ def rope_split(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, widths: li
                                                  or bias.dtype != y.dtype)):
         raise ValueError(f"rope_split: one \"silu\" group at most, with a bias of its width in y's dtype; got "
                          f"kinds {list(kinds)}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
-    chunks = tuple(chunks or (1,) * len(widths))
-    if len(chunks) != len(widths) or any(
-            c != 1 and (c < 1 or k == "silu" or w % head_dim or y.shape[1] % c)
-            for c, w, k in zip(chunks, widths, kinds)):
-        raise ValueError(f"rope_split: chunks {list(chunks)} must give each group 1 or a c > 1 dividing the "
-                         f"{y.shape[1]} positions, for \"copy\" / \"rope\" groups of whole heads of {head_dim} "
-                         f"(widths {list(widths)}, kinds {list(kinds)})")
+    chunks = tuple(check_chunks("rope_split", chunks, widths, kinds, head_dim, y.shape[1]))
     y = y.contiguous()  # rows of one stride (a fused projection's output already is)
     return _RopeSplit.apply(y, cos.contiguous(), sin.contiguous(), None if bias is None else bias.contiguous(),
                             tuple(widths), tuple(kinds), head_dim, chunks)

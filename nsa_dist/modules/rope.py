@@ -88,6 +88,19 @@ def _angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple:
     return build() if key is None else _table(("angles",) + key, build)
 
 
+def check_chunks(who: str, chunks: Optional[list], widths: list, kinds: list, head_dim: int, seq_len: int) -> list:
+    """``split_columns``' / ``rope_split``'s ``chunks`` (None: all 1) as a list, refused with
+    what is allowed: per group 1, or c > 1 dividing seq_len for a "copy" / "rope" group of
+    whole heads of head_dim."""
+    chunks = list(chunks or [1] * len(widths))
+    if len(chunks) != len(widths) or any(c != 1 and (c < 1 or k == "silu" or w % head_dim or seq_len % c)
+                                         for c, w, k in zip(chunks, widths, kinds)):
+        raise ValueError(f"{who}: chunks {chunks} must give each group 1 or a c > 1 dividing the {seq_len} "
+                         f"positions, for \"copy\" / \"rope\" groups of whole heads of {head_dim} (widths "
+                         f"{list(widths)}, kinds {list(kinds)})")
+    return chunks
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Rotate-half RoPE (Llama convention) on the last dimension of [B, S, heads, D]."""
 
@@ -153,12 +166,7 @@ class RotaryEmbedding(torch.nn.Module):
         which the kernel writes in that order, so no transposing copy of them follows)."""
         kernels = _kernels_for(y)
         D = cos.shape[-1]
-        chunks = list(chunks or [1] * len(widths))
-        if len(chunks) != len(widths) or any(c != 1 and (c < 1 or k == "silu" or w % D or y.shape[1] % c)
-                                             for c, w, k in zip(chunks, widths, kinds)):
-            raise ValueError(f"split_columns: chunks {chunks} must give each group 1 or a c > 1 dividing the "
-                             f"{y.shape[1]} positions, for \"copy\" / \"rope\" groups of whole heads of {D} "
-                             f"(widths {list(widths)}, kinds {list(kinds)})")
+        chunks = check_chunks("split_columns", chunks, widths, kinds, D, y.shape[1])
         if kernels is not None:
             if bias is None or bias.dtype == y.dtype:
                 return list(kernels.rope_split(y, *_angles(cos, sin), widths, kinds, D, bias, chunks))
