@@ -56,7 +56,6 @@ def main(argv=None):
         raise SystemExit("bench_selection.py needs a CUDA device")
     import triton
 
-    from nsa_dist import NSAConfig
     from nsa_dist.kernels import selection
     from nsa_dist.kernels.nsa import LOG2E, _range_forward, make_geometry, pack
 
@@ -69,9 +68,10 @@ def main(argv=None):
     rows = []
     for name in a.shapes.split(","):
         for S in sizes:
-            HQ, H, D, l, d, ls, n, w, shared = bk.SHAPES[name]
-            cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=ls, num_selected=n, window=w)
-            x = bk.make_inputs(cfg, S, HQ, H, D, torch.bfloat16, shared_kv=shared)
+            sh = bk.SHAPES[name]
+            HQ, H, D = sh.HQ, sh.H, sh.DK
+            cfg = sh.config()
+            x = bk.make_inputs(cfg, S, HQ, H, D, torch.bfloat16, shared_kv=sh.shared, dv=sh.DV)
             q, kc = pack(x["q"]), pack(x["k_cmp"])
             geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
             sc = D ** -0.5 * LOG2E
