@@ -63,7 +63,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, cfg,
     """Gated NSA output [B, S, HQ, Dv] (differentiable in q, every K/V and the gates).
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, D] (already compressed); k_sel, v_sel, k_win,
-    v_win: [B, S, H, D]; gates: [B, S, HQ, 3] (cmp, sel, win), already activated.
+    v_win: [B, S, H, D]; gates: [B, S, HQ, 3] (cmp, sel, win), already activated (>= 0:
+    ``gates.combine_backward``).
     block_indices: optional [B, S, H, n] selection. When None the selection runs here from the
     compressed branch's forward, which the output reuses (one pass, not two).
     canonical: block_indices are the selection's own rows (ascending, distinct, -1 last, forced

@@ -1,8 +1,9 @@
 """Gate combination of the three branch outputs, forward and backward, as single passes.
 
-Forward: o = g_cmp*o_cmp + g_sel*o_sel + g_win*o_win. Backward: dg_b = <do, o_b>, the branch
-gradients do_b = g_b*do and the softmax corrections delta_b = g_b*dg_b, all from one read of
-do and the branch outputs (the PyTorch elementwise version was slow: docs/kernel_notes.md, first profile).
+Forward: o = g_cmp*o_cmp + g_sel*o_sel + g_win*o_win. Backward: dg_b = <do, o_b>, and the
+gate folded into each branch's softmax statistics (``combine_backward``) so that the attention
+backward reads do itself, all from one read of do and the branch outputs (the PyTorch
+elementwise version was slow: docs/kernel_notes.md, first profile).
 Rows are (position, query head); tensors are [rows, D] contiguous, gates [rows, 3].
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _combine_fwd(OC, OS, OW, GATES, O, R, DV, HAS_WIN: tl.constexpr, BR: tl.cons
 
 
 @triton.jit
-def _combine_bwd(DO, OC, OS, OW, GATES, DG, DOC, DOS, DOW, DELTA, R, DV,
+def _combine_bwd(DO, OC, OS, OW, GATES, LSE_C, LSE_S, LSE_W, DG, LSEG, DELTA, R, DV,
                  HAS_WIN: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     d = tl.arange(0, BD)
@@ -41,18 +42,22 @@ def _combine_bwd(DO, OC, OS, OW, GATES, DG, DOC, DOS, DOW, DELTA, R, DV,
         if b < 2 or HAS_WIN:
             if b == 0:
                 ob = tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
-                dob_ptr = DOC
+                lse = tl.load(LSE_C + r, mask=rm, other=0.0)
             elif b == 1:
                 ob = tl.load(OS + off, mask=m, other=0.0).to(tl.float32)
-                dob_ptr = DOS
+                lse = tl.load(LSE_S + r, mask=rm, other=0.0)
             else:
                 ob = tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
-                dob_ptr = DOW
+                lse = tl.load(LSE_W + r, mask=rm, other=0.0)
             g = tl.load(GATES + r * 3 + b, mask=rm, other=0.0).to(tl.float32)
             dg = tl.sum(do * ob, 1)
             tl.store(DG + r * 3 + b, dg, mask=rm)
-            tl.store(DELTA + b * R + r, g * dg, mask=rm)
-            tl.store(dob_ptr + off, (g[:, None] * do).to(dob_ptr.dtype.element_ty), mask=m)
+            tl.store(DELTA + b * R + r, dg, mask=rm)
+            # g*P = exp2(s - (lse - log2 g)); g = 0: +inf (no gradient); g < 0: NaN (outside
+            # the contract, loud); lse = -inf (a row without keys) stays -inf
+            safe = tl.where(g > 0, g, 1.0)
+            lse_g = tl.where(g > 0, lse - tl.log2(safe), tl.where(g == 0, float("inf"), float("nan")))
+            tl.store(LSEG + b * R + r, lse_g, mask=rm)
         else:
             tl.store(DG + r * 3 + b, tl.zeros([BR], tl.float32), mask=rm)
 
@@ -70,18 +75,28 @@ def combine(o_c, o_s, o_w, gates, rows: int):
     return o
 
 
-def combine_backward(do, o_c, o_s, o_w, gates, rows: int):
-    """Returns dg [T, HQ, 3] fp32, (do_cmp, do_sel, do_win) in do's dtype, delta fp32 [3, T, HQ]."""
+def combine_backward(do, o_c, o_s, o_w, gates, lses, rows: int):
+    """The gate combination's backward, folded into the branches' softmax statistics.
+
+    do, o_c, o_s, o_w: [T, HQ, DV] (o_w may be None); gates [T, HQ, 3]; lses: the branches'
+    base-2 log-sum-exps (lse_c, lse_s, lse_w) [T, HQ] fp32 (lse_w None without a window).
+    Branch b's output gradient is g_b*do, so its attention backward needs P*g_b and
+    dP*g_b - g_b*<do, o_b>: the same as with do itself, lse_b - log2(g_b) and delta <do, o_b>.
+    Returns dg [T, HQ, 3] fp32, those log-sum-exps [3, T, HQ] and deltas [3, T, HQ] (fp32);
+    the attention backward reads do itself for every branch (no g_b*do copies are written).
+    Gates must be >= 0 (SPEC's sigmoid): a negative gate's rows get NaN gradients.
+    """
     T, HQ, DV = o_c.shape
     R = T * HQ
     dg = torch.empty(T, HQ, 3, dtype=torch.float32, device=do.device)
-    dos = [torch.empty_like(o_c, dtype=do.dtype) for _ in range(2 if o_w is None else 3)]
-    # every row of delta is written, but the window's only with a window branch
+    # every row is written, but the window's only with a window branch
     alloc = torch.empty if o_w is not None else torch.zeros
+    lse_g = alloc(3, T, HQ, dtype=torch.float32, device=do.device)
     delta = alloc(3, T, HQ, dtype=torch.float32, device=do.device)
+    lse_c, lse_s, lse_w = lses
     if R:
-        _combine_bwd[(triton.cdiv(R, rows),)](do, o_c, o_s, o_c if o_w is None else o_w, gates, dg,
-                                              dos[0], dos[1], dos[-1], delta, R, DV,
+        _combine_bwd[(triton.cdiv(R, rows),)](do, o_c, o_s, o_c if o_w is None else o_w, gates, lse_c, lse_s,
+                                              lse_c if lse_w is None else lse_w, dg, lse_g, delta, R, DV,
                                               HAS_WIN=o_w is not None, BR=rows,
                                               BD=max(16, triton.next_power_of_2(DV)))
-    return dg, dos, delta
+    return dg, lse_g, delta

@@ -259,7 +259,7 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     return (None if lse_only else o), lse
 
 
-def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo: Geometry,
+def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse_s, delta, geo: Geometry,
               cfg, scale2, scale) -> torch.Tensor:
     """dq of the compressed and window branches and of the selected branch's forced blocks
     (``forced_split``), fp32 [T, HQ, Dk], from one kernel that loads q once and writes every
@@ -271,7 +271,7 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, ls
         win = cfg.window > 0
         _range_bwd_dq[(qt.shape[0], geo.H)](
             q, k_cmp, v_cmp, k_win if win else k_cmp, v_win if win else v_cmp, k_sel, v_sel,
-            dos[0], dos[2] if win else dos[0], dos[1], lse_c, delta[0], lse_w if win else lse_c, delta[2],
+            do, lse_c, delta[0], lse_w if win else lse_c, delta[2],
             lse_s, delta[1], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
             BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec, **geo.dk_pieces(),
@@ -489,12 +489,12 @@ def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, s
                                           **geo.dk_pieces(), **t.launch)
 
 
-def _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta, geo: Geometry, cfg, scale2,
+def _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, do, lse_c, lse_w, delta, geo: Geometry, cfg, scale2,
                          scale):
     """(dk_cmp, dv_cmp, dk_win, dv_win) of the compressed and window branches."""
-    dkc, dvc = _range_dkdv(0, q, k_cmp, v_cmp, dos[0], lse_c, delta[0], geo, cfg, scale2, scale)
+    dkc, dvc = _range_dkdv(0, q, k_cmp, v_cmp, do, lse_c, delta[0], geo, cfg, scale2, scale)
     if cfg.window > 0:
-        dkw, dvw = _range_dkdv(1, q, k_win, v_win, dos[2], lse_w, delta[2], geo, cfg, scale2, scale)
+        dkw, dvw = _range_dkdv(1, q, k_win, v_win, do, lse_w, delta[2], geo, cfg, scale2, scale)
     else:
         dkw, dvw = torch.zeros_like(k_win), torch.zeros_like(v_win)
     return dkc, dvc, dkw, dvw
@@ -563,8 +563,11 @@ class NSAFunction(torch.autograd.Function):
          o_c, lse_c, o_s, lse_s, o_w, lse_w) = ctx.saved_tensors
         geo, cfg, scale = ctx.geo, ctx.cfg, ctx.scale
         scale2 = scale * LOG2E
-        dg, dos, delta = combine_backward(do.contiguous(), o_c, o_s, o_w, gates, geo.launch.gate_rows)
-        sel = (q, k_sel, v_sel, dos[1], lse_s, delta[1], idx, geo, cfg, scale2, scale)
+        # every branch's backward reads do itself, its gate folded into (lse, delta): no g*do copies
+        do = do.contiguous()
+        dg, lses, delta = combine_backward(do, o_c, o_s, o_w, gates, (lse_c, lse_s, lse_w), geo.launch.gate_rows)
+        lse_c, lse_s, lse_w = lses[0], lses[1], lses[2] if o_w is not None else None
+        sel = (q, k_sel, v_sel, do, lse_s, delta[1], idx, geo, cfg, scale2, scale)
         # the range kernels on the main stream; the selected branch's dK/dV, then its dq, on the
         # side stream with ``overlap_branches`` on CUDA, else after them on one stream. dq: the
         # range dq stores the compressed and window branches' part (fp32), the selected dq adds
@@ -575,7 +578,7 @@ class NSAFunction(torch.autograd.Function):
         _backward_tables(geo, cfg)
         ov.fork()
         try:
-            dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, dos, lse_c, lse_w, lse_s, delta, geo,
+            dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse_s, delta, geo,
                              cfg, scale2, scale)
             dq32_done = ov.mark()
             if geo.sel_dq_fused():  # one kernel for the selected dK/dV and dq: it waits for dq32
@@ -586,7 +589,7 @@ class NSAFunction(torch.autograd.Function):
                     work = _sel_keys_backward(*sel, ctx.sel_work, dks, dvs)
                 with ov.on_side(after=dq32_done):
                     _sel_dq_backward(*sel, dq32, work, dq)
-            dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, dos, lse_c, lse_w, delta,
+            dkc, dvc, dkw, dvw = _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, do, lse_c, lse_w, delta,
                                                       geo, cfg, scale2, scale)
         finally:
             ov.join()

@@ -175,15 +175,16 @@ def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase
 
 
 @triton.jit
-def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_W, DELTA_W, LSE_S, DELTA_S,
+def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W, LSE_S, DELTA_S,
                   DQ, TILES, scale2, scale, HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                   W: tl.constexpr, LS: tl.constexpr, HAS_WIN: tl.constexpr, FORCED: tl.constexpr,
                   BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
                   BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
     """dq = scale * sum_keys ds k of the compressed branch, the window (HAS_WIN) and the
-    selected branch's forced blocks (FORCED), each with its own do / lse / delta, stored into
-    the fp32 buffer DQ: the first writer of every row, so DQ needs no zeroing. One program
-    loads q once and keeps one dq accumulator for all of them."""
+    selected branch's forced blocks (FORCED), each with its own lse / delta (the gate folded in:
+    ``gates.combine_backward``) and the output's do, stored into the fp32 buffer DQ: the first
+    writer of every row, so DQ needs no zeroing. One program loads q and do once and keeps one
+    dq accumulator for all of them."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -202,21 +203,19 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DOC, DOW, DOS, LSE_C, DELTA_C, LSE_
     do_msk = row_ok[:, None] & (dv < DV)[None, :]
     dq = tl.zeros([BLOCK_M, BDK], tl.float32)
     dq_r = rest_zeros(BLOCK_M, dq, BDK2, BDK3)
-    do = tl.load(DOC + do_ptr, mask=do_msk, other=0.0)
+    do = tl.load(DO + do_ptr, mask=do_msk, other=0.0)
     lse = tl.load(LSE_C + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
     lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
     dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
                        _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     if HAS_WIN:
-        do = tl.load(DOW + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
         dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
                            dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
     if FORCED:
-        do = tl.load(DOS + do_ptr, mask=do_msk, other=0.0)
         lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)

@@ -129,7 +129,9 @@ def nsa_attention(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, config: NS
 
     q: [B, S, HQ, Dk]; k_cmp/v_cmp: [B, Nc, H, Dk/Dv] (already compressed; packed per
     document with ``cu_seqlens``); k_sel/v_sel, k_win/v_win: [B, S, H, Dk/Dv];
-    gates: [B, S, HQ, 3] (cmp, sel, win), already activated. scale defaults to Dk**-0.5.
+    gates: [B, S, HQ, 3] (cmp, sel, win), already activated: >= 0 (SPEC's sigmoid; the Triton
+    backward folds each gate into its branch's softmax statistics, and a negative gate gives NaN
+    gradients there). scale defaults to Dk**-0.5.
     cu_seqlens: [N+1] int32/int64 document boundaries (B = 1); nothing crosses them. Its
     values are read on the host: a CPU tensor keeps the call free of GPU syncs, a CUDA one
     costs one copy to the host per call.

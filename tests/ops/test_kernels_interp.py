@@ -108,6 +108,34 @@ def test_forward_selection_and_grads_match_reference(case, sel_algo):
         assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
 
 
+def test_zero_gates_match_reference_and_negative_gates_are_loud():
+    """The backward folds each gate into its branch's log-sum-exp (lse - log2 g, gates.py): a
+    gate of exactly 0 (no gradient through that branch's attention, rows of every branch) still
+    equals the reference; a negative gate, outside SPEC's sigmoid, gives NaN gradients rather
+    than silently wrong ones."""
+    _, cfg, cu, x = _run("G2-batch2")
+    g = x["gates"].detach().clone()
+    g[:, ::3, :, 0] = 0.0  # every third position: the compressed branch's gate
+    g[:, 1::3, :2, 1] = 0.0  # the selected branch's, two heads
+    g[:, 2::5, :, 2] = 0.0  # the window's
+    x["gates"] = g.requires_grad_(True)
+    o_ref = nsa_attention(*args(x), cfg, backend="reference")
+    o_tri = nsa_attention(*args(x), cfg, backend="triton")
+    assert max_rel(o_tri, o_ref) < 1e-5
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad(o_ref, args(x), do)
+    g_tri = torch.autograd.grad(o_tri, args(x), do)
+    for name, a, b in zip(NAMES, g_tri, g_ref):
+        assert torch.isfinite(a).all(), name
+        assert max_rel(a, b) < 1e-4, f"d{name} differs: {max_rel(a, b):.2e}"
+    neg = x["gates"].detach().clone()
+    neg[0, 5, 1, 1] = -0.5
+    x["gates"] = neg.requires_grad_(True)
+    o_tri = nsa_attention(*args(x), cfg, backend="triton")
+    dq = torch.autograd.grad(o_tri, x["q"], do)[0]
+    assert torch.isnan(dq[0, 5, 1]).any()
+
+
 def _matches_reference_under(case: str, settings: dict, names: tuple = NAMES) -> None:
     """``case`` through the kernels under launch ``settings``: the output and the gradients of
     ``names`` (a prefix of NAMES) equal the reference's (each nonzero, so the check checks)."""
