@@ -49,6 +49,12 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
       run mbase32_base$i 200 "cd .base && PYTHONPATH=$PWD/.base:/tmp/site python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa --out $OUT/mbase32_base$i.csv train_steps=8"
     done
     run mbase32_dense 200 "$B --seq-len 32k --attention dense --out $OUT/mbase32_dense.csv train_steps=8" ;;
+  # the kernels (a) and (c) at 64k, this tree against the base tree in .base/ (as mbase32),
+  # alternating this, base, this, base, no dense baseline (the code change's own A/B)
+  kbase) for i in 1 2; do
+      run kbase_this$i 150 "$K --bench --baselines '' --shapes a_paper,c_small_g --sizes 64k --out $OUT --tag _kbase_this$i"
+      run kbase_base$i 150 "cd .base && PYTHONPATH=$PWD/.base:/tmp/site python3 tools/bench_kernels.py --bench --baselines '' --shapes a_paper,c_small_g --sizes 64k --out $OUT --tag _kbase_base$i"
+    done ;;
   # the 1b model, NSA against dense (SDPA's fastest backend), tokens/s per GPU
   m8) run m8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/m8.csv train_steps=8" ;;
   m32) run m32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/m32.csv" ;;
