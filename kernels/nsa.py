@@ -385,6 +385,13 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     return None
 
 
+def _slots(shape, dtype, device) -> torch.Tensor:
+    """An uninitialised per-slot buffer of the block-major kernels: only the slots the work list
+    names are written, and the merges read only those (``SelWork.valid``); tests fill it with
+    NaN to check that."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     """Block-major: per-slot results of each chunk of positions, then their merge into (o, lse),
     which under ``forced_split`` hold the forced blocks' (o, lse) on entry (the merge reads a
@@ -393,20 +400,20 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     n = idx.shape[-1]
     work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
     rows = min(work.chunk, T) * geo.HQ
-    op = torch.empty(rows * n, geo.DV, dtype=q.dtype, device=q.device)
-    lp = torch.empty(rows * n, dtype=torch.float32, device=q.device)
+    op = _slots((rows * n, geo.DV), q.dtype, q.device)
+    lp = _slots((rows * n,), torch.float32, q.device)
     block_r = geo.launch.sel_combine_rows
     forced = geo.forced_split()
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)
         i0, i1 = work.bounds[c], work.bounds[c + 1]
-        lp.fill_(float("-inf"))
         _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
                                    geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"))
         nr = (t1 - t0) * geo.HQ
-        _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, o[t0:t1] if forced else op, lse[t0:t1] if forced else lp,
-                                                  o[t0:t1], lse[t0:t1], nr, n, geo.DV, BLOCK_R=block_r,
-                                                  NPAD=_pow2(n), BDV=geo.bdv(), FORCED=forced,
+        _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, work.valid[t0:t1], o[t0:t1] if forced else op,
+                                                  lse[t0:t1] if forced else lp, o[t0:t1], lse[t0:t1], nr, geo.HQ, n,
+                                                  geo.DV, G=geo.G, BLOCK_R=block_r, NPAD=_pow2(n), BDV=geo.bdv(),
+                                                  FORCED=forced,
                                                   EVS=_l2_hints(geo)["EVS"], **geo.launch.warps("sel_combine"))
     return work
 
@@ -419,8 +426,8 @@ def _sel_dq_block(q, k, v, do, lse, delta, dq32, dq, n, work, geo: Geometry, cfg
     pdt = geo.dq_partial_dtype(q.dtype)
     scaled = pdt == torch.float16
     rows = min(work.chunk, T) * geo.HQ * n
-    dqp = torch.empty(rows, geo.DK, dtype=pdt, device=q.device)
-    dqs = torch.empty(rows if scaled else 1, dtype=torch.float32, device=q.device)
+    dqp = _slots((rows, geo.DK), pdt, q.device)
+    dqs = _slots((rows if scaled else 1,), torch.float32, q.device)
     block_r = geo.launch.sel_combine_rows
     for c in range(len(work.bounds) - 1):
         t0, t1 = c * work.chunk, min((c + 1) * work.chunk, T)

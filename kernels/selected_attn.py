@@ -267,17 +267,21 @@ def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, SLIST, off, r0, k, k_r, v
 
 
 @triton.jit
-def _sel_combine(OP, LP, OF, LF, O, LSE, rows, NSEL, DV, BLOCK_R: tl.constexpr, NPAD: tl.constexpr,
-                 BDV: tl.constexpr, FORCED: tl.constexpr, EVS: tl.constexpr):
+def _sel_combine(OP, LP, VALID, OF, LF, O, LSE, rows, HQ, NSEL, DV, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                 NPAD: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr, EVS: tl.constexpr):
     """Merge each row's per-slot results: lse = log2-sum-exp2 of LP, o = sum_j 2^(LP_j - lse) OP_j,
     with FORCED one more term, the forced blocks' (OF, LF: +inf where nothing was visible).
-    Rows that saw nothing get lse = +inf and o = 0."""
+    VALID [positions, H, NSEL] marks the slots the split kernel wrote (the others hold garbage
+    and count as empty). Rows that saw nothing get lse = +inf and o = 0."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = r < rows
     jn = tl.arange(0, NPAD)
     dv = tl.arange(0, BDV)
-    lp = tl.load(LP + r[:, None] * NSEL + jn[None, :], mask=row_ok[:, None] & (jn < NSEL)[None, :],
-                 other=float("-inf"), eviction_policy=EVS)
+    H = HQ // G
+    vrow = ((r // HQ) * H + (r % HQ) // G) * NSEL
+    ok = row_ok[:, None] & (jn < NSEL)[None, :]
+    ok &= tl.load(VALID + vrow[:, None] + jn[None, :], mask=ok, other=0) != 0
+    lp = tl.load(LP + r[:, None] * NSEL + jn[None, :], mask=ok, other=float("-inf"), eviction_policy=EVS)
     m = tl.max(lp, 1)
     if FORCED:
         lf = tl.load(LF + r, mask=row_ok, other=float("inf"))

@@ -136,6 +136,22 @@ def test_zero_gates_match_reference_and_negative_gates_are_loud():
     assert torch.isnan(dq[0, 5, 1]).any()
 
 
+@pytest.mark.parametrize("case", ["G2-packed", "G2-long"])
+def test_unwritten_slots_are_never_read(case, monkeypatch):
+    """The block-major kernels' per-slot buffers start as NaN: the forward's and the dq's merges
+    read only the slots the work list names (``SelWork.valid``), so nothing changes."""
+    from nsa_dist.kernels import nsa
+    made = []
+
+    def poisoned(shape, dtype, device):
+        made.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(nsa, "_slots", poisoned)
+    _matches_reference_under(case, dict(sel_algo="block", sel_dq_algo="block"))
+    assert len(made) >= 4, made  # the forward's o / lse slots and the dq's slots and scales
+
+
 def _matches_reference_under(case: str, settings: dict, names: tuple = NAMES) -> None:
     """``case`` through the kernels under launch ``settings``: the output and the gradients of
     ``names`` (a prefix of NAMES) equal the reference's (each nonzero, so the check checks)."""
