@@ -54,7 +54,7 @@ def _combine_bwd(DO, OC, OS, OW, GATES, LSE_C, LSE_S, LSE_W, DG, LSEG, DELTA, R,
             tl.store(DG + r * 3 + b, dg, mask=rm)
             tl.store(DELTA + b * R + r, dg, mask=rm)
             # g*P = exp2(s - (lse - log2 g)); g = 0: +inf (no gradient); g < 0: NaN (outside
-            # the contract, loud); lse = -inf (a row without keys) stays -inf
+            # the contract, loud); lse = +inf (a row that saw no key) stays +inf
             safe = tl.where(g > 0, g, 1.0)
             lse_g = tl.where(g > 0, lse - tl.log2(safe), tl.where(g == 0, float("inf"), float("nan")))
             tl.store(LSEG + b * R + r, lse_g, mask=rm)
