@@ -50,7 +50,7 @@ class LaunchConfig:
     range_fwd_keys: int = 32  # keys per step of the range forward: 32 beat 64 at (c) 64k
     # the compressed branch's forward alone (its long key ranges, where the window's and the
     # forced blocks' are short), rows / keys per step / (warps, stages); None: the range
-    # forward's (prepared in the eleventh session, not timed: ``ksweep_cmp``)
+    # forward's (``ksweep_cmp``, one H100, 2026-12-07: no other tile beyond the run's spread)
     range_cmp_fwd_rows: Optional[int] = None
     range_cmp_fwd_keys: Optional[int] = None
     range_dq_keys: int = 64  # keys per step of the range dq
