@@ -44,6 +44,18 @@ def _load_other(path: str):
     return importlib.import_module("nsa_kernels_other.selection").select_from_lse
 
 
+def shape_inputs(name: str, S: int, dtype: torch.dtype):
+    """bench_kernels' shape ``name`` at S tokens: (config, its inputs, packed q [S, HQ, Dk],
+    packed compressed keys, the call's geometry, the base-2 softmax scale)."""
+    from nsa_dist.kernels.nsa import LOG2E, make_geometry, pack
+
+    sh = bk.SHAPES[name]
+    cfg = sh.config()
+    x = bk.make_inputs(cfg, S, sh.HQ, sh.H, sh.DK, dtype, shared_kv=sh.shared, dv=sh.DV)
+    geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
+    return cfg, x, pack(x["q"]), pack(x["k_cmp"]), geo, sh.DK ** -0.5 * LOG2E
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="a_paper,b_fla,c_small_g")
@@ -57,7 +69,7 @@ def main(argv=None):
     import triton
 
     from nsa_dist.kernels import selection
-    from nsa_dist.kernels.nsa import LOG2E, _range_forward, make_geometry, pack
+    from nsa_dist.kernels.nsa import _range_forward, make_geometry
 
     other = _load_other(a.against) if a.against else None
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
@@ -68,13 +80,7 @@ def main(argv=None):
     rows = []
     for name in a.shapes.split(","):
         for S in sizes:
-            sh = bk.SHAPES[name]
-            HQ, H, D = sh.HQ, sh.H, sh.DK
-            cfg = sh.config()
-            x = bk.make_inputs(cfg, S, HQ, H, D, torch.bfloat16, shared_kv=sh.shared, dv=sh.DV)
-            q, kc = pack(x["q"]), pack(x["k_cmp"])
-            geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
-            sc = D ** -0.5 * LOG2E
+            cfg, x, q, kc, geo, sc = shape_inputs(name, S, torch.bfloat16)
             with torch.no_grad():
                 lse = _range_forward(0, q, kc, kc, geo, cfg, sc, lse_only=True)[1]
                 mine = selection.select_from_lse(q, kc, lse, geo, cfg, sc)

@@ -81,6 +81,27 @@ def test_every_sweep_option_is_a_valid_launch_config():
             LaunchConfig(**dict(zip(grid, vals)))
 
 
+def test_bench_selection_builds_every_shape():
+    """bench_selection's inputs for every bench_kernels shape (it once unpacked the shapes as
+    plain tuples and failed only on the GPU): the heads, head dims and config of the shape,
+    and the selection runs on them (CPU interpreter, 256 tokens, fp32)."""
+    pytest.importorskip("triton")
+    import torch
+
+    import bench_selection
+    from nsa_dist.kernels.nsa import _range_forward
+    from nsa_dist.kernels.selection import select_from_lse
+
+    for name, sh in bench_kernels.SHAPES.items():
+        cfg, x, q, kc, geo, sc = bench_selection.shape_inputs(name, 256, torch.float32)
+        assert q.shape == (256, sh.HQ, sh.DK) and x["v_sel"].shape[-1] == sh.DV, name
+        assert (cfg.cmp_block, cfg.sel_block, cfg.window) == (sh.l, sh.ls, sh.w), name
+        if name == "c_small_g":  # one shape through the kernels (the interpreter is slow)
+            lse = _range_forward(0, q, kc, kc, geo, cfg, sc, lse_only=True)[1]
+            idx = select_from_lse(q, kc, lse, geo, cfg, sc)
+            assert idx.shape == (256, sh.H, cfg.num_selected) and int(idx.max()) >= 0
+
+
 def test_bench_rows_hold_a_figure_or_a_note_for_every_comparison(monkeypatch, tmp_path):
     """--bench's row for a shape: ours timed, and every comparison either timed or named in
     ``notes`` with its reason (here on the CPU: no cuDNN, no peer, FLA refuses G = 2), never a
