@@ -112,7 +112,10 @@ def test_sigterm_saves_the_step_and_resumes_exactly(tiny_data, tmp_path, referen
 
 
 def test_a_signal_stops_with_status_75_and_a_second_exits_at_once(tiny_data, tmp_path):
-    cfg = _cfg(tiny_data, tmp_path, train_steps=200, save_every=0)
+    # 16 micro-batches a step: the first signal's step must outlast the test's reaction to its
+    # message (in a clean-clone run on 2 loaded cores the run had saved and exited before the
+    # second signal came)
+    cfg = _cfg(tiny_data, tmp_path, train_steps=200, save_every=0, grad_accum_steps=16)
     cmd = [sys.executable, "-m", "nsa_dist.training", "--config", str(cfg)]
     launch = Launch(cmd, _env(), ROOT)  # one process, no launcher: its own status
     try:
