@@ -16,6 +16,7 @@ the peer can run it: it needs flash-attn). tools/kernel_baselines.py builds the 
 (--baselines chooses them); one that cannot run leaves a note in the row, never a crash.
 Writes kernel_bench<tag>.csv after every row and prints a table.
 --profile: per-kernel CUDA time of one forward and of one forward+backward.
+--profile-peer: the same for the peer and for ours with the peer's branches (where the peer wins).
 --ncu: one forward+backward (after two for warm-up) between cudaProfilerStart / Stop, for
 ``ncu --profile-from-start off`` (hardware counters of each kernel of the call).
 --gaps: GPU idle time inside one forward and one forward+backward (no kernel running on any
@@ -26,7 +27,7 @@ kernel_sweep<tag>.csv.
 settings (kernels/launch.py, e.g. sel_dkdv_seg_rows=1024,range_fwd=(8,3)) and with the
 defaults, A B then B A for --rounds rounds in one process: A/B of a default, free of the
 spread between processes; kernel_ab<tag>.csv.
---profile, --ncu, --gaps, --sweep and --ab run at the largest of --sizes.
+--profile, --profile-peer, --ncu, --gaps, --sweep and --ab run at the largest of --sizes.
 """
 from __future__ import annotations
 
@@ -513,6 +514,42 @@ def profile_shape(name, S):
     torch.cuda.empty_cache()
 
 
+def profile_peer_shape(name, S):
+    """Per-kernel CUDA time of the peer's ``HFNSACore`` and of ours with the peer's branches and
+    one K/V (the pair --bench --baselines peer compares): one forward and one forward+backward
+    each, so the two can be compared kernel by kernel."""
+    import kernel_baselines as kb
+    from torch.profiler import ProfilerActivity, profile
+
+    sh = SHAPES[name]
+    window = sh.w > 0 and kb.peer_has_window()
+    pcfg = sh.config(window=sh.w if window else 0)
+    x = make_inputs(pcfg, S, sh.HQ, sh.H, sh.DK, torch.bfloat16, shared_kv=True, dv=sh.DV)
+    do = torch.randn(1, S, sh.HQ, sh.DV, device=device(), dtype=torch.bfloat16)
+    builds = (("ours (peer's branches)", lambda: ours_timed(x, do, pcfg, shared=True)),
+              ("peer", lambda: kb.peer_nsa(x["q"], x["k_sel"], x["v_sel"], x["gates"], do, pcfg, window)))
+    for who, build in builds:
+        t = build()
+        for _ in range(2):
+            t.step()
+        torch.cuda.synchronize()
+        for tag, fn in (("forward (no grad)", t.fwd), ("forward + backward", t.step)):
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                if tag.startswith("forward (no"):
+                    with torch.no_grad():
+                        fn()
+                else:
+                    for g in t.grads:
+                        g.grad = None
+                    fn()
+                torch.cuda.synchronize()
+            print(f"[profile-peer] {name} S={S} {who}: {tag}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=50),
+                  flush=True)
+        del t
+        torch.cuda.empty_cache()
+
+
 def ncu_shape(name, S, setting: str = ""):
     """One forward+backward inside a CUDA profiler range (``ncu --profile-from-start off``
     profiles only its kernels), after two that compile and warm up; ``setting``: launch
@@ -724,6 +761,8 @@ def main(argv=None):
     ap.add_argument("--baselines", default=",".join(BASELINES), help="what --bench compares with ('' for none)")
     ap.add_argument("--samples", type=int, default=SAMPLES, help="timed calls behind each median")
     ap.add_argument("--profile", action="store_true", help="per-kernel times at the largest size")
+    ap.add_argument("--profile-peer", action="store_true", help="per-kernel times of the peer and of ours "
+                    "with its branches, at the largest size")
     ap.add_argument("--ncu", action="store_true", help="one call in a CUDA profiler range (for ncu)")
     ap.add_argument("--launch", default="", help="NAME=VALUE[,...]: LaunchConfig settings of the --ncu call")
     ap.add_argument("--gaps", action="store_true", help="GPU idle time in one call at the largest size")
@@ -769,6 +808,9 @@ def main(argv=None):
     if a.profile:
         for name in shapes:
             profile_shape(name, max(sizes))
+    if a.profile_peer:
+        for name in shapes:
+            profile_peer_shape(name, max(sizes))
     if a.ncu:
         for name in shapes:
             ncu_shape(name, max(sizes), a.launch)

@@ -67,6 +67,8 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # kernels against cuDNN / flash (and the peer where installed), the shapes
   ka) run ka 300 "$K --bench --shapes a_paper,c_small_g --sizes 32k,64k --out $OUT --tag _${TREE}_ac" ;;
   kpeer) run kpeer 300 "$K --bench --samples 5 --shapes a_paper --sizes 32k,64k --baselines cudnn,peer --out $OUT --tag _${TREE}_peer" ;;
+  # per-kernel times of the peer and of ours with its branches, (a) 64k: where its forward wins
+  kpeerprof) run kpeerprof 240 "$K --profile-peer --shapes a_paper --sizes 64k" ;;
   kd) run kd 200 "$K --bench --shapes d_seeds --sizes 32k,64k --out $OUT --tag _${TREE}_d" ;;
   # per-kernel times of one (a) and one (c) forward + backward at 64k (the (a) forward runs at
   # about a third of cuDNN's rate per attended key: where its 45 ms go)
