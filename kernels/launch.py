@@ -78,6 +78,11 @@ class LaunchConfig:
     sel_dq_fused_min_dk: int = 160
     sel_forced: bool = True  # forced blocks (0, the two local) in the range kernels with full tiles
     sel_rows: int = 16  # rows per program of the position-major selected forward / dq
+    # the position-major forward / dq read each chosen K / V block through a TMA tensor
+    # descriptor (one bulk copy a block, no per-key addresses or masks) where the block is one
+    # whole tile (l' = its keys, Dk and Dv powers of two, aligned rows); the peer's kernels
+    # load this way (prepared, 2026-12-07)
+    sel_tma: bool = False
     sel_seg_rows: int = 1024  # rows per work item of the block-major selected kernels
     sel_dkdv_seg_rows: int = 8192  # the same for a list only the selected dK/dV walks (G >= 16)
     sel_split_rows: int = 64  # rows per step of the block-major forward

@@ -378,11 +378,31 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     t = geo.tiles("sel_fwd")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, scale2, geo.HQ, geo.DK,
-                                       geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
+        kd, vd = _kv_descriptors(k, v, geo, cfg.sel_block, t.block_n)
+        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, kd, vd, scale2, geo.HQ,
+                                       geo.DK, geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
                                        BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDV=geo.bdv(),
-                                       FORCED=forced, PREC=geo.prec, **geo.dk_pieces(), **t.launch)
+                                       FORCED=forced, PREC=geo.prec, TMA=kd is not None, **geo.dk_pieces(),
+                                       **t.launch)
     return None
+
+
+def _kv_descriptors(k, v, geo: Geometry, ls: int, block_n: int):
+    """TMA descriptors of k [T, H, Dk] and v [T, H, Dv] as [T, H * D] tensors, a box of ls keys
+    x D columns (one selected block of one KV head), for the position-major selected kernels
+    (``launch.sel_tma``); (None, None) where a block is not one whole tile (l' keys padded,
+    Dk in pieces or padded, Dv padded) or the rows are not 16-byte aligned, which TMA needs."""
+    if not geo.launch.sel_tma or block_n != ls or geo.dk_split() != (geo.DK, 0, 0) or geo.bdv() != geo.DV:
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = []
+    for x in (k, v):
+        T, H, D = x.shape[-3:]
+        if not x.is_contiguous() or (H * D * x.element_size()) % 16 or x.data_ptr() % 16 or D > 256 or ls > 256:
+            return None, None
+        out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [ls, D]))
+    return tuple(out)
 
 
 def _slots(shape, dtype, device) -> torch.Tensor:
@@ -489,11 +509,12 @@ def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, s
     t = geo.tiles("sel_dq")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt,
+        kd, vd = _kv_descriptors(k, v, geo, cfg.sel_block, t.block_n)
+        _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt, kd, vd,
                                           scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
                                           LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                           NPAD=_pow2(n), BDV=geo.bdv(), FORCED=geo.forced_split(), PREC=geo.prec,
-                                          **geo.dk_pieces(), **t.launch)
+                                          TMA=kd is not None, **geo.dk_pieces(), **t.launch)
 
 
 def _range_keys_backward(q, k_cmp, v_cmp, k_win, v_win, do, lse_c, lse_w, delta, geo: Geometry, cfg, scale2,

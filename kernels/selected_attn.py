@@ -58,13 +58,16 @@ def _union_range(cnt, t0, ds0, LS: tl.constexpr, BT: tl.constexpr, FORCED: tl.co
 
 
 @triton.jit
-def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, DV, NSEL, UMAX,
+def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, KD, VD, scale2, HQ, DK, DV, NSEL, UMAX,
              G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
-             FORCED: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+             FORCED: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
+             TMA: tl.constexpr = False):
     """Position-major forward. FORCED: the forced blocks' attention (OF, base-2 log-sum-exp LF,
     from the range kernel; they may be O and LSE themselves, as a program reads its rows'
-    state before it writes them) is the starting state, and those blocks are skipped."""
+    state before it writes them) is the starting state, and those blocks are skipped.
+    TMA: K and V blocks through the tensor descriptors KD / VD ([T, H * D], one block of one
+    KV head a load, ``nsa._kv_descriptors``); keys past the tile's end are read, then masked."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G
@@ -102,9 +105,15 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
         pos = b.to(tl.int64) * LS + jb
         key_ok = (jb < LS) & (pos <= tmax)
         kr = (ds0 + pos) * H + h
-        k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
-        k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3, TRANS=True)
-        v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
+        if TMA:
+            k0 = (ds0 + b * LS).to(tl.int32)
+            k = tl.trans(KD.load([k0, h * DK]))
+            k_r = (k, k)  # no later pieces: TMA only where Dk is one power-of-two tile
+            v = VD.load([k0, h * DV])
+        else:
+            k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
+            k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3, TRANS=True)
+            v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=key_ok[:, None] & (dv < DV)[None, :], other=0.0)
         s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
         ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])
         s = tl.where(ok, s, float("-inf"))
@@ -123,12 +132,13 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, scale2, HQ, DK, D
 
 
 @triton.jit
-def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale2, scale, HQ, DK, DV,
+def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, KD, VD, scale2, scale, HQ, DK, DV,
                 NSEL, UMAX, G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NPAD: tl.constexpr,
                 BDK: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr, PREC: tl.constexpr,
-                BDK2: tl.constexpr, BDK3: tl.constexpr):
-    """Position-major dq; FORCED: the forced blocks' part came from the range dq kernel."""
+                BDK2: tl.constexpr, BDK3: tl.constexpr, TMA: tl.constexpr = False):
+    """Position-major dq; FORCED: the forced blocks' part came from the range dq kernel. TMA:
+    K and V blocks through descriptors, as ``_sel_fwd``."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G
@@ -159,9 +169,15 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, scale
         pos = b.to(tl.int64) * LS + jb
         key_ok = (jb < LS) & (pos <= tmax)
         kr = (ds0 + pos) * H + h
-        k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3)
-        v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
+        if TMA:
+            k0 = (ds0 + b * LS).to(tl.int32)
+            k = KD.load([k0, h * DK])
+            k_r = (k, k)  # no later pieces: TMA only where Dk is one power-of-two tile
+            v = tl.trans(VD.load([k0, h * DV]))
+        else:
+            k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)
+            k_r = rest_load(K, kr, key_ok, DK, k, BDK, BDK2, BDK3)
+            v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=key_ok[None, :] & (dv < DV)[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         s = rest_dot(s, q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         ok = chosen[:, None] & key_ok[None, :] & (pos[None, :] <= tloc[:, None])

@@ -52,6 +52,10 @@ def _arg_type(x) -> str:
         return "i64" if abs(x) >= 2 ** 31 else "i32"
     if isinstance(x, float):
         return "fp32"
+    if x is None:  # an unused optional argument (e.g. no TMA descriptor): a constexpr None
+        return "none"
+    if type(x).__name__ == "TensorDescriptor":  # a host-side TMA descriptor
+        return f"tensordesc<{_arg_type(x.base)[1:]}[{','.join(str(b) for b in x.block_shape)}]>"
     raise TypeError(f"launch argument of type {type(x).__name__}")
 
 
@@ -161,6 +165,7 @@ def compile_usage(rec: dict, arch: int, dump: str = "") -> dict:
     args = [n for n in fn.arg_names if n not in kw]
     spec = rec.get("spec") or [""] * len(args)
     kw.update({n: 1 for n, sp in zip(args, spec) if sp == "1"})
+    kw.update({n: None for n, ty in zip(args, rec["types"]) if ty == "none"})
     types = dict(zip(args, rec["types"]))
     sig = {n: "constexpr" if n in kw else types[n] for n in fn.arg_names}
     const = {(fn.arg_names.index(n),): val for n, val in kw.items()}

@@ -90,6 +90,22 @@ def test_both_selected_layouts_bf16(G, algo, inside):
     assert max(errs.values()) <= 5e-3, errs
 
 
+@pytest.mark.parametrize("G,cu", [(16, None), (16, [0, 1000, 1003, 3000, 4096]), (4, [0, 1000, 1003, 3000, 4096])],
+                         ids=["g16", "g16-packed", "g4-packed"])
+def test_selected_blocks_through_tma_bf16(G, cu, monkeypatch):
+    """The position-major forward and dq reading K / V blocks through TMA descriptors
+    (``sel_tma``), packed documents (blocks that cross a document's end are read whole, then
+    masked); the descriptors were really made."""
+    from nsa_dist.kernels import nsa
+    from nsa_dist.kernels.launch import LaunchConfig, use_launch
+    made, real = [], nsa._kv_descriptors
+    monkeypatch.setattr(nsa, "_kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    with use_launch(LaunchConfig(sel_tma=True, sel_algo="query", sel_dq_algo="query")):
+        errs, _ = _case(G, S=4096, cu=cu, inside=True)
+    assert max(errs.values()) <= 5e-3, errs
+    assert len(made) >= 2 and all(d[0] is not None for d in made), made
+
+
 @pytest.mark.parametrize("G,warps", [(1, (8, 2)), (4, (8, 2)), (4, (4, 2)), (16, (8, 2))])
 def test_fused_selected_dq_bf16(G, warps):
     """The selected dq written by the dK/dV kernel (``sel_dq_algo="fused"``), packed documents."""
