@@ -319,8 +319,8 @@ def _sel_combine(OP, LP, VALID, OF, LF, O, LSE, rows, HQ, NSEL, DV, G: tl.conste
                                      mask=(row_ok & (wf > 0))[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
     for j in range(NSEL):
         wj = tl.sum(tl.where(jn[None, :] == j, w, 0.0), 1)
-        ok = row_ok & (wj > 0)  # unwritten slots hold garbage: never read them
-        oj = tl.load(OP + (r * NSEL + j)[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv < DV)[None, :],
+        okj = row_ok & (wj > 0)  # unwritten slots hold garbage: never read them
+        oj = tl.load(OP + (r * NSEL + j)[:, None] * DV + dv[None, :], mask=okj[:, None] & (dv < DV)[None, :],
                      other=0.0, eviction_policy=EVS)
         acc += wj[:, None] * oj.to(tl.float32)
     tl.store(LSE + r, lse, mask=row_ok)

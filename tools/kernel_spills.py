@@ -33,8 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # kernels whose launches are recorded: module -> names (nsa.py imports them by name)
 KERNELS = {
     "range_attn": ("_range_fwd", "_range_bwd_dq", "_range_bwd_dkdv"),
-    "selected_attn": ("_sel_fwd", "_sel_bwd_dq", "_sel_fwd_split", "_sel_bwd_dq_split", "_sel_bwd_dkdv"),
+    "selected_attn": ("_sel_fwd", "_sel_bwd_dq", "_sel_fwd_split", "_sel_bwd_dq_split", "_sel_bwd_dkdv",
+                      "_sel_combine", "_sel_dq_combine"),
     "selection": ("_select_topn",),
+    "gates": ("_combine_fwd", "_combine_bwd"),
 }
 S_TOKENS = 192  # the smallest length with every key kind of the paper's l' = 64 (block 0 past the local ones)
 
