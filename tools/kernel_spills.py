@@ -239,6 +239,7 @@ def main(argv=None):
           f"static (code), not traffic")
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
+    failed = []
     for i, s in enumerate(settings):
         recs = captured(__file__, ["--group", str(a.group), "--dims", a.dims, "--dtype", a.dtype, "--settings", s])
         print(f"\nsettings: {s or 'defaults'}")
@@ -250,6 +251,9 @@ def main(argv=None):
                       f"spills {u['spill_stores']:5d} / {u['spill_loads']:5d} B, shared {u['smem']:6d} B", flush=True)
             except Exception as err:  # noqa: BLE001 - report and go on with the other kernels
                 print(f"  {_label(rec):58s} failed: {type(err).__name__}: {str(err)[-700:]}", flush=True)
+                failed.append(rec["kernel"])
+    if failed:  # a kernel the interpreter runs but Triton cannot build for the GPU
+        raise SystemExit(f"{len(failed)} build(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
