@@ -83,6 +83,10 @@ class LaunchConfig:
     # whole tile (l' = its keys, Dk and Dv powers of two, aligned rows); the peer's kernels
     # load this way (prepared, 2026-12-07)
     sel_tma: bool = False
+    # the range kernels' forward and dq (compressed, window, forced blocks) the same way: each
+    # key tile one TMA box (the peer's compressed forward loads so, 8.2 ms against our 12.5 at
+    # (a) 64k on one H100, 2026-12-07; prepared)
+    range_tma: bool = False
     sel_seg_rows: int = 1024  # rows per work item of the block-major selected kernels
     sel_dkdv_seg_rows: int = 8192  # the same for a list only the selected dK/dV walks (G >= 16)
     sel_split_rows: int = 64  # rows per step of the block-major forward

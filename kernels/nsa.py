@@ -252,10 +252,12 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     t = geo.tiles("range_cmp_fwd" if mode == 0 else "range_fwd")
     qt = geo.qtiles(t.bt)
     if qt.shape[0]:
+        kd, vd = _kv_descriptors(k, None if lse_only else v, geo, t.block_n) if geo.launch.range_tma else (None, None)
         _range_fwd[(qt.shape[0], geo.H)](
-            q, k, v, o, lse, qt, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
+            q, k, v, o, lse, qt, kd, vd, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
             L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, **geo.dk_pieces(), **t.launch)
+            BLOCK_N=t.block_n, BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, TMA=kd is not None,
+            **geo.dk_pieces(), **t.launch)
     return (None if lse_only else o), lse
 
 
@@ -269,13 +271,19 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse
     qt = geo.qtiles(t.bt)
     if qt.shape[0]:
         win = cfg.window > 0
+        kw, vw = (k_win, v_win) if win else (k_cmp, v_cmp)
+        descs = [None] * 6
+        if geo.launch.range_tma:  # every key kind through TMA, or none (one constexpr)
+            pairs = [_kv_descriptors(a, b, geo, t.block_n) for a, b in ((k_cmp, v_cmp), (kw, vw), (k_sel, v_sel))]
+            if all(p[0] is not None for p in pairs):
+                descs = [d for p in pairs for d in p]
         _range_bwd_dq[(qt.shape[0], geo.H)](
-            q, k_cmp, v_cmp, k_win if win else k_cmp, v_win if win else v_cmp, k_sel, v_sel,
+            q, k_cmp, v_cmp, kw, vw, k_sel, v_sel,
             do, lse_c, delta[0], lse_w if win else lse_c, delta[2],
-            lse_s, delta[1], dq32, qt, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
+            lse_s, delta[1], dq32, qt, *descs, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
-            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec, **geo.dk_pieces(),
-            **t.launch)
+            BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec, TMA=descs[0] is not None,
+            **geo.dk_pieces(), **t.launch)
     return dq32
 
 
@@ -378,7 +386,8 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     t = geo.tiles("sel_fwd")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        kd, vd = _kv_descriptors(k, v, geo, cfg.sel_block, t.block_n)
+        kd, vd = _kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
+            else (None, None)
         _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, kd, vd, scale2, geo.HQ,
                                        geo.DK, geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
                                        BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDV=geo.bdv(),
@@ -387,21 +396,24 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     return None
 
 
-def _kv_descriptors(k, v, geo: Geometry, ls: int, block_n: int):
-    """TMA descriptors of k [T, H, Dk] and v [T, H, Dv] as [T, H * D] tensors, a box of ls keys
-    x D columns (one selected block of one KV head), for the position-major selected kernels
-    (``launch.sel_tma``); (None, None) where a block is not one whole tile (l' keys padded,
-    Dk in pieces or padded, Dv padded) or the rows are not 16-byte aligned, which TMA needs."""
-    if not geo.launch.sel_tma or block_n != ls or geo.dk_split() != (geo.DK, 0, 0) or geo.bdv() != geo.DV:
+def _kv_descriptors(k, v, geo: Geometry, keys: int):
+    """TMA descriptors of k [T, H, Dk] and v [T, H, Dv] (or None) as [T, H * D] tensors, a box of
+    ``keys`` keys x D columns (one key tile of one KV head), for the kernels' TMA loads
+    (``launch.sel_tma``, ``launch.range_tma``); (None, None) where a tile is not one whole box
+    (Dk in pieces or padded, Dv padded) or the rows are not 16-byte aligned, as TMA needs."""
+    if geo.dk_split() != (geo.DK, 0, 0) or geo.bdv() != geo.DV or keys > 256:
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     out = []
     for x in (k, v):
+        if x is None:
+            out.append(None)
+            continue
         T, H, D = x.shape[-3:]
-        if not x.is_contiguous() or (H * D * x.element_size()) % 16 or x.data_ptr() % 16 or D > 256 or ls > 256:
+        if not x.is_contiguous() or (H * D * x.element_size()) % 16 or x.data_ptr() % 16 or D > 256:
             return None, None
-        out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [ls, D]))
+        out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [keys, D]))
     return tuple(out)
 
 
@@ -509,7 +521,8 @@ def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, s
     t = geo.tiles("sel_dq")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        kd, vd = _kv_descriptors(k, v, geo, cfg.sel_block, t.block_n)
+        kd, vd = _kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
+            else (None, None)
         _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt, kd, vd,
                                           scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
                                           LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,

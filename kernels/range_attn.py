@@ -77,17 +77,23 @@ def _key_range(t0, t1, ds0, KIND: tl.constexpr, L: tl.constexpr, DS: tl.constexp
 
 
 @triton.jit
-def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
+def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
               KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr,
               LSE_ONLY: tl.constexpr, PREC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr,
-              BDK3: tl.constexpr):
-    """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l)."""
+              BDK3: tl.constexpr, TMA: tl.constexpr):
+    """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l). TMA: each key
+    tile through the descriptors KD / VD ([T, H * D] boxes of BLOCK_N keys, ``nsa._kv_descriptors``);
+    keys past hi are read, then masked as invisible (beyond the tensor TMA reads zeros)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
         kr = (kbase + c) * H + h
-        k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
-                    other=0.0)
-        k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3, TRANS=True)
+        if TMA:
+            k = tl.trans(KD.load([(kbase + n0).to(tl.int32), h * DK]))
+            k_r = (k, k)  # no later pieces: TMA only where Dk is one power-of-two tile
+        else:
+            k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
+                        other=0.0)
+            k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3, TRANS=True)
         s = rest_dot(tl.dot(q, k, input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC) * scale2
         s = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -95,19 +101,22 @@ def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, kbase, lo, hi, 
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if not LSE_ONLY:
-            v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=(c < hi)[:, None] & (dv < DV)[None, :],
-                        other=0.0)
+            if TMA:
+                v = VD.load([(kbase + n0).to(tl.int32), h * DV])
+            else:
+                v = tl.load(V + kr[:, None] * DV + dv[None, :], mask=(c < hi)[:, None] & (dv < DV)[None, :],
+                            other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
+def _range_fwd(Q, K, V, O, LSE, TILES, KD, VD, scale2, HQ, DK, DV,
                G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                W: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr, PREC: tl.constexpr,
-               BDK2: tl.constexpr, BDK3: tl.constexpr):
+               BDK2: tl.constexpr, BDK3: tl.constexpr, TMA: tl.constexpr = False):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -130,19 +139,19 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
     acc = tl.zeros([BLOCK_M, BDV], tl.float32)
     if MODE == 0:
         lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
-                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
+                                  _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
     elif MODE == 1:
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
     else:  # the forced selection blocks
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
-        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3)
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                                  dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + t * HQ + head, lse, mask=row_ok)
@@ -153,19 +162,24 @@ def _range_fwd(Q, K, V, O, LSE, TILES, scale2, HQ, DK, DV,
 
 
 @triton.jit
-def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk, dv,
-             KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-             BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, KD, VD, scale2, H, h, DK, DV, kbase, lo, hi, tloc, row_hi, dk,
+             dv, KIND: tl.constexpr, W: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+             BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, TMA: tl.constexpr):
     """dq (unscaled; its first head-dim piece and the rest) plus one branch's sum over keys lo..hi of ds k,
     ds = p (do v - delta)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
         kr = (kbase + c) * H + h
-        k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=(c < hi)[:, None] & (dk < DK)[None, :],
-                    other=0.0)
-        v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
-                    other=0.0)
-        k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3)
+        if TMA:  # as _fwd_keys
+            k = KD.load([(kbase + n0).to(tl.int32), h * DK])
+            v = tl.trans(VD.load([(kbase + n0).to(tl.int32), h * DV]))
+            k_r = (k, k)
+        else:
+            k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=(c < hi)[:, None] & (dk < DK)[None, :],
+                        other=0.0)
+            v = tl.load(V + kr[None, :] * DV + dv[:, None], mask=(c < hi)[None, :] & (dv < DV)[:, None],
+                        other=0.0)
+            k_r = rest_load(K, kr, c < hi, DK, k, BDK, BDK2, BDK3)
         s = rest_dot(tl.dot(q, tl.trans(k), input_precision=PREC), q_r, k_r, BDK2, BDK3, PREC, TRANS_B=True) * scale2
         p = tl.where(_visible(c, tloc, row_hi, KIND, W, LS), tl.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, v, input_precision=PREC) - delta[:, None])
@@ -176,10 +190,12 @@ def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, scale2, H, h, DK, DV, kbase
 
 @triton.jit
 def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W, LSE_S, DELTA_S,
-                  DQ, TILES, scale2, scale, HQ, DK, DV, G: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
+                  DQ, TILES, KCD, VCD, KWD, VWD, KSD, VSD, scale2, scale, HQ, DK, DV, G: tl.constexpr,
+                  L: tl.constexpr, DS: tl.constexpr,
                   W: tl.constexpr, LS: tl.constexpr, HAS_WIN: tl.constexpr, FORCED: tl.constexpr,
                   BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
-                  BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+                  BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
+                  TMA: tl.constexpr = False):
     """dq = scale * sum_keys ds k of the compressed branch, the window (HAS_WIN) and the
     selected branch's forced blocks (FORCED), each with its own lse / delta (the gate folded in:
     ``gates.combine_backward``) and the output's do, stored into the fp32 buffer DQ: the first
@@ -207,23 +223,23 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W,
     lse = tl.load(LSE_C + rq, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
     lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
-    dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KC, VC, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
-                       _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+    dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KC, VC, KCD, VCD, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
+                       _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
     if HAS_WIN:
         lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                           dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, KWD, VWD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
     if FORCED:
         lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                           dk, dv, _FIRST, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, KSD, VSD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, _FIRST, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                           dk, dv, _LOCAL, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, KSD, VSD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
+                           dk, dv, _LOCAL, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
     tl.store(DQ + rq[:, None] * DK + dk[None, :], dq * scale, mask=row_ok[:, None] & (dk < DK)[None, :])
     rest_store(DQ, rq, row_ok, DK, rest_scale(dq_r, scale, BDK2, BDK3), BDK, BDK2, BDK3)
 

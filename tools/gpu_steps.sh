@@ -103,6 +103,13 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # the 1b model at 8k with it against dense, in one process
   kab8) run kab8 200 "$K --ab '${AB:?set AB}' --rounds 2 --shapes c_small_g --sizes 8k --out $OUT --tag _${TREE}_ab8 && $K --ab '$AB' --rounds 2 --shapes c_small_g --sizes 16k --out $OUT --tag _${TREE}_ab16" ;;
   m8ab) run m8ab 200 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 8k --attention nsa,dense --out $OUT/m8ab.csv train_steps=8" ;;
+  # TMA loads (launch.range_tma, sel_tma; thirteenth session): A/B of each against the defaults
+  # at (a) 64k, with the compressed forward's wider key tiles, then range_tma at (c) 64k
+  ktma) i=0; for ab in "range_tma=True,sel_tma=True" "range_tma=True,sel_tma=True,range_cmp_fwd_keys=64" \
+        "range_tma=True,sel_tma=True,range_cmp_fwd_keys=128"; do i=$((i + 1))
+      run ktma_a$i 200 "$K --ab '$ab' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_tma_a$i"
+    done
+    run ktma_c 200 "$K --ab 'range_tma=True' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_tma_c" ;;
   # the same A/B at the paper shape (a) 64k; AB2 (optional) a second setting in the same step
   kab_a) run kab_a 240 "$K --ab '${AB:?set AB}' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a"
     if [ -n "${AB2:-}" ]; then run kab_a2 240 "$K --ab '$AB2' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a2"; fi ;;
