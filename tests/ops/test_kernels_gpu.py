@@ -90,20 +90,22 @@ def test_both_selected_layouts_bf16(G, algo, inside):
     assert max(errs.values()) <= 5e-3, errs
 
 
-@pytest.mark.parametrize("G,cu", [(16, None), (16, [0, 1000, 1003, 3000, 4096]), (4, [0, 1000, 1003, 3000, 4096])],
-                         ids=["g16", "g16-packed", "g4-packed"])
-def test_selected_blocks_through_tma_bf16(G, cu, monkeypatch):
-    """The position-major forward and dq reading K / V blocks through TMA descriptors
-    (``sel_tma``), packed documents (blocks that cross a document's end are read whole, then
-    masked); the descriptors were really made."""
+@pytest.mark.parametrize("G,cu,algo", [(16, None, "query"), (16, [0, 1000, 1003, 3000, 4096], "query"),
+                                      (4, [0, 1000, 1003, 3000, 4096], "query"),
+                                      (4, [0, 1000, 1003, 3000, 4096], "auto")],
+                         ids=["g16", "g16-packed", "g4-packed", "g4-packed-block-major"])
+def test_key_tiles_through_tma_bf16(G, cu, algo, monkeypatch):
+    """The range forward and dq (``range_tma``) and the position-major selected forward and dq
+    (``sel_tma``) reading K / V tiles through TMA descriptors, packed documents (tiles that cross
+    a document's end are read whole, then masked); the descriptors were really made."""
     from nsa_dist.kernels import nsa
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     made, real = [], nsa._kv_descriptors
     monkeypatch.setattr(nsa, "_kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
-    with use_launch(LaunchConfig(sel_tma=True, sel_algo="query", sel_dq_algo="query")):
+    with use_launch(LaunchConfig(sel_tma=True, range_tma=True, sel_algo=algo, sel_dq_algo=algo)):
         errs, _ = _case(G, S=4096, cu=cu, inside=True)
     assert max(errs.values()) <= 5e-3, errs
-    assert len(made) >= 2 and all(d[0] is not None for d in made), made
+    assert len(made) >= 5 and all(d[0] is not None for d in made), made
 
 
 @pytest.mark.parametrize("G,warps", [(1, (8, 2)), (4, (8, 2)), (4, (4, 2)), (16, (8, 2))])
