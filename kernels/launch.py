@@ -87,6 +87,8 @@ class LaunchConfig:
     # key tile one TMA box (the peer's compressed forward loads so, 8.2 ms against our 12.5 at
     # (a) 64k on one H100, 2026-12-07; prepared)
     range_tma: bool = False
+    # the range dK/dV's q / dO rows of a step (whole positions x the G heads: one box) through TMA
+    dkdv_tma: bool = False
     sel_seg_rows: int = 1024  # rows per work item of the block-major selected kernels
     sel_dkdv_seg_rows: int = 8192  # the same for a list only the selected dK/dV walks (G >= 16)
     sel_split_rows: int = 64  # rows per step of the block-major forward

@@ -307,12 +307,33 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
 def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale):
     """One ``_range_bwd_dkdv`` launch over key tiles kt and nchunk chunks of qchunk queries."""
     t = geo.tiles("range_dkdv")
-    _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, scale2, scale,
+    qd, dod = _row_descriptors(q, do, geo, t.block_m) if geo.launch.dkdv_tma else (None, None)
+    _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, qd, dod, scale2, scale,
                                                   geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
                                                   LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                                                  BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec,
+                                                  BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec, TMA=qd is not None,
                                                   **geo.dk_pieces(), **t.launch)
+
+
+def _row_descriptors(q, do, geo: Geometry, rows: int):
+    """TMA descriptors of q [Tq, HQ, Dk] and do [Tq, HQ, Dv] whose box is one step of the range
+    dK/dV: rows // G positions x the G heads of one KV head x D (``launch.dkdv_tma``); (None,
+    None) where the G heads or a step's positions are no power of two, a step is not whole
+    positions, the head dims are not one whole tile, or the rows are not 16-byte aligned."""
+    G = geo.G
+    if (G & (G - 1)) or rows % G or ((rows // G) & (rows // G - 1)) or geo.dk_split() != (geo.DK, 0, 0) \
+            or geo.bdv() != geo.DV:
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = []
+    for x in (q, do):
+        D = x.shape[-1]
+        if not x.is_contiguous() or (D * x.element_size()) % 16 or x.data_ptr() % 16 or D > 256:
+            return None, None
+        out.append(TensorDescriptor.from_tensor(x.reshape(-1, geo.HQ, D), [rows // G, G, D]))
+    return tuple(out)
 
 
 def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2, scale):

@@ -259,17 +259,20 @@ def dkdv_update(acc_k, acc_k_r, acc_v, pt, q, q_r, do, v, delta, BDK2: tl.conste
 
 
 @triton.jit
-def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ, DK, DV, QCHUNK,
+def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, QD, DOD, scale2, scale, HQ, DK, DV, QCHUNK,
                     G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                     W: tl.constexpr, LS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BDK: tl.constexpr, BDV: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
-                    BDK2: tl.constexpr, BDK3: tl.constexpr):
+                    BDK2: tl.constexpr, BDK3: tl.constexpr, TMA: tl.constexpr = False):
     """One program per (key tile, chunk of QCHUNK query positions): stream the rows (position,
     head) of the chunk that can see the tile. A compressed key is seen by every later query,
     so without chunks the first tiles' programs stream the whole document while the grid is
     only Nc/BLOCK_N x H wide; with chunks (ATOMIC) the partial sums add into fp32 DKo/DVo.
     MODE 0 compressed, 1 window, _LOCAL / _FIRST the selected branch's forced keys (tiles of
-    block 0 only for _FIRST, whose queries are those past the local blocks)."""
+    block 0 only for _FIRST, whose queries are those past the local blocks).
+    TMA: a step's q / dO rows (BLOCK_M // G positions x the G heads) as one box of the
+    descriptors QD / DOD ([Tq, HQ, D], ``nsa._row_descriptors``); rows past the chunk are read,
+    then masked."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -319,10 +322,16 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, scale2, scale, HQ,
         row_ok = r < q_hi * G
         tloc = r // G
         rq = (ds0 + tloc - q_off) * HQ + h * G + r % G
-        q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
-        q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
-        do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
-                     other=0.0)
+        if TMA:
+            p0 = (ds0 + r0 // G - q_off).to(tl.int32)
+            q = tl.reshape(QD.load([p0, h * G, 0]), [BLOCK_M, BDK])
+            q_r = (q, q)  # no later pieces: TMA only where Dk is one power-of-two tile
+            do = tl.reshape(DOD.load([p0, h * G, 0]), [BLOCK_M, BDV])
+        else:
+            q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)
+            q_r = rest_load(Q, rq, row_ok, DK, q, BDK, BDK2, BDK3)
+            do = tl.load(DO + rq[:, None] * DV + dv[None, :], mask=row_ok[:, None] & (dv < DV)[None, :],
+                         other=0.0)
         lse = tl.load(LSE + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PREC)

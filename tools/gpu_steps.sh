@@ -106,10 +106,11 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # TMA loads (launch.range_tma, sel_tma; thirteenth session): A/B of each against the defaults
   # at (a) 64k, with the compressed forward's wider key tiles, then range_tma at (c) 64k
   ktma) i=0; for ab in "range_tma=True,sel_tma=True" "range_tma=True,sel_tma=True,range_cmp_fwd_keys=64" \
-        "range_tma=True,sel_tma=True,range_cmp_fwd_keys=128"; do i=$((i + 1))
+        "range_tma=True,sel_tma=True,range_cmp_fwd_keys=128" "dkdv_tma=True"; do i=$((i + 1))
       run ktma_a$i 200 "$K --ab '$ab' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_tma_a$i"
     done
-    run ktma_c 200 "$K --ab 'range_tma=True' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_tma_c" ;;
+    run ktma_c1 200 "$K --ab 'range_tma=True' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_tma_c1"
+    run ktma_c2 200 "$K --ab 'dkdv_tma=True' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_tma_c2" ;;
   # the same A/B at the paper shape (a) 64k; AB2 (optional) a second setting in the same step
   kab_a) run kab_a 240 "$K --ab '${AB:?set AB}' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a"
     if [ -n "${AB2:-}" ]; then run kab_a2 240 "$K --ab '$AB2' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a2"; fi ;;

@@ -95,14 +95,14 @@ def test_both_selected_layouts_bf16(G, algo, inside):
                                       (4, [0, 1000, 1003, 3000, 4096], "auto")],
                          ids=["g16", "g16-packed", "g4-packed", "g4-packed-block-major"])
 def test_key_tiles_through_tma_bf16(G, cu, algo, monkeypatch):
-    """The range forward and dq (``range_tma``) and the position-major selected forward and dq
-    (``sel_tma``) reading K / V tiles through TMA descriptors, packed documents (tiles that cross
+    """The range forward and dq (``range_tma``), the range dK/dV's q / dO rows (``dkdv_tma``) and
+    the position-major selected forward and dq (``sel_tma``) through TMA descriptors, packed documents (tiles that cross
     a document's end are read whole, then masked); the descriptors were really made."""
     from nsa_dist.kernels import nsa
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     made, real = [], nsa._kv_descriptors
     monkeypatch.setattr(nsa, "_kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
-    with use_launch(LaunchConfig(sel_tma=True, range_tma=True, sel_algo=algo, sel_dq_algo=algo)):
+    with use_launch(LaunchConfig(sel_tma=True, range_tma=True, dkdv_tma=True, sel_algo=algo, sel_dq_algo=algo)):
         errs, _ = _case(G, S=4096, cu=cu, inside=True)
     assert max(errs.values()) <= 5e-3, errs
     assert len(made) >= 5 and all(d[0] is not None for d in made), made

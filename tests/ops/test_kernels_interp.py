@@ -67,7 +67,8 @@ def sel_algo(request, monkeypatch):
     dq_algo = "fused" if "fused" in request.param else "query" if dq_query else "block"
     launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo,
                           sel_l2_hints="hints" in request.param, sel_tma="tma" in request.param,
-                          range_tma="tma" in request.param)
+                          range_tma="tma" in request.param, dkdv_tma="tma" in request.param)
+    chunks, rows_tma = [], []  # what the monkeypatched helpers below saw
     if "steps16" in request.param:
         launch = launch.replace(sel_split_rows=16, sel_dq_split_rows=16, sel_dkdv_rows=16,
                                 sel_dkdv_dq_rows=16)
@@ -81,9 +82,15 @@ def sel_algo(request, monkeypatch):
             chunks.append(d[0] is not None)
             return d
         monkeypatch.setattr(nsa, "_kv_descriptors", counted_tma)
+        made_rows = nsa._row_descriptors
+
+        def counted_rows(*a, **kw):
+            d = made_rows(*a, **kw)
+            rows_tma.append(d[0] is not None)
+            return d
+        monkeypatch.setattr(nsa, "_row_descriptors", counted_rows)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
-    chunks = []
     if request.param.endswith("chunked"):
         launch = launch.replace(split_bytes=20000)  # 16-36 positions a chunk: 2-6 chunks per case
         work = nsa._sel_work
@@ -99,6 +106,8 @@ def sel_algo(request, monkeypatch):
         assert chunks and max(chunks) > 1, chunks
     if request.param.endswith("tma"):  # the range forwards and dq (and the selected ones) took descriptors
         assert len(chunks) >= (5 if request.param == "query-tma" else 3) and all(chunks), chunks
+        if request.param == "block-tma":  # G = 1, 2: the range dK/dV's rows through TMA too
+            assert len(rows_tma) >= 2 and all(rows_tma), rows_tma
 
 
 @pytest.mark.parametrize("sel_algo,case", [
