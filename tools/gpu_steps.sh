@@ -106,7 +106,9 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # TMA loads (launch.range_tma, sel_tma; thirteenth session): A/B of each against the defaults
   # at (a) 64k, with the compressed forward's wider key tiles, then range_tma at (c) 64k
   ktma) i=0; for ab in "range_tma=True,sel_tma=True" "range_tma=True,sel_tma=True,range_cmp_fwd_keys=64" \
-        "range_tma=True,sel_tma=True,range_cmp_fwd_keys=128" "dkdv_tma=True"; do i=$((i + 1))
+        "range_tma=True,sel_tma=True,range_cmp_fwd_keys=128" \
+        "range_tma=True,sel_tma=True,range_cmp_fwd_rows=128,range_cmp_fwd_keys=64,range_cmp_fwd=(8,3)" \
+        "dkdv_tma=True"; do i=$((i + 1))
       run ktma_a$i 200 "$K --ab '$ab' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_tma_a$i"
     done
     run ktma_c1 200 "$K --ab 'range_tma=True' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_tma_c1"
