@@ -78,17 +78,16 @@ class LaunchConfig:
     sel_dq_fused_min_dk: int = 160
     sel_forced: bool = True  # forced blocks (0, the two local) in the range kernels with full tiles
     sel_rows: int = 16  # rows per program of the position-major selected forward / dq
-    # the position-major forward / dq read each chosen K / V block through a TMA tensor
-    # descriptor (one bulk copy a block, no per-key addresses or masks) where the block is one
-    # whole tile (l' = its keys, Dk and Dv powers of two, aligned rows); the peer's kernels
-    # load this way (prepared, 2026-12-07)
-    sel_tma: bool = False
-    # the range kernels' forward and dq (compressed, window, forced blocks) the same way: each
-    # key tile one TMA box (the peer's compressed forward loads so, 8.2 ms against our 12.5 at
-    # (a) 64k on one H100, 2026-12-07; prepared)
-    range_tma: bool = False
-    # the range dK/dV's q / dO rows of a step (whole positions x the G heads: one box) through TMA
-    dkdv_tma: bool = False
+    # TMA loads (docs/kernel_notes.md, "TMA loads"; where a tile is one whole box of 16-bit,
+    # aligned rows, Dk and Dv powers of two; else the pointer loads). One H100, 2026-12-07, 64k
+    # (docs/benchmarks.md, thirteenth session): sel_tma + range_tma (a) forward -11.5%, backward
+    # -8.5%; range_tma + dkdv_tma (c) forward -5.2%, backward -9.2%.
+    # sel_tma: the position-major selected forward / dq read each chosen K / V block as one box
+    sel_tma: bool = True
+    # range_tma: the range forward and dq (compressed, window, forced blocks), one box a key tile
+    range_tma: bool = True
+    # dkdv_tma: the range dK/dV's q / dO rows of a step (whole positions x the G heads) as one box
+    dkdv_tma: bool = True
     sel_seg_rows: int = 1024  # rows per work item of the block-major selected kernels
     sel_dkdv_seg_rows: int = 8192  # the same for a list only the selected dK/dV walks (G >= 16)
     sel_split_rows: int = 64  # rows per step of the block-major forward

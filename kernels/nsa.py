@@ -330,7 +330,7 @@ def _row_descriptors(q, do, geo: Geometry, rows: int):
     out = []
     for x in (q, do):
         D = x.shape[-1]
-        if not x.is_contiguous() or (D * x.element_size()) % 16 or x.data_ptr() % 16 or D > 256:
+        if not _tma_ok(x) or (D * x.element_size()) % 16 or D > 256:
             return None, None
         out.append(TensorDescriptor.from_tensor(x.reshape(-1, geo.HQ, D), [rows // G, G, D]))
     return tuple(out)
@@ -417,6 +417,13 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     return None
 
 
+def _tma_ok(x: torch.Tensor) -> bool:
+    """Can TMA read x: contiguous, 16-byte aligned, and 16-bit on a GPU (the TMA paths were
+    measured and GPU-tested with bf16; fp32 inputs keep the pointer loads there, while the CPU
+    interpreter runs the TMA code in fp32 for the tests)."""
+    return x.is_contiguous() and x.data_ptr() % 16 == 0 and (x.element_size() == 2 or not x.is_cuda)
+
+
 def _kv_descriptors(k, v, geo: Geometry, keys: int):
     """TMA descriptors of k [T, H, Dk] and v [T, H, Dv] (or None) as [T, H * D] tensors, a box of
     ``keys`` keys x D columns (one key tile of one KV head), for the kernels' TMA loads
@@ -432,7 +439,7 @@ def _kv_descriptors(k, v, geo: Geometry, keys: int):
             out.append(None)
             continue
         T, H, D = x.shape[-3:]
-        if not x.is_contiguous() or (H * D * x.element_size()) % 16 or x.data_ptr() % 16 or D > 256:
+        if not _tma_ok(x) or (H * D * x.element_size()) % 16 or D > 256:
             return None, None
         out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [keys, D]))
     return tuple(out)

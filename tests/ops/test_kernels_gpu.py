@@ -92,8 +92,9 @@ def test_both_selected_layouts_bf16(G, algo, inside):
 
 @pytest.mark.parametrize("G,cu,algo", [(16, None, "query"), (16, [0, 1000, 1003, 3000, 4096], "query"),
                                       (4, [0, 1000, 1003, 3000, 4096], "query"),
-                                      (4, [0, 1000, 1003, 3000, 4096], "auto")],
-                         ids=["g16", "g16-packed", "g4-packed", "g4-packed-block-major"])
+                                      (4, [0, 1000, 1003, 3000, 4096], "auto"),
+                                      (4, [0, 1000, 1003, 3000, 4096], "pointers")],
+                         ids=["g16", "g16-packed", "g4-packed", "g4-packed-block-major", "g4-packed-pointer-loads"])
 def test_key_tiles_through_tma_bf16(G, cu, algo, monkeypatch):
     """The range forward and dq (``range_tma``), the range dK/dV's q / dO rows (``dkdv_tma``) and
     the position-major selected forward and dq (``sel_tma``) through TMA descriptors, packed documents (tiles that cross
@@ -102,10 +103,15 @@ def test_key_tiles_through_tma_bf16(G, cu, algo, monkeypatch):
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     made, real = [], nsa._kv_descriptors
     monkeypatch.setattr(nsa, "_kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
-    with use_launch(LaunchConfig(sel_tma=True, range_tma=True, dkdv_tma=True, sel_algo=algo, sel_dq_algo=algo)):
+    on = algo != "pointers"  # the default TMA loads, or all three off (the pointer loads)
+    with use_launch(LaunchConfig(sel_tma=on, range_tma=on, dkdv_tma=on, sel_algo="auto" if not on else algo,
+                                 sel_dq_algo="auto" if not on else algo)):
         errs, _ = _case(G, S=4096, cu=cu, inside=True)
     assert max(errs.values()) <= 5e-3, errs
-    assert len(made) >= 5 and all(d[0] is not None for d in made), made
+    if on:
+        assert len(made) >= 5 and all(d[0] is not None for d in made), made
+    else:
+        assert not made, made
 
 
 @pytest.mark.parametrize("G,warps", [(1, (8, 2)), (4, (8, 2)), (4, (4, 2)), (16, (8, 2))])

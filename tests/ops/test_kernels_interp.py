@@ -42,7 +42,7 @@ def _run(case, dtype=torch.float32):
 
 SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq", "block-fused",
              "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked", "block-steps16",
-             "block-fused-steps16", "block-fused-steps16-chunked", "query-tma", "block-tma")
+             "block-fused-steps16", "block-fused-steps16-chunked", "query-tma", "block-tma", "block-notma", "query-notma")
 # (algorithm, case) run by default: every case block-major (the default), every other
 # algorithm on two or more cases; the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
@@ -52,29 +52,31 @@ SEL_DEFAULT = {("block", c) for c in CASES} | {
     ("block-fused", "G1"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
     ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed"), ("block-steps16", "G2-long"),
     ("block-fused-steps16", "G2-long"), ("block-fused-steps16-chunked", "G2-long"),
-    ("query-tma", "G2-packed"), ("query-tma", "G3-Dv32"), ("block-tma", "G2-packed"), ("block-tma", "G1")}
+    ("query-tma", "G2-packed"), ("query-tma", "G3-Dv32"), ("block-tma", "G2-packed"), ("block-tma", "G1"),
+    ("block-notma", "G2-packed"), ("block-notma", "G3-Dv32"), ("query-notma", "G1")}
 
 
 @pytest.fixture
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
-    positions, position-major, one of each, the dq fused into the dK/dV kernel, with L2 hints, or
-    with 16 rows a step (many steps per work item)."""
+    positions, position-major, one of each, the dq fused into the dK/dV kernel, with L2 hints,
+    with 16 rows a step (many steps per work item), with the TMA loads counted ("-tma") or off
+    ("-notma": the pointer loads, which Dk in pieces and odd G take anyway)."""
     kernels_or_skip()
     from nsa_dist.kernels import nsa
     fwd_query = request.param.startswith("query")
     dq_query = request.param == "query" or request.param.endswith("query-dq")
     dq_algo = "fused" if "fused" in request.param else "query" if dq_query else "block"
     launch = LaunchConfig(sel_algo="query" if fwd_query else "block", sel_dq_algo=dq_algo,
-                          sel_l2_hints="hints" in request.param, sel_tma="tma" in request.param,
-                          range_tma="tma" in request.param, dkdv_tma="tma" in request.param)
+                          sel_l2_hints="hints" in request.param, sel_tma="notma" not in request.param,
+                          range_tma="notma" not in request.param, dkdv_tma="notma" not in request.param)
     chunks, rows_tma = [], []  # what the monkeypatched helpers below saw
     if "steps16" in request.param:
         launch = launch.replace(sel_split_rows=16, sel_dq_split_rows=16, sel_dkdv_rows=16,
                                 sel_dkdv_dq_rows=16)
-    if request.param.endswith("tma"):  # K / V tiles through TMA descriptors (range and selected kernels)
-        if request.param == "query-tma":
-            launch = launch.replace(sel_dq_algo="query")
+    if request.param in ("query-tma", "query-notma"):
+        launch = launch.replace(sel_dq_algo="query")
+    if request.param.endswith("-tma"):  # K / V tiles through TMA descriptors (range and selected kernels)
         made = nsa._kv_descriptors
 
         def counted_tma(*a, **kw):
@@ -104,7 +106,7 @@ def sel_algo(request, monkeypatch):
         yield request.param
     if request.param.endswith("chunked"):  # the chunked path really ran in several chunks
         assert chunks and max(chunks) > 1, chunks
-    if request.param.endswith("tma"):  # the range forwards and dq (and the selected ones) took descriptors
+    if request.param.endswith("-tma"):  # the range forwards and dq (and the selected ones) took descriptors
         assert len(chunks) >= (5 if request.param == "query-tma" else 3) and all(chunks), chunks
         if request.param == "block-tma":  # G = 1, 2: the range dK/dV's rows through TMA too
             assert len(rows_tma) >= 2 and all(rows_tma), rows_tma
