@@ -103,6 +103,9 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # the 1b model at 8k with it against dense, in one process
   kab8) run kab8 200 "$K --ab '${AB:?set AB}' --rounds 2 --shapes c_small_g --sizes 8k --out $OUT --tag _${TREE}_ab8 && $K --ab '$AB' --rounds 2 --shapes c_small_g --sizes 16k --out $OUT --tag _${TREE}_ab16" ;;
   m8ab) run m8ab 200 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 8k --attention nsa,dense --out $OUT/m8ab.csv train_steps=8" ;;
+  # the range kernels' tiles again now that TMA loads free registers (thirteenth session: the
+  # compressed forward at 64 x 32 builds at 136 registers instead of 166), (c) and (a) 64k
+  ksweep_tma) run ksweep_tma 420 "$K --sweep --sweep-keys range_fwd_keys,range_cmp_fwd_keys,range_dq_keys,range_dq_rows,dkdv_keys,range_dkdv --rounds 1 --shapes c_small_g,a_paper --sizes 64k --out $OUT --tag _${TREE}_tma" ;;
   # TMA loads (launch.range_tma, sel_tma; thirteenth session): A/B of each against the defaults
   # at (a) 64k, with the compressed forward's wider key tiles, then range_tma at (c) 64k
   ktma) i=0; for ab in "range_tma=True,sel_tma=True" "range_tma=True,sel_tma=True,range_cmp_fwd_keys=64" \
