@@ -19,6 +19,7 @@ import torch
 import triton
 
 from . import tiles as tl_tiles
+from . import tma
 from .gates import combine, combine_backward
 from .headdim import split_dim
 from .launch import SPLIT_BYTES, LaunchConfig, current_launch
@@ -252,7 +253,7 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     t = geo.tiles("range_cmp_fwd" if mode == 0 else "range_fwd")
     qt = geo.qtiles(t.bt)
     if qt.shape[0]:
-        kd, vd = _kv_descriptors(k, None if lse_only else v, geo, t.block_n) if geo.launch.range_tma else (None, None)
+        kd, vd = tma.kv_descriptors(k, None if lse_only else v, geo, t.block_n) if geo.launch.range_tma else (None, None)
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, kd, vd, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
             L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
@@ -274,7 +275,7 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse
         kw, vw = (k_win, v_win) if win else (k_cmp, v_cmp)
         descs = [None] * 6
         if geo.launch.range_tma:  # every key kind through TMA, or none (one constexpr)
-            pairs = [_kv_descriptors(a, b, geo, t.block_n) for a, b in ((k_cmp, v_cmp), (kw, vw), (k_sel, v_sel))]
+            pairs = [tma.kv_descriptors(a, b, geo, t.block_n) for a, b in ((k_cmp, v_cmp), (kw, vw), (k_sel, v_sel))]
             if all(p[0] is not None for p in pairs):
                 descs = [d for p in pairs for d in p]
         _range_bwd_dq[(qt.shape[0], geo.H)](
@@ -307,33 +308,13 @@ def _range_dkdv(mode, q, k, v, do, lse, delta, geo: Geometry, cfg, scale2, scale
 def _launch_dkdv(mode, kt, nchunk, qchunk, atomic, q, k, v, do, lse, delta, dk, dv, geo, cfg, scale2, scale):
     """One ``_range_bwd_dkdv`` launch over key tiles kt and nchunk chunks of qchunk queries."""
     t = geo.tiles("range_dkdv")
-    qd, dod = _row_descriptors(q, do, geo, t.block_m) if geo.launch.dkdv_tma else (None, None)
+    qd, dod = tma.row_descriptors(q, do, geo, t.block_m) if geo.launch.dkdv_tma else (None, None)
     _range_bwd_dkdv[(kt.shape[0], geo.H, nchunk)](q, k, v, do, lse, delta, dk, dv, kt, qd, dod, scale2, scale,
                                                   geo.HQ, geo.DK, geo.DV, qchunk, G=geo.G, MODE=mode,
                                                   L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window,
                                                   LS=cfg.sel_block, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                                                   BDV=geo.bdv(), ATOMIC=atomic, PREC=geo.prec, TMA=qd is not None,
                                                   **geo.dk_pieces(), **t.launch)
-
-
-def _row_descriptors(q, do, geo: Geometry, rows: int):
-    """TMA descriptors of q [Tq, HQ, Dk] and do [Tq, HQ, Dv] whose box is one step of the range
-    dK/dV: rows // G positions x the G heads of one KV head x D (``launch.dkdv_tma``); (None,
-    None) where the G heads or a step's positions are no power of two, a step is not whole
-    positions, the head dims are not one whole tile, or the rows are not 16-byte aligned."""
-    G = geo.G
-    if (G & (G - 1)) or rows % G or ((rows // G) & (rows // G - 1)) or geo.dk_split() != (geo.DK, 0, 0) \
-            or geo.bdv() != geo.DV:
-        return None, None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    out = []
-    for x in (q, do):
-        D = x.shape[-1]
-        if not _tma_ok(x) or (D * x.element_size()) % 16 or D > 256:
-            return None, None
-        out.append(TensorDescriptor.from_tensor(x.reshape(-1, geo.HQ, D), [rows // G, G, D]))
-    return tuple(out)
 
 
 def _forced_dkdv(q, k, v, do, lse, delta, dk32, dv32, geo: Geometry, cfg, scale2, scale):
@@ -407,7 +388,7 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     t = geo.tiles("sel_fwd")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        kd, vd = _kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
+        kd, vd = tma.kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
             else (None, None)
         _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, kd, vd, scale2, geo.HQ,
                                        geo.DK, geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
@@ -415,34 +396,6 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
                                        FORCED=forced, PREC=geo.prec, TMA=kd is not None, **geo.dk_pieces(),
                                        **t.launch)
     return None
-
-
-def _tma_ok(x: torch.Tensor) -> bool:
-    """Can TMA read x: contiguous, 16-byte aligned, and 16-bit on a GPU (the TMA paths were
-    measured and GPU-tested with bf16; fp32 inputs keep the pointer loads there, while the CPU
-    interpreter runs the TMA code in fp32 for the tests)."""
-    return x.is_contiguous() and x.data_ptr() % 16 == 0 and (x.element_size() == 2 or not x.is_cuda)
-
-
-def _kv_descriptors(k, v, geo: Geometry, keys: int):
-    """TMA descriptors of k [T, H, Dk] and v [T, H, Dv] (or None) as [T, H * D] tensors, a box of
-    ``keys`` keys x D columns (one key tile of one KV head), for the kernels' TMA loads
-    (``launch.sel_tma``, ``launch.range_tma``); (None, None) where a tile is not one whole box
-    (Dk in pieces or padded, Dv padded) or the rows are not 16-byte aligned, as TMA needs."""
-    if geo.dk_split() != (geo.DK, 0, 0) or geo.bdv() != geo.DV or keys > 256:
-        return None, None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    out = []
-    for x in (k, v):
-        if x is None:
-            out.append(None)
-            continue
-        T, H, D = x.shape[-3:]
-        if not _tma_ok(x) or (H * D * x.element_size()) % 16 or D > 256:
-            return None, None
-        out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [keys, D]))
-    return tuple(out)
 
 
 def _slots(shape, dtype, device) -> torch.Tensor:
@@ -549,7 +502,7 @@ def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, s
     t = geo.tiles("sel_dq")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        kd, vd = _kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
+        kd, vd = tma.kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
             else (None, None)
         _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt, kd, vd,
                                           scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,

@@ -82,7 +82,7 @@ def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, kbase, 
               LSE_ONLY: tl.constexpr, PREC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr,
               BDK3: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over the keys lo..hi of one kind: the updated (acc, m, l). TMA: each key
-    tile through the descriptors KD / VD ([T, H * D] boxes of BLOCK_N keys, ``nsa._kv_descriptors``);
+    tile through the descriptors KD / VD ([T, H * D] boxes of BLOCK_N keys, ``tma.kv_descriptors``);
     keys past hi are read, then masked as invisible (beyond the tensor TMA reads zeros)."""
     for n0 in range(lo, hi, BLOCK_N):
         c = n0 + tl.arange(0, BLOCK_N)
@@ -271,7 +271,7 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, QD, DOD, scale2, s
     MODE 0 compressed, 1 window, _LOCAL / _FIRST the selected branch's forced keys (tiles of
     block 0 only for _FIRST, whose queries are those past the local blocks).
     TMA: a step's q / dO rows (BLOCK_M // G positions x the G heads) as one box of the
-    descriptors QD / DOD ([Tq, HQ, D], ``nsa._row_descriptors``); rows past the chunk are read,
+    descriptors QD / DOD ([Tq, HQ, D], ``tma.row_descriptors``); rows past the chunk are read,
     then masked."""
     tile = tl.program_id(0)
     h = tl.program_id(1)

@@ -67,7 +67,7 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, KD, VD, scale2, H
     from the range kernel; they may be O and LSE themselves, as a program reads its rows'
     state before it writes them) is the starting state, and those blocks are skipped.
     TMA: K and V blocks through the tensor descriptors KD / VD ([T, H * D], one block of one
-    KV head a load, ``nsa._kv_descriptors``); keys past the tile's end are read, then masked."""
+    KV head a load, ``tma.kv_descriptors``); keys past the tile's end are read, then masked."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G

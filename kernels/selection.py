@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tma
 from .headdim import rest_dot, rest_load
 from .range_attn import _nvis, _query_tile
 
@@ -38,14 +39,28 @@ def _first_part(x, PARTS: tl.constexpr):
 
 
 @triton.jit
-def _importance(q, q_r, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr, GP: tl.constexpr,
-                L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-                BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+def _key_tile(KC, KCD, cs0, i0, i, n_ok, h, H, DK, dk, BDK: tl.constexpr, BDK2: tl.constexpr,
+              BDK3: tl.constexpr, TMA: tl.constexpr):
+    """Compressed keys i = i0 + arange (the first n_ok of them real) of KV head h, transposed
+    [BDK, BLOCK_N], and their later head-dim pieces; TMA: one box of the descriptor KCD
+    (``tma.kv_descriptors``), the keys past n_ok read and masked by the caller."""
+    if TMA:
+        kc = tl.trans(KCD.load([(cs0 + i0).to(tl.int32), h * DK]))
+        kc_r = (kc, kc)  # no later pieces: TMA only where Dk is one power-of-two tile
+    else:
+        kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
+                     mask=(i < n_ok)[None, :] & (dk < DK)[:, None], other=0.0)
+        kc_r = rest_load(KC, (cs0 + i) * H + h, i < n_ok, DK, kc, BDK, BDK2, BDK3, TRANS=True)
+    return kc, kc_r
+
+
+@triton.jit
+def _importance(q, q_r, KC, KCD, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
+                GP: tl.constexpr, L: tl.constexpr, DS: tl.constexpr, LS: tl.constexpr, BLOCK_N: tl.constexpr,
+                PREC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr, TMA: tl.constexpr):
     """Importance [BT, len(j)] of blocks j from compressed tokens i0..min(i0+BLOCK_N, i_hi)-1."""
     i = i0 + tl.arange(0, BLOCK_N)
-    kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
-                 mask=(i < i_hi)[None, :] & (dk < DK)[:, None], other=0.0)
-    kc_r = rest_load(KC, (cs0 + i) * H + h, i < i_hi, DK, kc, BDK, BDK2, BDK3, TRANS=True)
+    kc, kc_r = _key_tile(KC, KCD, cs0, i0, i, i_hi, h, H, DK, dk, BDK, BDK2, BDK3, TMA)
     lo = tl.maximum(i[:, None] * DS, j[None, :] * LS)
     hi = tl.minimum(i[:, None] * DS + L, j[None, :] * LS + LS)
     w = (tl.maximum(hi - lo, 0) // DS).to(tl.float32)  # Eq. 9 weights [BLOCK_N, len(j)]
@@ -61,9 +76,10 @@ def _importance(q, q_r, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2, B
 
 
 @triton.jit
-def _importance_aligned(q, q_r, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2, BT: tl.constexpr,
-                        GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr, PREC: tl.constexpr,
-                        BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr):
+def _importance_aligned(q, q_r, KC, KCD, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2,
+                        BT: tl.constexpr, GP: tl.constexpr, R: tl.constexpr, E: tl.constexpr, BJP: tl.constexpr,
+                        PREC: tl.constexpr, BDK: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
+                        TMA: tl.constexpr):
     """Importance [BT, BJP] of blocks j0..j0+BJP-1 from the R*BJP compressed tokens starting in
     them, where R = l'/d tokens start in each block and a token spans E = l/d <= R strides;
     BT >= 16 positions (the 0/1 products are matrix products).
@@ -74,9 +90,7 @@ def _importance_aligned(q, q_r, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK,
     chunk's spill into block j0; returns (importance, this chunk's spill past its end)."""
     BLOCK_N: tl.constexpr = BJP * R
     i = j0 * R + tl.arange(0, BLOCK_N)
-    kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
-                 mask=(i < nv_max)[None, :] & (dk < DK)[:, None], other=0.0)
-    kc_r = rest_load(KC, (cs0 + i) * H + h, i < nv_max, DK, kc, BDK, BDK2, BDK3, TRANS=True)
+    kc, kc_r = _key_tile(KC, KCD, cs0, j0 * R, i, nv_max, h, H, DK, dk, BDK, BDK2, BDK3, TMA)
     s = rest_dot(tl.dot(q, kc, input_precision=PREC), q_r, kc_r, BDK2, BDK3, PREC) * scale2
     p = tl.where(i[None, :] < nv_r[:, None], tl.exp2(s - lse[:, None]), 0.0)
     psum = tl.sum(tl.reshape(p, [BT, GP, BLOCK_N]), 1)  # Eq. 10: the group sum
@@ -114,14 +128,15 @@ def _query_rows(Q, LSE, t0, t1, ds0, h, HQ, DK, G: tl.constexpr, GP: tl.constexp
 
 
 @triton.jit
-def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
+def _select_topn(Q, KC, LSE, TILES, OUT, KCD, scale2, HQ, DK,
                  G: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, L: tl.constexpr,
                  DS: tl.constexpr, LS: tl.constexpr, NSEL: tl.constexpr, NP: tl.constexpr,
                  BJ: tl.constexpr, BJP: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
                  MERGE: tl.constexpr, SPAN: tl.constexpr, FITS: tl.constexpr,
                  ALIGNED: tl.constexpr, R: tl.constexpr, E: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr,
-                 BDK3: tl.constexpr):
-    """BT positions x one KV head: stream the blocks in chunks of BJ, keep a running top-n."""
+                 BDK3: tl.constexpr, TMA: tl.constexpr = False):
+    """BT positions x one KV head: stream the blocks in chunks of BJ, keep a running top-n.
+    TMA: the compressed key tiles through the descriptor KCD."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -147,17 +162,17 @@ def _select_topn(Q, KC, LSE, TILES, OUT, scale2, HQ, DK,
         i_hi = tl.minimum(nv_max, ((j0 + BJ) * LS - 1) // DS + 1)
         imp = tl.zeros([BT, BJP], tl.float32)
         if ALIGNED:
-            imp, carry = _importance_aligned(q, q_r, KC, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk, scale2,
-                                             BT, GP, R, E, BJP, PREC, BDK, BDK2, BDK3)
+            imp, carry = _importance_aligned(q, q_r, KC, KCD, lse, nv_r, nv_max, j0, carry, cs0, h, H, DK, dk,
+                                             scale2, BT, GP, R, E, BJP, PREC, BDK, BDK2, BDK3, TMA)
         elif FITS:  # SPAN tiles cover the chunk: no inner loop, so the pipeliner overlaps the
             # next chunk's key loads with this chunk's work (an inner loop of one trip does not)
             for sp in tl.static_range(SPAN):
-                imp += _importance(q, q_r, KC, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+                imp += _importance(q, q_r, KC, KCD, lse, nv_r, i_lo + sp * BLOCK_N, i_hi, j, cs0, h, H, DK, dk,
+                                   scale2, BT, GP, L, DS, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
         else:  # one block overlaps more compressed tokens than SPAN tiles hold
             for i0 in range(i_lo, i_hi, BLOCK_N):
-                imp += _importance(q, q_r, KC, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
-                                   BT, GP, L, DS, LS, BLOCK_N, PREC, BDK, BDK2, BDK3)
+                imp += _importance(q, q_r, KC, KCD, lse, nv_r, i0, i_hi, j, cs0, h, H, DK, dk, scale2,
+                                   BT, GP, L, DS, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
         forced = (j[None, :] == 0) | (j[None, :] == cur[:, None]) | (j[None, :] == cur[:, None] - 1)
         cand = (j[None, :] <= cur[:, None]) & (jj < BJ)[None, :]
         bits = imp.to(tl.int32, bitcast=True).to(tl.int64)
@@ -246,12 +261,13 @@ def select_from_lse(q, k_cmp, lse, geo, cfg, scale2: float) -> torch.Tensor:
             BJ, BJP = _chunk_blocks(aligned, l, d, ls, BLOCK_N, span, NP)
     tiles = geo.qtiles(BT)
     merge = HAS_BITONIC_MERGE if launch.select_merge is None else launch.select_merge
-    _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
+    kcd = tma.kv_descriptors(k_cmp, None, geo, BLOCK_N)[0] if launch.select_tma else None
+    _select_topn[(tiles.shape[0], H)](q, k_cmp, lse, tiles, out, kcd, scale2, HQ, DK, G=G, GP=GP, BT=BT, L=l,
                                       DS=d, LS=ls, NSEL=n, NP=NP, BJ=BJ, BJP=BJP, BLOCK_N=BLOCK_N,
                                       BDK=BDK, BDK2=BDK2, BDK3=BDK3, MERGE=merge, SPAN=span,
                                       FITS=chunk_fits(l, d, ls, BLOCK_N * span), ALIGNED=aligned,
                                       R=ls // d if aligned else 1, E=l // d if aligned else 1, PREC=geo.prec,
-                                      num_warps=warps, num_stages=stages)
+                                      TMA=kcd is not None, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -103,6 +103,10 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # the 1b model at 8k with it against dense, in one process
   kab8) run kab8 200 "$K --ab '${AB:?set AB}' --rounds 2 --shapes c_small_g --sizes 8k --out $OUT --tag _${TREE}_ab8 && $K --ab '$AB' --rounds 2 --shapes c_small_g --sizes 16k --out $OUT --tag _${TREE}_ab16" ;;
   m8ab) run m8ab 200 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 8k --attention nsa,dense --out $OUT/m8ab.csv train_steps=8" ;;
+  # the selection's compressed key tiles through TMA (select_tma, prepared in the thirteenth
+  # session), (a) and (c) 64k, against the defaults in one process each
+  kselect_tma) run kselect_tma_a 200 "$K --ab select_tma=True --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_seltma_a"
+    run kselect_tma_c 200 "$K --ab select_tma=True --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_seltma_c" ;;
   # the range kernels' tiles again now that TMA loads free registers (thirteenth session: the
   # compressed forward at 64 x 32 builds at 136 registers instead of 166), (c) and (a) 64k
   ksweep_tma) run ksweep_tma 420 "$K --sweep --sweep-keys range_fwd_keys,range_cmp_fwd_keys,range_dq_keys,range_dq_rows,dkdv_keys,range_dkdv --rounds 1 --shapes c_small_g,a_paper --sizes 64k --out $OUT --tag _${TREE}_tma" ;;

@@ -97,14 +97,15 @@ def test_both_selected_layouts_bf16(G, algo, inside):
                          ids=["g16", "g16-packed", "g4-packed", "g4-packed-block-major", "g4-packed-pointer-loads"])
 def test_key_tiles_through_tma_bf16(G, cu, algo, monkeypatch):
     """The range forward and dq (``range_tma``), the range dK/dV's q / dO rows (``dkdv_tma``) and
-    the position-major selected forward and dq (``sel_tma``) through TMA descriptors, packed documents (tiles that cross
-    a document's end are read whole, then masked); the descriptors were really made."""
-    from nsa_dist.kernels import nsa
+    the position-major selected forward and dq (``sel_tma``) through TMA descriptors, packed
+    documents (tiles that cross a document's end are read whole, then masked); the descriptors
+    were really made, or with the three settings off none was."""
+    from nsa_dist.kernels import tma
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
-    made, real = [], nsa._kv_descriptors
-    monkeypatch.setattr(nsa, "_kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
-    on = algo != "pointers"  # the default TMA loads, or all three off (the pointer loads)
-    with use_launch(LaunchConfig(sel_tma=on, range_tma=on, dkdv_tma=on, sel_algo="auto" if not on else algo,
+    made, real = [], tma.kv_descriptors
+    monkeypatch.setattr(tma, "kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    on = algo != "pointers"  # the TMA loads (select_tma too), or all off (the pointer loads)
+    with use_launch(LaunchConfig(sel_tma=on, range_tma=on, dkdv_tma=on, select_tma=on, sel_algo="auto" if not on else algo,
                                  sel_dq_algo="auto" if not on else algo)):
         errs, _ = _case(G, S=4096, cu=cu, inside=True)
     assert max(errs.values()) <= 5e-3, errs

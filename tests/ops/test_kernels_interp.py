@@ -63,7 +63,7 @@ def sel_algo(request, monkeypatch):
     with 16 rows a step (many steps per work item), with the TMA loads counted ("-tma") or off
     ("-notma": the pointer loads, which Dk in pieces and odd G take anyway)."""
     kernels_or_skip()
-    from nsa_dist.kernels import nsa
+    from nsa_dist.kernels import nsa, tma
     fwd_query = request.param.startswith("query")
     dq_query = request.param == "query" or request.param.endswith("query-dq")
     dq_algo = "fused" if "fused" in request.param else "query" if dq_query else "block"
@@ -77,20 +77,20 @@ def sel_algo(request, monkeypatch):
     if request.param in ("query-tma", "query-notma"):
         launch = launch.replace(sel_dq_algo="query")
     if request.param.endswith("-tma"):  # K / V tiles through TMA descriptors (range and selected kernels)
-        made = nsa._kv_descriptors
+        made = tma.kv_descriptors
 
         def counted_tma(*a, **kw):
             d = made(*a, **kw)
             chunks.append(d[0] is not None)
             return d
-        monkeypatch.setattr(nsa, "_kv_descriptors", counted_tma)
-        made_rows = nsa._row_descriptors
+        monkeypatch.setattr(tma, "kv_descriptors", counted_tma)
+        made_rows = tma.row_descriptors
 
         def counted_rows(*a, **kw):
             d = made_rows(*a, **kw)
             rows_tma.append(d[0] is not None)
             return d
-        monkeypatch.setattr(nsa, "_row_descriptors", counted_rows)
+        monkeypatch.setattr(tma, "row_descriptors", counted_rows)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
     if request.param.endswith("chunked"):
@@ -282,16 +282,21 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, dq_algo, m
     (32, 64, 1, True, 4, 4, 1, 4, 7, True),
     (16, 32, 1, True, 2, 4, 2, 4, 6, "off"),  # the general chunking where whole blocks would do
 ])
-def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, aligned, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, aligned, tma,
+                                                    monkeypatch):
     """The selection kernel in each of its program shapes, chunkings and merges, over documents
     of several chunks of blocks merged into the running top-n ("off": chunks of whole blocks
-    turned off)."""
+    turned off), its key tiles through pointer loads or a TMA descriptor (``select_tma``)."""
     kernels, _ = kernels_or_skip()
     from nsa_dist.kernels import selection as sel
     if merge and not sel.HAS_BITONIC_MERGE:
         pytest.skip("this Triton has no tl.topk / tl.bitonic_merge")
     launch = LaunchConfig(select_rows=rows, select_rows_aligned=rows, select_keys=keys, select_span=span,
-                          select_merge=merge)
+                          select_merge=merge, select_tma=tma, range_tma=False)  # only the selection counted
+    from nsa_dist.kernels import tma as tma_mod
+    made, real = [], tma_mod.kv_descriptors
+    monkeypatch.setattr(tma_mod, "kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     np_ = max(16, 1 << (n - 1).bit_length())
     gp = 1 << (G - 1).bit_length()
     assert sel.aligned_chunks(l, d, ls, keys, span, np_, gp) == (aligned is not False)  # the path it names
@@ -305,6 +310,7 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
     with use_launch(launch):
         got = kernels.select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu)
     assert torch.equal(ref, got)
+    assert [d[0] is not None for d in made] == ([True] if tma else []), made  # the descriptor was used
     nblocks = -(-120 // ls)
     chunk = keys // (ls // d) if aligned else sel.block_chunk(l, d, ls, keys * span)
     assert nblocks > min(chunk, n)  # several merges, or n binds

@@ -1,0 +1,65 @@
+"""TMA tensor descriptors for the kernels' tile loads (Hopper; docs/kernel_notes.md, "TMA loads").
+
+A host-side descriptor (``triton.tools.tensor_descriptor.TensorDescriptor``) names a tensor's
+shape, strides and one box; ``desc.load([row, col])`` in a kernel is one bulk copy of that box
+into shared memory. Boxes past the tensor's end read zeros; rows past a tile's range inside
+the tensor are read, so the kernels mask them as they mask the pointer loads' keys.
+
+Each helper returns None (per tensor, or for all) where a tile is not one whole box: the
+kernels then take their pointer loads. ``geo`` is the call's ``nsa.Geometry``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def tma_ok(x: torch.Tensor) -> bool:
+    """Can TMA read x: contiguous, 16-byte aligned, and 16-bit on a GPU (the TMA paths were
+    measured and GPU-tested with bf16; fp32 inputs keep the pointer loads there, while the CPU
+    interpreter runs the TMA code in fp32 for the tests)."""
+    return x.is_contiguous() and x.data_ptr() % 16 == 0 and (x.element_size() == 2 or not x.is_cuda)
+
+
+def _one_tile(geo) -> bool:
+    """Dk one power-of-two tile (not in pieces, not padded) and Dv unpadded."""
+    return geo.dk_split() == (geo.DK, 0, 0) and geo.bdv() == geo.DV
+
+
+def kv_descriptors(k, v, geo, keys: int):
+    """Descriptors of k [T, H, Dk] and v [T, H, Dv] (v may be None) as [T, H * D] tensors, a box
+    of ``keys`` keys x D columns: one key tile of one KV head (``launch.sel_tma``,
+    ``range_tma``, ``select_tma``). (None, None) where a tile is not one box (Dk in pieces or
+    padded, Dv padded) or the rows are not 16-byte aligned, as TMA needs."""
+    if not _one_tile(geo) or keys > 256:
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = []
+    for x in (k, v):
+        if x is None:
+            out.append(None)
+            continue
+        T, H, D = x.shape[-3:]
+        if not tma_ok(x) or (H * D * x.element_size()) % 16 or D > 256:
+            return None, None
+        out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [keys, D]))
+    return tuple(out)
+
+
+def row_descriptors(q, do, geo, rows: int):
+    """Descriptors of q [Tq, HQ, Dk] and do [Tq, HQ, Dv] whose box is one step of the range
+    dK/dV: rows // G positions x the G heads of one KV head x D (``launch.dkdv_tma``). (None,
+    None) where G or a step's positions are no power of two, a step is not whole positions,
+    the head dims are not one tile, or the rows are not 16-byte aligned."""
+    G = geo.G
+    if (G & (G - 1)) or rows % G or ((rows // G) & (rows // G - 1)) or not _one_tile(geo):
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = []
+    for x in (q, do):
+        D = x.shape[-1]
+        if not tma_ok(x) or (D * x.element_size()) % 16 or D > 256:
+            return None, None
+        out.append(TensorDescriptor.from_tensor(x.reshape(-1, geo.HQ, D), [rows // G, G, D]))
+    return tuple(out)
