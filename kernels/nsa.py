@@ -253,7 +253,8 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     t = geo.tiles("range_cmp_fwd" if mode == 0 else "range_fwd")
     qt = geo.qtiles(t.bt)
     if qt.shape[0]:
-        kd, vd = tma.kv_descriptors(k, None if lse_only else v, geo, t.block_n) if geo.launch.range_tma else (None, None)
+        kd, vd = (tma.kv_descriptors(k, None if lse_only else v, geo, t.block_n) if geo.launch.range_tma
+                  else (None, None))
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, kd, vd, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
             L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,

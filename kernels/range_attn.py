@@ -229,17 +229,17 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W,
         lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, KWD, VWD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                           dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, KWD, VWD, scale2, H, h, DK, DV, ds0, lo, hi,
+                           tloc, tloc, dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
     if FORCED:
         lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, KSD, VSD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                           dk, dv, _FIRST, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, KSD, VSD, scale2, H, h, DK, DV, ds0, lo, hi,
+                           tloc, tloc, dk, dv, _FIRST, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
-        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, KSD, VSD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
-                           dk, dv, _LOCAL, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
+        dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, KSD, VSD, scale2, H, h, DK, DV, ds0, lo, hi,
+                           tloc, tloc, dk, dv, _LOCAL, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
     tl.store(DQ + rq[:, None] * DK + dk[None, :], dq * scale, mask=row_ok[:, None] & (dk < DK)[None, :])
     rest_store(DQ, rq, row_ok, DK, rest_scale(dq_r, scale, BDK2, BDK3), BDK, BDK2, BDK3)
 

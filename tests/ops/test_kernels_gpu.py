@@ -105,7 +105,8 @@ def test_key_tiles_through_tma_bf16(G, cu, algo, monkeypatch):
     made, real = [], tma.kv_descriptors
     monkeypatch.setattr(tma, "kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
     on = algo != "pointers"  # the TMA loads (select_tma too), or all off (the pointer loads)
-    with use_launch(LaunchConfig(sel_tma=on, range_tma=on, dkdv_tma=on, select_tma=on, sel_algo="auto" if not on else algo,
+    with use_launch(LaunchConfig(sel_tma=on, range_tma=on, dkdv_tma=on, select_tma=on,
+                                 sel_algo="auto" if not on else algo,
                                  sel_dq_algo="auto" if not on else algo)):
         errs, _ = _case(G, S=4096, cu=cu, inside=True)
     assert max(errs.values()) <= 5e-3, errs

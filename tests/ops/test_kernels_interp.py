@@ -42,7 +42,8 @@ def _run(case, dtype=torch.float32):
 
 SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd-query-dq", "block-fused",
              "block-fused-chunked", "query-fwd-fused-dq", "block-hints-chunked", "block-steps16",
-             "block-fused-steps16", "block-fused-steps16-chunked", "query-tma", "block-tma", "block-notma", "query-notma")
+             "block-fused-steps16", "block-fused-steps16-chunked", "query-tma", "block-tma", "block-notma",
+             "query-notma")
 # (algorithm, case) run by default: every case block-major (the default), every other
 # algorithm on two or more cases; the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
