@@ -40,8 +40,8 @@ def _importance_kernel(Q, KC, LSE, OUT, scale2, HQ, DK, T, NB, G: tl.constexpr, 
     nv_max = _nvis(t1 - 1, L, DS)
     carry = tl.zeros([BT], tl.float32)
     for j0 in range(0, (t1 - 1) // LS + 1, BJP):
-        imp, carry = _importance_aligned(q, q_r, KC, lse, nv_r, nv_max, j0, carry, 0, h, H, DK, dk, scale2,
-                                         BT, GP, R, E, BJP, "ieee", BDK, BDK2, BDK3)
+        imp, carry = _importance_aligned(q, q_r, KC, None, lse, nv_r, nv_max, j0, carry, 0, h, H, DK, dk, scale2,
+                                         BT, GP, R, E, BJP, "ieee", BDK, BDK2, BDK3, False)
         j = j0 + tl.arange(0, BJP)
         tl.store(OUT + (t * H + h)[:, None] * NB + j[None, :], imp, mask=(t < t1)[:, None] & (j < NB)[None, :])
 
