@@ -109,8 +109,10 @@ def sel_algo(request, monkeypatch):
         assert chunks and max(chunks) > 1, chunks
     if request.param.endswith("-tma"):  # the range forwards and dq (and the selected ones) took descriptors
         assert len(chunks) >= (5 if request.param == "query-tma" else 3) and all(chunks), chunks
-        if request.param == "block-tma":  # G = 1, 2: the range dK/dV's rows through TMA too
-            assert len(rows_tma) >= 2 and all(rows_tma), rows_tma
+        if request.param == "block-tma":  # the range dK/dV's rows through TMA where G is a power of two
+            _, _, _, HQ, H, *_ = CASES[request.node.callspec.params["case"]]
+            G = HQ // H
+            assert len(rows_tma) >= 2 and all(r == (G & (G - 1) == 0) for r in rows_tma), (G, rows_tma)
 
 
 @pytest.mark.parametrize("sel_algo,case", [
