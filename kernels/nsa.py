@@ -389,14 +389,21 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     t = geo.tiles("sel_fwd")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        kd, vd = tma.kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
-            else (None, None)
+        kd, vd = _sel_descriptors(k, v, geo, cfg, t)
         _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, kd, vd, scale2, geo.HQ,
                                        geo.DK, geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
                                        BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDV=geo.bdv(),
                                        FORCED=forced, PREC=geo.prec, TMA=kd is not None, **geo.dk_pieces(),
                                        **t.launch)
     return None
+
+
+def _sel_descriptors(k, v, geo: Geometry, cfg, t) -> tuple:
+    """The position-major selected kernels' K / V descriptors (``launch.sel_tma``): a box is one
+    selected block, so only where the tiles' keys are l'; else (None, None), the pointer loads."""
+    if geo.launch.sel_tma and t.block_n == cfg.sel_block:
+        return tma.kv_descriptors(k, v, geo, t.block_n)
+    return None, None
 
 
 def _slots(shape, dtype, device) -> torch.Tensor:
@@ -503,8 +510,7 @@ def _sel_dq_backward(q, k, v, do, lse, delta, idx, geo: Geometry, cfg, scale2, s
     t = geo.tiles("sel_dq")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
-        kd, vd = tma.kv_descriptors(k, v, geo, t.block_n) if geo.launch.sel_tma and t.block_n == cfg.sel_block \
-            else (None, None)
+        kd, vd = _sel_descriptors(k, v, geo, cfg, t)
         _sel_bwd_dq[(qt.shape[0], geo.H)](q, k, v, do, lse, delta, dq32, dq, qt, idx, union, cnt, kd, vd,
                                           scale2, scale, geo.HQ, geo.DK, geo.DV, n, union.shape[-1], G=geo.G,
                                           LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n,

@@ -489,18 +489,24 @@ def _calls(name, S):
     return fwd, step
 
 
-def profile_shape(name, S):
-    """Per-kernel CUDA time of one forward and one forward+backward (torch.profiler), top entries."""
+def _profiled(fn):
+    """A torch.profiler record of one ``fn()`` (CUDA activity, synchronized)."""
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof
+
+
+def profile_shape(name, S):
+    """Per-kernel CUDA time of one forward and one forward+backward (torch.profiler), top entries."""
     fwd, step = _calls(name, S)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
     for tag, fn in (("forward (no grad)", fwd), ("forward + backward", step)):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
+        prof = _profiled(fn)
         print(f"[profile] {name} S={S} {tag}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
         # one kernel serves several key kinds (range kernels: compressed, window, forced blocks):
@@ -519,7 +525,6 @@ def profile_peer_shape(name, S):
     one K/V (the pair --bench --baselines peer compares): one forward and one forward+backward
     each, so the two can be compared kernel by kernel."""
     import kernel_baselines as kb
-    from torch.profiler import ProfilerActivity, profile
 
     sh = SHAPES[name]
     window = sh.w > 0 and kb.peer_has_window()
@@ -533,16 +538,17 @@ def profile_peer_shape(name, S):
         for _ in range(2):
             t.step()
         torch.cuda.synchronize()
-        for tag, fn in (("forward (no grad)", t.fwd), ("forward + backward", t.step)):
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                if tag.startswith("forward (no"):
-                    with torch.no_grad():
-                        fn()
-                else:
-                    for g in t.grads:
-                        g.grad = None
-                    fn()
-                torch.cuda.synchronize()
+
+        def fwd():
+            with torch.no_grad():
+                t.fwd()
+
+        def step():
+            for g in t.grads:
+                g.grad = None
+            t.step()
+        for tag, fn in (("forward (no grad)", fwd), ("forward + backward", step)):
+            prof = _profiled(fn)
             print(f"[profile-peer] {name} S={S} {who}: {tag}")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=50),
                   flush=True)
