@@ -183,9 +183,13 @@ def test_kernel_spills_types_and_a_bad_setting():
     assert kernel_spills._arg_type(torch.zeros(1, dtype=torch.int64)) == "*i64"
     assert kernel_spills._arg_type(3) == "i32" and kernel_spills._arg_type(1 << 40) == "i64"
     assert kernel_spills._arg_type(0.5) == "fp32" and kernel_spills._arg_type(True) == "i1"
+    assert kernel_spills._arg_type(None) == "none"  # an unused optional argument (no TMA descriptor)
     rec = {"kernel": "_range_bwd_dkdv", "constexprs": {"MODE": 0, "BLOCK_M": 64, "BLOCK_N": 64, "G": 4}}
     assert kernel_spills._label(rec) == "_range_bwd_dkdv MODE=0 BLOCK_M=64 BLOCK_N=64"
     pytest.importorskip("triton")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    desc = TensorDescriptor.from_tensor(torch.zeros(64, 32, dtype=torch.bfloat16), [16, 32])
+    assert kernel_spills._arg_type(desc) == "tensordesc<bf16[16,32]>"
     with pytest.raises(SystemExit, match="did you mean 'acc_regs'"):
         kernel_spills.main(["--settings", "acc_reg=128"])
 
