@@ -11,7 +11,8 @@ layout; 128 + 64 has two (N = 128 and N = 64 products), and Triton 3.6's sm_90a 
 backward kernels spilled more with two (docs/benchmarks.md, "Head dims in pieces").
 
 The kernels keep their first-piece code (BD columns, as a power of two always was) and pass
-the later pieces as a tuple ``(x2, x3)`` through the ``rest_*`` helpers. A piece of width 0
+the later pieces as a tuple ``(x2, x3)`` through the ``rest_*`` helpers; equal pieces also
+come through TMA (``rest_tma``: one descriptor box per piece). A piece of width 0
 does not exist: its slot holds the first piece, never read, so at a power of two the kernels
 compile to what they did before.
 """
@@ -69,6 +70,43 @@ def rest_load(P, rows, ok, D, first, BD: tl.constexpr, BD2: tl.constexpr, BD3: t
     """The later pieces (x2, x3) of rows ``rows`` of a row-major [*, D] tensor whose first piece
     ``first`` ([R, BD], or [BD, R] with TRANS) the caller loaded."""
     return _piece(P, rows, ok, D, BD, BD2, first, TRANS), _piece(P, rows, ok, D, BD + BD2, BD3, first, TRANS)
+
+
+@triton.jit
+def _box(D, row, col, TRANS: tl.constexpr):
+    x = D.load([row, col])
+    if TRANS:
+        x = tl.trans(x)
+    return x
+
+
+@triton.jit
+def rest_tma(D, row, col, first, BD: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr,
+             TRANS: tl.constexpr = False):
+    """The later pieces (x2, x3) of a tile whose first piece ``first`` is the box at [row, col]
+    of the TMA descriptor D ([*, columns], box width BD): the boxes at columns col + BD and
+    col + BD + BD2, transposed with TRANS. The pieces must be equal (``tma.kv_descriptors``
+    makes D only then), since a descriptor has one box shape."""
+    x2 = first
+    x3 = first
+    if BD2 > 0:
+        x2 = _box(D, row, col + BD, TRANS)
+    if BD3 > 0:
+        x3 = _box(D, row, col + BD + BD2, TRANS)
+    return x2, x3
+
+
+@triton.jit
+def rest_tma_rows(D, p0, hg, first, R: tl.constexpr, BD: tl.constexpr, BD2: tl.constexpr, BD3: tl.constexpr):
+    """As ``rest_tma`` for a [positions, heads, columns] descriptor (``tma.row_descriptors``):
+    the later pieces of the box at [p0, hg, 0], each reshaped to [R, BD]."""
+    x2 = first
+    x3 = first
+    if BD2 > 0:
+        x2 = tl.reshape(D.load([p0, hg, BD]), [R, BD2])
+    if BD3 > 0:
+        x3 = tl.reshape(D.load([p0, hg, BD + BD2]), [R, BD3])
+    return x2, x3
 
 
 @triton.jit

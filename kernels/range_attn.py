@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .headdim import rest_acc, rest_dot, rest_load, rest_scale, rest_store, rest_zeros
+from .headdim import rest_acc, rest_dot, rest_load, rest_scale, rest_store, rest_tma, rest_tma_rows, rest_zeros
 
 LOG2E = 1.4426950408889634
 TILE_COLS = tl.constexpr(8)  # columns of a tile table (tiles.COLS)
@@ -89,7 +89,7 @@ def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, kbase, 
         kr = (kbase + c) * H + h
         if TMA:
             k = tl.trans(KD.load([(kbase + n0).to(tl.int32), h * DK]))
-            k_r = (k, k)  # no later pieces: TMA only where Dk is one power-of-two tile
+            k_r = rest_tma(KD, (kbase + n0).to(tl.int32), h * DK, k, BDK, BDK2, BDK3, TRANS=True)
         else:
             k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=(c < hi)[None, :] & (dk < DK)[:, None],
                         other=0.0)
@@ -173,7 +173,7 @@ def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, KD, VD, scale2, H, h, DK, D
         if TMA:  # as _fwd_keys
             k = KD.load([(kbase + n0).to(tl.int32), h * DK])
             v = tl.trans(VD.load([(kbase + n0).to(tl.int32), h * DV]))
-            k_r = (k, k)
+            k_r = rest_tma(KD, (kbase + n0).to(tl.int32), h * DK, k, BDK, BDK2, BDK3)
         else:
             k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=(c < hi)[:, None] & (dk < DK)[None, :],
                         other=0.0)
@@ -325,7 +325,7 @@ def _range_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DKo, DVo, TILES, QD, DOD, scale2, s
         if TMA:
             p0 = (ds0 + r0 // G - q_off).to(tl.int32)
             q = tl.reshape(QD.load([p0, h * G, 0]), [BLOCK_M, BDK])
-            q_r = (q, q)  # no later pieces: TMA only where Dk is one power-of-two tile
+            q_r = rest_tma_rows(QD, p0, h * G, q, BLOCK_M, BDK, BDK2, BDK3)
             do = tl.reshape(DOD.load([p0, h * G, 0]), [BLOCK_M, BDV])
         else:
             q = tl.load(Q + rq[:, None] * DK + dk[None, :], mask=row_ok[:, None] & (dk < DK)[None, :], other=0.0)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .headdim import rest_acc, rest_amax, rest_dot, rest_load, rest_scale, rest_store, rest_zeros
+from .headdim import rest_acc, rest_amax, rest_dot, rest_load, rest_scale, rest_store, rest_tma, rest_zeros
 from .range_attn import TILE_COLS, _query_tile, dkdv_update
 
 
@@ -108,7 +108,7 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, KD, VD, scale2, H
         if TMA:
             k0 = (ds0 + b * LS).to(tl.int32)
             k = tl.trans(KD.load([k0, h * DK]))
-            k_r = (k, k)  # no later pieces: TMA only where Dk is one power-of-two tile
+            k_r = rest_tma(KD, k0, h * DK, k, BDK, BDK2, BDK3, TRANS=True)
             v = VD.load([k0, h * DV])
         else:
             k = tl.load(K + kr[None, :] * DK + dk[:, None], mask=key_ok[None, :] & (dk < DK)[:, None], other=0.0)
@@ -172,7 +172,7 @@ def _sel_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DQO, TILES, IDX, UNION, UCNT, KD, V
         if TMA:
             k0 = (ds0 + b * LS).to(tl.int32)
             k = KD.load([k0, h * DK])
-            k_r = (k, k)  # no later pieces: TMA only where Dk is one power-of-two tile
+            k_r = rest_tma(KD, k0, h * DK, k, BDK, BDK2, BDK3)
             v = tl.trans(VD.load([k0, h * DV]))
         else:
             k = tl.load(K + kr[:, None] * DK + dk[None, :], mask=key_ok[:, None] & (dk < DK)[None, :], other=0.0)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import tma
-from .headdim import rest_dot, rest_load
+from .headdim import rest_dot, rest_load, rest_tma
 from .range_attn import _nvis, _query_tile
 
 # tl.topk / tl.bitonic_merge (newer Triton): the top-n merge in log2(NP) stages
@@ -46,7 +46,7 @@ def _key_tile(KC, KCD, cs0, i0, i, n_ok, h, H, DK, dk, BDK: tl.constexpr, BDK2: 
     (``tma.kv_descriptors``), the keys past n_ok read and masked by the caller."""
     if TMA:
         kc = tl.trans(KCD.load([(cs0 + i0).to(tl.int32), h * DK]))
-        kc_r = (kc, kc)  # no later pieces: TMA only where Dk is one power-of-two tile
+        kc_r = rest_tma(KCD, (cs0 + i0).to(tl.int32), h * DK, kc, BDK, BDK2, BDK3, TRANS=True)
     else:
         kc = tl.load(KC + ((cs0 + i) * H + h)[None, :] * DK + dk[:, None],
                      mask=(i < n_ok)[None, :] & (dk < DK)[:, None], other=0.0)

@@ -20,46 +20,51 @@ def tma_ok(x: torch.Tensor) -> bool:
     return x.is_contiguous() and x.data_ptr() % 16 == 0 and (x.element_size() == 2 or not x.is_cuda)
 
 
-def _one_tile(geo) -> bool:
-    """Dk one power-of-two tile (not in pieces, not padded) and Dv unpadded."""
-    return geo.dk_split() == (geo.DK, 0, 0) and geo.bdv() == geo.DV
+def _tma_dims(geo) -> bool:
+    """Dk one power-of-two tile or equal power-of-two pieces (192 = 3 x 64), unpadded, and Dv
+    unpadded: each piece of a tile is then one box of one descriptor (``headdim.rest_tma``)."""
+    bd, bd2, bd3 = geo.dk_split()
+    return (bd2 in (0, bd) and bd3 in (0, bd) and bd * (1 + (bd2 > 0) + (bd3 > 0)) == geo.DK
+            and geo.bdv() == geo.DV)
 
 
 def kv_descriptors(k, v, geo, keys: int):
     """Descriptors of k [T, H, Dk] and v [T, H, Dv] (v may be None) as [T, H * D] tensors, a box
-    of ``keys`` keys x D columns: one key tile of one KV head (``launch.sel_tma``,
-    ``range_tma``, ``select_tma``). (None, None) where a tile is not one box (Dk in pieces or
-    padded, Dv padded) or the rows are not 16-byte aligned, as TMA needs."""
-    if not _one_tile(geo) or keys > 256:
+    of ``keys`` keys x one Dk piece (k) or Dv (v): one key tile of one KV head
+    (``launch.sel_tma``, ``range_tma``, ``select_tma``). (None, None) where a tile is not whole
+    boxes (Dk padded or in unequal pieces, Dv padded) or the rows are not 16-byte aligned, as
+    TMA needs."""
+    if not _tma_dims(geo) or keys > 256:
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     out = []
-    for x in (k, v):
+    for x, width in ((k, geo.dk_split()[0]), (v, geo.DV)):
         if x is None:
             out.append(None)
             continue
         T, H, D = x.shape[-3:]
         if not tma_ok(x) or (H * D * x.element_size()) % 16 or D > 256:
             return None, None
-        out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [keys, D]))
+        out.append(TensorDescriptor.from_tensor(x.reshape(-1, H * D), [keys, width]))
     return tuple(out)
 
 
 def row_descriptors(q, do, geo, rows: int):
     """Descriptors of q [Tq, HQ, Dk] and do [Tq, HQ, Dv] whose box is one step of the range
-    dK/dV: rows // G positions x the G heads of one KV head x D (``launch.dkdv_tma``). (None,
-    None) where G or a step's positions are no power of two, a step is not whole positions,
-    the head dims are not one tile, or the rows are not 16-byte aligned."""
+    dK/dV: rows // G positions x the G heads of one KV head x one Dk piece (q) or Dv (do)
+    (``launch.dkdv_tma``). (None, None) where G or a step's positions are no power of two, a
+    step is not whole positions, the head dims are not whole boxes, or the rows are not 16-byte
+    aligned."""
     G = geo.G
-    if (G & (G - 1)) or rows % G or ((rows // G) & (rows // G - 1)) or not _one_tile(geo):
+    if (G & (G - 1)) or rows % G or ((rows // G) & (rows // G - 1)) or not _tma_dims(geo):
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     out = []
-    for x in (q, do):
+    for x, width in ((q, geo.dk_split()[0]), (do, geo.DV)):
         D = x.shape[-1]
         if not tma_ok(x) or (D * x.element_size()) % 16 or D > 256:
             return None, None
-        out.append(TensorDescriptor.from_tensor(x.reshape(-1, geo.HQ, D), [rows // G, G, D]))
+        out.append(TensorDescriptor.from_tensor(x.reshape(-1, geo.HQ, D), [rows // G, G, width]))
     return tuple(out)

@@ -124,6 +124,11 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
     done
     run ktma_c1 200 "$K --ab 'range_tma=True' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_tma_c1"
     run ktma_c2 200 "$K --ab 'dkdv_tma=True' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_tma_c2" ;;
+  # Dk in three 64-wide pieces through TMA boxes (fourteenth session): the pointer loads
+  # against the defaults at (d) the seeds' shape (G = 4: range kernels) and (e) paper.yaml's
+  # heads (G = 16: the selected kernels too), 64k, one process each
+  kab_d) run kab_d 200 "$K --ab 'range_tma=False,dkdv_tma=False,sel_tma=False' --rounds 2 --shapes d_seeds --sizes 64k --out $OUT --tag _${TREE}_pieces_d"
+    run kab_e 200 "$K --ab 'range_tma=False,dkdv_tma=False,sel_tma=False' --rounds 2 --shapes e_paper_yaml --sizes 64k --out $OUT --tag _${TREE}_pieces_e" ;;
   # the same A/B at the paper shape (a) 64k; AB2 (optional) a second setting in the same step
   kab_a) run kab_a 240 "$K --ab '${AB:?set AB}' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a"
     if [ -n "${AB2:-}" ]; then run kab_a2 240 "$K --ab '$AB2' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a2"; fi ;;

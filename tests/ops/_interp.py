@@ -23,3 +23,15 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max(max |b|, 1e-6)."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+def record_descriptors(monkeypatch, module, name, seen: list):
+    """Wrap ``module.name`` (a TMA descriptor helper) so that each call appends whether it made
+    descriptors (True) or left the pointer loads (False)."""
+    real = getattr(module, name)
+
+    def recorded(*a, **kw):
+        d = real(*a, **kw)
+        seen.append(d[0] is not None)
+        return d
+    monkeypatch.setattr(module, name, recorded)

@@ -8,7 +8,7 @@ import torch
 from nsa_dist import NSAConfig, ops
 from nsa_inputs import args, random_nsa_inputs
 
-from _interp import kernels_or_skip, max_rel
+from _interp import kernels_or_skip, max_rel, record_descriptors
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 
@@ -134,11 +134,13 @@ PIECES = {
 # fp16 at 96 with `-m slow`: fp16 pieces by default at 48 (48-fp16-query)
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "96-fp16" else c
                                   for c in sorted(PIECES)])
-def test_head_dims_in_pieces_match_the_reference(case):
+def test_head_dims_in_pieces_match_the_reference(case, monkeypatch):
     """Dk in column pieces (kernels/headdim.py) in every kernel, or padded: selection, forward
     and all gradients against the reference, fp32 to 1e-5 and fp16 against the fp32 reference
-    as tests/ops/test_kernels_interp.py holds fp16 (packed documents, G = 4)."""
+    as tests/ops/test_kernels_interp.py holds fp16 (packed documents, G = 4). Equal pieces
+    load through TMA boxes (the defaults), the others through pointers."""
     _, device = kernels_or_skip()
+    from nsa_dist.kernels import tma
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     from nsa_dist.kernels.nsa import make_geometry
 
@@ -149,12 +151,18 @@ def test_head_dims_in_pieces_match_the_reference(case):
                           requires_grad=True, device=device)
     x32 = {k: v.detach().double().requires_grad_(True) for k, v in x.items()}
     cu = cu.to(device)
+    made = []  # per call of a TMA helper: did it make descriptors
+    for name in ("kv_descriptors", "row_descriptors"):
+        record_descriptors(monkeypatch, tma, name, made)
     with use_launch(LaunchConfig(**settings)):
         geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, cu)
         assert geo.dk_pieces() == dict(BDK=pieces[0], BDK2=pieces[1], BDK3=pieces[2])
         o, idx = ops.nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton", return_indices=True)
         do = torch.randn(o.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         grads = torch.autograd.grad(o, args(x), do.to(dtype))
+    # equal unpadded pieces come through TMA boxes (on a GPU only 16-bit inputs), others the pointer loads
+    equal = pieces[1] in (0, pieces[0]) and pieces[2] in (0, pieces[0]) and sum(pieces) == dk
+    assert made and all(m == (equal and (device == "cpu" or dtype != torch.float32)) for m in made), made
     o_ref, idx_ref = ops.nsa_attention(*args(x32), cfg, cu_seqlens=cu, backend="reference", return_indices=True)
     grads_ref = torch.autograd.grad(o_ref, args(x32), do)
     if dtype == torch.float32:

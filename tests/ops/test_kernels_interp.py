@@ -11,7 +11,7 @@ from nsa_dist.kernels.launch import LaunchConfig, use_launch
 from nsa_dist.ops import nsa_attention, select_blocks
 from nsa_inputs import args, random_nsa_inputs
 
-from _interp import kernels_or_skip, max_rel
+from _interp import kernels_or_skip, max_rel, record_descriptors
 
 NAMES = ("q", "k_cmp", "v_cmp", "k_sel", "v_sel", "k_win", "v_win", "gates")
 
@@ -57,18 +57,6 @@ SEL_DEFAULT = {("block", c) for c in CASES} | {
     ("block-notma", "G2-packed"), ("block-notma", "G3-Dv32"), ("query-notma", "G1")}
 
 
-def _record_descriptors(monkeypatch, module, name, seen: list):
-    """Wrap ``module.name`` (a TMA descriptor helper) so that each call appends whether it made
-    descriptors (True) or left the pointer loads (False)."""
-    real = getattr(module, name)
-
-    def recorded(*a, **kw):
-        d = real(*a, **kw)
-        seen.append(d[0] is not None)
-        return d
-    monkeypatch.setattr(module, name, recorded)
-
-
 @pytest.fixture
 def sel_algo(request, monkeypatch):
     """The selected forward and dq block-major (default for G < 16), the same in chunks of
@@ -90,8 +78,8 @@ def sel_algo(request, monkeypatch):
     if request.param in ("query-tma", "query-notma"):
         launch = launch.replace(sel_dq_algo="query")
     if request.param.endswith("-tma"):  # K / V tiles through TMA descriptors (range and selected kernels)
-        _record_descriptors(monkeypatch, tma, "kv_descriptors", chunks)
-        _record_descriptors(monkeypatch, tma, "row_descriptors", rows_tma)
+        record_descriptors(monkeypatch, tma, "kv_descriptors", chunks)
+        record_descriptors(monkeypatch, tma, "row_descriptors", rows_tma)
     if request.param == "query":  # the backward's own dK/dV list, in short segments (1-4 positions)
         launch = launch.replace(sel_dkdv_seg_rows=4)
     if request.param.endswith("chunked"):
