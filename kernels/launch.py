@@ -50,11 +50,11 @@ class LaunchConfig:
     range_fwd_keys: int = 32  # keys per step of the range forward: 32 beat 64 at (c) 64k
     # the compressed branch's forward alone (its long key ranges, where the window's and the
     # forced blocks' are short), rows / keys per step / (warps, stages); None: the range
-    # forward's (``ksweep_cmp``, one H100, 2026-12-07: no other tile beyond the run's spread;
-    # with TMA loads 64 keys gave (a) 64k's forward about 1.5% more across two processes, 128
-    # lost: ``kcmp64`` times 64 in one process)
+    # forward's. With TMA loads 64 keys a step took 2.5% off (a) 64k's forward and 1.9% off
+    # (c)'s (``kcmp64``, two interleaved rounds in one process each, one H100, 2026-12-07);
+    # 128 lost (docs/benchmarks.md)
     range_cmp_fwd_rows: Optional[int] = None
-    range_cmp_fwd_keys: Optional[int] = None
+    range_cmp_fwd_keys: Optional[int] = 64
     range_dq_keys: int = 64  # keys per step of the range dq
     dkdv_keys: int = 64  # keys per program of the range dK/dV
     dkdv_rows: int = 64  # query rows per step of the range dK/dV

@@ -281,7 +281,7 @@ SWEEP = {
     "range_fwd_rows": [32, 128, {"range_fwd_rows": 128, "range_fwd": (8, 3)}],
     "range_fwd_keys": [16, 64, 128, {"range_fwd_keys": 128, "range_fwd": (8, 3)}],
     # the compressed branch's forward alone (long key ranges: larger tiles than the window's)
-    "range_cmp_fwd_keys": [64, 128, {"range_cmp_fwd_keys": 128, "range_cmp_fwd_rows": 128, "range_cmp_fwd": (8, 3)},
+    "range_cmp_fwd_keys": [32, 128, {"range_cmp_fwd_keys": 128, "range_cmp_fwd_rows": 128, "range_cmp_fwd": (8, 3)},
                            {"range_cmp_fwd_keys": 64, "range_cmp_fwd_rows": 128, "range_cmp_fwd": (8, 2)}],
     "range_cmp_fwd_rows": [128, {"range_cmp_fwd_rows": 128, "range_cmp_fwd": (8, 2)}, {"range_cmp_fwd": (4, 2)}],
     "range_dq_rows": [32, 128, {"range_dq_rows": 128, "range_dq": (8, 2)}],
