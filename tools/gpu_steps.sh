@@ -130,6 +130,14 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # heads (G = 16: the selected kernels too), 64k, one process each
   kab_d) run kab_d 200 "$K --ab 'range_tma=False,dkdv_tma=False,sel_tma=False' --rounds 2 --shapes d_seeds --sizes 64k --out $OUT --tag _${TREE}_pieces_d"
     run kab_e 200 "$K --ab 'range_tma=False,dkdv_tma=False,sel_tma=False' --rounds 2 --shapes e_paper_yaml --sizes 64k --out $OUT --tag _${TREE}_pieces_e" ;;
+  # AB (and AB2 where set) at (a) and at (c) 64k, two interleaved rounds in one process each
+  # (fourteenth session: AB=sel_forced=False, the forced blocks back in the selected kernels now
+  # that the position-major ones load through TMA; AB2=range_fwd_keys=64, the window's and forced
+  # blocks' key steps with TMA loads)
+  kab_ac) for sh in a_paper c_small_g; do
+      run kab_ac_$sh 200 "$K --ab '${AB:?set AB}' --rounds 2 --shapes $sh --sizes 64k --out $OUT --tag _${TREE}_ab_$sh"
+      if [ -n "${AB2:-}" ]; then run kab2_ac_$sh 200 "$K --ab '$AB2' --rounds 2 --shapes $sh --sizes 64k --out $OUT --tag _${TREE}_ab2_$sh"; fi
+    done ;;
   # the same A/B at the paper shape (a) 64k; AB2 (optional) a second setting in the same step
   kab_a) run kab_a 240 "$K --ab '${AB:?set AB}' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a"
     if [ -n "${AB2:-}" ]; then run kab_a2 240 "$K --ab '$AB2' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a2"; fi ;;
