@@ -5,8 +5,10 @@ shape, strides and one box; ``desc.load([row, col])`` in a kernel is one bulk co
 into shared memory. Boxes past the tensor's end read zeros; rows past a tile's range inside
 the tensor are read, so the kernels mask them as they mask the pointer loads' keys.
 
-Each helper returns None (per tensor, or for all) where a tile is not one whole box: the
-kernels then take their pointer loads. ``geo`` is the call's ``nsa.Geometry``.
+A key or query tile is one box, or one box per head-dim piece where Dk runs in equal pieces
+(192 = 3 x 64: the box is one piece wide, loaded at three column offsets). Each helper returns
+None (per tensor, or for all) where a tile is not whole boxes: the kernels then take their
+pointer loads. ``geo`` is the call's ``nsa.Geometry``.
 """
 from __future__ import annotations
 
