@@ -465,3 +465,18 @@ def test_compressed_forward_tiles_of_its_own_match_reference(monkeypatch):
     assert {s[1:] for s in seen if s[0] == 0} == {(16, 16, 2, 2)}, seen
     assert all(s[1:] != (16, 16, 2, 2) for s in seen if s[0] != 0), seen
     assert any(s[2] == default.range_fwd_keys and s[3:] == default.range_fwd for s in seen if s[0] != 0), seen
+
+
+@pytest.mark.parametrize("algo,forced", [("block", True), ("block", False), ("query", False)])
+def test_forced_blocks_in_the_selected_kernels_match_reference(algo, forced, monkeypatch):
+    """``sel_forced=False``: the selected kernels attend to the forced blocks (0 and the two
+    local ones) themselves instead of the range kernels (A/B'd on an H200 in the fourteenth
+    session, slower, so not the default): then no forced-block range forward (MODE 2) runs, with
+    the default one does; the output and every gradient stay the reference's, block- and
+    position-major."""
+    from nsa_dist.kernels import nsa
+    seen = []
+    monkeypatch.setattr(nsa, "_range_fwd", _RecordLaunches(nsa._range_fwd, seen))
+    _matches_reference_under("G2-packed", dict(sel_forced=forced, sel_algo=algo, sel_dq_algo=algo))
+    modes = {s[0] for s in seen}
+    assert {0, 1} <= modes and (modes - {0, 1} != set()) == forced, modes
