@@ -141,7 +141,9 @@ def test_16_bit_defaults_are_unchanged_up_to_dk_256_dv_128(G):
             if dk <= 128:
                 assert geo.tiles(kernel).launch == DEFAULT.warps(kernel), (dk, dv, kernel)
         assert geo.tiles("range_fwd")[:3] == (max(1, 64 // G), max(16, 64 // G * G), 32)
-        assert geo.tiles("range_cmp_fwd") == geo.tiles("range_fwd")  # unset: the range forward's
+        # the compressed forward: the range forward's rows and warps, its own 64 keys a step
+        cmp, rng = geo.tiles("range_cmp_fwd"), geo.tiles("range_fwd")
+        assert (cmp.bt, cmp.block_m, cmp.block_n, cmp.launch) == (rng.bt, rng.block_m, 64, rng.launch)
         assert geo.tiles("range_dkdv")[1:3] == (64, 64)
         assert geo.tiles("sel_dkdv").block_m == DEFAULT.sel_dkdv_rows == 32
 
