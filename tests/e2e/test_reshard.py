@@ -236,6 +236,7 @@ def test_resume_on_zero3_continues_the_curve_and_reset_departs(tiny_data, tp2_ru
     assert abs(got[6] - want[6]) > 1e-4  # Adam started afresh
 
 
+@pytest.mark.slow  # 14 s; the default run keeps the foreign layout / model refusals (15-min budget)
 def test_global_batch_change_needs_the_flag(tiny_data, tp2_run, tmp_path):
     root, _, step3 = tp2_run
     small = train_yaml(tiny_data, tmp_path / "small", deepspeed=ZERO2, micro_batch_size=1, **COMMON)

@@ -111,6 +111,7 @@ def test_sigterm_saves_the_step_and_resumes_exactly(tiny_data, tmp_path, referen
     assert_same_run(summary(cfg), reference)
 
 
+@pytest.mark.slow  # 16 s; SIGTERM's checkpoint-and-resume stays in the default run (15-min budget)
 def test_a_signal_stops_with_status_75_and_a_second_exits_at_once(tiny_data, tmp_path):
     # 16 micro-batches a step: the first signal's step must outlast the test's reaction to its
     # message (in a clean-clone run on 2 loaded cores the run had saved and exited before the

@@ -37,6 +37,7 @@ def _scalars(log_dir: str, tag: str) -> dict:
 
 # ------------------------------------------------------------------ defects 5 and 11: schedule on resume, MFU
 
+@pytest.mark.slow  # 14 s; exact resume stays in the default run (test_pretrain.py; 15-min budget)
 def test_resume_with_more_steps_keeps_the_schedule_and_mfu_is_said(tiny_data, tmp_path):
     # 4 steps: warm-up 1, cosine 3e-3 -> 3e-4 over steps 1..4 (decay_steps 0: the rest of the run).
     base = dict(train_steps=4, warmup_steps=1, decay_steps=0, lr=3e-3, min_lr=3e-4, eval_batches=0,

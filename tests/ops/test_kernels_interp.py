@@ -45,12 +45,11 @@ SEL_ALGOS = ("block", "block-chunked", "query", "query-fwd-block-dq", "block-fwd
              "block-fused-steps16", "block-fused-steps16-chunked", "query-tma", "block-tma", "block-notma",
              "query-notma")
 # (algorithm, case) run by default: every case block-major (the default), every other
-# algorithm on two or more cases; the rest of the product with `-m slow`
+# algorithm on one or more cases (the TMA and pointer loads, the chunked and fused paths on the
+# packed case); the rest of the product with `-m slow`
 SEL_DEFAULT = {("block", c) for c in CASES} | {
-    ("block-chunked", "G2-packed"), ("block-chunked", "G1"), ("query", "G1"), ("query", "G3-Dv32"),
-    ("query-fwd-block-dq", "G1"), ("query-fwd-block-dq", "G4-fla-cfg-w0"),
-    ("block-fwd-query-dq", "G3-Dv32"), ("block-fwd-query-dq", "G4-fla-cfg-w0"),
-    ("block-fused", "G1"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
+    ("block-chunked", "G2-packed"), ("query", "G1"), ("query", "G3-Dv32"),
+    ("query-fwd-block-dq", "G1"), ("block-fwd-query-dq", "G3-Dv32"), ("block-fused", "G2-packed"), ("block-fused-chunked", "G2-packed"),
     ("query-fwd-fused-dq", "G1"), ("block-hints-chunked", "G2-packed"), ("block-steps16", "G2-long"),
     ("block-fused-steps16", "G2-long"), ("block-fused-steps16-chunked", "G2-long"),
     ("query-tma", "G2-packed"), ("query-tma", "G3-Dv32"), ("block-tma", "G2-packed"), ("block-tma", "G1"),
@@ -253,7 +252,7 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, dq_algo, m
     assert chunks and len(chunks[-1].bounds) - 1 > 1  # several chunks
 
 
-@pytest.mark.parametrize("rows,keys,span,merge,G,l,d,ls,n,aligned", [
+SELECTION_SHAPES = [
     (16, 16, 1, True, 1, 8, 4, 16, 4, False),  # 16 positions a program, 3 blocks a merge
     (16, 16, 2, False, 1, 8, 4, 16, 4, False),  # the same with the sort-only merge, 2 key tiles a merge
     (16, 16, 1, True, 32, 16, 8, 32, 3, False),  # G = 32: one position a program
@@ -272,8 +271,23 @@ def test_scaled_fp16_dq_partials_keep_precision_at_any_magnitude(mag, dq_algo, m
     (16, 64, 1, True, 16, 4, 4, 4, 6, True),
     (32, 64, 1, True, 4, 4, 1, 4, 7, True),
     (16, 32, 1, True, 2, 4, 2, 4, 6, "off"),  # the general chunking where whole blocks would do
-])
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+]
+# the key tiles through TMA by default on three shapes (one a program, G = 3 in 4 head slots,
+# chunks of whole blocks); on every shape with `-m slow`
+SELECTION_TMA_DEFAULT = {(16, 16, 1, True, 1, 8, 4, 16, 4, False), (128, 16, 1, False, 3, 8, 4, 16, 5, False),
+                         (16, 32, 1, True, 1, 4, 2, 4, 6, True)}
+
+
+def _selection_params():
+    for shape in SELECTION_SHAPES:
+        values, marks = (shape.values, shape.marks) if hasattr(shape, "values") else (shape, ())
+        for tma in (False, True):
+            slow = tma and tuple(values) not in SELECTION_TMA_DEFAULT
+            yield pytest.param(*values, tma, marks=tuple(marks) + ((pytest.mark.slow,) if slow else ()),
+                               id="-".join(["tma" if tma else "pointers", *map(str, values)]))
+
+
+@pytest.mark.parametrize("rows,keys,span,merge,G,l,d,ls,n,aligned,tma", list(_selection_params()))
 def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, l, d, ls, n, aligned, tma,
                                                     monkeypatch):
     """The selection kernel in each of its program shapes, chunkings and merges, over documents
