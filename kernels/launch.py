@@ -126,7 +126,8 @@ class LaunchConfig:
     select_aligned: bool = True  # chunks of whole blocks where (l, d, l') allow it
     select_merge: Optional[bool] = None  # tl.bitonic_merge top-n merge (None: when Triton has it)
     select: Optional[WarpsStages] = None  # None: 8 warps for merges wider than top-n, 3 stages aligned G < 16
-    # the compressed key tiles through a TMA descriptor (as range_tma; prepared, not measured)
+    # the compressed key tiles through a TMA descriptor (as range_tma): 2-4% off the selection
+    # at (a) and (c) 64k, nothing off the forward beyond the spread (one H100, 2026-12-07)
     select_tma: bool = False
     # --- shared memory: every kernel's tiles are shrunk until their estimate fits (``fit``)
     smem_bytes: int = 232448  # shared memory one program may use: Hopper's 227 KB

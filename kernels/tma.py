@@ -22,12 +22,12 @@ def tma_ok(x: torch.Tensor) -> bool:
     return x.is_contiguous() and x.data_ptr() % 16 == 0 and (x.element_size() == 2 or not x.is_cuda)
 
 
-def _tma_dims(geo) -> bool:
-    """Dk one power-of-two tile or equal power-of-two pieces (192 = 3 x 64), unpadded, and Dv
-    unpadded: each piece of a tile is then one box of one descriptor (``headdim.rest_tma``)."""
+def _tma_dims(geo, with_v: bool = True) -> bool:
+    """Dk one power-of-two tile or equal power-of-two pieces (192 = 3 x 64), unpadded, and (with_v)
+    Dv unpadded: each piece of a tile is then one box of one descriptor (``headdim.rest_tma``)."""
     bd, bd2, bd3 = geo.dk_split()
     return (bd2 in (0, bd) and bd3 in (0, bd) and bd * (1 + (bd2 > 0) + (bd3 > 0)) == geo.DK
-            and geo.bdv() == geo.DV)
+            and (not with_v or geo.bdv() == geo.DV))
 
 
 def kv_descriptors(k, v, geo, keys: int):
@@ -36,7 +36,7 @@ def kv_descriptors(k, v, geo, keys: int):
     (``launch.sel_tma``, ``range_tma``, ``select_tma``). (None, None) where a tile is not whole
     boxes (Dk padded or in unequal pieces, Dv padded) or the rows are not 16-byte aligned, as
     TMA needs."""
-    if not _tma_dims(geo) or keys > 256:
+    if not _tma_dims(geo, with_v=v is not None) or keys > 256:  # the selection loads no V
         return None, None
     from triton.tools.tensor_descriptor import TensorDescriptor
 

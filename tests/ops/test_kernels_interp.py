@@ -300,8 +300,8 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
     launch = LaunchConfig(select_rows=rows, select_rows_aligned=rows, select_keys=keys, select_span=span,
                           select_merge=merge, select_tma=tma, range_tma=False)  # only the selection counted
     from nsa_dist.kernels import tma as tma_mod
-    made, real = [], tma_mod.kv_descriptors
-    monkeypatch.setattr(tma_mod, "kv_descriptors", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    made = []  # per descriptor call: were descriptors made
+    record_descriptors(monkeypatch, tma_mod, "kv_descriptors", made)
     np_ = max(16, 1 << (n - 1).bit_length())
     gp = 1 << (G - 1).bit_length()
     assert sel.aligned_chunks(l, d, ls, keys, span, np_, gp) == (aligned is not False)  # the path it names
@@ -315,7 +315,7 @@ def test_selection_tiles_and_chunks_match_reference(rows, keys, span, merge, G, 
     with use_launch(launch):
         got = kernels.select_blocks(x["q"], x["k_cmp"], cfg, cu_seqlens=cu)
     assert torch.equal(ref, got)
-    assert [d[0] is not None for d in made] == ([True] if tma else []), made  # the descriptor was used
+    assert made == ([True] if tma else []), made  # the descriptor was made and passed
     nblocks = -(-120 // ls)
     chunk = keys // (ls // d) if aligned else sel.block_chunk(l, d, ls, keys * span)
     assert nblocks > min(chunk, n)  # several merges, or n binds
@@ -494,3 +494,18 @@ def test_forced_blocks_in_the_selected_kernels_match_reference(algo, forced, mon
     _matches_reference_under("G2-packed", dict(sel_forced=forced, sel_algo=algo, sel_dq_algo=algo))
     modes = {s[0] for s in seen}
     assert {0, 1} <= modes and (modes - {0, 1} != set()) == forced, modes
+
+
+def test_key_descriptors_need_an_unpadded_dv_only_where_v_is_loaded():
+    """``tma.kv_descriptors``: with a padded Dv (24 -> 32) the K / V pair keeps the pointer loads,
+    while the selection's K alone (no V) still takes a descriptor."""
+    kernels_or_skip()
+    from nsa_dist.kernels import tma
+    from nsa_dist.kernels.nsa import make_geometry
+
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, num_selected=4, window=16)
+    x = random_nsa_inputs(cfg, S=64, HQ=4, H=2, Dk=16, Dv=24, seed=1)
+    geo = make_geometry(x["q"], x["k_cmp"], x["v_sel"], cfg, None)
+    assert tma.kv_descriptors(x["k_sel"], x["v_sel"], geo, 16) == (None, None)
+    kd, vd = tma.kv_descriptors(x["k_cmp"], None, geo, 16)
+    assert kd is not None and vd is None
