@@ -36,6 +36,9 @@ run() {  # name limit_s command
   timeout "$limit" bash -c "$*" 2>&1 | tee "$OUT/$name.log" | grep -v "Warning\|warn(\|^  outs = \|^  o = \|^  return func" | tail -40
   echo "=== $name rc=${PIPESTATUS[0]} $(date -u +%H:%M:%S)"
 }
+ab() {  # name limit_s settings shape tag: one launch-setting A/B at 64k, two interleaved rounds
+  run "$1" "$2" "$K --ab '$3' --rounds 2 --shapes $4 --sizes 64k --out $OUT --tag _${TREE}$5"
+}
 for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # GPU kernel tests (bf16 against the fp32 reference, every G; packed documents; wide heads)
   tests) run tests 300 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k 'bf16_within or packed_documents_bf16 or long_sequence or (16_bit_head_dims and bf16 and 192) or (fused_selected and 4-) or through_tma'" ;;
@@ -97,7 +100,7 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # one launch-setting A/B at (c) 64k, AB="NAME=VALUE,..." (tenth session: AB='sel_dkdv=(8,2)',
   # then the step kdkv8: 11% slower), then the 1b model at 32k with it against dense, in one
   # process, only if the kernels gained >= 2% (tools/ab_gain.py)
-  kab) run kab 200 "$K --ab '${AB:?set AB to the launch settings}' --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_ab" ;;
+  kab) ab kab 200 "${AB:?set AB to the launch settings}" c_small_g _ab ;;
   # short sequences: a launch-setting A/B of (c) at 8k, then 16k (eleventh session, prepared:
   # AB=dkdv_programs=512, shorter compressed dK/dV query chunks where its grid is narrow), then
   # the 1b model at 8k with it against dense, in one process
@@ -105,13 +108,13 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   m8ab) run m8ab 200 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 8k --attention nsa,dense --out $OUT/m8ab.csv train_steps=8" ;;
   # the selection's compressed key tiles through TMA (select_tma, prepared in the thirteenth
   # session), (a) and (c) 64k, against the defaults in one process each
-  kselect_tma) run kselect_tma_a 200 "$K --ab select_tma=True --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_seltma_a"
-    run kselect_tma_c 200 "$K --ab select_tma=True --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_seltma_c" ;;
+  kselect_tma) ab kselect_tma_a 200 select_tma=True a_paper _seltma_a
+    ab kselect_tma_c 200 select_tma=True c_small_g _seltma_c ;;
   # 64 compressed keys a step in the compressed forward with TMA ((a) 64k: about 1.5% beyond
   # TMA alone across two processes, thirteenth session), (c) and (a) in one process each
   # (fourteenth session: -1.9% / -2.5%, then made default: this step now A/Bs 64 against 32)
-  kcmp64) run kcmp64_c 200 "$K --ab range_cmp_fwd_keys=32 --rounds 2 --shapes c_small_g --sizes 64k --out $OUT --tag _${TREE}_cmp64_c"
-    run kcmp64_a 200 "$K --ab range_cmp_fwd_keys=32 --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_cmp64_a" ;;
+  kcmp64) ab kcmp64_c 200 range_cmp_fwd_keys=32 c_small_g _cmp64_c
+    ab kcmp64_a 200 range_cmp_fwd_keys=32 a_paper _cmp64_a ;;
   # the range kernels' tiles again now that TMA loads free registers (thirteenth session: the
   # compressed forward at 64 x 32 builds at 136 registers instead of 166), (c) and (a) 64k
   ksweep_tma) run ksweep_tma 420 "$K --sweep --sweep-keys range_fwd_keys,range_cmp_fwd_keys,range_dq_keys,range_dq_rows,dkdv_keys,range_dkdv --rounds 1 --shapes c_small_g,a_paper --sizes 64k --out $OUT --tag _${TREE}_tma" ;;
@@ -128,19 +131,19 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # Dk in three 64-wide pieces through TMA boxes (fourteenth session): the pointer loads
   # against the defaults at (d) the seeds' shape (G = 4: range kernels) and (e) paper.yaml's
   # heads (G = 16: the selected kernels too), 64k, one process each
-  kab_d) run kab_d 200 "$K --ab 'range_tma=False,dkdv_tma=False,sel_tma=False' --rounds 2 --shapes d_seeds --sizes 64k --out $OUT --tag _${TREE}_pieces_d"
-    run kab_e 200 "$K --ab 'range_tma=False,dkdv_tma=False,sel_tma=False' --rounds 2 --shapes e_paper_yaml --sizes 64k --out $OUT --tag _${TREE}_pieces_e" ;;
+  kab_d) ab kab_d 200 range_tma=False,dkdv_tma=False,sel_tma=False d_seeds _pieces_d
+    ab kab_e 200 range_tma=False,dkdv_tma=False,sel_tma=False e_paper_yaml _pieces_e ;;
   # AB (and AB2 where set) at (a) and at (c) 64k, two interleaved rounds in one process each
   # (fourteenth session: AB=sel_forced=False, the forced blocks back in the selected kernels now
   # that the position-major ones load through TMA; AB2=range_fwd_keys=64, the window's and forced
   # blocks' key steps with TMA loads)
   kab_ac) for sh in a_paper c_small_g; do
-      run kab_ac_$sh 200 "$K --ab '${AB:?set AB}' --rounds 2 --shapes $sh --sizes 64k --out $OUT --tag _${TREE}_ab_$sh"
-      if [ -n "${AB2:-}" ]; then run kab2_ac_$sh 200 "$K --ab '$AB2' --rounds 2 --shapes $sh --sizes 64k --out $OUT --tag _${TREE}_ab2_$sh"; fi
+      ab kab_ac_$sh 200 "${AB:?set AB}" $sh _ab_$sh
+      if [ -n "${AB2:-}" ]; then ab kab2_ac_$sh 200 "$AB2" $sh _ab2_$sh; fi
     done ;;
   # the same A/B at the paper shape (a) 64k; AB2 (optional) a second setting in the same step
-  kab_a) run kab_a 240 "$K --ab '${AB:?set AB}' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a"
-    if [ -n "${AB2:-}" ]; then run kab_a2 240 "$K --ab '$AB2' --rounds 2 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_ab_a2"; fi ;;
+  kab_a) ab kab_a 240 "${AB:?set AB}" a_paper _ab_a
+    if [ -n "${AB2:-}" ]; then ab kab_a2 240 "$AB2" a_paper _ab_a2; fi ;;
   m32ab_if) if python3 tools/ab_gain.py $OUT/kernel_ab_${TREE}_ab.csv --min-gain 0.02; then
       run m32ab 300 "python3 -m torch.distributed.run --standalone --nproc_per_node 1 tools/with_launch.py '${AB:?set AB}' nsa_dist.training.bench --config configs/train/bench_1b.yaml --seq-len 32k --attention nsa,dense --out $OUT/m32ab.csv"
     else echo "m32ab_if: no kernel gain, no model run"; fi ;;
