@@ -117,6 +117,9 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
     ab kcmp64_a 200 range_cmp_fwd_keys=32 a_paper _cmp64_a ;;
   # the range kernels' tiles again now that TMA loads free registers (thirteenth session: the
   # compressed forward at 64 x 32 builds at 136 registers instead of 166), (c) and (a) 64k
+  # the (a) forward's range tiles with TMA loads (the window at 64 rows, 4 positions x 16 heads,
+  # ran at about 300 TFLOP/s against the compressed branch's 440; fifteenth session, prepared)
+  ksweep_fwd_a) run ksweep_fwd_a 400 "$K --sweep --sweep-keys range_fwd_rows,range_fwd_keys,range_cmp_fwd_rows,range_cmp_fwd_keys --rounds 1 --shapes a_paper --sizes 64k --out $OUT --tag _${TREE}_fwd_a" ;;
   ksweep_tma) run ksweep_tma 420 "$K --sweep --sweep-keys range_fwd_keys,range_cmp_fwd_keys,range_dq_keys,range_dq_rows,dkdv_keys,range_dkdv --rounds 1 --shapes c_small_g,a_paper --sizes 64k --out $OUT --tag _${TREE}_tma" ;;
   # TMA loads (launch.range_tma, sel_tma; thirteenth session): A/B of each against the defaults
   # at (a) 64k, with the compressed forward's wider key tiles, then range_tma at (c) 64k
