@@ -14,19 +14,29 @@ import triton.language as tl
 
 
 @triton.jit
+def gate_rows(OC, OW, GATES, O, r, row_ok, d, DV, o_s, HAS_WIN: tl.constexpr):
+    """o = g_cmp o_cmp + g_sel o_s + g_win o_win for rows r ([R] int64, row_ok their mask) and
+    columns d: o_s is the selected branch's [R, BD] result as stored (O's dtype), the other two
+    are read. Shared by ``_combine_fwd`` and the selected kernels' epilogues (``gate_fused``),
+    so both round alike."""
+    m = row_ok[:, None] & (d < DV)[None, :]
+    off = r[:, None] * DV + d[None, :]
+    g0 = tl.load(GATES + r * 3, mask=row_ok, other=0.0).to(tl.float32)
+    g1 = tl.load(GATES + r * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
+    o = g0[:, None] * tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
+    o += g1[:, None] * o_s.to(tl.float32)
+    if HAS_WIN:
+        g2 = tl.load(GATES + r * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
+        o += g2[:, None] * tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(O + off, o.to(O.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _combine_fwd(OC, OS, OW, GATES, O, R, DV, HAS_WIN: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     d = tl.arange(0, BD)
-    m = (r < R)[:, None] & (d < DV)[None, :]
-    off = r[:, None] * DV + d[None, :]
-    g0 = tl.load(GATES + r * 3, mask=r < R, other=0.0).to(tl.float32)
-    g1 = tl.load(GATES + r * 3 + 1, mask=r < R, other=0.0).to(tl.float32)
-    o = g0[:, None] * tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
-    o += g1[:, None] * tl.load(OS + off, mask=m, other=0.0).to(tl.float32)
-    if HAS_WIN:
-        g2 = tl.load(GATES + r * 3 + 2, mask=r < R, other=0.0).to(tl.float32)
-        o += g2[:, None] * tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(O + off, o.to(O.dtype.element_ty), mask=m)
+    o_s = tl.load(OS + r[:, None] * DV + d[None, :], mask=(r < R)[:, None] & (d < DV)[None, :], other=0.0)
+    gate_rows(OC, OW, GATES, O, r, r < R, d, DV, o_s, HAS_WIN)
 
 
 @triton.jit

@@ -115,6 +115,11 @@ class LaunchConfig:
     overlap_branches: bool = False
     side_priority: int = 0
     gate_rows: int = 32  # rows per program of the gate combination (gates.py)
+    # the gate combination in the selected branch's last kernel (its forward at G >= 16, its
+    # per-slot merge below), which then reads the compressed and window outputs and writes the
+    # layer's output: one pass over o_sel less, no separate launch. One stream only (with
+    # ``overlap_branches`` the window may still be running there)
+    gate_fused: bool = False
     # the inverted selection's ~90 small torch ops through torch.compile (None: on CUDA); each
     # call's launches cost host time that short contexts cannot hide
     compile_tables: Optional[bool] = None

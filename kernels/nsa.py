@@ -375,9 +375,20 @@ def _l2_hints(geo: Geometry) -> dict:
     return {"EVQ": "evict_last" if on else "", "EVS": "evict_first" if on else ""}
 
 
-def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
+def _gated_args(gated, o) -> tuple:
+    """(OC, OW, GATES, OUT, GATED / HAS_WIN constexprs) of the selected kernels' fused gate
+    combination: ``gated`` = (o_cmp, o_win or None, gates, out) [T, HQ, ...], or None (then
+    any tensor stands for the pointers)."""
+    if gated is None:
+        return (o, o, o, o), dict(GATED=False, HAS_WIN=False)
+    o_c, o_w, gates, out = gated
+    return (o_c, o_c if o_w is None else o_w, gates, out), dict(GATED=True, HAS_WIN=o_w is not None)
+
+
+def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2, gated=None):
     """Selected branch into o [T, HQ, Dv] and lse [T, HQ] (base 2); returns the block-major
-    work list (the backward walks it too) or None."""
+    work list (the backward walks it too) or None. ``gated`` = (o_cmp, o_win or None, gates
+    [T, HQ, 3], out [T, HQ, Dv]): its last kernel also writes the gate combination into out."""
     n = idx.shape[-1]
     forced = geo.forced_split()
     # the forced blocks' attention and lse (MODE 2), with full tiles, in the output buffers:
@@ -385,16 +396,17 @@ def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
     if forced:
         _range_forward(2, q, k, v, geo, cfg, scale2, out=(o, lse))
     if geo.sel_block_major():
-        return _sel_forward_split(q, k, v, idx, o, lse, geo, cfg, scale2)
+        return _sel_forward_split(q, k, v, idx, o, lse, geo, cfg, scale2, gated)
     t = geo.tiles("sel_fwd")
     qt, union, cnt = _sel_prep(idx, geo, t.bt)
     if qt.shape[0]:
         kd, vd = _sel_descriptors(k, v, geo, cfg, t)
-        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, kd, vd, scale2, geo.HQ,
+        gp, gk = _gated_args(gated, o)
+        _sel_fwd[(qt.shape[0], geo.H)](q, k, v, o, lse, o, lse, qt, idx, union, cnt, kd, vd, *gp, scale2, geo.HQ,
                                        geo.DK, geo.DV, n, union.shape[-1], G=geo.G, LS=cfg.sel_block, BT=t.bt,
                                        BLOCK_M=t.block_m, BLOCK_N=t.block_n, NPAD=_pow2(n), BDV=geo.bdv(),
                                        FORCED=forced, PREC=geo.prec, TMA=kd is not None, **geo.dk_pieces(),
-                                       **t.launch)
+                                       **gk, **t.launch)
     return None
 
 
@@ -413,10 +425,10 @@ def _slots(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
+def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2, gated=None):
     """Block-major: per-slot results of each chunk of positions, then their merge into (o, lse),
     which under ``forced_split`` hold the forced blocks' (o, lse) on entry (the merge reads a
-    row's before it writes it). Returns the work list."""
+    row's before it writes it); ``gated`` as ``_sel_forward``'s. Returns the work list."""
     T = q.shape[0]
     n = idx.shape[-1]
     work = _sel_work(idx, geo, cfg, geo.split_chunk(n, q.dtype))
@@ -431,11 +443,12 @@ def _sel_forward_split(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2):
         _sel_fwd_split[(i1 - i0,)](q, k, v, op, lp, work.items[i0:i1], work.queries, work.slots, scale2,
                                    geo.HQ, geo.DK, geo.DV, n, t0 * geo.HQ, **_sel_block_args(geo, cfg, "sel_split"))
         nr = (t1 - t0) * geo.HQ
+        gp, gk = _gated_args(None if gated is None else [None if x is None else x[t0:t1] for x in gated], o)
         _sel_combine[(triton.cdiv(nr, block_r),)](op, lp, work.valid[t0:t1], o[t0:t1] if forced else op,
-                                                  lse[t0:t1] if forced else lp, o[t0:t1], lse[t0:t1], nr, geo.HQ, n,
-                                                  geo.DV, G=geo.G, BLOCK_R=block_r, NPAD=_pow2(n), BDV=geo.bdv(),
-                                                  FORCED=forced,
-                                                  EVS=_l2_hints(geo)["EVS"], **geo.launch.warps("sel_combine"))
+                                                  lse[t0:t1] if forced else lp, o[t0:t1], lse[t0:t1], *gp, nr,
+                                                  geo.HQ, n, geo.DV, G=geo.G, BLOCK_R=block_r, NPAD=_pow2(n),
+                                                  BDV=geo.bdv(), FORCED=forced, EVS=_l2_hints(geo)["EVS"], **gk,
+                                                  **geo.launch.warps("sel_combine"))
     return work
 
 
@@ -554,6 +567,7 @@ class NSAFunction(torch.autograd.Function):
     def forward(ctx, q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx, geo, cfg, scale, pre=None,
                 memo=None):
         scale2 = scale * LOG2E
+        o = None
         if memo is not None and "branches" in memo:
             o_c, lse_c, o_s, lse_s, o_w, lse_w, work = memo["branches"]
         else:
@@ -569,18 +583,23 @@ class NSAFunction(torch.autograd.Function):
             geo.qtiles(geo.tiles("range_fwd").bt)
             if not geo.sel_block_major():
                 geo.qtiles(geo.tiles("sel_fwd").bt)
+            # ``gate_fused`` (one stream): the selected branch's last kernel writes the layer's output
+            out = torch.empty_like(o_s) if geo.launch.gate_fused and not ov.active else None
             ov.fork()
             try:
                 o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
                 with ov.on_side():
-                    work = _sel_forward(q, k_sel, v_sel, idx, o_s, lse_s, geo, cfg, scale2)
+                    work = _sel_forward(q, k_sel, v_sel, idx, o_s, lse_s, geo, cfg, scale2,
+                                        gated=None if out is None else (o_c, o_w, gates, out))
                 if work is not None:  # kept for the backward (and a recomputation's memo)
                     ov.hand_over(work.items, work.queries, work.slots, work.valid)
             finally:
                 ov.join()
             if memo is not None:
                 memo["branches"] = (o_c, lse_c, o_s, lse_s, o_w, lse_w, work)
-        o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)
+            o = out
+        if o is None:
+            o = combine(o_c, o_s, o_w, gates, geo.launch.gate_rows)
         ctx.save_for_backward(q, k_cmp, v_cmp, k_sel, v_sel, k_win, v_win, gates, idx,
                               o_c, lse_c, o_s, lse_s, o_w, lse_w)
         ctx.geo, ctx.cfg, ctx.scale, ctx.sel_work = geo, cfg, scale, work

@@ -29,6 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .gates import gate_rows
 from .headdim import rest_acc, rest_amax, rest_dot, rest_load, rest_scale, rest_store, rest_tma, rest_zeros
 from .range_attn import TILE_COLS, _query_tile, dkdv_update
 
@@ -58,16 +59,18 @@ def _union_range(cnt, t0, ds0, LS: tl.constexpr, BT: tl.constexpr, FORCED: tl.co
 
 
 @triton.jit
-def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, KD, VD, scale2, HQ, DK, DV, NSEL, UMAX,
-             G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, KD, VD, OC, OW, GATES, OUT, scale2, HQ, DK, DV,
+             NSEL, UMAX, G: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, NPAD: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
              FORCED: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
-             TMA: tl.constexpr = False):
+             TMA: tl.constexpr = False, GATED: tl.constexpr = False, HAS_WIN: tl.constexpr = False):
     """Position-major forward. FORCED: the forced blocks' attention (OF, base-2 log-sum-exp LF,
     from the range kernel; they may be O and LSE themselves, as a program reads its rows'
     state before it writes them) is the starting state, and those blocks are skipped.
     TMA: K and V blocks through the tensor descriptors KD / VD ([T, H * D], one block of one
-    KV head a load, ``tma.kv_descriptors``); keys past the tile's end are read, then masked."""
+    KV head a load, ``tma.kv_descriptors``); keys past the tile's end are read, then masked.
+    GATED: also the layer's output OUT = the gate combination of OC, this result and OW
+    (HAS_WIN) with GATES [rows, 3] (``gates.gate_rows``; ``launch.gate_fused``)."""
     tile = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = HQ // G
@@ -126,9 +129,10 @@ def _sel_fwd(Q, K, V, O, LSE, OF, LF, TILES, IDX, UNION, UCNT, KD, VD, scale2, H
     empty = l_i == 0.0
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + rq, lse, mask=row_ok)
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(O + rq[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (dv < DV)[None, :])
+    o = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(O.dtype.element_ty)
+    tl.store(O + rq[:, None] * DV + dv[None, :], o, mask=row_ok[:, None] & (dv < DV)[None, :])
+    if GATED:
+        gate_rows(OC, OW, GATES, OUT, rq, row_ok, dv, DV, o, HAS_WIN)
 
 
 @triton.jit
@@ -283,12 +287,14 @@ def _sel_fwd_split_step(OP, LP, row_ok, t, rq, q, q_r, SLIST, off, r0, k, k_r, v
 
 
 @triton.jit
-def _sel_combine(OP, LP, VALID, OF, LF, O, LSE, rows, HQ, NSEL, DV, G: tl.constexpr, BLOCK_R: tl.constexpr,
-                 NPAD: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr, EVS: tl.constexpr):
+def _sel_combine(OP, LP, VALID, OF, LF, O, LSE, OC, OW, GATES, OUT, rows, HQ, NSEL, DV, G: tl.constexpr,
+                 BLOCK_R: tl.constexpr, NPAD: tl.constexpr, BDV: tl.constexpr, FORCED: tl.constexpr,
+                 EVS: tl.constexpr, GATED: tl.constexpr = False, HAS_WIN: tl.constexpr = False):
     """Merge each row's per-slot results: lse = log2-sum-exp2 of LP, o = sum_j 2^(LP_j - lse) OP_j,
     with FORCED one more term, the forced blocks' (OF, LF: +inf where nothing was visible).
     VALID [positions, H, NSEL] marks the slots the split kernel wrote (the others hold garbage
-    and count as empty). Rows that saw nothing get lse = +inf and o = 0."""
+    and count as empty). Rows that saw nothing get lse = +inf and o = 0. GATED: also the
+    layer's output OUT, as ``_sel_fwd``'s."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = r < rows
     jn = tl.arange(0, NPAD)
@@ -324,7 +330,10 @@ def _sel_combine(OP, LP, VALID, OF, LF, O, LSE, rows, HQ, NSEL, DV, G: tl.conste
                      other=0.0, eviction_policy=EVS)
         acc += wj[:, None] * oj.to(tl.float32)
     tl.store(LSE + r, lse, mask=row_ok)
-    tl.store(O + r[:, None] * DV + dv[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    o = acc.to(O.dtype.element_ty)
+    tl.store(O + r[:, None] * DV + dv[None, :], o, mask=row_ok[:, None] & (dv < DV)[None, :])
+    if GATED:
+        gate_rows(OC, OW, GATES, OUT, r, row_ok, dv, DV, o, HAS_WIN)
 
 
 @triton.jit

@@ -435,6 +435,36 @@ def test_two_stream_order_matches_reference(case, algos, monkeypatch):
     assert built, "the backward did not take the two-stream order"
 
 
+@pytest.mark.parametrize("case,settings", [
+    ("G2-packed", dict(sel_algo="block")), ("G2-packed", dict(sel_algo="block", split_bytes=20000)),
+    ("G4-fla-cfg-w0", dict(sel_algo="block")), ("G1", dict(sel_algo="query")),
+    ("G2-packed", dict(sel_algo="query"))])
+def test_gate_fused_output_matches_separate_combination(case, settings, monkeypatch):
+    """``gate_fused``: the selected branch's last kernel (the position-major forward, or the
+    block-major merge, in several chunks with a small ``split_bytes``) writes the gate
+    combination itself; no separate combination runs, and the output and every gradient are
+    those of the separate combination (which rounds alike) and of the reference."""
+    _, cfg, cu, x = _run(case)
+    from nsa_dist.kernels import nsa
+    calls = []
+    combine = nsa.combine
+    monkeypatch.setattr(nsa, "combine", lambda *a: calls.append(1) or combine(*a))
+    outs, grads = [], []
+    do = None
+    for fused in (False, True):
+        with use_launch(LaunchConfig(gate_fused=fused, **settings)):
+            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+            do = torch.randn_like(o) if do is None else do
+            grads.append(torch.autograd.grad(o, args(x), do, allow_unused=True))
+        outs.append(o.detach())
+        assert len(calls) == 1, calls  # only the unfused call combined separately
+    assert torch.equal(outs[1], outs[0])
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    assert max_rel(outs[1], o_ref) < 1e-5
+    for name, a, b in zip(NAMES, grads[1], grads[0]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
 def test_register_capped_split_kernels_match_reference(monkeypatch):
     """``sel_split_regs`` / ``sel_dq_split_regs`` reach the block-major split launches as
     ``maxnreg`` (a compile option; the interpreter runs the same code) and ``sel_l2_hints`` every
