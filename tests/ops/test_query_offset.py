@@ -71,6 +71,7 @@ KCASES = {
 
 @pytest.mark.parametrize("case,algo", [
     ("G4-packed", "block"), ("G1-batch2-short", "block-chunked"), ("G2-packed-inside", "query"),
+    ("G4-packed", "block-chunked-gated"), ("G2-packed-inside", "query-gated"),
     pytest.param("G4-packed", "query", marks=pytest.mark.slow),
     pytest.param("G1-batch2-short", "query", marks=pytest.mark.slow),
     pytest.param("G2-packed-inside", "block", marks=pytest.mark.slow),
@@ -79,7 +80,8 @@ def test_kernels_at_an_offset_equal_the_reference(case, algo):
     """The Triton path with q_start (its own selection, the forced blocks in the range kernels)
     against the reference with q_start: outputs, indices, and the gradients of q, the gates
     and every key and value (keys past the queries get none). The selected branch block-major
-    (in chunks of positions: "block-chunked") or position-major ("query")."""
+    (in chunks of positions: "block-chunked") or position-major ("query"); "-gated": its last
+    kernel writes the gate combination (``gate_fused``)."""
     from _interp import kernels_or_skip, max_rel
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
 
@@ -91,8 +93,8 @@ def test_kernels_at_an_offset_equal_the_reference(case, algo):
     kv = [x[k] for k in ARG_ORDER[1:7]]
     o_ref, idx_ref = nsa_attention(q, *kv, gates, KCFG, cu_seqlens=cu, backend="reference", return_indices=True,
                                    q_start=a)
-    launch = LaunchConfig(sel_algo=algo[:5], sel_dq_algo=algo[:5])
-    if algo.endswith("chunked"):
+    launch = LaunchConfig(sel_algo=algo[:5], sel_dq_algo=algo[:5], gate_fused=algo.endswith("gated"))
+    if "chunked" in algo:
         launch = launch.replace(split_bytes=4000)  # 7 positions a chunk: 4 chunks
     with use_launch(launch):
         o, idx = nsa_attention(q, *kv, gates, KCFG, cu_seqlens=cu, backend="triton", return_indices=True,
