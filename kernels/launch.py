@@ -120,6 +120,9 @@ class LaunchConfig:
     # layer's output: one pass over o_sel less, no separate launch. One stream only (with
     # ``overlap_branches`` the window may still be running there)
     gate_fused: bool = False
+    # the window and the selected branch's forced blocks in one range-forward launch (q loaded
+    # once, one launch less; each keeps its own keys and result). One stream only, as gate_fused
+    window_forced: bool = False
     # the inverted selection's ~90 small torch ops through torch.compile (None: on CUDA); each
     # call's launches cost host time that short contexts cannot hide
     compile_tables: Optional[bool] = None

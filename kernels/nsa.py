@@ -241,9 +241,11 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, out=None):
+def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, out=None, forced=None):
     """(o [T, HQ, Dv] or None with ``lse_only``, lse [T, HQ] base 2) of one key range kind,
-    into ``out`` = (o, lse) when given."""
+    into ``out`` = (o, lse) when given. Mode 3 (the window of k / v, then the forced blocks in
+    the same launch): ``forced`` = (k_sel, v_sel, o_sel, lse_sel), the buffers the forced
+    blocks' result goes to."""
     T = q.shape[0]
     if out is not None:
         o, lse = out
@@ -253,10 +255,13 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     t = geo.tiles("range_cmp_fwd" if mode == 0 else "range_fwd")
     qt = geo.qtiles(t.bt)
     if qt.shape[0]:
-        kd, vd = (tma.kv_descriptors(k, None if lse_only else v, geo, t.block_n) if geo.launch.range_tma
-                  else (None, None))
+        desc = (lambda k_, v_: tma.kv_descriptors(k_, v_, geo, t.block_n)) if geo.launch.range_tma else (
+            lambda k_, v_: (None, None))
+        kd, vd = desc(k, None if lse_only else v)
+        k2, v2, o2, lse2 = forced if mode == 3 else (k, v, o, lse)
+        kd2, vd2 = desc(k2, v2) if mode == 3 else (kd, vd)
         _range_fwd[(qt.shape[0], geo.H)](
-            q, k, v, o, lse, qt, kd, vd, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
+            q, k, v, o, lse, qt, kd, vd, k2, v2, o2, lse2, kd2, vd2, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
             L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
             BLOCK_N=t.block_n, BDV=geo.bdv(), LSE_ONLY=lse_only, PREC=geo.prec, TMA=kd is not None,
             **geo.dk_pieces(), **t.launch)
@@ -385,15 +390,16 @@ def _gated_args(gated, o) -> tuple:
     return (o_c, o_c if o_w is None else o_w, gates, out), dict(GATED=True, HAS_WIN=o_w is not None)
 
 
-def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2, gated=None):
+def _sel_forward(q, k, v, idx, o, lse, geo: Geometry, cfg, scale2, gated=None, forced_done=False):
     """Selected branch into o [T, HQ, Dv] and lse [T, HQ] (base 2); returns the block-major
     work list (the backward walks it too) or None. ``gated`` = (o_cmp, o_win or None, gates
-    [T, HQ, 3], out [T, HQ, Dv]): its last kernel also writes the gate combination into out."""
+    [T, HQ, 3], out [T, HQ, Dv]): its last kernel also writes the gate combination into out.
+    ``forced_done``: the forced blocks' (o, lse) are in (o, lse) already (``window_forced``)."""
     n = idx.shape[-1]
     forced = geo.forced_split()
     # the forced blocks' attention and lse (MODE 2), with full tiles, in the output buffers:
     # the sparse kernels read each row's forced state before they write that row's result
-    if forced:
+    if forced and not forced_done:
         _range_forward(2, q, k, v, geo, cfg, scale2, out=(o, lse))
     if geo.sel_block_major():
         return _sel_forward_split(q, k, v, idx, o, lse, geo, cfg, scale2, gated)
@@ -585,11 +591,16 @@ class NSAFunction(torch.autograd.Function):
                 geo.qtiles(geo.tiles("sel_fwd").bt)
             # ``gate_fused`` (one stream): the selected branch's last kernel writes the layer's output
             out = torch.empty_like(o_s) if geo.launch.gate_fused and not ov.active else None
+            # ``window_forced`` (one stream): the window's launch runs the forced blocks too
+            both = geo.launch.window_forced and not ov.active and cfg.window > 0 and geo.forced_split()
             ov.fork()
             try:
-                o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
+                if both:
+                    o_w, lse_w = _range_forward(3, q, k_win, v_win, geo, cfg, scale2, forced=(k_sel, v_sel, o_s, lse_s))
+                else:
+                    o_w, lse_w = _range_forward(1, q, k_win, v_win, geo, cfg, scale2) if cfg.window > 0 else (None, None)
                 with ov.on_side():
-                    work = _sel_forward(q, k_sel, v_sel, idx, o_s, lse_s, geo, cfg, scale2,
+                    work = _sel_forward(q, k_sel, v_sel, idx, o_s, lse_s, geo, cfg, scale2, forced_done=both,
                                         gated=None if out is None else (o_c, o_w, gates, out))
                 if work is not None:  # kept for the backward (and a recomputation's memo)
                     ov.hand_over(work.items, work.queries, work.slots, work.valid)

@@ -112,11 +112,27 @@ def _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, kbase, 
 
 
 @triton.jit
-def _range_fwd(Q, K, V, O, LSE, TILES, KD, VD, scale2, HQ, DK, DV,
+def _fwd_store(O, LSE, acc, m_i, l_i, rows, row_ok, dv, DV, LSE_ONLY: tl.constexpr):
+    """A program's (o, lse) for its rows (empty rows: lse = +inf, o = 0)."""
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + rows, lse, mask=row_ok)
+    if not LSE_ONLY:
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(O + rows[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _range_fwd(Q, K, V, O, LSE, TILES, KD, VD, K2, V2, O2, LSE2, KD2, VD2, scale2, HQ, DK, DV,
                G: tl.constexpr, MODE: tl.constexpr, L: tl.constexpr, DS: tl.constexpr,
                W: tl.constexpr, LS: tl.constexpr, BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BDK: tl.constexpr, BDV: tl.constexpr, LSE_ONLY: tl.constexpr, PREC: tl.constexpr,
                BDK2: tl.constexpr, BDK3: tl.constexpr, TMA: tl.constexpr = False):
+    """MODE 0 / 1 / 2: the compressed branch / the window / the forced selection blocks of
+    (K, V) into (O, LSE). MODE 3: the window of (K, V) into (O, LSE), then the forced blocks of
+    (K2, V2) (the selected branch's keys, descriptors KD2 / VD2) into (O2, LSE2), one launch
+    for both (``launch.window_forced``: q is loaded once); else K2 ... VD2 are unused."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -141,24 +157,26 @@ def _range_fwd(Q, K, V, O, LSE, TILES, KD, VD, scale2, HQ, DK, DV,
         lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
                                   _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
-    elif MODE == 1:
+    elif MODE == 1 or MODE == 3:
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
                                   dk, dv, 1, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
-    else:  # the forced selection blocks
+    if MODE == 3:  # the window's result, then the forced blocks of the second keys from scratch
+        _fwd_store(O, LSE, acc, m_i, l_i, t * HQ + head, row_ok, dv, DV, LSE_ONLY)
+        O = O2 - q_off * (HQ * DV)
+        LSE = LSE2 - q_off * HQ
+        K, V, KD, VD = K2, V2, KD2, VD2
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BDV], tl.float32)
+    if MODE >= 2:  # the forced selection blocks
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
                                   dk, dv, _FIRST, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
         lo, hi = _key_range(t0, t1, ds0, _LOCAL, L, DS, W, LS)
         acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, q_r, K, V, KD, VD, scale2, H, h, DK, DV, ds0, lo, hi, tloc, tloc,
                                   dk, dv, _LOCAL, W, LS, BLOCK_N, LSE_ONLY, PREC, BDK, BDK2, BDK3, TMA)
-    empty = l_i == 0.0
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(LSE + t * HQ + head, lse, mask=row_ok)
-    if not LSE_ONLY:
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        tl.store(O + (t * HQ + head)[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv < DV)[None, :])
+    _fwd_store(O, LSE, acc, m_i, l_i, t * HQ + head, row_ok, dv, DV, LSE_ONLY)
 
 
 @triton.jit

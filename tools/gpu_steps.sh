@@ -42,11 +42,16 @@ ab() {  # name limit_s settings shape tag: one launch-setting A/B at 64k, two in
 for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # GPU kernel tests (bf16 against the fp32 reference, every G; packed documents; wide heads)
   tests) run tests 300 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k 'bf16_within or packed_documents_bf16 or long_sequence or (16_bit_head_dims and bf16 and 192) or (fused_selected and 4-) or through_tma'" ;;
-  # the gate combination fused into the selected branch's last kernel (launch.gate_fused,
-  # fifteenth session): bit-identical to the separate one; then its A/B at (a) and (c) 64k
-  tgate) run tgate 200 "python3 -m pytest -q tests/ops/test_kernels_gpu.py -k gate_fused" ;;
-  kgate) ab kgate_a 200 gate_fused=True a_paper _gate_a
-    ab kgate_c 200 gate_fused=True c_small_g _gate_c ;;
+  # the gate combination in the selected branch's last kernel (launch.gate_fused) and the
+  # window and forced blocks in one launch (launch.window_forced), fifteenth session: on the GPU
+  # bit-identical to the separate launches; then their A/B at (a) and (c) 64k, each alone
+  # (AB / AB2 of kab_ac's kind) and both
+  tgate) run tgate 300 "python3 -m pytest -q tests/ops/test_kernels_gpu.py -k gate_fused" ;;
+  kgate) for sh in a_paper c_small_g; do
+      ab kgate_$sh 200 gate_fused=True $sh _gate_$sh
+      ab kwinf_$sh 200 window_forced=True $sh _winf_$sh
+      ab kboth_$sh 200 gate_fused=True,window_forced=True $sh _both_$sh
+    done ;;
   # the layer's split (RoPE, phi's chunks) and phi kernels against the PyTorch lines, bf16
   tlayer) run tlayer 200 "python3 -m pytest -q -x tests/ops/test_layer_ops_gpu.py" ;;
   # the 1b model's NSA at 32k, this tree against a base tree in .base/ (git-ignored, carried:

@@ -248,21 +248,24 @@ def test_overlapped_streams_match_one_stream(G, monkeypatch):
     assert len(forks) == 6, forks  # forward and backward of three calls
 
 
+@pytest.mark.parametrize("fused", [dict(gate_fused=True), dict(window_forced=True),
+                                   dict(gate_fused=True, window_forced=True)], ids=["gate", "window", "both"])
 @pytest.mark.parametrize("G,settings", [(4, {}), (16, {}), (4, dict(split_bytes=1 << 24))],
                          ids=["g4", "g16", "g4-chunked"])
-def test_gate_fused_output_matches_separate_combination_bf16(G, settings):
+def test_gate_fused_output_matches_separate_combination_bf16(G, settings, fused):
     """``gate_fused``: the selected branch's last kernel writes the gate combination (G = 16:
-    the position-major forward; G = 4: the block-major merge, also in 16 chunks); the output is
-    bit-identical to the separate combination's (tested against the reference elsewhere), the
+    the position-major forward; G = 4: the block-major merge, also in 16 chunks);
+    ``window_forced``: one launch for the window and the forced blocks. The output is
+    bit-identical to the separate launches' (tested against the reference elsewhere), the
     gradients of q, the gates and the window's K/V too (no atomic sums)."""
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     from nsa_dist.ops import nsa_attention
 
     cfg, x, do = _bf16_inputs(G, B=1, S=8192, seed=12)
 
-    def run(fused):
+    def run(on):
         xs = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
-        with use_launch(LaunchConfig(gate_fused=fused, **settings)):
+        with use_launch(LaunchConfig(**(fused if on else {}), **settings)):
             o = nsa_attention(*(xs[k] for k in NAMES), cfg, backend="triton")
             o.backward(do)
         return o.detach(), {k: xs[k].grad for k in NAMES}

@@ -526,6 +526,38 @@ def test_forced_blocks_in_the_selected_kernels_match_reference(algo, forced, mon
     assert {0, 1} <= modes and (modes - {0, 1} != set()) == forced, modes
 
 
+@pytest.mark.parametrize("case,settings", [
+    ("G2-packed", dict(sel_algo="block")), ("G2-packed", dict(sel_algo="block", split_bytes=20000, gate_fused=True)),
+    ("G1", dict(sel_algo="query")), ("G3-Dv32", dict(sel_algo="query", gate_fused=True)),
+    ("G4-fla-cfg-w0", dict(sel_algo="block"))])
+def test_window_and_forced_blocks_in_one_launch_match_separate_launches(case, settings, monkeypatch):
+    """``window_forced``: one range-forward launch (MODE 3) runs the window and then the forced
+    blocks (q loaded once) instead of two (MODES 1 and 2); without a window the forced blocks
+    keep their own launch. The output and every gradient equal the separate launches' bit for
+    bit (with ``gate_fused`` too: block-major in chunks, position-major) and the reference's."""
+    _, cfg, cu, x = _run(case)
+    from nsa_dist.kernels import nsa
+    seen = []
+    monkeypatch.setattr(nsa, "_range_fwd", _RecordLaunches(nsa._range_fwd, seen))
+    outs, grads, modes = [], [], []
+    do = None
+    for fused in (False, True):
+        seen.clear()
+        with use_launch(LaunchConfig(window_forced=fused, **settings)):
+            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+            do = torch.randn_like(o) if do is None else do
+            grads.append(torch.autograd.grad(o, args(x), do, allow_unused=True))
+        outs.append(o.detach())
+        modes.append({m[0] for m in seen})
+    window = cfg.window > 0
+    assert modes[0] == ({0, 1, 2} if window else {0, 2}), modes
+    assert modes[1] == ({0, 3} if window else {0, 2}), modes
+    assert torch.equal(outs[1], outs[0])
+    assert max_rel(outs[1], nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")) < 1e-5
+    for name, a, b in zip(NAMES, grads[1], grads[0]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
 def test_key_descriptors_need_an_unpadded_dv_only_where_v_is_loaded():
     """``tma.kv_descriptors``: with a padded Dv (24 -> 32) the K / V pair keeps the pointer loads,
     while the selection's K alone (no V) still takes a descriptor."""
