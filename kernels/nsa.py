@@ -255,11 +255,14 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     t = geo.tiles("range_cmp_fwd" if mode == 0 else "range_fwd")
     qt = geo.qtiles(t.bt)
     if qt.shape[0]:
-        desc = (lambda k_, v_: tma.kv_descriptors(k_, v_, geo, t.block_n)) if geo.launch.range_tma else (
-            lambda k_, v_: (None, None))
+        def desc(k_, v_):
+            return tma.kv_descriptors(k_, v_, geo, t.block_n) if geo.launch.range_tma else (None, None)
+
         kd, vd = desc(k, None if lse_only else v)
         k2, v2, o2, lse2 = forced if mode == 3 else (k, v, o, lse)
         kd2, vd2 = desc(k2, v2) if mode == 3 else (kd, vd)
+        if kd2 is None:  # one launch, one way of loading: both pairs through TMA or neither
+            kd = vd = None
         _range_fwd[(qt.shape[0], geo.H)](
             q, k, v, o, lse, qt, kd, vd, k2, v2, o2, lse2, kd2, vd2, scale2, geo.HQ, geo.DK, geo.DV, G=geo.G, MODE=mode,
             L=cfg.cmp_block, DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, BT=t.bt, BLOCK_M=t.block_m,
