@@ -139,7 +139,7 @@ class NSAConfig(ConfigBase):
         _require(isinstance(self.shared_kv, bool), "shared_kv", "must be true or false", self.shared_kv)
 
 
-RECOMPUTE = ("full", "keep_attention", "auto", "none")
+RECOMPUTE = ("full", "keep_attention", "auto", "min", "none")
 
 
 @dataclass
@@ -169,8 +169,12 @@ class ModelConfig(ConfigBase):
     # only its results (outputs, log-sum-exps), elsewhere its saved tensors too),
     # "auto" (keep_attention in as many of the last layers as what they keep fits
     # AUTO_KEEP_FRACTION of the GPU memory left after set-up, full in the others; full on the
-    # CPU and under ZeRO-3), "none" (nothing, checkpointing or not). A fully recomputed NSA
-    # layer attends with its forward's block selection instead of selecting again.
+    # CPU and under ZeRO-3), "min" ("auto", then where every layer keeps its attention and
+    # the budget has room, nothing recomputed in as many of the last layers as their saved
+    # activations fit; measured by one forward of a layer per input shape; as "auto" under
+    # tensor / sequence / context parallelism, whose layers hold collectives), "none" (nothing,
+    # checkpointing or not). A fully recomputed NSA layer attends with its forward's block
+    # selection instead of selecting again.
     recompute: str = "auto"
     nsa: NSAConfig = field(default_factory=NSAConfig)
 

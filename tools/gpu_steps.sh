@@ -72,6 +72,13 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   m8) run m8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/m8.csv train_steps=8" ;;
   m32) run m32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/m32.csv" ;;
   m64) run m64 400 "$B --seq-len 64k --attention nsa,dense --out $OUT/m64.csv" ;;
+  # the 1b model with recompute "min" (fifteenth session, prepared: nothing recomputed in as many
+  # of the last layers as their activations fit, NSA and dense alike), 32k, 8k and 64k; compare
+  # with m32 / m8 / m64 (recompute "auto") on the same machine; the CSVs' recompute column
+  # names each point's plan
+  mmin) run mmin32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/mmin32.csv 'model_overrides={recompute: min}'"
+    run mmin8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/mmin8.csv train_steps=8 'model_overrides={recompute: min}'"
+    run mmin64 400 "$B --seq-len 64k --attention nsa,dense --out $OUT/mmin64.csv 'model_overrides={recompute: min}'" ;;
   # the 1b attention layer alone, NSA against dense, forward + backward (bars 1.6x at 32k, 2.8x at 64k)
   layer) run layer 240 "python3 tools/profile_attention.py --model configs/model/1b.yaml --seq 32768 --heads 32:8 && python3 tools/profile_attention.py --model configs/model/1b.yaml --seq 65536 --heads 32:8" ;;
   # where the step goes (per part and per kernel)

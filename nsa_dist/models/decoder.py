@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -106,12 +106,17 @@ class DecoderBlock(nn.Module):
 AUTO_KEEP_FRACTION = 0.5
 
 
-def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = None) -> list[str]:
+def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = None,
+                   probe: Optional[Callable[[nn.Module], int]] = None) -> list[str]:
     """What the backward recomputes in each layer for hidden states h [B, S_in, hidden]: the
     config's ``recompute`` for every layer, with "auto" resolved to "keep_attention" for the
     last k layers and "full" before them, k the most layers whose kept tensors
     (``attn.kept_bytes``) fit ``budget`` bytes. The last layers, because the backward meets
     them first and frees what they kept before the fully recomputed layers need room.
+    "min": the same, then, if all n layers keep their attention, "none" (nothing recomputed)
+    for the last m layers, m the most whose saved activations beyond what they keep fit what
+    is left of the budget; ``probe(layer)`` gives a layer's saved bytes (``activation_bytes``;
+    without a probe, or under tensor / sequence / context parallelism, "min" is "auto").
 
     budget: default ``model.recompute_budget`` (the trainer sets it from the memory free
     after DeepSpeed's set-up, the same on every rank), else ``AUTO_KEEP_FRACTION`` of the
@@ -119,35 +124,70 @@ def recompute_plan(model: nn.Module, h: torch.Tensor, budget: Optional[int] = No
     ZeRO-3 (``model.allow_keep_attention = False``)."""
     mode = model.config.recompute
     n = len(model.layers)
-    if mode != "auto":
+    if mode not in ("auto", "min"):
         return [mode] * n
     budget = getattr(model, "recompute_budget", None) if budget is None else budget
     if not getattr(model, "allow_keep_attention", True) or (budget is None and h.device.type != "cuda"):
         budget = 0  # ZeRO-3 gathers weights per forward; the CPU has no budget to plan
     cache = model.__dict__.setdefault("_recompute_plans", {})
-    key = (tuple(h.shape), h.dtype, budget)
+    key = (tuple(h.shape), h.dtype, budget, mode)
     if key not in cache:
         left = AUTO_KEEP_FRACTION * free_gpu_memory(h.device) if budget is None else budget
+        kept = [layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype, h.device) for layer in model.layers]
         keep = 0
-        for layer in reversed(model.layers):
-            left -= layer.attn.kept_bytes(h.shape[0], h.shape[1], h.dtype, h.device)
-            if left < 0:
+        for b in reversed(kept):
+            if left - b < 0:
                 break
+            left -= b
             keep += 1
-        cache[key] = ["full"] * (n - keep) + ["keep_attention"] * keep
+        plan = ["full"] * (n - keep) + ["keep_attention"] * keep
+        if mode == "min" and keep == n and probe is not None and _layers_without_collectives(model):
+            extra = probe(model.layers[-1]) - kept[-1]  # the layers are alike: one probe for all
+            for i in reversed(range(n)):
+                if left - extra < 0:
+                    break
+                left -= extra
+                plan[i] = "none"
+        cache[key] = plan
     return cache[key]
+
+
+def _layers_without_collectives(model: nn.Module) -> bool:
+    """No tensor / sequence / context parallel plan (whose layers' forwards hold collectives,
+    which a probe forward on one rank alone would leave unmatched)."""
+    state = getattr(model.comm, "state", None)
+    return state is None or getattr(state, "replica_size", 1) == 1
+
+
+def activation_bytes(layer: nn.Module, h: torch.Tensor, cu_seqlens, position_ids) -> int:
+    """Bytes a decoder block saves for its backward when nothing is recomputed, for input h
+    [B, S_in, hidden]: one forward of ``layer`` with grad on, each saved tensor's storage
+    counted once, parameters not counted (they are there anyway); the result is freed."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = layer(h.detach().requires_grad_(True), cu_seqlens, position_ids, False)
+    del out
+    return sum(seen.values())
 
 
 def recompute_summary(model: nn.Module) -> str:
     """What the last training forwards recomputed, for reports: e.g. "keep_attention 6/16"
     (layers keeping the attention's tensors), "full", "none"; one entry per input shape."""
     plans = getattr(model, "_recompute_plans", {})
-    if model.config.recompute != "auto" or not plans:
+    if model.config.recompute not in ("auto", "min") or not plans:
         return model.config.recompute if getattr(model, "gradient_checkpointing", False) else "none"
     out = []
     for plan in plans.values():
-        kept = plan.count("keep_attention")
-        out.append("full" if kept == 0 else f"keep_attention {kept}/{len(plan)}")
+        parts = [f"{m} {plan.count(m)}/{len(plan)}" for m in ("none", "keep_attention") if plan.count(m)]
+        out.append(" + ".join(parts) if parts else "full")
     return ", ".join(out)
 
 
@@ -163,7 +203,8 @@ def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, retu
     recomputed NSA layer reuses its forward's selection). Returns (h, per-layer stats list)."""
     all_stats = []
     ckpt = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
-    plan = recompute_plan(model, h) if ckpt else ["none"] * len(model.layers)
+    probe = lambda layer: activation_bytes(layer, h, cu_seqlens, position_ids)  # noqa: E731 (recompute "min")
+    plan = recompute_plan(model, h, probe=probe) if ckpt else ["none"] * len(model.layers)
     for layer, mode in zip(model.layers, plan):
         if mode == "full":
             memo = SelectionMemo() if isinstance(layer.attn, NSAAttention) else None

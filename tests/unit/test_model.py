@@ -243,7 +243,7 @@ def test_keep_attention_runs_the_attention_function_once():
 
 
 def test_recompute_mode_is_checked():
-    with pytest.raises(ValueError, match="recompute='selective': must be one of 'full', 'keep_attention', 'auto', 'none'"):
+    with pytest.raises(ValueError, match="recompute='selective': must be one of 'full', 'keep_attention', 'auto', 'min', 'none'"):
         ModelConfig(recompute="selective")
 
 
@@ -301,6 +301,71 @@ def test_a_partly_kept_stack_equals_no_recomputation():
     (la, ya, ga), (lb, yb, gb) = _twin_grads(base, none, packed=True, setup=on)
     (plan,) = plans[0]._recompute_plans.values()
     assert plan == ["full"] * (TINY.num_layers - 1) + ["keep_attention"], plan
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+        assert gb[n].abs().max() > 0, n
+
+
+@pytest.mark.parametrize("attention", ["nsa", "dense"])
+def test_min_recompute_plans_nothing_recomputed_where_the_activations_fit(attention):
+    """recompute "min": "auto"'s plan, then, once every layer keeps its attention, nothing
+    recomputed ("none") in as many of the last layers as their saved activations beyond what
+    they keep fit the rest of the budget; the probe runs once per shape; without a probe or
+    under a tensor / sequence parallel plan (collectives in the layers) "min" is "auto". The
+    probe's bytes (``activation_bytes``) exceed what keep_attention keeps and grow with the
+    tokens."""
+    from types import SimpleNamespace
+
+    from nsa_dist.models.decoder import activation_bytes, recompute_plan, recompute_summary
+
+    model = NSADecoderLM(ModelConfig(**{**TINY.to_dict(), "attention": attention, "recompute": "min"}),
+                         backend="reference")
+    L = TINY.num_layers
+    h = torch.randn(1, 48, TINY.hidden_size)
+    kept = model.layers[0].attn.kept_bytes(1, 48, h.dtype, h.device)
+    act = activation_bytes(model.layers[-1], h, None, None)
+    assert act > kept > 0
+    assert 1.7 < activation_bytes(model.layers[-1], torch.randn(1, 96, TINY.hidden_size), None, None) / act < 2.3
+    probes = []
+    probe = lambda layer: probes.append(layer) or act  # noqa: E731
+    extra = act - kept
+    assert recompute_plan(model, h, budget=L * kept + L * extra, probe=probe) == ["none"] * L
+    assert probes == [model.layers[-1]]
+    assert recompute_plan(model, h, budget=L * kept + L * extra, probe=probe) == ["none"] * L  # kept, no probe
+    assert len(probes) == 1
+    assert recompute_plan(model, h, budget=L * kept + extra, probe=probe) == ["keep_attention"] * (L - 1) + ["none"]
+    assert recompute_plan(model, h, budget=L * kept + extra - 1, probe=probe) == ["keep_attention"] * L
+    assert recompute_plan(model, h, budget=L * kept - 1, probe=probe) == ["full"] + ["keep_attention"] * (L - 1)
+    assert len(probes) == 3  # once per (shape, budget); a budget short of every layer's attention: none
+    assert recompute_plan(model, h, budget=L * kept + L * extra + 1) == ["keep_attention"] * L  # no probe
+    assert "none 1/2 + keep_attention 1/2" in recompute_summary(model) and L == 2
+    model.comm.state = SimpleNamespace(replica_size=2)  # what a tp / sp / cp plan's LM hooks carry
+    assert recompute_plan(model, h, budget=L * kept + L * extra + 2, probe=probe) == ["keep_attention"] * L
+
+
+def test_min_recompute_stack_equals_no_recomputation():
+    """recompute "min" with a budget for every layer's attention and one layer's activations
+    (the last recomputes nothing, the first keeps its attention, as planned from a real probe
+    forward): loss and gradients equal to recomputing nothing (fp32, CPU, 1e-5)."""
+    from nsa_dist.models.decoder import activation_bytes
+
+    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp")
+    base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "recompute": "min"})
+    none = ModelConfig(**{**base.to_dict(), "recompute": "none"})
+
+    def on(m):
+        m.gradient_checkpointing = True
+        m.train()
+        if m.config.recompute == "min":
+            kept = m.layers[-1].attn.kept_bytes(1, 48, torch.float32)
+            act = activation_bytes(m.layers[-1], torch.randn(1, 48, TINY.hidden_size), torch.tensor([0, 20, 48]), None)
+            m.recompute_budget = TINY.num_layers * kept + (act - kept)
+            plans.append(m)
+    plans = []
+    (la, ya, ga), (lb, yb, gb) = _twin_grads(base, none, packed=True, setup=on)
+    (plan,) = plans[0]._recompute_plans.values()
+    assert plan == ["keep_attention"] * (TINY.num_layers - 1) + ["none"], plan
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
