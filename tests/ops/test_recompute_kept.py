@@ -92,3 +92,41 @@ def test_kept_attention_recomputes_no_attention_and_equals_no_recomputation(monk
     small = attn.kept_bytes(1, 1000, torch.bfloat16, torch.device("cpu"))
     assert small == 1000 * (2 * 3 * 4 * 16 + 4 * 3 * 4 + 15 * 2 * 3)
     assert small < attn.kept_bytes(1, 1000, torch.bfloat16) / 1.5  # the reference's split
+
+
+def test_min_recompute_with_the_kernels_equals_no_recomputation():
+    """recompute "min" on the kernels: the probe forward (``activation_bytes``) runs the NSA
+    kernels and counts more than the attention's kept results; with a budget for every layer's
+    kept results and one layer's activations the plan keeps the first layer's attention and
+    recomputes nothing in the last; loss and gradients equal recompute "none"."""
+    kernels_or_skip()
+    from nsa_dist.models.decoder import activation_bytes
+
+    torch.manual_seed(0)
+    m = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": "min"}), backend="triton")
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0.0, 0.1)
+    plain = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": "none"}), backend="triton")
+    plain.load_state_dict(m.state_dict())
+    ids = torch.randint(0, CFG.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, 24, 64], dtype=torch.int32)
+    kept = m.layers[-1].attn.kept_bytes(1, 64, torch.float32)
+    act = activation_bytes(m.layers[-1], m.embed(ids), cu, None)
+    assert act > 2 * kept
+    m.recompute_budget = CFG.num_layers * kept + (act - kept)
+    out = []
+    for model in (m, plain):
+        model.gradient_checkpointing = True
+        model.train()
+        o = model(ids, torch.roll(ids, -1, 1), cu_seqlens=cu)
+        o.loss.backward()
+        out.append((o.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plan,) = m._recompute_plans.values()
+    assert plan == ["keep_attention"] * (CFG.num_layers - 1) + ["none"], plan
+    (la, ga), (lb, gb) = out
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
+        assert gb[n].abs().max() > 0, n
