@@ -33,8 +33,8 @@ def sdpa_causal(backend: Optional[str] = None, expand_kv: bool = False) -> Atten
             outs = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
                                                    enable_gqa=not expand_kv)
                     for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-        # one document (every sequence whole): SDPA's output as it is; a cat of one tensor
-        # would copy it, and its backward copy the gradient again
+        # one document (every sequence whole): SDPA's output as it is (a cat of one tensor
+        # copies it, into a layout that o_proj's input then copies again)
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2)
     return run
 
