@@ -40,36 +40,38 @@ def _combine_fwd(OC, OS, OW, GATES, O, R, DV, HAS_WIN: tl.constexpr, BR: tl.cons
 
 
 @triton.jit
+def gate_stats(do, OB, LSE, GATES, DG, LSEG, DELTA, r, row_ok, d, DV, R, b: tl.constexpr):
+    """Branch b's part of the gate backward for rows r ([R'] int64 of R rows, row_ok their mask),
+    do the rows' output gradient [R', BD] fp32: dg_b = <do, o_b> into DG [R, 3] and DELTA[b]
+    ([3, R]), lse_b - log2(g_b) into LSEG[b]; returns (lse_b - log2 g_b, <do, o_b>). Shared by
+    ``_combine_bwd`` and the range dq's prologue (``gate_bwd_fused``), so both compute alike."""
+    ob = tl.load(OB + r[:, None] * DV + d[None, :], mask=row_ok[:, None] & (d < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + r, mask=row_ok, other=0.0)
+    g = tl.load(GATES + r * 3 + b, mask=row_ok, other=0.0).to(tl.float32)
+    dg = tl.sum(do * ob.to(tl.float32), 1)
+    tl.store(DG + r * 3 + b, dg, mask=row_ok)
+    tl.store(DELTA + b * R + r, dg, mask=row_ok)
+    # g*P = exp2(s - (lse - log2 g)); g = 0: +inf (no gradient); g < 0: NaN (outside
+    # the contract, loud); lse = +inf (a row that saw no key) stays +inf
+    safe = tl.where(g > 0, g, 1.0)
+    lse_g = tl.where(g > 0, lse - tl.log2(safe), tl.where(g == 0, float("inf"), float("nan")))
+    tl.store(LSEG + b * R + r, lse_g, mask=row_ok)
+    return lse_g, dg
+
+
+@triton.jit
 def _combine_bwd(DO, OC, OS, OW, GATES, LSE_C, LSE_S, LSE_W, DG, LSEG, DELTA, R, DV,
                  HAS_WIN: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     d = tl.arange(0, BD)
     rm = r < R
-    m = rm[:, None] & (d < DV)[None, :]
-    off = r[:, None] * DV + d[None, :]
-    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
-    for b in tl.static_range(3):
-        if b < 2 or HAS_WIN:
-            if b == 0:
-                ob = tl.load(OC + off, mask=m, other=0.0).to(tl.float32)
-                lse = tl.load(LSE_C + r, mask=rm, other=0.0)
-            elif b == 1:
-                ob = tl.load(OS + off, mask=m, other=0.0).to(tl.float32)
-                lse = tl.load(LSE_S + r, mask=rm, other=0.0)
-            else:
-                ob = tl.load(OW + off, mask=m, other=0.0).to(tl.float32)
-                lse = tl.load(LSE_W + r, mask=rm, other=0.0)
-            g = tl.load(GATES + r * 3 + b, mask=rm, other=0.0).to(tl.float32)
-            dg = tl.sum(do * ob, 1)
-            tl.store(DG + r * 3 + b, dg, mask=rm)
-            tl.store(DELTA + b * R + r, dg, mask=rm)
-            # g*P = exp2(s - (lse - log2 g)); g = 0: +inf (no gradient); g < 0: NaN (outside
-            # the contract, loud); lse = +inf (a row that saw no key) stays +inf
-            safe = tl.where(g > 0, g, 1.0)
-            lse_g = tl.where(g > 0, lse - tl.log2(safe), tl.where(g == 0, float("inf"), float("nan")))
-            tl.store(LSEG + b * R + r, lse_g, mask=rm)
-        else:
-            tl.store(DG + r * 3 + b, tl.zeros([BR], tl.float32), mask=rm)
+    do = tl.load(DO + r[:, None] * DV + d[None, :], mask=rm[:, None] & (d < DV)[None, :], other=0.0).to(tl.float32)
+    gate_stats(do, OC, LSE_C, GATES, DG, LSEG, DELTA, r, rm, d, DV, R, 0)
+    gate_stats(do, OS, LSE_S, GATES, DG, LSEG, DELTA, r, rm, d, DV, R, 1)
+    if HAS_WIN:
+        gate_stats(do, OW, LSE_W, GATES, DG, LSEG, DELTA, r, rm, d, DV, R, 2)
+    else:
+        tl.store(DG + r * 3 + 2, tl.zeros([BR], tl.float32), mask=rm)
 
 
 def combine(o_c, o_s, o_w, gates, rows: int):
@@ -98,11 +100,7 @@ def combine_backward(do, o_c, o_s, o_w, gates, lses, rows: int):
     """
     T, HQ, DV = o_c.shape
     R = T * HQ
-    dg = torch.empty(T, HQ, 3, dtype=torch.float32, device=do.device)
-    # every row is written, but the window's only with a window branch
-    alloc = torch.empty if o_w is not None else torch.zeros
-    lse_g = alloc(3, T, HQ, dtype=torch.float32, device=do.device)
-    delta = alloc(3, T, HQ, dtype=torch.float32, device=do.device)
+    dg, lse_g, delta = gate_stat_buffers(T, HQ, o_w is not None, do.device)
     lse_c, lse_s, lse_w = lses
     if R:
         _combine_bwd[(triton.cdiv(R, rows),)](do, o_c, o_s, o_c if o_w is None else o_w, gates, lse_c, lse_s,
@@ -110,3 +108,11 @@ def combine_backward(do, o_c, o_s, o_w, gates, lses, rows: int):
                                               HAS_WIN=o_w is not None, BR=rows,
                                               BD=max(16, triton.next_power_of_2(DV)))
     return dg, lse_g, delta
+
+
+def gate_stat_buffers(T: int, HQ: int, has_win: bool, device) -> tuple:
+    """(dg [T, HQ, 3], lse_g [3, T, HQ], delta [3, T, HQ]) fp32 for the gate backward: every
+    row is written, the window's lse_g / delta rows only with a window branch (zeros else)."""
+    alloc = torch.empty if has_win else torch.zeros
+    return (torch.empty(T, HQ, 3, dtype=torch.float32, device=device),
+            alloc(3, T, HQ, dtype=torch.float32, device=device), alloc(3, T, HQ, dtype=torch.float32, device=device))

@@ -123,6 +123,10 @@ class LaunchConfig:
     # the window and the selected branch's forced blocks in one range-forward launch (q loaded
     # once, one launch less; each keeps its own keys and result). One stream only, as gate_fused
     window_forced: bool = False
+    # the gate backward (dg, and each branch's lse - log2 g and <do, o_b>) in the range dq's
+    # prologue, the backward's first kernel, which loads do anyway: one launch and one read of
+    # do less. One stream only (with ``overlap_branches`` the selected dK/dV starts beside it)
+    gate_bwd_fused: bool = False
     # the inverted selection's ~90 small torch ops through torch.compile (None: on CUDA); each
     # call's launches cost host time that short contexts cannot hide
     compile_tables: Optional[bool] = None

@@ -20,7 +20,7 @@ import triton
 
 from . import tiles as tl_tiles
 from . import tma
-from .gates import combine, combine_backward
+from .gates import combine, combine_backward, gate_stat_buffers
 from .headdim import split_dim
 from .launch import SPLIT_BYTES, LaunchConfig, current_launch
 from .streams import Overlap
@@ -272,10 +272,14 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
 
 
 def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse_s, delta, geo: Geometry,
-              cfg, scale2, scale) -> torch.Tensor:
+              cfg, scale2, scale, stats=None) -> torch.Tensor:
     """dq of the compressed and window branches and of the selected branch's forced blocks
     (``forced_split``), fp32 [T, HQ, Dk], from one kernel that loads q once and writes every
-    row (the selected kernels add the rest last)."""
+    row (the selected kernels add the rest last). ``stats`` (``gate_bwd_fused``): (o_cmp, o_sel,
+    o_win or None, gates, the branches' raw log-sum-exps (c, s, w or None), dg, lse_g) with
+    dg, lse_g and delta the buffers of ``gates.gate_stat_buffers``, which the kernel fills with
+    the gate backward first, for itself and for the kernels after it (lse_c / lse_w / lse_s are
+    then lse_g's rows)."""
     dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     t = geo.tiles("range_dq")
     qt = geo.qtiles(t.bt)
@@ -287,10 +291,17 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse
             pairs = [tma.kv_descriptors(a, b, geo, t.block_n) for a, b in ((k_cmp, v_cmp), (kw, vw), (k_sel, v_sel))]
             if all(p[0] is not None for p in pairs):
                 descs = [d for p in pairs for d in p]
+        if stats is None:  # any tensor stands for the gate backward's pointers
+            gs = (dq32,) * 10
+        else:
+            o_c, o_s, o_w, gates, (raw_c, raw_s, raw_w), dg, lse_g = stats
+            gs = (o_c, o_s, o_c if o_w is None else o_w, gates, raw_c, raw_s, raw_c if raw_w is None else raw_w, dg,
+                  lse_g, delta)
         _range_bwd_dq[(qt.shape[0], geo.H)](
             q, k_cmp, v_cmp, kw, vw, k_sel, v_sel,
             do, lse_c, delta[0], lse_w if win else lse_c, delta[2],
-            lse_s, delta[1], dq32, qt, *descs, scale2, scale, geo.HQ, geo.DK, geo.DV, G=geo.G, L=cfg.cmp_block,
+            lse_s, delta[1], dq32, qt, *descs, *gs, q.shape[0] * geo.HQ, scale2, scale, geo.HQ, geo.DK, geo.DV,
+            G=geo.G, GATE_STATS=stats is not None, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
             BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec, TMA=descs[0] is not None,
             **geo.dk_pieces(), **t.launch)
@@ -627,7 +638,14 @@ class NSAFunction(torch.autograd.Function):
         scale2 = scale * LOG2E
         # every branch's backward reads do itself, its gate folded into (lse, delta): no g*do copies
         do = do.contiguous()
-        dg, lses, delta = combine_backward(do, o_c, o_s, o_w, gates, (lse_c, lse_s, lse_w), geo.launch.gate_rows)
+        ov = Overlap(geo, q.device)
+        raw = (lse_c, lse_s, lse_w)
+        # ``gate_bwd_fused`` (one stream): the range dq, the first kernel, computes the gate backward
+        stats = geo.launch.gate_bwd_fused and not ov.active
+        if stats:
+            dg, lses, delta = gate_stat_buffers(q.shape[0], geo.HQ, o_w is not None, q.device)
+        else:
+            dg, lses, delta = combine_backward(do, o_c, o_s, o_w, gates, raw, geo.launch.gate_rows)
         lse_c, lse_s, lse_w = lses[0], lses[1], lses[2] if o_w is not None else None
         sel = (q, k_sel, v_sel, do, lse_s, delta[1], idx, geo, cfg, scale2, scale)
         # the range kernels on the main stream; the selected branch's dK/dV, then its dq, on the
@@ -635,13 +653,12 @@ class NSAFunction(torch.autograd.Function):
         # range dq stores the compressed and window branches' part (fp32), the selected dq adds
         # its own and writes q's dtype (so it waits for the range dq). The outputs the side
         # stream writes and the tile tables are made before the fork.
-        ov = Overlap(geo, q.device)
         dq, dks, dvs = torch.empty_like(q), torch.empty_like(k_sel), torch.empty_like(v_sel)
         _backward_tables(geo, cfg)
         ov.fork()
         try:
             dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse_s, delta, geo,
-                             cfg, scale2, scale)
+                             cfg, scale2, scale, stats=(o_c, o_s, o_w, gates, raw, dg, lses) if stats else None)
             dq32_done = ov.mark()
             if geo.sel_dq_fused():  # one kernel for the selected dK/dV and dq: it waits for dq32
                 with ov.on_side(after=dq32_done):

@@ -42,11 +42,16 @@ ab() {  # name limit_s settings shape tag: one launch-setting A/B at 64k, two in
 for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # GPU kernel tests (bf16 against the fp32 reference, every G; packed documents; wide heads)
   tests) run tests 300 "python3 -m pytest -q -x tests/ops/test_kernels_gpu.py -k 'bf16_within or packed_documents_bf16 or long_sequence or (16_bit_head_dims and bf16 and 192) or (fused_selected and 4-) or through_tma'" ;;
-  # the gate combination in the selected branch's last kernel (launch.gate_fused) and the
-  # window and forced blocks in one launch (launch.window_forced), fifteenth session: on the GPU
-  # bit-identical to the separate launches; then their A/B at (a) and (c) 64k, each alone
-  # (AB / AB2 of kab_ac's kind) and both
+  # the gate combination in the selected branch's last kernel (launch.gate_fused), the
+  # window and forced blocks in one launch (launch.window_forced) and the gate backward in the
+  # range dq (launch.gate_bwd_fused), fifteenth session: on the GPU bit-identical to the separate
+  # launches; then their A/B at (a) and (c) 64k: kgate the forward two, each and both; kgbwd the
+  # backward one and all three
   tgate) run tgate 300 "python3 -m pytest -q tests/ops/test_kernels_gpu.py -k gate_fused" ;;
+  kgbwd) for sh in a_paper c_small_g; do
+      ab kgbwd_$sh 200 gate_bwd_fused=True $sh _gbwd_$sh
+      ab kall_$sh 200 gate_fused=True,window_forced=True,gate_bwd_fused=True $sh _all_$sh
+    done ;;
   kgate) for sh in a_paper c_small_g; do
       ab kgate_$sh 200 gate_fused=True $sh _gate_$sh
       ab kwinf_$sh 200 window_forced=True $sh _winf_$sh

@@ -248,16 +248,18 @@ def test_overlapped_streams_match_one_stream(G, monkeypatch):
     assert len(forks) == 6, forks  # forward and backward of three calls
 
 
-@pytest.mark.parametrize("fused", [dict(gate_fused=True), dict(window_forced=True),
-                                   dict(gate_fused=True, window_forced=True)], ids=["gate", "window", "both"])
+@pytest.mark.parametrize("fused", [dict(gate_fused=True), dict(window_forced=True), dict(gate_bwd_fused=True),
+                                   dict(gate_fused=True, window_forced=True, gate_bwd_fused=True)],
+                         ids=["gate", "window", "gate-bwd", "all"])
 @pytest.mark.parametrize("G,settings", [(4, {}), (16, {}), (4, dict(split_bytes=1 << 24))],
                          ids=["g4", "g16", "g4-chunked"])
 def test_gate_fused_output_matches_separate_combination_bf16(G, settings, fused):
     """``gate_fused``: the selected branch's last kernel writes the gate combination (G = 16:
     the position-major forward; G = 4: the block-major merge, also in 16 chunks);
-    ``window_forced``: one launch for the window and the forced blocks. The output is
-    bit-identical to the separate launches' (tested against the reference elsewhere), the
-    gradients of q, the gates and the window's K/V too (no atomic sums)."""
+    ``window_forced``: one launch for the window and the forced blocks; ``gate_bwd_fused``: the
+    gate backward in the range dq. The output is bit-identical to the separate launches'
+    (tested against the reference elsewhere), the gradients of q, the gates and the window's
+    K/V too (no atomic sums)."""
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
     from nsa_dist.ops import nsa_attention
 

@@ -558,6 +558,38 @@ def test_window_and_forced_blocks_in_one_launch_match_separate_launches(case, se
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
 
 
+@pytest.mark.parametrize("case,settings", [
+    ("G2-packed", dict(sel_algo="block")), ("G4-fla-cfg-w0", dict(sel_algo="block")),
+    ("G1", dict(sel_algo="query", sel_dq_algo="query")),
+    ("G2-packed", dict(sel_algo="block", sel_dq_algo="fused", gate_fused=True, window_forced=True)),
+    ("G3-Dv32", dict(sel_algo="block", sel_forced=False))])
+def test_gate_backward_in_the_range_dq_matches_the_separate_kernel(case, settings, monkeypatch):
+    """``gate_bwd_fused``: the range dq's prologue computes the gate backward (dg, each branch's
+    lse - log2 g and <do, o_b>) for the kernels after it; no separate gate backward runs, and
+    every gradient equals the separate kernel's bit for bit (with and without a window, block-
+    and position-major, the fused selected dq, the forced blocks in the selected kernels) and
+    the reference's."""
+    _, cfg, cu, x = _run(case)
+    from nsa_dist.kernels import nsa
+    calls = []
+    real = nsa.combine_backward
+    monkeypatch.setattr(nsa, "combine_backward", lambda *a: calls.append(1) or real(*a))
+    grads = []
+    do = None
+    for fused in (False, True):
+        with use_launch(LaunchConfig(gate_bwd_fused=fused, **settings)):
+            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+            do = torch.randn_like(o) if do is None else do
+            grads.append(torch.autograd.grad(o, args(x), do, allow_unused=True))
+        assert len(calls) == 1, calls  # only the unfused backward ran the separate kernel
+    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
+    want = torch.autograd.grad(o_ref, args(x), do, allow_unused=True)
+    for name, a, b, w in zip(NAMES, grads[1], grads[0], want):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+        if w is not None:
+            assert max_rel(a, w) < 1e-4, f"d{name}: {max_rel(a, w):.2e}"
+
+
 def test_key_descriptors_need_an_unpadded_dv_only_where_v_is_loaded():
     """``tma.kv_descriptors``: with a padded Dv (24 -> 32) the K / V pair keeps the pointer loads,
     while the selection's K alone (no V) still takes a descriptor."""

@@ -81,8 +81,8 @@ def test_kernels_at_an_offset_equal_the_reference(case, algo):
     against the reference with q_start: outputs, indices, and the gradients of q, the gates
     and every key and value (keys past the queries get none). The selected branch block-major
     (in chunks of positions: "block-chunked") or position-major ("query"); "-gated": its last
-    kernel writes the gate combination (``gate_fused``), and the window's launch runs the
-    forced blocks too (``window_forced``)."""
+    kernel writes the gate combination (``gate_fused``), the window's launch runs the
+    forced blocks too (``window_forced``) and the range dq the gate backward (``gate_bwd_fused``)."""
     from _interp import kernels_or_skip, max_rel
     from nsa_dist.kernels.launch import LaunchConfig, use_launch
 
@@ -95,7 +95,7 @@ def test_kernels_at_an_offset_equal_the_reference(case, algo):
     o_ref, idx_ref = nsa_attention(q, *kv, gates, KCFG, cu_seqlens=cu, backend="reference", return_indices=True,
                                    q_start=a)
     launch = LaunchConfig(sel_algo=algo[:5], sel_dq_algo=algo[:5], gate_fused=algo.endswith("gated"),
-                          window_forced=algo.endswith("gated"))
+                          window_forced=algo.endswith("gated"), gate_bwd_fused=algo.endswith("gated"))
     if "chunked" in algo:
         launch = launch.replace(split_bytes=4000)  # 7 positions a chunk: 4 chunks
     with use_launch(launch):
