@@ -435,6 +435,27 @@ def test_two_stream_order_matches_reference(case, algos, monkeypatch):
     assert built, "the backward did not take the two-stream order"
 
 
+def _off_and_on(x, cfg, cu, setting: str, settings: dict, check) -> tuple:
+    """(outputs, gradients, the output gradient) of the Triton call with launch ``setting`` off,
+    then on (``settings`` both times; one output gradient for both); ``check(on)`` after each
+    call must hold (what ran)."""
+    outs, grads, do = [], [], None
+    for on in (False, True):
+        with use_launch(LaunchConfig(**{setting: on}, **settings)):
+            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
+            do = torch.randn_like(o) if do is None else do
+            grads.append(torch.autograd.grad(o, args(x), do, allow_unused=True))
+        outs.append(o.detach())
+        assert check(on), (setting, on)
+    return outs, grads, do
+
+
+def _assert_equal_grads(grads) -> None:
+    """The off and on runs' gradients of every input, bit for bit (None alike)."""
+    for name, a, b in zip(NAMES, grads[1], grads[0]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
 @pytest.mark.parametrize("case,settings", [
     ("G2-packed", dict(sel_algo="block")), ("G2-packed", dict(sel_algo="block", split_bytes=20000)),
     ("G4-fla-cfg-w0", dict(sel_algo="block")), ("G1", dict(sel_algo="query")),
@@ -449,20 +470,11 @@ def test_gate_fused_output_matches_separate_combination(case, settings, monkeypa
     calls = []
     combine = nsa.combine
     monkeypatch.setattr(nsa, "combine", lambda *a: calls.append(1) or combine(*a))
-    outs, grads = [], []
-    do = None
-    for fused in (False, True):
-        with use_launch(LaunchConfig(gate_fused=fused, **settings)):
-            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-            do = torch.randn_like(o) if do is None else do
-            grads.append(torch.autograd.grad(o, args(x), do, allow_unused=True))
-        outs.append(o.detach())
-        assert len(calls) == 1, calls  # only the unfused call combined separately
+    # only the unfused call combines separately
+    outs, grads, _ = _off_and_on(x, cfg, cu, "gate_fused", settings, lambda on: len(calls) == 1)
     assert torch.equal(outs[1], outs[0])
-    o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    assert max_rel(outs[1], o_ref) < 1e-5
-    for name, a, b in zip(NAMES, grads[1], grads[0]):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert max_rel(outs[1], nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")) < 1e-5
+    _assert_equal_grads(grads)
 
 
 def test_register_capped_split_kernels_match_reference(monkeypatch):
@@ -539,23 +551,17 @@ def test_window_and_forced_blocks_in_one_launch_match_separate_launches(case, se
     from nsa_dist.kernels import nsa
     seen = []
     monkeypatch.setattr(nsa, "_range_fwd", _RecordLaunches(nsa._range_fwd, seen))
-    outs, grads, modes = [], [], []
-    do = None
-    for fused in (False, True):
-        seen.clear()
-        with use_launch(LaunchConfig(window_forced=fused, **settings)):
-            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-            do = torch.randn_like(o) if do is None else do
-            grads.append(torch.autograd.grad(o, args(x), do, allow_unused=True))
-        outs.append(o.detach())
-        modes.append({m[0] for m in seen})
     window = cfg.window > 0
-    assert modes[0] == ({0, 1, 2} if window else {0, 2}), modes
-    assert modes[1] == ({0, 3} if window else {0, 2}), modes
+    want = {False: {0, 1, 2} if window else {0, 2}, True: {0, 3} if window else {0, 2}}
+
+    def modes_ran(on):
+        ran = {m[0] for m in seen}
+        seen.clear()
+        return ran == want[on]
+    outs, grads, _ = _off_and_on(x, cfg, cu, "window_forced", settings, modes_ran)
     assert torch.equal(outs[1], outs[0])
     assert max_rel(outs[1], nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")) < 1e-5
-    for name, a, b in zip(NAMES, grads[1], grads[0]):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    _assert_equal_grads(grads)
 
 
 @pytest.mark.parametrize("case,settings", [
@@ -574,18 +580,11 @@ def test_gate_backward_in_the_range_dq_matches_the_separate_kernel(case, setting
     calls = []
     real = nsa.combine_backward
     monkeypatch.setattr(nsa, "combine_backward", lambda *a: calls.append(1) or real(*a))
-    grads = []
-    do = None
-    for fused in (False, True):
-        with use_launch(LaunchConfig(gate_bwd_fused=fused, **settings)):
-            o = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="triton")
-            do = torch.randn_like(o) if do is None else do
-            grads.append(torch.autograd.grad(o, args(x), do, allow_unused=True))
-        assert len(calls) == 1, calls  # only the unfused backward ran the separate kernel
+    # only the unfused backward runs the separate kernel
+    _, grads, do = _off_and_on(x, cfg, cu, "gate_bwd_fused", settings, lambda on: len(calls) == 1)
+    _assert_equal_grads(grads)
     o_ref = nsa_attention(*args(x), cfg, cu_seqlens=cu, backend="reference")
-    want = torch.autograd.grad(o_ref, args(x), do, allow_unused=True)
-    for name, a, b, w in zip(NAMES, grads[1], grads[0], want):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    for name, a, w in zip(NAMES, grads[1], torch.autograd.grad(o_ref, args(x), do, allow_unused=True)):
         if w is not None:
             assert max_rel(a, w) < 1e-4, f"d{name}: {max_rel(a, w):.2e}"
 

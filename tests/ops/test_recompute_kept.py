@@ -31,6 +31,21 @@ def _count(monkeypatch, name: str) -> list:
     return calls
 
 
+def _twin_models(recompute: str) -> tuple:
+    """(a model with ``recompute``, one with "none" and the same weights (the zero-initialised
+    ones drawn, so every gradient is nonzero), token ids [1, 64], two documents' bounds)."""
+    torch.manual_seed(0)
+    m = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": recompute}), backend="triton")
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0.0, 0.1)
+    plain = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": "none"}), backend="triton")
+    plain.load_state_dict(m.state_dict())
+    ids = torch.randint(0, CFG.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    return m, plain, ids, torch.tensor([0, 24, 64], dtype=torch.int32)
+
+
 def test_forward_memo_skips_the_kernels_and_gives_the_same_gradients(monkeypatch):
     """A second call with the first call's memo and indices runs no attention kernel, returns the
     same output, and its backward gives the gradients of a plain call."""
@@ -59,16 +74,7 @@ def test_kept_attention_recomputes_no_attention_and_equals_no_recomputation(monk
     the backward's recomputation), keeps fewer bytes than the reference's split (which also
     keeps the function's inputs), and gives the loss and gradients of recompute "none"."""
     kernels_or_skip()
-    torch.manual_seed(0)
-    kept = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": "keep_attention"}), backend="triton")
-    with torch.no_grad():
-        for p in kept.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0.0, 0.1)
-    plain = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": "none"}), backend="triton")
-    plain.load_state_dict(kept.state_dict())
-    ids = torch.randint(0, CFG.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
-    cu = torch.tensor([0, 24, 64], dtype=torch.int32)
+    kept, plain, ids, cu = _twin_models("keep_attention")
     out = []
     calls, combines = _count(monkeypatch, "_sel_forward"), _count(monkeypatch, "combine")
     for m, calls_per_layer in ((kept, 2), (plain, 1)):
@@ -102,16 +108,7 @@ def test_min_recompute_with_the_kernels_equals_no_recomputation():
     kernels_or_skip()
     from nsa_dist.models.decoder import activation_bytes
 
-    torch.manual_seed(0)
-    m = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": "min"}), backend="triton")
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0.0, 0.1)
-    plain = NSADecoderLM(ModelConfig(**{**CFG.to_dict(), "recompute": "none"}), backend="triton")
-    plain.load_state_dict(m.state_dict())
-    ids = torch.randint(0, CFG.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
-    cu = torch.tensor([0, 24, 64], dtype=torch.int32)
+    m, plain, ids, cu = _twin_models("min")
     kept = m.layers[-1].attn.kept_bytes(1, 64, torch.float32)
     act = activation_bytes(m.layers[-1], m.embed(ids), cu, None)
     assert act > 2 * kept

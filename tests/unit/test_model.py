@@ -283,24 +283,35 @@ def test_auto_recompute_keeps_attention_where_it_fits(attention):
     assert recompute_plan(model, h_small, budget=1) == ["keep_attention"] * L  # explicit modes stay
 
 
-def test_a_partly_kept_stack_equals_no_recomputation():
-    """recompute "auto" with a budget for some layers (the last keep_attention, the first
-    full, reusing their forward's selection): loss and gradients equal to recomputing
-    nothing (fp32, CPU, 1e-5)."""
+@pytest.mark.parametrize("mode", ["auto", "min"])
+def test_a_planned_stack_equals_no_recomputation(mode):
+    """recompute "auto" with a budget for the last layer's kept attention (the others full,
+    reusing their forward's selection), and "min" with a budget for every layer's kept attention
+    and one layer's activations (the last recomputes nothing, as planned from a real probe
+    forward): loss and gradients equal to recomputing nothing (fp32, CPU, 1e-5)."""
+    from nsa_dist.models.decoder import activation_bytes
+
     nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp")
-    base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa})
+    base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "recompute": mode})
     none = ModelConfig(**{**base.to_dict(), "recompute": "none"})
+    L = TINY.num_layers
 
     def on(m):
         m.gradient_checkpointing = True
         m.train()
-        if m.config.recompute == "auto":
-            m.recompute_budget = m.layers[-1].attn.kept_bytes(1, 48, torch.float32)  # the last layer only
+        if m.config.recompute == mode:
+            kept = m.layers[-1].attn.kept_bytes(1, 48, torch.float32)
+            if mode == "auto":
+                m.recompute_budget = kept  # the last layer only
+            else:
+                h = torch.randn(1, 48, TINY.hidden_size)
+                m.recompute_budget = L * kept + activation_bytes(m.layers[-1], h, torch.tensor([0, 20, 48]), None) - kept
             plans.append(m)
     plans = []
     (la, ya, ga), (lb, yb, gb) = _twin_grads(base, none, packed=True, setup=on)
     (plan,) = plans[0]._recompute_plans.values()
-    assert plan == ["full"] * (TINY.num_layers - 1) + ["keep_attention"], plan
+    want = ["full"] * (L - 1) + ["keep_attention"] if mode == "auto" else ["keep_attention"] * (L - 1) + ["none"]
+    assert plan == want, plan
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
@@ -342,34 +353,6 @@ def test_min_recompute_plans_nothing_recomputed_where_the_activations_fit(attent
     assert "none 1/2 + keep_attention 1/2" in recompute_summary(model) and L == 2
     model.comm.state = SimpleNamespace(replica_size=2)  # what a tp / sp / cp plan's LM hooks carry
     assert recompute_plan(model, h, budget=L * kept + L * extra + 2, probe=probe) == ["keep_attention"] * L
-
-
-def test_min_recompute_stack_equals_no_recomputation():
-    """recompute "min" with a budget for every layer's attention and one layer's activations
-    (the last recomputes nothing, the first keeps its attention, as planned from a real probe
-    forward): loss and gradients equal to recomputing nothing (fp32, CPU, 1e-5)."""
-    from nsa_dist.models.decoder import activation_bytes
-
-    nsa = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, num_selected=4, window=16, phi="mlp")
-    base = ModelConfig(**{**TINY.to_dict(), "nsa": nsa, "recompute": "min"})
-    none = ModelConfig(**{**base.to_dict(), "recompute": "none"})
-
-    def on(m):
-        m.gradient_checkpointing = True
-        m.train()
-        if m.config.recompute == "min":
-            kept = m.layers[-1].attn.kept_bytes(1, 48, torch.float32)
-            act = activation_bytes(m.layers[-1], torch.randn(1, 48, TINY.hidden_size), torch.tensor([0, 20, 48]), None)
-            m.recompute_budget = TINY.num_layers * kept + (act - kept)
-            plans.append(m)
-    plans = []
-    (la, ya, ga), (lb, yb, gb) = _twin_grads(base, none, packed=True, setup=on)
-    (plan,) = plans[0]._recompute_plans.values()
-    assert plan == ["keep_attention"] * (TINY.num_layers - 1) + ["none"], plan
-    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
-    for n in ga:
-        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=n)
-        assert gb[n].abs().max() > 0, n
 
 
 def test_dense_keep_attention_keeps_sdpa_outputs_and_equals_no_recomputation():
