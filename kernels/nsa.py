@@ -271,15 +271,15 @@ def _range_forward(mode, q, k, v, geo: Geometry, cfg, scale2, lse_only=False, ou
     return (None if lse_only else o), lse
 
 
-def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse_s, delta, geo: Geometry,
+def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lses, delta, geo: Geometry,
               cfg, scale2, scale, stats=None) -> torch.Tensor:
     """dq of the compressed and window branches and of the selected branch's forced blocks
     (``forced_split``), fp32 [T, HQ, Dk], from one kernel that loads q once and writes every
-    row (the selected kernels add the rest last). ``stats`` (``gate_bwd_fused``): (o_cmp, o_sel,
-    o_win or None, gates, the branches' raw log-sum-exps (c, s, w or None), dg, lse_g) with
-    dg, lse_g and delta the buffers of ``gates.gate_stat_buffers``, which the kernel fills with
-    the gate backward first, for itself and for the kernels after it (lse_c / lse_w / lse_s are
-    then lse_g's rows)."""
+    row (the selected kernels add the rest last). lses, delta: the gate backward's [3, T, HQ]
+    (``gates.gate_stat_buffers``: compressed, selected, window). ``stats``
+    (``gate_bwd_fused``): (o_cmp, o_sel, o_win or None, gates, the branches' raw log-sum-exps
+    (c, s, w or None), dg): the kernel fills dg, lses and delta first, for itself and for the
+    kernels after it."""
     dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     t = geo.tiles("range_dq")
     qt = geo.qtiles(t.bt)
@@ -292,15 +292,13 @@ def _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse
             if all(p[0] is not None for p in pairs):
                 descs = [d for p in pairs for d in p]
         if stats is None:  # any tensor stands for the gate backward's pointers
-            gs = (dq32,) * 10
+            gs = (dq32,) * 8
         else:
-            o_c, o_s, o_w, gates, (raw_c, raw_s, raw_w), dg, lse_g = stats
-            gs = (o_c, o_s, o_c if o_w is None else o_w, gates, raw_c, raw_s, raw_c if raw_w is None else raw_w, dg,
-                  lse_g, delta)
+            o_c, o_s, o_w, gates, (raw_c, raw_s, raw_w), dg = stats
+            gs = (o_c, o_s, o_c if o_w is None else o_w, gates, raw_c, raw_s, raw_c if raw_w is None else raw_w, dg)
         _range_bwd_dq[(qt.shape[0], geo.H)](
-            q, k_cmp, v_cmp, kw, vw, k_sel, v_sel,
-            do, lse_c, delta[0], lse_w if win else lse_c, delta[2],
-            lse_s, delta[1], dq32, qt, *descs, *gs, q.shape[0] * geo.HQ, scale2, scale, geo.HQ, geo.DK, geo.DV,
+            q, k_cmp, v_cmp, kw, vw, k_sel, v_sel, do, lses, delta, q.shape[0] * geo.HQ,
+            dq32, qt, *descs, *gs, scale2, scale, geo.HQ, geo.DK, geo.DV,
             G=geo.G, GATE_STATS=stats is not None, L=cfg.cmp_block,
             DS=cfg.cmp_stride, W=cfg.window, LS=cfg.sel_block, HAS_WIN=win, FORCED=geo.forced_split(),
             BT=t.bt, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BDV=geo.bdv(), PREC=geo.prec, TMA=descs[0] is not None,
@@ -657,8 +655,8 @@ class NSAFunction(torch.autograd.Function):
         _backward_tables(geo, cfg)
         ov.fork()
         try:
-            dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lse_c, lse_w, lse_s, delta, geo,
-                             cfg, scale2, scale, stats=(o_c, o_s, o_w, gates, raw, dg, lses) if stats else None)
+            dq32 = _range_dq(q, k_cmp, v_cmp, k_win, v_win, k_sel, v_sel, do, lses, delta, geo,
+                             cfg, scale2, scale, stats=(o_c, o_s, o_w, gates, raw, dg) if stats else None)
             dq32_done = ov.mark()
             if geo.sel_dq_fused():  # one kernel for the selected dK/dV and dq: it waits for dq32
                 with ov.on_side(after=dq32_done):

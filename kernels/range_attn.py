@@ -208,23 +208,23 @@ def _dq_keys(dq, dq_r, q, q_r, do, lse, delta, K, V, KD, VD, scale2, H, h, DK, D
 
 
 @triton.jit
-def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W, LSE_S, DELTA_S,
-                  DQ, TILES, KCD, VCD, KWD, VWD, KSD, VSD, OC, OS, OW, GATES, RAW_C, RAW_S, RAW_W, DG, LSEG,
-                  DELTA, R, scale2, scale, HQ, DK, DV, G: tl.constexpr,
+def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSEG, DELTA, R,
+                  DQ, TILES, KCD, VCD, KWD, VWD, KSD, VSD, OC, OS, OW, GATES, RAW_C, RAW_S, RAW_W, DG,
+                  scale2, scale, HQ, DK, DV, G: tl.constexpr,
                   L: tl.constexpr, DS: tl.constexpr,
                   W: tl.constexpr, LS: tl.constexpr, HAS_WIN: tl.constexpr, FORCED: tl.constexpr,
                   BT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BDK: tl.constexpr,
                   BDV: tl.constexpr, PREC: tl.constexpr, BDK2: tl.constexpr, BDK3: tl.constexpr,
                   TMA: tl.constexpr = False, GATE_STATS: tl.constexpr = False):
     """dq = scale * sum_keys ds k of the compressed branch, the window (HAS_WIN) and the
-    selected branch's forced blocks (FORCED), each with its own lse / delta (the gate folded in:
-    ``gates.combine_backward``) and the output's do, stored into the fp32 buffer DQ: the first
-    writer of every row, so DQ needs no zeroing. One program loads q and do once and keeps one
-    dq accumulator for all of them. GATE_STATS (``launch.gate_bwd_fused``): the program first
-    computes its rows' gate backward itself (``gates.gate_stats`` from the branch outputs OC /
-    OS / OW, GATES and the raw log-sum-exps RAW_*; R rows in all) and writes dg into DG and the
-    per-branch (lse, delta) into LSEG / DELTA ([3, R]) for the kernels after it; LSE_* / DELTA_*
-    are then unused."""
+    selected branch's forced blocks (FORCED), each with its own lse / delta (LSEG / DELTA
+    [3, R] fp32, rows 0 / 1 / 2 the compressed / selected / window branch's; the gate folded
+    in: ``gates.combine_backward``) and the output's do, stored into the fp32 buffer DQ: the
+    first writer of every row, so DQ needs no zeroing. One program loads q and do once and
+    keeps one dq accumulator for all of them. GATE_STATS (``launch.gate_bwd_fused``): the
+    program first computes its rows' gate backward itself (``gates.gate_stats`` from the branch
+    outputs OC / OS / OW, GATES and the raw log-sum-exps RAW_*) and writes dg into DG and the
+    (lse, delta) rows into LSEG / DELTA for the kernels after it, instead of reading them."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     H = HQ // G
@@ -253,8 +253,8 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W,
         else:
             tl.store(DG + rq * 3 + 2, tl.zeros([BLOCK_M], tl.float32), mask=row_ok)
     else:
-        lse = tl.load(LSE_C + rq, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA_C + rq, mask=row_ok, other=0.0)
+        lse = tl.load(LSEG + rq, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
     lo, hi = _key_range(t0, t1, ds0, 0, L, DS, W, LS)
     dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KC, VC, KCD, VCD, scale2, H, h, DK, DV, cs0, lo, hi, tloc,
                        _nvis(tloc, L, DS), dk, dv, 0, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
@@ -262,8 +262,8 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W,
         if GATE_STATS:
             lse, delta = lse_w, delta_w
         else:
-            lse = tl.load(LSE_W + rq, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA_W + rq, mask=row_ok, other=0.0)
+            lse = tl.load(LSEG + 2 * R + rq, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + 2 * R + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, 1, L, DS, W, LS)
         dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KW, VW, KWD, VWD, scale2, H, h, DK, DV, ds0, lo, hi,
                            tloc, tloc, dk, dv, 1, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
@@ -271,8 +271,8 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSE_C, DELTA_C, LSE_W, DELTA_W,
         if GATE_STATS:
             lse, delta = lse_s, delta_s
         else:
-            lse = tl.load(LSE_S + rq, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA_S + rq, mask=row_ok, other=0.0)
+            lse = tl.load(LSEG + R + rq, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + R + rq, mask=row_ok, other=0.0)
         lo, hi = _key_range(t0, t1, ds0, _FIRST, L, DS, W, LS)
         dq, dq_r = _dq_keys(dq, dq_r, q, q_r, do, lse, delta, KS, VS, KSD, VSD, scale2, H, h, DK, DV, ds0, lo, hi,
                            tloc, tloc, dk, dv, _FIRST, W, LS, BLOCK_N, PREC, BDK, BDK2, BDK3, TMA)
