@@ -44,7 +44,8 @@ def gate_stats(do, OB, LSE, GATES, DG, LSEG, DELTA, r, row_ok, d, DV, R, b: tl.c
     """Branch b's part of the gate backward for rows r ([R'] int64 of R rows, row_ok their mask),
     do the rows' output gradient [R', BD] fp32: dg_b = <do, o_b> into DG [R, 3] and DELTA[b]
     ([3, R]), lse_b - log2(g_b) into LSEG[b]; returns (lse_b - log2 g_b, <do, o_b>). Shared by
-    ``_combine_bwd`` and the range dq's prologue (``gate_bwd_fused``), so both compute alike."""
+    ``_combine_bwd`` and the range dq's prologue (``gate_bwd_fused``, through ``gate_backward``),
+    so both compute alike."""
     ob = tl.load(OB + r[:, None] * DV + d[None, :], mask=row_ok[:, None] & (d < DV)[None, :], other=0.0)
     lse = tl.load(LSE + r, mask=row_ok, other=0.0)
     g = tl.load(GATES + r * 3 + b, mask=row_ok, other=0.0).to(tl.float32)
@@ -60,18 +61,29 @@ def gate_stats(do, OB, LSE, GATES, DG, LSEG, DELTA, r, row_ok, d, DV, R, b: tl.c
 
 
 @triton.jit
+def gate_backward(do, OC, OS, OW, LSE_C, LSE_S, LSE_W, GATES, DG, LSEG, DELTA, r, row_ok, d, DV, R,
+                  HAS_WIN: tl.constexpr):
+    """``gate_stats`` of the three branches (compressed, selected, window: rows 0, 1, 2; without
+    a window its dg is 0 and its rows of LSEG / DELTA are left as they are); returns
+    (lse_c, delta_c, lse_s, delta_s, lse_w, delta_w), the window's the compressed's without one."""
+    lse_c, delta_c = gate_stats(do, OC, LSE_C, GATES, DG, LSEG, DELTA, r, row_ok, d, DV, R, 0)
+    lse_s, delta_s = gate_stats(do, OS, LSE_S, GATES, DG, LSEG, DELTA, r, row_ok, d, DV, R, 1)
+    if HAS_WIN:
+        lse_w, delta_w = gate_stats(do, OW, LSE_W, GATES, DG, LSEG, DELTA, r, row_ok, d, DV, R, 2)
+    else:
+        tl.store(DG + r * 3 + 2, tl.zeros_like(delta_c), mask=row_ok)
+        lse_w, delta_w = lse_c, delta_c
+    return lse_c, delta_c, lse_s, delta_s, lse_w, delta_w
+
+
+@triton.jit
 def _combine_bwd(DO, OC, OS, OW, GATES, LSE_C, LSE_S, LSE_W, DG, LSEG, DELTA, R, DV,
                  HAS_WIN: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     d = tl.arange(0, BD)
     rm = r < R
     do = tl.load(DO + r[:, None] * DV + d[None, :], mask=rm[:, None] & (d < DV)[None, :], other=0.0).to(tl.float32)
-    gate_stats(do, OC, LSE_C, GATES, DG, LSEG, DELTA, r, rm, d, DV, R, 0)
-    gate_stats(do, OS, LSE_S, GATES, DG, LSEG, DELTA, r, rm, d, DV, R, 1)
-    if HAS_WIN:
-        gate_stats(do, OW, LSE_W, GATES, DG, LSEG, DELTA, r, rm, d, DV, R, 2)
-    else:
-        tl.store(DG + r * 3 + 2, tl.zeros([BR], tl.float32), mask=rm)
+    gate_backward(do, OC, OS, OW, LSE_C, LSE_S, LSE_W, GATES, DG, LSEG, DELTA, r, rm, d, DV, R, HAS_WIN)
 
 
 def combine(o_c, o_s, o_w, gates, rows: int):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gates import gate_stats
+from .gates import gate_backward
 from .headdim import rest_acc, rest_dot, rest_load, rest_scale, rest_store, rest_tma, rest_tma_rows, rest_zeros
 
 LOG2E = 1.4426950408889634
@@ -222,7 +222,7 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSEG, DELTA, R,
     in: ``gates.combine_backward``) and the output's do, stored into the fp32 buffer DQ: the
     first writer of every row, so DQ needs no zeroing. One program loads q and do once and
     keeps one dq accumulator for all of them. GATE_STATS (``launch.gate_bwd_fused``): the
-    program first computes its rows' gate backward itself (``gates.gate_stats`` from the branch
+    program first computes its rows' gate backward itself (``gates.gate_backward`` from the branch
     outputs OC / OS / OW, GATES and the raw log-sum-exps RAW_*) and writes dg into DG and the
     (lse, delta) rows into LSEG / DELTA for the kernels after it, instead of reading them."""
     tile = tl.program_id(0)
@@ -245,13 +245,8 @@ def _range_bwd_dq(Q, KC, VC, KW, VW, KS, VS, DO, LSEG, DELTA, R,
     dq_r = rest_zeros(BLOCK_M, dq, BDK2, BDK3)
     do = tl.load(DO + do_ptr, mask=do_msk, other=0.0)
     if GATE_STATS:  # the gate backward of these rows, written for the kernels after this one
-        do32 = do.to(tl.float32)
-        lse, delta = gate_stats(do32, OC, RAW_C, GATES, DG, LSEG, DELTA, rq, row_ok, dv, DV, R, 0)
-        lse_s, delta_s = gate_stats(do32, OS, RAW_S, GATES, DG, LSEG, DELTA, rq, row_ok, dv, DV, R, 1)
-        if HAS_WIN:
-            lse_w, delta_w = gate_stats(do32, OW, RAW_W, GATES, DG, LSEG, DELTA, rq, row_ok, dv, DV, R, 2)
-        else:
-            tl.store(DG + rq * 3 + 2, tl.zeros([BLOCK_M], tl.float32), mask=row_ok)
+        lse, delta, lse_s, delta_s, lse_w, delta_w = gate_backward(
+            do.to(tl.float32), OC, OS, OW, RAW_C, RAW_S, RAW_W, GATES, DG, LSEG, DELTA, rq, row_ok, dv, DV, R, HAS_WIN)
     else:
         lse = tl.load(LSEG + rq, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + rq, mask=row_ok, other=0.0)
