@@ -47,7 +47,7 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # range dq (launch.gate_bwd_fused), fifteenth session: on the GPU bit-identical to the separate
   # launches; then their A/B at (a) and (c) 64k: kgate the forward two, each and both; kgbwd the
   # backward one and all three
-  tgate) run tgate 300 "python3 -m pytest -q tests/ops/test_kernels_gpu.py -k gate_fused" ;;
+  tgate) run tgate 300 "python3 -m pytest -q tests/ops/test_kernels_gpu.py -k fusions_match" ;;
   kgbwd) for sh in a_paper c_small_g; do
       ab kgbwd_$sh 200 gate_bwd_fused=True $sh _gbwd_$sh
       ab kall_$sh 200 gate_fused=True,window_forced=True,gate_bwd_fused=True $sh _all_$sh
@@ -81,9 +81,10 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # of the last layers as their activations fit, NSA and dense alike), 32k, 8k and 64k; compare
   # with m32 / m8 / m64 (recompute "auto") on the same machine; the CSVs' recompute column
   # names each point's plan
+  # (mmin64 its own call: with mmin's 500 s it would pass a call's 600 s)
   mmin) run mmin32 300 "$B --seq-len 32k --attention nsa,dense --out $OUT/mmin32.csv 'model_overrides={recompute: min}'"
-    run mmin8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/mmin8.csv train_steps=8 'model_overrides={recompute: min}'"
-    run mmin64 400 "$B --seq-len 64k --attention nsa,dense --out $OUT/mmin64.csv 'model_overrides={recompute: min}'" ;;
+    run mmin8 200 "$B --seq-len 8k --attention nsa,dense --out $OUT/mmin8.csv train_steps=8 'model_overrides={recompute: min}'" ;;
+  mmin64) run mmin64 400 "$B --seq-len 64k --attention nsa,dense --out $OUT/mmin64.csv 'model_overrides={recompute: min}'" ;;
   # the 1b attention layer alone, NSA against dense, forward + backward (bars 1.6x at 32k, 2.8x at 64k)
   layer) run layer 240 "python3 tools/profile_attention.py --model configs/model/1b.yaml --seq 32768 --heads 32:8 && python3 tools/profile_attention.py --model configs/model/1b.yaml --seq 65536 --heads 32:8" ;;
   # where the step goes (per part and per kernel)

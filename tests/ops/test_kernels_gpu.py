@@ -253,7 +253,7 @@ def test_overlapped_streams_match_one_stream(G, monkeypatch):
                          ids=["gate", "window", "gate-bwd", "all"])
 @pytest.mark.parametrize("G,settings", [(4, {}), (16, {}), (4, dict(split_bytes=1 << 24))],
                          ids=["g4", "g16", "g4-chunked"])
-def test_gate_fused_output_matches_separate_combination_bf16(G, settings, fused):
+def test_fusions_match_separate_launches_bf16(G, settings, fused):
     """``gate_fused``: the selected branch's last kernel writes the gate combination (G = 16:
     the position-major forward; G = 4: the block-major merge, also in 16 chunks);
     ``window_forced``: one launch for the window and the forced blocks; ``gate_bwd_fused``: the
