@@ -203,7 +203,9 @@ def run_layers(model: nn.Module, h: torch.Tensor, cu_seqlens, position_ids, retu
     recomputed NSA layer reuses its forward's selection). Returns (h, per-layer stats list)."""
     all_stats = []
     ckpt = model.gradient_checkpointing and model.training and torch.is_grad_enabled()
-    probe = lambda layer: activation_bytes(layer, h, cu_seqlens, position_ids)  # noqa: E731 (recompute "min")
+    probe = None
+    if model.config.recompute == "min":  # one forward of a layer measures what it saves
+        probe = lambda layer: activation_bytes(layer, h, cu_seqlens, position_ids)  # noqa: E731
     plan = recompute_plan(model, h, probe=probe) if ckpt else ["none"] * len(model.layers)
     for layer, mode in zip(model.layers, plan):
         if mode == "full":
