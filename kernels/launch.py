@@ -115,18 +115,23 @@ class LaunchConfig:
     overlap_branches: bool = False
     side_priority: int = 0
     gate_rows: int = 32  # rows per program of the gate combination (gates.py)
+    # The three fusions below, A/B at 64k on one H100 (2026-12-07, docs/benchmarks.md, sixteenth
+    # session; two interleaved rounds, forward / backward means):
     # the gate combination in the selected branch's last kernel (its forward at G >= 16, its
     # per-slot merge below), which then reads the compressed and window outputs and writes the
     # layer's output: one pass over o_sel less, no separate launch. One stream only (with
-    # ``overlap_branches`` the window may still be running there)
-    gate_fused: bool = False
+    # ``overlap_branches`` the window may still be running there). Forward (a) -1.2%, (c) -1.3%
+    gate_fused: bool = True
     # the window and the selected branch's forced blocks in one range-forward launch (q loaded
-    # once, one launch less; each keeps its own keys and result). One stream only, as gate_fused
-    window_forced: bool = False
+    # once, one launch less; each keeps its own keys and result). One stream only, as gate_fused.
+    # None: from G = 16 (forward (a), G = 16: -1.4%; (c), G = 4: +1.3%, the forced launch there
+    # is the shorter one and the window's tiles carry 4 heads' rows, not 16)
+    window_forced: Optional[bool] = None
     # the gate backward (dg, and each branch's lse - log2 g and <do, o_b>) in the range dq's
     # prologue, the backward's first kernel, which loads do anyway: one launch and one read of
-    # do less. One stream only (with ``overlap_branches`` the selected dK/dV starts beside it)
-    gate_bwd_fused: bool = False
+    # do less. One stream only (with ``overlap_branches`` the selected dK/dV starts beside it).
+    # Backward (a) -4.3% (-1.7% with the other two), (c) within 0.4%
+    gate_bwd_fused: bool = True
     # the inverted selection's ~90 small torch ops through torch.compile (None: on CUDA); each
     # call's launches cost host time that short contexts cannot hide
     compile_tables: Optional[bool] = None
@@ -280,7 +285,7 @@ class LaunchConfig:
             elif name == "side_priority":
                 if not _is_int(v) or v not in (0, -1):
                     raise ValueError(f"LaunchConfig.side_priority must be 0 (normal) or -1 (high), got {v!r}")
-            elif isinstance(default, bool) or name in ("select_merge", "compile_tables"):
+            elif isinstance(default, bool) or name in ("select_merge", "compile_tables", "window_forced"):
                 if not isinstance(v, bool) and not (v is None and default is None):
                     raise ValueError(f"LaunchConfig.{name} must be True or False, got {v!r}")
             else:  # ints (None allowed where the field is Optional)

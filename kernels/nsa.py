@@ -179,6 +179,12 @@ class Geometry:
         always present). ``launch.sel_forced = False`` turns it off (tuning sweeps)."""
         return self.idx_sorted and self.launch.sel_forced
 
+    def window_forced(self) -> bool:
+        """The window and the forced blocks in one range-forward launch? ``launch.window_forced``,
+        or by the group size where it is None (from G = 16: measured faster there only)."""
+        on = self.launch.window_forced
+        return self.G >= 16 if on is None else on
+
     def sel_dq_block_major(self) -> bool:
         """Selected dq block-major (per-slot dq of each block's queries, then a sum; no K/V
         re-read per position) or position-major? ``launch.sel_dq_algo`` overrides the choice by
@@ -604,7 +610,7 @@ class NSAFunction(torch.autograd.Function):
             # ``gate_fused`` (one stream): the selected branch's last kernel writes the layer's output
             out = torch.empty_like(o_s) if geo.launch.gate_fused and not ov.active else None
             # ``window_forced`` (one stream): the window's launch runs the forced blocks too
-            both = geo.launch.window_forced and not ov.active and cfg.window > 0 and geo.forced_split()
+            both = geo.window_forced() and not ov.active and cfg.window > 0 and geo.forced_split()
             ov.fork()
             try:
                 if both:

@@ -267,7 +267,8 @@ def test_fusions_match_separate_launches_bf16(G, settings, fused):
 
     def run(on):
         xs = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
-        with use_launch(LaunchConfig(**(fused if on else {}), **settings)):
+        off = dict(gate_fused=False, window_forced=False, gate_bwd_fused=False)
+        with use_launch(LaunchConfig(**{**off, **(fused if on else {})}, **settings)):
             o = nsa_attention(*(xs[k] for k in NAMES), cfg, backend="triton")
             o.backward(do)
         return o.detach(), {k: xs[k].grad for k in NAMES}

@@ -194,14 +194,19 @@ def test_kernel_spills_types_and_a_bad_setting():
         kernel_spills.main(["--settings", "acc_reg=128"])
 
 
-KERNELS_G4 = ("_range_fwd", "_select_topn", "_sel_fwd_split", "_sel_combine", "_combine_fwd", "_combine_bwd",
-              "_range_bwd_dq", "_range_bwd_dkdv", "_sel_bwd_dkdv", "_sel_bwd_dq_split", "_sel_dq_combine")
+KERNELS_G4 = ("_range_fwd", "_select_topn", "_sel_fwd_split", "_sel_combine", "_range_bwd_dq", "_range_bwd_dkdv",
+              "_sel_bwd_dkdv", "_sel_bwd_dq_split", "_sel_dq_combine")
 
 
 @pytest.mark.parametrize("group,settings,kernels", [
-    (4, "", KERNELS_G4),  # the 1b model's path: block-major selected kernels and their merges
+    # the 1b model's path: block-major selected kernels and their merges, the gate combination
+    # in the merge and its backward in the range dq (``gate_fused``, ``gate_bwd_fused``)
+    (4, "", KERNELS_G4),
+    # the separate gate kernels (two streams take them) and the window's launch with the forced blocks
+    pytest.param(4, "gate_fused=False,gate_bwd_fused=False,window_forced=True",
+                 ("_combine_fwd", "_combine_bwd", "_range_fwd"), marks=pytest.mark.slow),
     pytest.param(16, "sel_tma=True", ("_sel_fwd", "_sel_bwd_dq", "_range_fwd"), marks=pytest.mark.slow)],
-    ids=["g4", "g16-tma"])
+    ids=["g4", "g4-separate-gates", "g16-tma"])
 def test_every_kernel_builds_for_hopper(group, settings, kernels):
     """Every kernel of a forward + backward compiles for sm_90a with the installed Triton: the
     interpreter runs code the compiler rejects (a loop-carried variable whose type changes in
