@@ -84,10 +84,20 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """End the thread and wait for it: a daemon thread still inside a store call when the
+        interpreter exits can abort the process at exit ("terminate called without an active
+        exception": its C++ frames meet the forced unwind of a thread ended at finalization),
+        which would report a finished run as failed. A store call in flight ends within
+        ``timeout_s`` or is reported."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=2 * self.interval_s)
+            self._thread.join(timeout=max(timeout_s, 2 * self.interval_s))
+            if self._thread.is_alive():
+                import sys
+
+                print(f"[peers] rank {self.rank}: the heartbeat thread is still in a store call after "
+                      f"{timeout_s:.0f} s; exiting without it", file=sys.stderr, flush=True)
             self._thread = None
 
     def _run(self) -> None:
