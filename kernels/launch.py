@@ -124,8 +124,8 @@ class LaunchConfig:
     gate_fused: bool = True
     # the window and the selected branch's forced blocks in one range-forward launch (q loaded
     # once, one launch less; each keeps its own keys and result). One stream only, as gate_fused.
-    # None: from G = 16 (forward (a), G = 16: -1.4%; (c), G = 4: +1.3%, the forced launch there
-    # is the shorter one and the window's tiles carry 4 heads' rows, not 16)
+    # None: from G = 16 (forward (a), G = 16: -1.4%; (c), G = 4: +1.3%, a loss about the rounds'
+    # spread: off there until a gain is shown)
     window_forced: Optional[bool] = None
     # the gate backward (dg, and each branch's lse - log2 g and <do, o_b>) in the range dq's
     # prologue, the backward's first kernel, which loads do anyway: one launch and one read of

@@ -92,12 +92,13 @@ class Heartbeat:
         ``timeout_s`` or is reported."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=max(timeout_s, 2 * self.interval_s))
+            wait_s = max(timeout_s, 2 * self.interval_s)
+            self._thread.join(timeout=wait_s)
             if self._thread.is_alive():
                 import sys
 
                 print(f"[peers] rank {self.rank}: the heartbeat thread is still in a store call after "
-                      f"{timeout_s:.0f} s; exiting without it", file=sys.stderr, flush=True)
+                      f"{wait_s:g} s; exiting without it", file=sys.stderr, flush=True)
             self._thread = None
 
     def _run(self) -> None:
