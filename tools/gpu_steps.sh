@@ -57,6 +57,13 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
       ab kwinf_$sh 200 window_forced=True $sh _winf_$sh
       ab kboth_$sh 200 gate_fused=True,window_forced=True $sh _both_$sh
     done ;;
+  # the compressed forward at the peer's tile (128 rows, 64 keys, 4 warps, 2 stages: two programs
+  # an SM at 98 KB of shared memory; the default 64 rows x 3 stages take 115 KB, one an SM), never
+  # timed (sixteenth session: offline builds 255 registers, 212 B of spill code, as the peer's own
+  # kernel: 255, 108 B); A/B at (a) and (c) 64k
+  kcmp) for sh in a_paper c_small_g; do
+      ab kcmp_$sh 200 "range_cmp_fwd_rows=128,range_cmp_fwd=(4,2)" $sh _cmp128_$sh
+    done ;;
   # the layer's split (RoPE, phi's chunks) and phi kernels against the PyTorch lines, bf16
   tlayer) run tlayer 200 "python3 -m pytest -q -x tests/ops/test_layer_ops_gpu.py" ;;
   # the 1b model's NSA at 32k, this tree against a base tree in .base/ (git-ignored, carried:
