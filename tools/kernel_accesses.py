@@ -24,15 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "int64": "i64", "int32": "i32",
-           "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
-
 
 def capture(hq: int, h: int, dk: int, dv: int, seq: int) -> list:
     """[module, kernel, {arg: [type, divisible by 16]}, constexprs] of every distinct launch of
     one layer forward + backward (run under TRITON_INTERPRET=1, fp16)."""
     import torch
     import triton.runtime.interpreter as interp
+    from kernel_spills import _arg_spec, _arg_type
 
     from nsa_dist.config import NSAConfig
     from nsa_dist.modules import compression, rope
@@ -46,16 +44,10 @@ def capture(hq: int, h: int, dk: int, dv: int, seq: int) -> list:
 
         def record(*args, **kw):
             code = self.fn.__code__
-            args_of = {}
-            for name, a in zip(code.co_varnames[:code.co_argcount], args):
-                if isinstance(a, torch.Tensor):
-                    args_of[name] = ["*" + _DTYPES[str(a.dtype).split(".")[-1]], a.data_ptr() % 16 == 0]
-                elif isinstance(a, bool):
-                    args_of[name] = ["i1", False]
-                elif isinstance(a, int):
-                    args_of[name] = ["i64" if abs(a) >= 2 ** 31 else "i32", a != 0 and a % 16 == 0]
-                elif isinstance(a, float):
-                    args_of[name] = ["fp32", False]
+            # [type, specialization] as kernel_spills records them: TMA descriptors, None for an
+            # unused optional argument, ints equal to 1 as constants, divisibility by 16
+            args_of = {name: [_arg_type(a), _arg_spec(a)]
+                       for name, a in zip(code.co_varnames[:code.co_argcount], args)}
             key = (self.fn.__module__, self.fn.__name__, json.dumps(kw, sort_keys=True, default=str))
             seen.setdefault(key, [self.fn.__module__, self.fn.__name__, args_of, kw])
             return run(*args, **kw)
@@ -86,8 +78,10 @@ def accesses(rec: list, arch: int) -> dict:
     module, name, args_of, kw = rec
     fn = getattr(importlib.import_module(module), name)
     options, kw = compile_options(kw)
+    kw.update({n: 1 for n, (ty, sp) in args_of.items() if sp == "1" and n not in kw})
+    kw.update({n: None for n, (ty, sp) in args_of.items() if ty == "none" and n not in kw})
     sig = {n: "constexpr" if n in kw else args_of[n][0] for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in kw and args_of[n][1]}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in kw and args_of[n][1] == "D"}
     const = {(fn.arg_names.index(n),): v for n, v in kw.items()}
     ptx = triton.compile(ASTSource(fn, sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                          options=options).asm["ptx"]
