@@ -46,16 +46,16 @@ for s in ${STEPS:?set STEPS, e.g. \"tests m32\"}; do case $s in
   # window and forced blocks in one launch (launch.window_forced) and the gate backward in the
   # range dq (launch.gate_bwd_fused), fifteenth session: on the GPU bit-identical to the separate
   # launches; then their A/B at (a) and (c) 64k: kgate the forward two, each and both; kgbwd the
-  # backward one and all three
+  # backward one and all three. Defaults since the sixteenth session (window_forced from G = 16),
+  # so each A/B turns a setting off: "changed" is the separate launches
   tgate) run tgate 300 "python3 -m pytest -q tests/ops/test_kernels_gpu.py -k fusions_match" ;;
   kgbwd) for sh in a_paper c_small_g; do
-      ab kgbwd_$sh 200 gate_bwd_fused=True $sh _gbwd_$sh
-      ab kall_$sh 200 gate_fused=True,window_forced=True,gate_bwd_fused=True $sh _all_$sh
+      ab kgbwd_$sh 200 gate_bwd_fused=False $sh _gbwd_off_$sh
+      ab kall_$sh 200 gate_fused=False,window_forced=False,gate_bwd_fused=False $sh _all_off_$sh
     done ;;
   kgate) for sh in a_paper c_small_g; do
-      ab kgate_$sh 200 gate_fused=True $sh _gate_$sh
-      ab kwinf_$sh 200 window_forced=True $sh _winf_$sh
-      ab kboth_$sh 200 gate_fused=True,window_forced=True $sh _both_$sh
+      ab kgate_$sh 200 gate_fused=False $sh _gate_off_$sh
+      ab kwinf_$sh 200 window_forced=$([ $sh = a_paper ] && echo False || echo True) $sh _winf_flip_$sh
     done ;;
   # the compressed forward at the peer's tile (128 rows, 64 keys, 4 warps, 2 stages: two programs
   # an SM at 98 KB of shared memory; the default 64 rows x 3 stages take 115 KB, one an SM), never
