@@ -287,7 +287,8 @@ class LaunchConfig:
                     raise ValueError(f"LaunchConfig.side_priority must be 0 (normal) or -1 (high), got {v!r}")
             elif isinstance(default, bool) or name in ("select_merge", "compile_tables", "window_forced"):
                 if not isinstance(v, bool) and not (v is None and default is None):
-                    raise ValueError(f"LaunchConfig.{name} must be True or False, got {v!r}")
+                    auto = " or None (the automatic choice)" if default is None else ""
+                    raise ValueError(f"LaunchConfig.{name} must be True or False{auto}, got {v!r}")
             else:  # ints (None allowed where the field is Optional)
                 if v is None and name in _OPTIONAL:
                     continue

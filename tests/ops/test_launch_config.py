@@ -27,6 +27,7 @@ def test_unknown_setting_names_the_closest_and_the_valid_ones():
     (dict(split_bytes=True), "split_bytes must be a positive int"),
     (dict(sel_forced="yes"), "sel_forced must be True or False"),
     (dict(overlap_branches=1), "overlap_branches must be True or False"),
+    (dict(window_forced="yes"), r"window_forced must be True or False or None \(the automatic choice\)"),
     (dict(side_priority=1), "side_priority must be 0 .normal. or -1 .high."),
     (dict(sel_split_regs=300), "sel_split_regs must be None or an int 24-255"),
     (dict(range_cmp_fwd=(4, 0)), "range_cmp_fwd must be .num_warps, num_stages."),
