@@ -382,3 +382,25 @@ def test_kernel_accesses_builds_every_launch_of_a_layer_for_hopper():
     assert "failed" not in run.stdout
     loads, vloads, stores, vstores, _ = (int(v) for v in rows["_split_cols"])
     assert stores > 0 and vstores == stores and vloads > 0
+
+
+def test_peer_kernel_build_specialises_as_the_launcher_and_refuses_bad_input(tmp_path):
+    """tools/peer_kernel_build.py: the peer's launch record marks unit strides constant and
+    addresses / row strides divisible by 16 (as kernel_spills does for ours); a missing peer
+    and a malformed tile end the tool naming what to fix."""
+    import peer_kernel_build as pkb
+
+    class Fn:  # the peer kernel's argument names, as Triton's JITFunction lists them
+        arg_names = ["Q", "K", "V", "O", "LSE", "X_CU_SEQLENS", "CP", "q_stride_n", "q_stride_d", "sm_scale",
+                     "kernel_size", "D1", "D2", "VD", "BLOCK_N", "BLOCK_M"]
+        __module__ = "peer_nsa.ops.compress_attn"
+
+    rec = pkb.launch_record(Fn, 128, 64, 4, 2)
+    assert rec["types"] == ["*bf16"] * 4 + ["*fp32", "*i32", "i32", "i32", "fp32", "i32"]
+    assert rec["spec"] == ["D"] * 6 + ["D", "1", "", ""]
+    assert rec["constexprs"] == dict(CP=False, D1=128, D2=0, VD=128, BLOCK_N=128, BLOCK_M=64, num_warps=4,
+                                     num_stages=2)
+    with pytest.raises(SystemExit, match="copy the peer's flash_nsa/ there"):
+        pkb.main(["--peer", str(tmp_path)])
+    with pytest.raises(SystemExit, match="rows:keys:warps:stages, four ints"):
+        pkb.main(["--peer", str(tmp_path), "--tile", "128:64"])
